@@ -1,0 +1,171 @@
+use candle_nn::VarBuilder;
+use turbo_core::{Attention, AttentionKind, Error, Result};
+
+use crate::{DenseAttention, SageSlaAttention, SlaAttention};
+
+/// Query and key block sizes of the sparse attention, in tokens.
+///
+/// TurboDiffusion's inference uses 128 / 64 for `sla` and for `sagesla` on non-Hopper GPUs;
+/// SageSLA on sm90 uses 64 / 128. Both are valid here; the last block of a sequence whose
+/// length is not a multiple of the block size is partial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSizes {
+    pub query: usize,
+    pub key: usize,
+}
+
+impl BlockSizes {
+    pub fn new(query: usize, key: usize) -> Result<Self> {
+        for (what, value) in [("query", query), ("key", key)] {
+            if value == 0 {
+                return Err(Error::InvalidBlockSize { what, value });
+            }
+        }
+        Ok(Self { query, key })
+    }
+}
+
+impl Default for BlockSizes {
+    fn default() -> Self {
+        Self {
+            query: 128,
+            key: 64,
+        }
+    }
+}
+
+/// Settings of SLA and SageSLA: the top-k fraction and the block sizes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SlaConfig {
+    pub topk: f64,
+    pub blocks: BlockSizes,
+}
+
+impl SlaConfig {
+    /// Denominator guard of the linear branch, as released.
+    pub const LINEAR_EPS: f64 = 1e-5;
+
+    /// Default block sizes with a validated top-k fraction.
+    pub fn new(topk: f64) -> Result<Self> {
+        Self::with_blocks(topk, BlockSizes::default())
+    }
+
+    pub fn with_blocks(topk: f64, blocks: BlockSizes) -> Result<Self> {
+        AttentionKind::sla(topk)?;
+        BlockSizes::new(blocks.query, blocks.key)?;
+        Ok(Self { topk, blocks })
+    }
+
+    /// Key blocks each query block attends exactly: T = ⌊topk · n_k⌋, at least 1.
+    ///
+    /// Upstream selects none when topk · n_k < 1 (its sparse output is then 0/0); this port
+    /// keeps one block so short sequences stay well defined.
+    pub fn selected_blocks(&self, key_blocks: usize) -> usize {
+        let t = (self.topk * key_blocks as f64).floor() as usize;
+        t.clamp(1, key_blocks.max(1))
+    }
+
+    /// Fraction of the key blocks computed exactly for a key sequence of `kv_len` tokens.
+    pub fn density(&self, kv_len: usize) -> f64 {
+        let key_blocks = kv_len.div_ceil(self.blocks.key);
+        self.selected_blocks(key_blocks) as f64 / key_blocks as f64
+    }
+}
+
+/// Settings of dense attention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DenseConfig {
+    /// Query rows processed at once; memory is O(query_chunk · L) per head.
+    pub query_chunk: usize,
+}
+
+impl Default for DenseConfig {
+    fn default() -> Self {
+        Self { query_chunk: 128 }
+    }
+}
+
+/// Run-time choice of backend: the kind with its top-k, and the sparse block sizes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionConfig {
+    pub kind: AttentionKind,
+    pub blocks: BlockSizes,
+}
+
+impl AttentionConfig {
+    pub fn new(kind: AttentionKind) -> Self {
+        Self {
+            kind,
+            blocks: BlockSizes::default(),
+        }
+    }
+}
+
+/// An attention operator that can be built for one layer of a model.
+///
+/// `vb` points at the layer's attention operator in the checkpoint (in TurboDiffusion files
+/// `blocks.N.self_attn.attn_op.local_attn`, which holds `proj_l.weight` and `proj_l.bias`).
+pub trait LoadAttention: Attention + Sized {
+    type Config: Clone + Send + Sync + std::fmt::Debug;
+
+    fn load(vb: VarBuilder, head_dim: usize, cfg: &Self::Config) -> Result<Self>;
+}
+
+/// Builds the backend `cfg.kind` names for one layer (the run-time path).
+pub fn load_attention(
+    vb: VarBuilder,
+    head_dim: usize,
+    cfg: &AttentionConfig,
+) -> Result<Box<dyn Attention>> {
+    cfg.kind.validate()?;
+    let sla = |topk| SlaConfig::with_blocks(topk, cfg.blocks);
+    Ok(match cfg.kind {
+        AttentionKind::Original => {
+            Box::new(DenseAttention::load(vb, head_dim, &DenseConfig::default())?)
+        }
+        AttentionKind::Sla { topk } => Box::new(SlaAttention::load(vb, head_dim, &sla(topk)?)?),
+        AttentionKind::SageSla { topk } => {
+            Box::new(SageSlaAttention::load(vb, head_dim, &sla(topk)?)?)
+        }
+    })
+}
+
+impl LoadAttention for Box<dyn Attention> {
+    type Config = AttentionConfig;
+
+    fn load(vb: VarBuilder, head_dim: usize, cfg: &AttentionConfig) -> Result<Self> {
+        load_attention(vb, head_dim, cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selected_blocks_floor_with_at_least_one() {
+        let cfg = SlaConfig::new(0.1).unwrap();
+        assert_eq!(cfg.selected_blocks(512), 51);
+        assert_eq!(cfg.selected_blocks(1182), 118);
+        assert_eq!(cfg.selected_blocks(9), 1);
+        assert_eq!(SlaConfig::new(0.3).unwrap().selected_blocks(9), 2);
+        assert_eq!(SlaConfig::new(1.0).unwrap().selected_blocks(7), 7);
+        assert!((cfg.density(32_760) - 51.0 / 512.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn invalid_settings_are_typed_errors() {
+        assert!(matches!(
+            SlaConfig::new(0.0),
+            Err(Error::InvalidTopk { .. })
+        ));
+        assert!(matches!(
+            SlaConfig::with_blocks(0.1, BlockSizes { query: 0, key: 64 }),
+            Err(Error::InvalidBlockSize { what: "query", .. })
+        ));
+        assert!(matches!(
+            BlockSizes::new(64, 0),
+            Err(Error::InvalidBlockSize { what: "key", .. })
+        ));
+    }
+}

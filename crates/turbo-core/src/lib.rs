@@ -1,0 +1,24 @@
+//! Shared contracts of turbodiffusion-rs.
+//!
+//! Every other crate of the workspace builds on what is defined here:
+//! - [`Error`] and [`Result`], the one error type of the library;
+//! - [`AttentionKind`] and the [`Attention`] trait, the seam between the Wan DiT and the
+//!   attention backends (`original`, `sla`, `sagesla`);
+//! - video geometry ([`Resolution`], [`AspectRatio`], [`FrameCount`], [`VideoGeometry`]): the
+//!   sizes the Wan models accept and the latent and token shapes they imply;
+//! - small device and dtype helpers ([`DeviceSpec`], [`parse_dtype`]).
+
+mod attention;
+mod device;
+mod error;
+mod geometry;
+#[cfg(feature = "golden")]
+pub mod golden;
+
+pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};
+pub use device::{parse_dtype, DeviceSpec};
+pub use error::{Error, Result};
+pub use geometry::{
+    AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
+    PATCH_SIZE, VAE_STRIDE,
+};
