@@ -125,15 +125,17 @@ mod tests {
 
     #[test]
     fn int8_blocks_round_half_away_from_zero() {
-        // Block 0 has amax 127 → scale ≈ 1, so values round directly.
-        let x = Tensor::new(&[127f32, 2.5, -2.5, 0.4, 10.0, -5.0], &Device::Cpu)
+        // Block 0 has amax 254 → scale exactly 2 (the 1e-7 is below half an ulp of 2), so ±5
+        // and 0.8 land on the ties ±2.5 and on 0.4.
+        let x = Tensor::new(&[254f32, 5.0, -5.0, 0.8, 10.0, -5.0], &Device::Cpu)
             .unwrap()
             .reshape((1, 1, 3, 2))
             .unwrap();
         let q = quantize_int8_blocks(&x, 2).unwrap();
         let values = q.values.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert_eq!(&values[..4], &[127.0, 3.0, -3.0, 0.0]);
-        assert_eq!(&values[4..], &[127.0, -64.0]); // 10 → 127; −5/(10/127) = −63.5 → −64
+        // −5 / (10/127 + 1e-7) = −63.49992 → −63.
+        assert_eq!(&values[4..], &[127.0, -63.0]);
         assert_eq!(q.scales.len(), 2);
         assert!((q.scale(0, 1) - (10.0 / 127.0 + 1e-7)).abs() < 1e-9);
     }

@@ -75,7 +75,11 @@ impl GoldenFile {
 
     /// Names of every tensor in the file.
     pub fn names(&self) -> Vec<String> {
-        self.tensors().names().into_iter().cloned().collect()
+        self.tensors()
+            .names()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
     }
 
     /// A floating-point or integer tensor on the CPU, in its stored dtype.
