@@ -84,6 +84,17 @@ pub enum Error {
     /// A reference (golden) file that lacks what a test needs.
     #[error("golden file {path}: {reason}")]
     Golden { path: PathBuf, reason: String },
+
+    /// A model configuration value that cannot work.
+    #[error("invalid model config `{field}`: {reason}")]
+    InvalidConfig { field: String, reason: String },
+
+    /// `sla` or `sagesla` asked of a checkpoint that has no SLA projection.
+    #[error(
+        "the checkpoint has no `{key}`: `sla` and `sagesla` need a TurboDiffusion checkpoint \
+         with per-block proj_l weights; use `original` attention for this file"
+    )]
+    MissingProjL { key: String },
 }
 
 /// `Result` with [`Error`].

@@ -1,3 +1,5 @@
-//! The Wan DiT, the umT5 text encoder and tokenizer, the Wan VAE, and checkpoint loading.
-//!
-//! Not implemented yet: see the issues for the DiT and for umT5 + VAE.
+//! The models of turbodiffusion-rs, loaded from the released checkpoints:
+//! - [`wan`]: the Wan DiT (Wan2.1 T2V 1.3B / 14B, the Wan2.2 I2V A14B experts), in the official
+//!   and the TurboDiffusion key layouts, with any attention backend of `turbo-attention`.
+
+pub mod wan;
