@@ -137,3 +137,160 @@ fn bf16_forward_stays_close() {
         assert!(err <= 3e-2, "{name}: bf16 relative error {err:e}");
     }
 }
+
+/// The compile-time path: a model whose backend is a concrete type.
+#[test]
+fn compile_time_backend_matches_upstream() {
+    let case = DitCase::open("dit_t2v_sla");
+    let AttentionKind::Sla { topk } = case.attention.kind else {
+        panic!("dit_t2v_sla is an SLA file")
+    };
+    let sla = turbo_attention::SlaConfig::with_blocks(topk, case.attention.blocks).unwrap();
+    let model: WanModel<turbo_attention::SlaAttention> =
+        WanModel::load(case.var_builder(DType::F32), &case.cfg, &sla).unwrap();
+    let t = case.input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
+    let got = model
+        .forward(&case.input("in.x"), t, &case.input("in.context"), None)
+        .unwrap();
+    assert!(relative_error(&got, &case.input("out.velocity")) <= 1e-4);
+}
+
+/// Upstream fails to load a TurboDiffusion checkpoint with `original` attention; here the
+/// `proj_l` weights are ignored and the model runs.
+#[test]
+fn original_attention_runs_a_checkpoint_with_proj_l() {
+    let mut case = DitCase::open("dit_t2v_sla");
+    case.attention = AttentionConfig::new(AttentionKind::Original);
+    let model = case.model(DType::F32);
+    assert!(model.layout().has_proj_l);
+    let out = case.velocity(&model);
+    let max = out
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max.is_finite() && max > 0.0);
+}
+
+#[test]
+fn sla_on_a_checkpoint_without_proj_l_says_so() {
+    let mut case = DitCase::open("dit_t2v_dense");
+    case.attention = AttentionConfig::new(AttentionKind::sla(0.1).unwrap());
+    let err = WanModel::<Box<dyn Attention>>::load(
+        case.var_builder(DType::F32),
+        &case.cfg,
+        &case.attention,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, turbo_core::Error::MissingProjL { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("blocks.0.self_attn.attn_op.local_attn.proj_l.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_and_misshapen_keys_are_named() {
+    let case = DitCase::open("dit_t2v_dense");
+    let weights = |edit: &dyn Fn(&mut HashMap<String, Tensor>)| {
+        let mut map: HashMap<String, Tensor> = case
+            .file
+            .names()
+            .into_iter()
+            .filter(|n| !n.starts_with("in.") && !n.starts_with("out."))
+            .map(|n| {
+                let t = case.file.tensor(&n).unwrap();
+                (n, t)
+            })
+            .collect();
+        edit(&mut map);
+        VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+    };
+    let load = |vb| {
+        WanModel::<Box<dyn Attention>>::load(vb, &case.cfg, &case.attention)
+            .unwrap_err()
+            .to_string()
+    };
+
+    let err = load(weights(&|m| {
+        m.remove("blocks.1.ffn.2.weight");
+    }));
+    assert!(err.contains("blocks.1.ffn.2.weight"), "{err}");
+
+    let err = load(weights(&|m| {
+        m.insert(
+            "blocks.0.self_attn.q.weight".into(),
+            Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap(),
+        );
+    }));
+    assert!(
+        err.contains("blocks.0.self_attn.q.weight") && err.contains("[3, 5]"),
+        "{err}"
+    );
+
+    let err = load(weights(&|m| {
+        m.insert(
+            "patch_embedding.weight".into(),
+            Tensor::zeros((7, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
+    }));
+    assert!(
+        err.contains("patch_embedding.weight") && err.contains("[7, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let t2v = DitCase::open("dit_t2v_dense");
+    let model = t2v.model(DType::F32);
+    let (x, context) = (t2v.input("in.x"), t2v.input("in.context"));
+    let shape_error = |result: turbo_core::Result<Tensor>| match result {
+        Err(turbo_core::Error::Shape { what, .. }) => what,
+        other => panic!("expected a shape error, got {other:?}"),
+    };
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let (c, f, h, w) = x.dims4().unwrap();
+    assert!(
+        shape_error(model.forward(&zeros(&[c, f, h + 1, w]), 500.0, &context, None))
+            .contains("latent")
+    );
+    assert!(
+        shape_error(model.forward(&zeros(&[c + 1, f, h, w]), 500.0, &context, None))
+            .contains("latent")
+    );
+    let (len, width) = context.dims2().unwrap();
+    assert!(
+        shape_error(model.forward(&x, 500.0, &zeros(&[len, width + 1]), None))
+            .contains("text context")
+    );
+    let too_long = t2v.cfg.text_len + 1;
+    assert!(
+        shape_error(model.forward(&x, 500.0, &zeros(&[too_long, width]), None))
+            .contains("text context")
+    );
+    assert!(shape_error(model.forward(&x, 500.0, &context, Some(&x))).contains("T2V"));
+
+    let i2v = DitCase::open("dit_i2v_dense");
+    let model = i2v.model(DType::F32);
+    assert!(
+        shape_error(model.forward(&i2v.input("in.x"), 500.0, &i2v.input("in.context"), None))
+            .contains("condition")
+    );
+    let wrong_condition = zeros(&[4, f, h, w]);
+    assert!(shape_error(model.forward(
+        &i2v.input("in.x"),
+        500.0,
+        &i2v.input("in.context"),
+        Some(&wrong_condition)
+    ))
+    .contains("condition"));
+}
