@@ -1,3 +1,17 @@
 //! The Wan DiT, the umT5 text encoder and tokenizer, the Wan VAE, and checkpoint loading.
 //!
-//! Not implemented yet: see the issues for the DiT and for umT5 + VAE.
+//! - [`vae`]: the Wan2.1 video VAE, streaming encode and decode;
+//! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
+//! - [`checkpoint`]: one reader for `.safetensors` files, sharded safetensors folders and
+//!   PyTorch `.pth` state dicts, and the check that a file holds exactly the tensors a model
+//!   expects.
+
+pub mod checkpoint;
+pub mod tokenizer;
+pub mod umt5;
+pub mod vae;
+
+
+
+
+pub use vae::{DecodedFrames, VaeConfig, WanVae};
