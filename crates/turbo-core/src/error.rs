@@ -95,6 +95,71 @@ pub enum Error {
          with per-block proj_l weights; use `original` attention for this file"
     )]
     MissingProjL { key: String },
+
+    /// A checkpoint that cannot be opened or read as the format its name says.
+    #[error("checkpoint {path}: {reason}")]
+    Checkpoint { path: PathBuf, reason: String },
+
+    /// A checkpoint whose tensor names or shapes differ from what the model expects.
+    #[error("checkpoint {path} does not fit the model: {}", describe_key_problems(.problems))]
+    CheckpointKeys {
+        path: PathBuf,
+        problems: Vec<KeyProblem>,
+    },
+
+    /// A tokenizer file that cannot be loaded, or a text it cannot encode.
+    #[error("tokenizer {path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+
+    /// A prompt with no text left after whitespace cleaning.
+    #[error("the prompt is empty (nothing is left after whitespace cleaning)")]
+    EmptyPrompt,
+}
+
+/// One difference between a checkpoint's tensors and the ones a model expects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyProblem {
+    /// The model needs `key` with shape `expected`; the file lacks it.
+    Missing { key: String, expected: Vec<usize> },
+    /// The file holds `key`, which the model does not use.
+    Unexpected { key: String, shape: Vec<usize> },
+    /// Both have `key`, with different shapes.
+    WrongShape {
+        key: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+}
+
+impl std::fmt::Display for KeyProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Missing { key, expected } => write!(f, "missing `{key}` {expected:?}"),
+            Self::Unexpected { key, shape } => write!(f, "unexpected `{key}` {shape:?}"),
+            Self::WrongShape { key, expected, got } => {
+                write!(f, "`{key}` has shape {got:?}, expected {expected:?}")
+            }
+        }
+    }
+}
+
+/// At most this many problems are spelt out in an error message; the rest are counted.
+const KEY_PROBLEMS_SHOWN: usize = 8;
+
+fn describe_key_problems(problems: &[KeyProblem]) -> String {
+    let mut text = problems
+        .iter()
+        .take(KEY_PROBLEMS_SHOWN)
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
+    if problems.len() > KEY_PROBLEMS_SHOWN {
+        text.push_str(&format!(
+            "; and {} more",
+            problems.len() - KEY_PROBLEMS_SHOWN
+        ));
+    }
+    text
 }
 
 /// `Result` with [`Error`].

@@ -17,7 +17,7 @@ pub mod golden;
 
 pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};
 pub use device::{parse_dtype, DeviceSpec};
-pub use error::{Error, Result};
+pub use error::{Error, KeyProblem, Result};
 pub use geometry::{
     AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
     PATCH_SIZE, VAE_STRIDE,

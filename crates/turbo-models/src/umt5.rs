@@ -1,0 +1,352 @@
+//! The umT5-XXL text encoder (`models_t5_umt5-xxl-enc-bf16.pth`; `spec/wan-model.md` §7).
+//!
+//! A T5 encoder with the umT5 property that every layer has its own relative-position bias
+//! table. Attention scores are not scaled by 1/√d, the feed-forward is gated GELU (tanh), and
+//! the norms are T5 RMS norms (no mean, no bias). Norms and softmax are computed in f32 whatever
+//! the weight dtype; everything else runs in the dtype the weights were loaded in.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::ops::softmax_last_dim;
+use candle_nn::{Embedding, Linear, Module, VarBuilder};
+use turbo_core::{Error, Result};
+
+/// The construction parameters of a umT5 encoder (`T5Encoder` upstream).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Umt5Config {
+    pub vocab: usize,
+    /// Model width.
+    pub dim: usize,
+    /// Width of q, k, v (heads × head dim).
+    pub dim_attn: usize,
+    /// Hidden width of the gated feed-forward.
+    pub dim_ffn: usize,
+    pub num_heads: usize,
+    pub num_layers: usize,
+    /// Relative-position buckets (half for each direction).
+    pub num_buckets: usize,
+    /// Distances at or beyond this share the last bucket.
+    pub max_distance: usize,
+    /// RMS-norm epsilon.
+    pub eps: f64,
+}
+
+impl Umt5Config {
+    /// umT5-XXL as Wan uses it.
+    pub fn umt5_xxl() -> Self {
+        Self {
+            vocab: 256_384,
+            dim: 4096,
+            dim_attn: 4096,
+            dim_ffn: 10_240,
+            num_heads: 64,
+            num_layers: 24,
+            num_buckets: 32,
+            max_distance: 128,
+            eps: 1e-6,
+        }
+    }
+
+    fn head_dim(&self) -> usize {
+        self.dim_attn / self.num_heads
+    }
+
+    fn validate(&self) -> Result<()> {
+        let valid = self.num_heads > 0
+            && self.dim_attn % self.num_heads == 0
+            && self.num_buckets >= 4
+            && self.num_buckets % 4 == 0
+            && self.max_distance > self.num_buckets / 4;
+        if valid {
+            Ok(())
+        } else {
+            Err(Error::Shape {
+                what: "umT5 configuration (dim_attn, num_heads, num_buckets, max_distance)".into(),
+                expected: "dim_attn divisible by num_heads, num_buckets a positive multiple of 4, \
+                           max_distance above num_buckets / 4"
+                    .into(),
+                got: vec![
+                    self.dim_attn,
+                    self.num_heads,
+                    self.num_buckets,
+                    self.max_distance,
+                ],
+            })
+        }
+    }
+}
+
+/// The bucket of a relative position `key − query` (bidirectional T5 bucketing): half the
+/// buckets per direction, exact below a quarter of the buckets, logarithmic up to
+/// `max_distance`. Computed in f32 as upstream does.
+pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance: usize) -> usize {
+    let half = (num_buckets / 2) as i64;
+    let exact = half / 2;
+    let direction = if relative > 0 { half } else { 0 };
+    let distance = relative.abs();
+    if distance < exact {
+        return (direction + distance) as usize;
+    }
+    let log_ratio =
+        (distance as f32 / exact as f32).ln() / ((max_distance as f64 / exact as f64).ln() as f32);
+    let large = exact + (log_ratio * (half - exact) as f32) as i64;
+    (direction + large.min(half - 1)) as usize
+}
+
+/// The `[L, L]` bucket indices of a sequence of length `len`.
+fn bucket_table(len: usize, cfg: &Umt5Config, device: &Device) -> Result<Tensor> {
+    let buckets: Vec<u32> = (0..len as i64)
+        .flat_map(|q| {
+            (0..len as i64).map(move |k| {
+                relative_position_bucket(k - q, cfg.num_buckets, cfg.max_distance) as u32
+            })
+        })
+        .collect();
+    Ok(Tensor::from_vec(buckets, (len, len), device)?)
+}
+
+/// T5 RMS norm: `x · rsqrt(mean(x²) + eps) · w`, in f32.
+#[derive(Debug, Clone)]
+struct T5Norm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl T5Norm {
+    fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(dim, "weight")?.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let xf = x.to_dtype(DType::F32)?;
+        let rms = (xf.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?;
+        Ok(xf
+            .broadcast_div(&rms)?
+            .broadcast_mul(&self.weight)?
+            .to_dtype(x.dtype())?)
+    }
+}
+
+fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
+    Ok(Linear::new(vb.get((out_dim, in_dim), "weight")?, None))
+}
+
+/// One encoder layer: self-attention with this layer's own relative bias, then the gated FFN.
+#[derive(Debug, Clone)]
+struct Umt5Block {
+    norm1: T5Norm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    /// `[num_buckets, num_heads]`.
+    position_bias: Embedding,
+    norm2: T5Norm,
+    gate: Linear,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Umt5Block {
+    fn load(vb: VarBuilder, cfg: &Umt5Config) -> Result<Self> {
+        let attn = vb.pp("attn");
+        let ffn = vb.pp("ffn");
+        let table = vb
+            .pp("pos_embedding")
+            .pp("embedding")
+            .get((cfg.num_buckets, cfg.num_heads), "weight")?;
+        Ok(Self {
+            norm1: T5Norm::load(vb.pp("norm1"), cfg.dim, cfg.eps)?,
+            q: linear(attn.pp("q"), cfg.dim, cfg.dim_attn)?,
+            k: linear(attn.pp("k"), cfg.dim, cfg.dim_attn)?,
+            v: linear(attn.pp("v"), cfg.dim, cfg.dim_attn)?,
+            o: linear(attn.pp("o"), cfg.dim_attn, cfg.dim)?,
+            position_bias: Embedding::new(table, cfg.num_heads),
+            norm2: T5Norm::load(vb.pp("norm2"), cfg.dim, cfg.eps)?,
+            gate: linear(ffn.pp("gate").pp("0"), cfg.dim, cfg.dim_ffn)?,
+            fc1: linear(ffn.pp("fc1"), cfg.dim, cfg.dim_ffn)?,
+            fc2: linear(ffn.pp("fc2"), cfg.dim_ffn, cfg.dim)?,
+        })
+    }
+
+    fn keys(prefix: &str, cfg: &Umt5Config) -> Vec<(String, Vec<usize>)> {
+        let (dim, attn, ffn) = (cfg.dim, cfg.dim_attn, cfg.dim_ffn);
+        let key = |name: &str, shape: Vec<usize>| (format!("{prefix}.{name}"), shape);
+        vec![
+            key("norm1.weight", vec![dim]),
+            key("attn.q.weight", vec![attn, dim]),
+            key("attn.k.weight", vec![attn, dim]),
+            key("attn.v.weight", vec![attn, dim]),
+            key("attn.o.weight", vec![dim, attn]),
+            key("norm2.weight", vec![dim]),
+            key("ffn.gate.0.weight", vec![ffn, dim]),
+            key("ffn.fc1.weight", vec![ffn, dim]),
+            key("ffn.fc2.weight", vec![dim, ffn]),
+            key(
+                "pos_embedding.embedding.weight",
+                vec![cfg.num_buckets, cfg.num_heads],
+            ),
+        ]
+    }
+
+    /// `x` `[B, L, dim]`; `buckets` `[L, L]`; `padding` `[B, 1, 1, L]` f32, 0 for real keys and
+    /// a large negative number for padded ones.
+    fn forward(
+        &self,
+        x: &Tensor,
+        buckets: &Tensor,
+        padding: &Tensor,
+        cfg: &Umt5Config,
+    ) -> Result<Tensor> {
+        let x = (x + self.attention(&self.norm1.forward(x)?, buckets, padding, cfg)?)?;
+        let h = self.norm2.forward(&x)?;
+        let gated = self.fc1.forward(&h)?.mul(&self.gate.forward(&h)?.gelu()?)?;
+        Ok((&x + self.fc2.forward(&gated)?)?)
+    }
+
+    fn attention(
+        &self,
+        x: &Tensor,
+        buckets: &Tensor,
+        padding: &Tensor,
+        cfg: &Umt5Config,
+    ) -> Result<Tensor> {
+        let (batch, len, _) = x.dims3()?;
+        let heads = |proj: &Linear| -> Result<Tensor> {
+            Ok(proj
+                .forward(x)?
+                .reshape((batch, len, cfg.num_heads, cfg.head_dim()))?
+                .transpose(1, 2)?
+                .contiguous()?)
+        };
+        let (q, k, v) = (heads(&self.q)?, heads(&self.k)?, heads(&self.v)?);
+        // `[L, L, H]` → `[1, H, L, L]`.
+        let bias = self
+            .position_bias
+            .forward(buckets)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_dtype(DType::F32)?;
+        // T5 does not scale the scores by 1/√d.
+        let scores = q
+            .matmul(&k.t()?)?
+            .to_dtype(DType::F32)?
+            .broadcast_add(&bias)?
+            .broadcast_add(padding)?;
+        let weights = softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((batch, len, cfg.dim_attn))?;
+        Ok(self.o.forward(&out)?)
+    }
+}
+
+/// The umT5 encoder: token embedding, the layers, and a final RMS norm.
+#[derive(Debug, Clone)]
+pub struct Umt5Encoder {
+    cfg: Umt5Config,
+    token_embedding: Embedding,
+    blocks: Vec<Umt5Block>,
+    norm: T5Norm,
+}
+
+impl Umt5Encoder {
+    /// Loads the weights under `vb` by their checkpoint names (`token_embedding`,
+    /// `blocks.{i}.*`, `norm`). The model runs in `vb`'s dtype (bf16 for the released file).
+    pub fn load(vb: VarBuilder, cfg: &Umt5Config) -> Result<Self> {
+        cfg.validate()?;
+        let table = vb
+            .pp("token_embedding")
+            .get((cfg.vocab, cfg.dim), "weight")?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| Umt5Block::load(vb.pp("blocks").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            token_embedding: Embedding::new(table, cfg.dim),
+            blocks,
+            norm: T5Norm::load(vb.pp("norm"), cfg.dim, cfg.eps)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Every checkpoint tensor the encoder reads, with its shape, in checkpoint order.
+    pub fn expected_keys(cfg: &Umt5Config) -> Vec<(String, Vec<usize>)> {
+        let mut keys = vec![(
+            "token_embedding.weight".to_owned(),
+            vec![cfg.vocab, cfg.dim],
+        )];
+        for i in 0..cfg.num_layers {
+            keys.extend(Umt5Block::keys(&format!("blocks.{i}"), cfg));
+        }
+        keys.push(("norm.weight".to_owned(), vec![cfg.dim]));
+        keys
+    }
+
+    pub fn config(&self) -> &Umt5Config {
+        &self.cfg
+    }
+
+    /// Hidden states `[B, L, dim]` of token ids `[B, L]` (u32 or i64). `mask` `[B, L]` (any
+    /// numeric dtype, 0 for padding) hides padded keys; padded rows are computed but
+    /// meaningless.
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (batch, len) = ids.dims2().map_err(|_| Error::Shape {
+            what: "umT5 token ids".into(),
+            expected: "[B, L]".into(),
+            got: ids.dims().to_vec(),
+        })?;
+        self.check_ids(ids)?;
+        let device = ids.device();
+        let padding = match mask {
+            Some(mask) if mask.dims() == [batch, len] => {
+                let hidden = mask.to_dtype(DType::F32)?.eq(0f64)?;
+                let big_negative = Tensor::full(f32::MIN, (batch, len), device)?;
+                let zeros = Tensor::zeros((batch, len), DType::F32, device)?;
+                hidden.where_cond(&big_negative, &zeros)?
+            }
+            Some(mask) => {
+                return Err(Error::Shape {
+                    what: "umT5 attention mask".into(),
+                    expected: format!("[{batch}, {len}] like the ids"),
+                    got: mask.dims().to_vec(),
+                })
+            }
+            None => Tensor::zeros((batch, len), DType::F32, device)?,
+        }
+        .reshape((batch, 1, 1, len))?;
+        let buckets = bucket_table(len, &self.cfg, device)?;
+        let mut x = self.token_embedding.forward(ids)?;
+        for block in &self.blocks {
+            x = block.forward(&x, &buckets, &padding, &self.cfg)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The hidden states `[L, dim]` of one unpadded sequence of ids, as the Wan DiT takes its
+    /// text context (trimmed to the real tokens). Identical to the first `L` rows of a padded,
+    /// masked run, since relative positions do not depend on the padding.
+    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let device = self.token_embedding.embeddings().device();
+        let ids = Tensor::from_slice(ids, (1, ids.len()), device)?;
+        Ok(self.forward(&ids, None)?.squeeze(0)?)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<()> {
+        let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
+        let min = ids.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()?;
+        if min < 0.0 || max >= self.cfg.vocab as f64 {
+            return Err(Error::Shape {
+                what: format!("umT5 token ids (smallest {min}, largest {max})"),
+                expected: format!("ids in 0..{}", self.cfg.vocab),
+                got: ids.dims().to_vec(),
+            });
+        }
+        Ok(())
+    }
+}

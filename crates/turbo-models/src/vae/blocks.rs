@@ -1,0 +1,361 @@
+//! The building blocks of the Wan2.1 VAE (`spec/wan-model.md` §6.1): the channel RMS norm,
+//! residual blocks, the mid attention block and the resampling layers. Activations are
+//! time-major, `[B, T, C, H, W]`.
+
+use candle_core::{Tensor, D};
+use candle_nn::ops::softmax_last_dim;
+use candle_nn::VarBuilder;
+use turbo_core::{Error, Result};
+
+use super::cache::{cached_conv, frames_to_remember, FeatureCache, Slot};
+use super::conv::{CausalConv3d, Conv3dSpec};
+
+/// A checkpoint key list: `(name, shape)` pairs.
+pub type Keys = Vec<(String, Vec<usize>)>;
+
+/// Upstream `RMS_norm`: L2 normalisation over the channels, times `√C` and a learned `gamma`
+/// (no bias, no epsilon beyond `F.normalize`'s 1e-12).
+#[derive(Debug, Clone)]
+pub struct ChannelRmsNorm {
+    /// `gamma · √C`, shaped `[C, 1, 1]` to broadcast over `[…, C, H, W]`.
+    scale: Tensor,
+}
+
+/// `F.normalize`'s lower bound on the norm.
+const NORM_EPS: f64 = 1e-12;
+
+impl ChannelRmsNorm {
+    /// Reads `gamma`, shaped `[C, 1, 1, 1]` in 3-D blocks and `[C, 1, 1]` in the attention block.
+    pub fn load(vb: VarBuilder, channels: usize, gamma_rank: usize) -> Result<Self> {
+        let gamma = vb.get(gamma_shape(channels, gamma_rank), "gamma")?;
+        let scale = (gamma.reshape((channels, 1, 1))? * (channels as f64).sqrt())?;
+        Ok(Self { scale })
+    }
+
+    fn keys(prefix: &str, channels: usize, gamma_rank: usize) -> Keys {
+        vec![(format!("{prefix}.gamma"), gamma_shape(channels, gamma_rank))]
+    }
+
+    /// Normalises `x` `[…, C, H, W]` over `C`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let channel_dim = x.rank() - 3;
+        let norm = x
+            .sqr()?
+            .sum_keepdim(channel_dim)?
+            .sqrt()?
+            .clamp(NORM_EPS, f64::MAX)?;
+        Ok(x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?)
+    }
+}
+
+fn gamma_shape(channels: usize, rank: usize) -> Vec<usize> {
+    let mut shape = vec![1; rank];
+    shape[0] = channels;
+    shape
+}
+
+/// `RMS_norm → SiLU → conv(3) → RMS_norm → SiLU → conv(3)`, plus a 1×1×1 shortcut when the
+/// channel count changes (keys `residual.{0,2,3,6}`, `shortcut`).
+#[derive(Debug, Clone)]
+pub struct ResidualBlock {
+    norm_in: ChannelRmsNorm,
+    conv_in: CausalConv3d,
+    norm_out: ChannelRmsNorm,
+    conv_out: CausalConv3d,
+    shortcut: Option<CausalConv3d>,
+}
+
+impl ResidualBlock {
+    pub fn load(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+        let residual = vb.pp("residual");
+        let (conv_in, conv_out, shortcut) = Self::convs(in_channels, out_channels);
+        Ok(Self {
+            norm_in: ChannelRmsNorm::load(residual.pp("0"), in_channels, 4)?,
+            conv_in: CausalConv3d::load(residual.pp("2"), conv_in)?,
+            norm_out: ChannelRmsNorm::load(residual.pp("3"), out_channels, 4)?,
+            conv_out: CausalConv3d::load(residual.pp("6"), conv_out)?,
+            shortcut: shortcut
+                .map(|spec| CausalConv3d::load(vb.pp("shortcut"), spec))
+                .transpose()?,
+        })
+    }
+
+    pub fn keys(prefix: &str, in_channels: usize, out_channels: usize) -> Keys {
+        let (conv_in, conv_out, shortcut) = Self::convs(in_channels, out_channels);
+        let mut keys = ChannelRmsNorm::keys(&format!("{prefix}.residual.0"), in_channels, 4);
+        keys.extend(conv_in.keys(&format!("{prefix}.residual.2")));
+        keys.extend(ChannelRmsNorm::keys(
+            &format!("{prefix}.residual.3"),
+            out_channels,
+            4,
+        ));
+        keys.extend(conv_out.keys(&format!("{prefix}.residual.6")));
+        if let Some(shortcut) = shortcut {
+            keys.extend(shortcut.keys(&format!("{prefix}.shortcut")));
+        }
+        keys
+    }
+
+    fn convs(
+        in_channels: usize,
+        out_channels: usize,
+    ) -> (Conv3dSpec, Conv3dSpec, Option<Conv3dSpec>) {
+        let shortcut = (in_channels != out_channels)
+            .then(|| Conv3dSpec::cube(in_channels, out_channels, 1, 0));
+        (
+            Conv3dSpec::cube(in_channels, out_channels, 3, 1),
+            Conv3dSpec::cube(out_channels, out_channels, 3, 1),
+            shortcut,
+        )
+    }
+
+    pub fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let identity = match &self.shortcut {
+            Some(shortcut) => shortcut.forward(x, None)?,
+            None => x.clone(),
+        };
+        let h = candle_nn::ops::silu(&self.norm_in.forward(x)?)?;
+        let h = cached_conv(&self.conv_in, &h, cache)?;
+        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = cached_conv(&self.conv_out, &h, cache)?;
+        Ok((h + identity)?)
+    }
+}
+
+/// Single-head self-attention over the pixels of each frame, with a residual connection
+/// (keys `norm.gamma`, `to_qkv`, `proj`).
+#[derive(Debug, Clone)]
+pub struct AttentionBlock {
+    norm: ChannelRmsNorm,
+    to_qkv: candle_nn::Conv2d,
+    proj: candle_nn::Conv2d,
+}
+
+impl AttentionBlock {
+    pub fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let config = candle_nn::Conv2dConfig::default();
+        Ok(Self {
+            norm: ChannelRmsNorm::load(vb.pp("norm"), channels, 3)?,
+            to_qkv: candle_nn::conv2d(channels, 3 * channels, 1, config, vb.pp("to_qkv"))?,
+            proj: candle_nn::conv2d(channels, channels, 1, config, vb.pp("proj"))?,
+        })
+    }
+
+    pub fn keys(prefix: &str, channels: usize) -> Keys {
+        let mut keys = ChannelRmsNorm::keys(&format!("{prefix}.norm"), channels, 3);
+        for (name, out) in [("to_qkv", 3 * channels), ("proj", channels)] {
+            keys.push((format!("{prefix}.{name}.weight"), vec![out, channels, 1, 1]));
+            keys.push((format!("{prefix}.{name}.bias"), vec![out]));
+        }
+        keys
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, frames, channels, height, width) = x.dims5()?;
+        let images = x.reshape((batch * frames, channels, height, width))?;
+        let qkv = self
+            .to_qkv
+            .forward_t(&self.norm.forward(&images)?)?
+            .reshape((batch * frames, 3 * channels, height * width))?
+            .transpose(1, 2)?;
+        let part = |i: usize| qkv.narrow(D::Minus1, i * channels, channels)?.contiguous();
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? / (channels as f64).sqrt())?;
+        let attended = softmax_last_dim(&scores)?.matmul(&v)?;
+        let attended =
+            attended
+                .transpose(1, 2)?
+                .reshape((batch * frames, channels, height, width))?;
+        let out = self.proj.forward_t(&attended)?;
+        Ok((out.reshape(x.dims())? + x)?)
+    }
+}
+
+/// `Module::forward` through candle's trait, returning this crate's error.
+trait ForwardT {
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor>;
+}
+
+impl ForwardT for candle_nn::Conv2d {
+    fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::Module::forward(self, x)?)
+    }
+}
+
+/// The four resampling layers (`Resample` upstream); the spatial convolution is `resample.1`,
+/// the temporal one `time_conv`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResampleMode {
+    /// Stride-2 spatial convolution per frame.
+    Downsample2d,
+    /// [`ResampleMode::Downsample2d`], then a stride-2 temporal convolution.
+    Downsample3d,
+    /// Nearest ×2 spatial upsampling and a convolution to half the channels.
+    Upsample2d,
+    /// A temporal convolution to twice the channels, read as two frames, then
+    /// [`ResampleMode::Upsample2d`].
+    Upsample3d,
+}
+
+impl ResampleMode {
+    fn spatial_out(self, channels: usize) -> usize {
+        match self {
+            Self::Downsample2d | Self::Downsample3d => channels,
+            Self::Upsample2d | Self::Upsample3d => channels / 2,
+        }
+    }
+
+    fn time_conv(self, channels: usize) -> Option<Conv3dSpec> {
+        let spec = |out_channels, padding, time_stride| Conv3dSpec {
+            in_channels: channels,
+            out_channels,
+            kernel: (3, 1, 1),
+            padding: (padding, 0),
+            time_stride,
+        };
+        match self {
+            Self::Downsample2d | Self::Upsample2d => None,
+            Self::Downsample3d => Some(spec(channels, 0, 2)),
+            Self::Upsample3d => Some(spec(2 * channels, 1, 1)),
+        }
+    }
+}
+
+/// One resampling layer over `channels` input channels.
+#[derive(Debug, Clone)]
+pub struct Resample {
+    mode: ResampleMode,
+    spatial: candle_nn::Conv2d,
+    time_conv: Option<CausalConv3d>,
+}
+
+impl Resample {
+    pub fn load(vb: VarBuilder, channels: usize, mode: ResampleMode) -> Result<Self> {
+        let padding = match mode {
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => 0,
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => 1,
+        };
+        let stride = if padding == 0 { 2 } else { 1 };
+        let config = candle_nn::Conv2dConfig {
+            padding,
+            stride,
+            ..Default::default()
+        };
+        let spatial = candle_nn::conv2d(
+            channels,
+            mode.spatial_out(channels),
+            3,
+            config,
+            vb.pp("resample").pp("1"),
+        )?;
+        let time_conv = mode
+            .time_conv(channels)
+            .map(|spec| CausalConv3d::load(vb.pp("time_conv"), spec))
+            .transpose()?;
+        Ok(Self {
+            mode,
+            spatial,
+            time_conv,
+        })
+    }
+
+    pub fn keys(prefix: &str, channels: usize, mode: ResampleMode) -> Keys {
+        let out = mode.spatial_out(channels);
+        let mut keys = vec![
+            (
+                format!("{prefix}.resample.1.weight"),
+                vec![out, channels, 3, 3],
+            ),
+            (format!("{prefix}.resample.1.bias"), vec![out]),
+        ];
+        if let Some(spec) = mode.time_conv(channels) {
+            keys.extend(spec.keys(&format!("{prefix}.time_conv")));
+        }
+        keys
+    }
+
+    pub fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        match self.mode {
+            ResampleMode::Downsample2d | ResampleMode::Upsample2d => self.spatial(x),
+            ResampleMode::Downsample3d => self.downsample_time(&self.spatial(x)?, cache),
+            ResampleMode::Upsample3d => self.spatial(&self.upsample_time(x, cache)?),
+        }
+    }
+
+    /// The per-frame spatial step.
+    fn spatial(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, frames, channels, height, width) = x.dims5()?;
+        let images = x.reshape((batch * frames, channels, height, width))?;
+        let images = match self.mode {
+            // Upstream pads right and bottom only (ZeroPad2d(0, 1, 0, 1)) before the stride-2 conv.
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
+                images.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?
+            }
+            // 'nearest-exact' at factor 2 repeats each pixel, as 'nearest' does.
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
+                images.upsample_nearest2d(2 * height, 2 * width)?
+            }
+        };
+        let out = self.spatial.forward_t(&images)?;
+        let (_, out_channels, out_height, out_width) = out.dims4()?;
+        Ok(out.reshape((batch, frames, out_channels, out_height, out_width))?)
+    }
+
+    /// The stride-2 temporal convolution. The first chunk's frame passes through unchanged;
+    /// each later chunk is convolved after the last frame of the chunk before.
+    fn downsample_time(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let slot = cache.next_slot();
+        let previous = match slot {
+            Slot::Frames(previous) => previous.clone(),
+            Slot::Empty => {
+                *slot = Slot::Frames(x.clone());
+                return Ok(x.clone());
+            }
+            Slot::Replicated => return Err(cache_order_error()),
+        };
+        let frames = x.dim(1)?;
+        let last = previous.narrow(1, previous.dim(1)? - 1, 1)?;
+        *slot = Slot::Frames(x.narrow(1, frames - 1, 1)?);
+        self.time_conv()?
+            .forward(&Tensor::cat(&[&last, x], 1)?, None)
+    }
+
+    /// The temporal convolution to `2C` channels read as two frames each. The first chunk
+    /// passes through unchanged, and the second is convolved with zero history rather than the
+    /// first chunk's frames (upstream's `'Rep'` marker): frame 0 never enters this context.
+    fn upsample_time(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let slot = cache.next_slot();
+        let (history, remembered) = match slot {
+            Slot::Empty => {
+                *slot = Slot::Replicated;
+                return Ok(x.clone());
+            }
+            Slot::Replicated => {
+                let tail = frames_to_remember(x, None)?;
+                let missing = super::cache::CACHE_FRAMES - tail.dim(1)?;
+                (None, tail.pad_with_zeros(1, missing, 0)?)
+            }
+            Slot::Frames(previous) => {
+                let previous = previous.clone();
+                let remembered = frames_to_remember(x, Some(&previous))?;
+                (Some(previous), remembered)
+            }
+        };
+        *slot = Slot::Frames(remembered);
+        let doubled = self.time_conv()?.forward(x, history.as_ref())?;
+        let (batch, frames, channels2, height, width) = doubled.dims5()?;
+        Ok(doubled.reshape((batch, 2 * frames, channels2 / 2, height, width))?)
+    }
+
+    fn time_conv(&self) -> Result<&CausalConv3d> {
+        self.time_conv.as_ref().ok_or_else(cache_order_error)
+    }
+}
+
+fn cache_order_error() -> Error {
+    Error::Shape {
+        what: "VAE feature cache".into(),
+        expected: "the slots of one chunk visited in the same order as the last".into(),
+        got: vec![],
+    }
+}

@@ -1,0 +1,79 @@
+//! The streaming feature cache of the Wan VAE (`feat_cache` upstream, `CACHE_T = 2`).
+//!
+//! Encoding and decoding run chunk by chunk. Every temporal convolution remembers the last two
+//! frames of its input, so the next chunk sees the same context as a pass over the whole video
+//! would. Slots are taken in the order the convolutions are visited, which is the same for every
+//! chunk; [`FeatureCache::start_chunk`] rewinds to the first slot.
+
+use candle_core::Tensor;
+use turbo_core::Result;
+
+use super::conv::CausalConv3d;
+
+/// Frames a temporal convolution remembers between chunks.
+pub const CACHE_FRAMES: usize = 2;
+
+/// What one temporal convolution remembers.
+#[derive(Debug, Clone, Default)]
+pub enum Slot {
+    /// Not visited yet (the first chunk).
+    #[default]
+    Empty,
+    /// A temporal upsampler that skipped its first chunk (upstream's `'Rep'` marker): the next
+    /// chunk is convolved with zero padding, not with the first chunk's frames.
+    Replicated,
+    /// The last frames (at most [`CACHE_FRAMES`]) of the previous chunk, `[B, n, C, H, W]`.
+    Frames(Tensor),
+}
+
+/// The per-convolution memory of a streaming encode or decode.
+#[derive(Debug, Default)]
+pub struct FeatureCache {
+    slots: Vec<Slot>,
+    cursor: usize,
+}
+
+impl FeatureCache {
+    /// Rewinds to the first slot before a chunk is processed.
+    pub fn start_chunk(&mut self) {
+        self.cursor = 0;
+    }
+
+    /// The slot of the next temporal convolution visited in this chunk.
+    pub fn next_slot(&mut self) -> &mut Slot {
+        if self.cursor == self.slots.len() {
+            self.slots.push(Slot::Empty);
+        }
+        self.cursor += 1;
+        &mut self.slots[self.cursor - 1]
+    }
+}
+
+/// The frames to remember after a chunk `x` `[B, T, C, H, W]`: its last two, completed with the
+/// last remembered frame when the chunk has a single frame.
+pub fn frames_to_remember(x: &Tensor, previous: Option<&Tensor>) -> Result<Tensor> {
+    let frames = x.dim(1)?;
+    let kept = frames.min(CACHE_FRAMES);
+    let tail = x.narrow(1, frames - kept, kept)?;
+    match previous {
+        Some(previous) if kept < CACHE_FRAMES => {
+            let last = previous.narrow(1, previous.dim(1)? - 1, 1)?;
+            Ok(Tensor::cat(&[&last, &tail], 1)?)
+        }
+        _ => Ok(tail),
+    }
+}
+
+/// Applies a causal convolution to one chunk, with the previous chunk's frames as its history,
+/// and remembers this chunk's last frames for the next one.
+pub fn cached_conv(conv: &CausalConv3d, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+    let slot = cache.next_slot();
+    let history = match slot {
+        Slot::Frames(frames) => Some(frames.clone()),
+        Slot::Empty | Slot::Replicated => None,
+    };
+    let remembered = frames_to_remember(x, history.as_ref())?;
+    let out = conv.forward(x, history.as_ref())?;
+    *slot = Slot::Frames(remembered);
+    Ok(out)
+}

@@ -1,0 +1,264 @@
+//! `Encoder3d` and `Decoder3d`: the layer plans derived from the configuration, which both the
+//! loaders and the key lists follow, and the chunk-wise forward passes.
+
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
+use turbo_core::Result;
+
+use super::blocks::{AttentionBlock, ChannelRmsNorm, Keys, Resample, ResampleMode, ResidualBlock};
+use super::cache::{cached_conv, FeatureCache};
+use super::conv::{CausalConv3d, Conv3dSpec};
+use super::VaeConfig;
+
+/// One entry of the flat `downsamples` / `upsamples` sequences.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LayerPlan {
+    Residual {
+        in_channels: usize,
+        out_channels: usize,
+    },
+    Resample {
+        channels: usize,
+        mode: ResampleMode,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum Layer {
+    Residual(ResidualBlock),
+    Resample(Resample),
+}
+
+impl LayerPlan {
+    fn load(self, vb: VarBuilder) -> Result<Layer> {
+        Ok(match self {
+            Self::Residual {
+                in_channels,
+                out_channels,
+            } => Layer::Residual(ResidualBlock::load(vb, in_channels, out_channels)?),
+            Self::Resample { channels, mode } => {
+                Layer::Resample(Resample::load(vb, channels, mode)?)
+            }
+        })
+    }
+
+    fn keys(self, prefix: &str) -> Keys {
+        match self {
+            Self::Residual {
+                in_channels,
+                out_channels,
+            } => ResidualBlock::keys(prefix, in_channels, out_channels),
+            Self::Resample { channels, mode } => Resample::keys(prefix, channels, mode),
+        }
+    }
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        match self {
+            Self::Residual(block) => block.forward(x, cache),
+            Self::Resample(resample) => resample.forward(x, cache),
+        }
+    }
+}
+
+/// The shape of an encoder or a decoder: `conv1`, the flat layer sequence, the middle width
+/// and the head.
+struct CoderPlan {
+    /// The name of the flat layer sequence: `downsamples` or `upsamples`.
+    sequence: &'static str,
+    conv_in: Conv3dSpec,
+    layers: Vec<LayerPlan>,
+    middle_channels: usize,
+    head: Conv3dSpec,
+}
+
+impl CoderPlan {
+    /// Upstream `Encoder3d`: widths `dim·[1, mult…]`, `num_res_blocks` blocks per level and a
+    /// downsampler between levels (temporal where `temporal_downsample` says so).
+    fn encoder(cfg: &VaeConfig) -> Self {
+        let dims: Vec<usize> = std::iter::once(1)
+            .chain(cfg.dim_mult.iter().copied())
+            .map(|m| cfg.dim * m)
+            .collect();
+        let mut layers = Vec::new();
+        let levels = dims.len() - 1;
+        for level in 0..levels {
+            let mut in_channels = dims[level];
+            let out_channels = dims[level + 1];
+            for _ in 0..cfg.num_res_blocks {
+                layers.push(LayerPlan::Residual {
+                    in_channels,
+                    out_channels,
+                });
+                in_channels = out_channels;
+            }
+            if level + 1 != levels {
+                let mode = if cfg.temporal_downsample[level] {
+                    ResampleMode::Downsample3d
+                } else {
+                    ResampleMode::Downsample2d
+                };
+                layers.push(LayerPlan::Resample {
+                    channels: out_channels,
+                    mode,
+                });
+            }
+        }
+        let top = dims[levels];
+        Self {
+            sequence: "downsamples",
+            conv_in: Conv3dSpec::cube(3, dims[0], 3, 1),
+            layers,
+            middle_channels: top,
+            head: Conv3dSpec::cube(top, 2 * cfg.z_dim, 3, 1),
+        }
+    }
+
+    /// Upstream `Decoder3d`: widths `dim·[mult_last, mult reversed…]`, `num_res_blocks + 1`
+    /// blocks per level whose input is halved after an upsampler, and upsamplers (temporal
+    /// where the reversed `temporal_downsample` says so).
+    fn decoder(cfg: &VaeConfig) -> Self {
+        let mults: Vec<usize> = cfg.dim_mult.iter().rev().copied().collect();
+        let dims: Vec<usize> = std::iter::once(mults[0])
+            .chain(mults.iter().copied())
+            .map(|m| cfg.dim * m)
+            .collect();
+        let temporal_upsample: Vec<bool> = cfg.temporal_downsample.iter().rev().copied().collect();
+        let mut layers = Vec::new();
+        let levels = dims.len() - 1;
+        for level in 0..levels {
+            // The upsampler before this level halved the channels.
+            let mut in_channels = if level == 0 { dims[0] } else { dims[level] / 2 };
+            let out_channels = dims[level + 1];
+            for _ in 0..=cfg.num_res_blocks {
+                layers.push(LayerPlan::Residual {
+                    in_channels,
+                    out_channels,
+                });
+                in_channels = out_channels;
+            }
+            if level + 1 != levels {
+                let mode = if temporal_upsample[level] {
+                    ResampleMode::Upsample3d
+                } else {
+                    ResampleMode::Upsample2d
+                };
+                layers.push(LayerPlan::Resample {
+                    channels: out_channels,
+                    mode,
+                });
+            }
+        }
+        let bottom = dims[levels];
+        Self {
+            sequence: "upsamples",
+            conv_in: Conv3dSpec::cube(cfg.z_dim, dims[0], 3, 1),
+            layers,
+            middle_channels: dims[0],
+            head: Conv3dSpec::cube(bottom, 3, 3, 1),
+        }
+    }
+
+    fn keys(&self, prefix: &str) -> Keys {
+        let mut keys = self.conv_in.keys(&format!("{prefix}.conv1"));
+        for (i, layer) in self.layers.iter().enumerate() {
+            keys.extend(layer.keys(&format!("{prefix}.{}.{i}", self.sequence)));
+        }
+        let middle = self.middle_channels;
+        keys.extend(ResidualBlock::keys(
+            &format!("{prefix}.middle.0"),
+            middle,
+            middle,
+        ));
+        keys.extend(AttentionBlock::keys(&format!("{prefix}.middle.1"), middle));
+        keys.extend(ResidualBlock::keys(
+            &format!("{prefix}.middle.2"),
+            middle,
+            middle,
+        ));
+        keys.push((
+            format!("{prefix}.head.0.gamma"),
+            vec![self.head.in_channels, 1, 1, 1],
+        ));
+        keys.extend(self.head.keys(&format!("{prefix}.head.2")));
+        keys
+    }
+
+    fn load(&self, vb: VarBuilder) -> Result<Coder> {
+        let middle = self.middle_channels;
+        let layers = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, layer)| layer.load(vb.pp(self.sequence).pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Coder {
+            middle_first: self.sequence == "upsamples",
+            conv_in: CausalConv3d::load(vb.pp("conv1"), self.conv_in)?,
+            layers,
+            middle_in: ResidualBlock::load(vb.pp("middle").pp("0"), middle, middle)?,
+            middle_attention: AttentionBlock::load(vb.pp("middle").pp("1"), middle)?,
+            middle_out: ResidualBlock::load(vb.pp("middle").pp("2"), middle, middle)?,
+            head_norm: ChannelRmsNorm::load(vb.pp("head").pp("0"), self.head.in_channels, 4)?,
+            head_conv: CausalConv3d::load(vb.pp("head").pp("2"), self.head)?,
+        })
+    }
+}
+
+/// An encoder or a decoder: the two share their structure and differ in their layer plan.
+#[derive(Debug, Clone)]
+pub struct Coder {
+    /// The decoder runs its middle blocks before the layer sequence, the encoder after.
+    middle_first: bool,
+    conv_in: CausalConv3d,
+    layers: Vec<Layer>,
+    middle_in: ResidualBlock,
+    middle_attention: AttentionBlock,
+    middle_out: ResidualBlock,
+    head_norm: ChannelRmsNorm,
+    head_conv: CausalConv3d,
+}
+
+impl Coder {
+    /// The encoder under `vb` (`encoder.*`).
+    pub fn load_encoder(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        CoderPlan::encoder(cfg).load(vb)
+    }
+
+    /// The decoder under `vb` (`decoder.*`).
+    pub fn load_decoder(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        CoderPlan::decoder(cfg).load(vb)
+    }
+
+    /// The encoder's and the decoder's checkpoint keys.
+    pub fn keys(cfg: &VaeConfig) -> Keys {
+        let mut keys = CoderPlan::encoder(cfg).keys("encoder");
+        keys.extend(CoderPlan::decoder(cfg).keys("decoder"));
+        keys
+    }
+
+    /// Runs one chunk `[B, T, C, H, W]` through every layer, continuing from `cache`.
+    pub fn forward_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        cache.start_chunk();
+        let mut x = cached_conv(&self.conv_in, x, cache)?;
+        if self.middle_first {
+            x = self.middle(&x, cache)?;
+        }
+        for layer in &self.layers {
+            x = layer.forward(&x, cache)?;
+        }
+        if !self.middle_first {
+            x = self.middle(&x, cache)?;
+        }
+        let x = candle_nn::ops::silu(&self.head_norm.forward(&x)?)?;
+        cached_conv(&self.head_conv, &x, cache)
+    }
+
+    /// Residual block, attention, residual block at the lowest resolution.
+    fn middle(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let x = self.middle_in.forward(x, cache)?;
+        let x = self.middle_attention.forward(&x)?;
+        self.middle_out.forward(&x, cache)
+    }
+}

@@ -1,0 +1,215 @@
+//! The causal 3-D convolution of the Wan VAE, expressed through candle's `conv2d`.
+//!
+//! Activations inside the VAE are time-major, `[B, T, C, H, W]`. A kernel of `kt` frames then
+//! sees `kt` consecutive frames as one contiguous block of `kt·C` channels, so a conv3d is a
+//! single conv2d over all time windows at once: the windows are stacked into the batch and the
+//! weight `[O, C, kt, kh, kw]` is laid out as `[O, kt·C, kh, kw]` to match.
+
+use candle_core::{DType, Tensor};
+use candle_nn::VarBuilder;
+use turbo_core::{Error, Result};
+
+/// A `Conv3d` with causal time padding: `pad_t` zero frames in front (none behind), and
+/// symmetric spatial padding. Frames remembered from the previous chunk replace front zeros.
+#[derive(Debug, Clone)]
+pub struct CausalConv3d {
+    /// `[O, kt·C, kh, kw]`, time-major over the input channels.
+    weight: Tensor,
+    bias: Tensor,
+    time_kernel: usize,
+    time_stride: usize,
+    /// Zero frames in front of the first frame (`2·p_t` upstream).
+    time_padding: usize,
+    spatial_padding: usize,
+}
+
+/// The shape of a [`CausalConv3d`], as its upstream constructor takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv3dSpec {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// `(kt, kh, kw)`; `kh == kw`.
+    pub kernel: (usize, usize, usize),
+    /// Upstream `padding=(p_t, p_hw, p_hw)`: the time padding becomes `2·p_t` frames in front.
+    pub padding: (usize, usize),
+    pub time_stride: usize,
+}
+
+impl Conv3dSpec {
+    /// A cubic kernel `k` with padding `p` in every axis and stride 1.
+    pub fn cube(in_channels: usize, out_channels: usize, k: usize, p: usize) -> Self {
+        Self {
+            in_channels,
+            out_channels,
+            kernel: (k, k, k),
+            padding: (p, p),
+            time_stride: 1,
+        }
+    }
+
+    /// The checkpoint tensors under `prefix`: `weight [O, C, kt, kh, kw]` and `bias [O]`.
+    pub fn keys(&self, prefix: &str) -> Vec<(String, Vec<usize>)> {
+        let (kt, kh, kw) = self.kernel;
+        vec![
+            (
+                format!("{prefix}.weight"),
+                vec![self.out_channels, self.in_channels, kt, kh, kw],
+            ),
+            (format!("{prefix}.bias"), vec![self.out_channels]),
+        ]
+    }
+}
+
+impl CausalConv3d {
+    /// Reads `weight` and `bias` under `vb`.
+    pub fn load(vb: VarBuilder, spec: Conv3dSpec) -> Result<Self> {
+        let (kt, kh, kw) = spec.kernel;
+        let weight = vb.get((spec.out_channels, spec.in_channels, kt, kh, kw), "weight")?;
+        let bias = vb.get(spec.out_channels, "bias")?;
+        Self::new(&weight, &bias, spec)
+    }
+
+    /// From an upstream weight `[O, C, kt, kh, kw]` and bias `[O]`.
+    pub fn new(weight: &Tensor, bias: &Tensor, spec: Conv3dSpec) -> Result<Self> {
+        let (out_channels, in_channels, kt, kh, kw) = weight.dims5()?;
+        if kh != kw {
+            return Err(Error::Shape {
+                what: "causal conv3d weight".into(),
+                expected: "a square spatial kernel".into(),
+                got: weight.dims().to_vec(),
+            });
+        }
+        let weight = weight
+            .permute((0, 2, 1, 3, 4))?
+            .reshape((out_channels, kt * in_channels, kh, kw))?
+            .contiguous()?;
+        Ok(Self {
+            weight,
+            bias: bias.reshape((1, out_channels, 1, 1))?,
+            time_kernel: kt,
+            time_stride: spec.time_stride,
+            time_padding: 2 * spec.padding.0,
+            spatial_padding: spec.padding.1,
+        })
+    }
+
+    /// Convolves `x` `[B, T, C, H, W]`, with `history` (`[B, n, C, H, W]`, the last frames of
+    /// the previous chunk) standing in for the last `n` of the front zero frames.
+    pub fn forward(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
+        let padded = self.pad_time(x, history)?;
+        let (batch, frames, channels, height, width) = padded.dims5()?;
+        if frames < self.time_kernel {
+            return Err(Error::Shape {
+                what: "causal conv3d input".into(),
+                expected: format!("at least {} frames after padding", self.time_kernel),
+                got: padded.dims().to_vec(),
+            });
+        }
+        let out_frames = (frames - self.time_kernel) / self.time_stride + 1;
+        let windows = if self.time_kernel == 1 && self.time_stride == 1 {
+            padded.reshape((batch * frames, channels, height, width))?
+        } else {
+            let windows = (0..out_frames)
+                .map(|t| {
+                    padded
+                        .narrow(1, t * self.time_stride, self.time_kernel)?
+                        .reshape((batch, self.time_kernel * channels, height, width))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::stack(&windows, 1)?.reshape((
+                batch * out_frames,
+                self.time_kernel * channels,
+                height,
+                width,
+            ))?
+        };
+        let out = windows
+            .conv2d(&self.weight, self.spatial_padding, 1, 1, 1)?
+            .broadcast_add(&self.bias)?;
+        let (_, out_channels, out_height, out_width) = out.dims4()?;
+        Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?)
+    }
+
+    /// Prepends the history frames and as many zero frames as the causal padding still needs.
+    fn pad_time(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
+        if self.time_padding == 0 {
+            return Ok(x.clone());
+        }
+        let (x, remembered) = match history {
+            Some(history) => {
+                let remembered = history.dim(1)?.min(self.time_padding);
+                let start = history.dim(1)? - remembered;
+                let kept = history.narrow(1, start, remembered)?;
+                (Tensor::cat(&[&kept, x], 1)?, remembered)
+            }
+            None => (x.clone(), 0),
+        };
+        Ok(x.pad_with_zeros(1, self.time_padding - remembered, 0)?)
+    }
+}
+
+/// The plain-loop twin of [`CausalConv3d::forward`] (without history), on `[B, T, C, H, W]`
+/// f32 data and an upstream `[O, C, kt, kh, kw]` weight: the definition of a conv3d, written
+/// out index by index. Slow; for tests.
+pub fn causal_conv3d_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    spec: Conv3dSpec,
+) -> Result<Tensor> {
+    let (batch, frames, channels, height, width) = x.dims5()?;
+    let (out_channels, _, kt, kh, kw) = weight.dims5()?;
+    let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let w = weight
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let pad_t = 2 * spec.padding.0;
+    let pad_s = spec.padding.1;
+    let out_frames = (frames + pad_t - kt) / spec.time_stride + 1;
+    let out_height = height + 2 * pad_s - kh + 1;
+    let out_width = width + 2 * pad_s - kw + 1;
+    let input = |bi: usize, t: isize, c: usize, y: isize, xx: isize| -> f32 {
+        let inside = (0..frames as isize).contains(&t)
+            && (0..height as isize).contains(&y)
+            && (0..width as isize).contains(&xx);
+        if !inside {
+            return 0.0;
+        }
+        let (t, y, xx) = (t as usize, y as usize, xx as usize);
+        x[(((bi * frames + t) * channels + c) * height + y) * width + xx]
+    };
+    let mut out = Vec::with_capacity(batch * out_frames * out_channels * out_height * out_width);
+    for bi in 0..batch {
+        for to in 0..out_frames {
+            for o in 0..out_channels {
+                for yo in 0..out_height {
+                    for xo in 0..out_width {
+                        let mut acc = b[o];
+                        for c in 0..channels {
+                            for i in 0..kt {
+                                for j in 0..kh {
+                                    for k in 0..kw {
+                                        let t =
+                                            (to * spec.time_stride + i) as isize - pad_t as isize;
+                                        let y = (yo + j) as isize - pad_s as isize;
+                                        let xx = (xo + k) as isize - pad_s as isize;
+                                        let wi = (((o * channels + c) * kt + i) * kh + j) * kw + k;
+                                        acc += w[wi] * input(bi, t, c, y, xx);
+                                    }
+                                }
+                            }
+                        }
+                        out.push(acc);
+                    }
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(
+        out,
+        (batch, out_frames, out_channels, out_height, out_width),
+        &candle_core::Device::Cpu,
+    )?)
+}

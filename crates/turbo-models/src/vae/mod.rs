@@ -1,0 +1,328 @@
+//! The Wan2.1 video VAE (`Wan2.1_VAE.pth`; `spec/wan-model.md` §6.1).
+//!
+//! A causal 3-D convolutional autoencoder compressing ×4 in time and ×8 in space: a video
+//! `[B, 3, 4n+1, H, W]` in [-1, 1] maps to a normalised latent `[B, 16, n+1, H/8, W/8]`.
+//!
+//! Both directions stream, as upstream does, so memory does not grow with the video length:
+//! [`WanVae::encode`] feeds the frames in chunks of 1, 4, 4, … and [`WanVae::decode_streaming`]
+//! decodes one latent frame at a time, handing each chunk of frames (1, then 4 per latent frame)
+//! to a callback as soon as it exists. Every temporal convolution remembers the last two frames
+//! of its input between chunks, which reproduces upstream's `feat_cache` exactly, quirks
+//! included (the first chunk skips the temporal resampling convolutions, and the temporal
+//! upsampler convolves its second chunk with zero history).
+//!
+//! The official model runs in f32; load it in f32 for parity.
+
+mod blocks;
+mod cache;
+mod coder;
+mod conv;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
+
+pub use blocks::ResampleMode;
+pub use conv::{causal_conv3d_reference, CausalConv3d, Conv3dSpec};
+
+use cache::FeatureCache;
+use coder::Coder;
+
+/// The per-channel latent mean of the released Wan2.1 VAE (`WanVAE.mean` upstream).
+pub const WAN21_LATENT_MEAN: [f32; 16] = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+    -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
+];
+
+/// The per-channel latent standard deviation of the released Wan2.1 VAE (`WanVAE.std`).
+pub const WAN21_LATENT_STD: [f32; 16] = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.9160,
+];
+
+/// The construction parameters of a Wan2.1 VAE (`WanVAE_` upstream); attention sits only in
+/// the middle blocks, as in every released model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeConfig {
+    /// Base width (96 in the released model).
+    pub dim: usize,
+    /// Latent channels (16).
+    pub z_dim: usize,
+    /// Width multipliers per level (`[1, 2, 4, 4]`).
+    pub dim_mult: Vec<usize>,
+    /// Residual blocks per encoder level (2; the decoder has one more).
+    pub num_res_blocks: usize,
+    /// Which encoder downsamplers also halve time (`[false, true, true]`); the decoder uses the
+    /// reverse.
+    pub temporal_downsample: Vec<bool>,
+    /// Per-channel latent mean, `z_dim` values.
+    pub latent_mean: Vec<f32>,
+    /// Per-channel latent standard deviation, `z_dim` values.
+    pub latent_std: Vec<f32>,
+}
+
+impl VaeConfig {
+    /// The released `Wan2.1_VAE.pth`.
+    pub fn wan21() -> Self {
+        Self {
+            dim: 96,
+            z_dim: 16,
+            dim_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            temporal_downsample: vec![false, true, true],
+            latent_mean: WAN21_LATENT_MEAN.to_vec(),
+            latent_std: WAN21_LATENT_STD.to_vec(),
+        }
+    }
+
+    /// Spatial compression: ×2 per downsampler.
+    pub fn spatial_stride(&self) -> usize {
+        1 << (self.dim_mult.len() - 1)
+    }
+
+    /// Checks that the parameters describe a VAE this implementation runs: the ×4 temporal
+    /// compression that 4n+1 frame counts assume, and one mean and std per latent channel.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |expected: String, got: Vec<usize>| {
+            Err(Error::Shape {
+                what: "VAE configuration".into(),
+                expected,
+                got,
+            })
+        };
+        let levels = self.dim_mult.len();
+        if levels < 2 || self.temporal_downsample.len() != levels - 1 {
+            return invalid(
+                "dim_mult with at least 2 levels and one temporal_downsample flag per downsampler"
+                    .into(),
+                vec![levels, self.temporal_downsample.len()],
+            );
+        }
+        let temporal = self.temporal_downsample.iter().filter(|&&t| t).count();
+        if 1 << temporal != VAE_STRIDE.0 {
+            return invalid(
+                format!("temporal compression ×{}", VAE_STRIDE.0),
+                vec![1 << temporal],
+            );
+        }
+        if self.latent_mean.len() != self.z_dim || self.latent_std.len() != self.z_dim {
+            return invalid(
+                format!("{} latent means and stds", self.z_dim),
+                vec![self.latent_mean.len(), self.latent_std.len()],
+            );
+        }
+        if self.dim == 0 || self.z_dim == 0 || self.dim_mult.contains(&0) {
+            return invalid("positive widths".into(), self.dim_mult.clone());
+        }
+        Ok(())
+    }
+}
+
+/// A chunk of decoded frames handed out by [`WanVae::decode_streaming`].
+#[derive(Debug, Clone)]
+pub struct DecodedFrames {
+    /// Index of the chunk's first frame within the whole video.
+    pub first_frame: usize,
+    /// `[B, 3, n, H, W]` in [-1, 1]: 1 frame for the first latent frame, 4 for each later one.
+    pub frames: Tensor,
+}
+
+/// The Wan2.1 VAE: encoder, decoder, and the 1×1×1 convolutions around the latent.
+#[derive(Debug, Clone)]
+pub struct WanVae {
+    cfg: VaeConfig,
+    encoder: Coder,
+    decoder: Coder,
+    /// `conv1` upstream: encoder output → (μ, log σ²).
+    quant_conv: CausalConv3d,
+    /// `conv2` upstream: latent → decoder input.
+    post_quant_conv: CausalConv3d,
+    /// `[1, 1, z, 1, 1]`, broadcasting over time-major latents.
+    latent_mean: Tensor,
+    latent_std: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl WanVae {
+    /// Loads the weights under `vb` by their checkpoint names (`encoder.*`, `decoder.*`,
+    /// `conv1.*`, `conv2.*`). The model computes in `vb`'s dtype and device.
+    pub fn load(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
+        cfg.validate()?;
+        let (quant, post_quant) = Self::latent_convs(cfg);
+        let channel_vector = |values: &[f32]| -> Result<Tensor> {
+            Ok(
+                Tensor::from_slice(values, (1, 1, cfg.z_dim, 1, 1), vb.device())?
+                    .to_dtype(vb.dtype())?,
+            )
+        };
+        Ok(Self {
+            encoder: Coder::load_encoder(vb.pp("encoder"), cfg)?,
+            decoder: Coder::load_decoder(vb.pp("decoder"), cfg)?,
+            quant_conv: CausalConv3d::load(vb.pp("conv1"), quant)?,
+            post_quant_conv: CausalConv3d::load(vb.pp("conv2"), post_quant)?,
+            latent_mean: channel_vector(&cfg.latent_mean)?,
+            latent_std: channel_vector(&cfg.latent_std)?,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Every checkpoint tensor the model reads, with its shape, in a fixed order.
+    pub fn expected_keys(cfg: &VaeConfig) -> Vec<(String, Vec<usize>)> {
+        let (quant, post_quant) = Self::latent_convs(cfg);
+        let mut keys = quant.keys("conv1");
+        keys.extend(post_quant.keys("conv2"));
+        keys.extend(Coder::keys(cfg));
+        keys
+    }
+
+    fn latent_convs(cfg: &VaeConfig) -> (Conv3dSpec, Conv3dSpec) {
+        (
+            Conv3dSpec::cube(2 * cfg.z_dim, 2 * cfg.z_dim, 1, 0),
+            Conv3dSpec::cube(cfg.z_dim, cfg.z_dim, 1, 0),
+        )
+    }
+
+    pub fn config(&self) -> &VaeConfig {
+        &self.cfg
+    }
+
+    /// Encodes a video `[B, 3, T, H, W]` in [-1, 1] (T = 4n+1, H and W multiples of the
+    /// spatial stride) to its normalised latent mean `[B, z, n+1, H/8, W/8]`.
+    pub fn encode(&self, video: &Tensor) -> Result<Tensor> {
+        let (_, _, frames, _, _) = self.check_video(video)?;
+        let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let mut cache = FeatureCache::default();
+        let chunk = VAE_STRIDE.0;
+        let mut latents = Vec::with_capacity(1 + (frames - 1) / chunk);
+        latents.push(
+            self.encoder
+                .forward_chunk(&x.narrow(1, 0, 1)?, &mut cache)?,
+        );
+        for start in (1..frames).step_by(chunk) {
+            let frames = x.narrow(1, start, chunk)?;
+            latents.push(self.encoder.forward_chunk(&frames, &mut cache)?);
+        }
+        let moments = self.quant_conv.forward(&Tensor::cat(&latents, 1)?, None)?;
+        let mean = moments.narrow(2, 0, self.cfg.z_dim)?;
+        // Upstream multiplies by 1/std rather than dividing by std.
+        let normalised = mean
+            .broadcast_sub(&self.latent_mean)?
+            .broadcast_mul(&self.latent_std.recip()?)?;
+        to_channel_major(&normalised)
+    }
+
+    /// Decodes a normalised latent `[B, z, T, h, w]` to a video `[B, 3, 4(T−1)+1, 8h, 8w]`
+    /// clamped to [-1, 1] (upstream `WanVAE.decode`). Collects the chunks of
+    /// [`WanVae::decode_streaming`].
+    pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        self.collect_chunks(latent, true)
+    }
+
+    /// [`WanVae::decode`] without the final clamp (upstream `WanVAE_.decode`): the decoder's
+    /// output can stray slightly outside [-1, 1].
+    pub fn decode_unclamped(&self, latent: &Tensor) -> Result<Tensor> {
+        self.collect_chunks(latent, false)
+    }
+
+    /// Decodes one latent frame at a time and hands each chunk of frames, clamped to [-1, 1],
+    /// to `on_frames` as soon as it is ready, so a caller can show or write the first frames
+    /// before the rest exist. Memory stays that of one chunk whatever the length. An error from
+    /// `on_frames` stops the decode and is returned.
+    pub fn decode_streaming(
+        &self,
+        latent: &Tensor,
+        on_frames: impl FnMut(DecodedFrames) -> Result<()>,
+    ) -> Result<()> {
+        self.decode_chunks(latent, true, on_frames)
+    }
+
+    fn collect_chunks(&self, latent: &Tensor, clamp: bool) -> Result<Tensor> {
+        let mut chunks = Vec::new();
+        self.decode_chunks(latent, clamp, |decoded| {
+            chunks.push(decoded.frames);
+            Ok(())
+        })?;
+        Ok(Tensor::cat(&chunks, 2)?)
+    }
+
+    fn decode_chunks(
+        &self,
+        latent: &Tensor,
+        clamp: bool,
+        mut on_frames: impl FnMut(DecodedFrames) -> Result<()>,
+    ) -> Result<()> {
+        self.check_latent(latent)?;
+        let z = to_time_major(&latent.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        // Upstream divides by 1/std rather than multiplying by std.
+        let z = z
+            .broadcast_div(&self.latent_std.recip()?)?
+            .broadcast_add(&self.latent_mean)?;
+        let x = self.post_quant_conv.forward(&z, None)?;
+        let mut cache = FeatureCache::default();
+        let mut first_frame = 0;
+        for t in 0..x.dim(1)? {
+            let mut frames = self
+                .decoder
+                .forward_chunk(&x.narrow(1, t, 1)?, &mut cache)?;
+            if clamp {
+                frames = frames.clamp(-1f32, 1f32)?;
+            }
+            let count = frames.dim(1)?;
+            on_frames(DecodedFrames {
+                first_frame,
+                frames: to_channel_major(&frames)?,
+            })?;
+            first_frame += count;
+        }
+        Ok(())
+    }
+
+    fn check_video(&self, video: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+        let stride = self.cfg.spatial_stride();
+        let dims = video.dims5().map_err(|_| Error::Shape {
+            what: "VAE input video".into(),
+            expected: "[B, 3, T, H, W]".into(),
+            got: video.dims().to_vec(),
+        })?;
+        let (batch, channels, frames, height, width) = dims;
+        let fits = |side: usize| side > 0 && side % stride == 0;
+        if batch == 0 || channels != 3 || !fits(height) || !fits(width) {
+            return Err(Error::Shape {
+                what: "VAE input video".into(),
+                expected: format!(
+                    "[B, 3, T, H, W] with B ≥ 1 and H, W positive multiples of {stride}"
+                ),
+                got: video.dims().to_vec(),
+            });
+        }
+        FrameCount::new(frames)?;
+        Ok(dims)
+    }
+
+    fn check_latent(&self, latent: &Tensor) -> Result<()> {
+        let z_dim = self.cfg.z_dim;
+        let valid = matches!(latent.dims5(), Ok((b, c, t, h, w)) if b > 0 && c == z_dim && t > 0 && h > 0 && w > 0);
+        if valid {
+            Ok(())
+        } else {
+            Err(Error::Shape {
+                what: "VAE latent".into(),
+                expected: format!("[B, {z_dim}, T, h, w], all positive"),
+                got: latent.dims().to_vec(),
+            })
+        }
+    }
+}
+
+/// `[B, C, T, H, W]` → `[B, T, C, H, W]`.
+fn to_time_major(x: &Tensor) -> Result<Tensor> {
+    Ok(x.permute((0, 2, 1, 3, 4))?.contiguous()?)
+}
+
+/// `[B, T, C, H, W]` → `[B, C, T, H, W]`.
+fn to_channel_major(x: &Tensor) -> Result<Tensor> {
+    Ok(x.permute((0, 2, 1, 3, 4))?.contiguous()?)
+}

@@ -1,0 +1,126 @@
+//! Parity of the Wan2.1 VAE with the `vae` golden file (the upstream `WanVAE_` run in f32).
+//! Every dimension is read from the file's `config` and tensors.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use turbo_core::golden::GoldenFile;
+use turbo_models::vae::{VaeConfig, WanVae, WAN21_LATENT_MEAN, WAN21_LATENT_STD};
+
+fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
+    let diff = (out - reference).unwrap().sqr().unwrap().sum_all().unwrap();
+    let norm = reference.sqr().unwrap().sum_all().unwrap();
+    (diff.to_scalar::<f32>().unwrap() as f64 / norm.to_scalar::<f32>().unwrap() as f64).sqrt()
+}
+
+fn config(file: &GoldenFile) -> VaeConfig {
+    let cfg = file.config();
+    let usize_of = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    let constants = |key: &str, wan21: &[f32]| match cfg[key].as_str() {
+        Some("wan2.1") => wan21.to_vec(),
+        _ => cfg[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect(),
+    };
+    VaeConfig {
+        dim: usize_of(&cfg["dim"]),
+        z_dim: usize_of(&cfg["z_dim"]),
+        dim_mult: cfg["dim_mult"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(usize_of)
+            .collect(),
+        num_res_blocks: usize_of(&cfg["num_res_blocks"]),
+        temporal_downsample: cfg["temperal_downsample"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect(),
+        latent_mean: constants("latent_mean", &WAN21_LATENT_MEAN),
+        latent_std: constants("latent_std", &WAN21_LATENT_STD),
+    }
+}
+
+fn load() -> (GoldenFile, WanVae) {
+    let file = GoldenFile::open("vae").unwrap();
+    let cfg = config(&file);
+    let weights: HashMap<String, Tensor> = file
+        .names()
+        .into_iter()
+        .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
+        .map(|name| {
+            let t = file.tensor(&name).unwrap();
+            (name, t)
+        })
+        .collect();
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vae = WanVae::load(vb, &cfg).unwrap();
+    (file, vae)
+}
+
+#[test]
+fn decode_matches_golden() {
+    let (file, vae) = load();
+    let out = vae
+        .decode_unclamped(&file.tensor("in.latent").unwrap())
+        .unwrap();
+    let expected = file.tensor("out.video").unwrap();
+    assert_eq!(out.dims(), expected.dims());
+    let err = relative_error(&out, &expected);
+    println!("vae decode relative error {err:.3e}");
+    assert!(err <= 1e-4, "decode relative error {err}");
+}
+
+#[test]
+fn encode_matches_golden() {
+    let (file, vae) = load();
+    let out = vae.encode(&file.tensor("in.video").unwrap()).unwrap();
+    let expected = file.tensor("out.latent").unwrap();
+    assert_eq!(out.dims(), expected.dims());
+    let err = relative_error(&out, &expected);
+    println!("vae encode relative error {err:.3e}");
+    assert!(err <= 1e-4, "encode relative error {err}");
+}
+
+#[test]
+fn decode_clamps_to_unit_range() {
+    let (file, vae) = load();
+    let out = vae.decode(&file.tensor("in.latent").unwrap()).unwrap();
+    let expected = file
+        .tensor("out.video")
+        .unwrap()
+        .clamp(-1f32, 1f32)
+        .unwrap();
+    let err = relative_error(&out, &expected);
+    assert!(err <= 1e-4, "clamped decode relative error {err}");
+}
+
+#[test]
+fn streaming_decode_hands_out_frames_in_order() {
+    let (file, vae) = load();
+    let latent = file.tensor("in.latent").unwrap();
+    let expected = vae.decode(&latent).unwrap();
+    let mut chunks = Vec::new();
+    vae.decode_streaming(&latent, |decoded| {
+        chunks.push((decoded.first_frame, decoded.frames));
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(chunks.len(), latent.dim(2).unwrap());
+    let mut next = 0;
+    for (first, frames) in &chunks {
+        assert_eq!(*first, next);
+        let count = frames.dim(2).unwrap();
+        assert_eq!(count, if next == 0 { 1 } else { 4 });
+        let reference = expected.narrow(2, next, count).unwrap();
+        assert_eq!(relative_error(frames, &reference), 0.0);
+        next += count;
+    }
+    assert_eq!(next, expected.dim(2).unwrap());
+}
