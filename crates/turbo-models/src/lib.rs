@@ -11,7 +11,6 @@ pub mod tokenizer;
 pub mod umt5;
 pub mod vae;
 
-
-
-
+pub use checkpoint::{Checkpoint, TensorMeta};
+pub use umt5::{Umt5Config, Umt5Encoder};
 pub use vae::{DecodedFrames, VaeConfig, WanVae};

@@ -56,8 +56,17 @@ fn masked_hidden_states_match_golden() {
     let expected = file.tensor("out.hidden").unwrap();
     assert_eq!(out.dims(), expected.dims());
     // Padded rows are computed upstream too; the pipeline drops them, so compare the real ones.
-    let real = mask.to_dtype(DType::F32).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as usize;
-    let err = relative_error(&out.narrow(1, 0, real).unwrap(), &expected.narrow(1, 0, real).unwrap());
+    let real = mask
+        .to_dtype(DType::F32)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as usize;
+    let err = relative_error(
+        &out.narrow(1, 0, real).unwrap(),
+        &expected.narrow(1, 0, real).unwrap(),
+    );
     println!("umt5 relative error over {real} real tokens: {err:.3e}");
     assert!(err <= 1e-4, "umt5 relative error {err}");
     let err_all = relative_error(&out, &expected);
@@ -69,7 +78,13 @@ fn masked_hidden_states_match_golden() {
 fn unpadded_ids_give_the_trimmed_rows() {
     let (file, encoder) = load();
     let ids = file.tensor("in.ids").unwrap();
-    let mask = file.tensor("in.mask").unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    let mask = file
+        .tensor("in.mask")
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap();
     let real: Vec<u32> = ids
         .flatten_all()
         .unwrap()
@@ -81,7 +96,30 @@ fn unpadded_ids_give_the_trimmed_rows() {
         .map(|(&id, _)| id as u32)
         .collect();
     let trimmed = encoder.encode_ids(&real).unwrap();
-    let expected = file.tensor("out.hidden").unwrap().squeeze(0).unwrap().narrow(0, 0, real.len()).unwrap();
+    let expected = file
+        .tensor("out.hidden")
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .narrow(0, 0, real.len())
+        .unwrap();
     let err = relative_error(&trimmed, &expected);
     assert!(err <= 1e-4, "trimmed relative error {err}");
+}
+
+#[test]
+fn loader_keys_are_the_golden_weights() {
+    let (file, encoder) = load();
+    let checkpoint = turbo_models::Checkpoint::open(file.path()).unwrap();
+    let problems = turbo_models::checkpoint::key_problems(
+        checkpoint.tensors(),
+        &Umt5Encoder::expected_keys(encoder.config()),
+    );
+    for problem in &problems {
+        match problem {
+            turbo_core::KeyProblem::Unexpected { key, .. }
+                if key.starts_with("in.") || key.starts_with("out.") => {}
+            other => panic!("{other}"),
+        }
+    }
 }

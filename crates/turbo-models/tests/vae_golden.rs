@@ -29,7 +29,12 @@ fn config(file: &GoldenFile) -> VaeConfig {
     VaeConfig {
         dim: usize_of(&cfg["dim"]),
         z_dim: usize_of(&cfg["z_dim"]),
-        dim_mult: cfg["dim_mult"].as_array().unwrap().iter().map(usize_of).collect(),
+        dim_mult: cfg["dim_mult"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(usize_of)
+            .collect(),
         num_res_blocks: usize_of(&cfg["num_res_blocks"]),
         temporal_downsample: cfg["temperal_downsample"]
             .as_array()
@@ -62,7 +67,9 @@ fn load() -> (GoldenFile, WanVae) {
 #[test]
 fn decode_matches_golden() {
     let (file, vae) = load();
-    let out = vae.decode_unclamped(&file.tensor("in.latent").unwrap()).unwrap();
+    let out = vae
+        .decode_unclamped(&file.tensor("in.latent").unwrap())
+        .unwrap();
     let expected = file.tensor("out.video").unwrap();
     assert_eq!(out.dims(), expected.dims());
     let err = relative_error(&out, &expected);
@@ -85,7 +92,11 @@ fn encode_matches_golden() {
 fn decode_clamps_to_unit_range() {
     let (file, vae) = load();
     let out = vae.decode(&file.tensor("in.latent").unwrap()).unwrap();
-    let expected = file.tensor("out.video").unwrap().clamp(-1f32, 1f32).unwrap();
+    let expected = file
+        .tensor("out.video")
+        .unwrap()
+        .clamp(-1f32, 1f32)
+        .unwrap();
     let err = relative_error(&out, &expected);
     assert!(err <= 1e-4, "clamped decode relative error {err}");
 }
@@ -112,4 +123,21 @@ fn streaming_decode_hands_out_frames_in_order() {
         next += count;
     }
     assert_eq!(next, expected.dim(2).unwrap());
+}
+
+#[test]
+fn loader_keys_are_the_golden_weights() {
+    let file = GoldenFile::open("vae").unwrap();
+    let checkpoint = turbo_models::Checkpoint::open(file.path()).unwrap();
+    let problems = turbo_models::checkpoint::key_problems(
+        checkpoint.tensors(),
+        &WanVae::expected_keys(&config(&file)),
+    );
+    for problem in &problems {
+        match problem {
+            turbo_core::KeyProblem::Unexpected { key, .. }
+                if key.starts_with("in.") || key.starts_with("out.") => {}
+            other => panic!("{other}"),
+        }
+    }
 }

@@ -33,10 +33,7 @@ impl ChannelRmsNorm {
     }
 
     fn keys(prefix: &str, channels: usize, gamma_rank: usize) -> Keys {
-        vec![(
-            format!("{prefix}.gamma"),
-            gamma_shape(channels, gamma_rank),
-        )]
+        vec![(format!("{prefix}.gamma"), gamma_shape(channels, gamma_rank))]
     }
 
     /// Normalises `x` `[…, C, H, W]` over `C`.
@@ -99,9 +96,12 @@ impl ResidualBlock {
         keys
     }
 
-    fn convs(in_channels: usize, out_channels: usize) -> (Conv3dSpec, Conv3dSpec, Option<Conv3dSpec>) {
-        let shortcut =
-            (in_channels != out_channels).then(|| Conv3dSpec::cube(in_channels, out_channels, 1, 0));
+    fn convs(
+        in_channels: usize,
+        out_channels: usize,
+    ) -> (Conv3dSpec, Conv3dSpec, Option<Conv3dSpec>) {
+        let shortcut = (in_channels != out_channels)
+            .then(|| Conv3dSpec::cube(in_channels, out_channels, 1, 0));
         (
             Conv3dSpec::cube(in_channels, out_channels, 3, 1),
             Conv3dSpec::cube(out_channels, out_channels, 3, 1),
@@ -162,9 +162,10 @@ impl AttentionBlock {
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?)? / (channels as f64).sqrt())?;
         let attended = softmax_last_dim(&scores)?.matmul(&v)?;
-        let attended = attended
-            .transpose(1, 2)?
-            .reshape((batch * frames, channels, height, width))?;
+        let attended =
+            attended
+                .transpose(1, 2)?
+                .reshape((batch * frames, channels, height, width))?;
         let out = self.proj.forward_t(&attended)?;
         Ok((out.reshape(x.dims())? + x)?)
     }
@@ -315,7 +316,8 @@ impl Resample {
         let frames = x.dim(1)?;
         let last = previous.narrow(1, previous.dim(1)? - 1, 1)?;
         *slot = Slot::Frames(x.narrow(1, frames - 1, 1)?);
-        self.time_conv()?.forward(&Tensor::cat(&[&last, x], 1)?, None)
+        self.time_conv()?
+            .forward(&Tensor::cat(&[&last, x], 1)?, None)
     }
 
     /// The temporal convolution to `2C` channels read as two frames each. The first chunk

@@ -13,8 +13,14 @@ use super::VaeConfig;
 /// One entry of the flat `downsamples` / `upsamples` sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LayerPlan {
-    Residual { in_channels: usize, out_channels: usize },
-    Resample { channels: usize, mode: ResampleMode },
+    Residual {
+        in_channels: usize,
+        out_channels: usize,
+    },
+    Resample {
+        channels: usize,
+        mode: ResampleMode,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -30,7 +36,9 @@ impl LayerPlan {
                 in_channels,
                 out_channels,
             } => Layer::Residual(ResidualBlock::load(vb, in_channels, out_channels)?),
-            Self::Resample { channels, mode } => Layer::Resample(Resample::load(vb, channels, mode)?),
+            Self::Resample { channels, mode } => {
+                Layer::Resample(Resample::load(vb, channels, mode)?)
+            }
         })
     }
 
@@ -121,11 +129,7 @@ impl CoderPlan {
         let levels = dims.len() - 1;
         for level in 0..levels {
             // The upsampler before this level halved the channels.
-            let mut in_channels = if level == 0 {
-                dims[0]
-            } else {
-                dims[level] / 2
-            };
+            let mut in_channels = if level == 0 { dims[0] } else { dims[level] / 2 };
             let out_channels = dims[level + 1];
             for _ in 0..=cfg.num_res_blocks {
                 layers.push(LayerPlan::Residual {
@@ -162,9 +166,17 @@ impl CoderPlan {
             keys.extend(layer.keys(&format!("{prefix}.{}.{i}", self.sequence)));
         }
         let middle = self.middle_channels;
-        keys.extend(ResidualBlock::keys(&format!("{prefix}.middle.0"), middle, middle));
+        keys.extend(ResidualBlock::keys(
+            &format!("{prefix}.middle.0"),
+            middle,
+            middle,
+        ));
         keys.extend(AttentionBlock::keys(&format!("{prefix}.middle.1"), middle));
-        keys.extend(ResidualBlock::keys(&format!("{prefix}.middle.2"), middle, middle));
+        keys.extend(ResidualBlock::keys(
+            &format!("{prefix}.middle.2"),
+            middle,
+            middle,
+        ));
         keys.push((
             format!("{prefix}.head.0.gamma"),
             vec![self.head.in_channels, 1, 1, 1],

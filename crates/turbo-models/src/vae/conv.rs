@@ -111,12 +111,9 @@ impl CausalConv3d {
         } else {
             let windows = (0..out_frames)
                 .map(|t| {
-                    padded.narrow(1, t * self.time_stride, self.time_kernel)?.reshape((
-                        batch,
-                        self.time_kernel * channels,
-                        height,
-                        width,
-                    ))
+                    padded
+                        .narrow(1, t * self.time_stride, self.time_kernel)?
+                        .reshape((batch, self.time_kernel * channels, height, width))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             Tensor::stack(&windows, 1)?.reshape((
@@ -163,7 +160,10 @@ pub fn causal_conv3d_reference(
     let (batch, frames, channels, height, width) = x.dims5()?;
     let (out_channels, _, kt, kh, kw) = weight.dims5()?;
     let x = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let w = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    let w = weight
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
     let b = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
     let pad_t = 2 * spec.padding.0;
     let pad_s = spec.padding.1;
@@ -180,27 +180,31 @@ pub fn causal_conv3d_reference(
         let (t, y, xx) = (t as usize, y as usize, xx as usize);
         x[(((bi * frames + t) * channels + c) * height + y) * width + xx]
     };
+    // One output value: the bias plus the kernel's dot product with the window it covers.
+    let output = |bi: usize, to: usize, o: usize, yo: usize, xo: usize| -> f32 {
+        let mut acc = b[o];
+        for c in 0..channels {
+            for i in 0..kt {
+                for j in 0..kh {
+                    for k in 0..kw {
+                        let t = (to * spec.time_stride + i) as isize - pad_t as isize;
+                        let y = (yo + j) as isize - pad_s as isize;
+                        let xx = (xo + k) as isize - pad_s as isize;
+                        let wi = (((o * channels + c) * kt + i) * kh + j) * kw + k;
+                        acc += w[wi] * input(bi, t, c, y, xx);
+                    }
+                }
+            }
+        }
+        acc
+    };
     let mut out = Vec::with_capacity(batch * out_frames * out_channels * out_height * out_width);
     for bi in 0..batch {
         for to in 0..out_frames {
             for o in 0..out_channels {
                 for yo in 0..out_height {
                     for xo in 0..out_width {
-                        let mut acc = b[o];
-                        for c in 0..channels {
-                            for i in 0..kt {
-                                for j in 0..kh {
-                                    for k in 0..kw {
-                                        let t = (to * spec.time_stride + i) as isize - pad_t as isize;
-                                        let y = (yo + j) as isize - pad_s as isize;
-                                        let xx = (xo + k) as isize - pad_s as isize;
-                                        let wi = (((o * channels + c) * kt + i) * kh + j) * kw + k;
-                                        acc += w[wi] * input(bi, t, c, y, xx);
-                                    }
-                                }
-                            }
-                        }
-                        out.push(acc);
+                        out.push(output(bi, to, o, yo, xo));
                     }
                 }
             }

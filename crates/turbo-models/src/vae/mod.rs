@@ -18,6 +18,7 @@ mod cache;
 mod coder;
 mod conv;
 
+use crate::checkpoint::Checkpoint;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
@@ -36,8 +37,8 @@ pub const WAN21_LATENT_MEAN: [f32; 16] = [
 
 /// The per-channel latent standard deviation of the released Wan2.1 VAE (`WanVAE.std`).
 pub const WAN21_LATENT_STD: [f32; 16] = [
-    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
-    1.5579, 1.6382, 1.1253, 2.8251, 1.9160,
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+    1.6382, 1.1253, 2.8251, 1.9160,
 ];
 
 /// The construction parameters of a Wan2.1 VAE (`WanVAE_` upstream); attention sits only in
@@ -151,8 +152,10 @@ impl WanVae {
         cfg.validate()?;
         let (quant, post_quant) = Self::latent_convs(cfg);
         let channel_vector = |values: &[f32]| -> Result<Tensor> {
-            Ok(Tensor::from_slice(values, (1, 1, cfg.z_dim, 1, 1), vb.device())?
-                .to_dtype(vb.dtype())?)
+            Ok(
+                Tensor::from_slice(values, (1, 1, cfg.z_dim, 1, 1), vb.device())?
+                    .to_dtype(vb.dtype())?,
+            )
         };
         Ok(Self {
             encoder: Coder::load_encoder(vb.pp("encoder"), cfg)?,
@@ -165,6 +168,19 @@ impl WanVae {
             device: vb.device().clone(),
             cfg: cfg.clone(),
         })
+    }
+
+    /// Opens a checkpoint (any container [`Checkpoint::open`] reads), checks that it holds
+    /// exactly the tensors of `cfg`, and loads it to compute in `dtype` on `device`.
+    pub fn from_checkpoint(
+        path: impl AsRef<std::path::Path>,
+        cfg: &VaeConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        let vb = checkpoint.checked_var_builder(&Self::expected_keys(cfg), dtype, device)?;
+        Self::load(vb, cfg)
     }
 
     /// Every checkpoint tensor the model reads, with its shape, in a fixed order.
@@ -195,14 +211,15 @@ impl WanVae {
         let mut cache = FeatureCache::default();
         let chunk = VAE_STRIDE.0;
         let mut latents = Vec::with_capacity(1 + (frames - 1) / chunk);
-        latents.push(self.encoder.forward_chunk(&x.narrow(1, 0, 1)?, &mut cache)?);
+        latents.push(
+            self.encoder
+                .forward_chunk(&x.narrow(1, 0, 1)?, &mut cache)?,
+        );
         for start in (1..frames).step_by(chunk) {
             let frames = x.narrow(1, start, chunk)?;
             latents.push(self.encoder.forward_chunk(&frames, &mut cache)?);
         }
-        let moments = self
-            .quant_conv
-            .forward(&Tensor::cat(&latents, 1)?, None)?;
+        let moments = self.quant_conv.forward(&Tensor::cat(&latents, 1)?, None)?;
         let mean = moments.narrow(2, 0, self.cfg.z_dim)?;
         // Upstream multiplies by 1/std rather than dividing by std.
         let normalised = mean
