@@ -1,1 +1,331 @@
+//! One reader for every checkpoint container the models ship in:
+//! - a single `.safetensors` file;
+//! - a sharded safetensors checkpoint, given as its `*.safetensors.index.json` or as the folder
+//!   holding it (or, without an index, holding the `*.safetensors` shards);
+//! - a PyTorch `.pth` / `.pt` / `.bin` state dict (a `torch.save` zip archive).
+//!
+//! [`Checkpoint::open`] reads only the headers: names, shapes and dtypes, without allocating a
+//! single tensor, so a model can check a file with [`Checkpoint::expect_keys`] before loading
+//! gigabytes of weights from it through [`Checkpoint::var_builder`].
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use turbo_core::{Error, KeyProblem, Result};
+
+/// The name, shape and stored dtype of one tensor of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorMeta {
+    pub name: String,
+    pub shape: Vec<usize>,
+    /// The stored dtype as the container names it (`F32`, `BF16`, `I8`, …).
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone)]
+enum Container {
+    /// One or more safetensors files (the shards of one checkpoint).
+    Safetensors(Vec<PathBuf>),
+    /// A PyTorch zip archive holding a state dict.
+    Pth,
+}
+
+/// A checkpoint on disk, with its tensor list read from the headers.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    path: PathBuf,
+    container: Container,
+    tensors: BTreeMap<String, TensorMeta>,
+}
+
+/// The largest safetensors header accepted (the format's own limit is 100 MB).
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+impl Checkpoint {
+    /// Opens a checkpoint and reads its tensor list, choosing the container by the path: a
+    /// folder, a `.json` index, a `.safetensors` file, or a `.pth` / `.pt` / `.bin` / `.ckpt`
+    /// archive.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            return Err(Error::Io {
+                path,
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+            });
+        }
+        if path.is_dir() {
+            return Self::open_folder(path);
+        }
+        let extension = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase);
+        match extension.as_deref() {
+            Some("json") => Self::open_index(path),
+            Some("safetensors") => Self::open_safetensors(path.clone(), vec![path]),
+            Some("pth" | "pt" | "bin" | "ckpt") => Self::open_pth(path),
+            _ => Err(checkpoint_error(
+                &path,
+                "unknown checkpoint container: expected .safetensors, a safetensors index \
+                 (.json), a folder of shards, or a PyTorch .pth/.pt/.bin",
+            )),
+        }
+    }
+
+    /// The path the checkpoint was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Every tensor, sorted by name.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorMeta> {
+        self.tensors.values()
+    }
+
+    /// The tensor called `name`, if the checkpoint holds one.
+    pub fn get(&self, name: &str) -> Option<&TensorMeta> {
+        self.tensors.get(name)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// Checks that the checkpoint holds exactly the `expected` tensors with the expected
+    /// shapes. Otherwise returns [`Error::CheckpointKeys`] listing every missing key, every
+    /// unexpected key and every shape mismatch (with both shapes).
+    pub fn expect_keys(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        let problems = key_problems(self.tensors(), expected);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::CheckpointKeys {
+                path: self.path.clone(),
+                problems,
+            })
+        }
+    }
+
+    /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as
+    /// they are read. Safetensors files are memory-mapped; `.pth` tensors are read one by one
+    /// from the archive.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        let builder = match &self.container {
+            // SAFETY: the files are mapped read-only; like every mmap-based loader, this
+            // relies on nobody truncating or rewriting them while the model is loaded.
+            Container::Safetensors(files) => unsafe {
+                VarBuilder::from_mmaped_safetensors(files, dtype, device)
+            },
+            Container::Pth => VarBuilder::from_pth(&self.path, dtype, device),
+        };
+        builder.map_err(|e| checkpoint_error(&self.path, &e.to_string()))
+    }
+
+    /// [`Checkpoint::expect_keys`], then [`Checkpoint::var_builder`].
+    pub fn checked_var_builder(
+        &self,
+        expected: &[(String, Vec<usize>)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        self.expect_keys(expected)?;
+        self.var_builder(dtype, device)
+    }
+
+    fn open_folder(folder: PathBuf) -> Result<Self> {
+        let mut indexes = Vec::new();
+        let mut shards = Vec::new();
+        let entries = std::fs::read_dir(&folder).map_err(|source| Error::Io {
+            path: folder.clone(),
+            source,
+        })?;
+        for entry in entries {
+            let path = entry
+                .map_err(|source| Error::Io {
+                    path: folder.clone(),
+                    source,
+                })?
+                .path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if name.ends_with(".safetensors.index.json") {
+                indexes.push(path);
+            } else if name.ends_with(".safetensors") {
+                shards.push(path);
+            }
+        }
+        match (indexes.len(), shards.is_empty()) {
+            (1, _) => Self::open_index(indexes.remove(0)),
+            (0, false) => {
+                shards.sort();
+                Self::open_safetensors(folder, shards)
+            }
+            (0, true) => Err(checkpoint_error(
+                &folder,
+                "the folder holds no .safetensors file and no .safetensors.index.json",
+            )),
+            _ => Err(checkpoint_error(
+                &folder,
+                "the folder holds several .safetensors.index.json files: open one of them",
+            )),
+        }
+    }
+
+    fn open_index(index: PathBuf) -> Result<Self> {
+        let text = std::fs::read_to_string(&index).map_err(|source| Error::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let json: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| checkpoint_error(&index, &format!("the index is not JSON: {e}")))?;
+        let weight_map = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| checkpoint_error(&index, "the index has no `weight_map` object"))?;
+        let folder = index.parent().unwrap_or(Path::new("."));
+        let mut files = BTreeSet::new();
+        for (name, file) in weight_map {
+            let file = file.as_str().ok_or_else(|| {
+                checkpoint_error(&index, &format!("`weight_map.{name}` is not a file name"))
+            })?;
+            files.insert(folder.join(file));
+        }
+        let checkpoint = Self::open_safetensors(index.clone(), files.into_iter().collect())?;
+        let listed: BTreeSet<&str> = weight_map.keys().map(String::as_str).collect();
+        let stored: BTreeSet<&str> = checkpoint.tensors.keys().map(String::as_str).collect();
+        if let Some(name) = listed.symmetric_difference(&stored).next() {
+            return Err(checkpoint_error(
+                &index,
+                &format!("`{name}` is in the index or in the shards, but not in both"),
+            ));
+        }
+        Ok(checkpoint)
+    }
+
+    fn open_safetensors(path: PathBuf, files: Vec<PathBuf>) -> Result<Self> {
+        let mut tensors = BTreeMap::new();
+        for file in &files {
+            for meta in read_safetensors_header(file)? {
+                if tensors.contains_key(&meta.name) {
+                    return Err(checkpoint_error(
+                        file,
+                        &format!("`{}` is stored in more than one shard", meta.name),
+                    ));
+                }
+                tensors.insert(meta.name.clone(), meta);
+            }
+        }
+        Ok(Self {
+            path,
+            container: Container::Safetensors(files),
+            tensors,
+        })
+    }
+
+    fn open_pth(path: PathBuf) -> Result<Self> {
+        let infos = candle_core::pickle::read_pth_tensor_info(&path, false, None)
+            .map_err(|e| checkpoint_error(&path, &format!("not a PyTorch state dict: {e}")))?;
+        let tensors = infos
+            .into_iter()
+            .map(|info| {
+                let meta = TensorMeta {
+                    shape: info.layout.dims().to_vec(),
+                    dtype: format!("{:?}", info.dtype).to_ascii_uppercase(),
+                    name: info.name,
+                };
+                (meta.name.clone(), meta)
+            })
+            .collect();
+        Ok(Self {
+            path,
+            container: Container::Pth,
+            tensors,
+        })
+    }
+}
+
+/// Reads the JSON header of a safetensors file (8-byte length, then the header) and nothing
+/// else.
+fn read_safetensors_header(path: &Path) -> Result<Vec<TensorMeta>> {
+    let io_error = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(path).map_err(io_error)?;
+    let mut length = [0u8; 8];
+    file.read_exact(&mut length).map_err(io_error)?;
+    let length = u64::from_le_bytes(length);
+    if length > MAX_HEADER_BYTES {
+        return Err(checkpoint_error(
+            path,
+            &format!("header of {length} bytes: not a safetensors file"),
+        ));
+    }
+    let mut header = vec![0u8; length as usize];
+    file.read_exact(&mut header).map_err(io_error)?;
+    let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|e| checkpoint_error(path, &format!("bad safetensors header: {e}")))?;
+    Ok(metadata
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| TensorMeta {
+            name,
+            shape: info.shape.clone(),
+            dtype: format!("{:?}", info.dtype),
+        })
+        .collect())
+}
+
+/// The differences between the tensors of a file and the `expected` list, sorted by key.
+pub fn key_problems<'a>(
+    stored: impl IntoIterator<Item = &'a TensorMeta>,
+    expected: &[(String, Vec<usize>)],
+) -> Vec<KeyProblem> {
+    let stored: BTreeMap<&str, &TensorMeta> = stored
+        .into_iter()
+        .map(|meta| (meta.name.as_str(), meta))
+        .collect();
+    let wanted: BTreeMap<&str, &Vec<usize>> = expected
+        .iter()
+        .map(|(name, shape)| (name.as_str(), shape))
+        .collect();
+    let mut problems = Vec::new();
+    for (&key, &shape) in &wanted {
+        match stored.get(key) {
+            None => problems.push(KeyProblem::Missing {
+                key: key.to_owned(),
+                expected: shape.clone(),
+            }),
+            Some(meta) if &meta.shape != shape => problems.push(KeyProblem::WrongShape {
+                key: key.to_owned(),
+                expected: shape.clone(),
+                got: meta.shape.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    for (&key, meta) in &stored {
+        if !wanted.contains_key(key) {
+            problems.push(KeyProblem::Unexpected {
+                key: key.to_owned(),
+                shape: meta.shape.clone(),
+            });
+        }
+    }
+    problems
+}
+
+fn checkpoint_error(path: &Path, reason: &str) -> Error {
+    Error::Checkpoint {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+    }
+}

@@ -5,6 +5,7 @@
 //! the norms are T5 RMS norms (no mean, no bias). Norms and softmax are computed in f32 whatever
 //! the weight dtype; everything else runs in the dtype the weights were loaded in.
 
+use crate::checkpoint::Checkpoint;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
@@ -270,6 +271,19 @@ impl Umt5Encoder {
             norm: T5Norm::load(vb.pp("norm"), cfg.dim, cfg.eps)?,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Opens a checkpoint (any container [`Checkpoint::open`] reads), checks that it holds
+    /// exactly the tensors of `cfg`, and loads it to compute in `dtype` on `device`.
+    pub fn from_checkpoint(
+        path: impl AsRef<std::path::Path>,
+        cfg: &Umt5Config,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        let vb = checkpoint.checked_var_builder(&Self::expected_keys(cfg), dtype, device)?;
+        Self::load(vb, cfg)
     }
 
     /// Every checkpoint tensor the encoder reads, with its shape, in checkpoint order.

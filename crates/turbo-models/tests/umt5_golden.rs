@@ -106,3 +106,20 @@ fn unpadded_ids_give_the_trimmed_rows() {
     let err = relative_error(&trimmed, &expected);
     assert!(err <= 1e-4, "trimmed relative error {err}");
 }
+
+#[test]
+fn loader_keys_are_the_golden_weights() {
+    let (file, encoder) = load();
+    let checkpoint = turbo_models::Checkpoint::open(file.path()).unwrap();
+    let problems = turbo_models::checkpoint::key_problems(
+        checkpoint.tensors(),
+        &Umt5Encoder::expected_keys(encoder.config()),
+    );
+    for problem in &problems {
+        match problem {
+            turbo_core::KeyProblem::Unexpected { key, .. }
+                if key.starts_with("in.") || key.starts_with("out.") => {}
+            other => panic!("{other}"),
+        }
+    }
+}

@@ -180,28 +180,31 @@ pub fn causal_conv3d_reference(
         let (t, y, xx) = (t as usize, y as usize, xx as usize);
         x[(((bi * frames + t) * channels + c) * height + y) * width + xx]
     };
+    // One output value: the bias plus the kernel's dot product with the window it covers.
+    let output = |bi: usize, to: usize, o: usize, yo: usize, xo: usize| -> f32 {
+        let mut acc = b[o];
+        for c in 0..channels {
+            for i in 0..kt {
+                for j in 0..kh {
+                    for k in 0..kw {
+                        let t = (to * spec.time_stride + i) as isize - pad_t as isize;
+                        let y = (yo + j) as isize - pad_s as isize;
+                        let xx = (xo + k) as isize - pad_s as isize;
+                        let wi = (((o * channels + c) * kt + i) * kh + j) * kw + k;
+                        acc += w[wi] * input(bi, t, c, y, xx);
+                    }
+                }
+            }
+        }
+        acc
+    };
     let mut out = Vec::with_capacity(batch * out_frames * out_channels * out_height * out_width);
     for bi in 0..batch {
         for to in 0..out_frames {
             for o in 0..out_channels {
                 for yo in 0..out_height {
                     for xo in 0..out_width {
-                        let mut acc = b[o];
-                        for c in 0..channels {
-                            for i in 0..kt {
-                                for j in 0..kh {
-                                    for k in 0..kw {
-                                        let t =
-                                            (to * spec.time_stride + i) as isize - pad_t as isize;
-                                        let y = (yo + j) as isize - pad_s as isize;
-                                        let xx = (xo + k) as isize - pad_s as isize;
-                                        let wi = (((o * channels + c) * kt + i) * kh + j) * kw + k;
-                                        acc += w[wi] * input(bi, t, c, y, xx);
-                                    }
-                                }
-                            }
-                        }
-                        out.push(acc);
+                        out.push(output(bi, to, o, yo, xo));
                     }
                 }
             }

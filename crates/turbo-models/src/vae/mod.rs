@@ -18,6 +18,7 @@ mod cache;
 mod coder;
 mod conv;
 
+use crate::checkpoint::Checkpoint;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
@@ -167,6 +168,19 @@ impl WanVae {
             device: vb.device().clone(),
             cfg: cfg.clone(),
         })
+    }
+
+    /// Opens a checkpoint (any container [`Checkpoint::open`] reads), checks that it holds
+    /// exactly the tensors of `cfg`, and loads it to compute in `dtype` on `device`.
+    pub fn from_checkpoint(
+        path: impl AsRef<std::path::Path>,
+        cfg: &VaeConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        let vb = checkpoint.checked_var_builder(&Self::expected_keys(cfg), dtype, device)?;
+        Self::load(vb, cfg)
     }
 
     /// Every checkpoint tensor the model reads, with its shape, in a fixed order.

@@ -1,0 +1,203 @@
+//! The loaders expect exactly the tensors of the real checkpoints (`spec/keys/*.tsv`, copied to
+//! `tests/keys/`), checked without allocating a weight; and the checkpoint reader lists and
+//! checks the keys of every container it opens.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use turbo_core::{Error, KeyProblem};
+use turbo_models::checkpoint::{key_problems, Checkpoint, TensorMeta};
+use turbo_models::umt5::{Umt5Config, Umt5Encoder};
+use turbo_models::vae::{VaeConfig, WanVae};
+
+/// Parses `name<TAB>[d0, d1, …]` lines.
+fn read_key_list(name: &str) -> Vec<TensorMeta> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/keys")
+        .join(name);
+    std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let (name, shape) = line.split_once('\t').unwrap();
+            let shape = shape
+                .trim()
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| d.trim().parse().unwrap())
+                .collect();
+            TensorMeta {
+                name: name.to_owned(),
+                shape,
+                dtype: String::new(),
+            }
+        })
+        .collect()
+}
+
+fn assert_same_keys(list: &str, expected: &[(String, Vec<usize>)]) {
+    let stored = read_key_list(list);
+    let problems = key_problems(&stored, expected);
+    assert!(problems.is_empty(), "{list}: {problems:#?}");
+    assert_eq!(stored.len(), expected.len(), "{list}: duplicate keys");
+}
+
+#[test]
+fn umt5_loader_expects_the_released_keys() {
+    assert_same_keys(
+        "umt5.tsv",
+        &Umt5Encoder::expected_keys(&Umt5Config::umt5_xxl()),
+    );
+}
+
+#[test]
+fn vae_loader_expects_the_released_keys() {
+    assert_same_keys("wan21_vae.tsv", &WanVae::expected_keys(&VaeConfig::wan21()));
+}
+
+/// A fresh folder under the system temp dir for one test.
+fn scratch_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("turbo-models-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn save(path: &Path, tensors: &[(&str, &[usize])]) {
+    let map: std::collections::HashMap<String, Tensor> = tensors
+        .iter()
+        .map(|(name, shape)| {
+            let t = Tensor::zeros(*shape, DType::F32, &Device::Cpu).unwrap();
+            (name.to_string(), t)
+        })
+        .collect();
+    candle_core::safetensors::save(&map, path).unwrap();
+}
+
+fn expected(keys: &[(&str, &[usize])]) -> Vec<(String, Vec<usize>)> {
+    keys.iter()
+        .map(|(name, shape)| (name.to_string(), shape.to_vec()))
+        .collect()
+}
+
+#[test]
+fn single_file_lists_keys_and_reports_every_problem() {
+    let dir = scratch_dir("single");
+    let file = dir.join("model.safetensors");
+    save(
+        &file,
+        &[("a.weight", &[2, 3]), ("b.bias", &[4]), ("extra", &[1])],
+    );
+    let checkpoint = Checkpoint::open(&file).unwrap();
+    assert_eq!(checkpoint.len(), 3);
+    assert_eq!(checkpoint.get("a.weight").unwrap().shape, vec![2, 3]);
+    assert_eq!(checkpoint.get("a.weight").unwrap().dtype, "F32");
+
+    let err = checkpoint
+        .expect_keys(&expected(&[
+            ("a.weight", &[3, 2]),
+            ("b.bias", &[4]),
+            ("c", &[5]),
+        ]))
+        .unwrap_err();
+    let message = err.to_string();
+    match err {
+        Error::CheckpointKeys { path, problems } => {
+            assert_eq!(path, file);
+            assert_eq!(
+                problems,
+                vec![
+                    KeyProblem::WrongShape {
+                        key: "a.weight".into(),
+                        expected: vec![3, 2],
+                        got: vec![2, 3]
+                    },
+                    KeyProblem::Missing {
+                        key: "c".into(),
+                        expected: vec![5]
+                    },
+                    KeyProblem::Unexpected {
+                        key: "extra".into(),
+                        shape: vec![1]
+                    },
+                ]
+            );
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(
+        message.contains("model.safetensors") && message.contains("a.weight"),
+        "{message}"
+    );
+
+    checkpoint
+        .expect_keys(&expected(&[
+            ("a.weight", &[2, 3]),
+            ("b.bias", &[4]),
+            ("extra", &[1]),
+        ]))
+        .unwrap();
+    let vb = checkpoint.var_builder(DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(vb.get((2, 3), "a.weight").unwrap().dims(), &[2, 3]);
+}
+
+#[test]
+fn sharded_checkpoint_opens_from_index_or_folder() {
+    let dir = scratch_dir("sharded");
+    save(
+        &dir.join("model-00001-of-00002.safetensors"),
+        &[("a", &[2])],
+    );
+    save(
+        &dir.join("model-00002-of-00002.safetensors"),
+        &[("b", &[3, 1])],
+    );
+    let index = dir.join("model.safetensors.index.json");
+    std::fs::write(
+        &index,
+        r#"{"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+            "b": "model-00002-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let keys = expected(&[("a", &[2]), ("b", &[3, 1])]);
+    for path in [&index, &dir] {
+        let checkpoint = Checkpoint::open(path).unwrap();
+        checkpoint.expect_keys(&keys).unwrap();
+        let vb = checkpoint.var_builder(DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(vb.get((3, 1), "b").unwrap().dims(), &[3, 1]);
+    }
+}
+
+#[test]
+fn unreadable_checkpoints_are_typed_errors() {
+    let dir = scratch_dir("bad");
+    assert!(matches!(
+        Checkpoint::open(dir.join("missing.safetensors")),
+        Err(Error::Io { .. })
+    ));
+    let garbage = dir.join("garbage.safetensors");
+    std::fs::write(&garbage, b"\x05\x00\x00\x00\x00\x00\x00\x00{oops").unwrap();
+    assert!(matches!(
+        Checkpoint::open(&garbage),
+        Err(Error::Checkpoint { .. })
+    ));
+    let pth = dir.join("garbage.pth");
+    std::fs::write(&pth, b"not a zip archive").unwrap();
+    assert!(matches!(
+        Checkpoint::open(&pth),
+        Err(Error::Checkpoint { .. })
+    ));
+    let unknown = dir.join("weights.onnx");
+    std::fs::write(&unknown, b"").unwrap();
+    assert!(matches!(
+        Checkpoint::open(&unknown),
+        Err(Error::Checkpoint { .. })
+    ));
+    assert!(matches!(
+        Checkpoint::open(&dir),
+        Err(Error::Checkpoint { .. })
+    ));
+}
