@@ -14,4 +14,6 @@ pub mod umt5;
 pub mod vae;
 pub mod wan;
 
+pub use checkpoint::{Checkpoint, TensorMeta};
+pub use umt5::{Umt5Config, Umt5Encoder};
 pub use vae::{DecodedFrames, VaeConfig, WanVae};

@@ -3,6 +3,7 @@
 
 mod attention;
 mod block;
+mod checkpoint;
 mod config;
 mod embeddings;
 mod keys;
@@ -12,6 +13,7 @@ mod rope;
 use candle_nn::{Linear, VarBuilder};
 use turbo_core::Result;
 
+pub use checkpoint::DitCheckpointInfo;
 pub use config::{ModelType, WanConfig};
 pub use embeddings::PatchLayout;
 pub use keys::{expected_tensors, TensorSpec};
