@@ -32,30 +32,46 @@ pub struct DitCheckpointInfo {
 impl DitCheckpointInfo {
     /// Reads the layout of a DiT checkpoint from its tensor names and shapes.
     pub fn inspect(checkpoint: &Checkpoint) -> Result<Self> {
-        let prefix = if checkpoint.get(&format!("{REPACK_PREFIX}patch_embedding.weight")).is_some() {
+        let prefix = if checkpoint
+            .get(&format!("{REPACK_PREFIX}patch_embedding.weight"))
+            .is_some()
+        {
             REPACK_PREFIX.to_owned()
         } else {
             String::new()
         };
         let patch_weight = checkpoint
             .get(&format!("{prefix}patch_embedding.weight"))
-            .ok_or_else(|| checkpoint_error(checkpoint, "no `patch_embedding.weight`: not a Wan DiT checkpoint"))?;
+            .ok_or_else(|| {
+                checkpoint_error(
+                    checkpoint,
+                    "no `patch_embedding.weight`: not a Wan DiT checkpoint",
+                )
+            })?;
         let patch = match patch_weight.shape.len() {
             5 => PatchLayout::Conv3d,
             2 => PatchLayout::Linear,
             _ => {
                 return Err(checkpoint_error(
                     checkpoint,
-                    &format!("`patch_embedding.weight` has shape {:?}: expected 5-D or 2-D", patch_weight.shape),
+                    &format!(
+                        "`patch_embedding.weight` has shape {:?}: expected 5-D or 2-D",
+                        patch_weight.shape
+                    ),
                 ))
             }
         };
         Ok(Self {
             patch,
             has_proj_l: checkpoint
-                .get(&format!("{prefix}blocks.0.{ATTENTION_WEIGHTS}.proj_l.weight"))
+                .get(&format!(
+                    "{prefix}blocks.0.{ATTENTION_WEIGHTS}.proj_l.weight"
+                ))
                 .is_some(),
-            quantized_linears: checkpoint.tensors().filter(|t| t.name.ends_with(".int8_weight")).count(),
+            quantized_linears: checkpoint
+                .tensors()
+                .filter(|t| t.name.ends_with(".int8_weight"))
+                .count(),
             prefix,
         })
     }
@@ -91,12 +107,19 @@ impl<A: LoadAttention> WanModel<A> {
         let cfg = match cfg {
             Some(cfg) => cfg.clone(),
             None => WanConfig::from_json_file(&config_beside(path.as_ref()).ok_or_else(|| {
-                checkpoint_error(&checkpoint, "no model config given and no config.json beside the weights")
+                checkpoint_error(
+                    &checkpoint,
+                    "no model config given and no config.json beside the weights",
+                )
             })?)?,
         };
         checkpoint.expect_keys(&expected_keys::<A>(&cfg, &info, attention))?;
         let vb = checkpoint.var_builder(dtype, device)?;
-        let vb = if info.prefix.is_empty() { vb } else { vb.pp(info.prefix.trim_end_matches('.')) };
+        let vb = if info.prefix.is_empty() {
+            vb
+        } else {
+            vb.pp(info.prefix.trim_end_matches('.'))
+        };
         Self::load(vb, &cfg, attention)
     }
 }
@@ -114,12 +137,16 @@ fn expected_keys<A: LoadAttention>(
         let with_sla = expected_tensors::<turbo_attention::SlaAttention>(
             cfg,
             info.patch,
-            &turbo_attention::SlaConfig::new(turbo_core::DEFAULT_SLA_TOPK).expect("default top-k is valid"),
+            &turbo_attention::SlaConfig::new(turbo_core::DEFAULT_SLA_TOPK)
+                .expect("default top-k is valid"),
             DType::F32,
         );
         specs.extend(with_sla.into_iter().filter(|s| proj_l(s)));
     }
-    specs.into_iter().map(|s| (format!("{}{}", info.prefix, s.name), s.shape)).collect()
+    specs
+        .into_iter()
+        .map(|s| (format!("{}{}", info.prefix, s.name), s.shape))
+        .collect()
 }
 
 /// `config.json` in the checkpoint's folder (or in the folder itself).
