@@ -15,6 +15,8 @@
 //! which re-noises at every step; 1 means the ODE sampler), the latent shape from the noise, and
 //! the expected latent from `out.latent`.
 
+use std::path::PathBuf;
+
 use candle_core::{DType, Device, Tensor};
 use turbo_core::golden::GoldenFile;
 use turbo_core::{Denoiser, Error, NoProgress, ReplayNoise, Result};
@@ -29,6 +31,8 @@ pub const EXPECTED_LATENT: &str = "out.latent";
 /// One rCM golden case: the sampler its config describes, its noise and its expected latent.
 #[derive(Debug, Clone)]
 pub struct RcmGolden {
+    /// The file the case was read from.
+    pub path: PathBuf,
     pub sampler: RcmSampler,
     /// The injected noise tensors in draw order.
     pub noise: Vec<Tensor>,
@@ -53,6 +57,11 @@ impl RcmGolden {
             reason,
         };
         let steps = file.config_f64(&["steps"])?;
+        if steps.fract() != 0.0 {
+            return Err(invalid(format!(
+                "config `steps` is {steps}, not a whole number"
+            )));
+        }
         let sigma_max = file.config_f64(&["sigma_max"])?;
         let noise = noise_tensors(file)?;
         let mode = if noise.len() == 1 {
@@ -72,6 +81,7 @@ impl RcmGolden {
             ..RcmConfig::t2v(1)
         })?;
         Ok(Self {
+            path: file.path().to_owned(),
             sampler,
             noise,
             expected: file.tensor(EXPECTED_LATENT)?,
@@ -79,7 +89,7 @@ impl RcmGolden {
     }
 
     /// Samples with `denoiser` on the CPU, replaying the noise, and checks that every injected
-    /// tensor was drawn.
+    /// tensor was drawn (else [`Error::Golden`]).
     pub fn run<D: Denoiser + ?Sized>(
         self,
         denoiser: &D,
@@ -97,10 +107,12 @@ impl RcmGolden {
             &mut NoProgress,
         )?;
         if noise.remaining() != 0 {
-            return Err(Error::InvalidSamplerSetting {
-                setting: "injected noise",
-                value: format!("{injected} tensors"),
-                expected: "as many tensors as the sampler draws",
+            return Err(Error::Golden {
+                path: self.path,
+                reason: format!(
+                    "the sampler drew {} of the {injected} injected noise tensors",
+                    injected - noise.remaining()
+                ),
             });
         }
         let relative_error = relative_error(&latent, &self.expected)?;

@@ -62,7 +62,9 @@ impl GuidanceScale {
 /// model's velocity with the condition a sampler passes and v_u its velocity with `negative`
 /// (the negative-prompt context, for example the encoding of [`WAN_NEGATIVE_PROMPT`]).
 ///
-/// Two model passes per evaluation, as upstream (no shortcut at g = 1).
+/// `negative` is a whole condition of the model's type: for image-to-video it carries the same
+/// image conditioning as the prompt's, only the text context differs (as upstream). Two model
+/// passes per evaluation, as upstream (no shortcut at g = 1).
 pub struct Guided<'a, D: Denoiser + ?Sized> {
     model: &'a D,
     negative: &'a D::Condition,
