@@ -85,7 +85,6 @@ pub enum Error {
     #[error("golden file {path}: {reason}")]
     Golden { path: PathBuf, reason: String },
 
-<<<<<<< HEAD
     /// A model configuration value that cannot work.
     #[error("invalid model config `{field}`: {reason}")]
     InvalidConfig { field: String, reason: String },
@@ -115,6 +114,28 @@ pub enum Error {
     /// A prompt with no text left after whitespace cleaning.
     #[error("the prompt is empty (nothing is left after whitespace cleaning)")]
     EmptyPrompt,
+
+    /// A sampler setting outside what the sampler supports.
+    #[error("invalid sampler setting `{setting}` = {value}: {expected}")]
+    InvalidSamplerSetting {
+        setting: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
+    /// A replaying noise source was asked for more tensors than it was given.
+    #[error(
+        "replayed noise exhausted: tensor {draw} was requested but only {available} were given"
+    )]
+    NoiseExhausted { draw: usize, available: usize },
+
+    /// Sampling stopped because the progress observer asked it to.
+    #[error("sampling cancelled by the caller after step {completed} of {total}")]
+    Cancelled { completed: usize, total: usize },
+
+    /// A two-expert model was asked for an expert that is not loaded.
+    #[error("the {expert} expert is needed at s = {s} but is not loaded")]
+    ExpertNotLoaded { expert: &'static str, s: f64 },
 }
 
 /// One difference between a checkpoint's tensors and the ones a model expects.
@@ -161,29 +182,6 @@ fn describe_key_problems(problems: &[KeyProblem]) -> String {
         ));
     }
     text
-=======
-    /// A sampler setting outside what the sampler supports.
-    #[error("invalid sampler setting `{setting}` = {value}: {expected}")]
-    InvalidSamplerSetting {
-        setting: &'static str,
-        value: String,
-        expected: &'static str,
-    },
-
-    /// A replaying noise source was asked for more tensors than it was given.
-    #[error(
-        "replayed noise exhausted: tensor {draw} was requested but only {available} were given"
-    )]
-    NoiseExhausted { draw: usize, available: usize },
-
-    /// Sampling stopped because the progress observer asked it to.
-    #[error("sampling cancelled by the caller after step {completed} of {total}")]
-    Cancelled { completed: usize, total: usize },
-
-    /// A two-expert model was asked for an expert that is not loaded.
-    #[error("the {expert} expert is needed at s = {s} but is not loaded")]
-    ExpertNotLoaded { expert: &'static str, s: f64 },
->>>>>>> issue-5
 }
 
 /// `Result` with [`Error`].
