@@ -17,7 +17,7 @@ pub use checkpoint::DitCheckpointInfo;
 pub use config::{ModelType, WanConfig};
 pub use embeddings::PatchLayout;
 pub use keys::{expected_tensors, TensorSpec};
-pub use model::{CheckpointLayout, WanModel};
+pub use model::{CheckpointLayout, DitCondition, WanModel};
 
 /// A Linear with bias, `[out, in]` weight, read from `vb` in `vb`'s dtype.
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {

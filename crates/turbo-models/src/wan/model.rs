@@ -1,7 +1,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
-use turbo_core::{Error, Result, PATCH_SIZE};
+use turbo_core::{Denoiser, Error, Result, Timestep, PATCH_SIZE};
 
 use super::block::{modulate, LayerNorm, WanBlock};
 use super::embeddings::{PatchEmbedding, PatchLayout, TextEmbedding, TimeEmbedding, PATCH_VOLUME};
@@ -186,5 +186,34 @@ impl<A: Attention> WanModel<A> {
             .reshape(&[f, h, w, pt, ph, pw, c][..])?
             .permute(&[6, 0, 3, 1, 4, 2, 5][..])?
             .reshape((c, f * pt, h * ph, w * pw))?)
+    }
+}
+
+/// What a Wan DiT is conditioned on: the text encoder's output, and for the I2V experts the
+/// mask and image latent.
+#[derive(Debug, Clone)]
+pub struct DitCondition {
+    /// `[L_text ≤ text_len, text_dim]`, trimmed to the real tokens.
+    pub context: Tensor,
+    /// `[in_dim − out_dim, F, H, W]` for the I2V experts (mask(4) and image latent(16)).
+    pub image: Option<Tensor>,
+}
+
+impl DitCondition {
+    /// A text-only condition.
+    pub fn text(context: Tensor) -> Self {
+        Self {
+            context,
+            image: None,
+        }
+    }
+}
+
+impl<A: Attention> Denoiser for WanModel<A> {
+    type Condition = DitCondition;
+
+    /// Feeds the network `t.model_time` (the sampler decides its rounding).
+    fn velocity(&self, x: &Tensor, t: Timestep, cond: &DitCondition) -> Result<Tensor> {
+        self.forward(x, t.model_time, &cond.context, cond.image.as_ref())
     }
 }
