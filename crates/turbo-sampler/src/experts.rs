@@ -1,6 +1,7 @@
 //! Wan2.2 A14B's two experts: a high-noise model for the early steps and a low-noise model for
 //! the rest (`spec/sampling.md` §2.7 and §3.8).
 
+use candle_core::Tensor;
 use turbo_core::{Denoiser, Error, Result, Timestep};
 
 /// Where Wan2.2 T2V-A14B switches experts, in RF time.
@@ -147,12 +148,7 @@ impl<D> TwoExperts<D> {
 impl<D: Denoiser> Denoiser for TwoExperts<D> {
     type Condition = D::Condition;
 
-    fn velocity(
-        &self,
-        x: &candle_core::Tensor,
-        t: Timestep,
-        cond: &Self::Condition,
-    ) -> Result<candle_core::Tensor> {
+    fn velocity(&self, x: &Tensor, t: Timestep, cond: &Self::Condition) -> Result<Tensor> {
         let expert = self.boundary.expert_at(t);
         let model = self.get(expert).ok_or(Error::ExpertNotLoaded {
             expert: expert.name(),
