@@ -60,7 +60,8 @@ impl Int8Weight {
         })
     }
 
-    /// Quantises a float `[N, K]` weight tile by tile (see [`quantize_tiles`](crate::quantize_tiles)).
+    /// Quantises a float `[N, K]` weight tile by tile (see
+    /// [`quantize_tiles`](crate::quantize_tiles)).
     pub fn quantize(weight: &Tensor) -> Result<Self> {
         let (rows, cols) = match *weight.dims() {
             [rows, cols] => (rows, cols),
@@ -213,17 +214,19 @@ impl Linear {
         if vb.contains_tensor(INT8_WEIGHT_KEY) {
             let int8_weight = load_checked(&vb, INT8_WEIGHT_KEY, &[out_dim, in_dim], DType::U8)?;
             let scale = load_checked(&vb, SCALE_KEY, &tile_grid(out_dim, in_dim), DType::F32)?;
-            tracing::debug!(layer = %vb.prefix(), requested = ?policy, "stored as int8: loaded as int8");
+            let layer = vb.prefix();
+            tracing::debug!(%layer, requested = ?policy, "stored as int8: loaded as int8");
             return Self::from_int8(int8_weight, scale, bias);
         }
         let weight = load_checked(&vb, WEIGHT_KEY, &[out_dim, in_dim], vb.dtype())?;
+        let (layer, dtype) = (vb.prefix(), weight.dtype());
         match policy {
             QuantPolicy::KeepFloat => {
-                tracing::debug!(layer = %vb.prefix(), dtype = ?weight.dtype(), "stored in float: kept in float");
+                tracing::debug!(%layer, ?dtype, "stored in float: kept in float");
                 Self::from_float(weight, bias)
             }
             QuantPolicy::Quantize => {
-                tracing::debug!(layer = %vb.prefix(), dtype = ?weight.dtype(), "stored in float: quantised to int8 at load");
+                tracing::debug!(%layer, ?dtype, "stored in float: quantised to int8 at load");
                 Self::quantize(&weight, bias)
             }
         }

@@ -52,7 +52,9 @@ proptest! {
     /// steps and clamped to 127 (the values near +amax), which are within one step.
     #[test]
     fn dequantised_weights_are_within_half_a_scale(
-        rows in 1usize..300, cols in 1usize..300, magnitude in prop_oneof![Just(1e-3f32), Just(1.0), Just(1e3)],
+        rows in 1usize..300,
+        cols in 1usize..300,
+        magnitude in prop_oneof![Just(1e-3f32), Just(1.0), Just(1e3)],
         seed: u64,
     ) {
         let values = gaussian(rows * cols, magnitude, seed);
