@@ -12,5 +12,6 @@ pub mod umt5;
 pub mod vae;
 
 pub use checkpoint::{Checkpoint, TensorMeta};
+pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
 pub use umt5::{Umt5Config, Umt5Encoder};
 pub use vae::{DecodedFrames, VaeConfig, WanVae};

@@ -6,6 +6,7 @@
 //! the weight dtype; everything else runs in the dtype the weights were loaded in.
 
 use crate::checkpoint::Checkpoint;
+use crate::tokenizer::TokenizedPrompt;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
@@ -349,6 +350,12 @@ impl Umt5Encoder {
         let device = self.token_embedding.embeddings().device();
         let ids = Tensor::from_slice(ids, (1, ids.len()), device)?;
         Ok(self.forward(&ids, None)?.squeeze(0)?)
+    }
+
+    /// [`Umt5Encoder::encode_ids`] of a tokenized prompt: the text context `[L, dim]` the
+    /// DiT takes, `</s>` included.
+    pub fn encode_prompt(&self, prompt: &TokenizedPrompt) -> Result<Tensor> {
+        self.encode_ids(&prompt.ids)
     }
 
     fn check_ids(&self, ids: &Tensor) -> Result<()> {
