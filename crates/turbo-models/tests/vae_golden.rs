@@ -141,3 +141,37 @@ fn loader_keys_are_the_golden_weights() {
         }
     }
 }
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let (file, vae) = load();
+    let video = file.tensor("in.video").unwrap();
+    let (b, c, t, h, w) = video.dims5().unwrap();
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let shape_error =
+        |result: turbo_core::Result<Tensor>| matches!(result, Err(turbo_core::Error::Shape { .. }));
+    assert!(shape_error(vae.encode(&zeros(&[b, c + 1, t, h, w]))));
+    assert!(shape_error(vae.encode(&zeros(&[b, c, t, h + 1, w]))));
+    assert!(shape_error(vae.encode(&zeros(&[b, c, t, h, w - 2]))));
+    assert!(shape_error(vae.encode(&zeros(&[c, t, h, w]))));
+    assert!(matches!(
+        vae.encode(&zeros(&[b, c, t + 1, h, w])),
+        Err(turbo_core::Error::InvalidFrameCount { .. })
+    ));
+    let latent = file.tensor("in.latent").unwrap();
+    let (b, z, t, h, w) = latent.dims5().unwrap();
+    assert!(shape_error(vae.decode(&zeros(&[b, z + 1, t, h, w]))));
+    assert!(shape_error(vae.decode(&zeros(&[b, z, 0, h, w]))));
+}
+
+#[test]
+fn callback_errors_stop_the_decode() {
+    let (file, vae) = load();
+    let mut calls = 0;
+    let result = vae.decode_streaming(&file.tensor("in.latent").unwrap(), |_| {
+        calls += 1;
+        Err(turbo_core::Error::EmptyPrompt)
+    });
+    assert!(matches!(result, Err(turbo_core::Error::EmptyPrompt)));
+    assert_eq!(calls, 1);
+}
