@@ -84,6 +84,11 @@ pub enum Error {
     /// A reference (golden) file that lacks what a test needs.
     #[error("golden file {path}: {reason}")]
     Golden { path: PathBuf, reason: String },
+
+    /// Video or image data that cannot be encoded, decoded or used as given; `what` names the
+    /// file or the value at fault.
+    #[error("{what}: {reason}")]
+    Media { what: String, reason: String },
 }
 
 /// `Result` with [`Error`].
