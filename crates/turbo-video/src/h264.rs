@@ -3,10 +3,15 @@
 use openh264::decoder::{DecodedYUV, Decoder};
 use openh264::encoder::{
     BitRate, Encoder, EncoderConfig, FrameRate, IntraFramePeriod, QpRange, RateControlMode,
-    UsageType, VuiConfig,
+    VuiConfig,
 };
 use openh264::formats::{RgbSliceU8, YUVBuffer, YUVSource};
 use openh264::OpenH264API;
+use openh264_sys2::{
+    WelsTraceCallback, ENCODER_OPTION_TRACE_CALLBACK, WELS_LOG_ERROR, WELS_LOG_WARNING,
+};
+use std::ffi::{c_char, c_int, c_void, CStr};
+
 use turbo_core::{Error, Result};
 
 use crate::video::{check_frame_len, Fps};
@@ -112,21 +117,22 @@ impl H264Encoder {
         let base = EncoderConfig::new()
             // Skipping would silently drop frames to meet the rate.
             .skip_frames(false)
-            .usage_type(UsageType::CameraVideoNonRealTime)
             .max_frame_rate(FrameRate::from_hz(fps.get() as f32))
             .intra_frame_period(IntraFramePeriod::from_num_frames(keyframe_interval))
             // The RGB → YUV conversion below uses the BT.601 matrix with limited range.
             .vui(VuiConfig::bt601());
         let config = match quality.validate()? {
             Quality::Qp(qp) => base
-                .rate_control_mode(RateControlMode::Off)
+                .rate_control_mode(RateControlMode::Quality)
+                .bitrate(BitRate::from_bps(20_000_000))
                 .qp(QpRange::new(qp, qp)),
             Quality::Bitrate(bps) => base
                 .rate_control_mode(RateControlMode::Bitrate)
                 .bitrate(BitRate::from_bps(bps)),
         };
-        let encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
+        let mut encoder = Encoder::with_api_config(OpenH264API::from_source(), config)
             .map_err(|e| codec_error("H.264 encoder", e))?;
+        route_logs_to_tracing(&mut encoder)?;
         Ok(Self {
             encoder,
             yuv: YUVBuffer::new(width, height),
@@ -228,6 +234,44 @@ impl H264Decoder {
             .flush_remaining()
             .map_err(|e| codec_error("H.264 decoder, flush", e))?;
         Ok(pictures.iter().map(to_rgb).collect())
+    }
+}
+
+/// Sends OpenH264's messages to `tracing` rather than stderr. The encoder is initialised (and
+/// validates its parameters, warning as it goes) on the first frame, before the wrapper lowers
+/// its log level, so without this those warnings would be printed.
+fn route_logs_to_tracing(encoder: &mut Encoder) -> Result<()> {
+    let mut callback: WelsTraceCallback = Some(forward_log);
+    // SAFETY: the trace callback may be set before initialisation; OpenH264 copies the function
+    // pointer out of `callback` during the call, and `forward_log` has the signature it expects.
+    let status = unsafe {
+        encoder
+            .raw_api()
+            .set_option(ENCODER_OPTION_TRACE_CALLBACK, (&raw mut callback).cast())
+    };
+    if status == 0 {
+        Ok(())
+    } else {
+        Err(Error::Media {
+            what: "H.264 encoder".into(),
+            reason: format!("cannot install the log callback (OpenH264 status {status})"),
+        })
+    }
+}
+
+unsafe extern "C" fn forward_log(_context: *mut c_void, level: c_int, message: *const c_char) {
+    if message.is_null() {
+        return;
+    }
+    // SAFETY: OpenH264 passes a NUL-terminated string that lives for the duration of the call.
+    let message = unsafe { CStr::from_ptr(message) }.to_string_lossy();
+    let message = message.trim_end();
+    if level <= WELS_LOG_ERROR as c_int {
+        tracing::error!(target: "openh264", "{message}");
+    } else if level <= WELS_LOG_WARNING as c_int {
+        tracing::warn!(target: "openh264", "{message}");
+    } else {
+        tracing::debug!(target: "openh264", "{message}");
     }
 }
 
