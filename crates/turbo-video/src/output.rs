@@ -128,7 +128,7 @@ mod tests {
                 source: e,
             })
         })?;
-        assert_eq!(entries(dir.path()), [target.clone()]);
+        assert_eq!(entries(dir.path()), std::slice::from_ref(&target));
         assert_eq!(std::fs::read(&target).unwrap(), b"whole");
         Ok(())
     }
@@ -146,7 +146,7 @@ mod tests {
             })
         });
         assert!(result.is_err());
-        assert_eq!(entries(dir.path()), [target.clone()]);
+        assert_eq!(entries(dir.path()), std::slice::from_ref(&target));
         assert_eq!(std::fs::read(&target).unwrap(), b"old");
     }
 }

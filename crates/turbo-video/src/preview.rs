@@ -27,7 +27,7 @@ impl Video {
             source,
         })?;
         let (width, height) = self.size_u32()?;
-        let digits = (self.len() - 1).to_string().len().max(MIN_INDEX_DIGITS);
+        let digits = index_digits(self.len());
         self.frames()
             .iter()
             .enumerate()
@@ -86,9 +86,31 @@ impl Video {
     }
 }
 
+/// Digits of the frame numbers of `count` frames: enough for the last, and at least four.
+fn index_digits(count: usize) -> usize {
+    count
+        .saturating_sub(1)
+        .to_string()
+        .len()
+        .max(MIN_INDEX_DIGITS)
+}
+
 fn encode_error(path: &Path, error: ImageError) -> Error {
     Error::Media {
         what: path.display().to_string(),
         reason: format!("cannot encode image: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_numbers_widen_past_four_digits() {
+        assert_eq!(index_digits(1), 4);
+        assert_eq!(index_digits(10_000), 4);
+        assert_eq!(index_digits(10_001), 5);
+        assert_eq!(index_digits(100_001), 6);
     }
 }

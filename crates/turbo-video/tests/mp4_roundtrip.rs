@@ -13,7 +13,11 @@ fn round_trip(video: &Video, options: Mp4Options) -> (Video, u64) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("clip.mp4");
     video.write_mp4(&path, options).unwrap();
-    assert_eq!(entries(dir.path()), [path.clone()], "only the MP4 is left");
+    assert_eq!(
+        entries(dir.path()),
+        std::slice::from_ref(&path),
+        "only the MP4 is left"
+    );
     let size = std::fs::metadata(&path).unwrap().len();
     (Video::read_mp4(&path).unwrap(), size)
 }
@@ -168,7 +172,7 @@ fn an_interrupted_rewrite_keeps_the_previous_file() {
     writer.write_frame(&vec![0; 32 * 32 * 3]).unwrap();
     drop(writer);
     assert_eq!(std::fs::read(&path).unwrap(), before);
-    assert_eq!(entries(dir.path()), [path.clone()]);
+    assert_eq!(entries(dir.path()), std::slice::from_ref(&path));
     assert_eq!(Video::read_mp4(&path).unwrap().len(), 3);
 }
 
