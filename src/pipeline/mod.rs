@@ -172,6 +172,10 @@ impl Pipeline {
         &self.models
     }
 
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
     /// Generates a video for `request`.
     pub fn text_to_video(&self, request: &T2vRequest) -> Result<Video> {
         self.text_to_video_with_progress(request, &mut NoProgress)
