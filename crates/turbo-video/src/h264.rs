@@ -349,6 +349,24 @@ mod tests {
         assert!(length_prefixed_to_annex_b(&[0, 0]).is_none());
     }
 
+    proptest::proptest! {
+        /// Length-prefixed NAL units become start-code-prefixed ones with the same payloads.
+        #[test]
+        fn length_prefixes_become_start_codes(
+            nals in proptest::collection::vec(proptest::collection::vec(1u8..=255, 1..40), 0..6)
+        ) {
+            let sample: Vec<u8> = nals
+                .iter()
+                .flat_map(|nal| (nal.len() as u32).to_be_bytes().into_iter().chain(nal.clone()))
+                .collect();
+            let expected: Vec<u8> = nals
+                .iter()
+                .flat_map(|nal| [0, 0, 0, 1].into_iter().chain(nal.clone()))
+                .collect();
+            proptest::prop_assert_eq!(length_prefixed_to_annex_b(&sample), Some(expected));
+        }
+    }
+
     #[test]
     fn quality_out_of_range_is_an_error() {
         assert!(Quality::Qp(52).validate().is_err());
