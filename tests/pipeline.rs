@@ -1,13 +1,14 @@
 //! The pipeline end to end on the CPU, through the public API only, as a downstream app uses it.
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{Error, Resolution};
-use turbodiffusion::pipeline::{demo_request, ModelSet, SamplerChoice, WeightSource};
+use turbodiffusion::core::{Error, Resolution, StepReport};
+use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
-use turbodiffusion::video::Video;
+use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
 fn demo(kind: AttentionKind) -> Pipeline {
@@ -185,4 +186,51 @@ fn tiny_models_written_as_safetensors_files_give_the_same_video() {
     let request = short("a fish", 9);
     let video = |p: &Pipeline| -> Video { p.text_to_video(&request).unwrap() };
     assert_eq!(video(&from_files).frames(), video(&reference).frames());
+}
+
+fn gradient_image(width: u32, height: u32) -> InputImage {
+    let rgb = (0..height)
+        .flat_map(|y| {
+            (0..width).flat_map(move |x| [(x * 255 / width) as u8, (y * 255 / height) as u8, 128])
+        })
+        .collect();
+    InputImage::from_rgb(width, height, rgb).unwrap()
+}
+
+#[test]
+fn image_to_video_runs_both_experts_in_turn() {
+    let pipeline = Pipeline::demo_i2v(
+        4,
+        AttentionConfig::new(AttentionKind::sagesla(0.5).unwrap()),
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut request = I2vRequest::new(gradient_image(96, 64), "a moving gradient");
+    request.video.size = Some((128, 96));
+    request.video.frames = 9;
+    let mut reported = Vec::new();
+    let mut progress = |report: &StepReport| {
+        reported.push(report.s);
+        ControlFlow::Continue(())
+    };
+    let video = pipeline
+        .image_to_video_with_progress(&request, &mut progress)
+        .unwrap();
+    assert_eq!((video.len(), video.width(), video.height()), (9, 128, 96));
+    // The default 4-step schedule at σ_max 200: two high-noise steps, then two low-noise ones.
+    assert_eq!(reported.len(), 4);
+    assert_eq!(
+        reported.iter().filter(|&&s| s >= request.boundary).count(),
+        2
+    );
+
+    let t2v = demo(AttentionKind::Original);
+    assert!(matches!(
+        t2v.image_to_video(&request),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        pipeline.text_to_video(&short("x", 0)),
+        Err(Error::InvalidConfig { .. })
+    ));
 }

@@ -44,7 +44,7 @@ fn demo_tokenizer() -> Result<PromptTokenizer> {
     PromptTokenizer::new(tokenizer)
 }
 
-fn demo_models(seed: u64) -> ModelSet {
+fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
     let text_encoder = Umt5Config {
         vocab: demo_vocab().len(),
         dim: 32,
@@ -55,13 +55,16 @@ fn demo_models(seed: u64) -> ModelSet {
         ..Umt5Config::umt5_xxl()
     };
     let dit = WanConfig {
-        model_type: ModelType::T2v,
+        model_type,
         dim: 64,
         ffn_dim: 128,
         freq_dim: 64,
         text_dim: text_encoder.dim,
         text_len: 64,
-        in_dim: 16,
+        in_dim: match model_type {
+            ModelType::T2v => 16,
+            ModelType::I2v => 36,
+        },
         out_dim: 16,
         num_heads: 2,
         num_layers: 2,
@@ -77,9 +80,14 @@ fn demo_models(seed: u64) -> ModelSet {
     let dit_keys =
         expected_tensors::<Box<dyn Attention>>(&dit, PatchLayout::Linear, &sla, DType::F32)
             .into_iter()
-            .map(|spec| (spec.name, spec.shape));
+            .map(|spec| (spec.name, spec.shape))
+            .collect::<Vec<_>>();
+    // The I2V demo's two experts differ only by their seed.
+    let low_noise = (model_type == ModelType::I2v)
+        .then(|| WeightSource::Random(RandomCheckpoint::new(seed + 3, dit_keys.clone())));
     ModelSet {
         dit_weights: WeightSource::Random(RandomCheckpoint::new(seed, dit_keys)),
+        dit_low_noise_weights: low_noise,
         text_encoder_weights: WeightSource::Random(RandomCheckpoint::new(
             seed + 1,
             Umt5Encoder::expected_keys(&text_encoder),
@@ -99,7 +107,18 @@ impl Pipeline {
     /// [`DEMO_NOTICE`]), computing in f32 on `device`.
     pub fn demo(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
         Self::from_parts(
-            demo_models(seed),
+            demo_models(seed, ModelType::T2v),
+            demo_tokenizer()?,
+            attention,
+            device,
+            DType::F32,
+        )
+    }
+
+    /// The image-to-video demo: like [`Pipeline::demo`], with two tiny random I2V experts.
+    pub fn demo_i2v(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
+        Self::from_parts(
+            demo_models(seed, ModelType::I2v),
             demo_tokenizer()?,
             attention,
             device,

@@ -36,30 +36,43 @@ impl ModelKind {
         }
     }
 
-    /// The DiT file names TurboDiffusion publishes for this model, preferred first
-    /// (`quant` picks the `-quant` releases first).
+    /// The DiT (or high-noise expert) file names TurboDiffusion publishes for this model,
+    /// preferred first (`quant` picks the `-quant` releases first).
     fn dit_file_names(self, quant: bool) -> Vec<String> {
         let stems: &[&str] = match self {
             Self::Wan21T2V1_3B => &["TurboWan2.1-T2V-1.3B-480P"],
             Self::Wan21T2V14B => &["TurboWan2.1-T2V-14B-720P", "TurboWan2.1-T2V-14B-480P"],
             Self::Wan22I2VA14B => &["TurboWan2.2-I2V-A14B-high-720P"],
         };
-        let suffixes = if quant {
-            ["-quant.pth", ".pth"]
-        } else {
-            [".pth", "-quant.pth"]
-        };
-        stems
-            .iter()
-            .flat_map(|stem| suffixes.iter().map(move |suffix| format!("{stem}{suffix}")))
-            .collect()
+        release_names(stems, quant)
     }
+
+    /// The low-noise expert's file names (Wan2.2 A14B).
+    fn low_noise_file_names(self, quant: bool) -> Vec<String> {
+        release_names(&["TurboWan2.2-I2V-A14B-low-720P"], quant)
+    }
+}
+
+/// `<stem>.pth` and `<stem>-quant.pth` for every stem, in order of preference.
+fn release_names(stems: &[&str], quant: bool) -> Vec<String> {
+    let suffixes = if quant {
+        ["-quant.pth", ".pth"]
+    } else {
+        [".pth", "-quant.pth"]
+    };
+    stems
+        .iter()
+        .flat_map(|stem| suffixes.iter().map(move |suffix| format!("{stem}{suffix}")))
+        .collect()
 }
 
 /// The files of a text-to-video model set.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
+    /// The DiT, or for Wan2.2 A14B its high-noise expert.
     pub dit: PathBuf,
+    /// The low-noise expert of Wan2.2 A14B.
+    pub dit_low_noise: Option<PathBuf>,
     pub text_encoder: PathBuf,
     pub tokenizer: PathBuf,
     pub vae: PathBuf,
@@ -88,8 +101,16 @@ impl ModelFiles {
                 })
         };
         let own = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let dit_low_noise = match kind {
+            ModelKind::Wan22I2VA14B => Some(first(
+                &kind.low_noise_file_names(quant),
+                "low-noise expert",
+            )?),
+            _ => None,
+        };
         Ok(Self {
             dit: first(&kind.dit_file_names(quant), "DiT checkpoint")?,
+            dit_low_noise,
             text_encoder: first(&own(&[TEXT_ENCODER_FILE]), "umT5 text encoder")?,
             tokenizer: first(&own(&TOKENIZER_FILES), "umT5 tokenizer")?,
             vae: first(&own(&[VAE_FILE]), "Wan VAE")?,

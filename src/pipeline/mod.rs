@@ -5,6 +5,7 @@
 
 mod demo;
 mod files;
+mod i2v;
 mod random;
 mod request;
 
@@ -23,6 +24,7 @@ pub use demo::{demo_request, DEMO_NOTICE};
 pub use files::{
     ModelFiles, ModelKind, WeightSource, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE_FILE,
 };
+pub use i2v::I2vRequest;
 pub use random::RandomCheckpoint;
 pub use request::{SamplerChoice, T2vRequest};
 
@@ -30,7 +32,10 @@ pub use request::{SamplerChoice, T2vRequest};
 #[derive(Debug, Clone)]
 pub struct ModelSet {
     pub dit: WanConfig,
+    /// The DiT, or for Wan2.2 A14B its high-noise expert.
     pub dit_weights: WeightSource,
+    /// The low-noise expert of Wan2.2 A14B (`None` for one-model families).
+    pub dit_low_noise_weights: Option<WeightSource>,
     pub text_encoder: Umt5Config,
     pub text_encoder_weights: WeightSource,
     pub vae: VaeConfig,
@@ -122,6 +127,7 @@ impl PipelineBuilder {
             models: ModelSet {
                 dit,
                 dit_weights: WeightSource::File(files.dit),
+                dit_low_noise_weights: files.dit_low_noise.map(WeightSource::File),
                 text_encoder: Umt5Config::umt5_xxl(),
                 text_encoder_weights: WeightSource::File(files.text_encoder),
                 vae: VaeConfig::wan21(),
@@ -211,11 +217,7 @@ impl Pipeline {
         let geometry = request.geometry()?;
         let mut attention = self.attention;
         if let Some(topk) = request.sla_topk {
-            attention.kind = match attention.kind {
-                AttentionKind::Original => AttentionKind::Original,
-                AttentionKind::Sla { .. } => AttentionKind::sla(topk)?,
-                AttentionKind::SageSla { .. } => AttentionKind::sagesla(topk)?,
-            };
+            attention.kind = with_topk(attention.kind, topk)?;
         }
         let sampler = match &request.sampler {
             SamplerChoice::Rcm { .. } => {
@@ -275,7 +277,7 @@ impl Pipeline {
         seed: u64,
         progress: &mut dyn Progress,
     ) -> Result<Tensor> {
-        let dit = self.load_dit(&plan.attention)?;
+        let dit = self.load_dit(&self.models.dit_weights, &plan.attention)?;
         let condition = DitCondition::text(context);
         let mut noise = SeededNoise::new(seed);
         let shape = &plan.latent_shape;
@@ -301,8 +303,12 @@ impl Pipeline {
         }
     }
 
-    fn load_dit(&self, attention: &AttentionConfig) -> Result<WanModel<Box<dyn Attention>>> {
-        match &self.models.dit_weights {
+    fn load_dit(
+        &self,
+        weights: &WeightSource,
+        attention: &AttentionConfig,
+    ) -> Result<WanModel<Box<dyn Attention>>> {
+        match weights {
             WeightSource::File(path) => WanModel::from_checkpoint(
                 path,
                 Some(&self.models.dit),
@@ -341,6 +347,15 @@ impl Pipeline {
             }
             WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, &self.device)),
         }
+    }
+}
+
+/// `kind` with its top-k fraction replaced (dense attention has none).
+fn with_topk(kind: AttentionKind, topk: f64) -> Result<AttentionKind> {
+    match kind {
+        AttentionKind::Original => Ok(AttentionKind::Original),
+        AttentionKind::Sla { .. } => AttentionKind::sla(topk),
+        AttentionKind::SageSla { .. } => AttentionKind::sagesla(topk),
     }
 }
 
