@@ -101,6 +101,16 @@ impl GoldenFile {
         Ok((values, view.shape().to_vec()))
     }
 
+    /// Every tensor that is neither an input (`in.*`) nor an output (`out.*`): the weights, under
+    /// their checkpoint names, on the CPU.
+    pub fn weights(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        self.names()
+            .into_iter()
+            .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
+            .map(|name| Ok((name.clone(), self.tensor(&name)?)))
+            .collect()
+    }
+
     /// A number from `config`, addressed by a path of keys such as `["blocks", "q128_k64"]`.
     pub fn config_value(&self, path: &[&str]) -> Result<&serde_json::Value> {
         path.iter()
@@ -136,4 +146,13 @@ impl GoldenFile {
             reason,
         }
     }
+}
+
+/// ‖got − want‖ / ‖want‖ in f64, whatever the dtypes and devices.
+pub fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
+    let got = got.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F64)?;
+    let want = want.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F64)?;
+    let diff = (&got - &want)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let norm = want.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    Ok((diff / norm).sqrt())
 }

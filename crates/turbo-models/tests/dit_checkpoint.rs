@@ -57,12 +57,8 @@ impl Golden {
     }
 
     fn weights(&self, prefix: &str) -> HashMap<String, Tensor> {
-        self.file
-            .names()
-            .into_iter()
-            .filter(|n| !n.starts_with("in.") && !n.starts_with("out."))
-            .map(|n| (format!("{prefix}{n}"), self.file.tensor(&n).unwrap()))
-            .collect()
+        let weights = self.file.weights().unwrap();
+        weights.into_iter().map(|(n, t)| (format!("{prefix}{n}"), t)).collect()
     }
 
     /// The published `config.json` fields.

@@ -29,17 +29,7 @@ impl DitCase {
 
     /// The file's weights (every tensor that is not an input or an output) in `dtype`.
     fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
-        let weights: HashMap<String, Tensor> = self
-            .file
-            .names()
-            .into_iter()
-            .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
-            .map(|name| {
-                let tensor = self.file.tensor(&name).unwrap();
-                (name, tensor)
-            })
-            .collect();
-        VarBuilder::from_tensors(weights, dtype, &Device::Cpu)
+        VarBuilder::from_tensors(self.file.weights().unwrap(), dtype, &Device::Cpu)
     }
 
     fn model(&self, dtype: DType) -> WanModel<Box<dyn Attention>> {
@@ -201,16 +191,7 @@ fn sla_on_a_checkpoint_without_proj_l_says_so() {
 fn missing_and_misshapen_keys_are_named() {
     let case = DitCase::open("dit_t2v_dense");
     let weights = |edit: &dyn Fn(&mut HashMap<String, Tensor>)| {
-        let mut map: HashMap<String, Tensor> = case
-            .file
-            .names()
-            .into_iter()
-            .filter(|n| !n.starts_with("in.") && !n.starts_with("out."))
-            .map(|n| {
-                let t = case.file.tensor(&n).unwrap();
-                (n, t)
-            })
-            .collect();
+        let mut map = case.file.weights().unwrap();
         edit(&mut map);
         VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
     };

@@ -21,16 +21,7 @@ fn rcm_sample_with_the_sla_dit_matches_upstream() {
         )
         .unwrap(),
     };
-    let weights = file
-        .names()
-        .into_iter()
-        .filter(|n| !n.starts_with("in.") && !n.starts_with("out."))
-        .map(|n| {
-            let t = file.tensor(&n).unwrap();
-            (n, t)
-        })
-        .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
     let dit = WanModel::<Box<dyn Attention>>::load(vb, &cfg, &attention).unwrap();
     let condition = DitCondition::text(file.tensor("in.context").unwrap());
     let outcome = RcmGolden::from_file(&file)
