@@ -109,6 +109,18 @@ pub trait LoadAttention: Attention + Sized {
     type Config: Clone + Send + Sync + std::fmt::Debug;
 
     fn load(vb: VarBuilder, head_dim: usize, cfg: &Self::Config) -> Result<Self>;
+
+    /// Names (relative to `vb`) and shapes of the tensors `load` reads, so that a model can
+    /// check a checkpoint or list its keys without loading anything.
+    fn weights(head_dim: usize, cfg: &Self::Config) -> Vec<(String, Vec<usize>)>;
+}
+
+/// The weights of an SLA-family layer: `proj_l`, `[D, D]` and `[D]`.
+pub(crate) fn proj_l_weights(head_dim: usize) -> Vec<(String, Vec<usize>)> {
+    vec![
+        ("proj_l.weight".to_owned(), vec![head_dim, head_dim]),
+        ("proj_l.bias".to_owned(), vec![head_dim]),
+    ]
 }
 
 /// Builds the backend `cfg.kind` names for one layer (the run-time path).
@@ -135,6 +147,13 @@ impl LoadAttention for Box<dyn Attention> {
 
     fn load(vb: VarBuilder, head_dim: usize, cfg: &AttentionConfig) -> Result<Self> {
         load_attention(vb, head_dim, cfg)
+    }
+
+    fn weights(head_dim: usize, cfg: &AttentionConfig) -> Vec<(String, Vec<usize>)> {
+        match cfg.kind {
+            AttentionKind::Original => Vec::new(),
+            AttentionKind::Sla { .. } | AttentionKind::SageSla { .. } => proj_l_weights(head_dim),
+        }
     }
 }
 

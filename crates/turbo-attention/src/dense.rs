@@ -26,6 +26,10 @@ impl LoadAttention for DenseAttention {
     fn load(_vb: VarBuilder, _head_dim: usize, cfg: &DenseConfig) -> Result<Self> {
         Ok(Self::new(*cfg))
     }
+
+    fn weights(_head_dim: usize, _cfg: &DenseConfig) -> Vec<(String, Vec<usize>)> {
+        Vec::new()
+    }
 }
 
 impl Attention for DenseAttention {

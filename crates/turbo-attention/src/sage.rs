@@ -2,6 +2,7 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use turbo_core::{Attention, AttentionKind, Result};
 
+use crate::config::proj_l_weights;
 use crate::quant::{quantize_fp8_channels, quantize_int8_blocks, round_to_e4m3};
 use crate::sla::{map_query_blocks, SlaCore};
 use crate::{BlockSelection, BlockSizes, LoadAttention, ProjL, SlaConfig};
@@ -34,6 +35,10 @@ impl LoadAttention for SageSlaAttention {
 
     fn load(vb: VarBuilder, head_dim: usize, cfg: &SlaConfig) -> Result<Self> {
         Ok(Self::new(*cfg, ProjL::load(vb.pp("proj_l"), head_dim)?))
+    }
+
+    fn weights(head_dim: usize, _cfg: &SlaConfig) -> Vec<(String, Vec<usize>)> {
+        proj_l_weights(head_dim)
     }
 }
 

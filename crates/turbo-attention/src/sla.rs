@@ -3,6 +3,7 @@ use candle_nn::ops::softmax_last_dim;
 use candle_nn::VarBuilder;
 use turbo_core::{Attention, AttentionKind, Error, QkvShape, Result};
 
+use crate::config::proj_l_weights;
 use crate::layout::{heads_first_f32, tokens_first};
 use crate::{
     linear_attention, select_blocks, BlockSelection, BlockSizes, LoadAttention, ProjL, SlaConfig,
@@ -35,6 +36,10 @@ impl LoadAttention for SlaAttention {
 
     fn load(vb: VarBuilder, head_dim: usize, cfg: &SlaConfig) -> Result<Self> {
         Ok(Self::new(*cfg, ProjL::load(vb.pp("proj_l"), head_dim)?))
+    }
+
+    fn weights(head_dim: usize, _cfg: &SlaConfig) -> Vec<(String, Vec<usize>)> {
+        proj_l_weights(head_dim)
     }
 }
 

@@ -114,7 +114,7 @@ impl fmt::Display for AttentionKind {
 ///
 /// The trait is object safe: choose the backend at run time with `Box<dyn Attention>`, or at
 /// compile time with a generic parameter `A: Attention`; both forward to the same code.
-pub trait Attention: Send + Sync {
+pub trait Attention: Send + Sync + std::fmt::Debug {
     /// Attends `q` over `k` and `v`.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor>;
 

@@ -85,6 +85,17 @@ pub enum Error {
     #[error("golden file {path}: {reason}")]
     Golden { path: PathBuf, reason: String },
 
+    /// A model configuration value that cannot work.
+    #[error("invalid model config `{field}`: {reason}")]
+    InvalidConfig { field: String, reason: String },
+
+    /// `sla` or `sagesla` asked of a checkpoint that has no SLA projection.
+    #[error(
+        "the checkpoint has no `{key}`: `sla` and `sagesla` need a TurboDiffusion checkpoint \
+         with per-block proj_l weights; use `original` attention for this file"
+    )]
+    MissingProjL { key: String },
+
     /// A checkpoint that cannot be opened or read as the format its name says.
     #[error("checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
@@ -103,6 +114,33 @@ pub enum Error {
     /// A prompt with no text left after whitespace cleaning.
     #[error("the prompt is empty (nothing is left after whitespace cleaning)")]
     EmptyPrompt,
+
+    /// A sampler setting outside what the sampler supports.
+    #[error("invalid sampler setting `{setting}` = {value}: {expected}")]
+    InvalidSamplerSetting {
+        setting: &'static str,
+        value: String,
+        expected: &'static str,
+    },
+
+    /// A replaying noise source was asked for more tensors than it was given.
+    #[error(
+        "replayed noise exhausted: tensor {draw} was requested but only {available} were given"
+    )]
+    NoiseExhausted { draw: usize, available: usize },
+
+    /// Sampling stopped because the progress observer asked it to.
+    #[error("sampling cancelled by the caller after step {completed} of {total}")]
+    Cancelled { completed: usize, total: usize },
+
+    /// A two-expert model was asked for an expert that is not loaded.
+    #[error("the {expert} expert is needed at s = {s} but is not loaded")]
+    ExpertNotLoaded { expert: &'static str, s: f64 },
+
+    /// Video or image data that cannot be encoded, decoded or used as given; `what` names the
+    /// file or the value at fault.
+    #[error("{what}: {reason}")]
+    Media { what: String, reason: String },
 }
 
 /// One difference between a checkpoint's tensors and the ones a model expects.

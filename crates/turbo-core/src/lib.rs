@@ -6,7 +6,10 @@
 //!   attention backends (`original`, `sla`, `sagesla`);
 //! - video geometry ([`Resolution`], [`AspectRatio`], [`FrameCount`], [`VideoGeometry`]): the
 //!   sizes the Wan models accept and the latent and token shapes they imply;
-//! - small device and dtype helpers ([`DeviceSpec`], [`parse_dtype`]).
+//! - small device and dtype helpers ([`DeviceSpec`], [`parse_dtype`]);
+//! - the sampling contracts: the [`Denoiser`] a sampler drives (fed a [`Timestep`]), the
+//!   [`NoiseSource`] it draws from ([`SeededNoise`], [`ReplayNoise`]) and the [`Progress`]
+//!   observer it reports each [`StepReport`] to.
 
 mod attention;
 mod device;
@@ -14,6 +17,7 @@ mod error;
 mod geometry;
 #[cfg(feature = "golden")]
 pub mod golden;
+mod sampling;
 
 pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};
 pub use device::{parse_dtype, DeviceSpec};
@@ -21,4 +25,7 @@ pub use error::{Error, KeyProblem, Result};
 pub use geometry::{
     AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
     PATCH_SIZE, VAE_STRIDE,
+};
+pub use sampling::{
+    Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, StepReport, Timestep,
 };

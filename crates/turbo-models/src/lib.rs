@@ -1,5 +1,7 @@
-//! The Wan DiT, the umT5 text encoder and tokenizer, the Wan VAE, and checkpoint loading.
+//! The models of turbodiffusion-rs, loaded from the released checkpoints:
 //!
+//! - [`wan`]: the Wan DiT (Wan2.1 T2V 1.3B / 14B, the Wan2.2 I2V A14B experts), in the official
+//!   and the TurboDiffusion key layouts, with any attention backend of `turbo-attention`;
 //! - [`vae`]: the Wan2.1 video VAE, streaming encode and decode;
 //! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
 //! - [`checkpoint`]: one reader for `.safetensors` files, sharded safetensors folders and
@@ -48,6 +50,7 @@ pub mod checkpoint;
 pub mod tokenizer;
 pub mod umt5;
 pub mod vae;
+pub mod wan;
 
 pub use checkpoint::{Checkpoint, TensorMeta};
 pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};

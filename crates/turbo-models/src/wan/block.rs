@@ -1,0 +1,127 @@
+use candle_core::{DType, Tensor, D};
+use candle_nn::{Linear, Module, VarBuilder};
+use turbo_attention::{Attention, AttentionKind, LoadAttention};
+use turbo_core::Result;
+
+use super::attention::{CrossAttention, SelfAttention};
+use super::rope::Rope3d;
+use super::{linear, WanConfig};
+
+/// LayerNorm over the last dimension in f32, with an optional affine part.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    affine: Option<(Tensor, Tensor)>,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn plain(eps: f64) -> Self {
+        Self { affine: None, eps }
+    }
+
+    /// `weight` and `bias` `[dim]` under `vb`, held in f32.
+    pub(crate) fn affine(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
+        let vb = vb.to_dtype(DType::F32);
+        Ok(Self {
+            affine: Some((vb.get(dim, "weight")?, vb.get(dim, "bias")?)),
+            eps,
+        })
+    }
+
+    /// Normalises `x` (any dtype) and returns f32.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = centred.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
+        Ok(match &self.affine {
+            Some((weight, bias)) => normed.broadcast_mul(weight)?.broadcast_add(bias)?,
+            None => normed,
+        })
+    }
+}
+
+/// `LN(x)·(1 + scale) + shift` in f32, each modulation `[1, 1, D]`.
+pub(crate) fn modulate(
+    norm: &LayerNorm,
+    x: &Tensor,
+    shift: &Tensor,
+    scale: &Tensor,
+) -> Result<Tensor> {
+    Ok(norm
+        .forward(x)?
+        .broadcast_mul(&(scale + 1.0)?)?
+        .broadcast_add(shift)?)
+}
+
+/// `ffn`: Linear → GELU(tanh) → Linear.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    up: Linear,
+    down: Linear,
+}
+
+impl FeedForward {
+    fn load(vb: VarBuilder, cfg: &WanConfig) -> Result<Self> {
+        Ok(Self {
+            up: linear(vb.pp("0"), cfg.dim, cfg.ffn_dim)?,
+            down: linear(vb.pp("2"), cfg.ffn_dim, cfg.dim)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.down.forward(&self.up.forward(x)?.gelu()?)?)
+    }
+}
+
+/// One `WanAttentionBlock`: modulated self-attention, cross-attention, modulated FFN, each added
+/// to the f32 residual stream.
+#[derive(Debug, Clone)]
+pub(crate) struct WanBlock<A> {
+    /// `[1, 6, D]` f32: shift, scale, gate of the self-attention, then of the FFN.
+    modulation: Tensor,
+    norm: LayerNorm,
+    self_attn: SelfAttention<A>,
+    norm3: LayerNorm,
+    cross_attn: CrossAttention,
+    ffn: FeedForward,
+}
+
+impl<A: LoadAttention> WanBlock<A> {
+    pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig, attention: &A::Config) -> Result<Self> {
+        Ok(Self {
+            modulation: vb.to_dtype(DType::F32).get((1, 6, cfg.dim), "modulation")?,
+            norm: LayerNorm::plain(cfg.eps),
+            self_attn: SelfAttention::load(vb.pp("self_attn"), cfg, attention)?,
+            norm3: LayerNorm::affine(vb.pp("norm3"), cfg.dim, cfg.eps)?,
+            cross_attn: CrossAttention::load(vb.pp("cross_attn"), cfg)?,
+            ffn: FeedForward::load(vb.pp("ffn"), cfg)?,
+        })
+    }
+}
+
+impl<A: Attention> WanBlock<A> {
+    pub(crate) fn attention_kind(&self) -> AttentionKind {
+        self.self_attn.kind()
+    }
+
+    /// `x` `[1, L, D]` f32 residual stream; `e0` `[1, 6, D]`; `context` `[1, text_len, D]`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        e0: &Tensor,
+        context: &Tensor,
+        rope: &Rope3d,
+    ) -> Result<Tensor> {
+        let dtype = context.dtype();
+        let m = (self.modulation.broadcast_add(e0))?.chunk(6, 1)?;
+        let h = modulate(&self.norm, x, &m[0], &m[1])?.to_dtype(dtype)?;
+        let y = self.self_attn.forward(&h, rope)?.to_dtype(DType::F32)?;
+        let x = (x + y.broadcast_mul(&m[2])?)?;
+        let h = self.norm3.forward(&x)?.to_dtype(dtype)?;
+        let x = (&x + self.cross_attn.forward(&h, context)?.to_dtype(DType::F32)?)?;
+        let h = modulate(&self.norm, &x, &m[3], &m[4])?.to_dtype(dtype)?;
+        let y = self.ffn.forward(&h)?.to_dtype(DType::F32)?;
+        Ok((x + y.broadcast_mul(&m[5])?)?)
+    }
+}

@@ -1,0 +1,91 @@
+//! The tensors a DiT configuration reads, listed without loading anything.
+
+use candle_core::DType;
+use turbo_attention::LoadAttention;
+use turbo_core::PATCH_SIZE;
+
+use super::embeddings::{PatchLayout, PATCH_VOLUME};
+use super::model::ATTENTION_WEIGHTS;
+use super::WanConfig;
+
+/// One checkpoint tensor: its key, its shape, and the dtype the model holds it in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TensorSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub dtype: DType,
+}
+
+/// Every tensor [`super::WanModel::load`] reads for `cfg` with the patch embedding stored as
+/// `patch` and the self-attention backend `A` configured by `attention`, given the compute dtype
+/// of the block linears. Float32 islands (time embedding, modulation, norms, head, `proj_l`)
+/// are listed as `F32`.
+pub fn expected_tensors<A: LoadAttention>(
+    cfg: &WanConfig,
+    patch: PatchLayout,
+    attention: &A::Config,
+    compute: DType,
+) -> Vec<TensorSpec> {
+    let d = cfg.dim;
+    let mut specs = Specs::default();
+    let patch_shape = match patch {
+        PatchLayout::Conv3d => vec![d, cfg.in_dim, PATCH_SIZE.0, PATCH_SIZE.1, PATCH_SIZE.2],
+        PatchLayout::Linear => vec![d, cfg.in_dim * PATCH_VOLUME],
+    };
+    specs.push("patch_embedding.weight", patch_shape, compute);
+    specs.push("patch_embedding.bias", vec![d], compute);
+    specs.linear("text_embedding.0", cfg.text_dim, d, compute);
+    specs.linear("text_embedding.2", d, d, compute);
+    specs.linear("time_embedding.0", cfg.freq_dim, d, DType::F32);
+    specs.linear("time_embedding.2", d, d, DType::F32);
+    specs.linear("time_projection.1", d, 6 * d, DType::F32);
+    for i in 0..cfg.num_layers {
+        let block = format!("blocks.{i}");
+        specs.push(&format!("{block}.modulation"), vec![1, 6, d], DType::F32);
+        for attn in ["self_attn", "cross_attn"] {
+            for proj in ["q", "k", "v", "o"] {
+                specs.linear(&format!("{block}.{attn}.{proj}"), d, d, compute);
+            }
+            for norm in ["norm_q", "norm_k"] {
+                specs.push(
+                    &format!("{block}.{attn}.{norm}.weight"),
+                    vec![d],
+                    DType::F32,
+                );
+            }
+        }
+        for (name, shape) in A::weights(cfg.head_dim(), attention) {
+            specs.push(
+                &format!("{block}.{ATTENTION_WEIGHTS}.{name}"),
+                shape,
+                DType::F32,
+            );
+        }
+        specs.push(&format!("{block}.norm3.weight"), vec![d], DType::F32);
+        specs.push(&format!("{block}.norm3.bias"), vec![d], DType::F32);
+        specs.linear(&format!("{block}.ffn.0"), d, cfg.ffn_dim, compute);
+        specs.linear(&format!("{block}.ffn.2"), cfg.ffn_dim, d, compute);
+    }
+    specs.push("head.modulation", vec![1, 2, d], DType::F32);
+    specs.linear("head.head", d, cfg.out_dim * PATCH_VOLUME, DType::F32);
+    specs.0
+}
+
+#[derive(Default)]
+struct Specs(Vec<TensorSpec>);
+
+impl Specs {
+    fn push(&mut self, name: &str, shape: Vec<usize>, dtype: DType) {
+        self.0.push(TensorSpec {
+            name: name.to_owned(),
+            shape,
+            dtype,
+        });
+    }
+
+    /// `prefix.weight` `[out, in]` and `prefix.bias` `[out]`.
+    fn linear(&mut self, prefix: &str, in_dim: usize, out_dim: usize, dtype: DType) {
+        self.push(&format!("{prefix}.weight"), vec![out_dim, in_dim], dtype);
+        self.push(&format!("{prefix}.bias"), vec![out_dim], dtype);
+    }
+}

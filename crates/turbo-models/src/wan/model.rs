@@ -1,0 +1,219 @@
+use candle_core::{DType, Tensor};
+use candle_nn::{Linear, Module, VarBuilder};
+use turbo_attention::{Attention, AttentionKind, LoadAttention};
+use turbo_core::{Denoiser, Error, Result, Timestep, PATCH_SIZE};
+
+use super::block::{modulate, LayerNorm, WanBlock};
+use super::embeddings::{PatchEmbedding, PatchLayout, TextEmbedding, TimeEmbedding, PATCH_VOLUME};
+use super::rope::Rope3d;
+use super::{linear, ModelType, WanConfig};
+
+/// Where a block's self-attention backend keeps its weights (SLA's `proj_l`).
+pub(crate) const ATTENTION_WEIGHTS: &str = "self_attn.attn_op.local_attn";
+
+/// What the loader found in a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointLayout {
+    pub patch: PatchLayout,
+    /// Per-block SLA `proj_l` weights are present (TurboDiffusion releases).
+    pub has_proj_l: bool,
+}
+
+/// `head`: modulated LayerNorm and the projection to patches of `out_dim` channels, in f32.
+#[derive(Debug, Clone)]
+struct Head {
+    /// `[1, 2, D]`: shift, scale.
+    modulation: Tensor,
+    norm: LayerNorm,
+    proj: Linear,
+}
+
+impl Head {
+    /// `vb` is `head`, in f32.
+    fn load(vb: VarBuilder, cfg: &WanConfig) -> Result<Self> {
+        Ok(Self {
+            modulation: vb.get((1, 2, cfg.dim), "modulation")?,
+            norm: LayerNorm::plain(cfg.eps),
+            proj: linear(vb.pp("head"), cfg.dim, cfg.out_dim * PATCH_VOLUME)?,
+        })
+    }
+
+    /// `x` `[1, L, D]` f32 and the raw time embedding `e` `[1, D]` (no SiLU) → `[1, L, 4·C]`.
+    fn forward(&self, x: &Tensor, e: &Tensor) -> Result<Tensor> {
+        let m = self
+            .modulation
+            .broadcast_add(&e.unsqueeze(1)?)?
+            .chunk(2, 1)?;
+        Ok(self.proj.forward(&modulate(&self.norm, x, &m[0], &m[1])?)?)
+    }
+}
+
+/// The Wan DiT (`WanModel`), generic over its self-attention backend.
+///
+/// `WanModel<Box<dyn Attention>>` picks the backend at run time from an
+/// [`turbo_attention::AttentionConfig`]; `WanModel<SlaAttention>` (or any other
+/// [`LoadAttention`]) fixes it at compile time. Weights load from a `VarBuilder` whose dtype is
+/// the compute dtype of the block linears and embeddings; the time embedding, modulation, norms,
+/// residual stream and head stay f32, as upstream keeps them.
+#[derive(Debug, Clone)]
+pub struct WanModel<A> {
+    cfg: WanConfig,
+    layout: CheckpointLayout,
+    patch_embedding: PatchEmbedding,
+    time_embedding: TimeEmbedding,
+    text_embedding: TextEmbedding,
+    blocks: Vec<WanBlock<A>>,
+    head: Head,
+}
+
+impl<A: LoadAttention> WanModel<A> {
+    /// Loads a DiT of shape `cfg` from `vb` (keys as in the official or TurboDiffusion layout,
+    /// detected from `patch_embedding.weight`), each block's self-attention built from
+    /// `attention`.
+    ///
+    /// `original` attention on a checkpoint with `proj_l` ignores those weights (logged once);
+    /// `sla` / `sagesla` on a checkpoint without them fails with [`Error::MissingProjL`].
+    pub fn load(vb: VarBuilder, cfg: &WanConfig, attention: &A::Config) -> Result<Self> {
+        cfg.validate()?;
+        let f32_vb = vb.to_dtype(DType::F32);
+        let (patch_embedding, patch) = PatchEmbedding::load(vb.pp("patch_embedding"), cfg)?;
+        let layout = CheckpointLayout {
+            patch,
+            has_proj_l: vb.contains_tensor(&format!("blocks.0.{ATTENTION_WEIGHTS}.proj_l.weight")),
+        };
+        let missing_attention_weight = A::weights(cfg.head_dim(), attention)
+            .into_iter()
+            .map(|(name, _)| format!("blocks.0.{ATTENTION_WEIGHTS}.{name}"))
+            .find(|key| !vb.contains_tensor(key));
+        if let Some(key) = missing_attention_weight {
+            return Err(Error::MissingProjL { key });
+        }
+        let blocks = (0..cfg.num_layers)
+            .map(|i| WanBlock::load(vb.pp("blocks").pp(i), cfg, attention))
+            .collect::<Result<Vec<_>>>()?;
+        let model = Self {
+            cfg: cfg.clone(),
+            layout,
+            patch_embedding,
+            time_embedding: TimeEmbedding::load(f32_vb.clone(), cfg)?,
+            text_embedding: TextEmbedding::load(vb.pp("text_embedding"), cfg)?,
+            blocks,
+            head: Head::load(f32_vb.pp("head"), cfg)?,
+        };
+        if layout.has_proj_l && model.attention_kind() == Some(AttentionKind::Original) {
+            tracing::info!(
+                "checkpoint has SLA proj_l weights; `original` attention does not use them"
+            );
+        }
+        Ok(model)
+    }
+}
+
+impl<A: Attention> WanModel<A> {
+    pub fn config(&self) -> &WanConfig {
+        &self.cfg
+    }
+
+    pub fn layout(&self) -> CheckpointLayout {
+        self.layout
+    }
+
+    /// The self-attention backend of the blocks (`None` for a model without blocks).
+    pub fn attention_kind(&self) -> Option<AttentionKind> {
+        self.blocks.first().map(|b| b.attention_kind())
+    }
+
+    /// The flow-matching velocity for latent `x` `[C, F, H, W]` (C = `out_dim`) at model time `t`
+    /// (0..1000), conditioned on `context` `[L_text ≤ text_len, text_dim]` and, for the I2V
+    /// experts, on `condition` `[in_dim − C, F, H, W]` (mask and image latent). Returns f32
+    /// `[C, F, H, W]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: f64,
+        context: &Tensor,
+        condition: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (_, frames, height, width) = x.dims4()?;
+        let input = self.model_input(x, condition)?;
+        let (pt, ph, pw) = PATCH_SIZE;
+        let grid = (frames / pt, height / ph, width / pw);
+        let tokens = self.patch_embedding.forward(&input)?.to_dtype(DType::F32)?;
+        let (e, e0) = self.time_embedding.forward(t, x.device())?;
+        let context = self.text_embedding.forward(context)?;
+        let rope = Rope3d::new(grid, self.cfg.head_dim(), x.device())?;
+        let hidden = self
+            .blocks
+            .iter()
+            .try_fold(tokens, |h, block| block.forward(&h, &e0, &context, &rope))?;
+        self.unpatchify(&self.head.forward(&hidden, &e)?, grid)
+    }
+
+    /// `x` alone for T2V, `cat[x, condition]` on channels for I2V.
+    fn model_input(&self, x: &Tensor, condition: Option<&Tensor>) -> Result<Tensor> {
+        let (c, f, h, w) = x.dims4()?;
+        if c != self.cfg.out_dim {
+            return Err(Error::Shape {
+                what: "DiT input latent `x`".into(),
+                expected: format!("[{}, F, H, W]", self.cfg.out_dim),
+                got: x.dims().to_vec(),
+            });
+        }
+        match (self.cfg.model_type, condition) {
+            (ModelType::T2v, None) => Ok(x.clone()),
+            (ModelType::I2v, Some(y)) if y.dims() == [self.cfg.condition_channels(), f, h, w] => {
+                Ok(Tensor::cat(&[x, &y.to_dtype(x.dtype())?], 0)?)
+            }
+            (ModelType::T2v, Some(y)) => Err(Error::Shape {
+                what: "I2V condition `y` given to a T2V model".into(),
+                expected: "no condition".into(),
+                got: y.dims().to_vec(),
+            }),
+            (ModelType::I2v, y) => Err(Error::Shape {
+                what: "I2V condition `y` (mask and image latent)".into(),
+                expected: format!("[{}, {f}, {h}, {w}]", self.cfg.condition_channels()),
+                got: y.map(|y| y.dims().to_vec()).unwrap_or_default(),
+            }),
+        }
+    }
+
+    /// `[1, L, (kt, kh, kw, c)]` → `[c, F, H, W]`.
+    fn unpatchify(&self, patches: &Tensor, grid: (usize, usize, usize)) -> Result<Tensor> {
+        let (f, h, w) = grid;
+        let (pt, ph, pw) = PATCH_SIZE;
+        let c = self.cfg.out_dim;
+        Ok(patches
+            .reshape(&[f, h, w, pt, ph, pw, c][..])?
+            .permute(&[6, 0, 3, 1, 4, 2, 5][..])?
+            .reshape((c, f * pt, h * ph, w * pw))?)
+    }
+}
+
+/// What a Wan DiT is conditioned on: the text encoder's output, and for the I2V experts the
+/// mask and image latent.
+#[derive(Debug, Clone)]
+pub struct DitCondition {
+    /// `[L_text ≤ text_len, text_dim]`, trimmed to the real tokens.
+    pub context: Tensor,
+    /// `[in_dim − out_dim, F, H, W]` for the I2V experts (mask(4) and image latent(16)).
+    pub image: Option<Tensor>,
+}
+
+impl DitCondition {
+    /// A text-only condition.
+    pub fn text(context: Tensor) -> Self {
+        Self {
+            context,
+            image: None,
+        }
+    }
+}
+
+impl<A: Attention> Denoiser for WanModel<A> {
+    type Condition = DitCondition;
+
+    /// Feeds the network `t.model_time` (the sampler decides its rounding).
+    fn velocity(&self, x: &Tensor, t: Timestep, cond: &DitCondition) -> Result<Tensor> {
+        self.forward(x, t.model_time, &cond.context, cond.image.as_ref())
+    }
+}

@@ -1,0 +1,222 @@
+//! Loading the DiT from files: single safetensors, sharded folders with an index, repack
+//! prefixes, `config.json` beside the weights, and the errors a wrong file gives.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
+use turbo_core::golden::GoldenFile;
+use turbo_core::Error;
+use turbo_models::wan::{DitCheckpointInfo, PatchLayout, WanConfig, WanModel};
+use turbo_models::Checkpoint;
+
+/// A fresh folder under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("turbo-dit-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Golden {
+    file: GoldenFile,
+    cfg: WanConfig,
+    attention: AttentionConfig,
+}
+
+impl Golden {
+    fn open() -> Self {
+        let file = GoldenFile::open("dit_t2v_sla").unwrap();
+        let cfg = WanConfig::from_value(file.config()).unwrap();
+        let number = |key: &str| file.config_f64(&[key]).unwrap();
+        let attention = AttentionConfig {
+            kind: AttentionKind::sla(number("sla_topk")).unwrap(),
+            blocks: BlockSizes::new(
+                number("sla_block_q") as usize,
+                number("sla_block_k") as usize,
+            )
+            .unwrap(),
+        };
+        Self {
+            file,
+            cfg,
+            attention,
+        }
+    }
+
+    fn weights(&self, prefix: &str) -> HashMap<String, Tensor> {
+        self.file
+            .names()
+            .into_iter()
+            .filter(|n| !n.starts_with("in.") && !n.starts_with("out."))
+            .map(|n| (format!("{prefix}{n}"), self.file.tensor(&n).unwrap()))
+            .collect()
+    }
+
+    /// The published `config.json` fields.
+    fn write_config_json(&self, dir: &Path) {
+        let c = &self.cfg;
+        let config = json!({
+            "_class_name": "WanModel", "model_type": "t2v", "dim": c.dim, "ffn_dim": c.ffn_dim,
+            "freq_dim": c.freq_dim, "in_dim": c.in_dim, "out_dim": c.out_dim, "num_heads": c.num_heads,
+            "num_layers": c.num_layers, "eps": c.eps, "text_len": c.text_len, "text_dim": c.text_dim,
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    }
+
+    fn assert_matches(&self, model: &WanModel<Box<dyn Attention>>) {
+        let input = |n: &str| self.file.tensor(n).unwrap();
+        let t = input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
+        let got = model
+            .forward(&input("in.x"), t, &input("in.context"), None)
+            .unwrap();
+        let want = input("out.velocity");
+        let err = (&got - &want)
+            .unwrap()
+            .sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+            / want
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .sqrt();
+        assert!(err <= 1e-4, "relative error {err}");
+    }
+
+    fn load(
+        &self,
+        path: &Path,
+        cfg: Option<&WanConfig>,
+    ) -> turbo_core::Result<WanModel<Box<dyn Attention>>> {
+        WanModel::from_checkpoint(path, cfg, &self.attention, DType::F32, &Device::Cpu)
+    }
+}
+
+#[test]
+fn single_file_with_config_json_beside() {
+    let golden = Golden::open();
+    let dir = TempDir::new("single");
+    let file = dir.0.join("TurboWan-tiny.safetensors");
+    candle_core::safetensors::save(&golden.weights(""), &file).unwrap();
+    golden.write_config_json(&dir.0);
+    let info = DitCheckpointInfo::inspect(&Checkpoint::open(&file).unwrap()).unwrap();
+    assert_eq!(
+        (info.patch, info.has_proj_l, info.quantized_linears),
+        (PatchLayout::Linear, true, 0)
+    );
+    golden.assert_matches(&golden.load(&file, None).unwrap());
+}
+
+#[test]
+fn sharded_folder_with_index() {
+    let golden = Golden::open();
+    let dir = TempDir::new("sharded");
+    let (mut first, mut second) = (HashMap::new(), HashMap::new());
+    let mut weight_map = serde_json::Map::new();
+    for (i, (name, tensor)) in golden.weights("").into_iter().enumerate() {
+        let (shard, file) = if i % 2 == 0 {
+            (&mut first, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut second, "model-00002-of-00002.safetensors")
+        };
+        weight_map.insert(name.clone(), json!(file));
+        shard.insert(name, tensor);
+    }
+    candle_core::safetensors::save(&first, dir.0.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&second, dir.0.join("model-00002-of-00002.safetensors"))
+        .unwrap();
+    let index = json!({ "metadata": {}, "weight_map": weight_map });
+    std::fs::write(
+        dir.0.join("diffusion_pytorch_model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    golden.assert_matches(&golden.load(&dir.0, Some(&golden.cfg)).unwrap());
+}
+
+#[test]
+fn repack_prefix_is_recognised() {
+    let golden = Golden::open();
+    let dir = TempDir::new("prefix");
+    let file = dir.0.join("repack.safetensors");
+    candle_core::safetensors::save(&golden.weights("model.diffusion_model."), &file).unwrap();
+    golden.assert_matches(&golden.load(&file, Some(&golden.cfg)).unwrap());
+}
+
+#[test]
+fn wrong_files_are_reported_before_loading() {
+    let golden = Golden::open();
+    let dir = TempDir::new("errors");
+
+    let file = dir.0.join("no-config.safetensors");
+    candle_core::safetensors::save(&golden.weights(""), &file).unwrap();
+    let err = golden.load(&file, None).unwrap_err().to_string();
+    assert!(
+        err.contains("config.json") && err.contains("no-config.safetensors"),
+        "{err}"
+    );
+
+    let mut weights = golden.weights("");
+    weights.remove("blocks.1.cross_attn.o.bias");
+    weights.insert(
+        "blocks.0.ffn.0.weight".into(),
+        Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let file = dir.0.join("broken.safetensors");
+    candle_core::safetensors::save(&weights, &file).unwrap();
+    match golden.load(&file, Some(&golden.cfg)) {
+        Err(err @ Error::CheckpointKeys { .. }) => {
+            let text = err.to_string();
+            for needle in [
+                "broken.safetensors",
+                "blocks.1.cross_attn.o.bias",
+                "blocks.0.ffn.0.weight",
+                "[3, 3]",
+            ] {
+                assert!(text.contains(needle), "{needle} not in: {text}");
+            }
+        }
+        other => panic!("expected CheckpointKeys, got {other:?}"),
+    }
+
+    let mut weights = golden.weights("");
+    let weight = weights.remove("blocks.0.self_attn.q.weight").unwrap();
+    weights.insert(
+        "blocks.0.self_attn.q.int8_weight".into(),
+        weight.to_dtype(DType::U8).unwrap(),
+    );
+    weights.insert(
+        "blocks.0.self_attn.q.scale".into(),
+        Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let file = dir.0.join("tiny-quant.safetensors");
+    candle_core::safetensors::save(&weights, &file).unwrap();
+    let err = golden
+        .load(&file, Some(&golden.cfg))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("int8") && err.contains("tiny-quant.safetensors"),
+        "{err}"
+    );
+}

@@ -1,0 +1,296 @@
+//! Parity of the Wan DiT with the golden files computed by the upstream PyTorch modules in
+//! float32. Every dimension, the timestep and the attention settings come from the file.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
+use turbo_core::golden::GoldenFile;
+use turbo_models::wan::{PatchLayout, WanConfig, WanModel};
+
+struct DitCase {
+    file: GoldenFile,
+    cfg: WanConfig,
+    attention: AttentionConfig,
+}
+
+impl DitCase {
+    fn open(name: &str) -> Self {
+        let file = GoldenFile::open(name).unwrap();
+        let cfg = WanConfig::from_value(file.config()).unwrap();
+        let attention = attention_config(&file);
+        Self {
+            file,
+            cfg,
+            attention,
+        }
+    }
+
+    /// The file's weights (every tensor that is not an input or an output) in `dtype`.
+    fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
+        let weights: HashMap<String, Tensor> = self
+            .file
+            .names()
+            .into_iter()
+            .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
+            .map(|name| {
+                let tensor = self.file.tensor(&name).unwrap();
+                (name, tensor)
+            })
+            .collect();
+        VarBuilder::from_tensors(weights, dtype, &Device::Cpu)
+    }
+
+    fn model(&self, dtype: DType) -> WanModel<Box<dyn Attention>> {
+        WanModel::load(self.var_builder(dtype), &self.cfg, &self.attention).unwrap()
+    }
+
+    fn input(&self, name: &str) -> Tensor {
+        self.file.tensor(name).unwrap()
+    }
+
+    fn velocity(&self, model: &WanModel<Box<dyn Attention>>) -> Tensor {
+        let t = self.input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
+        let condition = self
+            .file
+            .names()
+            .contains(&"in.y".to_owned())
+            .then(|| self.input("in.y"));
+        model
+            .forward(
+                &self.input("in.x"),
+                t,
+                &self.input("in.context"),
+                condition.as_ref(),
+            )
+            .unwrap()
+    }
+}
+
+/// `original`, or `sla` with the file's top-k and block sizes.
+fn attention_config(file: &GoldenFile) -> AttentionConfig {
+    match file.config_value(&["attention"]).unwrap().as_str().unwrap() {
+        "original" => AttentionConfig::new(AttentionKind::Original),
+        "sla" => AttentionConfig {
+            kind: AttentionKind::sla(file.config_f64(&["sla_topk"]).unwrap()).unwrap(),
+            blocks: BlockSizes::new(
+                file.config_f64(&["sla_block_q"]).unwrap() as usize,
+                file.config_f64(&["sla_block_k"]).unwrap() as usize,
+            )
+            .unwrap(),
+        },
+        other => panic!("unexpected attention `{other}`"),
+    }
+}
+
+fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
+    let sum = |x: Tensor| {
+        x.sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let got = got.to_dtype(DType::F32).unwrap();
+    (sum((&got - want).unwrap().sqr().unwrap()) / sum(want.sqr().unwrap())).sqrt()
+}
+
+fn check_parity(name: &str, expected_layout: PatchLayout) {
+    let case = DitCase::open(name);
+    let model = case.model(DType::F32);
+    assert_eq!(model.layout().patch, expected_layout, "{name}");
+    let want = case.input("out.velocity");
+    let got = case.velocity(&model);
+    assert_eq!(got.dims(), want.dims(), "{name}");
+    let err = relative_error(&got, &want);
+    println!("{name}: f32 relative error {err:.3e}");
+    assert!(err <= 1e-4, "{name}: relative error {err:e}");
+}
+
+#[test]
+fn t2v_dense_matches_upstream() {
+    check_parity("dit_t2v_dense", PatchLayout::Conv3d);
+}
+
+#[test]
+fn t2v_sla_turbodiffusion_layout_matches_upstream() {
+    check_parity("dit_t2v_sla", PatchLayout::Linear);
+}
+
+#[test]
+fn i2v_expert_matches_upstream() {
+    check_parity("dit_i2v_dense", PatchLayout::Conv3d);
+}
+
+/// bf16 weights and activations with the f32 islands stay close to the f32 reference.
+#[test]
+fn bf16_forward_stays_close() {
+    for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_dense"] {
+        let case = DitCase::open(name);
+        let err = relative_error(
+            &case.velocity(&case.model(DType::BF16)),
+            &case.input("out.velocity"),
+        );
+        println!("{name}: bf16 relative error {err:.3e}");
+        assert!(err <= 3e-2, "{name}: bf16 relative error {err:e}");
+    }
+}
+
+/// The compile-time path: a model whose backend is a concrete type.
+#[test]
+fn compile_time_backend_matches_upstream() {
+    let case = DitCase::open("dit_t2v_sla");
+    let AttentionKind::Sla { topk } = case.attention.kind else {
+        panic!("dit_t2v_sla is an SLA file")
+    };
+    let sla = turbo_attention::SlaConfig::with_blocks(topk, case.attention.blocks).unwrap();
+    let model: WanModel<turbo_attention::SlaAttention> =
+        WanModel::load(case.var_builder(DType::F32), &case.cfg, &sla).unwrap();
+    let t = case.input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
+    let got = model
+        .forward(&case.input("in.x"), t, &case.input("in.context"), None)
+        .unwrap();
+    assert!(relative_error(&got, &case.input("out.velocity")) <= 1e-4);
+}
+
+/// Upstream fails to load a TurboDiffusion checkpoint with `original` attention; here the
+/// `proj_l` weights are ignored and the model runs.
+#[test]
+fn original_attention_runs_a_checkpoint_with_proj_l() {
+    let mut case = DitCase::open("dit_t2v_sla");
+    case.attention = AttentionConfig::new(AttentionKind::Original);
+    let model = case.model(DType::F32);
+    assert!(model.layout().has_proj_l);
+    let out = case.velocity(&model);
+    let max = out
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(max.is_finite() && max > 0.0);
+}
+
+#[test]
+fn sla_on_a_checkpoint_without_proj_l_says_so() {
+    let mut case = DitCase::open("dit_t2v_dense");
+    case.attention = AttentionConfig::new(AttentionKind::sla(0.1).unwrap());
+    let err = WanModel::<Box<dyn Attention>>::load(
+        case.var_builder(DType::F32),
+        &case.cfg,
+        &case.attention,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, turbo_core::Error::MissingProjL { .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .contains("blocks.0.self_attn.attn_op.local_attn.proj_l.weight"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_and_misshapen_keys_are_named() {
+    let case = DitCase::open("dit_t2v_dense");
+    let weights = |edit: &dyn Fn(&mut HashMap<String, Tensor>)| {
+        let mut map: HashMap<String, Tensor> = case
+            .file
+            .names()
+            .into_iter()
+            .filter(|n| !n.starts_with("in.") && !n.starts_with("out."))
+            .map(|n| {
+                let t = case.file.tensor(&n).unwrap();
+                (n, t)
+            })
+            .collect();
+        edit(&mut map);
+        VarBuilder::from_tensors(map, DType::F32, &Device::Cpu)
+    };
+    let load = |vb| {
+        WanModel::<Box<dyn Attention>>::load(vb, &case.cfg, &case.attention)
+            .unwrap_err()
+            .to_string()
+    };
+
+    let err = load(weights(&|m| {
+        m.remove("blocks.1.ffn.2.weight");
+    }));
+    assert!(err.contains("blocks.1.ffn.2.weight"), "{err}");
+
+    let err = load(weights(&|m| {
+        m.insert(
+            "blocks.0.self_attn.q.weight".into(),
+            Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap(),
+        );
+    }));
+    assert!(
+        err.contains("blocks.0.self_attn.q.weight") && err.contains("[3, 5]"),
+        "{err}"
+    );
+
+    let err = load(weights(&|m| {
+        m.insert(
+            "patch_embedding.weight".into(),
+            Tensor::zeros((7, 64), DType::F32, &Device::Cpu).unwrap(),
+        );
+    }));
+    assert!(
+        err.contains("patch_embedding.weight") && err.contains("[7, 64]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let t2v = DitCase::open("dit_t2v_dense");
+    let model = t2v.model(DType::F32);
+    let (x, context) = (t2v.input("in.x"), t2v.input("in.context"));
+    let shape_error = |result: turbo_core::Result<Tensor>| match result {
+        Err(turbo_core::Error::Shape { what, .. }) => what,
+        other => panic!("expected a shape error, got {other:?}"),
+    };
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let (c, f, h, w) = x.dims4().unwrap();
+    assert!(
+        shape_error(model.forward(&zeros(&[c, f, h + 1, w]), 500.0, &context, None))
+            .contains("latent")
+    );
+    assert!(
+        shape_error(model.forward(&zeros(&[c + 1, f, h, w]), 500.0, &context, None))
+            .contains("latent")
+    );
+    let (len, width) = context.dims2().unwrap();
+    assert!(
+        shape_error(model.forward(&x, 500.0, &zeros(&[len, width + 1]), None))
+            .contains("text context")
+    );
+    let too_long = t2v.cfg.text_len + 1;
+    assert!(
+        shape_error(model.forward(&x, 500.0, &zeros(&[too_long, width]), None))
+            .contains("text context")
+    );
+    assert!(shape_error(model.forward(&x, 500.0, &context, Some(&x))).contains("T2V"));
+
+    let i2v = DitCase::open("dit_i2v_dense");
+    let model = i2v.model(DType::F32);
+    assert!(
+        shape_error(model.forward(&i2v.input("in.x"), 500.0, &i2v.input("in.context"), None))
+            .contains("condition")
+    );
+    let wrong_condition = zeros(&[4, f, h, w]);
+    assert!(shape_error(model.forward(
+        &i2v.input("in.x"),
+        500.0,
+        &i2v.input("in.context"),
+        Some(&wrong_condition)
+    ))
+    .contains("condition"));
+}

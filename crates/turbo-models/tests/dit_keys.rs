@@ -1,0 +1,173 @@
+//! Key coverage of the released DiT sizes, checked without allocating their weights: the key
+//! list a config expects equals `fixtures/keys/*.tsv` (the upstream constructors' parameters),
+//! and the loader reads exactly that list.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use turbo_attention::{Attention, AttentionConfig, AttentionKind};
+use turbo_models::wan::{expected_tensors, PatchLayout, TensorSpec, WanConfig, WanModel};
+
+type KeyShapes = BTreeMap<String, Vec<usize>>;
+
+fn tsv(name: &str) -> KeyShapes {
+    let path = format!(
+        "{}/../../fixtures/keys/{name}.tsv",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let (key, shape) = line.split_once('\t').unwrap();
+            let dims = shape.trim_matches(|c| c == '[' || c == ']').split(',');
+            (
+                key.to_owned(),
+                dims.map(|d| d.trim().parse().unwrap()).collect(),
+            )
+        })
+        .collect()
+}
+
+fn as_map(specs: &[TensorSpec]) -> KeyShapes {
+    specs
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone()))
+        .collect()
+}
+
+fn released() -> [(&'static str, WanConfig); 3] {
+    [
+        ("wan21_t2v_1.3B", WanConfig::wan21_t2v_1_3b()),
+        ("wan21_t2v_14B", WanConfig::wan21_t2v_14b()),
+        ("wan22_i2v_A14B_expert", WanConfig::wan22_i2v_a14b()),
+    ]
+}
+
+fn sla() -> AttentionConfig {
+    AttentionConfig::new(AttentionKind::sla(0.1).unwrap())
+}
+
+/// What a TurboDiffusion release of the same model holds: the 2-D patch embedding and a
+/// `proj_l` per block.
+fn turbodiffusion_keys(official: &KeyShapes, cfg: &WanConfig) -> KeyShapes {
+    let mut keys = official.clone();
+    keys.insert(
+        "patch_embedding.weight".into(),
+        vec![cfg.dim, cfg.in_dim * 4],
+    );
+    for i in 0..cfg.num_layers {
+        let prefix = format!("blocks.{i}.self_attn.attn_op.local_attn.proj_l");
+        keys.insert(format!("{prefix}.weight"), vec![128, 128]);
+        keys.insert(format!("{prefix}.bias"), vec![128]);
+    }
+    keys
+}
+
+#[test]
+fn official_layout_expects_exactly_the_upstream_keys() {
+    for (file, cfg) in released() {
+        let original = AttentionConfig::new(AttentionKind::Original);
+        let expected = expected_tensors::<Box<dyn Attention>>(
+            &cfg,
+            PatchLayout::Conv3d,
+            &original,
+            DType::BF16,
+        );
+        assert_eq!(expected.len(), tsv(file).len(), "{file}");
+        assert_eq!(as_map(&expected), tsv(file), "{file}");
+    }
+}
+
+#[test]
+fn turbodiffusion_layout_adds_proj_l_and_the_linear_patch_embedding() {
+    for (file, cfg) in released() {
+        let expected =
+            expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Linear, &sla(), DType::BF16);
+        assert_eq!(
+            as_map(&expected),
+            turbodiffusion_keys(&tsv(file), &cfg),
+            "{file}"
+        );
+    }
+}
+
+/// A checkpoint stand-in that holds only names and shapes: every tensor is one broadcast zero,
+/// so even the 14B models load in a few kilobytes. It records what the loader asks for.
+struct ShapeOnly {
+    shapes: KeyShapes,
+    requested: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl ShapeOnly {
+    fn tensor(&self, name: &str, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+        self.requested.lock().unwrap().insert(name.to_owned());
+        let shape = self
+            .shapes
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no tensor `{name}`")))?;
+        Tensor::zeros((), dtype, device)?.broadcast_as(shape.as_slice())
+    }
+}
+
+impl SimpleBackend for ShapeOnly {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.tensor(name, dtype, dev)?;
+        if tensor.shape() != &shape {
+            candle_core::bail!(
+                "shape mismatch for {name}: expected {shape:?}, got {:?}",
+                tensor.shape()
+            );
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.tensor(name, dtype, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+}
+
+/// Loads `cfg` from a shape-only checkpoint holding `keys` and returns the keys it read.
+fn keys_read(keys: &KeyShapes, cfg: &WanConfig, attention: &AttentionConfig) -> BTreeSet<String> {
+    let requested = Arc::new(Mutex::new(BTreeSet::new()));
+    let backend = ShapeOnly {
+        shapes: keys.clone(),
+        requested: requested.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::BF16, Device::Cpu);
+    let model = WanModel::<Box<dyn Attention>>::load(vb, cfg, attention).unwrap();
+    assert_eq!(model.attention_kind(), Some(attention.kind));
+    let read = requested.lock().unwrap().clone();
+    read
+}
+
+#[test]
+fn loader_reads_every_upstream_key_and_nothing_else() {
+    for (file, cfg) in released() {
+        let official = tsv(file);
+        let read = keys_read(
+            &official,
+            &cfg,
+            &AttentionConfig::new(AttentionKind::Original),
+        );
+        assert_eq!(read, official.keys().cloned().collect(), "{file}, original");
+
+        let turbo = turbodiffusion_keys(&official, &cfg);
+        let read = keys_read(&turbo, &cfg, &sla());
+        assert_eq!(read, turbo.keys().cloned().collect(), "{file}, sla");
+    }
+}

@@ -1,0 +1,106 @@
+//! The W8A8 product as a candle custom op, so that a CUDA kernel can slot in as its `cuda_fwd`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use half::{bf16, f16};
+
+use crate::gemm::int8_gemm;
+use crate::tile::{quantize_tiles, tile_grid, TileMatrix};
+
+/// `x · Wᵀ` for float activations `x` `[M, K]` (f32, bf16 or f16) and int8 weights `[N, K]`
+/// (stored as `U8` bytes) with their f32 tile scales `[⌈N/128⌉, ⌈K/128⌉]`: quantises `x` into
+/// 128×128 tiles, runs the block-scaled int8 GEMM and returns `[M, N]` in the dtype of `x`.
+/// No bias.
+pub fn int8_matmul(
+    x: &Tensor,
+    int8_weight: &Tensor,
+    scale: &Tensor,
+) -> candle_core::Result<Tensor> {
+    x.apply_op3_no_bwd(int8_weight, scale, &Int8Matmul)
+}
+
+/// The custom op behind [`int8_matmul`]; arguments in the order `(x, int8_weight, scale)`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Int8Matmul;
+
+impl CustomOp3 for Int8Matmul {
+    fn name(&self) -> &'static str {
+        "int8-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        weight: &CpuStorage,
+        weight_layout: &Layout,
+        scale: &CpuStorage,
+        scale_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = matrix_dims("activations", x_layout)?;
+        let (n, weight_k) = matrix_dims("int8 weight", weight_layout)?;
+        if weight_k != k {
+            candle_core::bail!(
+                "int8-matmul: weight is [{n}, {weight_k}] but the activations have {k} features"
+            );
+        }
+        let grid = tile_grid(n, k);
+        if scale_layout.dims() != grid {
+            candle_core::bail!(
+                "int8-matmul: scale is {:?}, expected {grid:?} for a [{n}, {k}] weight",
+                scale_layout.dims()
+            );
+        }
+        let weight_bytes: &[u8] = contiguous(weight.as_slice()?, weight_layout, "int8 weight")?;
+        let weight_scales: &[f32] = contiguous(scale.as_slice()?, scale_layout, "scale")?;
+        let weight_tiles = TileMatrix::new(bytemuck::cast_slice(weight_bytes), weight_scales, n, k)
+            .map_err(candle_core::Error::wrap)?;
+
+        let activations = activations_f32(x, x_layout)?;
+        let x_tiles = quantize_tiles(&activations, m, k).map_err(candle_core::Error::wrap)?;
+        let y = int8_gemm(x_tiles.view(), weight_tiles).map_err(candle_core::Error::wrap)?;
+        Ok((storage_in(x.dtype(), y)?, Shape::from((m, n))))
+    }
+}
+
+fn matrix_dims(what: &str, layout: &Layout) -> candle_core::Result<(usize, usize)> {
+    match *layout.dims() {
+        [rows, cols] => Ok((rows, cols)),
+        ref dims => candle_core::bail!("int8-matmul: {what} must be 2-D, got {dims:?}"),
+    }
+}
+
+/// The elements of a contiguous tensor.
+fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("int8-matmul: {what} must be contiguous"),
+    }
+}
+
+fn activations_f32(x: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<f32>> {
+    Ok(match x {
+        CpuStorage::F32(data) => contiguous(data, layout, "activations")?.to_vec(),
+        CpuStorage::BF16(data) => contiguous(data, layout, "activations")?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        CpuStorage::F16(data) => contiguous(data, layout, "activations")?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        other => candle_core::bail!(
+            "int8-matmul: activations must be f32, bf16 or f16, got {:?}",
+            other.dtype()
+        ),
+    })
+}
+
+fn storage_in(dtype: DType, values: Vec<f32>) -> candle_core::Result<CpuStorage> {
+    Ok(match dtype {
+        DType::F32 => CpuStorage::F32(values),
+        DType::BF16 => CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect()),
+        DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+        other => candle_core::bail!("int8-matmul: no output for dtype {other:?}"),
+    })
+}

@@ -1,0 +1,103 @@
+//! Classifier-free guidance for the teacher samplers (`spec/sampling.md` §3.3). The rCM students
+//! are guidance-distilled and take no guidance.
+
+use candle_core::Tensor;
+use turbo_core::{Denoiser, Error, Result, Timestep};
+
+use crate::experts::{Expert, ExpertBoundary};
+
+/// Wan's default negative prompt (`shared_config.sample_neg_prompt` of Wan2.1 and Wan2.2, also
+/// what the rCM students were distilled against). Upstream uses it when no negative prompt is
+/// given; Wan2.1 I2V prepends `镜头晃动，` and FLF2V `镜头切换，`.
+pub const WAN_NEGATIVE_PROMPT: &str = "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走";
+
+/// Wan's default guidance scale.
+pub const WAN_GUIDANCE: f64 = 5.0;
+
+/// The guidance scale g, constant or one per Wan2.2 expert.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum GuidanceScale {
+    Constant(f64),
+    /// Wan2.2 A14B: `high` while the high-noise expert runs, `low` after.
+    PerExpert {
+        boundary: ExpertBoundary,
+        high: f64,
+        low: f64,
+    },
+}
+
+impl GuidanceScale {
+    /// The scale at time `t`.
+    pub fn at(&self, t: Timestep) -> f64 {
+        match *self {
+            Self::Constant(scale) => scale,
+            Self::PerExpert {
+                boundary,
+                high,
+                low,
+            } => match boundary.expert_at(t) {
+                Expert::HighNoise => high,
+                Expert::LowNoise => low,
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let scales = match *self {
+            Self::Constant(scale) => [scale, scale],
+            Self::PerExpert { high, low, .. } => [high, low],
+        };
+        match scales.into_iter().find(|scale| !scale.is_finite()) {
+            Some(scale) => Err(Error::InvalidSamplerSetting {
+                setting: "guidance scale",
+                value: scale.to_string(),
+                expected: "a finite number",
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A [`Denoiser`] with classifier-free guidance: v = v_u + g·(v_c − v_u), where v_c is the
+/// model's velocity with the condition a sampler passes and v_u its velocity with `negative`
+/// (the negative-prompt context, for example the encoding of [`WAN_NEGATIVE_PROMPT`]).
+///
+/// `negative` is a whole condition of the model's type: for image-to-video it carries the same
+/// image conditioning as the prompt's, only the text context differs (as upstream). Two model
+/// passes per evaluation, as upstream (no shortcut at g = 1).
+pub struct Guided<'a, D: Denoiser + ?Sized> {
+    model: &'a D,
+    negative: &'a D::Condition,
+    scale: GuidanceScale,
+}
+
+impl<'a, D: Denoiser + ?Sized> Guided<'a, D> {
+    /// Fails with [`Error::InvalidSamplerSetting`] for a scale that is not finite.
+    pub fn new(model: &'a D, negative: &'a D::Condition, scale: GuidanceScale) -> Result<Self> {
+        scale.validate()?;
+        Ok(Self {
+            model,
+            negative,
+            scale,
+        })
+    }
+}
+
+impl<D: Denoiser + ?Sized> std::fmt::Debug for Guided<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Guided")
+            .field("scale", &self.scale)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Denoiser + ?Sized> Denoiser for Guided<'_, D> {
+    type Condition = D::Condition;
+
+    fn velocity(&self, x: &Tensor, t: Timestep, cond: &Self::Condition) -> Result<Tensor> {
+        let conditional = self.model.velocity(x, t, cond)?;
+        let unconditional = self.model.velocity(x, t, self.negative)?;
+        let guidance = (conditional - &unconditional)?.affine(self.scale.at(t), 0.0)?;
+        Ok((unconditional + guidance)?)
+    }
+}
