@@ -25,7 +25,9 @@ use turbo_core::{Error, KeyProblem, Result};
 /// The name, shape and stored dtype of one tensor of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorMeta {
+    /// The key, as stored (no prefix stripped).
     pub name: String,
+    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
     /// The stored dtype, named as safetensors names them: `F32`, `F64`, `F16`, `BF16`, `I64`,
     /// `I32`, `I16`, `I8`, `U8`, `BOOL`, …
@@ -114,6 +116,7 @@ impl Checkpoint {
         self.tensors.len()
     }
 
+    /// Whether the checkpoint holds no tensor.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
