@@ -20,15 +20,24 @@ use crate::video::{check_frame_len, Fps};
 const MAX_LONG_SIDE: usize = 3840;
 const MAX_SHORT_SIDE: usize = 2160;
 
-/// NAL unit types (ITU-T H.264 table 7-1) that the MP4 sample entry carries out of band.
+/// NAL unit types (ITU-T H.264 table 7-1): IDR slices start a keyframe; the parameter sets go
+/// out of band, in the MP4 sample entry.
+const NAL_IDR_SLICE: u8 = 5;
 const NAL_SPS: u8 = 7;
 const NAL_PPS: u8 = 8;
+
+/// The bit rate handed to OpenH264's rate control in [`Quality::Qp`] mode. The pinned quantiser
+/// range overrides it; OpenH264 raises the signalled H.264 level until the level's maximum
+/// covers it, so it is kept at a rate that level 4 (1080p-class decoders) allows.
+const QP_MODE_BITRATE: u32 = 20_000_000;
+/// The highest bit rate OpenH264 accepts: the maximum of H.264 level 5.2 (NAL units).
+const MAX_BITRATE: u32 = 288_000_000;
 
 /// How the encoder trades file size for quality.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quality {
-    /// A constant quantiser in 0..=51: lower is better and larger. Rate control is off, so
-    /// every frame gets the same quality whatever its content.
+    /// A constant quantiser in 0..=51: lower is better and larger. Every frame is coded at this
+    /// quantiser whatever its content.
     Qp(u8),
     /// A target bit rate in bits per second; the encoder varies the quantiser to meet it.
     Bitrate(u32),
@@ -41,7 +50,9 @@ impl Quality {
     fn validate(self) -> Result<Self> {
         let reason = match self {
             Self::Qp(qp) if qp > 51 => format!("quantiser {qp} is out of range 0..=51"),
-            Self::Bitrate(0) => "a bit rate of 0 bits/s".to_owned(),
+            Self::Bitrate(bps) if bps == 0 || bps > MAX_BITRATE => {
+                format!("bit rate {bps} bits/s is out of range 1..={MAX_BITRATE}")
+            }
             _ => return Ok(self),
         };
         Err(Error::Media {
@@ -124,7 +135,7 @@ impl H264Encoder {
         let config = match quality.validate()? {
             Quality::Qp(qp) => base
                 .rate_control_mode(RateControlMode::Quality)
-                .bitrate(BitRate::from_bps(20_000_000))
+                .bitrate(BitRate::from_bps(QP_MODE_BITRATE))
                 .qp(QpRange::new(qp, qp)),
             Quality::Bitrate(bps) => base
                 .rate_control_mode(RateControlMode::Bitrate)
@@ -162,7 +173,7 @@ impl H264Encoder {
                     Some(NAL_SPS) => frame.sps = Some(nal.to_vec()),
                     Some(NAL_PPS) => frame.pps = Some(nal.to_vec()),
                     Some(nal_type) => {
-                        frame.is_keyframe |= nal_type == 5;
+                        frame.is_keyframe |= nal_type == NAL_IDR_SLICE;
                         frame
                             .sample
                             .extend_from_slice(&(nal.len() as u32).to_be_bytes());
@@ -338,10 +349,29 @@ mod tests {
         assert!(length_prefixed_to_annex_b(&[0, 0]).is_none());
     }
 
+    proptest::proptest! {
+        /// Length-prefixed NAL units become start-code-prefixed ones with the same payloads.
+        #[test]
+        fn length_prefixes_become_start_codes(
+            nals in proptest::collection::vec(proptest::collection::vec(1u8..=255, 1..40), 0..6)
+        ) {
+            let sample: Vec<u8> = nals
+                .iter()
+                .flat_map(|nal| (nal.len() as u32).to_be_bytes().into_iter().chain(nal.clone()))
+                .collect();
+            let expected: Vec<u8> = nals
+                .iter()
+                .flat_map(|nal| [0, 0, 0, 1].into_iter().chain(nal.clone()))
+                .collect();
+            proptest::prop_assert_eq!(length_prefixed_to_annex_b(&sample), Some(expected));
+        }
+    }
+
     #[test]
     fn quality_out_of_range_is_an_error() {
         assert!(Quality::Qp(52).validate().is_err());
         assert!(Quality::Bitrate(0).validate().is_err());
+        assert!(Quality::Bitrate(MAX_BITRATE + 1).validate().is_err());
         assert_eq!(Quality::Qp(51).validate().unwrap(), Quality::Qp(51));
     }
 }

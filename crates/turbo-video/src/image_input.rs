@@ -196,3 +196,31 @@ fn side_u32(size: FrameSize) -> Result<(u32, u32)> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The crop lies inside the image, is centred, spans one full side, and has the target's
+        /// aspect ratio up to the rounding of one pixel.
+        #[test]
+        fn centre_crop_is_centred_with_the_target_aspect(
+            width in 1u32..3000,
+            height in 1u32..3000,
+            target_w in 1u32..2000,
+            target_h in 1u32..2000,
+        ) {
+            let (x, y, w, h) = centre_crop(width, height, target_w, target_h);
+            prop_assert!(w >= 1 && h >= 1 && x + w <= width && y + h <= height);
+            prop_assert!(w == width || h == height);
+            prop_assert!((width - w) / 2 == x && (height - h) / 2 == y);
+            // |w/h − tw/th| within half a pixel on the cut side (or the side was clamped).
+            let error = (f64::from(w) * f64::from(target_h) - f64::from(h) * f64::from(target_w)).abs();
+            let tolerance = 0.5 * f64::from(target_h.max(target_w));
+            prop_assert!(error <= tolerance || w == 1 || h == 1, "{w}x{h} for {target_w}x{target_h}");
+        }
+    }
+}

@@ -99,7 +99,8 @@ impl Mp4Writer {
         })
     }
 
-    /// Encodes and appends one frame of `width · height · 3` RGB bytes.
+    /// Encodes and appends one frame of `width · height · 3` RGB bytes. A frame of the wrong
+    /// length is rejected before anything is encoded, so the writer stays usable.
     pub fn write_frame(&mut self, rgb: &[u8]) -> Result<()> {
         let frame = self.encoder.encode(rgb)?;
         self.check_parameter_sets(&frame)?;
@@ -169,10 +170,7 @@ impl Mp4Writer {
     }
 
     fn error(&self, reason: &str) -> Error {
-        Error::Media {
-            what: self.path.display().to_string(),
-            reason: reason.to_owned(),
-        }
+        media_error(&self.path, reason.to_owned())
     }
 
     fn add_track(&mut self, sps: &[u8], pps: &[u8]) -> Result<()> {
@@ -192,6 +190,17 @@ impl Mp4Writer {
         self.muxer
             .add_track(&track)
             .map_err(|e| mux_error(&self.path, e))
+    }
+}
+
+impl std::fmt::Debug for Mp4Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mp4Writer")
+            .field("path", &self.path)
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("frames_written", &self.frames_written)
+            .finish_non_exhaustive()
     }
 }
 
@@ -217,70 +226,90 @@ impl Video {
         let size = file.metadata().map_err(io_error)?.len();
         let mut reader = mp4::Mp4Reader::read_header(BufReader::new(file), size)
             .map_err(|e| mux_error(path, e))?;
+        let track = H264Track::find(&reader, path)?;
+        let (frames, frame_ticks) = track.decode(&mut reader, path)?;
+        if frame_ticks == 0 {
+            return Err(media_error(
+                path,
+                "the video track has no timed frames".into(),
+            ));
+        }
+        let fps = Fps::new(f64::from(track.timescale) / f64::from(frame_ticks))?;
+        Self::new(track.width, track.height, fps, frames)
+    }
+}
+
+type Mp4Reader = mp4::Mp4Reader<BufReader<File>>;
+
+/// What decoding needs from an MP4's H.264 track.
+struct H264Track {
+    id: u32,
+    width: usize,
+    height: usize,
+    timescale: u32,
+    sample_count: u32,
+    sps: Vec<u8>,
+    pps: Vec<u8>,
+}
+
+impl H264Track {
+    /// The first H.264 track of the file.
+    fn find(reader: &Mp4Reader, path: &Path) -> Result<Self> {
         let track = reader
             .tracks()
             .values()
             .find(|track| matches!(track.media_type(), Ok(MediaType::H264)))
-            .ok_or_else(|| Error::Media {
-                what: path.display().to_string(),
-                reason: "the file has no H.264 video track".into(),
-            })?;
-        let track_id = track.track_id();
-        let (width, height) = (usize::from(track.width()), usize::from(track.height()));
-        let timescale = track.timescale();
-        let sample_count = track.sample_count();
-        let mut decoder = H264Decoder::new(
-            track
-                .sequence_parameter_set()
-                .map_err(|e| mux_error(path, e))?,
-            track
-                .picture_parameter_set()
-                .map_err(|e| mux_error(path, e))?,
-        )?;
+            .ok_or_else(|| media_error(path, "the file has no H.264 video track".into()))?;
+        let parameter_set = |set: mp4::Result<&[u8]>| set.map(<[u8]>::to_vec);
+        Ok(Self {
+            id: track.track_id(),
+            width: usize::from(track.width()),
+            height: usize::from(track.height()),
+            timescale: track.timescale(),
+            sample_count: track.sample_count(),
+            sps: parameter_set(track.sequence_parameter_set()).map_err(|e| mux_error(path, e))?,
+            pps: parameter_set(track.picture_parameter_set()).map_err(|e| mux_error(path, e))?,
+        })
+    }
 
-        let mut frames = Vec::with_capacity(sample_count as usize);
-        let mut frame_duration = None;
-        for sample_id in 1..=sample_count {
+    /// Every frame as RGB of the track's size, and the duration of the first in ticks.
+    fn decode(&self, reader: &mut Mp4Reader, path: &Path) -> Result<(Vec<Vec<u8>>, u32)> {
+        let mut decoder = H264Decoder::new(&self.sps, &self.pps)?;
+        let mut pictures = Vec::with_capacity(self.sample_count as usize);
+        let mut first_duration = 0;
+        for sample_id in 1..=self.sample_count {
             let sample = reader
-                .read_sample(track_id, sample_id)
+                .read_sample(self.id, sample_id)
                 .map_err(|e| mux_error(path, e))?
-                .ok_or_else(|| Error::Media {
-                    what: path.display().to_string(),
-                    reason: format!("sample {sample_id} of {sample_count} is missing"),
+                .ok_or_else(|| {
+                    let count = self.sample_count;
+                    media_error(path, format!("sample {sample_id} of {count} is missing"))
                 })?;
-            frame_duration.get_or_insert(sample.duration);
+            if sample_id == 1 {
+                first_duration = sample.duration;
+            }
             let index = sample_id as usize - 1;
-            frames.extend(decoder.decode_sample(&sample.bytes, index)?);
+            pictures.extend(decoder.decode_sample(&sample.bytes, index)?);
         }
-        frames.extend(decoder.finish()?);
+        pictures.extend(decoder.finish()?);
 
-        let rgb_frames = frames
+        let frames = pictures
             .into_iter()
             .enumerate()
-            .map(|(index, frame)| {
-                if (frame.width, frame.height) == (width, height) {
-                    Ok(frame.rgb)
+            .map(|(index, picture)| {
+                if (picture.width, picture.height) == (self.width, self.height) {
+                    Ok(picture.rgb)
                 } else {
-                    Err(Error::Media {
-                        what: path.display().to_string(),
-                        reason: format!(
-                            "frame {index} decodes to {}x{}, but the track is {width}x{height}",
-                            frame.width, frame.height
-                        ),
-                    })
+                    let (w, h) = (self.width, self.height);
+                    let reason = format!(
+                        "frame {index} decodes to {}x{}, but the track is {w}x{h}",
+                        picture.width, picture.height
+                    );
+                    Err(media_error(path, reason))
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let fps = match frame_duration {
-            Some(ticks) if ticks > 0 => Fps::new(f64::from(timescale) / f64::from(ticks))?,
-            _ => {
-                return Err(Error::Media {
-                    what: path.display().to_string(),
-                    reason: "the video track has no timed frames".into(),
-                })
-            }
-        };
-        Self::new(width, height, fps, rgb_frames)
+        Ok((frames, first_duration))
     }
 }
 
@@ -297,6 +326,13 @@ fn track_timescale(fps: Fps) -> Result<u32> {
                 fps.get()
             ),
         })
+    }
+}
+
+fn media_error(path: &Path, reason: String) -> Error {
+    Error::Media {
+        what: path.display().to_string(),
+        reason,
     }
 }
 

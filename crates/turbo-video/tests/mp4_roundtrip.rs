@@ -60,6 +60,12 @@ fn frame_rate_and_odd_multiples_of_two_are_kept() {
         decoded.fps()
     );
     assert!(decoded.duration_secs() > 0.2);
+
+    // Rates outside what OpenH264's rate control plans for are still written as given.
+    for fps in [0.5, 120.0] {
+        let (decoded, _) = round_trip(&moving_video(32, 32, 2, fps), Mp4Options::default());
+        assert_eq!((decoded.len(), decoded.fps().get()), (2, fps));
+    }
 }
 
 #[test]
