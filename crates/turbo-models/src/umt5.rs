@@ -15,6 +15,7 @@ use turbo_core::{Error, Result};
 /// The construction parameters of a umT5 encoder (`T5Encoder` upstream).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Umt5Config {
+    /// Token vocabulary size.
     pub vocab: usize,
     /// Model width.
     pub dim: usize,
@@ -22,7 +23,9 @@ pub struct Umt5Config {
     pub dim_attn: usize,
     /// Hidden width of the gated feed-forward.
     pub dim_ffn: usize,
+    /// Attention heads.
     pub num_heads: usize,
+    /// Encoder layers.
     pub num_layers: usize,
     /// Relative-position buckets (half for each direction).
     pub num_buckets: usize,
@@ -300,6 +303,7 @@ impl Umt5Encoder {
         keys
     }
 
+    /// The configuration the encoder was built with.
     pub fn config(&self) -> &Umt5Config {
         &self.cfg
     }

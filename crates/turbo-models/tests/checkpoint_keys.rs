@@ -218,21 +218,20 @@ fn pth_state_dicts_list_keys_and_load() {
             ("a.weight", &[2usize, 3][..], "F32"),
             ("b.bias", &[4][..], "BF16"),
             ("c.view", &[2][..], "F32"),
+            ("d.int8", &[2, 2][..], "I8"),
         ]
     );
-    checkpoint
-        .expect_keys(&expected(&[
-            ("a.weight", &[2, 3]),
-            ("b.bias", &[4]),
-            ("c.view", &[2]),
-        ]))
-        .unwrap();
+    let keys = [
+        ("a.weight", &[2usize, 3][..]),
+        ("b.bias", &[4]),
+        ("c.view", &[2]),
+        ("d.int8", &[2, 2]),
+    ];
+    checkpoint.expect_keys(&expected(&keys)).unwrap();
+    let mut wrong = keys;
+    wrong[0].1 = &[3, 2];
     let err = checkpoint
-        .expect_keys(&expected(&[
-            ("a.weight", &[3, 2]),
-            ("b.bias", &[4]),
-            ("c.view", &[2]),
-        ]))
+        .expect_keys(&expected(&wrong))
         .unwrap_err()
         .to_string();
     assert!(
@@ -252,4 +251,45 @@ fn pth_state_dicts_list_keys_and_load() {
     assert_eq!(values("a.weight", &[2, 3]), vec![0., 1., 2., 3., 4., 5.]);
     assert_eq!(values("b.bias", &[4]), vec![1.0, -2.0, 0.5, 3.0]);
     assert_eq!(values("c.view", &[2]), vec![2., 3.]);
+
+    // Int8 comes out as its raw bytes; read as a float tensor, it is a clear error.
+    let int8 = checkpoint.int8_tensor("d.int8", &Device::Cpu).unwrap();
+    assert_eq!(
+        int8.to_vec2::<u8>().unwrap(),
+        vec![vec![128, 255], vec![0, 127]]
+    );
+    let err = vb.get((2, 2), "d.int8").unwrap_err().to_string();
+    assert!(err.contains("d.int8") && err.contains("I8"), "{err}");
+    assert!(checkpoint.int8_tensor("a.weight", &Device::Cpu).is_err());
+}
+
+#[test]
+fn int8_safetensors_are_read_as_bytes() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let dir = scratch_dir("int8");
+    let file = dir.join("quant.safetensors");
+    let int8: Vec<u8> = [-3i8, 7, -128, 127, 0, 1]
+        .iter()
+        .map(|&v| v as u8)
+        .collect();
+    let scale: Vec<u8> = [0.5f32, 2.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let views = [
+        (
+            "w.int8_weight",
+            TensorView::new(Dtype::I8, vec![2, 3], &int8).unwrap(),
+        ),
+        (
+            "w.scale",
+            TensorView::new(Dtype::F32, vec![1, 2], &scale).unwrap(),
+        ),
+    ];
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let checkpoint = Checkpoint::open(&file).unwrap();
+    assert_eq!(checkpoint.get("w.int8_weight").unwrap().dtype, "I8");
+    let bytes = checkpoint
+        .int8_tensor("w.int8_weight", &Device::Cpu)
+        .unwrap();
+    assert_eq!(bytes.dims(), &[2, 3]);
+    assert_eq!(bytes.flatten_all().unwrap().to_vec1::<u8>().unwrap(), int8);
+    assert_eq!(checkpoint.raw_bytes("w.scale").unwrap(), scale);
 }

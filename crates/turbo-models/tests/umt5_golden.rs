@@ -123,3 +123,47 @@ fn loader_keys_are_the_golden_weights() {
         }
     }
 }
+
+/// The whole file path: the golden weights written as a checkpoint of their own, opened,
+/// checked against the configuration's key list and loaded by `from_checkpoint`.
+#[test]
+fn from_checkpoint_loads_a_weights_file() {
+    let (file, encoder) = load();
+    let weights: HashMap<String, Tensor> = file
+        .names()
+        .into_iter()
+        .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
+        .map(|name| {
+            let t = file.tensor(&name).unwrap();
+            (name, t)
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("turbo-models-umt5-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("umt5.safetensors");
+    candle_core::safetensors::save(&weights, &path).unwrap();
+    let loaded =
+        Umt5Encoder::from_checkpoint(&path, encoder.config(), DType::F32, &Device::Cpu).unwrap();
+    let ids = file.tensor("in.ids").unwrap();
+    let mask = file.tensor("in.mask").unwrap();
+    let err = relative_error(
+        &loaded.forward(&ids, Some(&mask)).unwrap(),
+        &file.tensor("out.hidden").unwrap(),
+    );
+    assert!(err <= 1e-4, "relative error {err}");
+
+    // A configuration that does not fit the file is refused before any weight is read.
+    let mut wider = encoder.config().clone();
+    wider.dim_ffn *= 2;
+    match Umt5Encoder::from_checkpoint(&path, &wider, DType::F32, &Device::Cpu) {
+        Err(turbo_core::Error::CheckpointKeys {
+            path: reported,
+            problems,
+        }) => {
+            assert_eq!(reported, path);
+            assert_eq!(problems.len(), 3 * wider.num_layers);
+        }
+        other => panic!("expected a key mismatch, got {:?}", other.map(|_| ())),
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

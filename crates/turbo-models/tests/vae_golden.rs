@@ -227,3 +227,24 @@ fn whole_sequence_form_matches_golden() {
         .unwrap();
     assert!(relative_error(&video, &file.tensor("out.video").unwrap()) <= 1e-4);
 }
+
+#[test]
+fn batches_are_independent() {
+    let (file, vae) = load();
+    let video = file.tensor("in.video").unwrap();
+    let batch = Tensor::cat(&[&video, &video.flip(&[2]).unwrap()], 0).unwrap();
+    let latents = vae.encode(&batch).unwrap();
+    let expected = file.tensor("out.latent").unwrap();
+    assert!(relative_error(&latents.narrow(0, 0, 1).unwrap(), &expected) <= 1e-4);
+    let alone = vae.encode(&video.flip(&[2]).unwrap()).unwrap();
+    assert!(relative_error(&latents.narrow(0, 1, 1).unwrap(), &alone) <= 1e-5);
+
+    let latent = file.tensor("in.latent").unwrap();
+    let videos = vae
+        .decode_unclamped(&Tensor::cat(&[&latent, &latent], 0).unwrap())
+        .unwrap();
+    let expected = file.tensor("out.video").unwrap();
+    for b in 0..2 {
+        assert!(relative_error(&videos.narrow(0, b, 1).unwrap(), &expected) <= 1e-4);
+    }
+}

@@ -2,7 +2,7 @@
 //! residual blocks, the mid attention block and the resampling layers. Activations are
 //! time-major, `[B, T, C, H, W]`.
 
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
@@ -36,14 +36,16 @@ impl ChannelRmsNorm {
         vec![(format!("{prefix}.gamma"), gamma_shape(channels, gamma_rank))]
     }
 
-    /// Normalises `x` `[…, C, H, W]` over `C`.
+    /// Normalises `x` `[…, C, H, W]` over `C`, computing the norm in f32 whatever the dtype.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let channel_dim = x.rank() - 3;
         let norm = x
+            .to_dtype(DType::F32)?
             .sqr()?
             .sum_keepdim(channel_dim)?
             .sqrt()?
-            .clamp(NORM_EPS, f64::MAX)?;
+            .clamp(NORM_EPS, f64::MAX)?
+            .to_dtype(x.dtype())?;
         Ok(x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?)
     }
 }
@@ -231,11 +233,11 @@ pub struct Resample {
 
 impl Resample {
     pub fn load(vb: VarBuilder, channels: usize, mode: ResampleMode) -> Result<Self> {
-        let padding = match mode {
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => 0,
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => 1,
+        // Downsampling pads asymmetrically itself (see `spatial`), then strides by 2.
+        let (padding, stride) = match mode {
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => (0, 2),
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => (1, 1),
         };
-        let stride = if padding == 0 { 2 } else { 1 };
         let config = candle_nn::Conv2dConfig {
             padding,
             stride,
@@ -374,6 +376,8 @@ impl Resample {
     }
 }
 
+/// Unreachable through the public API: every encode or decode starts a fresh cache and visits
+/// its slots in the same order for every chunk.
 fn cache_order_error() -> Error {
     Error::Shape {
         what: "VAE feature cache".into(),

@@ -62,11 +62,29 @@ impl Layer {
     }
 }
 
+/// Which half of the autoencoder a [`Coder`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Layers at full resolution first, the middle blocks last.
+    Encoder,
+    /// The middle blocks first, then the layers up to full resolution.
+    Decoder,
+}
+
+impl Direction {
+    /// The checkpoint name of the flat layer sequence.
+    fn sequence(self) -> &'static str {
+        match self {
+            Self::Encoder => "downsamples",
+            Self::Decoder => "upsamples",
+        }
+    }
+}
+
 /// The shape of an encoder or a decoder: `conv1`, the flat layer sequence, the middle width
 /// and the head.
 struct CoderPlan {
-    /// The name of the flat layer sequence: `downsamples` or `upsamples`.
-    sequence: &'static str,
+    direction: Direction,
     conv_in: Conv3dSpec,
     layers: Vec<LayerPlan>,
     middle_channels: usize,
@@ -107,7 +125,7 @@ impl CoderPlan {
         }
         let top = dims[levels];
         Self {
-            sequence: "downsamples",
+            direction: Direction::Encoder,
             conv_in: Conv3dSpec::cube(3, dims[0], 3, 1),
             layers,
             middle_channels: top,
@@ -152,7 +170,7 @@ impl CoderPlan {
         }
         let bottom = dims[levels];
         Self {
-            sequence: "upsamples",
+            direction: Direction::Decoder,
             conv_in: Conv3dSpec::cube(cfg.z_dim, dims[0], 3, 1),
             layers,
             middle_channels: dims[0],
@@ -163,7 +181,7 @@ impl CoderPlan {
     fn keys(&self, prefix: &str) -> Keys {
         let mut keys = self.conv_in.keys(&format!("{prefix}.conv1"));
         for (i, layer) in self.layers.iter().enumerate() {
-            keys.extend(layer.keys(&format!("{prefix}.{}.{i}", self.sequence)));
+            keys.extend(layer.keys(&format!("{prefix}.{}.{i}", self.direction.sequence())));
         }
         let middle = self.middle_channels;
         keys.extend(ResidualBlock::keys(
@@ -191,10 +209,10 @@ impl CoderPlan {
             .layers
             .iter()
             .enumerate()
-            .map(|(i, layer)| layer.load(vb.pp(self.sequence).pp(i)))
+            .map(|(i, layer)| layer.load(vb.pp(self.direction.sequence()).pp(i)))
             .collect::<Result<Vec<_>>>()?;
         Ok(Coder {
-            middle_first: self.sequence == "upsamples",
+            direction: self.direction,
             conv_in: CausalConv3d::load(vb.pp("conv1"), self.conv_in)?,
             layers,
             middle_in: ResidualBlock::load(vb.pp("middle").pp("0"), middle, middle)?,
@@ -209,8 +227,7 @@ impl CoderPlan {
 /// An encoder or a decoder: the two share their structure and differ in their layer plan.
 #[derive(Debug, Clone)]
 pub struct Coder {
-    /// The decoder runs its middle blocks before the layer sequence, the encoder after.
-    middle_first: bool,
+    direction: Direction,
     conv_in: CausalConv3d,
     layers: Vec<Layer>,
     middle_in: ResidualBlock,
@@ -243,13 +260,13 @@ impl Coder {
     pub fn forward_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         cache.start_chunk();
         let mut x = cached_conv(&self.conv_in, x, cache)?;
-        if self.middle_first {
+        if self.direction == Direction::Decoder {
             x = self.middle(&x, cache)?;
         }
         for layer in &self.layers {
             x = layer.forward(&x, cache)?;
         }
-        if !self.middle_first {
+        if self.direction == Direction::Encoder {
             x = self.middle(&x, cache)?;
         }
         let x = candle_nn::ops::silu(&self.head_norm.forward(&x)?)?;

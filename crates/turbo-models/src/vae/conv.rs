@@ -26,12 +26,15 @@ pub struct CausalConv3d {
 /// The shape of a [`CausalConv3d`], as its upstream constructor takes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Conv3dSpec {
+    /// Input channels `C`.
     pub in_channels: usize,
+    /// Output channels `O`.
     pub out_channels: usize,
     /// `(kt, kh, kw)`; `kh == kw`.
     pub kernel: (usize, usize, usize),
     /// Upstream `padding=(p_t, p_hw, p_hw)`: the time padding becomes `2·p_t` frames in front.
     pub padding: (usize, usize),
+    /// Stride in time (2 in the temporal downsamplers); the spatial stride is 1.
     pub time_stride: usize,
 }
 

@@ -199,6 +199,7 @@ impl WanVae {
         )
     }
 
+    /// The configuration the model was built with.
     pub fn config(&self) -> &VaeConfig {
         &self.cfg
     }

@@ -6,32 +6,52 @@
 //!
 //! [`Checkpoint::open`] reads only the headers: names, shapes and dtypes, without allocating a
 //! single tensor, so a model can check a file with [`Checkpoint::expect_keys`] before loading
-//! gigabytes of weights from it through [`Checkpoint::var_builder`].
+//! gigabytes of weights from it through [`Checkpoint::var_builder`]. Int8 tensors (which candle
+//! has no dtype for) are listed with dtype `I8` and read as raw bytes with
+//! [`Checkpoint::int8_tensor`].
+
+mod pth;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, KeyProblem, Result};
 
 /// The name, shape and stored dtype of one tensor of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorMeta {
+    /// The key, as stored (no prefix stripped).
     pub name: String,
+    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
-    /// The stored dtype as the container names it (`F32`, `BF16`, `I8`, …).
+    /// The stored dtype, named as safetensors names them: `F32`, `F64`, `F16`, `BF16`, `I64`,
+    /// `I32`, `I16`, `I8`, `U8`, `BOOL`, …
     pub dtype: String,
 }
 
 #[derive(Debug, Clone)]
 enum Container {
-    /// One or more safetensors files (the shards of one checkpoint).
-    Safetensors(Vec<PathBuf>),
+    /// One or more safetensors files (the shards of one checkpoint), and where each tensor's
+    /// bytes lie.
+    Safetensors {
+        files: Vec<PathBuf>,
+        locations: BTreeMap<String, ByteRange>,
+    },
     /// A PyTorch zip archive holding a state dict.
-    Pth,
+    Pth(Arc<pth::PthArchive>),
+}
+
+/// A tensor's bytes inside a safetensors file.
+#[derive(Debug, Clone)]
+struct ByteRange {
+    file: PathBuf,
+    start: u64,
+    len: usize,
 }
 
 /// A checkpoint on disk, with its tensor list read from the headers.
@@ -96,6 +116,7 @@ impl Checkpoint {
         self.tensors.len()
     }
 
+    /// Whether the checkpoint holds no tensor.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
@@ -122,12 +143,46 @@ impl Checkpoint {
         let builder = match &self.container {
             // SAFETY: the files are mapped read-only; like every mmap-based loader, this
             // relies on nobody truncating or rewriting them while the model is loaded.
-            Container::Safetensors(files) => unsafe {
+            Container::Safetensors { files, .. } => unsafe {
                 VarBuilder::from_mmaped_safetensors(files, dtype, device)
+                    .map_err(|e| checkpoint_error(&self.path, &e.to_string()))?
             },
-            Container::Pth => VarBuilder::from_pth(&self.path, dtype, device),
+            Container::Pth(archive) => VarBuilder::from_backend(
+                Box::new(pth::PthBackend(Arc::clone(archive))),
+                dtype,
+                device.clone(),
+            ),
         };
-        builder.map_err(|e| checkpoint_error(&self.path, &e.to_string()))
+        Ok(builder)
+    }
+
+    /// An int8 tensor (stored dtype `I8`, as the W8A8 weights of `-quant` checkpoints) as a
+    /// `U8` tensor of its raw bytes (two's complement), since candle has no int8 dtype.
+    pub fn int8_tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
+        let meta = self
+            .get(name)
+            .ok_or_else(|| checkpoint_error(&self.path, &format!("no tensor `{name}`")))?;
+        if meta.dtype != "I8" {
+            return Err(checkpoint_error(
+                &self.path,
+                &format!("`{name}` is stored as {}, not I8", meta.dtype),
+            ));
+        }
+        let bytes = self.raw_bytes(name)?;
+        Ok(Tensor::from_vec(bytes, meta.shape.as_slice(), device)?)
+    }
+
+    /// The stored little-endian bytes of tensor `name`.
+    pub fn raw_bytes(&self, name: &str) -> Result<Vec<u8>> {
+        match &self.container {
+            Container::Pth(archive) => archive.bytes(name),
+            Container::Safetensors { locations, .. } => {
+                let range = locations
+                    .get(name)
+                    .ok_or_else(|| checkpoint_error(&self.path, &format!("no tensor `{name}`")))?;
+                read_range(range)
+            }
+        }
     }
 
     /// [`Checkpoint::expect_keys`], then [`Checkpoint::var_builder`].
@@ -212,49 +267,43 @@ impl Checkpoint {
 
     fn open_safetensors(path: PathBuf, files: Vec<PathBuf>) -> Result<Self> {
         let mut tensors = BTreeMap::new();
+        let mut locations = BTreeMap::new();
         for file in &files {
-            for meta in read_safetensors_header(file)? {
+            for (meta, range) in read_safetensors_header(file)? {
                 if tensors.contains_key(&meta.name) {
                     return Err(checkpoint_error(
                         file,
                         &format!("`{}` is stored in more than one shard", meta.name),
                     ));
                 }
+                locations.insert(meta.name.clone(), range);
                 tensors.insert(meta.name.clone(), meta);
             }
         }
         Ok(Self {
             path,
-            container: Container::Safetensors(files),
+            container: Container::Safetensors { files, locations },
             tensors,
         })
     }
 
     fn open_pth(path: PathBuf) -> Result<Self> {
-        let infos = candle_core::pickle::read_pth_tensor_info(&path, false, None)
-            .map_err(|e| checkpoint_error(&path, &format!("not a PyTorch state dict: {e}")))?;
-        let tensors = infos
-            .into_iter()
-            .map(|info| {
-                let meta = TensorMeta {
-                    shape: info.layout.dims().to_vec(),
-                    dtype: format!("{:?}", info.dtype).to_ascii_uppercase(),
-                    name: info.name,
-                };
-                (meta.name.clone(), meta)
-            })
+        let archive = pth::PthArchive::open(&path)?;
+        let tensors = archive
+            .metas()
+            .map(|meta| (meta.name.clone(), meta.clone()))
             .collect();
         Ok(Self {
             path,
-            container: Container::Pth,
+            container: Container::Pth(Arc::new(archive)),
             tensors,
         })
     }
 }
 
 /// Reads the JSON header of a safetensors file (8-byte length, then the header) and nothing
-/// else.
-fn read_safetensors_header(path: &Path) -> Result<Vec<TensorMeta>> {
+/// else: each tensor's name, shape, dtype and place in the file.
+fn read_safetensors_header(path: &Path) -> Result<Vec<(TensorMeta, ByteRange)>> {
     let io_error = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -273,15 +322,37 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<TensorMeta>> {
     file.read_exact(&mut header).map_err(io_error)?;
     let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| checkpoint_error(path, &format!("bad safetensors header: {e}")))?;
+    let data_start = 8 + length;
     Ok(metadata
         .tensors()
         .into_iter()
-        .map(|(name, info)| TensorMeta {
-            name,
-            shape: info.shape.clone(),
-            dtype: format!("{:?}", info.dtype),
+        .map(|(name, info)| {
+            let (begin, end) = info.data_offsets;
+            let range = ByteRange {
+                file: path.to_path_buf(),
+                start: data_start + begin as u64,
+                len: end - begin,
+            };
+            let meta = TensorMeta {
+                name,
+                shape: info.shape.clone(),
+                dtype: format!("{:?}", info.dtype),
+            };
+            (meta, range)
         })
         .collect())
+}
+
+fn read_range(range: &ByteRange) -> Result<Vec<u8>> {
+    let io_error = |source| Error::Io {
+        path: range.file.clone(),
+        source,
+    };
+    let mut file = File::open(&range.file).map_err(io_error)?;
+    file.seek(SeekFrom::Start(range.start)).map_err(io_error)?;
+    let mut bytes = vec![0u8; range.len];
+    file.read_exact(&mut bytes).map_err(io_error)?;
+    Ok(bytes)
 }
 
 /// The differences between the tensors of a file and the `expected` list, sorted by key.
