@@ -2,7 +2,12 @@
 //! - a single `.safetensors` file;
 //! - a sharded safetensors checkpoint, given as its `*.safetensors.index.json` or as the folder
 //!   holding it (or, without an index, holding the `*.safetensors` shards);
-//! - a PyTorch `.pth` / `.pt` / `.bin` state dict (a `torch.save` zip archive).
+//! - a PyTorch `.pth` / `.pt` / `.bin` state dict (a `torch.save` zip archive, read by
+//!   [`crate::pth`]).
+//!
+//! Int8 tensors (the `-quant` releases) are listed with dtype `I8` and read through the
+//! `VarBuilder` as `U8` tensors holding their raw bytes, in both containers: candle has no int8
+//! dtype, and `turbo_quant::Linear` takes int8 weights in that form.
 //!
 //! [`Checkpoint::open`] reads only the headers: names, shapes and dtypes, without allocating a
 //! single tensor, so a model can check a file with [`Checkpoint::expect_keys`] before loading
@@ -13,9 +18,13 @@ use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
-use candle_nn::VarBuilder;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use turbo_core::{Error, KeyProblem, Result};
+
+use crate::pth::{check_shape, convert_stored, PthArchive};
 
 /// The name, shape and stored dtype of one tensor of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,7 +40,7 @@ enum Container {
     /// One or more safetensors files (the shards of one checkpoint).
     Safetensors(Vec<PathBuf>),
     /// A PyTorch zip archive holding a state dict.
-    Pth,
+    Pth(PthArchive),
 }
 
 /// A checkpoint on disk, with its tensor list read from the headers.
@@ -117,17 +126,19 @@ impl Checkpoint {
 
     /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as
     /// they are read. Safetensors files are memory-mapped; `.pth` tensors are read one by one
-    /// from the archive.
+    /// from the archive. Int8 tensors can only be read as `U8` (their raw bytes); asking for
+    /// them in another dtype is an error naming the key.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let builder = match &self.container {
+        let backend: Box<dyn SimpleBackend> = match &self.container {
             // SAFETY: the files are mapped read-only; like every mmap-based loader, this
             // relies on nobody truncating or rewriting them while the model is loaded.
-            Container::Safetensors(files) => unsafe {
-                VarBuilder::from_mmaped_safetensors(files, dtype, device)
-            },
-            Container::Pth => VarBuilder::from_pth(&self.path, dtype, device),
+            Container::Safetensors(files) => Box::new(SafetensorsBackend(unsafe {
+                MmapedSafetensors::multi(files)
+                    .map_err(|e| checkpoint_error(&self.path, &e.to_string()))?
+            })),
+            Container::Pth(archive) => Box::new(archive.clone()),
         };
-        builder.map_err(|e| checkpoint_error(&self.path, &e.to_string()))
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
     }
 
     /// [`Checkpoint::expect_keys`], then [`Checkpoint::var_builder`].
@@ -231,24 +242,58 @@ impl Checkpoint {
     }
 
     fn open_pth(path: PathBuf) -> Result<Self> {
-        let infos = candle_core::pickle::read_pth_tensor_info(&path, false, None)
-            .map_err(|e| checkpoint_error(&path, &format!("not a PyTorch state dict: {e}")))?;
-        let tensors = infos
-            .into_iter()
-            .map(|info| {
+        let archive = PthArchive::open(&path)?;
+        let tensors = archive
+            .tensors()
+            .map(|tensor| {
                 let meta = TensorMeta {
-                    shape: info.layout.dims().to_vec(),
-                    dtype: format!("{:?}", info.dtype).to_ascii_uppercase(),
-                    name: info.name,
+                    name: tensor.name.clone(),
+                    shape: tensor.shape.clone(),
+                    dtype: tensor.stored.name().to_owned(),
                 };
                 (meta.name.clone(), meta)
             })
             .collect();
         Ok(Self {
             path,
-            container: Container::Pth,
+            container: Container::Pth(archive),
             tensors,
         })
+    }
+}
+
+/// Memory-mapped safetensors whose `I8` tensors (which candle cannot represent) are read as
+/// their `U8` bytes.
+struct SafetensorsBackend(MmapedSafetensors);
+
+impl SimpleBackend for SafetensorsBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        check_shape(self.get_unchecked(name, dtype, device)?, name, shape)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let view = self.0.get(name)?;
+        if view.dtype() == safetensors::Dtype::I8 {
+            let bytes = Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), device)?;
+            return convert_stored(bytes, true, name, dtype);
+        }
+        convert_stored(self.0.load(name, device)?, false, name, dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
     }
 }
 
