@@ -67,7 +67,7 @@ impl DitCase {
         WanModel::load_with_quant(vb, &self.cfg, &self.attention, QuantPolicy::Quantize).unwrap()
     }
 
-    fn from_file(&self, path: &Path, quant_linear: QuantPolicy) -> WanModel<Box<dyn Attention>> {
+    fn load_file(&self, path: &Path, quant_linear: QuantPolicy) -> WanModel<Box<dyn Attention>> {
         WanModel::from_checkpoint_with_quant(
             path,
             Some(&self.cfg),
@@ -215,7 +215,7 @@ fn quant_safetensors_loads_as_is_whatever_the_setting() {
 
     let want = case.velocity(&case.quantized_at_load());
     for quant_linear in [QuantPolicy::KeepFloat, QuantPolicy::Quantize] {
-        let model = case.from_file(&path, quant_linear);
+        let model = case.load_file(&path, quant_linear);
         assert_eq!(model.int8_linears(), case.block_linears());
         assert_same(&case.velocity(&model), &want, "-quant safetensors");
     }
@@ -240,7 +240,7 @@ fn quant_pth_fixture_loads_and_runs() {
 
     // The fixture script quantises with the same f32 arithmetic: the int8 weights agree
     // bit for bit, and so do the outputs.
-    let model = case.from_file(&path, QuantPolicy::KeepFloat);
+    let model = case.load_file(&path, QuantPolicy::KeepFloat);
     assert_eq!(model.int8_linears(), case.block_linears());
     let got = case.velocity(&model);
     assert_same(
@@ -258,10 +258,10 @@ fn float_checkpoint_keeps_float_linears_unless_asked() {
     let path = temp_file("tiny.safetensors");
     candle_core::safetensors::save(&case.weights(), &path).unwrap();
     assert_eq!(
-        case.from_file(&path, QuantPolicy::KeepFloat).int8_linears(),
+        case.load_file(&path, QuantPolicy::KeepFloat).int8_linears(),
         0
     );
-    let quantized = case.from_file(&path, QuantPolicy::Quantize);
+    let quantized = case.load_file(&path, QuantPolicy::Quantize);
     assert_eq!(quantized.int8_linears(), case.block_linears());
     assert_same(
         &case.velocity(&quantized),
