@@ -21,6 +21,7 @@ Outputs (run from the repository root: `python3 scripts/make_pth_fixture.py`):
 
 import array
 import collections
+import io
 import json
 import pickle
 import struct
@@ -124,18 +125,17 @@ class StateDictPickler(pickle.Pickler):
 
 def save(state_dict, path: Path):
     """Writes `state_dict` as `torch.save` would."""
-    import io
-
     buffer = io.BytesIO()
     pickler = StateDictPickler(buffer)
     pickler.dump(state_dict)
     stem = path.stem
+    entries = [(f"{stem}/data.pkl", buffer.getvalue()), (f"{stem}/byteorder", b"little")]
+    entries += [(f"{stem}/data/{s.key}", s.data) for s in pickler.storages]
+    entries.append((f"{stem}/version", b"3\n"))
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
-        archive.writestr(f"{stem}/data.pkl", buffer.getvalue())
-        archive.writestr(f"{stem}/byteorder", "little")
-        for storage in pickler.storages:
-            archive.writestr(f"{stem}/data/{storage.key}", storage.data)
-        archive.writestr(f"{stem}/version", "3\n")
+        for name, data in entries:
+            # A fixed timestamp keeps the fixtures byte-identical from one run to the next.
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
 
 
 def packed(fmt, values):

@@ -163,33 +163,32 @@ impl PthArchive {
         let tensor = self
             .get(name)
             .ok_or_else(|| pth_error(&self.path, &format!("no tensor `{name}`")))?;
-        let element = tensor.stored.size_in_bytes();
-        let length = tensor.shape.iter().product::<usize>() * element;
-        let mut archive = open_zip(&self.path)?;
-        let entry_error =
-            |e: &dyn std::fmt::Display| pth_error(&self.path, &format!("tensor `{name}`: {e}"));
-        let mut entry = archive
-            .by_name(&tensor.entry)
-            .map_err(|e| entry_error(&e))?;
-        let mut skipped = std::io::sink();
-        std::io::copy(
-            &mut entry.by_ref().take((tensor.offset * element) as u64),
-            &mut skipped,
-        )
-        .map_err(|e| entry_error(&e))?;
-        let mut bytes = vec![0u8; length];
-        entry.read_exact(&mut bytes).map_err(|e| {
-            entry_error(&format!(
-                "storage `{}` is shorter than the tensor: {e}",
-                tensor.entry
-            ))
-        })?;
+        let bytes = self
+            .read_bytes(tensor)
+            .map_err(|e| pth_error(&self.path, &format!("tensor `{name}`: {e}")))?;
         Ok(Tensor::from_raw_buffer(
             &bytes,
             tensor.stored.read_as(),
             &tensor.shape,
             device,
         )?)
+    }
+
+    /// The tensor's bytes: its slice of the storage entry, from its offset on.
+    fn read_bytes(&self, tensor: &PthTensor) -> std::result::Result<Vec<u8>, String> {
+        let element = tensor.stored.size_in_bytes();
+        let mut archive = open_zip(&self.path).map_err(|e| e.to_string())?;
+        let mut entry = archive
+            .by_name(&tensor.entry)
+            .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?;
+        let skip = (tensor.offset * element) as u64;
+        std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
+            .map_err(|e| e.to_string())?;
+        let mut bytes = vec![0u8; tensor.shape.iter().product::<usize>() * element];
+        entry
+            .read_exact(&mut bytes)
+            .map_err(|e| format!("storage `{}` is shorter than the tensor: {e}", tensor.entry))?;
+        Ok(bytes)
     }
 }
 
