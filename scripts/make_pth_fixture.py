@@ -38,6 +38,8 @@ GOLDEN = ROOT / "fixtures" / "golden" / "dit_t2v_sla.safetensors"
 def _install_fake_torch():
     torch = types.ModuleType("torch")
     utils = types.ModuleType("torch._utils")
+    tensor_module = types.ModuleType("torch._tensor")
+    torch.Tensor = type("Tensor", (), {"__module__": "torch", "__qualname__": "Tensor"})
     storage_classes = {}
     for kind in ["Float", "Double", "Half", "BFloat16", "Byte", "Char", "Int", "Long"]:
         name = f"{kind}Storage"
@@ -51,17 +53,22 @@ def _install_fake_torch():
     def _rebuild_parameter(*args):
         raise NotImplementedError
 
-    for fn in (_rebuild_tensor_v2, _rebuild_parameter):
-        fn.__module__ = "torch._utils"
+    def _rebuild_from_type_v2(*args):
+        raise NotImplementedError
+
+    for fn, module in [(_rebuild_tensor_v2, utils), (_rebuild_parameter, utils),
+                       (_rebuild_from_type_v2, tensor_module)]:
+        fn.__module__ = module.__name__
         fn.__qualname__ = fn.__name__
-        setattr(utils, fn.__name__, fn)
-    torch._utils = utils
+        setattr(module, fn.__name__, fn)
+    torch._utils, torch._tensor = utils, tensor_module
     sys.modules["torch"] = torch
     sys.modules["torch._utils"] = utils
-    return torch, utils
+    sys.modules["torch._tensor"] = tensor_module
+    return torch, utils, tensor_module
 
 
-TORCH, TORCH_UTILS = _install_fake_torch()
+TORCH, TORCH_UTILS, TORCH_TENSOR = _install_fake_torch()
 
 # storage class -> (struct format of one element, bytes per element)
 ELEMENT = {
@@ -99,6 +106,14 @@ class Parameter:
 
     def __reduce__(self):
         return TORCH_UTILS._rebuild_parameter, (self.tensor, True, collections.OrderedDict())
+
+
+class SubclassTensor(Tensor):
+    """A tensor subclass: pickled through `torch._tensor._rebuild_from_type_v2`."""
+
+    def __reduce__(self):
+        function, args = super().__reduce__()
+        return TORCH_TENSOR._rebuild_from_type_v2, (function, TORCH.Tensor, args, {})
 
 
 def row_major_stride(shape):
@@ -169,6 +184,7 @@ def tensors_fixture():
         ("float64", Tensor(Storage("DoubleStorage", packed("d", [0.1, -0.2])), (2,))),
         ("int64", Tensor(Storage("LongStorage", packed("q", [-(2 ** 40), 7])), (2,))),
         ("param", Parameter(Tensor(Storage("FloatStorage", packed("f", [3.0, -4.0])), (1, 2)))),
+        ("subclass", SubclassTensor(Storage("FloatStorage", packed("f", [5.0, 6.0])), (2,))),
         ("view_head", Tensor(shared, (2, 2))),
         ("view_tail", Tensor(shared, (3, 2), offset=4)),
         ("step", 1000),

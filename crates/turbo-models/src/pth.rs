@@ -233,7 +233,8 @@ fn parse_tensor(
 }
 
 /// The argument tuple of `torch._utils._rebuild_tensor_v2`, unwrapping `_rebuild_parameter`
-/// (an `nn.Parameter` pickles the tensor as its first argument).
+/// (an `nn.Parameter` pickles the tensor as its first argument) and `_rebuild_from_type_v2`
+/// (tensor subclasses: `(rebuild function, type, its arguments, state)`).
 fn rebuild_tensor_args(value: Object) -> std::result::Result<Option<Vec<Object>>, String> {
     let Object::Reduce { callable, args } = value else {
         return Ok(None);
@@ -245,21 +246,32 @@ fn rebuild_tensor_args(value: Object) -> std::result::Result<Option<Vec<Object>>
     else {
         return Ok(None);
     };
-    if module_name != "torch._utils" {
+    if !matches!(module_name.as_str(), "torch._utils" | "torch._tensor") {
         return Ok(None);
     }
+    let constructor = format!("{module_name}.{class_name}");
     let Object::Tuple(args) = *args else {
-        return Err(format!("`{class_name}` arguments are not a tuple"));
+        return Err(format!("`{constructor}` arguments are not a tuple"));
     };
-    match class_name.as_str() {
-        "_rebuild_tensor_v2" => Ok(Some(args)),
-        "_rebuild_parameter" | "_rebuild_parameter_with_state" => match args.into_iter().next() {
-            Some(tensor) => rebuild_tensor_args(tensor),
-            None => Err("`_rebuild_parameter` without a tensor".into()),
-        },
-        other => Err(format!(
-            "unsupported tensor constructor `torch._utils.{other}`"
-        )),
+    match constructor.as_str() {
+        "torch._utils._rebuild_tensor_v2" => Ok(Some(args)),
+        "torch._utils._rebuild_parameter" | "torch._utils._rebuild_parameter_with_state" => {
+            match args.into_iter().next() {
+                Some(tensor) => rebuild_tensor_args(tensor),
+                None => Err(format!("`{constructor}` without a tensor")),
+            }
+        }
+        "torch._tensor._rebuild_from_type_v2" => {
+            let mut args = args.into_iter();
+            match (args.next(), args.nth(1)) {
+                (Some(function), Some(function_args)) => rebuild_tensor_args(Object::Reduce {
+                    callable: Box::new(function),
+                    args: Box::new(function_args),
+                }),
+                _ => Err(format!("`{constructor}` with fewer than 3 arguments")),
+            }
+        }
+        _ => Err(format!("unsupported tensor constructor `{constructor}`")),
     }
 }
 

@@ -58,6 +58,10 @@ fn every_storage_type_reads_back_exactly() {
         read(&archive, "param").to_vec2::<f32>().unwrap(),
         [[3.0, -4.0]]
     );
+    assert_eq!(
+        read(&archive, "subclass").to_vec1::<f32>().unwrap(),
+        [5.0, 6.0]
+    );
 }
 
 #[test]
@@ -85,6 +89,7 @@ fn listing_reports_stored_dtypes_and_skips_non_tensors() {
             ("int64", StoredDType::I64),
             ("int8", StoredDType::I8),
             ("param", StoredDType::F32),
+            ("subclass", StoredDType::F32),
             ("view_head", StoredDType::F32),
             ("view_tail", StoredDType::F32),
         ]

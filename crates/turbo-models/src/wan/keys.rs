@@ -34,7 +34,8 @@ pub struct TensorSpec {
 /// Every tensor [`super::WanModel::load`] reads for `cfg` with the patch embedding stored as
 /// `patch` and the self-attention backend `A` configured by `attention`, given the compute dtype
 /// of the block linears. Float32 islands (time embedding, modulation, norms, head, `proj_l`)
-/// are listed as `F32`.
+/// are listed as `F32`. The block linears are listed in float; [`int8_block_linears`] turns the
+/// list into that of a `-quant` checkpoint.
 pub fn expected_tensors<A: LoadAttention>(
     cfg: &WanConfig,
     patch: PatchLayout,

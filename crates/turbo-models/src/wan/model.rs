@@ -55,7 +55,9 @@ impl Head {
 /// [`turbo_attention::AttentionConfig`]; `WanModel<SlaAttention>` (or any other
 /// [`LoadAttention`]) fixes it at compile time. Weights load from a `VarBuilder` whose dtype is
 /// the compute dtype of the block linears and embeddings; the time embedding, modulation, norms,
-/// residual stream and head stay f32, as upstream keeps them.
+/// residual stream and head stay f32, as upstream keeps them. The block linears are
+/// [`turbo_quant::Linear`]s: float, or W8A8 int8 when the checkpoint stores them so or
+/// [`WanModel::load_with_quant`] quantises them.
 #[derive(Debug, Clone)]
 pub struct WanModel<A> {
     cfg: WanConfig,
