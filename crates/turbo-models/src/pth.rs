@@ -398,3 +398,20 @@ impl SimpleBackend for PthArchive {
         self.tensors.contains_key(name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::is_row_major;
+
+    #[test]
+    fn row_major_layouts() {
+        assert!(is_row_major(&[2, 3, 4], &[12, 4, 1]));
+        assert!(is_row_major(&[], &[]));
+        // Dimensions of size 1 may carry any stride (torch gives views such strides).
+        assert!(is_row_major(&[1, 5], &[7, 1]));
+        assert!(is_row_major(&[4, 1], &[1, 1]));
+        assert!(!is_row_major(&[3, 2], &[1, 3]));
+        assert!(!is_row_major(&[2, 3], &[3]));
+        assert!(!is_row_major(&[2, 2], &[4, 2]));
+    }
+}
