@@ -136,6 +136,11 @@ pub enum Error {
     /// A two-expert model was asked for an expert that is not loaded.
     #[error("the {expert} expert is needed at s = {s} but is not loaded")]
     ExpertNotLoaded { expert: &'static str, s: f64 },
+
+    /// Video or image data that cannot be encoded, decoded or used as given; `what` names the
+    /// file or the value at fault.
+    #[error("{what}: {reason}")]
+    Media { what: String, reason: String },
 }
 
 /// One difference between a checkpoint's tensors and the ones a model expects.

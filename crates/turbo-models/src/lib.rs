@@ -7,6 +7,44 @@
 //! - [`checkpoint`]: one reader for `.safetensors` files, sharded safetensors folders and
 //!   PyTorch `.pth` state dicts, and the check that a file holds exactly the tensors a model
 //!   expects; [`pth`]: the `.pth` reader behind it, which also reads int8 storages.
+//!
+//! Each model loads from the files users download with Wan, by their real key names, and
+//! checks the file's tensor list before reading a weight:
+//!
+//! ```no_run
+//! use candle_core::{DType, Device, Tensor};
+//! use turbo_models::{PromptTokenizer, Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+//!
+//! # fn main() -> turbo_core::Result<()> {
+//! let device = Device::Cpu;
+//! let folder = std::path::Path::new("Wan2.1-T2V-1.3B");
+//!
+//! // Text context for the DiT: `[L, 4096]`, trimmed to the real tokens (`</s>` included).
+//! let tokenizer = PromptTokenizer::from_file(folder.join("google/umt5-xxl/tokenizer.json"))?;
+//! let t5 = Umt5Encoder::from_checkpoint(
+//!     folder.join("models_t5_umt5-xxl-enc-bf16.pth"),
+//!     &Umt5Config::umt5_xxl(),
+//!     DType::BF16,
+//!     &device,
+//! )?;
+//! let context = t5.encode_prompt(&tokenizer.encode("a corgi surfing a wave at sunset")?)?;
+//!
+//! // Frames out of a latent, handed over as soon as each chunk is decoded.
+//! let vae = WanVae::from_checkpoint(
+//!     folder.join("Wan2.1_VAE.pth"),
+//!     &VaeConfig::wan21(),
+//!     DType::F32,
+//!     &device,
+//! )?;
+//! let latent = Tensor::randn(0f32, 1.0, (1, 16, 21, 60, 104), &device)?;
+//! vae.decode_streaming(&latent, |chunk| {
+//!     // `chunk.frames` is `[1, 3, n, 480, 832]` in [-1, 1], from frame `chunk.first_frame`.
+//!     Ok(())
+//! })?;
+//! # let _ = context;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod checkpoint;
 pub mod pth;
@@ -16,5 +54,6 @@ pub mod vae;
 pub mod wan;
 
 pub use checkpoint::{Checkpoint, TensorMeta};
+pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
 pub use umt5::{Umt5Config, Umt5Encoder};
 pub use vae::{DecodedFrames, VaeConfig, WanVae};

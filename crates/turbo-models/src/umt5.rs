@@ -6,6 +6,7 @@
 //! the weight dtype; everything else runs in the dtype the weights were loaded in.
 
 use crate::checkpoint::Checkpoint;
+use crate::tokenizer::TokenizedPrompt;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::{Embedding, Linear, Module, VarBuilder};
@@ -351,6 +352,12 @@ impl Umt5Encoder {
         Ok(self.forward(&ids, None)?.squeeze(0)?)
     }
 
+    /// [`Umt5Encoder::encode_ids`] of a tokenized prompt: the text context `[L, dim]` the
+    /// DiT takes, `</s>` included.
+    pub fn encode_prompt(&self, prompt: &TokenizedPrompt) -> Result<Tensor> {
+        self.encode_ids(&prompt.ids)
+    }
+
     fn check_ids(&self, ids: &Tensor) -> Result<()> {
         let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
         let min = ids.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()?;
@@ -362,5 +369,75 @@ impl Umt5Encoder {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// The spec's formula (`spec/wan-model.md` §7) for 32 buckets and distance 128, in f64.
+    fn spec_bucket(relative: i64) -> usize {
+        let mut bucket = if relative > 0 { 16 } else { 0 };
+        let r = relative.unsigned_abs() as f64;
+        bucket += if r < 8.0 {
+            r as usize
+        } else {
+            15.min(8 + ((r / 8.0).ln() / (128f64 / 8.0).ln() * 8.0).floor() as usize)
+        };
+        bucket
+    }
+
+    #[test]
+    fn buckets_at_the_edges() {
+        let bucket = |r| relative_position_bucket(r, 32, 128);
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(-1), 1);
+        assert_eq!(bucket(1), 17);
+        assert_eq!(bucket(-7), 7);
+        assert_eq!(bucket(8), 24);
+        assert_eq!(bucket(16), 26);
+        assert_eq!(bucket(-127), 15);
+        assert_eq!(bucket(128), 31);
+        assert_eq!(bucket(100_000), 31);
+    }
+
+    proptest! {
+        #[test]
+        fn buckets_follow_the_spec_formula(relative in -600i64..600) {
+            prop_assert_eq!(relative_position_bucket(relative, 32, 128), spec_bucket(relative));
+        }
+    }
+
+    #[test]
+    fn bad_ids_and_masks_are_typed_errors() {
+        let cfg = Umt5Config {
+            vocab: 10,
+            dim: 8,
+            dim_attn: 8,
+            dim_ffn: 16,
+            num_heads: 2,
+            num_layers: 1,
+            num_buckets: 32,
+            max_distance: 128,
+            eps: 1e-6,
+        };
+        let vb = VarBuilder::zeros(DType::F32, &Device::Cpu);
+        let encoder = Umt5Encoder::load(vb, &cfg).unwrap();
+        let ids = Tensor::new(&[[1u32, 2, 3]], &Device::Cpu).unwrap();
+        assert_eq!(encoder.forward(&ids, None).unwrap().dims(), &[1, 3, 8]);
+        let out_of_vocab = Tensor::new(&[[1u32, 10]], &Device::Cpu).unwrap();
+        assert!(matches!(
+            encoder.forward(&out_of_vocab, None),
+            Err(Error::Shape { .. })
+        ));
+        let mask = Tensor::new(&[[1u32, 1]], &Device::Cpu).unwrap();
+        assert!(matches!(
+            encoder.forward(&ids, Some(&mask)),
+            Err(Error::Shape { .. })
+        ));
+        assert!(matches!(encoder.encode_ids(&[]), Err(Error::EmptyPrompt)));
     }
 }

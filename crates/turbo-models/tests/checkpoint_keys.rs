@@ -201,3 +201,55 @@ fn unreadable_checkpoints_are_typed_errors() {
         Err(Error::Checkpoint { .. })
     ));
 }
+
+/// `tests/fixtures/tiny.pth` is written by `make_tiny_pth.py` in the same folder (in PyTorch's
+/// zip format, without torch).
+#[test]
+fn pth_state_dicts_list_keys_and_load() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.pth");
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let metas: Vec<(&str, &[usize], &str)> = checkpoint
+        .tensors()
+        .map(|m| (m.name.as_str(), m.shape.as_slice(), m.dtype.as_str()))
+        .collect();
+    assert_eq!(
+        metas,
+        vec![
+            ("a.weight", &[2usize, 3][..], "F32"),
+            ("b.bias", &[4][..], "BF16"),
+            ("c.view", &[2][..], "F32"),
+        ]
+    );
+    checkpoint
+        .expect_keys(&expected(&[
+            ("a.weight", &[2, 3]),
+            ("b.bias", &[4]),
+            ("c.view", &[2]),
+        ]))
+        .unwrap();
+    let err = checkpoint
+        .expect_keys(&expected(&[
+            ("a.weight", &[3, 2]),
+            ("b.bias", &[4]),
+            ("c.view", &[2]),
+        ]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tiny.pth") && err.contains("a.weight") && err.contains("[3, 2]"),
+        "{err}"
+    );
+
+    let vb = checkpoint.var_builder(DType::F32, &Device::Cpu).unwrap();
+    let values = |name: &str, dims: &[usize]| {
+        vb.get(dims, name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_eq!(values("a.weight", &[2, 3]), vec![0., 1., 2., 3., 4., 5.]);
+    assert_eq!(values("b.bias", &[4]), vec![1.0, -2.0, 0.5, 3.0]);
+    assert_eq!(values("c.view", &[2]), vec![2., 3.]);
+}

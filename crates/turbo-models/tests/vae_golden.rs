@@ -141,3 +141,89 @@ fn loader_keys_are_the_golden_weights() {
         }
     }
 }
+
+#[test]
+fn bad_inputs_are_typed_errors() {
+    let (file, vae) = load();
+    let video = file.tensor("in.video").unwrap();
+    let (b, c, t, h, w) = video.dims5().unwrap();
+    let zeros = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let shape_error =
+        |result: turbo_core::Result<Tensor>| matches!(result, Err(turbo_core::Error::Shape { .. }));
+    assert!(shape_error(vae.encode(&zeros(&[b, c + 1, t, h, w]))));
+    assert!(shape_error(vae.encode(&zeros(&[b, c, t, h + 1, w]))));
+    assert!(shape_error(vae.encode(&zeros(&[b, c, t, h, w - 2]))));
+    assert!(shape_error(vae.encode(&zeros(&[c, t, h, w]))));
+    assert!(matches!(
+        vae.encode(&zeros(&[b, c, t + 1, h, w])),
+        Err(turbo_core::Error::InvalidFrameCount { .. })
+    ));
+    let latent = file.tensor("in.latent").unwrap();
+    let (b, z, t, h, w) = latent.dims5().unwrap();
+    assert!(shape_error(vae.decode(&zeros(&[b, z + 1, t, h, w]))));
+    assert!(shape_error(vae.decode(&zeros(&[b, z, 0, h, w]))));
+}
+
+#[test]
+fn callback_errors_stop_the_decode() {
+    let (file, vae) = load();
+    let mut calls = 0;
+    let result = vae.decode_streaming(&file.tensor("in.latent").unwrap(), |_| {
+        calls += 1;
+        Err(turbo_core::Error::EmptyPrompt)
+    });
+    assert!(matches!(result, Err(turbo_core::Error::EmptyPrompt)));
+    assert_eq!(calls, 1);
+}
+
+/// Longer inputs than the golden file's (three chunks and more) reach the steady state of the
+/// streaming cache; the whole-sequence reference form must agree with it.
+#[test]
+fn streaming_matches_the_whole_sequence_form_on_longer_videos() {
+    let (file, vae) = load();
+    let video = file.tensor("in.video").unwrap();
+    let (b, c, t, h, w) = video.dims5().unwrap();
+    // 4 more chunks of frames: the golden video followed by its reversal, repeated.
+    let reversed = video.flip(&[2]).unwrap();
+    let long = Tensor::cat(
+        &[
+            &video,
+            &reversed.narrow(2, 1, t - 1).unwrap(),
+            &video.narrow(2, 1, t - 1).unwrap(),
+            &reversed.narrow(2, 1, t - 1).unwrap(),
+            &video.narrow(2, 1, t - 1).unwrap(),
+        ],
+        2,
+    )
+    .unwrap();
+    assert_eq!(long.dims(), &[b, c, 1 + 5 * (t - 1), h, w]);
+    let streamed = vae.encode(&long).unwrap();
+    let whole = vae.encode_reference(&long).unwrap();
+    let err = relative_error(&streamed, &whole);
+    assert!(
+        err <= 1e-5,
+        "encode: streaming vs whole-sequence relative error {err}"
+    );
+
+    let decoded = vae.decode_unclamped(&streamed).unwrap();
+    let whole = vae.decode_reference(&streamed).unwrap();
+    assert_eq!(decoded.dims(), long.dims());
+    let err = relative_error(&decoded, &whole);
+    assert!(
+        err <= 1e-5,
+        "decode: streaming vs whole-sequence relative error {err}"
+    );
+}
+
+#[test]
+fn whole_sequence_form_matches_golden() {
+    let (file, vae) = load();
+    let latent = vae
+        .encode_reference(&file.tensor("in.video").unwrap())
+        .unwrap();
+    assert!(relative_error(&latent, &file.tensor("out.latent").unwrap()) <= 1e-4);
+    let video = vae
+        .decode_reference(&file.tensor("in.latent").unwrap())
+        .unwrap();
+    assert!(relative_error(&video, &file.tensor("out.video").unwrap()) <= 1e-4);
+}

@@ -304,6 +304,14 @@ impl Resample {
     /// The stride-2 temporal convolution. The first chunk's frame passes through unchanged;
     /// each later chunk is convolved after the last frame of the chunk before.
     fn downsample_time(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        if cache.is_whole_sequence() {
+            // Sequence form: out[0] = in[0], out[k] = conv(in[2k−2], in[2k−1], in[2k]).
+            if x.dim(1)? == 1 {
+                return Ok(x.clone());
+            }
+            let rest = self.time_conv()?.forward(x, None)?;
+            return Ok(Tensor::cat(&[&x.narrow(1, 0, 1)?, &rest], 1)?);
+        }
         let slot = cache.next_slot();
         let previous = match slot {
             Slot::Frames(previous) => previous.clone(),
@@ -324,6 +332,15 @@ impl Resample {
     /// passes through unchanged, and the second is convolved with zero history rather than the
     /// first chunk's frames (upstream's `'Rep'` marker): frame 0 never enters this context.
     fn upsample_time(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        if cache.is_whole_sequence() {
+            // Sequence form: [x0] ++ interleave(causal conv of x[1..] with zero history).
+            let frames = x.dim(1)?;
+            if frames == 1 {
+                return Ok(x.clone());
+            }
+            let rest = self.upsample_frames(&x.narrow(1, 1, frames - 1)?, None)?;
+            return Ok(Tensor::cat(&[&x.narrow(1, 0, 1)?, &rest], 1)?);
+        }
         let slot = cache.next_slot();
         let (history, remembered) = match slot {
             Slot::Empty => {
@@ -342,7 +359,12 @@ impl Resample {
             }
         };
         *slot = Slot::Frames(remembered);
-        let doubled = self.time_conv()?.forward(x, history.as_ref())?;
+        self.upsample_frames(x, history.as_ref())
+    }
+
+    /// The temporal convolution to `2C` channels, each output frame read as two frames.
+    fn upsample_frames(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
+        let doubled = self.time_conv()?.forward(x, history)?;
         let (batch, frames, channels2, height, width) = doubled.dims5()?;
         Ok(doubled.reshape((batch, 2 * frames, channels2 / 2, height, width))?)
     }

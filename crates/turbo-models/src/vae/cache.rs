@@ -4,6 +4,10 @@
 //! frames of its input, so the next chunk sees the same context as a pass over the whole video
 //! would. Slots are taken in the order the convolutions are visited, which is the same for every
 //! chunk; [`FeatureCache::start_chunk`] rewinds to the first slot.
+//!
+//! [`FeatureCache::whole_sequence`] selects the reference form instead: the whole video in one
+//! pass, with each quirk of the streaming form written as its sequence equivalent
+//! (`spec/wan-model.md` §6.1). Its memory grows with the length; tests compare the two.
 
 use candle_core::Tensor;
 use turbo_core::Result;
@@ -31,9 +35,23 @@ pub enum Slot {
 pub struct FeatureCache {
     slots: Vec<Slot>,
     cursor: usize,
+    whole_sequence: bool,
 }
 
 impl FeatureCache {
+    /// The reference mode: every layer sees the whole video at once, nothing is remembered.
+    pub fn whole_sequence() -> Self {
+        Self {
+            whole_sequence: true,
+            ..Self::default()
+        }
+    }
+
+    /// Whether layers see the whole video rather than one chunk.
+    pub fn is_whole_sequence(&self) -> bool {
+        self.whole_sequence
+    }
+
     /// Rewinds to the first slot before a chunk is processed.
     pub fn start_chunk(&mut self) {
         self.cursor = 0;
@@ -67,6 +85,9 @@ pub fn frames_to_remember(x: &Tensor, previous: Option<&Tensor>) -> Result<Tenso
 /// Applies a causal convolution to one chunk, with the previous chunk's frames as its history,
 /// and remembers this chunk's last frames for the next one.
 pub fn cached_conv(conv: &CausalConv3d, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+    if cache.is_whole_sequence() {
+        return conv.forward(x, None);
+    }
     let slot = cache.next_slot();
     let history = match slot {
         Slot::Frames(frames) => Some(frames.clone()),

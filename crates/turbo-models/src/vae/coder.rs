@@ -238,7 +238,8 @@ impl Coder {
         keys
     }
 
-    /// Runs one chunk `[B, T, C, H, W]` through every layer, continuing from `cache`.
+    /// Runs one chunk `[B, T, C, H, W]` through every layer, continuing from `cache` (or the
+    /// whole video, with [`FeatureCache::whole_sequence`]).
     pub fn forward_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         cache.start_chunk();
         let mut x = cached_conv(&self.conv_in, x, cache)?;

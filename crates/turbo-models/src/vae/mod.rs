@@ -210,16 +210,33 @@ impl WanVae {
         let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
         let mut cache = FeatureCache::default();
         let chunk = VAE_STRIDE.0;
-        let mut latents = Vec::with_capacity(1 + (frames - 1) / chunk);
-        latents.push(
+        let mut features = Vec::with_capacity(1 + (frames - 1) / chunk);
+        features.push(
             self.encoder
                 .forward_chunk(&x.narrow(1, 0, 1)?, &mut cache)?,
         );
         for start in (1..frames).step_by(chunk) {
             let frames = x.narrow(1, start, chunk)?;
-            latents.push(self.encoder.forward_chunk(&frames, &mut cache)?);
+            features.push(self.encoder.forward_chunk(&frames, &mut cache)?);
         }
-        let moments = self.quant_conv.forward(&Tensor::cat(&latents, 1)?, None)?;
+        self.normalised_mean(&Tensor::cat(&features, 1)?)
+    }
+
+    /// The reference twin of [`WanVae::encode`]: the whole video in one pass through the
+    /// sequence-equivalent form of every streaming rule. Same result; memory grows with the
+    /// length. For tests.
+    pub fn encode_reference(&self, video: &Tensor) -> Result<Tensor> {
+        self.check_video(video)?;
+        let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let features = self
+            .encoder
+            .forward_chunk(&x, &mut FeatureCache::whole_sequence())?;
+        self.normalised_mean(&features)
+    }
+
+    /// The encoder output `[B, T, 2z, h, w]` → normalised μ `[B, z, T, h, w]`.
+    fn normalised_mean(&self, features: &Tensor) -> Result<Tensor> {
+        let moments = self.quant_conv.forward(features, None)?;
         let mean = moments.narrow(2, 0, self.cfg.z_dim)?;
         // Upstream multiplies by 1/std rather than dividing by std.
         let normalised = mean
@@ -262,19 +279,35 @@ impl WanVae {
         Ok(Tensor::cat(&chunks, 2)?)
     }
 
-    fn decode_chunks(
-        &self,
-        latent: &Tensor,
-        clamp: bool,
-        mut on_frames: impl FnMut(DecodedFrames) -> Result<()>,
-    ) -> Result<()> {
+    /// The reference twin of [`WanVae::decode_unclamped`]: all latent frames in one pass
+    /// through the sequence-equivalent form of every streaming rule. Same result; memory grows
+    /// with the length. For tests.
+    pub fn decode_reference(&self, latent: &Tensor) -> Result<Tensor> {
+        let x = self.decoder_input(latent)?;
+        let video = self
+            .decoder
+            .forward_chunk(&x, &mut FeatureCache::whole_sequence())?;
+        to_channel_major(&video)
+    }
+
+    /// Denormalises a latent `[B, z, T, h, w]` and applies `conv2`: `[B, T, z, h, w]`.
+    fn decoder_input(&self, latent: &Tensor) -> Result<Tensor> {
         self.check_latent(latent)?;
         let z = to_time_major(&latent.to_device(&self.device)?.to_dtype(self.dtype)?)?;
         // Upstream divides by 1/std rather than multiplying by std.
         let z = z
             .broadcast_div(&self.latent_std.recip()?)?
             .broadcast_add(&self.latent_mean)?;
-        let x = self.post_quant_conv.forward(&z, None)?;
+        self.post_quant_conv.forward(&z, None)
+    }
+
+    fn decode_chunks(
+        &self,
+        latent: &Tensor,
+        clamp: bool,
+        mut on_frames: impl FnMut(DecodedFrames) -> Result<()>,
+    ) -> Result<()> {
+        let x = self.decoder_input(latent)?;
         let mut cache = FeatureCache::default();
         let mut first_frame = 0;
         for t in 0..x.dim(1)? {

@@ -1,0 +1,344 @@
+//! MP4 files with H.264 video: a streaming [`Mp4Writer`], [`Video::write_mp4`] and
+//! [`Video::read_mp4`]. Muxing and demuxing use the pure-Rust `mp4` crate; see `docs/video.md`.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use mp4::{AvcConfig, MediaConfig, MediaType, Mp4Config, Mp4Sample, TrackConfig, TrackType};
+use turbo_core::{Error, Result};
+
+use crate::h264::{EncodedFrame, H264Decoder, H264Encoder, Quality};
+use crate::output::AtomicFile;
+use crate::video::{Fps, Video};
+
+/// Ticks per frame in the track's time base: the time scale is `1000 · fps`, so rates are
+/// stored to a thousandth of a frame per second (16 fps → 16 000 ticks/s, 1000 per frame).
+const TICKS_PER_FRAME: u32 = 1000;
+/// Time base of the movie header (milliseconds), as most muxers write it.
+const MOVIE_TIMESCALE: u32 = 1000;
+const VIDEO_TRACK_ID: u32 = 1;
+
+/// Settings of the H.264 encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mp4Options {
+    /// Size against quality.
+    pub quality: Quality,
+    /// Frames from one keyframe to the next; 0 puts a single keyframe at the start.
+    pub keyframe_interval: u32,
+}
+
+impl Default for Mp4Options {
+    /// [`Quality::DEFAULT`] and a keyframe every 32 frames (two seconds at 16 fps).
+    fn default() -> Self {
+        Self {
+            quality: Quality::DEFAULT,
+            keyframe_interval: 32,
+        }
+    }
+}
+
+type Muxer = mp4::Mp4Writer<BufWriter<AtomicFile>>;
+
+/// Writes an MP4 one RGB frame at a time, so a caller can encode frames as they are decoded.
+///
+/// The file appears at its path only when [`finish`](Self::finish) succeeds. Until then the data
+/// lives in a hidden temporary file beside it, which is deleted if the writer is dropped (an
+/// error, a panic, a cancelled job): an interrupted write never leaves a partial `.mp4`.
+pub struct Mp4Writer {
+    muxer: Muxer,
+    encoder: H264Encoder,
+    path: PathBuf,
+    parameter_sets: Option<(Vec<u8>, Vec<u8>)>,
+    width: usize,
+    height: usize,
+    timescale: u32,
+    frames_written: u64,
+}
+
+impl Mp4Writer {
+    /// Starts an MP4 of `width × height` frames at `fps`. Both sides must be even (H.264 4:2:0
+    /// chroma); odd sizes are rejected, not padded.
+    pub fn create(
+        path: impl AsRef<Path>,
+        width: usize,
+        height: usize,
+        fps: Fps,
+        options: Mp4Options,
+    ) -> Result<Self> {
+        let path = path.as_ref();
+        let timescale = track_timescale(fps)?;
+        let encoder = H264Encoder::new(
+            width,
+            height,
+            fps,
+            options.quality,
+            options.keyframe_interval,
+        )?;
+        let file = AtomicFile::create(path)?;
+        let config = Mp4Config {
+            major_brand: (*b"isom").into(),
+            minor_version: 512,
+            compatible_brands: [b"isom", b"iso2", b"avc1", b"mp41"]
+                .map(|brand| (*brand).into())
+                .to_vec(),
+            timescale: MOVIE_TIMESCALE,
+        };
+        let muxer = mp4::Mp4Writer::write_start(BufWriter::new(file), &config)
+            .map_err(|e| mux_error(path, e))?;
+        Ok(Self {
+            muxer,
+            encoder,
+            path: path.to_owned(),
+            parameter_sets: None,
+            width,
+            height,
+            timescale,
+            frames_written: 0,
+        })
+    }
+
+    /// Encodes and appends one frame of `width · height · 3` RGB bytes. A frame of the wrong
+    /// length is rejected before anything is encoded, so the writer stays usable.
+    pub fn write_frame(&mut self, rgb: &[u8]) -> Result<()> {
+        let frame = self.encoder.encode(rgb)?;
+        self.check_parameter_sets(&frame)?;
+        let sample = Mp4Sample {
+            start_time: self.frames_written * u64::from(TICKS_PER_FRAME),
+            duration: TICKS_PER_FRAME,
+            rendering_offset: 0,
+            is_sync: frame.is_keyframe,
+            bytes: Bytes::from(frame.sample),
+        };
+        self.muxer
+            .write_sample(VIDEO_TRACK_ID, &sample)
+            .map_err(|e| mux_error(&self.path, e))?;
+        self.frames_written += 1;
+        Ok(())
+    }
+
+    /// Frames appended so far.
+    pub fn frames_written(&self) -> u64 {
+        self.frames_written
+    }
+
+    /// Writes the index, flushes the file to disk and moves it to its path.
+    pub fn finish(mut self) -> Result<()> {
+        if self.frames_written == 0 {
+            return Err(self.error("no frame was written; an MP4 needs at least one"));
+        }
+        let path = self.path;
+        self.muxer.write_end().map_err(|e| mux_error(&path, e))?;
+        let file = self
+            .muxer
+            .into_writer()
+            .into_inner()
+            .map_err(|e| Error::Io {
+                path: path.clone(),
+                source: e.into_error(),
+            })?;
+        tracing::debug!(
+            path = %path.display(),
+            frames = self.frames_written,
+            "finished MP4"
+        );
+        file.commit()
+    }
+
+    /// The first frame brings the parameter sets, which go into the track's sample entry; the
+    /// encoder repeats them at each keyframe, and an `avc1` track cannot change them.
+    fn check_parameter_sets(&mut self, frame: &EncodedFrame) -> Result<()> {
+        let Some((sps, pps)) = &self.parameter_sets else {
+            let (Some(sps), Some(pps)) = (&frame.sps, &frame.pps) else {
+                return Err(self.error("the H.264 encoder emitted no SPS/PPS with the first frame"));
+            };
+            self.add_track(sps, pps)?;
+            self.parameter_sets = Some((sps.clone(), pps.clone()));
+            return Ok(());
+        };
+        let sps_changed = frame.sps.as_ref().is_some_and(|new| new != sps);
+        let pps_changed = frame.pps.as_ref().is_some_and(|new| new != pps);
+        if sps_changed || pps_changed {
+            let index = self.frames_written;
+            Err(self.error(&format!(
+                "the H.264 encoder changed its parameter sets at frame {index}"
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn error(&self, reason: &str) -> Error {
+        media_error(&self.path, reason.to_owned())
+    }
+
+    fn add_track(&mut self, sps: &[u8], pps: &[u8]) -> Result<()> {
+        // `check_encodable_size` caps both sides at 3840.
+        let side = |n: usize| u16::try_from(n).unwrap_or(u16::MAX);
+        let track = TrackConfig {
+            track_type: TrackType::Video,
+            timescale: self.timescale,
+            language: "und".into(),
+            media_conf: MediaConfig::AvcConfig(AvcConfig {
+                width: side(self.width),
+                height: side(self.height),
+                seq_param_set: sps.to_vec(),
+                pic_param_set: pps.to_vec(),
+            }),
+        };
+        self.muxer
+            .add_track(&track)
+            .map_err(|e| mux_error(&self.path, e))
+    }
+}
+
+impl std::fmt::Debug for Mp4Writer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mp4Writer")
+            .field("path", &self.path)
+            .field("width", &self.width)
+            .field("height", &self.height)
+            .field("frames_written", &self.frames_written)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Video {
+    /// Writes the video as an H.264 MP4 at `path` (see [`Mp4Writer`] for the guarantees).
+    pub fn write_mp4(&self, path: impl AsRef<Path>, options: Mp4Options) -> Result<()> {
+        let mut writer = Mp4Writer::create(path, self.width(), self.height(), self.fps(), options)?;
+        for frame in self.frames() {
+            writer.write_frame(frame)?;
+        }
+        writer.finish()
+    }
+
+    /// Reads the first H.264 track of an MP4 file and decodes every frame to RGB. The frame rate
+    /// is that of the first frame.
+    pub fn read_mp4(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let io_error = |source| Error::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(io_error)?;
+        let size = file.metadata().map_err(io_error)?.len();
+        let mut reader = mp4::Mp4Reader::read_header(BufReader::new(file), size)
+            .map_err(|e| mux_error(path, e))?;
+        let track = H264Track::find(&reader, path)?;
+        let (frames, frame_ticks) = track.decode(&mut reader, path)?;
+        if frame_ticks == 0 {
+            return Err(media_error(
+                path,
+                "the video track has no timed frames".into(),
+            ));
+        }
+        let fps = Fps::new(f64::from(track.timescale) / f64::from(frame_ticks))?;
+        Self::new(track.width, track.height, fps, frames)
+    }
+}
+
+type Mp4Reader = mp4::Mp4Reader<BufReader<File>>;
+
+/// What decoding needs from an MP4's H.264 track.
+struct H264Track {
+    id: u32,
+    width: usize,
+    height: usize,
+    timescale: u32,
+    sample_count: u32,
+    sps: Vec<u8>,
+    pps: Vec<u8>,
+}
+
+impl H264Track {
+    /// The first H.264 track of the file.
+    fn find(reader: &Mp4Reader, path: &Path) -> Result<Self> {
+        let track = reader
+            .tracks()
+            .values()
+            .find(|track| matches!(track.media_type(), Ok(MediaType::H264)))
+            .ok_or_else(|| media_error(path, "the file has no H.264 video track".into()))?;
+        let parameter_set = |set: mp4::Result<&[u8]>| set.map(<[u8]>::to_vec);
+        Ok(Self {
+            id: track.track_id(),
+            width: usize::from(track.width()),
+            height: usize::from(track.height()),
+            timescale: track.timescale(),
+            sample_count: track.sample_count(),
+            sps: parameter_set(track.sequence_parameter_set()).map_err(|e| mux_error(path, e))?,
+            pps: parameter_set(track.picture_parameter_set()).map_err(|e| mux_error(path, e))?,
+        })
+    }
+
+    /// Every frame as RGB of the track's size, and the duration of the first in ticks.
+    fn decode(&self, reader: &mut Mp4Reader, path: &Path) -> Result<(Vec<Vec<u8>>, u32)> {
+        let mut decoder = H264Decoder::new(&self.sps, &self.pps)?;
+        let mut pictures = Vec::with_capacity(self.sample_count as usize);
+        let mut first_duration = 0;
+        for sample_id in 1..=self.sample_count {
+            let sample = reader
+                .read_sample(self.id, sample_id)
+                .map_err(|e| mux_error(path, e))?
+                .ok_or_else(|| {
+                    let count = self.sample_count;
+                    media_error(path, format!("sample {sample_id} of {count} is missing"))
+                })?;
+            if sample_id == 1 {
+                first_duration = sample.duration;
+            }
+            let index = sample_id as usize - 1;
+            pictures.extend(decoder.decode_sample(&sample.bytes, index)?);
+        }
+        pictures.extend(decoder.finish()?);
+
+        let frames = pictures
+            .into_iter()
+            .enumerate()
+            .map(|(index, picture)| {
+                if (picture.width, picture.height) == (self.width, self.height) {
+                    Ok(picture.rgb)
+                } else {
+                    let (w, h) = (self.width, self.height);
+                    let reason = format!(
+                        "frame {index} decodes to {}x{}, but the track is {w}x{h}",
+                        picture.width, picture.height
+                    );
+                    Err(media_error(path, reason))
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((frames, first_duration))
+    }
+}
+
+/// The track time scale for `fps`, with [`TICKS_PER_FRAME`] ticks per frame.
+fn track_timescale(fps: Fps) -> Result<u32> {
+    let timescale = (fps.get() * f64::from(TICKS_PER_FRAME)).round();
+    if timescale >= 1.0 && timescale <= f64::from(u32::MAX) {
+        Ok(timescale as u32)
+    } else {
+        Err(Error::Media {
+            what: "frame rate".into(),
+            reason: format!(
+                "{} fps cannot be stored in MP4: it must lie in [0.001, 4 294 967]",
+                fps.get()
+            ),
+        })
+    }
+}
+
+fn media_error(path: &Path, reason: String) -> Error {
+    Error::Media {
+        what: path.display().to_string(),
+        reason,
+    }
+}
+
+fn mux_error(path: &Path, error: mp4::Error) -> Error {
+    Error::Media {
+        what: path.display().to_string(),
+        reason: format!("MP4: {error}"),
+    }
+}

@@ -1,0 +1,184 @@
+//! Image to video with the Wan2.2 I2V A14B experts.
+//!
+//! ```text
+//! # the built-in demo (tiny random experts, a generated image):
+//! cargo run --release --example i2v
+//! # the released experts:
+//! cargo run --release --features cuda --example i2v -- --checkpoint-dir ckpts \
+//!     --image cat.jpg --prompt "the cat turns its head" --adaptive-resolution --device cuda
+//! ```
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::Parser;
+use turbodiffusion::attention::AttentionConfig;
+use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution, StepReport};
+use turbodiffusion::pipeline::{I2vRequest, ModelKind, SamplerChoice, DEMO_NOTICE};
+use turbodiffusion::sampler::{RcmMode, I2V_A14B_BOUNDARY};
+use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
+use turbodiffusion::{AttentionKind, Pipeline};
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "Generate a video from an image and a prompt with Wan2.2 I2V A14B + TurboDiffusion"
+)]
+struct Args {
+    #[arg(long, default_value = "the scene slowly comes to life")]
+    prompt: String,
+    /// PNG, JPEG or WebP; the demo generates one when absent.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Folder with the two expert checkpoints, the VAE, umT5 and its tokenizer; without it the
+    /// built-in demo runs (random weights).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long, default_value = "sagesla")]
+    attention_type: AttentionName,
+    #[arg(long, default_value_t = 0.1)]
+    sla_topk: f64,
+    #[arg(long)]
+    quant_linear: bool,
+    #[arg(long, default_value_t = 4)]
+    num_steps: usize,
+    /// σ of the first step (default 200).
+    #[arg(long)]
+    sigma_max: Option<f64>,
+    #[arg(long)]
+    ode: bool,
+    /// RF time at which the low-noise expert takes over.
+    #[arg(long, default_value_t = I2V_A14B_BOUNDARY)]
+    boundary: f64,
+    #[arg(long)]
+    num_frames: Option<usize>,
+    #[arg(long, default_value = "720p")]
+    resolution: Resolution,
+    #[arg(long, default_value = "16:9")]
+    aspect_ratio: AspectRatio,
+    /// Frame size from the image's aspect ratio instead of the table.
+    #[arg(long)]
+    adaptive_resolution: bool,
+    /// Centre-crop the image to the frame's aspect instead of stretching it (upstream stretches).
+    #[arg(long)]
+    center_crop: bool,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 16.0)]
+    fps: f64,
+    /// Output file (default `i2v_{seed}_{model}_{timestamp}.mp4`).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    dtype: DType,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum AttentionName {
+    Original,
+    Sla,
+    Sagesla,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let kind = match args.attention_type {
+        AttentionName::Original => AttentionKind::Original,
+        AttentionName::Sla => AttentionKind::sla(args.sla_topk)?,
+        AttentionName::Sagesla => AttentionKind::sagesla(args.sla_topk)?,
+    };
+    let device = args
+        .device
+        .open()
+        .with_context(|| format!("opening {}", args.device))?;
+    let demo = args.checkpoint_dir.is_none();
+    let pipeline = match &args.checkpoint_dir {
+        None => {
+            println!("{DEMO_NOTICE}");
+            Pipeline::demo_i2v(args.seed, AttentionConfig::new(kind), device)?
+        }
+        Some(dir) => Pipeline::builder(ModelKind::Wan22I2VA14B)
+            .checkpoint_dir(dir)
+            .attention(kind)
+            .quant_linear(args.quant_linear)
+            .device(device)
+            .dtype(args.dtype)
+            .build()?,
+    };
+    let image = match &args.image {
+        Some(path) => InputImage::open(path)?,
+        None => generated_image()?,
+    };
+    let mut request = I2vRequest::new(image, &args.prompt);
+    request.video.sampler = SamplerChoice::Rcm {
+        steps: args.num_steps,
+        sigma_max: args.sigma_max,
+        mode: if args.ode { RcmMode::Ode } else { RcmMode::Sde },
+    };
+    request.video.resolution = args.resolution;
+    request.video.aspect_ratio = args.aspect_ratio;
+    request.video.seed = args.seed;
+    request.video.fps = args.fps;
+    request.adaptive_resolution = args.adaptive_resolution;
+    request.fit = if args.center_crop {
+        ImageFit::CenterCrop
+    } else {
+        ImageFit::Stretch
+    };
+    request.boundary = args.boundary;
+    if demo {
+        request.video.size = Some((128, 128));
+        request.video.frames = 17;
+    }
+    if let Some(frames) = args.num_frames {
+        request.video.frames = frames;
+    }
+    let started = Instant::now();
+    let mut progress = |report: &StepReport| {
+        println!(
+            "step {}/{} (s = {:.4}) done at {:.2?}",
+            report.index + 1,
+            report.total,
+            report.s,
+            report.elapsed
+        );
+        ControlFlow::Continue(())
+    };
+    let video = pipeline.image_to_video_with_progress(&request, &mut progress)?;
+    let model = if demo {
+        "demo"
+    } else {
+        ModelKind::Wan22I2VA14B.short_name()
+    };
+    let output = args.output.clone().unwrap_or_else(|| {
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        PathBuf::from(format!("i2v_{}_{model}_{timestamp}.mp4", args.seed))
+    });
+    video.write_mp4(&output, Mp4Options::default())?;
+    println!(
+        "wrote {} ({} frames, {}x{}) in {:.2?}",
+        output.display(),
+        video.len(),
+        video.width(),
+        video.height(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+/// A colour gradient to start the demo from.
+fn generated_image() -> Result<InputImage> {
+    let (width, height) = (160u32, 90u32);
+    let rgb = (0..height)
+        .flat_map(|y| {
+            (0..width).flat_map(move |x| [(x * 255 / width) as u8, (y * 255 / height) as u8, 96])
+        })
+        .collect();
+    Ok(InputImage::from_rgb(width, height, rgb)?)
+}

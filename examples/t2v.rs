@@ -1,0 +1,202 @@
+//! Text to video with a Wan model.
+//!
+//! ```text
+//! # the built-in demo (tiny model, random weights, seconds on a CPU):
+//! cargo run --release --example t2v
+//! # a real model:
+//! cargo run --release --features cuda --example t2v -- --checkpoint-dir ckpts \
+//!     --model 1.3b --prompt "a cat surfing" --attention-type sagesla --sla-topk 0.1 --device cuda
+//! ```
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use candle_core::DType;
+use clap::{Parser, ValueEnum};
+use turbodiffusion::attention::{AttentionConfig, BlockSizes};
+use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution, StepReport};
+use turbodiffusion::pipeline::{demo_request, ModelKind, SamplerChoice, DEMO_NOTICE};
+use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
+use turbodiffusion::video::Mp4Options;
+use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Model {
+    #[value(name = "1.3b")]
+    Wan1_3B,
+    #[value(name = "14b")]
+    Wan14B,
+}
+
+#[derive(Parser, Debug)]
+#[command(about = "Generate a video from a prompt with Wan + TurboDiffusion")]
+struct Args {
+    #[arg(
+        long,
+        default_value = "a red fox running through fresh snow, cinematic lighting"
+    )]
+    prompt: String,
+    /// Folder with the checkpoint files; without it, the built-in demo runs (random weights).
+    #[arg(long)]
+    checkpoint_dir: Option<PathBuf>,
+    #[arg(long, value_enum, default_value = "1.3b")]
+    model: Model,
+    /// original, sla or sagesla.
+    #[arg(long, default_value = "sagesla")]
+    attention_type: String,
+    #[arg(long, default_value_t = 0.1)]
+    sla_topk: f64,
+    /// Prefer the W8A8 `-quant` checkpoint.
+    #[arg(long)]
+    quant_linear: bool,
+    /// rcm (the distilled 1–4 step sampler), or a teacher: unipc, dpm++, euler.
+    #[arg(long, default_value = "rcm")]
+    solver: String,
+    #[arg(long, default_value_t = 4)]
+    num_steps: usize,
+    /// rCM: σ of the first step (default 80).
+    #[arg(long)]
+    sigma_max: Option<f64>,
+    /// rCM: deterministic ODE steps instead of the SDE.
+    #[arg(long)]
+    ode: bool,
+    /// Teachers: timestep shift, guidance scale and negative prompt.
+    #[arg(long, default_value_t = 5.0)]
+    shift: f64,
+    #[arg(long, default_value_t = 5.0)]
+    guidance: f64,
+    #[arg(long, default_value = WAN_NEGATIVE_PROMPT)]
+    negative_prompt: String,
+    /// 4n + 1 frames (default 81; 17 in the demo).
+    #[arg(long)]
+    num_frames: Option<usize>,
+    #[arg(long, default_value = "480p")]
+    resolution: Resolution,
+    #[arg(long, default_value = "16:9")]
+    aspect_ratio: AspectRatio,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 16.0)]
+    fps: f64,
+    /// Output file (default `t2v_{seed}_{model}_{timestamp}.mp4`).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: DeviceSpec,
+    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
+    dtype: DType,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let attention = AttentionConfig {
+        kind: attention_kind(&args)?,
+        blocks: BlockSizes::default(),
+    };
+    let device = args
+        .device
+        .open()
+        .with_context(|| format!("opening {}", args.device))?;
+    let (pipeline, mut request, model_name) = match &args.checkpoint_dir {
+        None => {
+            println!("{DEMO_NOTICE}");
+            let request = demo_request(&args.prompt);
+            (
+                Pipeline::demo(args.seed, attention, device)?,
+                request,
+                "demo",
+            )
+        }
+        Some(dir) => {
+            let kind = match args.model {
+                Model::Wan1_3B => ModelKind::Wan21T2V1_3B,
+                Model::Wan14B => ModelKind::Wan21T2V14B,
+            };
+            let pipeline = Pipeline::builder(kind)
+                .checkpoint_dir(dir)
+                .attention(attention.kind)
+                .quant_linear(args.quant_linear)
+                .device(device)
+                .dtype(args.dtype)
+                .build()?;
+            let request = T2vRequest {
+                resolution: args.resolution,
+                aspect_ratio: args.aspect_ratio,
+                ..T2vRequest::new(&args.prompt)
+            };
+            (pipeline, request, kind.short_name())
+        }
+    };
+    request.sampler = sampler(&args)?;
+    request.seed = args.seed;
+    request.fps = args.fps;
+    if let Some(frames) = args.num_frames {
+        request.frames = frames;
+    }
+    let started = Instant::now();
+    let mut progress = |report: &StepReport| {
+        println!(
+            "step {}/{} (s = {:.4}) done at {:.2?}",
+            report.index + 1,
+            report.total,
+            report.s,
+            report.elapsed
+        );
+        ControlFlow::Continue(())
+    };
+    let video = pipeline.text_to_video_with_progress(&request, &mut progress)?;
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(args.seed, model_name));
+    video.write_mp4(&output, Mp4Options::default())?;
+    println!(
+        "wrote {} ({} frames, {}x{}, {} fps) in {:.2?}",
+        output.display(),
+        video.len(),
+        video.width(),
+        video.height(),
+        video.fps().get(),
+        started.elapsed()
+    );
+    Ok(())
+}
+
+fn attention_kind(args: &Args) -> Result<AttentionKind> {
+    Ok(match args.attention_type.as_str() {
+        "original" => AttentionKind::Original,
+        "sla" => AttentionKind::sla(args.sla_topk)?,
+        "sagesla" => AttentionKind::sagesla(args.sla_topk)?,
+        other => {
+            anyhow::bail!("unknown --attention-type `{other}`: expected original, sla or sagesla")
+        }
+    })
+}
+
+fn sampler(args: &Args) -> Result<SamplerChoice> {
+    if args.solver == "rcm" {
+        let mode = if args.ode { RcmMode::Ode } else { RcmMode::Sde };
+        return Ok(SamplerChoice::Rcm {
+            steps: args.num_steps,
+            sigma_max: args.sigma_max,
+            mode,
+        });
+    }
+    Ok(SamplerChoice::Teacher {
+        solver: args.solver.parse::<FlowSolver>()?,
+        steps: args.num_steps,
+        shift: args.shift,
+        guidance: args.guidance,
+        negative_prompt: args.negative_prompt.clone(),
+    })
+}
+
+/// `t2v_{seed}_{model}_{timestamp}.mp4`, as upstream names its outputs.
+fn default_output(seed: u64, model: &str) -> PathBuf {
+    let timestamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from(format!("t2v_{seed}_{model}_{timestamp}.mp4"))
+}

@@ -1,0 +1,137 @@
+//! The built-in demo: a tiny Wan model set with seeded random weights and a character-level
+//! tokenizer, small enough to run the whole pipeline on two CPU cores in seconds.
+
+use candle_core::{DType, Device};
+use tokenizers::models::unigram::Unigram;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::Tokenizer;
+use turbo_attention::{Attention, AttentionConfig};
+use turbo_core::{Error, Result};
+use turbo_models::tokenizer::{PromptTokenizer, EOS_TOKEN};
+use turbo_models::wan::{expected_tensors, ModelType, PatchLayout, WanConfig};
+use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+
+use super::{ModelSet, Pipeline, RandomCheckpoint, T2vRequest, WeightSource};
+
+/// What the demo's output is, for the caller to show the user.
+pub const DEMO_NOTICE: &str = "demo mode: a tiny Wan model with seeded RANDOM weights (the video \
+is structured noise, not a picture of the prompt). For real videos, download the TurboWan \
+checkpoints (see docs/checkpoints.md) and pass --checkpoint-dir.";
+
+/// Tokens of the demo tokenizer: padding, end, unknown, then every lower-case letter and digit
+/// with and without the word-start marker.
+fn demo_vocab() -> Vec<String> {
+    let symbols: Vec<char> = ('a'..='z').chain('0'..='9').collect();
+    ["<pad>", EOS_TOKEN, "<unk>"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain(symbols.iter().map(|c| format!("▁{c}")))
+        .chain(symbols.iter().map(|c| c.to_string()))
+        .collect()
+}
+
+fn demo_tokenizer() -> Result<PromptTokenizer> {
+    let scored = demo_vocab()
+        .into_iter()
+        .map(|token| (token, -1.0))
+        .collect();
+    let model = Unigram::from(scored, Some(2), false).map_err(|e| Error::Tokenizer {
+        path: "<demo>".into(),
+        reason: e.to_string(),
+    })?;
+    let mut tokenizer = Tokenizer::new(model);
+    tokenizer.with_pre_tokenizer(Some(Metaspace::new('▁', PrependScheme::Always, true)));
+    PromptTokenizer::new(tokenizer)
+}
+
+fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
+    let text_encoder = Umt5Config {
+        vocab: demo_vocab().len(),
+        dim: 32,
+        dim_attn: 32,
+        dim_ffn: 64,
+        num_heads: 2,
+        num_layers: 2,
+        ..Umt5Config::umt5_xxl()
+    };
+    let dit = WanConfig {
+        model_type,
+        dim: 64,
+        ffn_dim: 128,
+        freq_dim: 64,
+        text_dim: text_encoder.dim,
+        text_len: 64,
+        in_dim: match model_type {
+            ModelType::T2v => 16,
+            ModelType::I2v => 36,
+        },
+        out_dim: 16,
+        num_heads: 2,
+        num_layers: 2,
+        eps: 1e-6,
+    };
+    let vae = VaeConfig {
+        dim: 8,
+        num_res_blocks: 1,
+        ..VaeConfig::wan21()
+    };
+    // Listing the SLA `proj_l` keys lets every attention kind run on the same weights.
+    let sla = AttentionConfig::new(turbo_core::AttentionKind::sla(0.1).expect("valid top-k"));
+    let dit_keys =
+        expected_tensors::<Box<dyn Attention>>(&dit, PatchLayout::Linear, &sla, DType::F32)
+            .into_iter()
+            .map(|spec| (spec.name, spec.shape))
+            .collect::<Vec<_>>();
+    // The I2V demo's two experts differ only by their seed.
+    let low_noise = (model_type == ModelType::I2v)
+        .then(|| WeightSource::Random(RandomCheckpoint::new(seed + 3, dit_keys.clone())));
+    ModelSet {
+        dit_weights: WeightSource::Random(RandomCheckpoint::new(seed, dit_keys)),
+        dit_low_noise_weights: low_noise,
+        text_encoder_weights: WeightSource::Random(RandomCheckpoint::new(
+            seed + 1,
+            Umt5Encoder::expected_keys(&text_encoder),
+        )),
+        vae_weights: WeightSource::Random(RandomCheckpoint::new(
+            seed + 2,
+            WanVae::expected_keys(&vae),
+        )),
+        dit,
+        text_encoder,
+        vae,
+    }
+}
+
+impl Pipeline {
+    /// The built-in demo pipeline: tiny models with weights drawn from `seed` (see
+    /// [`DEMO_NOTICE`]), computing in f32 on `device`.
+    pub fn demo(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
+        Self::from_parts(
+            demo_models(seed, ModelType::T2v),
+            demo_tokenizer()?,
+            attention,
+            device,
+            DType::F32,
+        )
+    }
+
+    /// The image-to-video demo: like [`Pipeline::demo`], with two tiny random I2V experts.
+    pub fn demo_i2v(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
+        Self::from_parts(
+            demo_models(seed, ModelType::I2v),
+            demo_tokenizer()?,
+            attention,
+            device,
+            DType::F32,
+        )
+    }
+}
+
+/// A request at the demo's size: 128×128, 17 frames (about one second at 16 fps).
+pub fn demo_request(prompt: impl Into<String>) -> T2vRequest {
+    T2vRequest {
+        size: Some((128, 128)),
+        frames: 17,
+        ..T2vRequest::new(prompt)
+    }
+}

@@ -1,0 +1,374 @@
+//! The end-to-end pipeline: prompt → umT5 → rCM (or a teacher) with the Wan DiT → VAE → video.
+//!
+//! Each stage's model is loaded when the stage starts and dropped when it ends, so only one of
+//! the text encoder, the DiT and the VAE is resident at a time.
+
+mod demo;
+mod files;
+mod i2v;
+mod random;
+mod request;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
+use turbo_core::{Error, NoProgress, Progress, Result, SeededNoise};
+use turbo_models::tokenizer::PromptTokenizer;
+use turbo_models::wan::{DitCondition, ModelType, WanConfig, WanModel};
+use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+use turbo_sampler::{FlowSampler, GuidanceScale, Guided, RcmSampler, T2V_SIGMA_MAX};
+use turbo_video::{Fps, Video};
+
+pub use demo::{demo_request, DEMO_NOTICE};
+pub use files::{
+    ModelFiles, ModelKind, WeightSource, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE_FILE,
+};
+pub use i2v::I2vRequest;
+pub use random::RandomCheckpoint;
+pub use request::{SamplerChoice, T2vRequest};
+
+/// The shapes of the three models and where their weights come from.
+#[derive(Debug, Clone)]
+pub struct ModelSet {
+    pub dit: WanConfig,
+    /// The DiT, or for Wan2.2 A14B its high-noise expert.
+    pub dit_weights: WeightSource,
+    /// The low-noise expert of Wan2.2 A14B (`None` for one-model families).
+    pub dit_low_noise_weights: Option<WeightSource>,
+    pub text_encoder: Umt5Config,
+    pub text_encoder_weights: WeightSource,
+    pub vae: VaeConfig,
+    pub vae_weights: WeightSource,
+}
+
+/// Text-to-video generation with a Wan model.
+#[derive(Debug, Clone)]
+pub struct Pipeline {
+    models: ModelSet,
+    tokenizer: PromptTokenizer,
+    attention: AttentionConfig,
+    device: Device,
+    dtype: DType,
+}
+
+/// Builds a [`Pipeline`] over the released files.
+#[derive(Debug, Clone)]
+pub struct PipelineBuilder {
+    kind: ModelKind,
+    checkpoint_dir: Option<PathBuf>,
+    files: Option<ModelFiles>,
+    attention: AttentionConfig,
+    quant_linear: bool,
+    device: Device,
+    dtype: DType,
+}
+
+impl PipelineBuilder {
+    /// A folder holding the upstream file names (see [`ModelFiles::find`]).
+    pub fn checkpoint_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.checkpoint_dir = Some(dir.into());
+        self
+    }
+
+    /// Explicit file paths, instead of a folder.
+    pub fn files(mut self, files: ModelFiles) -> Self {
+        self.files = Some(files);
+        self
+    }
+
+    /// The self-attention backend (default `sagesla:0.1`, as TurboDiffusion).
+    pub fn attention(mut self, kind: AttentionKind) -> Self {
+        self.attention.kind = kind;
+        self
+    }
+
+    pub fn attention_blocks(mut self, blocks: BlockSizes) -> Self {
+        self.attention.blocks = blocks;
+        self
+    }
+
+    /// Prefer the `-quant` (W8A8) DiT release when looking in a folder.
+    pub fn quant_linear(mut self, quant: bool) -> Self {
+        self.quant_linear = quant;
+        self
+    }
+
+    pub fn device(mut self, device: Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Compute dtype of the DiT's linears and the text encoder (default bf16).
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    pub fn build(self) -> Result<Pipeline> {
+        self.attention.kind.validate()?;
+        let files = match (self.files, &self.checkpoint_dir) {
+            (Some(files), _) => files,
+            (None, Some(dir)) => ModelFiles::find(dir, self.kind, self.quant_linear)?,
+            (None, None) => {
+                return Err(Error::InvalidConfig {
+                    field: "checkpoints".into(),
+                    reason: "give a checkpoint folder or explicit files".into(),
+                })
+            }
+        };
+        let dit = match self.kind {
+            ModelKind::Wan21T2V1_3B => WanConfig::wan21_t2v_1_3b(),
+            ModelKind::Wan21T2V14B => WanConfig::wan21_t2v_14b(),
+            ModelKind::Wan22I2VA14B => WanConfig::wan22_i2v_a14b(),
+        };
+        Ok(Pipeline {
+            tokenizer: PromptTokenizer::from_file(&files.tokenizer)?,
+            models: ModelSet {
+                dit,
+                dit_weights: WeightSource::File(files.dit),
+                dit_low_noise_weights: files.dit_low_noise.map(WeightSource::File),
+                text_encoder: Umt5Config::umt5_xxl(),
+                text_encoder_weights: WeightSource::File(files.text_encoder),
+                vae: VaeConfig::wan21(),
+                vae_weights: WeightSource::File(files.vae),
+            },
+            attention: self.attention,
+            device: self.device,
+            dtype: self.dtype,
+        })
+    }
+}
+
+impl Pipeline {
+    /// Starts building a pipeline for the released `kind`.
+    pub fn builder(kind: ModelKind) -> PipelineBuilder {
+        PipelineBuilder {
+            kind,
+            checkpoint_dir: None,
+            files: None,
+            attention: AttentionConfig::new(AttentionKind::SageSla {
+                topk: turbo_core::DEFAULT_SLA_TOPK,
+            }),
+            quant_linear: false,
+            device: Device::Cpu,
+            dtype: DType::BF16,
+        }
+    }
+
+    /// A pipeline over any model set (tiny custom models, random weights).
+    pub fn from_parts(
+        models: ModelSet,
+        tokenizer: PromptTokenizer,
+        attention: AttentionConfig,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        attention.kind.validate()?;
+        Ok(Self {
+            models,
+            tokenizer,
+            attention,
+            device,
+            dtype,
+        })
+    }
+
+    pub fn models(&self) -> &ModelSet {
+        &self.models
+    }
+
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
+
+    /// Generates a video for `request`.
+    pub fn text_to_video(&self, request: &T2vRequest) -> Result<Video> {
+        self.text_to_video_with_progress(request, &mut NoProgress)
+    }
+
+    /// [`Pipeline::text_to_video`], reporting every sampling step to `progress`. Every
+    /// setting is checked before any model is loaded.
+    pub fn text_to_video_with_progress(
+        &self,
+        request: &T2vRequest,
+        progress: &mut dyn Progress,
+    ) -> Result<Video> {
+        let plan = self.plan(request)?;
+        let contexts = self.encode_prompts(&request.prompt, plan.negative_prompt.as_deref())?;
+        let latent = self.sample(&plan, contexts, request.seed, progress)?;
+        let frames = self.decode(&latent)?;
+        Video::from_tensor(&frames, plan.fps)
+    }
+
+    /// Everything a request needs, validated.
+    fn plan(&self, request: &T2vRequest) -> Result<Plan> {
+        if self.models.dit.model_type != ModelType::T2v {
+            return Err(Error::InvalidConfig {
+                field: "model".into(),
+                reason:
+                    "this pipeline holds an image-to-video model; text_to_video needs a T2V model"
+                        .into(),
+            });
+        }
+        if request.prompt.trim().is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        let geometry = request.geometry()?;
+        let mut attention = self.attention;
+        if let Some(topk) = request.sla_topk {
+            attention.kind = with_topk(attention.kind, topk)?;
+        }
+        let sampler = match &request.sampler {
+            SamplerChoice::Rcm { .. } => {
+                let cfg = request
+                    .sampler
+                    .rcm_config(T2V_SIGMA_MAX)
+                    .expect("an rCM choice");
+                PlannedSampler::Rcm(RcmSampler::new(cfg)?)
+            }
+            SamplerChoice::Teacher {
+                solver,
+                steps,
+                shift,
+                guidance,
+                ..
+            } => {
+                let scale = GuidanceScale::Constant(*guidance);
+                PlannedSampler::Teacher(FlowSampler::wan(*solver, *steps, *shift)?, scale)
+            }
+        };
+        let negative_prompt = match &request.sampler {
+            SamplerChoice::Teacher {
+                negative_prompt, ..
+            } => Some(negative_prompt.clone()),
+            SamplerChoice::Rcm { .. } => None,
+        };
+        Ok(Plan {
+            latent_shape: geometry.latent_shape().dims().to_vec(),
+            attention,
+            sampler,
+            negative_prompt,
+            fps: Fps::new(request.fps)?,
+        })
+    }
+
+    /// The text contexts of the prompt and, for guided sampling, of the negative prompt. The
+    /// encoder is dropped before returning.
+    fn encode_prompts(
+        &self,
+        prompt: &str,
+        negative: Option<&str>,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
+        let encoder = Umt5Encoder::load(vb, &self.models.text_encoder)?;
+        let encode = |text: &str| -> Result<Tensor> {
+            let context = encoder.encode_prompt(&self.tokenizer.encode(text)?)?;
+            Ok(context.to_dtype(DType::F32)?)
+        };
+        Ok((encode(prompt)?, negative.map(encode).transpose()?))
+    }
+
+    /// Samples the latent; the DiT is dropped before returning.
+    fn sample(
+        &self,
+        plan: &Plan,
+        (context, negative): (Tensor, Option<Tensor>),
+        seed: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
+        let dit = self.load_dit(&self.models.dit_weights, &plan.attention)?;
+        let condition = DitCondition::text(context);
+        let mut noise = SeededNoise::new(seed);
+        let shape = &plan.latent_shape;
+        match (&plan.sampler, negative) {
+            (PlannedSampler::Rcm(sampler), _) => {
+                sampler.sample(&dit, &condition, &mut noise, shape, &self.device, progress)
+            }
+            (PlannedSampler::Teacher(sampler, scale), Some(negative)) => {
+                let negative = DitCondition::text(negative);
+                let guided = Guided::new(&dit, &negative, *scale)?;
+                sampler.sample(
+                    &guided,
+                    &condition,
+                    &mut noise,
+                    shape,
+                    &self.device,
+                    progress,
+                )
+            }
+            (PlannedSampler::Teacher(..), None) => {
+                unreachable!("plan() sets a negative prompt for teachers")
+            }
+        }
+    }
+
+    fn load_dit(
+        &self,
+        weights: &WeightSource,
+        attention: &AttentionConfig,
+    ) -> Result<WanModel<Box<dyn Attention>>> {
+        match weights {
+            WeightSource::File(path) => WanModel::from_checkpoint(
+                path,
+                Some(&self.models.dit),
+                attention,
+                self.dtype,
+                &self.device,
+            ),
+            source @ WeightSource::Random(_) => WanModel::load(
+                self.var_builder(source, self.dtype)?,
+                &self.models.dit,
+                attention,
+            ),
+        }
+    }
+
+    /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`; the VAE is dropped after.
+    fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        // The VAE runs in f32, as upstream; bf16 VAE decoding is a later optimisation.
+        let vae = WanVae::load(
+            self.var_builder(&self.models.vae_weights, DType::F32)?,
+            &self.models.vae,
+        )?;
+        Ok(vae
+            .decode(&latent.to_dtype(DType::F32)?.unsqueeze(0)?)?
+            .squeeze(0)?)
+    }
+
+    fn var_builder(
+        &self,
+        source: &WeightSource,
+        dtype: DType,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        match source {
+            WeightSource::File(path) => {
+                turbo_models::Checkpoint::open(path)?.var_builder(dtype, &self.device)
+            }
+            WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, &self.device)),
+        }
+    }
+}
+
+/// `kind` with its top-k fraction replaced (dense attention has none).
+fn with_topk(kind: AttentionKind, topk: f64) -> Result<AttentionKind> {
+    match kind {
+        AttentionKind::Original => Ok(AttentionKind::Original),
+        AttentionKind::Sla { .. } => AttentionKind::sla(topk),
+        AttentionKind::SageSla { .. } => AttentionKind::sagesla(topk),
+    }
+}
+
+/// A validated request.
+struct Plan {
+    latent_shape: Vec<usize>,
+    attention: AttentionConfig,
+    sampler: PlannedSampler,
+    negative_prompt: Option<String>,
+    fps: Fps,
+}
+
+enum PlannedSampler {
+    Rcm(RcmSampler),
+    Teacher(FlowSampler, GuidanceScale),
+}

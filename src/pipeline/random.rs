@@ -1,0 +1,157 @@
+//! Seeded random weights with the exact names and shapes of a checkpoint: for the built-in demo
+//! and for tests that write tiny models in the real formats.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use turbo_core::{Error, Result};
+
+/// Every tensor of a checkpoint, drawn on demand from `seed` and the tensor's name, so a tensor
+/// has the same values whichever order it is read in.
+///
+/// Values are scaled so that a network built from them keeps its activations in a sane range:
+/// norm gains near 1, biases and modulations near 0, other weights N(0, 1/fan_in).
+#[derive(Debug, Clone)]
+pub struct RandomCheckpoint {
+    seed: u64,
+    shapes: BTreeMap<String, Vec<usize>>,
+}
+
+impl RandomCheckpoint {
+    pub fn new(seed: u64, shapes: impl IntoIterator<Item = (String, Vec<usize>)>) -> Self {
+        Self {
+            seed,
+            shapes: shapes.into_iter().collect(),
+        }
+    }
+
+    /// The tensor called `name`, in f32 on the CPU.
+    pub fn tensor(&self, name: &str) -> Result<Tensor> {
+        let shape = self.shapes.get(name).ok_or_else(|| Error::Checkpoint {
+            path: "<random weights>".into(),
+            reason: format!("no tensor `{name}`"),
+        })?;
+        let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(name.as_bytes()));
+        let count: usize = shape.iter().product();
+        let (mean, std) = value_scale(name, shape);
+        let values: Vec<f32> = (0..count)
+            .map(|_| {
+                mean + std
+                    * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut rng)
+            })
+            .collect();
+        Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
+    }
+
+    /// A `VarBuilder` serving these tensors in `dtype` on `device`.
+    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+    }
+
+    /// Writes every tensor to a `.safetensors` file in `dtype`.
+    pub fn save_safetensors(&self, path: &Path, dtype: DType) -> Result<()> {
+        let tensors = self
+            .shapes
+            .keys()
+            .map(|name| Ok((name.clone(), self.tensor(name)?.to_dtype(dtype)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        Ok(candle_core::safetensors::save(&tensors, path)?)
+    }
+}
+
+/// FNV-1a: a name hash that, unlike std's `DefaultHasher`, is the same in every Rust release.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// (mean, std) of the values of a tensor, from its role as its name tells it.
+fn value_scale(name: &str, shape: &[usize]) -> (f32, f32) {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let is_norm = name.contains("norm") || leaf == "gamma";
+    match leaf {
+        "bias" | "beta" => (0.0, 0.02),
+        _ if is_norm => (1.0, 0.05),
+        "modulation" => (0.0, 0.05),
+        _ => {
+            let fan_in = shape.iter().skip(1).product::<usize>().max(1);
+            (0.0, 1.0 / (fan_in as f32).sqrt())
+        }
+    }
+}
+
+impl SimpleBackend for RandomCheckpoint {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .tensor(name)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        if tensor.shape() != &shape {
+            candle_core::bail!(
+                "shape mismatch for {name}: expected {shape:?}, got {:?}",
+                tensor.shape()
+            );
+        }
+        tensor.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self
+            .tensor(name)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        tensor.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.shapes.contains_key(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_depend_on_seed_and_name_not_on_order() {
+        let shapes = [
+            ("a.weight".to_owned(), vec![4, 8]),
+            ("b.bias".to_owned(), vec![4]),
+        ];
+        let first = RandomCheckpoint::new(7, shapes.clone());
+        let again = RandomCheckpoint::new(7, shapes.clone().into_iter().rev());
+        let other = RandomCheckpoint::new(8, shapes);
+        let values = |c: &RandomCheckpoint| {
+            c.tensor("a.weight")
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        assert_eq!(values(&first), values(&again));
+        assert_ne!(values(&first), values(&other));
+        let bias_max = first
+            .tensor("b.bias")
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(bias_max < 0.2);
+    }
+}

@@ -1,0 +1,118 @@
+//! What a caller asks for: every upstream option with the upstream default.
+
+use turbo_core::{AspectRatio, FrameCount, FrameSize, Resolution, Result, VideoGeometry};
+use turbo_sampler::{FlowSolver, RcmConfig, RcmMode};
+
+/// How the latent is sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SamplerChoice {
+    /// The distilled rCM students (TurboDiffusion): 1–4 steps, no guidance.
+    Rcm {
+        steps: usize,
+        /// σ of the first step; `None` takes the task's default (80 for T2V, 200 for I2V).
+        sigma_max: Option<f64>,
+        mode: RcmMode,
+    },
+    /// A flow-matching teacher solver for the undistilled Wan checkpoints, with classifier-free
+    /// guidance against `negative_prompt`.
+    Teacher {
+        solver: FlowSolver,
+        steps: usize,
+        shift: f64,
+        guidance: f64,
+        negative_prompt: String,
+    },
+}
+
+impl Default for SamplerChoice {
+    /// TurboDiffusion's default: 4 rCM steps, SDE.
+    fn default() -> Self {
+        Self::Rcm {
+            steps: 4,
+            sigma_max: None,
+            mode: RcmMode::Sde,
+        }
+    }
+}
+
+impl SamplerChoice {
+    /// The Wan2.1 T2V teacher defaults: UniPC, 50 steps, shift 5, guidance 5, the upstream
+    /// negative prompt.
+    pub fn wan_teacher() -> Self {
+        Self::Teacher {
+            solver: FlowSolver::UniPc,
+            steps: 50,
+            shift: 5.0,
+            guidance: 5.0,
+            negative_prompt: turbo_sampler::WAN_NEGATIVE_PROMPT.to_owned(),
+        }
+    }
+
+    /// The rCM settings for a task whose default σ_max is `default_sigma_max`.
+    pub(crate) fn rcm_config(&self, default_sigma_max: f64) -> Option<RcmConfig> {
+        match *self {
+            Self::Rcm {
+                steps,
+                sigma_max,
+                mode,
+            } => Some(RcmConfig {
+                sigma_max: sigma_max.unwrap_or(default_sigma_max),
+                mode,
+                ..RcmConfig::t2v(steps)
+            }),
+            Self::Teacher { .. } => None,
+        }
+    }
+}
+
+/// A text-to-video request. `Default` gives TurboDiffusion's T2V defaults (an empty prompt
+/// must be filled in).
+#[derive(Debug, Clone, PartialEq)]
+pub struct T2vRequest {
+    pub prompt: String,
+    pub sampler: SamplerChoice,
+    /// Frames, 4n + 1 (81: five seconds at 16 fps).
+    pub frames: usize,
+    pub resolution: Resolution,
+    pub aspect_ratio: AspectRatio,
+    /// An explicit frame size (multiples of 16) instead of the resolution table.
+    pub size: Option<(usize, usize)>,
+    pub seed: u64,
+    /// SLA / SageSLA top-k fraction for this request, instead of the pipeline's.
+    pub sla_topk: Option<f64>,
+    pub fps: f64,
+}
+
+impl Default for T2vRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            sampler: SamplerChoice::default(),
+            frames: FrameCount::DEFAULT.get(),
+            resolution: Resolution::P480,
+            aspect_ratio: AspectRatio::Wide16x9,
+            size: None,
+            seed: 0,
+            sla_topk: None,
+            fps: 16.0,
+        }
+    }
+}
+
+impl T2vRequest {
+    pub fn new(prompt: impl Into<String>) -> Self {
+        Self {
+            prompt: prompt.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The video geometry, checked (4n + 1 frames, sizes multiples of 16).
+    pub fn geometry(&self) -> Result<VideoGeometry> {
+        let size = match self.size {
+            Some((width, height)) => FrameSize::new(width, height)?,
+            None => self.resolution.frame_size(self.aspect_ratio),
+        };
+        Ok(VideoGeometry::new(size, FrameCount::new(self.frames)?))
+    }
+}

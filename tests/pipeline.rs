@@ -1,0 +1,236 @@
+//! The pipeline end to end on the CPU, through the public API only, as a downstream app uses it.
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use turbodiffusion::attention::AttentionConfig;
+use turbodiffusion::core::{Error, Resolution, StepReport};
+use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
+use turbodiffusion::sampler::{FlowSolver, RcmMode};
+use turbodiffusion::video::{InputImage, Video};
+use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+fn demo(kind: AttentionKind) -> Pipeline {
+    Pipeline::demo(3, AttentionConfig::new(kind), Device::Cpu).unwrap()
+}
+
+/// A short demo request (9 frames keep the suite fast).
+fn short(prompt: &str, seed: u64) -> T2vRequest {
+    T2vRequest {
+        frames: 9,
+        seed,
+        ..demo_request(prompt)
+    }
+}
+
+#[test]
+fn every_attention_kind_makes_a_video_of_the_requested_size() {
+    for kind in [
+        AttentionKind::Original,
+        AttentionKind::sla(0.5).unwrap(),
+        AttentionKind::sagesla(0.5).unwrap(),
+    ] {
+        let video = demo(kind).text_to_video(&short("a cat", 1)).unwrap();
+        assert_eq!(
+            (video.len(), video.width(), video.height()),
+            (9, 128, 128),
+            "{kind}"
+        );
+        let first = &video.frames()[0];
+        assert!(
+            first.iter().any(|&v| v != first[0]),
+            "{kind}: a constant frame"
+        );
+    }
+}
+
+#[test]
+fn the_seed_decides_the_video() {
+    let pipeline = demo(AttentionKind::sla(0.5).unwrap());
+    let frames = |seed| {
+        pipeline
+            .text_to_video(&short("a dog", seed))
+            .unwrap()
+            .frames()
+            .to_vec()
+    };
+    assert_eq!(frames(5), frames(5));
+    assert_ne!(frames(5), frames(6));
+}
+
+#[test]
+fn ode_and_teacher_samplers_run() {
+    let pipeline = demo(AttentionKind::Original);
+    for sampler in [
+        SamplerChoice::Rcm {
+            steps: 2,
+            sigma_max: Some(200.0),
+            mode: RcmMode::Ode,
+        },
+        SamplerChoice::Teacher {
+            solver: FlowSolver::Euler,
+            steps: 2,
+            shift: 5.0,
+            guidance: 5.0,
+            negative_prompt: "blurry".into(),
+        },
+    ] {
+        let request = T2vRequest {
+            sampler: sampler.clone(),
+            ..short("a bird", 0)
+        };
+        assert_eq!(
+            pipeline.text_to_video(&request).unwrap().len(),
+            9,
+            "{sampler:?}"
+        );
+    }
+}
+
+#[test]
+fn bad_requests_fail_before_any_work() {
+    let pipeline = demo(AttentionKind::sla(0.1).unwrap());
+    let fails = |request: T2vRequest| pipeline.text_to_video(&request).unwrap_err();
+    let five_steps = SamplerChoice::Rcm {
+        steps: 5,
+        sigma_max: None,
+        mode: RcmMode::Sde,
+    };
+    let cases = [
+        (
+            T2vRequest {
+                frames: 80,
+                ..short("x", 0)
+            },
+            "InvalidFrameCount",
+        ),
+        (
+            T2vRequest {
+                sla_topk: Some(0.0),
+                ..short("x", 0)
+            },
+            "InvalidTopk",
+        ),
+        (
+            T2vRequest {
+                sampler: five_steps,
+                ..short("x", 0)
+            },
+            "InvalidSamplerSetting",
+        ),
+        (
+            T2vRequest {
+                size: Some((100, 128)),
+                ..short("x", 0)
+            },
+            "InvalidFrameSize",
+        ),
+        (short("   ", 0), "EmptyPrompt"),
+    ];
+    for (request, variant) in cases {
+        let err = fails(request);
+        assert!(
+            format!("{err:?}").starts_with(variant),
+            "expected {variant}, got {err:?}"
+        );
+    }
+    assert!(matches!(
+        fails(T2vRequest {
+            fps: 0.0,
+            ..short("x", 0)
+        }),
+        Error::Media { .. }
+    ));
+    assert!(matches!(
+        "1080p".parse::<Resolution>(),
+        Err(Error::UnknownResolution { .. })
+    ));
+}
+
+/// A folder under the system temp dir, removed when dropped.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn tiny_models_written_as_safetensors_files_give_the_same_video() {
+    let dir = TempDir(std::env::temp_dir().join(format!("turbo-pipeline-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let reference = demo(AttentionKind::Original);
+    let mut models: ModelSet = reference.models().clone();
+    for (name, source) in [
+        ("dit", &mut models.dit_weights),
+        ("umt5", &mut models.text_encoder_weights),
+        ("vae", &mut models.vae_weights),
+    ] {
+        let WeightSource::Random(random) = &*source else {
+            panic!("the demo has random weights")
+        };
+        let path = dir.0.join(format!("{name}.safetensors"));
+        random.save_safetensors(&path, DType::F32).unwrap();
+        *source = WeightSource::File(path);
+    }
+    let from_files = Pipeline::from_parts(
+        models,
+        reference.tokenizer().clone(),
+        AttentionConfig::new(AttentionKind::Original),
+        Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let request = short("a fish", 9);
+    let video = |p: &Pipeline| -> Video { p.text_to_video(&request).unwrap() };
+    assert_eq!(video(&from_files).frames(), video(&reference).frames());
+}
+
+fn gradient_image(width: u32, height: u32) -> InputImage {
+    let rgb = (0..height)
+        .flat_map(|y| {
+            (0..width).flat_map(move |x| [(x * 255 / width) as u8, (y * 255 / height) as u8, 128])
+        })
+        .collect();
+    InputImage::from_rgb(width, height, rgb).unwrap()
+}
+
+#[test]
+fn image_to_video_runs_both_experts_in_turn() {
+    let pipeline = Pipeline::demo_i2v(
+        4,
+        AttentionConfig::new(AttentionKind::sagesla(0.5).unwrap()),
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut request = I2vRequest::new(gradient_image(96, 64), "a moving gradient");
+    request.video.size = Some((128, 96));
+    request.video.frames = 9;
+    let mut reported = Vec::new();
+    let mut progress = |report: &StepReport| {
+        reported.push(report.s);
+        ControlFlow::Continue(())
+    };
+    let video = pipeline
+        .image_to_video_with_progress(&request, &mut progress)
+        .unwrap();
+    assert_eq!((video.len(), video.width(), video.height()), (9, 128, 96));
+    // The default 4-step schedule at σ_max 200: two high-noise steps, then two low-noise ones.
+    assert_eq!(reported.len(), 4);
+    assert_eq!(
+        reported.iter().filter(|&&s| s >= request.boundary).count(),
+        2
+    );
+
+    let t2v = demo(AttentionKind::Original);
+    assert!(matches!(
+        t2v.image_to_video(&request),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        pipeline.text_to_video(&short("x", 0)),
+        Err(Error::InvalidConfig { .. })
+    ));
+}
