@@ -24,7 +24,8 @@ use rand_distr::{Distribution, StandardNormal};
 use turbo_core::golden::{relative_error, GoldenFile};
 use turbo_sampler::golden::RcmGolden;
 use turbodiffusion::attention::{
-    Attention, AttentionConfig, BlockSizes, DenseAttention, ProjL, SageSlaAttention, SlaAttention, SlaConfig,
+    Attention, AttentionConfig, BlockSizes, DenseAttention, ProjL, SageSlaAttention, SlaAttention,
+    SlaConfig,
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
@@ -56,20 +57,33 @@ fn main() -> Result<ExitCode> {
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
         checks.extend(golden_checks(&device, dtype, threshold)?);
     }
-    println!("{:<58} {:>11} {:>10}  result", "check", "rel. error", "threshold");
+    println!(
+        "{:<58} {:>11} {:>10}  result",
+        "check", "rel. error", "threshold"
+    );
     let mut failed = 0;
     for check in &checks {
         let pass = check.error <= check.threshold;
         failed += usize::from(!pass);
         let verdict = if pass { "pass" } else { "FAIL" };
-        println!("{:<58} {:>11.3e} {:>10.1e}  {verdict}", check.name, check.error, check.threshold);
+        println!(
+            "{:<58} {:>11.3e} {:>10.1e}  {verdict}",
+            check.name, check.error, check.threshold
+        );
     }
     println!("{} checks, {failed} failed", checks.len());
-    Ok(if failed == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn gaussian(dims: (usize, usize, usize, usize), offset: f64, rng: &mut StdRng) -> Result<Tensor> {
-    let values: Vec<f32> = StandardNormal.sample_iter(rng).take(dims.0 * dims.1 * dims.2 * dims.3).collect();
+    let values: Vec<f32> = StandardNormal
+        .sample_iter(rng)
+        .take(dims.0 * dims.1 * dims.2 * dims.3)
+        .collect();
     Ok((Tensor::from_vec(values, dims, &Device::Cpu)? + offset)?)
 }
 
@@ -79,19 +93,33 @@ fn attention_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     for (tokens, heads, head_dim) in [(1000, 2, 64), (32_760, 2, 128)] {
         let dims = (1, tokens, heads, head_dim);
-        let (q, k, v) = (gaussian(dims, 0.0, &mut rng)?, gaussian(dims, 1.0, &mut rng)?, gaussian(dims, 0.0, &mut rng)?);
+        let (q, k, v) = (
+            gaussian(dims, 0.0, &mut rng)?,
+            gaussian(dims, 1.0, &mut rng)?,
+            gaussian(dims, 0.0, &mut rng)?,
+        );
         let cfg = SlaConfig::with_blocks(0.1, BlockSizes::default())?;
-        let proj_weight = (gaussian((1, 1, head_dim, head_dim), 0.0, &mut rng)?.squeeze(0)?.squeeze(0)? * 0.05)?;
-        let proj_l = |dev: &Device| ProjL::new(&proj_weight.to_device(dev)?, &Tensor::zeros(head_dim, DType::F32, dev)?);
-        let ops: Vec<(&str, Box<dyn Fn(&Device) -> Result<Box<dyn Attention>>>)> = vec![
-            ("original", Box::new(|_: &Device| Ok(Box::new(DenseAttention::default()) as Box<dyn Attention>))),
-            ("sla:0.1", Box::new(|d: &Device| Ok(Box::new(SlaAttention::new(cfg, proj_l(d)?)) as Box<dyn Attention>))),
-            ("sagesla:0.1", Box::new(|d: &Device| Ok(Box::new(SageSlaAttention::new(cfg, proj_l(d)?)) as Box<dyn Attention>))),
-        ];
-        for (name, build) in ops {
+        let proj_weight = (gaussian((1, 1, head_dim, head_dim), 0.0, &mut rng)?
+            .squeeze(0)?
+            .squeeze(0)?
+            * 0.05)?;
+        let proj_l = |dev: &Device| {
+            ProjL::new(
+                &proj_weight.to_device(dev)?,
+                &Tensor::zeros(head_dim, DType::F32, dev)?,
+            )
+        };
+        for name in ["original", "sla:0.1", "sagesla:0.1"] {
             if name == "original" && tokens > 8192 {
                 continue; // the CPU side of dense attention at 32k tokens takes minutes
             }
+            let build = |dev: &Device| -> Result<Box<dyn Attention>> {
+                Ok(match name {
+                    "original" => Box::new(DenseAttention::default()),
+                    "sla:0.1" => Box::new(SlaAttention::new(cfg, proj_l(dev)?)),
+                    _ => Box::new(SageSlaAttention::new(cfg, proj_l(dev)?)),
+                })
+            };
             let cpu = build(&Device::Cpu)?.forward(&q, &k, &v)?;
             let on = |t: &Tensor| t.to_device(device);
             let dev = build(device)?.forward(&on(&q)?, &on(&k)?, &on(&v)?)?;
@@ -110,13 +138,23 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
     let tag = format!("{dtype:?}").to_lowercase();
     let sla = GoldenFile::open("sla_attention")?;
     for case in ["q128_k64", "q64_k64"] {
-        let t = |key: &str| -> Result<Tensor> { Ok(sla.tensor(&format!("{case}.{key}"))?.to_device(device)?) };
+        let t = |key: &str| -> Result<Tensor> {
+            Ok(sla.tensor(&format!("{case}.{key}"))?.to_device(device)?)
+        };
         let blocks = sla.config_value(&["blocks", case])?;
         let size = |i: usize| blocks[i].as_u64().unwrap_or(0) as usize;
-        let cfg = SlaConfig::with_blocks(sla.config_f64(&["topk"])?, BlockSizes::new(size(0), size(1))?)?;
+        let cfg = SlaConfig::with_blocks(
+            sla.config_f64(&["topk"])?,
+            BlockSizes::new(size(0), size(1))?,
+        )?;
         let op = SlaAttention::new(cfg, ProjL::new(&t("proj_l.weight")?, &t("proj_l.bias")?)?);
-        let tokens_first = |x: Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.to_dtype(dtype)?.contiguous()?) };
-        let out = op.forward(&tokens_first(t("in.q")?)?, &tokens_first(t("in.k")?)?, &tokens_first(t("in.v")?)?)?;
+        let tokens_first =
+            |x: Tensor| -> Result<Tensor> { Ok(x.transpose(1, 2)?.to_dtype(dtype)?.contiguous()?) };
+        let out = op.forward(
+            &tokens_first(t("in.q")?)?,
+            &tokens_first(t("in.k")?)?,
+            &tokens_first(t("in.v")?)?,
+        )?;
         checks.push(Check {
             name: format!("golden sla_attention {case} {tag}"),
             error: relative_error(&out.transpose(1, 2)?, &t("out.o")?)?,
@@ -127,9 +165,18 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
         let file = GoldenFile::open(name)?;
         let dit = load_dit(&file, device, dtype)?;
         let input = |key: &str| -> Result<Tensor> { Ok(file.tensor(key)?.to_device(device)?) };
-        let condition = if file.names().iter().any(|n| n == "in.y") { Some(input("in.y")?) } else { None };
+        let condition = if file.names().iter().any(|n| n == "in.y") {
+            Some(input("in.y")?)
+        } else {
+            None
+        };
         let t = file.tensor("in.t")?.to_vec1::<f32>()?[0] as f64;
-        let out = dit.forward(&input("in.x")?, t, &input("in.context")?, condition.as_ref())?;
+        let out = dit.forward(
+            &input("in.x")?,
+            t,
+            &input("in.context")?,
+            condition.as_ref(),
+        )?;
         checks.push(Check {
             name: format!("golden {name} {tag}"),
             error: relative_error(&out, &input("out.velocity")?)?,
@@ -138,7 +185,10 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
     }
     let rcm = GoldenFile::open("rcm_t2v_sla")?;
     let dit = load_dit(&rcm, device, dtype)?;
-    let outcome = RcmGolden::from_file(&rcm)?.run(&dit, &DitCondition::text(rcm.tensor("in.context")?.to_device(device)?))?;
+    let outcome = RcmGolden::from_file(&rcm)?.run(
+        &dit,
+        &DitCondition::text(rcm.tensor("in.context")?.to_device(device)?),
+    )?;
     checks.push(Check {
         name: format!("golden rcm_t2v_sla (4-step sample) {tag}"),
         error: outcome.relative_error,
@@ -147,7 +197,11 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
     Ok(checks)
 }
 
-fn load_dit(file: &GoldenFile, device: &Device, dtype: DType) -> Result<WanModel<Box<dyn Attention>>> {
+fn load_dit(
+    file: &GoldenFile,
+    device: &Device,
+    dtype: DType,
+) -> Result<WanModel<Box<dyn Attention>>> {
     let cfg = WanConfig::from_value(file.config())?;
     let kind = match file.config_value(&["attention"])?.as_str() {
         Some("sla") => AttentionKind::sla(file.config_f64(&["sla_topk"])?)?,
@@ -155,7 +209,10 @@ fn load_dit(file: &GoldenFile, device: &Device, dtype: DType) -> Result<WanModel
     };
     let blocks = match kind {
         AttentionKind::Original => BlockSizes::default(),
-        _ => BlockSizes::new(file.config_f64(&["sla_block_q"])? as usize, file.config_f64(&["sla_block_k"])? as usize)?,
+        _ => BlockSizes::new(
+            file.config_f64(&["sla_block_q"])? as usize,
+            file.config_f64(&["sla_block_k"])? as usize,
+        )?,
     };
     let vb = VarBuilder::from_tensors(file.weights()?, dtype, device);
     Ok(WanModel::load(vb, &cfg, &AttentionConfig { kind, blocks })?)

@@ -150,8 +150,12 @@ impl GoldenFile {
 
 /// ‖got − want‖ / ‖want‖ in f64, whatever the dtypes and devices.
 pub fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
-    let got = got.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F64)?;
-    let want = want.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F64)?;
+    let got = got
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F64)?;
+    let want = want
+        .to_device(&Device::Cpu)?
+        .to_dtype(candle_core::DType::F64)?;
     let diff = (&got - &want)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
     let norm = want.sqr()?.sum_all()?.to_scalar::<f64>()?;
     Ok((diff / norm).sqrt())

@@ -6,7 +6,7 @@
 //! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
 //! - [`checkpoint`]: one reader for `.safetensors` files, sharded safetensors folders and
 //!   PyTorch `.pth` state dicts, and the check that a file holds exactly the tensors a model
-//!   expects.
+//!   expects; [`pth`]: the `.pth` reader behind it, which also reads int8 storages.
 //!
 //! Each model loads from the files users download with Wan, by their real key names, and
 //! checks the file's tensor list before reading a weight:
@@ -47,6 +47,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod pth;
 pub mod tokenizer;
 pub mod umt5;
 pub mod vae;

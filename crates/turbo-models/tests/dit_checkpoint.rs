@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::golden::GoldenFile;
-use turbo_core::Error;
+use turbo_core::{Error, KeyProblem};
 use turbo_models::wan::{DitCheckpointInfo, PatchLayout, WanConfig, WanModel};
 use turbo_models::Checkpoint;
 
@@ -58,7 +58,10 @@ impl Golden {
 
     fn weights(&self, prefix: &str) -> HashMap<String, Tensor> {
         let weights = self.file.weights().unwrap();
-        weights.into_iter().map(|(n, t)| (format!("{prefix}{n}"), t)).collect()
+        weights
+            .into_iter()
+            .map(|(n, t)| (format!("{prefix}{n}"), t))
+            .collect()
     }
 
     /// The published `config.json` fields.
@@ -205,14 +208,30 @@ fn wrong_files_are_reported_before_loading() {
         "blocks.0.self_attn.q.scale".into(),
         Tensor::ones((1, 1), DType::F32, &Device::Cpu).unwrap(),
     );
+    // A file with some int8 block linears must hold all of them as int8: every float one left
+    // is reported by key.
     let file = dir.0.join("tiny-quant.safetensors");
     candle_core::safetensors::save(&weights, &file).unwrap();
-    let err = golden
-        .load(&file, Some(&golden.cfg))
-        .unwrap_err()
-        .to_string();
-    assert!(
-        err.contains("int8") && err.contains("tiny-quant.safetensors"),
-        "{err}"
-    );
+    match golden.load(&file, Some(&golden.cfg)) {
+        Err(Error::CheckpointKeys { path, problems }) => {
+            assert_eq!(path, file);
+            let keys: Vec<String> = problems
+                .iter()
+                .map(|problem| match problem {
+                    KeyProblem::Missing { key, .. }
+                    | KeyProblem::Unexpected { key, .. }
+                    | KeyProblem::WrongShape { key, .. } => key.clone(),
+                })
+                .collect();
+            for key in [
+                "blocks.0.self_attn.k.int8_weight",
+                "blocks.1.ffn.2.scale",
+                "blocks.0.self_attn.k.weight",
+            ] {
+                assert!(keys.iter().any(|k| k == key), "{key} not in {keys:?}");
+            }
+            assert!(!keys.iter().any(|k| k.starts_with("blocks.0.self_attn.q.")));
+        }
+        other => panic!("expected CheckpointKeys, got {other:?}"),
+    }
 }

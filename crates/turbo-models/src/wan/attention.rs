@@ -1,12 +1,13 @@
 //! The block's self-attention (through `turbo-attention`) and its dense text cross-attention.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use turbo_attention::{Attention, DenseAttention, LoadAttention};
 use turbo_core::Result;
+use turbo_quant::Linear;
 
 use super::rope::Rope3d;
-use super::{linear, WanConfig};
+use super::{block_linear, QuantPolicy, WanConfig};
 
 /// RMSNorm over the whole hidden vector (all heads together), statistics in f32.
 #[derive(Debug, Clone)]
@@ -42,17 +43,21 @@ struct Projections {
 }
 
 impl Projections {
-    fn load(vb: &VarBuilder, cfg: &WanConfig) -> Result<Self> {
+    fn load(vb: &VarBuilder, cfg: &WanConfig, quant_linear: QuantPolicy) -> Result<Self> {
         let d = cfg.dim;
         Ok(Self {
-            q: linear(vb.pp("q"), d, d)?,
-            k: linear(vb.pp("k"), d, d)?,
-            v: linear(vb.pp("v"), d, d)?,
-            o: linear(vb.pp("o"), d, d)?,
+            q: block_linear(vb.pp("q"), d, d, quant_linear)?,
+            k: block_linear(vb.pp("k"), d, d, quant_linear)?,
+            v: block_linear(vb.pp("v"), d, d, quant_linear)?,
+            o: block_linear(vb.pp("o"), d, d, quant_linear)?,
             norm_q: RmsNorm::load(vb.pp("norm_q"), d, cfg.eps)?,
             norm_k: RmsNorm::load(vb.pp("norm_k"), d, cfg.eps)?,
             heads: cfg.num_heads,
         })
+    }
+
+    fn linears(&self) -> [&Linear; 4] {
+        [&self.q, &self.k, &self.v, &self.o]
     }
 
     /// `[1, L, D]` → `[1, L, H, D/H]`.
@@ -90,11 +95,22 @@ pub(crate) struct SelfAttention<A> {
 impl<A: LoadAttention> SelfAttention<A> {
     /// `vb` is `blocks.N.self_attn`; the backend reads its weights (`proj_l`) from
     /// `attn_op.local_attn`.
-    pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig, attention: &A::Config) -> Result<Self> {
+    pub(crate) fn load(
+        vb: VarBuilder,
+        cfg: &WanConfig,
+        attention: &A::Config,
+        quant_linear: QuantPolicy,
+    ) -> Result<Self> {
         Ok(Self {
-            proj: Projections::load(&vb, cfg)?,
+            proj: Projections::load(&vb, cfg, quant_linear)?,
             attention: A::load(vb.pp("attn_op.local_attn"), cfg.head_dim(), attention)?,
         })
+    }
+}
+
+impl<A> SelfAttention<A> {
+    pub(crate) fn linears(&self) -> [&Linear; 4] {
+        self.proj.linears()
     }
 }
 
@@ -119,11 +135,15 @@ pub(crate) struct CrossAttention {
 }
 
 impl CrossAttention {
-    pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig) -> Result<Self> {
+    pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig, quant_linear: QuantPolicy) -> Result<Self> {
         Ok(Self {
-            proj: Projections::load(&vb, cfg)?,
+            proj: Projections::load(&vb, cfg, quant_linear)?,
             attention: DenseAttention::default(),
         })
+    }
+
+    pub(crate) fn linears(&self) -> [&Linear; 4] {
+        self.proj.linears()
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {

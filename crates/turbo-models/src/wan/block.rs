@@ -1,11 +1,12 @@
 use candle_core::{DType, Tensor, D};
-use candle_nn::{Linear, Module, VarBuilder};
+use candle_nn::{Module, VarBuilder};
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::Result;
+use turbo_quant::Linear;
 
 use super::attention::{CrossAttention, SelfAttention};
 use super::rope::Rope3d;
-use super::{linear, WanConfig};
+use super::{block_linear, QuantPolicy, WanConfig};
 
 /// LayerNorm over the last dimension in f32, with an optional affine part.
 #[derive(Debug, Clone)]
@@ -62,10 +63,10 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn load(vb: VarBuilder, cfg: &WanConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &WanConfig, quant_linear: QuantPolicy) -> Result<Self> {
         Ok(Self {
-            up: linear(vb.pp("0"), cfg.dim, cfg.ffn_dim)?,
-            down: linear(vb.pp("2"), cfg.ffn_dim, cfg.dim)?,
+            up: block_linear(vb.pp("0"), cfg.dim, cfg.ffn_dim, quant_linear)?,
+            down: block_linear(vb.pp("2"), cfg.ffn_dim, cfg.dim, quant_linear)?,
         })
     }
 
@@ -88,15 +89,32 @@ pub(crate) struct WanBlock<A> {
 }
 
 impl<A: LoadAttention> WanBlock<A> {
-    pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig, attention: &A::Config) -> Result<Self> {
+    pub(crate) fn load(
+        vb: VarBuilder,
+        cfg: &WanConfig,
+        attention: &A::Config,
+        quant_linear: QuantPolicy,
+    ) -> Result<Self> {
         Ok(Self {
             modulation: vb.to_dtype(DType::F32).get((1, 6, cfg.dim), "modulation")?,
             norm: LayerNorm::plain(cfg.eps),
-            self_attn: SelfAttention::load(vb.pp("self_attn"), cfg, attention)?,
+            self_attn: SelfAttention::load(vb.pp("self_attn"), cfg, attention, quant_linear)?,
             norm3: LayerNorm::affine(vb.pp("norm3"), cfg.dim, cfg.eps)?,
-            cross_attn: CrossAttention::load(vb.pp("cross_attn"), cfg)?,
-            ffn: FeedForward::load(vb.pp("ffn"), cfg)?,
+            cross_attn: CrossAttention::load(vb.pp("cross_attn"), cfg, quant_linear)?,
+            ffn: FeedForward::load(vb.pp("ffn"), cfg, quant_linear)?,
         })
+    }
+}
+
+impl<A> WanBlock<A> {
+    /// The block's ten linears: q, k, v, o of both attentions, `ffn.0`, `ffn.2`.
+    pub(crate) fn linears(&self) -> impl Iterator<Item = &Linear> {
+        let ffn = [&self.ffn.up, &self.ffn.down];
+        self.self_attn
+            .linears()
+            .into_iter()
+            .chain(self.cross_attn.linears())
+            .chain(ffn)
     }
 }
 

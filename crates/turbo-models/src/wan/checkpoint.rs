@@ -1,6 +1,7 @@
 //! Loading a DiT from the files users have: TurboDiffusion releases (`.pth`, or `.safetensors`
 //! converted from them) and official Wan checkpoints (one `.safetensors` file or a sharded folder
-//! with `diffusion_pytorch_model.safetensors.index.json`).
+//! with `diffusion_pytorch_model.safetensors.index.json`), float or `-quant` (W8A8 int8 block
+//! linears).
 
 use std::path::{Path, PathBuf};
 
@@ -9,9 +10,9 @@ use turbo_attention::LoadAttention;
 use turbo_core::{Error, Result};
 
 use super::embeddings::PatchLayout;
-use super::keys::expected_tensors;
+use super::keys::{expected_tensors, int8_block_linears};
 use super::model::ATTENTION_WEIGHTS;
-use super::{WanConfig, WanModel};
+use super::{QuantPolicy, WanConfig, WanModel};
 use crate::checkpoint::Checkpoint;
 
 /// Prefix some single-file repacks (ComfyUI) put before every DiT key.
@@ -85,6 +86,10 @@ impl<A: LoadAttention> WanModel<A> {
     /// layout is detected from the keys. Before anything is allocated, the file's tensor list
     /// is checked against what `cfg` and `attention` need: every missing key, unexpected key and
     /// wrong shape is reported at once, with the file name.
+    ///
+    /// A `-quant` file (block linears stored as `int8_weight` + `scale`) loads as is, its block
+    /// linears running in W8A8 int8; float files keep float linears. See
+    /// [`WanModel::from_checkpoint_with_quant`] to quantise float files at load.
     pub fn from_checkpoint(
         path: impl AsRef<Path>,
         cfg: Option<&WanConfig>,
@@ -92,18 +97,30 @@ impl<A: LoadAttention> WanModel<A> {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_checkpoint_with_quant(
+            path,
+            cfg,
+            attention,
+            QuantPolicy::KeepFloat,
+            dtype,
+            device,
+        )
+    }
+
+    /// [`WanModel::from_checkpoint`] with TurboDiffusion's `--quant_linear` as `quant_linear`
+    /// (see [`WanModel::load_with_quant`]): [`QuantPolicy::Quantize`] quantises the block
+    /// linears of a float file at load; a `-quant` file loads as is whatever the setting.
+    /// `dtype` is the compute dtype of the float layers and of the int8 layers' biases.
+    pub fn from_checkpoint_with_quant(
+        path: impl AsRef<Path>,
+        cfg: Option<&WanConfig>,
+        attention: &A::Config,
+        quant_linear: QuantPolicy,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
         let checkpoint = Checkpoint::open(path.as_ref())?;
         let info = DitCheckpointInfo::inspect(&checkpoint)?;
-        if info.quantized_linears > 0 {
-            return Err(checkpoint_error(
-                &checkpoint,
-                &format!(
-                    "{} block linears are stored as W8A8 int8 (a `-quant` release); this build cannot \
-                     run int8 linears yet: use the non-quant release of the same model",
-                    info.quantized_linears
-                ),
-            ));
-        }
         let cfg = match cfg {
             Some(cfg) => cfg.clone(),
             None => WanConfig::from_json_file(&config_beside(path.as_ref()).ok_or_else(|| {
@@ -120,12 +137,13 @@ impl<A: LoadAttention> WanModel<A> {
         } else {
             vb.pp(info.prefix.trim_end_matches('.'))
         };
-        Self::load(vb, &cfg, attention)
+        Self::load_with_quant(vb, &cfg, attention, quant_linear)
     }
 }
 
 /// The keys (with the file's prefix) a checkpoint of this layout must hold for `cfg`. A file's
-/// `proj_l` weights are expected whenever present: a dense backend loads and ignores them.
+/// `proj_l` weights are expected whenever present: a dense backend loads and ignores them. A
+/// file with any int8 block linear must store all of them as int8.
 fn expected_keys<A: LoadAttention>(
     cfg: &WanConfig,
     info: &DitCheckpointInfo,
@@ -142,6 +160,9 @@ fn expected_keys<A: LoadAttention>(
             DType::F32,
         );
         specs.extend(with_sla.into_iter().filter(|s| proj_l(s)));
+    }
+    if info.quantized_linears > 0 {
+        specs = int8_block_linears(specs);
     }
     specs
         .into_iter()

@@ -8,6 +8,21 @@ use super::embeddings::{PatchLayout, PATCH_VOLUME};
 use super::model::ATTENTION_WEIGHTS;
 use super::WanConfig;
 
+/// The linears of each block, under `blocks.N.`: those `quant_linear` quantises (never
+/// `proj_l`).
+pub(crate) const BLOCK_LINEARS: [&str; 10] = [
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "ffn.0",
+    "ffn.2",
+];
+
 /// One checkpoint tensor: its key, its shape, and the dtype the model holds it in.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TensorSpec {
@@ -19,7 +34,8 @@ pub struct TensorSpec {
 /// Every tensor [`super::WanModel::load`] reads for `cfg` with the patch embedding stored as
 /// `patch` and the self-attention backend `A` configured by `attention`, given the compute dtype
 /// of the block linears. Float32 islands (time embedding, modulation, norms, head, `proj_l`)
-/// are listed as `F32`.
+/// are listed as `F32`. The block linears are listed in float; [`int8_block_linears`] turns the
+/// list into that of a `-quant` checkpoint.
 pub fn expected_tensors<A: LoadAttention>(
     cfg: &WanConfig,
     patch: PatchLayout,
@@ -69,6 +85,39 @@ pub fn expected_tensors<A: LoadAttention>(
     specs.push("head.modulation", vec![1, 2, d], DType::F32);
     specs.linear("head.head", d, cfg.out_dim * PATCH_VOLUME, DType::F32);
     specs.0
+}
+
+/// The same tensor list with every block linear's `weight` `[N, K]` replaced by the W8A8 pair
+/// of a `-quant` checkpoint: `int8_weight` `[N, K]` (held as `U8` bytes) and `scale`
+/// `[⌈N/128⌉, ⌈K/128⌉]` (F32). Biases and every other tensor are unchanged.
+pub fn int8_block_linears(specs: Vec<TensorSpec>) -> Vec<TensorSpec> {
+    let mut out = Vec::with_capacity(specs.len() + specs.len() / 4);
+    for spec in specs {
+        match (quantized_layer(&spec.name), spec.shape.as_slice()) {
+            (Some(layer), &[rows, cols]) => {
+                out.push(TensorSpec {
+                    name: format!("{layer}.int8_weight"),
+                    shape: spec.shape.clone(),
+                    dtype: DType::U8,
+                });
+                out.push(TensorSpec {
+                    name: format!("{layer}.scale"),
+                    shape: turbo_quant::tile_grid(rows, cols).to_vec(),
+                    dtype: DType::F32,
+                });
+            }
+            _ => out.push(spec),
+        }
+    }
+    out
+}
+
+/// `blocks.N.<linear>` when `name` is the `weight` of a block linear.
+fn quantized_layer(name: &str) -> Option<&str> {
+    let layer = name.strip_suffix(".weight")?;
+    let (index, linear) = layer.strip_prefix("blocks.")?.split_once('.')?;
+    let is_block_linear = index.parse::<usize>().is_ok() && BLOCK_LINEARS.contains(&linear);
+    is_block_linear.then_some(layer)
 }
 
 #[derive(Default)]

@@ -12,14 +12,27 @@ mod rope;
 
 use candle_nn::{Linear, VarBuilder};
 use turbo_core::Result;
+pub use turbo_quant::QuantPolicy;
 
 pub use checkpoint::DitCheckpointInfo;
 pub use config::{ModelType, WanConfig};
 pub use embeddings::PatchLayout;
-pub use keys::{expected_tensors, TensorSpec};
+pub use keys::{expected_tensors, int8_block_linears, TensorSpec};
 pub use model::{CheckpointLayout, DitCondition, WanModel};
 
 /// A Linear with bias, `[out, in]` weight, read from `vb` in `vb`'s dtype.
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
     Ok(candle_nn::linear(in_dim, out_dim, vb)?)
+}
+
+/// A block linear (q, k, v, o of both attentions, `ffn.0`, `ffn.2`): float or W8A8 int8, as
+/// stored under `vb` (`weight` or `int8_weight` + `scale`), float layers quantised at load when
+/// `quant_linear` says so.
+fn block_linear(
+    vb: VarBuilder,
+    in_dim: usize,
+    out_dim: usize,
+    quant_linear: QuantPolicy,
+) -> Result<turbo_quant::Linear> {
+    turbo_quant::Linear::load(vb, in_dim, out_dim, quant_linear)
 }

@@ -5,8 +5,9 @@ use turbo_core::{Denoiser, Error, Result, Timestep, PATCH_SIZE};
 
 use super::block::{modulate, LayerNorm, WanBlock};
 use super::embeddings::{PatchEmbedding, PatchLayout, TextEmbedding, TimeEmbedding, PATCH_VOLUME};
+use super::keys::BLOCK_LINEARS;
 use super::rope::Rope3d;
-use super::{linear, ModelType, WanConfig};
+use super::{linear, ModelType, QuantPolicy, WanConfig};
 
 /// Where a block's self-attention backend keeps its weights (SLA's `proj_l`).
 pub(crate) const ATTENTION_WEIGHTS: &str = "self_attn.attn_op.local_attn";
@@ -54,7 +55,9 @@ impl Head {
 /// [`turbo_attention::AttentionConfig`]; `WanModel<SlaAttention>` (or any other
 /// [`LoadAttention`]) fixes it at compile time. Weights load from a `VarBuilder` whose dtype is
 /// the compute dtype of the block linears and embeddings; the time embedding, modulation, norms,
-/// residual stream and head stay f32, as upstream keeps them.
+/// residual stream and head stay f32, as upstream keeps them. The block linears are
+/// [`turbo_quant::Linear`]s: float, or W8A8 int8 when the checkpoint stores them so or
+/// [`WanModel::load_with_quant`] quantises them.
 #[derive(Debug, Clone)]
 pub struct WanModel<A> {
     cfg: WanConfig,
@@ -73,7 +76,26 @@ impl<A: LoadAttention> WanModel<A> {
     ///
     /// `original` attention on a checkpoint with `proj_l` ignores those weights (logged once);
     /// `sla` / `sagesla` on a checkpoint without them fails with [`Error::MissingProjL`].
+    ///
+    /// Block linears stored in float stay in float; those stored as W8A8 int8 (`-quant` files)
+    /// run in int8. [`WanModel::load_with_quant`] can also quantise float ones.
     pub fn load(vb: VarBuilder, cfg: &WanConfig, attention: &A::Config) -> Result<Self> {
+        Self::load_with_quant(vb, cfg, attention, QuantPolicy::KeepFloat)
+    }
+
+    /// [`WanModel::load`], with TurboDiffusion's `--quant_linear` as `quant_linear`: with
+    /// [`QuantPolicy::Quantize`], the block linears (q, k, v, o of both attentions, `ffn.0`,
+    /// `ffn.2`; never `proj_l`, embeddings, head, modulation or norms) stored in float are
+    /// quantised to W8A8 int8 at load. Block linears stored as int8 (`int8_weight` + `scale`,
+    /// the `-quant` releases) are loaded as int8 whatever `quant_linear` says: unlike upstream,
+    /// a mismatch between the setting and the file is not an error. One line through `tracing`
+    /// says what was done.
+    pub fn load_with_quant(
+        vb: VarBuilder,
+        cfg: &WanConfig,
+        attention: &A::Config,
+        quant_linear: QuantPolicy,
+    ) -> Result<Self> {
         cfg.validate()?;
         let f32_vb = vb.to_dtype(DType::F32);
         let (patch_embedding, patch) = PatchEmbedding::load(vb.pp("patch_embedding"), cfg)?;
@@ -89,7 +111,7 @@ impl<A: LoadAttention> WanModel<A> {
             return Err(Error::MissingProjL { key });
         }
         let blocks = (0..cfg.num_layers)
-            .map(|i| WanBlock::load(vb.pp("blocks").pp(i), cfg, attention))
+            .map(|i| WanBlock::load(vb.pp("blocks").pp(i), cfg, attention, quant_linear))
             .collect::<Result<Vec<_>>>()?;
         let model = Self {
             cfg: cfg.clone(),
@@ -100,12 +122,43 @@ impl<A: LoadAttention> WanModel<A> {
             blocks,
             head: Head::load(f32_vb.pp("head"), cfg)?,
         };
+        let stored_int8 = (0..cfg.num_layers)
+            .flat_map(|i| BLOCK_LINEARS.map(|linear| format!("blocks.{i}.{linear}.int8_weight")))
+            .filter(|key| vb.contains_tensor(key))
+            .count();
+        model.log_linear_precision(stored_int8, quant_linear);
         if layout.has_proj_l && model.attention_kind() == Some(AttentionKind::Original) {
             tracing::info!(
                 "checkpoint has SLA proj_l weights; `original` attention does not use them"
             );
         }
         Ok(model)
+    }
+}
+
+impl<A> WanModel<A> {
+    /// How many block linears run in W8A8 int8 (stored so, or quantised at load).
+    pub fn int8_linears(&self) -> usize {
+        self.block_linears().filter(|l| l.is_int8()).count()
+    }
+
+    fn block_linears(&self) -> impl Iterator<Item = &turbo_quant::Linear> {
+        self.blocks.iter().flat_map(WanBlock::linears)
+    }
+
+    /// One summary line for all block linears (`turbo_quant::Linear` logs each at debug level).
+    fn log_linear_precision(&self, stored_int8: usize, quant_linear: QuantPolicy) {
+        let total = self.block_linears().count();
+        let int8 = self.int8_linears();
+        if int8 == 0 {
+            tracing::debug!("all {total} block linears in float");
+        } else {
+            tracing::info!(
+                "{int8} of {total} block linears run in W8A8 int8: {stored_int8} stored as int8 \
+                 in the checkpoint, {} quantised at load (quant_linear: {quant_linear:?})",
+                int8 - stored_int8
+            );
+        }
     }
 }
 

@@ -2,56 +2,45 @@
 //! - a single `.safetensors` file;
 //! - a sharded safetensors checkpoint, given as its `*.safetensors.index.json` or as the folder
 //!   holding it (or, without an index, holding the `*.safetensors` shards);
-//! - a PyTorch `.pth` / `.pt` / `.bin` state dict (a `torch.save` zip archive).
+//! - a PyTorch `.pth` / `.pt` / `.bin` state dict (a `torch.save` zip archive, read by
+//!   [`crate::pth`]).
+//!
+//! Int8 tensors (the `-quant` releases) are listed with dtype `I8` and read through the
+//! `VarBuilder` as `U8` tensors holding their raw bytes, in both containers: candle has no int8
+//! dtype, and `turbo_quant::Linear` takes int8 weights in that form.
 //!
 //! [`Checkpoint::open`] reads only the headers: names, shapes and dtypes, without allocating a
 //! single tensor, so a model can check a file with [`Checkpoint::expect_keys`] before loading
-//! gigabytes of weights from it through [`Checkpoint::var_builder`]. Int8 tensors (which candle
-//! has no dtype for) are listed with dtype `I8` and read as raw bytes with
-//! [`Checkpoint::int8_tensor`].
-
-mod pth;
+//! gigabytes of weights from it through [`Checkpoint::var_builder`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
 use turbo_core::{Error, KeyProblem, Result};
+
+use crate::pth::{check_shape, convert_stored, PthArchive};
 
 /// The name, shape and stored dtype of one tensor of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorMeta {
-    /// The key, as stored (no prefix stripped).
     pub name: String,
-    /// The dimensions, outermost first.
     pub shape: Vec<usize>,
-    /// The stored dtype, named as safetensors names them: `F32`, `F64`, `F16`, `BF16`, `I64`,
-    /// `I32`, `I16`, `I8`, `U8`, `BOOL`, …
+    /// The stored dtype as the container names it (`F32`, `BF16`, `I8`, …).
     pub dtype: String,
 }
 
 #[derive(Debug, Clone)]
 enum Container {
-    /// One or more safetensors files (the shards of one checkpoint), and where each tensor's
-    /// bytes lie.
-    Safetensors {
-        files: Vec<PathBuf>,
-        locations: BTreeMap<String, ByteRange>,
-    },
+    /// One or more safetensors files (the shards of one checkpoint).
+    Safetensors(Vec<PathBuf>),
     /// A PyTorch zip archive holding a state dict.
-    Pth(Arc<pth::PthArchive>),
-}
-
-/// A tensor's bytes inside a safetensors file.
-#[derive(Debug, Clone)]
-struct ByteRange {
-    file: PathBuf,
-    start: u64,
-    len: usize,
+    Pth(PthArchive),
 }
 
 /// A checkpoint on disk, with its tensor list read from the headers.
@@ -116,7 +105,6 @@ impl Checkpoint {
         self.tensors.len()
     }
 
-    /// Whether the checkpoint holds no tensor.
     pub fn is_empty(&self) -> bool {
         self.tensors.is_empty()
     }
@@ -138,51 +126,19 @@ impl Checkpoint {
 
     /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as
     /// they are read. Safetensors files are memory-mapped; `.pth` tensors are read one by one
-    /// from the archive.
+    /// from the archive. Int8 tensors can only be read as `U8` (their raw bytes); asking for
+    /// them in another dtype is an error naming the key.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        let builder = match &self.container {
+        let backend: Box<dyn SimpleBackend> = match &self.container {
             // SAFETY: the files are mapped read-only; like every mmap-based loader, this
             // relies on nobody truncating or rewriting them while the model is loaded.
-            Container::Safetensors { files, .. } => unsafe {
-                VarBuilder::from_mmaped_safetensors(files, dtype, device)
+            Container::Safetensors(files) => Box::new(SafetensorsBackend(unsafe {
+                MmapedSafetensors::multi(files)
                     .map_err(|e| checkpoint_error(&self.path, &e.to_string()))?
-            },
-            Container::Pth(archive) => VarBuilder::from_backend(
-                Box::new(pth::PthBackend(Arc::clone(archive))),
-                dtype,
-                device.clone(),
-            ),
+            })),
+            Container::Pth(archive) => Box::new(archive.clone()),
         };
-        Ok(builder)
-    }
-
-    /// An int8 tensor (stored dtype `I8`, as the W8A8 weights of `-quant` checkpoints) as a
-    /// `U8` tensor of its raw bytes (two's complement), since candle has no int8 dtype.
-    pub fn int8_tensor(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let meta = self
-            .get(name)
-            .ok_or_else(|| checkpoint_error(&self.path, &format!("no tensor `{name}`")))?;
-        if meta.dtype != "I8" {
-            return Err(checkpoint_error(
-                &self.path,
-                &format!("`{name}` is stored as {}, not I8", meta.dtype),
-            ));
-        }
-        let bytes = self.raw_bytes(name)?;
-        Ok(Tensor::from_vec(bytes, meta.shape.as_slice(), device)?)
-    }
-
-    /// The stored little-endian bytes of tensor `name`.
-    pub fn raw_bytes(&self, name: &str) -> Result<Vec<u8>> {
-        match &self.container {
-            Container::Pth(archive) => archive.bytes(name),
-            Container::Safetensors { locations, .. } => {
-                let range = locations
-                    .get(name)
-                    .ok_or_else(|| checkpoint_error(&self.path, &format!("no tensor `{name}`")))?;
-                read_range(range)
-            }
-        }
+        Ok(VarBuilder::from_backend(backend, dtype, device.clone()))
     }
 
     /// [`Checkpoint::expect_keys`], then [`Checkpoint::var_builder`].
@@ -267,43 +223,83 @@ impl Checkpoint {
 
     fn open_safetensors(path: PathBuf, files: Vec<PathBuf>) -> Result<Self> {
         let mut tensors = BTreeMap::new();
-        let mut locations = BTreeMap::new();
         for file in &files {
-            for (meta, range) in read_safetensors_header(file)? {
+            for meta in read_safetensors_header(file)? {
                 if tensors.contains_key(&meta.name) {
                     return Err(checkpoint_error(
                         file,
                         &format!("`{}` is stored in more than one shard", meta.name),
                     ));
                 }
-                locations.insert(meta.name.clone(), range);
                 tensors.insert(meta.name.clone(), meta);
             }
         }
         Ok(Self {
             path,
-            container: Container::Safetensors { files, locations },
+            container: Container::Safetensors(files),
             tensors,
         })
     }
 
     fn open_pth(path: PathBuf) -> Result<Self> {
-        let archive = pth::PthArchive::open(&path)?;
+        let archive = PthArchive::open(&path)?;
         let tensors = archive
-            .metas()
-            .map(|meta| (meta.name.clone(), meta.clone()))
+            .tensors()
+            .map(|tensor| {
+                let meta = TensorMeta {
+                    name: tensor.name.clone(),
+                    shape: tensor.shape.clone(),
+                    dtype: tensor.stored.name().to_owned(),
+                };
+                (meta.name.clone(), meta)
+            })
             .collect();
         Ok(Self {
             path,
-            container: Container::Pth(Arc::new(archive)),
+            container: Container::Pth(archive),
             tensors,
         })
     }
 }
 
+/// Memory-mapped safetensors whose `I8` tensors (which candle cannot represent) are read as
+/// their `U8` bytes.
+struct SafetensorsBackend(MmapedSafetensors);
+
+impl SimpleBackend for SafetensorsBackend {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        _: Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        check_shape(self.get_unchecked(name, dtype, device)?, name, shape)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let view = self.0.get(name)?;
+        if view.dtype() == safetensors::Dtype::I8 {
+            let bytes = Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), device)?;
+            return convert_stored(bytes, true, name, dtype);
+        }
+        convert_stored(self.0.load(name, device)?, false, name, dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.get(name).is_ok()
+    }
+}
+
 /// Reads the JSON header of a safetensors file (8-byte length, then the header) and nothing
-/// else: each tensor's name, shape, dtype and place in the file.
-fn read_safetensors_header(path: &Path) -> Result<Vec<(TensorMeta, ByteRange)>> {
+/// else.
+fn read_safetensors_header(path: &Path) -> Result<Vec<TensorMeta>> {
     let io_error = |source| Error::Io {
         path: path.to_path_buf(),
         source,
@@ -322,37 +318,15 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<(TensorMeta, ByteRange)>> 
     file.read_exact(&mut header).map_err(io_error)?;
     let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| checkpoint_error(path, &format!("bad safetensors header: {e}")))?;
-    let data_start = 8 + length;
     Ok(metadata
         .tensors()
         .into_iter()
-        .map(|(name, info)| {
-            let (begin, end) = info.data_offsets;
-            let range = ByteRange {
-                file: path.to_path_buf(),
-                start: data_start + begin as u64,
-                len: end - begin,
-            };
-            let meta = TensorMeta {
-                name,
-                shape: info.shape.clone(),
-                dtype: format!("{:?}", info.dtype),
-            };
-            (meta, range)
+        .map(|(name, info)| TensorMeta {
+            name,
+            shape: info.shape.clone(),
+            dtype: format!("{:?}", info.dtype),
         })
         .collect())
-}
-
-fn read_range(range: &ByteRange) -> Result<Vec<u8>> {
-    let io_error = |source| Error::Io {
-        path: range.file.clone(),
-        source,
-    };
-    let mut file = File::open(&range.file).map_err(io_error)?;
-    file.seek(SeekFrom::Start(range.start)).map_err(io_error)?;
-    let mut bytes = vec![0u8; range.len];
-    file.read_exact(&mut bytes).map_err(io_error)?;
-    Ok(bytes)
 }
 
 /// The differences between the tensors of a file and the `expected` list, sorted by key.

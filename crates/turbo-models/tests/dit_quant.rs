@@ -1,0 +1,292 @@
+//! W8A8 block linears in the DiT: `quant_linear` on the golden files stays close to the f32
+//! upstream output, and `-quant` checkpoints (int8 stored as `I8` in safetensors, as
+//! `CharStorage` in `.pth`) load as they are and compute exactly what quantising at load
+//! computes.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
+use turbo_core::golden::GoldenFile;
+use turbo_models::wan::{DitCheckpointInfo, QuantPolicy, WanConfig, WanModel};
+use turbo_models::Checkpoint;
+use turbo_quant::Int8Weight;
+
+/// Bound on the relative error of the W8A8 DiT against the f32 upstream output of the golden
+/// files. Measured: 1.11e-2 (`dit_t2v_dense`), 1.14e-2 (`dit_t2v_sla`), 9.9e-3
+/// (`dit_i2v_dense`): the tile quantisation noise of weights and activations through the ten
+/// linears of each block.
+const INT8_BOUND: f64 = 2e-2;
+
+/// The same in bf16, where bf16 rounding of activations and float layers adds to the int8
+/// noise. Measured: 1.22e-2 (`dit_t2v_sla-quant.pth`).
+const BF16_INT8_BOUND: f64 = 3e-2;
+
+struct DitCase {
+    file: GoldenFile,
+    cfg: WanConfig,
+    attention: AttentionConfig,
+}
+
+impl DitCase {
+    fn open(name: &str) -> Self {
+        let file = GoldenFile::open(name).unwrap();
+        let cfg = WanConfig::from_value(file.config()).unwrap();
+        let attention = match file.config_value(&["attention"]).unwrap().as_str().unwrap() {
+            "original" => AttentionConfig::new(AttentionKind::Original),
+            "sla" => AttentionConfig {
+                kind: AttentionKind::sla(file.config_f64(&["sla_topk"]).unwrap()).unwrap(),
+                blocks: BlockSizes::new(
+                    file.config_f64(&["sla_block_q"]).unwrap() as usize,
+                    file.config_f64(&["sla_block_k"]).unwrap() as usize,
+                )
+                .unwrap(),
+            },
+            other => panic!("unexpected attention `{other}`"),
+        };
+        Self {
+            file,
+            cfg,
+            attention,
+        }
+    }
+
+    /// Every tensor of the file that is not an input or an output.
+    fn weights(&self) -> HashMap<String, Tensor> {
+        self.file
+            .names()
+            .into_iter()
+            .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
+            .map(|name| {
+                let tensor = self.file.tensor(&name).unwrap();
+                (name, tensor)
+            })
+            .collect()
+    }
+
+    fn quantized_at_load(&self) -> WanModel<Box<dyn Attention>> {
+        let vb = VarBuilder::from_tensors(self.weights(), DType::F32, &Device::Cpu);
+        WanModel::load_with_quant(vb, &self.cfg, &self.attention, QuantPolicy::Quantize).unwrap()
+    }
+
+    fn load_file(&self, path: &Path, quant_linear: QuantPolicy) -> WanModel<Box<dyn Attention>> {
+        self.load_file_as(path, quant_linear, DType::F32)
+    }
+
+    fn load_file_as(
+        &self,
+        path: &Path,
+        quant_linear: QuantPolicy,
+        dtype: DType,
+    ) -> WanModel<Box<dyn Attention>> {
+        WanModel::from_checkpoint_with_quant(
+            path,
+            Some(&self.cfg),
+            &self.attention,
+            quant_linear,
+            dtype,
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    fn input(&self, name: &str) -> Tensor {
+        self.file.tensor(name).unwrap()
+    }
+
+    fn velocity(&self, model: &WanModel<Box<dyn Attention>>) -> Tensor {
+        let t = self.input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
+        let condition = self
+            .file
+            .names()
+            .contains(&"in.y".to_owned())
+            .then(|| self.input("in.y"));
+        model
+            .forward(
+                &self.input("in.x"),
+                t,
+                &self.input("in.context"),
+                condition.as_ref(),
+            )
+            .unwrap()
+    }
+
+    fn block_linears(&self) -> usize {
+        10 * self.cfg.num_layers
+    }
+}
+
+fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
+    let sum = |x: Tensor| {
+        x.sum_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    (sum((got - want).unwrap().sqr().unwrap()) / sum(want.sqr().unwrap())).sqrt()
+}
+
+fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
+    let diff = (got - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert_eq!(diff, 0.0, "{what}: max |difference| {diff}");
+}
+
+/// Whether `name` is the weight of a block linear (never `proj_l`).
+fn is_block_linear_weight(name: &str) -> bool {
+    let parts: Vec<&str> = name.split('.').collect();
+    matches!(
+        parts.as_slice(),
+        [
+            "blocks",
+            _,
+            "self_attn" | "cross_attn",
+            "q" | "k" | "v" | "o",
+            "weight"
+        ] | ["blocks", _, "ffn", "0" | "2", "weight"]
+    )
+}
+
+/// The golden weights as a `-quant` safetensors file: block linears as `int8_weight` (`I8`) +
+/// `scale` (F32), everything else F32.
+fn write_quant_safetensors(weights: &HashMap<String, Tensor>, path: &Path) {
+    let mut entries: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    let f32_entry = |name: String, tensor: &Tensor| {
+        let values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        (name, safetensors::Dtype::F32, tensor.dims().to_vec(), bytes)
+    };
+    for (name, tensor) in weights {
+        if !is_block_linear_weight(name) {
+            entries.push(f32_entry(name.clone(), tensor));
+            continue;
+        }
+        let layer = name.strip_suffix(".weight").unwrap();
+        let int8 = Int8Weight::quantize(tensor).unwrap();
+        let bytes = int8
+            .int8_weight()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u8>()
+            .unwrap();
+        entries.push((
+            format!("{layer}.int8_weight"),
+            safetensors::Dtype::I8,
+            tensor.dims().to_vec(),
+            bytes,
+        ));
+        entries.push(f32_entry(format!("{layer}.scale"), int8.scale()));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = entries
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            let view = safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes).unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    safetensors::tensor::serialize_to_file(views, None, path).unwrap();
+}
+
+fn temp_file(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("turbo-dit-quant-{}-{name}", std::process::id()))
+}
+
+#[test]
+fn quant_linear_stays_close_to_the_f32_golden() {
+    for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_dense"] {
+        let case = DitCase::open(name);
+        let model = case.quantized_at_load();
+        assert_eq!(model.int8_linears(), case.block_linears(), "{name}");
+        let err = relative_error(&case.velocity(&model), &case.input("out.velocity"));
+        println!("{name}: W8A8 relative error {err:.3e} against the f32 golden");
+        assert!(err <= INT8_BOUND, "{name}: relative error {err:e}");
+    }
+}
+
+#[test]
+fn quant_safetensors_loads_as_is_whatever_the_setting() {
+    let case = DitCase::open("dit_t2v_sla");
+    let path = temp_file("tiny-quant.safetensors");
+    write_quant_safetensors(&case.weights(), &path);
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let info = DitCheckpointInfo::inspect(&checkpoint).unwrap();
+    assert_eq!(info.quantized_linears, case.block_linears());
+    assert_eq!(
+        checkpoint.get("blocks.0.ffn.0.int8_weight").unwrap().dtype,
+        "I8"
+    );
+
+    let want = case.velocity(&case.quantized_at_load());
+    for quant_linear in [QuantPolicy::KeepFloat, QuantPolicy::Quantize] {
+        let model = case.load_file(&path, quant_linear);
+        assert_eq!(model.int8_linears(), case.block_linears());
+        assert_same(&case.velocity(&model), &want, "-quant safetensors");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn quant_pth_fixture_loads_and_runs() {
+    let case = DitCase::open("dit_t2v_sla");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pth/dit_t2v_sla-quant.pth");
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let scale = checkpoint.get("blocks.1.cross_attn.v.scale").unwrap();
+    assert_eq!(
+        (scale.dtype.as_str(), scale.shape.as_slice()),
+        ("F32", &[1, 1][..])
+    );
+    assert_eq!(
+        checkpoint.get("blocks.1.ffn.2.int8_weight").unwrap().dtype,
+        "I8"
+    );
+
+    // The fixture script quantises with the same f32 arithmetic: the int8 weights agree
+    // bit for bit, and so do the outputs.
+    let model = case.load_file(&path, QuantPolicy::KeepFloat);
+    assert_eq!(model.int8_linears(), case.block_linears());
+    let got = case.velocity(&model);
+    assert_same(
+        &got,
+        &case.velocity(&case.quantized_at_load()),
+        "-quant .pth",
+    );
+    let err = relative_error(&got, &case.input("out.velocity"));
+    assert!(err <= INT8_BOUND, "relative error {err:e}");
+
+    // In bf16 (activations, biases and the float layers), as the released models run.
+    let bf16 = case.load_file_as(&path, QuantPolicy::KeepFloat, DType::BF16);
+    let got = case.velocity(&bf16).to_dtype(DType::F32).unwrap();
+    let err = relative_error(&got, &case.input("out.velocity"));
+    println!("dit_t2v_sla-quant.pth in bf16: relative error {err:.3e}");
+    assert!(err <= BF16_INT8_BOUND, "bf16 relative error {err:e}");
+}
+
+#[test]
+fn float_checkpoint_keeps_float_linears_unless_asked() {
+    let case = DitCase::open("dit_t2v_sla");
+    let path = temp_file("tiny.safetensors");
+    candle_core::safetensors::save(&case.weights(), &path).unwrap();
+    assert_eq!(
+        case.load_file(&path, QuantPolicy::KeepFloat).int8_linears(),
+        0
+    );
+    let quantized = case.load_file(&path, QuantPolicy::Quantize);
+    assert_eq!(quantized.int8_linears(), case.block_linears());
+    assert_same(
+        &case.velocity(&quantized),
+        &case.velocity(&case.quantized_at_load()),
+        "quantised at load from a file",
+    );
+    let _ = std::fs::remove_file(&path);
+}
