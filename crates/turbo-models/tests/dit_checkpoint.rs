@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
-use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
-use turbo_core::golden::GoldenFile;
+use turbo_attention::Attention;
 use turbo_core::{Error, KeyProblem};
 use turbo_models::wan::{DitCheckpointInfo, PatchLayout, WanConfig, WanModel};
 use turbo_models::Checkpoint;
+
+mod common;
+
+use common::DitCase;
 
 /// A fresh folder under the system temp dir, removed when dropped.
 struct TempDir(PathBuf);
@@ -31,28 +34,21 @@ impl Drop for TempDir {
 }
 
 struct Golden {
-    file: GoldenFile,
-    cfg: WanConfig,
-    attention: AttentionConfig,
+    case: DitCase,
+}
+
+impl std::ops::Deref for Golden {
+    type Target = DitCase;
+
+    fn deref(&self) -> &DitCase {
+        &self.case
+    }
 }
 
 impl Golden {
     fn open() -> Self {
-        let file = GoldenFile::open("dit_t2v_sla").unwrap();
-        let cfg = WanConfig::from_value(file.config()).unwrap();
-        let number = |key: &str| file.config_f64(&[key]).unwrap();
-        let attention = AttentionConfig {
-            kind: AttentionKind::sla(number("sla_topk")).unwrap(),
-            blocks: BlockSizes::new(
-                number("sla_block_q") as usize,
-                number("sla_block_k") as usize,
-            )
-            .unwrap(),
-        };
         Self {
-            file,
-            cfg,
-            attention,
+            case: DitCase::open("dit_t2v_sla"),
         }
     }
 
@@ -76,29 +72,7 @@ impl Golden {
     }
 
     fn assert_matches(&self, model: &WanModel<Box<dyn Attention>>) {
-        let input = |n: &str| self.file.tensor(n).unwrap();
-        let t = input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
-        let got = model
-            .forward(&input("in.x"), t, &input("in.context"), None)
-            .unwrap();
-        let want = input("out.velocity");
-        let err = (&got - &want)
-            .unwrap()
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-            .sqrt()
-            / want
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-                .sqrt();
+        let err = self.velocity_error(&self.velocity(model));
         assert!(err <= 1e-4, "relative error {err}");
     }
 

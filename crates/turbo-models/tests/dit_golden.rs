@@ -3,89 +3,14 @@
 
 use std::collections::HashMap;
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
-use turbo_core::golden::GoldenFile;
-use turbo_models::wan::{PatchLayout, WanConfig, WanModel};
+use turbo_attention::{Attention, AttentionConfig, AttentionKind};
+use turbo_models::wan::{PatchLayout, WanModel};
 
-struct DitCase {
-    file: GoldenFile,
-    cfg: WanConfig,
-    attention: AttentionConfig,
-}
-
-impl DitCase {
-    fn open(name: &str) -> Self {
-        let file = GoldenFile::open(name).unwrap();
-        let cfg = WanConfig::from_value(file.config()).unwrap();
-        let attention = attention_config(&file);
-        Self {
-            file,
-            cfg,
-            attention,
-        }
-    }
-
-    /// The file's weights (every tensor that is not an input or an output) in `dtype`.
-    fn var_builder(&self, dtype: DType) -> VarBuilder<'static> {
-        VarBuilder::from_tensors(self.file.weights().unwrap(), dtype, &Device::Cpu)
-    }
-
-    fn model(&self, dtype: DType) -> WanModel<Box<dyn Attention>> {
-        WanModel::load(self.var_builder(dtype), &self.cfg, &self.attention).unwrap()
-    }
-
-    fn input(&self, name: &str) -> Tensor {
-        self.file.tensor(name).unwrap()
-    }
-
-    fn velocity(&self, model: &WanModel<Box<dyn Attention>>) -> Tensor {
-        let t = self.input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
-        let condition = self
-            .file
-            .names()
-            .contains(&"in.y".to_owned())
-            .then(|| self.input("in.y"));
-        model
-            .forward(
-                &self.input("in.x"),
-                t,
-                &self.input("in.context"),
-                condition.as_ref(),
-            )
-            .unwrap()
-    }
-}
-
-/// `original`, or `sla` with the file's top-k and block sizes.
-fn attention_config(file: &GoldenFile) -> AttentionConfig {
-    match file.config_value(&["attention"]).unwrap().as_str().unwrap() {
-        "original" => AttentionConfig::new(AttentionKind::Original),
-        "sla" => AttentionConfig {
-            kind: AttentionKind::sla(file.config_f64(&["sla_topk"]).unwrap()).unwrap(),
-            blocks: BlockSizes::new(
-                file.config_f64(&["sla_block_q"]).unwrap() as usize,
-                file.config_f64(&["sla_block_k"]).unwrap() as usize,
-            )
-            .unwrap(),
-        },
-        other => panic!("unexpected attention `{other}`"),
-    }
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
-    let sum = |x: Tensor| {
-        x.sum_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let got = got.to_dtype(DType::F32).unwrap();
-    (sum((&got - want).unwrap().sqr().unwrap()) / sum(want.sqr().unwrap())).sqrt()
-}
+use common::{relative_error, DitCase};
 
 fn check_parity(name: &str, expected_layout: PatchLayout) {
     let case = DitCase::open(name);

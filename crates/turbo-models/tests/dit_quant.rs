@@ -8,11 +8,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
-use turbo_core::golden::GoldenFile;
-use turbo_models::wan::{DitCheckpointInfo, QuantPolicy, WanConfig, WanModel};
+use turbo_attention::Attention;
+use turbo_models::wan::{DitCheckpointInfo, QuantPolicy, WanModel};
 use turbo_models::Checkpoint;
 use turbo_quant::Int8Weight;
+
+mod common;
+
+use common::{relative_error, DitCase};
 
 /// Bound on the relative error of the W8A8 DiT against the f32 upstream output of the golden
 /// files. Measured: 1.11e-2 (`dit_t2v_dense`), 1.14e-2 (`dit_t2v_sla`), 9.9e-3
@@ -24,48 +27,19 @@ const INT8_BOUND: f64 = 2e-2;
 /// noise. Measured: 1.22e-2 (`dit_t2v_sla-quant.pth`).
 const BF16_INT8_BOUND: f64 = 3e-2;
 
-struct DitCase {
-    file: GoldenFile,
-    cfg: WanConfig,
-    attention: AttentionConfig,
+trait QuantCase {
+    fn quantized_at_load(&self) -> WanModel<Box<dyn Attention>>;
+    fn load_file(&self, path: &Path, quant_linear: QuantPolicy) -> WanModel<Box<dyn Attention>>;
+    fn load_file_as(
+        &self,
+        path: &Path,
+        quant_linear: QuantPolicy,
+        dtype: DType,
+    ) -> WanModel<Box<dyn Attention>>;
+    fn block_linears(&self) -> usize;
 }
 
-impl DitCase {
-    fn open(name: &str) -> Self {
-        let file = GoldenFile::open(name).unwrap();
-        let cfg = WanConfig::from_value(file.config()).unwrap();
-        let attention = match file.config_value(&["attention"]).unwrap().as_str().unwrap() {
-            "original" => AttentionConfig::new(AttentionKind::Original),
-            "sla" => AttentionConfig {
-                kind: AttentionKind::sla(file.config_f64(&["sla_topk"]).unwrap()).unwrap(),
-                blocks: BlockSizes::new(
-                    file.config_f64(&["sla_block_q"]).unwrap() as usize,
-                    file.config_f64(&["sla_block_k"]).unwrap() as usize,
-                )
-                .unwrap(),
-            },
-            other => panic!("unexpected attention `{other}`"),
-        };
-        Self {
-            file,
-            cfg,
-            attention,
-        }
-    }
-
-    /// Every tensor of the file that is not an input or an output.
-    fn weights(&self) -> HashMap<String, Tensor> {
-        self.file
-            .names()
-            .into_iter()
-            .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
-            .map(|name| {
-                let tensor = self.file.tensor(&name).unwrap();
-                (name, tensor)
-            })
-            .collect()
-    }
-
+impl QuantCase for DitCase {
     fn quantized_at_load(&self) -> WanModel<Box<dyn Attention>> {
         let vb = VarBuilder::from_tensors(self.weights(), DType::F32, &Device::Cpu);
         WanModel::load_with_quant(vb, &self.cfg, &self.attention, QuantPolicy::Quantize).unwrap()
@@ -92,42 +66,9 @@ impl DitCase {
         .unwrap()
     }
 
-    fn input(&self, name: &str) -> Tensor {
-        self.file.tensor(name).unwrap()
-    }
-
-    fn velocity(&self, model: &WanModel<Box<dyn Attention>>) -> Tensor {
-        let t = self.input("in.t").to_vec1::<f32>().unwrap()[0] as f64;
-        let condition = self
-            .file
-            .names()
-            .contains(&"in.y".to_owned())
-            .then(|| self.input("in.y"));
-        model
-            .forward(
-                &self.input("in.x"),
-                t,
-                &self.input("in.context"),
-                condition.as_ref(),
-            )
-            .unwrap()
-    }
-
     fn block_linears(&self) -> usize {
         10 * self.cfg.num_layers
     }
-}
-
-fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
-    let sum = |x: Tensor| {
-        x.sum_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    (sum((got - want).unwrap().sqr().unwrap()) / sum(want.sqr().unwrap())).sqrt()
 }
 
 fn assert_same(got: &Tensor, want: &Tensor, what: &str) {

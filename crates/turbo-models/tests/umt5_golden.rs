@@ -9,9 +9,7 @@ use turbo_core::golden::GoldenFile;
 use turbo_models::umt5::{Umt5Config, Umt5Encoder};
 
 fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
-    let diff = (out - reference).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = reference.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f32>().unwrap() as f64 / norm.to_scalar::<f32>().unwrap() as f64).sqrt()
+    turbo_core::golden::relative_error(out, reference).unwrap()
 }
 
 fn load() -> (GoldenFile, Umt5Encoder) {
@@ -33,16 +31,7 @@ fn load() -> (GoldenFile, Umt5Encoder) {
             .map_or(defaults.max_distance, |v| v as usize),
         eps: defaults.eps,
     };
-    let weights: HashMap<String, Tensor> = file
-        .names()
-        .into_iter()
-        .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
-        .map(|name| {
-            let t = file.tensor(&name).unwrap();
-            (name, t)
-        })
-        .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
     let encoder = Umt5Encoder::load(vb, &cfg).unwrap();
     (file, encoder)
 }

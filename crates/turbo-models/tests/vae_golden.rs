@@ -1,17 +1,13 @@
 //! Parity of the Wan2.1 VAE with the `vae` golden file (the upstream `WanVAE_` run in f32).
 //! Every dimension is read from the file's `config` and tensors.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::golden::GoldenFile;
 use turbo_models::vae::{VaeConfig, WanVae, WAN21_LATENT_MEAN, WAN21_LATENT_STD};
 
 fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
-    let diff = (out - reference).unwrap().sqr().unwrap().sum_all().unwrap();
-    let norm = reference.sqr().unwrap().sum_all().unwrap();
-    (diff.to_scalar::<f32>().unwrap() as f64 / norm.to_scalar::<f32>().unwrap() as f64).sqrt()
+    turbo_core::golden::relative_error(out, reference).unwrap()
 }
 
 fn config(file: &GoldenFile) -> VaeConfig {
@@ -50,16 +46,7 @@ fn config(file: &GoldenFile) -> VaeConfig {
 fn load() -> (GoldenFile, WanVae) {
     let file = GoldenFile::open("vae").unwrap();
     let cfg = config(&file);
-    let weights: HashMap<String, Tensor> = file
-        .names()
-        .into_iter()
-        .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
-        .map(|name| {
-            let t = file.tensor(&name).unwrap();
-            (name, t)
-        })
-        .collect();
-    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
     let vae = WanVae::load(vb, &cfg).unwrap();
     (file, vae)
 }
