@@ -90,8 +90,14 @@ impl RcmGolden {
 
     /// Samples with `denoiser` on the CPU, replaying the noise, and checks that every injected
     /// tensor was drawn (else [`Error::Golden`]).
-    pub fn run<D: Denoiser + ?Sized>(
+    pub fn run<D: Denoiser + ?Sized>(self, denoiser: &D, cond: &D::Condition) -> Result<RcmGoldenOutcome> {
+        self.run_on(&Device::Cpu, denoiser, cond)
+    }
+
+    /// [`RcmGolden::run`] with the sampler state on `device` (where the denoiser's weights are).
+    pub fn run_on<D: Denoiser + ?Sized>(
         self,
+        device: &Device,
         denoiser: &D,
         cond: &D::Condition,
     ) -> Result<RcmGoldenOutcome> {
@@ -103,7 +109,7 @@ impl RcmGolden {
             cond,
             &mut noise,
             &shape,
-            &Device::Cpu,
+            device,
             &mut NoProgress,
         )?;
         if noise.remaining() != 0 {
