@@ -11,6 +11,7 @@ set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 BIN="$OUT/.bin"
 mkdir -p "$OUT" "$BIN"
+trap 'rm -rf "$BIN"' EXIT
 export LD_LIBRARY_PATH="/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for name in gpu_check attention_bench t2v; do
   [ -f "gpu-bin/$name.gz" ] && gunzip -c "gpu-bin/$name.gz" > "$BIN/$name" && chmod 755 "$BIN/$name"
