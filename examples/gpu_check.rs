@@ -8,7 +8,8 @@
 //!
 //! - attention, random inputs (fresh per run, keys with a shared offset): `original`, `sla`,
 //!   `sagesla` on the device against the same op on the CPU, at a small shape and at the Wan
-//!   1.3B 480p sequence length (two heads, to keep the CPU side short);
+//!   1.3B 480p sequence length (two heads, to keep the CPU side short); ≤ 1e-4, and for
+//!   `sagesla` a quantisation-boundary bound (`SAGESLA_DEVICE_BOUND`);
 //! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the three DiT files and
 //!   the whole rCM sample.
 
@@ -41,6 +42,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
+
+/// SageSLA on two devices: the float sums before each int8 / E4M3 rounding differ in their last
+/// bits between devices, which moves a few values across a rounding boundary (one int8 step, one
+/// E4M3 step). Measured on an H200: 1.2e-3 and 1.6e-3.
+const SAGESLA_DEVICE_BOUND: f64 = 5e-3;
 
 struct Check {
     name: String,
@@ -77,6 +83,12 @@ fn main() -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Records a finished check, saying so at once so that a later failure shows how far it got.
+fn push(checks: &mut Vec<Check>, check: Check) {
+    eprintln!("checked {}: {:.3e}", check.name, check.error);
+    checks.push(check);
 }
 
 fn gaussian(dims: (usize, usize, usize, usize), offset: f64, rng: &mut StdRng) -> Result<Tensor> {
@@ -123,11 +135,18 @@ fn attention_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
             let cpu = build(&Device::Cpu)?.forward(&q, &k, &v)?;
             let on = |t: &Tensor| t.to_device(device);
             let dev = build(device)?.forward(&on(&q)?, &on(&k)?, &on(&v)?)?;
-            checks.push(Check {
-                name: format!("{name} [1, {tokens}, {heads}, {head_dim}] device vs cpu"),
-                error: relative_error(&dev, &cpu)?,
-                threshold: 1e-4,
-            });
+            push(
+                &mut checks,
+                Check {
+                    name: format!("{name} [1, {tokens}, {heads}, {head_dim}] device vs cpu"),
+                    error: relative_error(&dev, &cpu)?,
+                    threshold: if name.starts_with("sagesla") {
+                        SAGESLA_DEVICE_BOUND
+                    } else {
+                        1e-4
+                    },
+                },
+            );
         }
     }
     Ok(checks)
@@ -155,11 +174,14 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
             &tokens_first(t("in.k")?)?,
             &tokens_first(t("in.v")?)?,
         )?;
-        checks.push(Check {
-            name: format!("golden sla_attention {case} {tag}"),
-            error: relative_error(&out.transpose(1, 2)?, &t("out.o")?)?,
-            threshold,
-        });
+        push(
+            &mut checks,
+            Check {
+                name: format!("golden sla_attention {case} {tag}"),
+                error: relative_error(&out.transpose(1, 2)?, &t("out.o")?)?,
+                threshold,
+            },
+        );
     }
     for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_dense"] {
         let file = GoldenFile::open(name)?;
@@ -177,23 +199,30 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
             &input("in.context")?,
             condition.as_ref(),
         )?;
-        checks.push(Check {
-            name: format!("golden {name} {tag}"),
-            error: relative_error(&out, &input("out.velocity")?)?,
-            threshold,
-        });
+        push(
+            &mut checks,
+            Check {
+                name: format!("golden {name} {tag}"),
+                error: relative_error(&out, &input("out.velocity")?)?,
+                threshold,
+            },
+        );
     }
     let rcm = GoldenFile::open("rcm_t2v_sla")?;
     let dit = load_dit(&rcm, device, dtype)?;
-    let outcome = RcmGolden::from_file(&rcm)?.run(
+    let outcome = RcmGolden::from_file(&rcm)?.run_on(
+        device,
         &dit,
         &DitCondition::text(rcm.tensor("in.context")?.to_device(device)?),
     )?;
-    checks.push(Check {
-        name: format!("golden rcm_t2v_sla (4-step sample) {tag}"),
-        error: outcome.relative_error,
-        threshold,
-    });
+    push(
+        &mut checks,
+        Check {
+            name: format!("golden rcm_t2v_sla (4-step sample) {tag}"),
+            error: outcome.relative_error,
+            threshold,
+        },
+    );
     Ok(checks)
 }
 

@@ -29,7 +29,9 @@ for step in "$@"; do
   case "$step" in
     check) timeout 240 "$BIN/gpu_check" --device cuda 2>&1 | tee "$OUT/gpu_check.txt" ;;
     bench-1.3b) bench 1.3b 32760 12 ;;
-    bench-14b) bench 14b 75600 40 ;;
+    # At 14B 720p the composed ops take seconds per call: one timed run of original and sla 0.1.
+    bench-14b) timeout 400 "$BIN/attention_bench" --device cuda --dtype bf16 --seq-len 75600 --heads 40 \
+        --modes original,sla --topk 0.1 --warmup 0 --iters 1 --json "$OUT/attention_14b.json" 2>&1 | tee "$OUT/attention_14b.txt" ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2 ;;
   esac || echo "FAILED: $step" | tee -a "$OUT/failures.txt"

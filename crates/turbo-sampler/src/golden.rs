@@ -90,7 +90,11 @@ impl RcmGolden {
 
     /// Samples with `denoiser` on the CPU, replaying the noise, and checks that every injected
     /// tensor was drawn (else [`Error::Golden`]).
-    pub fn run<D: Denoiser + ?Sized>(self, denoiser: &D, cond: &D::Condition) -> Result<RcmGoldenOutcome> {
+    pub fn run<D: Denoiser + ?Sized>(
+        self,
+        denoiser: &D,
+        cond: &D::Condition,
+    ) -> Result<RcmGoldenOutcome> {
         self.run_on(&Device::Cpu, denoiser, cond)
     }
 
@@ -104,14 +108,9 @@ impl RcmGolden {
         let shape = self.noise[0].dims().to_vec();
         let injected = self.noise.len();
         let mut noise = ReplayNoise::new(self.noise);
-        let latent = self.sampler.sample(
-            denoiser,
-            cond,
-            &mut noise,
-            &shape,
-            device,
-            &mut NoProgress,
-        )?;
+        let latent =
+            self.sampler
+                .sample(denoiser, cond, &mut noise, &shape, device, &mut NoProgress)?;
         if noise.remaining() != 0 {
             return Err(Error::Golden {
                 path: self.path,
