@@ -17,7 +17,8 @@
 
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
+pub use turbo_core::golden::relative_error;
 use turbo_core::golden::GoldenFile;
 use turbo_core::{Denoiser, Error, NoProgress, ReplayNoise, Result};
 
@@ -144,11 +145,4 @@ fn noise_tensors(file: &GoldenFile) -> Result<Vec<Tensor>> {
         });
     }
     Ok(tensors)
-}
-
-/// ‖got − want‖ / ‖want‖ in f64.
-pub fn relative_error(got: &Tensor, want: &Tensor) -> Result<f64> {
-    let (got, want) = (got.to_dtype(DType::F64)?, want.to_dtype(DType::F64)?);
-    let norm = |t: &Tensor| -> Result<f64> { Ok(t.sqr()?.sum_all()?.sqrt()?.to_scalar::<f64>()?) };
-    Ok(norm(&(got - &want)?)? / norm(&want)?)
 }
