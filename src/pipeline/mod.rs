@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::{Error, NoProgress, Progress, Result, SeededNoise};
 use turbo_models::tokenizer::PromptTokenizer;
-use turbo_models::wan::{DitCondition, ModelType, WanConfig, WanModel};
+use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig, WanModel};
 use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
 use turbo_sampler::{FlowSampler, GuidanceScale, Guided, RcmSampler, T2V_SIGMA_MAX};
 use turbo_video::{Fps, Video};
@@ -48,6 +48,8 @@ pub struct Pipeline {
     models: ModelSet,
     tokenizer: PromptTokenizer,
     attention: AttentionConfig,
+    /// Whether the DiT's block linears run in W8A8 (a `-quant` checkpoint always does).
+    quant_linear: QuantPolicy,
     device: Device,
     dtype: DType,
 }
@@ -88,7 +90,8 @@ impl PipelineBuilder {
         self
     }
 
-    /// Prefer the `-quant` (W8A8) DiT release when looking in a folder.
+    /// Run the DiT's block linears in W8A8: prefer the `-quant` release when looking in a
+    /// folder, and quantise a bf16 checkpoint at load.
     pub fn quant_linear(mut self, quant: bool) -> Self {
         self.quant_linear = quant;
         self
@@ -134,9 +137,18 @@ impl PipelineBuilder {
                 vae_weights: WeightSource::File(files.vae),
             },
             attention: self.attention,
+            quant_linear: quant_policy(self.quant_linear),
             device: self.device,
             dtype: self.dtype,
         })
+    }
+}
+
+fn quant_policy(quant: bool) -> QuantPolicy {
+    if quant {
+        QuantPolicy::Quantize
+    } else {
+        QuantPolicy::KeepFloat
     }
 }
 
@@ -169,9 +181,16 @@ impl Pipeline {
             models,
             tokenizer,
             attention,
+            quant_linear: QuantPolicy::KeepFloat,
             device,
             dtype,
         })
+    }
+
+    /// Runs the DiT's block linears in W8A8 (quantising float checkpoints at load) or not.
+    pub fn with_quant_linear(mut self, quant: bool) -> Self {
+        self.quant_linear = quant_policy(quant);
+        self
     }
 
     pub fn models(&self) -> &ModelSet {
@@ -309,17 +328,19 @@ impl Pipeline {
         attention: &AttentionConfig,
     ) -> Result<WanModel<Box<dyn Attention>>> {
         match weights {
-            WeightSource::File(path) => WanModel::from_checkpoint(
+            WeightSource::File(path) => WanModel::from_checkpoint_with_quant(
                 path,
                 Some(&self.models.dit),
                 attention,
+                self.quant_linear,
                 self.dtype,
                 &self.device,
             ),
-            source @ WeightSource::Random(_) => WanModel::load(
+            source @ WeightSource::Random(_) => WanModel::load_with_quant(
                 self.var_builder(source, self.dtype)?,
                 &self.models.dit,
                 attention,
+                self.quant_linear,
             ),
         }
     }
