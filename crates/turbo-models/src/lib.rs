@@ -4,6 +4,7 @@
 //!   and the TurboDiffusion key layouts, with any attention backend of `turbo-attention`;
 //! - [`vae`]: the Wan2.1 video VAE, streaming encode and decode;
 //! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
+//! - [`convert`]: any checkpoint to safetensors, optionally quantising the DiT to W8A8;
 //! - [`checkpoint`]: one reader for `.safetensors` files, sharded safetensors folders and
 //!   PyTorch `.pth` state dicts, and the check that a file holds exactly the tensors a model
 //!   expects; [`pth`]: the `.pth` reader behind it, which also reads int8 storages.
@@ -47,6 +48,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod convert;
 pub mod pth;
 pub mod tokenizer;
 pub mod umt5;

@@ -93,7 +93,7 @@ pub fn expected_tensors<A: LoadAttention>(
 pub fn int8_block_linears(specs: Vec<TensorSpec>) -> Vec<TensorSpec> {
     let mut out = Vec::with_capacity(specs.len() + specs.len() / 4);
     for spec in specs {
-        match (quantized_layer(&spec.name), spec.shape.as_slice()) {
+        match (block_linear_of(&spec.name), spec.shape.as_slice()) {
             (Some(layer), &[rows, cols]) => {
                 out.push(TensorSpec {
                     name: format!("{layer}.int8_weight"),
@@ -112,8 +112,9 @@ pub fn int8_block_linears(specs: Vec<TensorSpec>) -> Vec<TensorSpec> {
     out
 }
 
-/// `blocks.N.<linear>` when `name` is the `weight` of a block linear.
-fn quantized_layer(name: &str) -> Option<&str> {
+/// `blocks.N.<linear>` when `name` is the `weight` of one of the block linears W8A8 applies to
+/// (q, k, v, o of both attentions, `ffn.0`, `ffn.2`).
+pub fn block_linear_of(name: &str) -> Option<&str> {
     let layer = name.strip_suffix(".weight")?;
     let (index, linear) = layer.strip_prefix("blocks.")?.split_once('.')?;
     let is_block_linear = index.parse::<usize>().is_ok() && BLOCK_LINEARS.contains(&linear);

@@ -17,7 +17,7 @@ pub use turbo_quant::QuantPolicy;
 pub use checkpoint::DitCheckpointInfo;
 pub use config::{ModelType, WanConfig};
 pub use embeddings::PatchLayout;
-pub use keys::{expected_tensors, int8_block_linears, TensorSpec};
+pub use keys::{block_linear_of, expected_tensors, int8_block_linears, TensorSpec};
 pub use model::{CheckpointLayout, DitCondition, WanModel};
 
 /// A Linear with bias, `[out, in]` weight, read from `vb` in `vb`'s dtype.
