@@ -8,15 +8,15 @@
 //!     --image cat.jpg --prompt "the cat turns its head" --adaptive-resolution --device cuda
 //! ```
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+mod common;
 
 use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::Parser;
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution, StepReport};
+use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
 use turbodiffusion::pipeline::{I2vRequest, ModelKind, SamplerChoice, DEMO_NOTICE};
 use turbodiffusion::sampler::{RcmMode, I2V_A14B_BOUNDARY};
 use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
@@ -137,29 +137,17 @@ fn main() -> Result<()> {
     if let Some(frames) = args.num_frames {
         request.video.frames = frames;
     }
-    let started = Instant::now();
-    let mut progress = |report: &StepReport| {
-        println!(
-            "step {}/{} (s = {:.4}) done at {:.2?}",
-            report.index + 1,
-            report.total,
-            report.s,
-            report.elapsed
-        );
-        ControlFlow::Continue(())
-    };
+    let mut progress = common::Console::new();
     let video = pipeline.image_to_video_with_progress(&request, &mut progress)?;
     let model = if demo {
         "demo"
     } else {
         ModelKind::Wan22I2VA14B.short_name()
     };
-    let output = args.output.clone().unwrap_or_else(|| {
-        let timestamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        PathBuf::from(format!("i2v_{}_{model}_{timestamp}.mp4", args.seed))
-    });
+    let output = args
+        .output
+        .clone()
+        .unwrap_or_else(|| common::default_output("i2v", args.seed, model));
     video.write_mp4(&output, Mp4Options::default())?;
     println!(
         "wrote {} ({} frames, {}x{}) in {:.2?}",
@@ -167,7 +155,7 @@ fn main() -> Result<()> {
         video.len(),
         video.width(),
         video.height(),
-        started.elapsed()
+        progress.elapsed()
     );
     Ok(())
 }

@@ -8,15 +8,15 @@
 //!     --model 1.3b --prompt "a cat surfing" --attention-type sagesla --sla-topk 0.1 --device cuda
 //! ```
 
-use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+mod common;
 
 use anyhow::{Context, Result};
 use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
-use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution, StepReport};
+use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
 use turbodiffusion::pipeline::{demo_request, ModelKind, SamplerChoice, DEMO_NOTICE};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::video::Mp4Options;
@@ -135,22 +135,12 @@ fn main() -> Result<()> {
     if let Some(frames) = args.num_frames {
         request.frames = frames;
     }
-    let started = Instant::now();
-    let mut progress = |report: &StepReport| {
-        println!(
-            "step {}/{} (s = {:.4}) done at {:.2?}",
-            report.index + 1,
-            report.total,
-            report.s,
-            report.elapsed
-        );
-        ControlFlow::Continue(())
-    };
+    let mut progress = common::Console::new();
     let video = pipeline.text_to_video_with_progress(&request, &mut progress)?;
     let output = args
         .output
         .clone()
-        .unwrap_or_else(|| default_output(args.seed, model_name));
+        .unwrap_or_else(|| common::default_output("t2v", args.seed, model_name));
     video.write_mp4(&output, Mp4Options::default())?;
     println!(
         "wrote {} ({} frames, {}x{}, {} fps) in {:.2?}",
@@ -159,7 +149,7 @@ fn main() -> Result<()> {
         video.width(),
         video.height(),
         video.fps().get(),
-        started.elapsed()
+        progress.elapsed()
     );
     Ok(())
 }
@@ -191,12 +181,4 @@ fn sampler(args: &Args) -> Result<SamplerChoice> {
         guidance: args.guidance,
         negative_prompt: args.negative_prompt.clone(),
     })
-}
-
-/// `t2v_{seed}_{model}_{timestamp}.mp4`, as upstream names its outputs.
-fn default_output(seed: u64, model: &str) -> PathBuf {
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    PathBuf::from(format!("t2v_{seed}_{model}_{timestamp}.mp4"))
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{Error, Resolution, StepReport};
+use turbodiffusion::core::{Error, Progress, Resolution, Stage, StepReport};
 use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
 use turbodiffusion::video::{InputImage, Video};
@@ -263,4 +263,48 @@ fn image_to_video_runs_both_experts_in_turn() {
         pipeline.text_to_video(&short("x", 0)),
         Err(Error::InvalidConfig { .. })
     ));
+}
+
+#[derive(Default)]
+struct Recorder {
+    stages: Vec<Stage>,
+    steps: usize,
+}
+
+impl Progress for Recorder {
+    fn step_done(&mut self, _: &StepReport) -> ControlFlow<()> {
+        self.steps += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn stage(&mut self, stage: &Stage) {
+        self.stages.push(*stage);
+    }
+}
+
+#[test]
+fn stages_are_reported_in_order_with_decoded_frames() {
+    let mut recorder = Recorder::default();
+    let request = short("a whale", 1);
+    demo(AttentionKind::Original)
+        .text_to_video_with_progress(&request, &mut recorder)
+        .unwrap();
+    assert_eq!(recorder.steps, 4);
+    assert_eq!(
+        &recorder.stages[..3],
+        &[
+            Stage::EncodingText,
+            Stage::LoadingDit { expert: None },
+            Stage::Denoising { steps: 4 }
+        ]
+    );
+    let decoded: Vec<usize> = recorder.stages[3..]
+        .iter()
+        .map(|s| match s {
+            Stage::Decoding { done, total: 9 } => *done,
+            other => panic!("unexpected stage {other:?}"),
+        })
+        .collect();
+    // 9 frames = 1 + 4 + 4: the first latent frame decodes to one frame, each later one to four.
+    assert_eq!(decoded, vec![0, 1, 5, 9]);
 }

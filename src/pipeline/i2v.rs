@@ -4,7 +4,7 @@ use std::ops::ControlFlow;
 
 use candle_core::{DType, Tensor};
 use turbo_attention::{Attention, AttentionConfig};
-use turbo_core::{Error, Progress, Result, SeededNoise, VideoGeometry};
+use turbo_core::{Error, Progress, Result, SeededNoise, Stage, VideoGeometry};
 use turbo_models::wan::{DitCondition, ModelType, WanModel};
 use turbo_models::WanVae;
 use turbo_sampler::{Expert, ExpertBoundary, RcmSampler, I2V_A14B_BOUNDARY, I2V_SIGMA_MAX};
@@ -70,7 +70,9 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
+        progress.stage(&Stage::EncodingText);
         let (context, _) = self.encode_prompts(&request.video.prompt, None)?;
+        progress.stage(&Stage::EncodingImage);
         let image = request
             .image
             .resize(plan.geometry.size, request.fit)?
@@ -80,7 +82,7 @@ impl Pipeline {
             image: Some(self.image_condition(&image, plan.geometry)?),
         };
         let latent = self.sample_with_experts(&plan, &condition, request.video.seed, progress)?;
-        Video::from_tensor(&self.decode(&latent)?, plan.fps)
+        Video::from_tensor(&self.decode(&latent, progress)?, plan.fps)
     }
 
     fn plan_i2v(&self, request: &I2vRequest) -> Result<I2vPlan> {
@@ -153,12 +155,18 @@ impl Pipeline {
         let mut noise = SeededNoise::new(seed);
         let shape = plan.geometry.latent_shape().dims();
         let mut run = plan.sampler.start(&mut noise, &shape, &self.device)?;
+        progress.stage(&Stage::Denoising {
+            steps: plan.sampler.timesteps().len(),
+        });
         let mut resident: Option<(Expert, WanModel<Box<dyn Attention>>)> = None;
         while let Some(step) = run.next_step() {
             let expert = plan.boundary.expert_at(plan.sampler.timesteps()[step]);
             if resident.as_ref().map(|(e, _)| *e) != Some(expert) {
                 // Free the resident expert before the next one is read.
                 drop(resident.take());
+                progress.stage(&Stage::LoadingDit {
+                    expert: Some(expert.name()),
+                });
                 resident = Some((expert, self.load_expert(expert, &plan.attention)?));
             }
             let (_, model) = resident.as_ref().expect("loaded above");

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
-use turbo_core::{Error, NoProgress, Progress, Result, SeededNoise};
+use turbo_core::{Error, NoProgress, Progress, Result, SeededNoise, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig, WanModel};
 use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
@@ -214,9 +214,10 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
+        progress.stage(&Stage::EncodingText);
         let contexts = self.encode_prompts(&request.prompt, plan.negative_prompt.as_deref())?;
         let latent = self.sample(&plan, contexts, request.seed, progress)?;
-        let frames = self.decode(&latent)?;
+        let frames = self.decode(&latent, progress)?;
         Video::from_tensor(&frames, plan.fps)
     }
 
@@ -296,7 +297,13 @@ impl Pipeline {
         seed: u64,
         progress: &mut dyn Progress,
     ) -> Result<Tensor> {
+        progress.stage(&Stage::LoadingDit { expert: None });
         let dit = self.load_dit(&self.models.dit_weights, &plan.attention)?;
+        let steps = match &plan.sampler {
+            PlannedSampler::Rcm(sampler) => sampler.timesteps().len(),
+            PlannedSampler::Teacher(sampler, _) => sampler.timesteps().len(),
+        };
+        progress.stage(&Stage::Denoising { steps });
         let condition = DitCondition::text(context);
         let mut noise = SeededNoise::new(seed);
         let shape = &plan.latent_shape;
@@ -345,16 +352,22 @@ impl Pipeline {
         }
     }
 
-    /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`; the VAE is dropped after.
-    fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+    /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`, reporting the frames as they
+    /// come; the VAE is dropped after.
+    fn decode(&self, latent: &Tensor, progress: &mut dyn Progress) -> Result<Tensor> {
         // The VAE runs in f32, as upstream; bf16 VAE decoding is a later optimisation.
-        let vae = WanVae::load(
-            self.var_builder(&self.models.vae_weights, DType::F32)?,
-            &self.models.vae,
-        )?;
-        Ok(vae
-            .decode(&latent.to_dtype(DType::F32)?.unsqueeze(0)?)?
-            .squeeze(0)?)
+        let vb = self.var_builder(&self.models.vae_weights, DType::F32)?;
+        let vae = WanVae::load(vb, &self.models.vae)?;
+        let total = (latent.dim(1)? - 1) * turbo_core::VAE_STRIDE.0 + 1;
+        progress.stage(&Stage::Decoding { done: 0, total });
+        let mut chunks = Vec::new();
+        vae.decode_streaming(&latent.to_dtype(DType::F32)?.unsqueeze(0)?, |decoded| {
+            let done = decoded.first_frame + decoded.frames.dim(2)?;
+            chunks.push(decoded.frames);
+            progress.stage(&Stage::Decoding { done, total });
+            Ok(())
+        })?;
+        Ok(Tensor::cat(&chunks, 2)?.squeeze(0)?)
     }
 
     fn var_builder(

@@ -27,5 +27,6 @@ pub use geometry::{
     PATCH_SIZE, VAE_STRIDE,
 };
 pub use sampling::{
-    Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, StepReport, Timestep,
+    Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, Stage, StepReport,
+    Timestep,
 };

@@ -142,6 +142,26 @@ pub struct StepReport {
 pub trait Progress {
     /// Called after every step.
     fn step_done(&mut self, report: &StepReport) -> ControlFlow<()>;
+
+    /// Called when a pipeline stage starts (or, for decoding, advances). Ignored by default;
+    /// cancelling is done at the steps.
+    fn stage(&mut self, _stage: &Stage) {}
+}
+
+/// A stage of a generation, as reported to [`Progress::stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Stage {
+    /// Loading the text encoder and encoding the prompt(s).
+    EncodingText,
+    /// Encoding the input image with the VAE (image to video).
+    EncodingImage,
+    /// Loading a DiT (`expert` names the Wan2.2 expert, if any).
+    LoadingDit { expert: Option<&'static str> },
+    /// Denoising: `steps` network evaluations follow, reported by [`Progress::step_done`].
+    Denoising { steps: usize },
+    /// Decoding: `done` of `total` frames decoded so far.
+    Decoding { done: usize, total: usize },
 }
 
 /// A [`Progress`] that ignores every report and never cancels.
