@@ -308,3 +308,29 @@ fn stages_are_reported_in_order_with_decoded_frames() {
     // 9 frames = 1 + 4 + 4: the first latent frame decodes to one frame, each later one to four.
     assert_eq!(decoded, vec![0, 1, 5, 9]);
 }
+
+#[test]
+fn each_expert_can_have_its_own_topk() {
+    let pipeline = Pipeline::demo_i2v(
+        4,
+        AttentionConfig::new(AttentionKind::sla(0.5).unwrap()),
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut request = I2vRequest::new(gradient_image(64, 64), "a slow zoom");
+    request.video.size = Some((128, 128));
+    request.video.frames = 5;
+    let shared = pipeline.image_to_video(&request).unwrap();
+    // 128 tokens are two key blocks: 0.5 selects one, 1.0 both (a visible change).
+    request.expert_topk = Some([0.5, 1.0]);
+    let per_expert = pipeline.image_to_video(&request).unwrap();
+    assert!(
+        shared.frames() != per_expert.frames(),
+        "the low-noise expert's top-k had no effect"
+    );
+    request.expert_topk = Some([0.1, 0.0]);
+    assert!(matches!(
+        pipeline.image_to_video(&request),
+        Err(Error::InvalidTopk { .. })
+    ));
+}

@@ -26,6 +26,9 @@ pub struct I2vRequest {
     pub fit: ImageFit,
     /// RF time at which the low-noise expert takes over (0.9).
     pub boundary: f64,
+    /// SLA / SageSLA top-k per expert, `[high-noise, low-noise]` (for example `[0.05, 0.15]`),
+    /// instead of one top-k for both (`video.sla_topk` or the pipeline's).
+    pub expert_topk: Option<[f64; 2]>,
 }
 
 impl I2vRequest {
@@ -40,6 +43,7 @@ impl I2vRequest {
             adaptive_resolution: false,
             fit: ImageFit::Stretch,
             boundary: I2V_A14B_BOUNDARY,
+            expert_topk: None,
         }
     }
 
@@ -111,6 +115,19 @@ impl Pipeline {
         if let Some(topk) = request.video.sla_topk {
             attention.kind = super::with_topk(attention.kind, topk)?;
         }
+        let expert_attention = |topk: Option<f64>| -> Result<AttentionConfig> {
+            Ok(match topk {
+                Some(topk) => AttentionConfig {
+                    kind: super::with_topk(attention.kind, topk)?,
+                    ..attention
+                },
+                None => attention,
+            })
+        };
+        let [high, low] = request
+            .expert_topk
+            .map_or([None, None], |[h, l]| [Some(h), Some(l)]);
+        let attention = [expert_attention(high)?, expert_attention(low)?];
         Ok(I2vPlan {
             geometry: request.geometry()?,
             sampler,
@@ -167,7 +184,11 @@ impl Pipeline {
                 progress.stage(&Stage::LoadingDit {
                     expert: Some(expert.name()),
                 });
-                resident = Some((expert, self.load_expert(expert, &plan.attention)?));
+                let attention = match expert {
+                    Expert::HighNoise => &plan.attention[0],
+                    Expert::LowNoise => &plan.attention[1],
+                };
+                resident = Some((expert, self.load_expert(expert, attention)?));
             }
             let (_, model) = resident.as_ref().expect("loaded above");
             let report = run
@@ -206,6 +227,7 @@ struct I2vPlan {
     geometry: VideoGeometry,
     sampler: RcmSampler,
     boundary: ExpertBoundary,
-    attention: AttentionConfig,
+    /// The attention of the high-noise and of the low-noise expert.
+    attention: [AttentionConfig; 2],
     fps: Fps,
 }
