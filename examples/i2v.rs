@@ -20,7 +20,7 @@ use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
 use turbodiffusion::pipeline::{I2vRequest, ModelKind, SamplerChoice, DEMO_NOTICE};
 use turbodiffusion::sampler::{RcmMode, I2V_A14B_BOUNDARY};
 use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
-use turbodiffusion::{AttentionKind, Pipeline};
+use turbodiffusion::Pipeline;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -37,7 +37,7 @@ struct Args {
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
     #[arg(long, default_value = "sagesla")]
-    attention_type: AttentionName,
+    attention_type: common::AttentionName,
     #[arg(long, default_value_t = 0.1)]
     sla_topk: f64,
     #[arg(long)]
@@ -77,20 +77,9 @@ struct Args {
     dtype: DType,
 }
 
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-enum AttentionName {
-    Original,
-    Sla,
-    Sagesla,
-}
-
 fn main() -> Result<()> {
     let args = Args::parse();
-    let kind = match args.attention_type {
-        AttentionName::Original => AttentionKind::Original,
-        AttentionName::Sla => AttentionKind::sla(args.sla_topk)?,
-        AttentionName::Sagesla => AttentionKind::sagesla(args.sla_topk)?,
-    };
+    let kind = args.attention_type.kind(args.sla_topk)?;
     let device = args
         .device
         .open()

@@ -20,7 +20,7 @@ use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
 use turbodiffusion::pipeline::{demo_request, ModelKind, SamplerChoice, DEMO_NOTICE};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::video::Mp4Options;
-use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+use turbodiffusion::{Pipeline, T2vRequest};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum Model {
@@ -45,7 +45,7 @@ struct Args {
     model: Model,
     /// original, sla or sagesla.
     #[arg(long, default_value = "sagesla")]
-    attention_type: String,
+    attention_type: common::AttentionName,
     #[arg(long, default_value_t = 0.1)]
     sla_topk: f64,
     /// Prefer the W8A8 `-quant` checkpoint.
@@ -92,7 +92,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let attention = AttentionConfig {
-        kind: attention_kind(&args)?,
+        kind: args.attention_type.kind(args.sla_topk)?,
         blocks: BlockSizes::default(),
     };
     let device = args
@@ -152,17 +152,6 @@ fn main() -> Result<()> {
         progress.elapsed()
     );
     Ok(())
-}
-
-fn attention_kind(args: &Args) -> Result<AttentionKind> {
-    Ok(match args.attention_type.as_str() {
-        "original" => AttentionKind::Original,
-        "sla" => AttentionKind::sla(args.sla_topk)?,
-        "sagesla" => AttentionKind::sagesla(args.sla_topk)?,
-        other => {
-            anyhow::bail!("unknown --attention-type `{other}`: expected original, sla or sagesla")
-        }
-    })
 }
 
 fn sampler(args: &Args) -> Result<SamplerChoice> {

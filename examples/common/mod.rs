@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use turbodiffusion::core::{Progress, Stage, StepReport};
+use turbodiffusion::AttentionKind;
 
 /// Prints each stage and step with the time since the start.
 pub struct Console {
@@ -57,4 +58,23 @@ pub fn default_output(task: &str, seed: u64, model: &str) -> PathBuf {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     PathBuf::from(format!("{task}_{seed}_{model}_{timestamp}.mp4"))
+}
+
+/// `--attention-type`, upstream's names.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum AttentionName {
+    Original,
+    Sla,
+    Sagesla,
+}
+
+impl AttentionName {
+    /// The backend with `--sla-topk` (ignored by `original`).
+    pub fn kind(self, topk: f64) -> turbodiffusion::Result<AttentionKind> {
+        match self {
+            Self::Original => Ok(AttentionKind::Original),
+            Self::Sla => AttentionKind::sla(topk),
+            Self::Sagesla => AttentionKind::sagesla(topk),
+        }
+    }
 }

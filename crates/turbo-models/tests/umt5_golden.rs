@@ -1,8 +1,6 @@
 //! Parity of the umT5 encoder with the `umt5` golden file (upstream `T5Encoder` in f32). Every
 //! dimension is read from the file's `config` and tensors.
 
-use std::collections::HashMap;
-
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::golden::GoldenFile;
@@ -118,15 +116,7 @@ fn loader_keys_are_the_golden_weights() {
 #[test]
 fn from_checkpoint_loads_a_weights_file() {
     let (file, encoder) = load();
-    let weights: HashMap<String, Tensor> = file
-        .names()
-        .into_iter()
-        .filter(|name| !name.starts_with("in.") && !name.starts_with("out."))
-        .map(|name| {
-            let t = file.tensor(&name).unwrap();
-            (name, t)
-        })
-        .collect();
+    let weights = file.weights().unwrap();
     let dir = std::env::temp_dir().join(format!("turbo-models-umt5-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("umt5.safetensors");

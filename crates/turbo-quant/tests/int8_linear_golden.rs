@@ -57,15 +57,7 @@ fn f32_values(t: &Tensor) -> Vec<f32> {
 }
 
 fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
-    let (got, want) = (f32_values(got), f32_values(want));
-    assert_eq!(got.len(), want.len());
-    let diff: f64 = got
-        .iter()
-        .zip(&want)
-        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
-        .sum();
-    let norm: f64 = want.iter().map(|&b| f64::from(b).powi(2)).sum();
-    (diff / norm).sqrt()
+    turbo_core::golden::relative_error(got, want).unwrap()
 }
 
 fn assert_bits_equal(got: &[f32], want: &[f32], what: &str) {

@@ -39,10 +39,7 @@ fn f64_values(t: &Tensor) -> Vec<f64> {
 }
 
 fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
-    let (got, want) = (f64_values(got), f64_values(want));
-    let diff: f64 = got.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum();
-    let norm: f64 = want.iter().map(|b| b.powi(2)).sum();
-    (diff / norm).sqrt()
+    turbo_core::golden::relative_error(got, want).unwrap()
 }
 
 proptest! {
