@@ -17,6 +17,7 @@ mod error;
 mod geometry;
 #[cfg(feature = "golden")]
 pub mod golden;
+pub mod memory;
 mod sampling;
 
 pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};
@@ -26,6 +27,7 @@ pub use geometry::{
     AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
     PATCH_SIZE, VAE_STRIDE,
 };
+pub use memory::{memory_usage, reset_peak_memory, MemoryUsage};
 pub use sampling::{
     Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, Stage, StepReport,
     Timestep,

@@ -1,0 +1,116 @@
+//! Device memory accounting: what is allocated now and the high-water mark since the last reset.
+//!
+//! On CUDA, candle allocates through the stream-ordered allocator (`cuMemAllocAsync`), so the
+//! device's default memory pool counts every tensor byte: its `USED_MEM_CURRENT` and
+//! `USED_MEM_HIGH` attributes are the figures reported here. Memory outside the pool (the CUDA
+//! context, cuBLAS workspaces, loaded kernels) is not included. The CPU has no such counter:
+//! [`memory_usage`] returns `None` there.
+
+use candle_core::Device;
+
+use crate::Result;
+
+/// Bytes of device memory held by tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryUsage {
+    /// Allocated now.
+    pub in_use: u64,
+    /// The most allocated at once since the last [`reset_peak_memory`] (or since start).
+    pub peak: u64,
+}
+
+impl MemoryUsage {
+    /// Bytes as GiB, for display.
+    pub fn gib(bytes: u64) -> f64 {
+        bytes as f64 / (1u64 << 30) as f64
+    }
+}
+
+/// The memory `device` holds in tensors now and at its peak; `None` on the CPU. Waits for the
+/// device's queued work first, so that the figures include it.
+pub fn memory_usage(device: &Device) -> Result<Option<MemoryUsage>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::usage(cuda).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Starts a new peak measurement: the peak becomes the memory in use now. No-op on the CPU.
+pub fn reset_peak_memory(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::reset_peak(cuda),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    use super::MemoryUsage;
+    use crate::{Error, Result};
+
+    pub(super) fn usage(device: &CudaDevice) -> Result<MemoryUsage> {
+        let pool = default_pool(device)?;
+        Ok(MemoryUsage {
+            in_use: attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+            )?,
+            peak: attribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+            )?,
+        })
+    }
+
+    pub(super) fn reset_peak(device: &CudaDevice) -> Result<()> {
+        let pool = default_pool(device)?;
+        // The driver accepts only 0 here: it resets the high-water mark to the current use.
+        let mut zero: u64 = 0;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: `pool` is the device's live default pool and `zero` outlives the call.
+        let status = unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&raw mut zero).cast()) };
+        check(status, "cuMemPoolSetAttribute(USED_MEM_HIGH)")
+    }
+
+    fn default_pool(device: &CudaDevice) -> Result<sys::CUmemoryPool> {
+        let stream = device.cuda_stream();
+        stream
+            .synchronize()
+            .map_err(|e| driver_error("synchronize", e))?;
+        let context = stream.context();
+        context
+            .bind_to_thread()
+            .map_err(|e| driver_error("bind context", e))?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: `pool` is a valid out-pointer and the device handle comes from a live context.
+        let status = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) };
+        check(status, "cuDeviceGetDefaultMemPool")?;
+        Ok(pool)
+    }
+
+    fn attribute(pool: sys::CUmemoryPool, attr: sys::CUmemPool_attribute) -> Result<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: the used-memory attributes are 64-bit integers written to `value`.
+        let status = unsafe { sys::cuMemPoolGetAttribute(pool, attr, (&raw mut value).cast()) };
+        check(status, "cuMemPoolGetAttribute")?;
+        Ok(value)
+    }
+
+    fn check(status: sys::CUresult, call: &str) -> Result<()> {
+        match status {
+            sys::CUresult::CUDA_SUCCESS => Ok(()),
+            other => Err(Error::Candle(candle_core::Error::Msg(format!(
+                "{call} failed: {other:?}"
+            )))),
+        }
+    }
+
+    fn driver_error(call: &str, error: impl std::fmt::Display) -> Error {
+        Error::Candle(candle_core::Error::Msg(format!("{call} failed: {error}")))
+    }
+}
