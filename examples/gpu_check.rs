@@ -10,6 +10,10 @@
 //!   `sagesla` on the device against the same op on the CPU, at a small shape and at the Wan
 //!   1.3B 480p sequence length (two heads, to keep the CPU side short); ≤ 1e-4, and for
 //!   `sagesla` a quantisation-boundary bound (`SAGESLA_DEVICE_BOUND`);
+//! - the CUDA kernels, fresh random inputs: bf16 flash / SLA / SageSLA attention at
+//!   [1, 1000, 2, 128] and [1, 32760, 12, 128] against the reference path in f32
+//!   (`ATTENTION_KERNEL_BOUND`), SageSLA against SLA by cosine similarity, and the W8A8 GEMM in
+//!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes;
 //! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the three DiT files and
 //!   the whole rCM sample.
 
@@ -30,6 +34,7 @@ use turbodiffusion::attention::{
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
+use turbodiffusion::quant::{int8_matmul, Int8Weight};
 use turbodiffusion::AttentionKind;
 
 #[derive(Parser, Debug)]
@@ -59,6 +64,10 @@ fn main() -> Result<ExitCode> {
     let device = args.device.open()?;
     println!("gpu_check on {} ({:?})", args.device, device);
     let mut checks = attention_checks(&device, args.seed)?;
+    if device.is_cuda() {
+        checks.extend(attention_kernel_checks(&device, args.seed)?);
+        checks.extend(w8a8_kernel_checks(&device, args.seed)?);
+    }
     for &dtype in &args.dtypes {
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
         checks.extend(golden_checks(&device, dtype, threshold)?);
@@ -145,6 +154,116 @@ fn attention_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                     } else {
                         1e-4
                     },
+                },
+            );
+        }
+    }
+    Ok(checks)
+}
+
+/// bf16 kernels against the reference path run in f32 on the same (bf16-rounded) inputs: the
+/// output is rounded to bf16 and P enters P·V in bf16, each worth ~2⁻⁹ relative.
+const ATTENTION_KERNEL_BOUND: f64 = 1e-2;
+/// SageSLA against SLA (both kernels): the cosine similarity must be at least 1 − this.
+const SAGESLA_VS_SLA_COSINE_GAP: f64 = 5e-3;
+
+/// The attention kernels (bf16, head dim 128) on fresh random inputs at a small and at the Wan
+/// 1.3B 480p shape, against the reference path in f32 on the device (SageSLA: its exact CPU
+/// emulation, on fewer heads to keep the host side short), and SageSLA against SLA.
+fn attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
+    let mut checks = Vec::new();
+    for (tokens, heads) in [(1000, 2), (32_760, 12)] {
+        let dims = (1, tokens, heads, 128);
+        let mut input = |offset: f64| -> Result<Tensor> {
+            Ok(gaussian(dims, offset, &mut rng)?
+                .to_dtype(DType::BF16)?
+                .to_device(device)?)
+        };
+        let (q, k, v) = (input(0.0)?, input(1.0)?, input(0.0)?);
+        let proj_weight = (gaussian((1, 1, 128, 128), 0.0, &mut rng)?.reshape((128, 128))? * 0.05)?;
+        let proj_l = ProjL::new(
+            &proj_weight.to_device(device)?,
+            &Tensor::zeros(128, DType::F32, device)?,
+        )?;
+        let cfg = SlaConfig::new(0.1)?;
+        let ops: [(&str, Box<dyn Attention>); 3] = [
+            ("original", Box::new(DenseAttention::default())),
+            ("sla:0.1", Box::new(SlaAttention::new(cfg, proj_l.clone()))),
+            ("sagesla:0.1", Box::new(SageSlaAttention::new(cfg, proj_l))),
+        ];
+        let mut outputs = Vec::new();
+        for (name, op) in &ops {
+            let out = op.forward(&q, &k, &v)?;
+            // The host-side SageSLA emulation is slow: check its kernel on two heads.
+            let ref_heads = if name.starts_with("sagesla") {
+                heads.min(2)
+            } else {
+                heads
+            };
+            let f32_heads = |t: &Tensor| -> Result<Tensor> {
+                Ok(t.narrow(2, 0, ref_heads)?.to_dtype(DType::F32)?)
+            };
+            let reference = op.forward(&f32_heads(&q)?, &f32_heads(&k)?, &f32_heads(&v)?)?;
+            push(
+                &mut checks,
+                Check {
+                    name: format!("kernel {name} bf16 [1, {tokens}, {heads}, 128] vs reference"),
+                    error: relative_error(&out.narrow(2, 0, ref_heads)?, &reference)?,
+                    threshold: ATTENTION_KERNEL_BOUND,
+                },
+            );
+            outputs.push(out);
+        }
+        push(
+            &mut checks,
+            Check {
+                name: format!("kernel sagesla vs sla [1, {tokens}, {heads}, 128] (1 − cosine)"),
+                error: 1.0 - cosine_similarity(&outputs[2], &outputs[1])?,
+                threshold: SAGESLA_VS_SLA_COSINE_GAP,
+            },
+        );
+    }
+    Ok(checks)
+}
+
+fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<f64> {
+    let (a, b) = (
+        a.flatten_all()?.to_dtype(DType::F64)?,
+        b.flatten_all()?.to_dtype(DType::F64)?,
+    );
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f64>()?;
+    let norm = |x: &Tensor| -> Result<f64> { Ok(x.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt()) };
+    Ok(dot / (norm(&a)? * norm(&b)?))
+}
+
+/// The W8A8 kernels (tile quantisation + block-scaled int8 GEMM) against the CPU
+/// implementation on fresh random inputs, f32 and bf16 activations, at a ragged small shape and
+/// at Wan 1.3B FFN shapes. In f32 both sides quantise identically and sum the k tiles in the
+/// same order; in bf16 the output rounding dominates.
+fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
+    let mut checks = Vec::new();
+    for (m, k, n) in [(300, 256, 200), (4096, 1536, 8960), (2048, 8960, 1536)] {
+        let x = gaussian((1, 1, m, k), 0.0, &mut rng)?.reshape((m, k))?;
+        let w = (gaussian((1, 1, n, k), 0.0, &mut rng)?.reshape((n, k))? * 0.02)?;
+        let weight = Int8Weight::quantize(&w)?;
+        let on_device = |t: &Tensor| t.to_device(device);
+        for (dtype, threshold) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let x = x.to_dtype(dtype)?;
+            let cpu = int8_matmul(&x, weight.int8_weight(), weight.scale())?;
+            let dev = int8_matmul(
+                &on_device(&x)?,
+                &on_device(weight.int8_weight())?,
+                &on_device(weight.scale())?,
+            )?;
+            let tag = format!("{dtype:?}").to_lowercase();
+            push(
+                &mut checks,
+                Check {
+                    name: format!("kernel w8a8 {tag} [{m}, {k}]·[{n}, {k}]ᵀ vs cpu"),
+                    error: relative_error(&dev, &cpu)?,
+                    threshold,
                 },
             );
         }

@@ -11,7 +11,7 @@ use turbo_models::tokenizer::{PromptTokenizer, EOS_TOKEN};
 use turbo_models::wan::{expected_tensors, ModelType, PatchLayout, WanConfig};
 use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
 
-use super::{ModelSet, Pipeline, RandomCheckpoint, T2vRequest, WeightSource};
+use super::{ModelKind, ModelSet, Pipeline, RandomCheckpoint, T2vRequest, WeightSource};
 
 /// What the demo's output is, for the caller to show the user.
 pub const DEMO_NOTICE: &str = "demo mode: a tiny Wan model with seeded RANDOM weights (the video \
@@ -75,6 +75,12 @@ fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
         num_res_blocks: 1,
         ..VaeConfig::wan21()
     };
+    random_models(seed, dit, text_encoder, vae)
+}
+
+/// Seeded random weights for the three models of these shapes; for I2V two experts that differ
+/// only by their seed.
+fn random_models(seed: u64, dit: WanConfig, text_encoder: Umt5Config, vae: VaeConfig) -> ModelSet {
     // Listing the SLA `proj_l` keys lets every attention kind run on the same weights.
     let sla = AttentionConfig::new(turbo_core::AttentionKind::sla(0.1).expect("valid top-k"));
     let dit_keys =
@@ -82,8 +88,7 @@ fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
             .into_iter()
             .map(|spec| (spec.name, spec.shape))
             .collect::<Vec<_>>();
-    // The I2V demo's two experts differ only by their seed.
-    let low_noise = (model_type == ModelType::I2v)
+    let low_noise = (dit.model_type == ModelType::I2v)
         .then(|| WeightSource::Random(RandomCheckpoint::new(seed + 3, dit_keys.clone())));
     ModelSet {
         dit_weights: WeightSource::Random(RandomCheckpoint::new(seed, dit_keys)),
@@ -124,6 +129,26 @@ impl Pipeline {
             device,
             DType::F32,
         )
+    }
+
+    /// A released model family at full size with seeded random weights (drawn on `device`, see
+    /// [`RandomCheckpoint`]) and the demo's tiny tokenizer: every stage does the work of the
+    /// real model, so this measures speed and memory without downloading checkpoints. The
+    /// video is noise.
+    pub fn random_weights(
+        kind: ModelKind,
+        seed: u64,
+        attention: AttentionConfig,
+        device: Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let dit = match kind {
+            ModelKind::Wan21T2V1_3B => WanConfig::wan21_t2v_1_3b(),
+            ModelKind::Wan21T2V14B => WanConfig::wan21_t2v_14b(),
+            ModelKind::Wan22I2VA14B => WanConfig::wan22_i2v_a14b(),
+        };
+        let models = random_models(seed, dit, Umt5Config::umt5_xxl(), VaeConfig::wan21());
+        Self::from_parts(models, demo_tokenizer()?, attention, device, dtype)
     }
 }
 

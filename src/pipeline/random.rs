@@ -33,10 +33,7 @@ impl RandomCheckpoint {
 
     /// The tensor called `name`, in f32 on the CPU.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
-        let shape = self.shapes.get(name).ok_or_else(|| Error::Checkpoint {
-            path: "<random weights>".into(),
-            reason: format!("no tensor `{name}`"),
-        })?;
+        let shape = self.shape(name)?;
         let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(name.as_bytes()));
         let count: usize = shape.iter().product();
         let (mean, std) = value_scale(name, shape);
@@ -47,6 +44,27 @@ impl RandomCheckpoint {
             })
             .collect();
         Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
+    }
+
+    /// The tensor called `name` in `dtype` on `device`. On the CPU it is [`Self::tensor`]; on
+    /// a GPU it is drawn there from the same (mean, std) with the device's generator seeded
+    /// from the seed and the name (so still independent of reading order, but not equal to
+    /// the CPU values): drawing billions of values on the host would dominate a benchmark.
+    pub fn tensor_on(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        if device.is_cpu() {
+            return Ok(self.tensor(name)?.to_dtype(dtype)?);
+        }
+        let shape = self.shape(name)?;
+        let (mean, std) = value_scale(name, shape);
+        device.set_seed(self.seed ^ fnv1a(name.as_bytes()))?;
+        Ok(Tensor::randn(mean, std, shape.as_slice(), device)?.to_dtype(dtype)?)
+    }
+
+    fn shape(&self, name: &str) -> Result<&Vec<usize>> {
+        self.shapes.get(name).ok_or_else(|| Error::Checkpoint {
+            path: "<random weights>".into(),
+            reason: format!("no tensor `{name}`"),
+        })
     }
 
     /// A `VarBuilder` serving these tensors in `dtype` on `device`.
@@ -96,23 +114,19 @@ impl SimpleBackend for RandomCheckpoint {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .tensor(name)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let tensor = self.get_unchecked(name, dtype, dev)?;
         if tensor.shape() != &shape {
             candle_core::bail!(
                 "shape mismatch for {name}: expected {shape:?}, got {:?}",
                 tensor.shape()
             );
         }
-        tensor.to_dtype(dtype)?.to_device(dev)
+        Ok(tensor)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .tensor(name)
-            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        tensor.to_dtype(dtype)?.to_device(dev)
+        self.tensor_on(name, dtype, dev)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

@@ -35,6 +35,10 @@ impl LoadAttention for DenseAttention {
 impl Attention for DenseAttention {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         QkvShape::of(q, k, v)?;
+        #[cfg(feature = "cuda")]
+        if crate::cuda::kernels_apply(q, k, crate::BlockSizes::default()) {
+            return crate::cuda::flash_attention(q, k, v, None);
+        }
         let out = dense_heads_first(
             &heads_first_f32(q)?,
             &heads_first_f32(k)?,

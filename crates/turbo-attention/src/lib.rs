@@ -17,6 +17,8 @@
 //! dtype (f32, bf16 or f16) and return the input dtype.
 
 mod config;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod dense;
 mod layout;
 mod linear;

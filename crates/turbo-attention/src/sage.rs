@@ -4,7 +4,7 @@ use turbo_core::{Attention, AttentionKind, Result};
 
 use crate::config::proj_l_weights;
 use crate::quant::{quantize_fp8_channels, quantize_int8_blocks, round_to_e4m3};
-use crate::sla::{map_query_blocks, SlaCore};
+use crate::sla::{map_query_blocks, SlaCore, SparseBranch};
 use crate::{BlockSelection, BlockSizes, LoadAttention, ProjL, SlaConfig};
 
 /// log₂ 448: P̃ is exponentiated against the running max plus this offset, so it spans
@@ -21,7 +21,11 @@ pub struct SageSlaAttention {
 impl SageSlaAttention {
     pub fn new(cfg: SlaConfig, proj_l: ProjL) -> Self {
         Self {
-            core: SlaCore { cfg, proj_l },
+            core: SlaCore {
+                cfg,
+                proj_l,
+                branch: SparseBranch::Sage,
+            },
         }
     }
 
@@ -44,7 +48,7 @@ impl LoadAttention for SageSlaAttention {
 
 impl Attention for SageSlaAttention {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        self.core.forward(q, k, v, sage_sparse_attention)
+        self.core.forward(q, k, v)
     }
 
     fn kind(&self) -> AttentionKind {

@@ -56,15 +56,10 @@ impl BlockSelection {
 /// blocks). Partial last blocks are averaged over their real length. Ties go to the lower
 /// block index.
 pub fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<BlockSelection> {
-    let (batch, heads, _, _) = q.dims4()?;
-    let k_smooth = k.broadcast_sub(&k.mean_keepdim(2)?)?;
-    let pooled_q = block_means(q, cfg.blocks.query)?;
-    let pooled_k = block_means(&k_smooth, cfg.blocks.key)?;
-    let (query_blocks, key_blocks) = (pooled_q.dim(2)?, pooled_k.dim(2)?);
-    let scores = pooled_q
-        .matmul(&pooled_k.t()?)?
-        .flatten_to(2)?
-        .to_vec2::<f32>()?;
+    let (batch, heads, q_len, _) = q.dims4()?;
+    let scores = pooled_scores(q, k, cfg)?.to_vec2::<f32>()?;
+    let query_blocks = q_len.div_ceil(cfg.blocks.query);
+    let key_blocks = k.dim(2)?.div_ceil(cfg.blocks.key);
     let per_row = cfg.selected_blocks(key_blocks);
     let indices = scores
         .iter()
@@ -78,6 +73,14 @@ pub fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<BlockSel
         per_row,
         indices,
     })
+}
+
+/// The pooled scores `mean(q_i) · mean(k_j − mean(k))` as `[B·H·n_q, n_k]` f32.
+pub(crate) fn pooled_scores(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<Tensor> {
+    let k_smooth = k.broadcast_sub(&k.mean_keepdim(2)?)?;
+    let pooled_q = block_means(q, cfg.blocks.query)?;
+    let pooled_k = block_means(&k_smooth, cfg.blocks.key)?;
+    Ok(pooled_q.matmul(&pooled_k.t()?)?.flatten_to(2)?)
 }
 
 /// Indices of the `count` largest scores, ascending.

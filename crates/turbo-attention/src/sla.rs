@@ -6,7 +6,8 @@ use turbo_core::{Attention, AttentionKind, Error, QkvShape, Result};
 use crate::config::proj_l_weights;
 use crate::layout::{heads_first_f32, tokens_first};
 use crate::{
-    linear_attention, select_blocks, BlockSelection, BlockSizes, LoadAttention, ProjL, SlaConfig,
+    linear_attention, sage_sparse_attention, select_blocks, BlockSelection, BlockSizes,
+    LoadAttention, ProjL, SlaConfig,
 };
 
 /// Sparse-Linear Attention as in the released TurboDiffusion checkpoints.
@@ -22,7 +23,11 @@ pub struct SlaAttention {
 impl SlaAttention {
     pub fn new(cfg: SlaConfig, proj_l: ProjL) -> Self {
         Self {
-            core: SlaCore { cfg, proj_l },
+            core: SlaCore {
+                cfg,
+                proj_l,
+                branch: SparseBranch::Exact,
+            },
         }
     }
 
@@ -45,7 +50,7 @@ impl LoadAttention for SlaAttention {
 
 impl Attention for SlaAttention {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        self.core.forward(q, k, v, sparse_attention)
+        self.core.forward(q, k, v)
     }
 
     fn kind(&self) -> AttentionKind {
@@ -55,25 +60,35 @@ impl Attention for SlaAttention {
     }
 }
 
-/// A sparse branch: heads-first f32 q, k, v and the selection → `[B, H, Lq, D]`.
-pub(crate) type SparseBranch =
-    fn(&Tensor, &Tensor, &Tensor, &BlockSelection, BlockSizes) -> Result<Tensor>;
+/// How the sparse branch computes: SLA's exact softmax or SageSLA's quantised one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SparseBranch {
+    Exact,
+    Sage,
+}
+
+impl SparseBranch {
+    /// The reference implementation on heads-first f32 tensors.
+    fn reference(
+        self,
+    ) -> fn(&Tensor, &Tensor, &Tensor, &BlockSelection, BlockSizes) -> Result<Tensor> {
+        match self {
+            Self::Exact => sparse_attention,
+            Self::Sage => sage_sparse_attention,
+        }
+    }
+}
 
 /// What SLA and SageSLA share: block selection, the linear branch, `proj_l` and the sum.
 #[derive(Debug, Clone)]
 pub(crate) struct SlaCore {
     pub(crate) cfg: SlaConfig,
     pub(crate) proj_l: ProjL,
+    pub(crate) branch: SparseBranch,
 }
 
 impl SlaCore {
-    pub(crate) fn forward(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        sparse: SparseBranch,
-    ) -> Result<Tensor> {
+    pub(crate) fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let shape = QkvShape::of(q, k, v)?;
         if shape.head_dim != self.proj_l.dim() {
             return Err(Error::Shape {
@@ -87,13 +102,37 @@ impl SlaCore {
             heads_first_f32(k)?,
             heads_first_f32(v)?,
         );
+        let linear_out =
+            self.proj_l
+                .forward(&linear_attention(&qh, &kh, &vh, SlaConfig::LINEAR_EPS)?)?;
+        #[cfg(feature = "cuda")]
+        if crate::cuda::kernels_apply(q, k, self.cfg.blocks) {
+            return self.forward_kernels(q, k, v, &qh, &kh, &linear_out);
+        }
         let selection = select_blocks(&qh, &kh, &self.cfg)?;
-        let sparse_out = sparse(&qh, &kh, &vh, &selection, self.cfg.blocks)?;
-        let linear_out = linear_attention(&qh, &kh, &vh, SlaConfig::LINEAR_EPS)?;
-        tokens_first(
-            &(sparse_out + self.proj_l.forward(&linear_out)?)?,
-            q.dtype(),
-        )
+        let sparse_out = self.branch.reference()(&qh, &kh, &vh, &selection, self.cfg.blocks)?;
+        tokens_first(&(sparse_out + linear_out)?, q.dtype())
+    }
+
+    /// The sparse branch on the CUDA kernels (bf16 in and out); selection from the heads-first
+    /// f32 `qh`, `kh`, the projected linear branch `linear_out` added in f32.
+    #[cfg(feature = "cuda")]
+    fn forward_kernels(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        qh: &Tensor,
+        kh: &Tensor,
+        linear_out: &Tensor,
+    ) -> Result<Tensor> {
+        let selection = crate::cuda::select_blocks(qh, kh, &self.cfg)?;
+        let sparse_out = match self.branch {
+            SparseBranch::Exact => crate::cuda::flash_attention(q, k, v, Some(&selection))?,
+            SparseBranch::Sage => crate::cuda::sage_attention(q, k, v, &selection)?,
+        };
+        let linear_out = tokens_first(linear_out, candle_core::DType::F32)?;
+        Ok((sparse_out.to_dtype(candle_core::DType::F32)? + linear_out)?.to_dtype(q.dtype())?)
     }
 }
 

@@ -12,6 +12,8 @@
 //!   observer it reports each [`StepReport`] to.
 
 mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod device;
 mod error;
 mod geometry;

@@ -58,6 +58,8 @@
 //! The int8 product runs on the CPU (parallel over output rows with rayon); on other devices
 //! [`Int8Matmul`] reports that it has no kernel yet.
 
+#[cfg(feature = "cuda")]
+mod cuda;
 mod gemm;
 mod linear;
 mod op;

@@ -67,6 +67,11 @@ impl Int8Weight {
             [rows, cols] => (rows, cols),
             ref dims => return Err(shape_error(WEIGHT_KEY, "[N, K]", dims)),
         };
+        #[cfg(feature = "cuda")]
+        if weight.device().is_cuda() && cols % 16 == 0 {
+            let (values, scale) = crate::cuda::quantize_tensor(weight)?;
+            return Self::new(values, scale);
+        }
         let values = weight
             .to_dtype(DType::F32)?
             .flatten_all()?

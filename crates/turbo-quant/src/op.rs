@@ -61,6 +61,45 @@ impl CustomOp3 for Int8Matmul {
         let y = int8_gemm(x_tiles.view(), weight_tiles).map_err(candle_core::Error::wrap)?;
         Ok((storage_in(x.dtype(), y)?, Shape::from((m, n))))
     }
+
+    /// The kernels of `turbo_kernels::W8A8`: tile quantisation of `x`, then the block-scaled
+    /// int8 GEMM with the scale epilogue, output in the dtype of `x` (f32 or bf16).
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_layout: &Layout,
+        weight: &candle_core::CudaStorage,
+        weight_layout: &Layout,
+        scale: &candle_core::CudaStorage,
+        scale_layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = matrix_dims("activations", x_layout)?;
+        let (n, weight_k) = matrix_dims("int8 weight", weight_layout)?;
+        if weight_k != k || scale_layout.dims() != tile_grid(n, k) || k % 16 != 0 {
+            candle_core::bail!(
+                "int8-matmul on CUDA: activations [{m}, {k}], weight [{n}, {weight_k}], scale {:?} \
+                 (need equal K, a multiple of 16, and scale {:?})",
+                scale_layout.dims(),
+                tile_grid(n, k)
+            );
+        }
+        for (what, layout) in [
+            ("activations", x_layout),
+            ("int8 weight", weight_layout),
+            ("scale", scale_layout),
+        ] {
+            if !layout.is_contiguous() {
+                candle_core::bail!("int8-matmul: {what} must be contiguous");
+            }
+        }
+        crate::cuda::int8_matmul(
+            (x, x_layout.start_offset()),
+            (weight, weight_layout.start_offset()),
+            (scale, scale_layout.start_offset()),
+            [m, n, k],
+        )
+    }
 }
 
 fn matrix_dims(what: &str, layout: &Layout) -> candle_core::Result<(usize, usize)> {

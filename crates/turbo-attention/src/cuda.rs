@@ -1,0 +1,298 @@
+//! The CUDA path of the attention operators: the kernels of `turbo_kernels::ATTENTION`
+//! (`crates/turbo-kernels/kernels/attention.cu`) on bf16 tokens-first `[B, L, H, D]` tensors
+//! with head dim 128, self-attention (equal query and key lengths) and the default 128 / 64
+//! blocks. Every other input takes the reference path, the CPU specification, which also runs
+//! on CUDA as candle ops (that is how f32 golden parity is kept on the GPU).
+
+use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::WrapErr;
+use candle_core::{DType, Tensor};
+use half::bf16;
+use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+use turbo_core::{Error, Result};
+
+use crate::quant::V_SCALE_MAX;
+use crate::selection::pooled_scores;
+use crate::{BlockSizes, SlaConfig};
+
+/// The head dimension the kernels are built for.
+const HEAD_DIM: usize = 128;
+/// Query rows per CTA; also the query block of SLA's selection.
+const BLOCK_Q: usize = 128;
+const THREADS: u32 = 256;
+const MODULE: &str = "turbo_attention";
+
+/// Whether the kernels take these inputs (otherwise the caller runs the reference path).
+pub(crate) fn kernels_apply(q: &Tensor, k: &Tensor, blocks: BlockSizes) -> bool {
+    q.device().is_cuda()
+        && q.dtype() == DType::BF16
+        && q.dims().get(3) == Some(&HEAD_DIM)
+        && q.dims() == k.dims()
+        && blocks == BlockSizes::default()
+}
+
+/// The selected key blocks on the device: `[B·H·n_q, per_row]` u32, ascending per row.
+pub(crate) struct DeviceSelection {
+    indices: Tensor,
+    per_row: usize,
+}
+
+/// SLA's block selection on the device from heads-first f32 `q`, `k`: the pooled scores are
+/// candle ops (as on the CPU), the top-k a kernel.
+pub(crate) fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<DeviceSelection> {
+    let scores = pooled_scores(q, k, cfg)?.contiguous()?;
+    let (rows, key_blocks) = scores.dims2()?;
+    let per_row = cfg.selected_blocks(key_blocks);
+    let dev = scores.device().as_cuda_device()?;
+    let out = unsafe { dev.alloc::<u32>(rows * per_row) }?;
+    {
+        let (storage, layout) = scores.storage_and_layout();
+        let scores = cuda_view::<f32>(&storage, layout.start_offset(), "pooled scores")?;
+        let func = dev.get_or_load_custom_func("top_blocks", MODULE, turbo_kernels::ATTENTION)?;
+        let mut launch = func.builder();
+        let (n, count) = (key_blocks as i32, per_row as i32);
+        launch.arg(&scores).arg(&out).arg(&n).arg(&count);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: (key_blocks * 8) as u32,
+        };
+        unsafe { launch.launch(cfg) }.w()?;
+    }
+    Ok(DeviceSelection {
+        indices: tensor_from_cuda(out, dev, (rows, per_row)),
+        per_row,
+    })
+}
+
+/// Flash attention in bf16 over every key block (`selection` None) or the selected ones.
+pub(crate) fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    selection: Option<&DeviceSelection>,
+) -> Result<Tensor> {
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    let geometry = Geometry::of(&q)?;
+    let dev = q.device().as_cuda_device()?;
+    let out = unsafe { dev.alloc::<bf16>(q.elem_count()) }?;
+    let (qs, ql) = q.storage_and_layout();
+    let (ks, kl) = k.storage_and_layout();
+    let (vs, vl) = v.storage_and_layout();
+    let (q_view, k_view, v_view) = (
+        cuda_view::<bf16>(&qs, ql.start_offset(), "q")?,
+        cuda_view::<bf16>(&ks, kl.start_offset(), "k")?,
+        cuda_view::<bf16>(&vs, vl.start_offset(), "v")?,
+    );
+    let index_guard = selection.map(|s| s.indices.storage_and_layout());
+    let index_view = match &index_guard {
+        Some((storage, _)) => Some(cuda_view::<u32>(storage, 0, "block indices")?),
+        None => None,
+    };
+    let n_sel = selection.map_or(geometry.key_blocks(), |s| s.per_row) as i32;
+    let scale_log2 = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
+    let func =
+        dev.get_or_load_custom_func("sparse_attention_bf16", MODULE, turbo_kernels::ATTENTION)?;
+    let mut launch = func.builder();
+    let null: u64 = 0;
+    launch.arg(&q_view).arg(&k_view).arg(&v_view);
+    match &index_view {
+        Some(view) => launch.arg(view),
+        None => launch.arg(&null),
+    };
+    launch
+        .arg(&out)
+        .arg(&geometry.heads)
+        .arg(&geometry.len)
+        .arg(&n_sel)
+        .arg(&scale_log2);
+    unsafe { launch.launch(geometry.attention_launch()) }.w()?;
+    Ok(tensor_from_cuda(out, dev, q.shape().clone()))
+}
+
+/// SageSLA's sparse branch: quantises Q and K − mean(K) to int8 per block and V to E4M3 per
+/// channel with kernels, then runs the int8 / FP8 attention kernel over the selected blocks.
+pub(crate) fn sage_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    selection: &DeviceSelection,
+) -> Result<Tensor> {
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    let geometry = Geometry::of(&q)?;
+    let dev = q.device().as_cuda_device()?;
+    // Per-(b·h, channel) statistics over the tokens, [B, 1, H, D] = [B·H, D] contiguous.
+    let k_mean = k.to_dtype(DType::F32)?.mean_keepdim(1)?.contiguous()?;
+    let v_scale =
+        (v.to_dtype(DType::F32)?.abs()?.max_keepdim(1)? / f64::from(V_SCALE_MAX))?.contiguous()?;
+    let (q8, q_scale) = quantize_int8_blocks(&q, None, BLOCK_Q, &geometry)?;
+    let (k8, k_scale) = quantize_int8_blocks(&k, Some(&k_mean), BLOCK_K, &geometry)?;
+    let v8 = quantize_fp8_channels(&v, &v_scale, &geometry)?;
+
+    let out = unsafe { dev.alloc::<bf16>(q.elem_count()) }?;
+    let guards = [
+        &q8,
+        &k8,
+        &v8,
+        &q_scale,
+        &k_scale,
+        &v_scale,
+        &selection.indices,
+    ]
+    .map(|t| t.storage_and_layout().0);
+    let q8_view = cuda_view::<u8>(&guards[0], 0, "int8 q")?;
+    let k8_view = cuda_view::<u8>(&guards[1], 0, "int8 k")?;
+    let v8_view = cuda_view::<bf16>(&guards[2], 0, "e4m3 v")?;
+    let q_scale_view = cuda_view::<f32>(&guards[3], 0, "q scales")?;
+    let k_scale_view = cuda_view::<f32>(&guards[4], 0, "k scales")?;
+    let v_scale_view = cuda_view::<f32>(&guards[5], 0, "v scales")?;
+    let index_view = cuda_view::<u32>(&guards[6], 0, "block indices")?;
+    let score_scale = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
+    let n_sel = selection.per_row as i32;
+    let func =
+        dev.get_or_load_custom_func("sparse_attention_sage", MODULE, turbo_kernels::ATTENTION)?;
+    let mut launch = func.builder();
+    launch
+        .arg(&q8_view)
+        .arg(&k8_view)
+        .arg(&v8_view)
+        .arg(&q_scale_view)
+        .arg(&k_scale_view)
+        .arg(&v_scale_view)
+        .arg(&index_view)
+        .arg(&out)
+        .arg(&geometry.heads)
+        .arg(&geometry.len)
+        .arg(&n_sel)
+        .arg(&score_scale);
+    unsafe { launch.launch(geometry.attention_launch()) }.w()?;
+    Ok(tensor_from_cuda(out, dev, q.shape().clone()))
+}
+
+/// Keys per block of the kernels (SLA's key block).
+const BLOCK_K: usize = 64;
+
+/// Int8 values (`U8` bytes, same layout as `x`) and `[B·H, ⌈L/block⌉]` f32 scales.
+fn quantize_int8_blocks(
+    x: &Tensor,
+    mean: Option<&Tensor>,
+    block: usize,
+    geometry: &Geometry,
+) -> Result<(Tensor, Tensor)> {
+    let dev = x.device().as_cuda_device()?;
+    let blocks = (geometry.len as usize).div_ceil(block);
+    let bh = geometry.batch_heads();
+    let values = unsafe { dev.alloc::<u8>(x.elem_count()) }?;
+    let scales = unsafe { dev.alloc::<f32>(bh * blocks) }?;
+    {
+        let (xs, xl) = x.storage_and_layout();
+        let x_view = cuda_view::<bf16>(&xs, xl.start_offset(), "quantiser input")?;
+        let mean_guard = mean.map(|m| m.storage_and_layout().0);
+        let mean_view = match &mean_guard {
+            Some(storage) => Some(cuda_view::<f32>(storage, 0, "channel means")?),
+            None => None,
+        };
+        let func =
+            dev.get_or_load_custom_func("quantize_int8_blocks", MODULE, turbo_kernels::ATTENTION)?;
+        let mut launch = func.builder();
+        let (null, block) = (0u64, block as i32);
+        launch.arg(&x_view);
+        match &mean_view {
+            Some(view) => launch.arg(view),
+            None => launch.arg(&null),
+        };
+        launch
+            .arg(&values)
+            .arg(&scales)
+            .arg(&geometry.heads)
+            .arg(&geometry.len)
+            .arg(&block);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, bh as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(cfg) }.w()?;
+    }
+    Ok((
+        tensor_from_cuda(values, dev, x.shape().clone()),
+        tensor_from_cuda(scales, dev, (bh, blocks)),
+    ))
+}
+
+/// E4M3 values of `v / scale` held in bf16, same layout as `v`.
+fn quantize_fp8_channels(v: &Tensor, scale: &Tensor, geometry: &Geometry) -> Result<Tensor> {
+    let dev = v.device().as_cuda_device()?;
+    let total = v.elem_count();
+    let out = unsafe { dev.alloc::<bf16>(total) }?;
+    {
+        let (vs, vl) = v.storage_and_layout();
+        let (ss, _) = scale.storage_and_layout();
+        let v_view = cuda_view::<bf16>(&vs, vl.start_offset(), "v")?;
+        let scale_view = cuda_view::<f32>(&ss, 0, "v scales")?;
+        let func =
+            dev.get_or_load_custom_func("quantize_fp8_channels", MODULE, turbo_kernels::ATTENTION)?;
+        let mut launch = func.builder();
+        launch
+            .arg(&v_view)
+            .arg(&scale_view)
+            .arg(&out)
+            .arg(&geometry.heads)
+            .arg(&geometry.len)
+            .arg(&total);
+        unsafe { launch.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+    }
+    Ok(tensor_from_cuda(out, dev, v.shape().clone()))
+}
+
+/// The sizes a launch needs, as the kernels take them.
+struct Geometry {
+    batch: i32,
+    len: i32,
+    heads: i32,
+}
+
+impl Geometry {
+    fn of(q: &Tensor) -> Result<Self> {
+        let (batch, len, heads, _) = q.dims4()?;
+        let narrow = |value: usize| {
+            i32::try_from(value).map_err(|_| Error::Shape {
+                what: "attention input (too large for the CUDA kernels)".into(),
+                expected: "dimensions below 2^31".into(),
+                got: q.dims().to_vec(),
+            })
+        };
+        Ok(Self {
+            batch: narrow(batch)?,
+            len: narrow(len)?,
+            heads: narrow(heads)?,
+        })
+    }
+
+    fn batch_heads(&self) -> usize {
+        (self.batch * self.heads) as usize
+    }
+
+    fn key_blocks(&self) -> usize {
+        (self.len as usize).div_ceil(BLOCK_K)
+    }
+
+    fn attention_launch(&self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (
+                (self.len as usize).div_ceil(BLOCK_Q) as u32,
+                self.batch_heads() as u32,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// `x` contiguous and starting on a 16-byte boundary (the kernels load 16 bytes at a time).
+fn aligned(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let offset_bytes = x.layout().start_offset() * x.dtype().size_in_bytes();
+    Ok(if offset_bytes % 16 == 0 { x } else { x.copy()? })
+}

@@ -1,0 +1,62 @@
+//! Compiles every `kernels/*.cu` to PTX with nvcc, for the compute capability in
+//! `CUDA_COMPUTE_CAP` (as candle's own kernels are; 80 when unset: Ampere PTX runs on every
+//! later GPU through the driver's JIT).
+//!
+//! nvcc is found through `CUDA_HOME` (or `CUDA_ROOT`, `CUDA_PATH`), else on `PATH`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let compute_cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".to_owned());
+    let nvcc = nvcc_path();
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    for var in ["CUDA_HOME", "CUDA_ROOT", "CUDA_PATH"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    for source in kernel_sources() {
+        println!("cargo::rerun-if-changed={}", source.display());
+        let stem = source.file_stem().expect("a .cu file has a stem");
+        let ptx = out_dir.join(stem).with_extension("ptx");
+        compile(&nvcc, &source, &ptx, &compute_cap);
+    }
+}
+
+fn kernel_sources() -> Vec<PathBuf> {
+    let dir = Path::new("kernels");
+    println!("cargo::rerun-if-changed={}", dir.display());
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
+        .expect("crates/turbo-kernels/kernels exists")
+        .map(|entry| entry.expect("readable kernels directory").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .collect();
+    sources.sort();
+    sources
+}
+
+fn nvcc_path() -> PathBuf {
+    ["CUDA_HOME", "CUDA_ROOT", "CUDA_PATH"]
+        .iter()
+        .filter_map(|var| std::env::var_os(var))
+        .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"))
+}
+
+fn compile(nvcc: &Path, source: &Path, ptx: &Path, compute_cap: &str) {
+    let status = Command::new(nvcc)
+        .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+        .arg(format!("-arch=sm_{compute_cap}"))
+        .arg(source)
+        .arg("-o")
+        .arg(ptx)
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {} ({e}): set CUDA_HOME to a CUDA toolkit (see README, Building with CUDA)",
+                nvcc.display()
+            )
+        });
+    assert!(status.success(), "nvcc failed on {}", source.display());
+}

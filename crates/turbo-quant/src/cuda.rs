@@ -1,0 +1,157 @@
+//! Launchers of the W8A8 kernels (`crates/turbo-kernels/kernels/w8a8.cu`) behind
+//! [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
+use half::bf16;
+use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+
+use crate::tile::{tile_grid, TILE};
+
+const MODULE: &str = "turbo_quant_w8a8";
+const THREADS: u32 = 256;
+
+/// `x · Wᵀ` for contiguous `x` `[M, K]` (f32 or bf16), int8 `weight` `[N, K]` (U8 bytes) and its
+/// f32 tile scales; each argument is a storage and the element offset where its data starts.
+pub(crate) fn int8_matmul(
+    x: (&CudaStorage, usize),
+    weight: (&CudaStorage, usize),
+    scale: (&CudaStorage, usize),
+    [m, n, k]: [usize; 3],
+) -> Result<(CudaStorage, Shape)> {
+    if weight.1 % 16 != 0 {
+        candle_core::bail!("int8-matmul: the int8 weight must start on a 16-byte boundary");
+    }
+    let dev = x.0.device().clone();
+    let weight_view = view::<u8>(weight)?;
+    let scale_view = view::<f32>(scale)?;
+    let (x_q, x_scales) = match x.0.dtype() {
+        DType::F32 => quantize(&dev, "quantize_tiles_f32", &view::<f32>(x)?, m, k)?,
+        DType::BF16 => quantize(&dev, "quantize_tiles_bf16", &view::<bf16>(x)?, m, k)?,
+        other => candle_core::bail!(
+            "int8-matmul on CUDA: activations must be f32 or bf16, got {other:?}"
+        ),
+    };
+    let args = GemmArgs {
+        x_q: &x_q,
+        x_scales: &x_scales,
+        weight: &weight_view,
+        weight_scales: &scale_view,
+        m,
+        n,
+        k,
+    };
+    let y = match x.0.dtype() {
+        DType::F32 => {
+            CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, "w8a8_gemm_f32", &args)?, dev.clone())
+        }
+        _ => {
+            CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, "w8a8_gemm_bf16", &args)?, dev.clone())
+        }
+    };
+    Ok((y, Shape::from((m, n))))
+}
+
+/// Tile quantisation of a float `[N, K]` CUDA tensor (f32 or bf16, K a multiple of 16) on
+/// the device: the `U8` int8 bytes and the `[⌈N/128⌉, ⌈K/128⌉]` f32 scales.
+pub(crate) fn quantize_tensor(x: &Tensor) -> turbo_core::Result<(Tensor, Tensor)> {
+    // bf16 is read as is; any other float dtype goes through f32, which holds it exactly.
+    let x = match x.dtype() {
+        DType::BF16 => x.contiguous()?,
+        _ => x.to_dtype(DType::F32)?.contiguous()?,
+    };
+    let (rows, cols) = x.dims2()?;
+    let dev = x.device().as_cuda_device()?;
+    let (storage, layout) = x.storage_and_layout();
+    let offset = layout.start_offset();
+    let (values, scales) = match x.dtype() {
+        DType::BF16 => {
+            let view = cuda_view::<bf16>(&storage, offset, "weight")?;
+            quantize(dev, "quantize_tiles_bf16", &view, rows, cols)?
+        }
+        _ => {
+            let view = cuda_view::<f32>(&storage, offset, "weight")?;
+            quantize(dev, "quantize_tiles_f32", &view, rows, cols)?
+        }
+    };
+    Ok((
+        tensor_from_cuda(values, dev, (rows, cols)),
+        tensor_from_cuda(scales, dev, tile_grid(rows, cols).to_vec()),
+    ))
+}
+
+fn view<T: CudaDType>((storage, offset): (&CudaStorage, usize)) -> Result<CudaView<'_, T>> {
+    Ok(storage.as_cuda_slice::<T>()?.slice(offset..))
+}
+
+/// Int8 tiles of `x` `[m, k]` and their `[⌈m/128⌉, ⌈k/128⌉]` scales.
+fn quantize<T>(
+    dev: &CudaDevice,
+    kernel: &str,
+    x: &CudaView<'_, T>,
+    m: usize,
+    k: usize,
+) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
+    let [row_tiles, col_tiles] = tile_grid(m, k);
+    let values = unsafe { dev.alloc::<u8>(m * k) }?;
+    let scales = unsafe { dev.alloc::<f32>(row_tiles * col_tiles) }?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::W8A8)?;
+    let (m_arg, k_arg) = (m as i32, k as i32);
+    let mut launch = func.builder();
+    launch
+        .arg(x)
+        .arg(&values)
+        .arg(&scales)
+        .arg(&m_arg)
+        .arg(&k_arg);
+    let cfg = LaunchConfig {
+        grid_dim: (col_tiles as u32, row_tiles as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok((values, scales))
+}
+
+struct GemmArgs<'a> {
+    x_q: &'a CudaSlice<u8>,
+    x_scales: &'a CudaSlice<f32>,
+    weight: &'a CudaView<'a, u8>,
+    weight_scales: &'a CudaView<'a, f32>,
+    m: usize,
+    n: usize,
+    k: usize,
+}
+
+fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    dev: &CudaDevice,
+    kernel: &str,
+    args: &GemmArgs<'_>,
+) -> Result<CudaSlice<T>> {
+    let y = unsafe { dev.alloc::<T>(args.m * args.n) }?;
+    let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::W8A8)?;
+    let dims = [args.m, args.n, args.k].map(|d| d as i32);
+    let mut launch = func.builder();
+    launch
+        .arg(args.x_q)
+        .arg(args.x_scales)
+        .arg(args.weight)
+        .arg(args.weight_scales)
+        .arg(&y)
+        .arg(&dims[0])
+        .arg(&dims[1])
+        .arg(&dims[2]);
+    let cfg = LaunchConfig {
+        grid_dim: (
+            args.n.div_ceil(TILE) as u32,
+            args.m.div_ceil(TILE) as u32,
+            1,
+        ),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(y)
+}

@@ -1,0 +1,580 @@
+//! The GPU benchmark: attention, linears, one DiT forward, VAE decode and a whole 4-step
+//! text-to-video, timed with CUDA events (warm-up, then the median of `--iters` runs) on fresh
+//! random inputs and seeded random weights, with peak device memory.
+//!
+//! ```text
+//! cargo build --release --features cuda --example bench
+//! bench --sections attention,linear,dit,vae,t2v --json bench.json --markdown bench.md
+//! ```
+//!
+//! Every row says what ran, at which shape and settings; the header says on which device.
+//! "TFLOPS" counts the work actually done: for attention 4·B·H·L·(keys attended)·D (the
+//! sparse branch's keys for sla / sagesla; the linear branch is not counted), for linears
+//! 2·M·N·K.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Parser, ValueEnum};
+use serde_json::json;
+use turbodiffusion::attention::{
+    Attention, AttentionConfig, BlockSizes, DenseAttention, ProjL, SageSlaAttention, SlaAttention,
+    SlaConfig,
+};
+use turbodiffusion::core::{memory_usage, reset_peak_memory, DeviceSpec, MemoryUsage, Stage};
+use turbodiffusion::models::wan::{
+    expected_tensors, PatchLayout, QuantPolicy, WanConfig, WanModel,
+};
+use turbodiffusion::models::{VaeConfig, WanVae};
+use turbodiffusion::pipeline::{ModelKind, RandomCheckpoint};
+use turbodiffusion::quant::{int8_matmul, Int8Weight};
+use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+#[derive(Parser, Debug)]
+#[command(about = "Time attention, linears, the DiT, the VAE and a whole video on a GPU")]
+struct Args {
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "attention,linear,dit,vae,t2v"
+    )]
+    sections: Vec<Section>,
+    /// Model shapes for the attention and linear rows.
+    #[arg(long, value_delimiter = ',', default_value = "1.3b,14b")]
+    shapes: Vec<ModelShape>,
+    #[arg(long, value_delimiter = ',', default_value = "0.05,0.1,0.15")]
+    topk: Vec<f64>,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Runs of the slow rows (DiT forward, VAE decode) after one warm-up.
+    #[arg(long, default_value_t = 3)]
+    slow_iters: usize,
+    #[arg(long, default_value = "cuda")]
+    device: DeviceSpec,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long)]
+    json: Option<PathBuf>,
+    #[arg(long)]
+    markdown: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Section {
+    Attention,
+    Linear,
+    Dit,
+    Vae,
+    T2v,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModelShape {
+    #[value(name = "1.3b")]
+    Wan1_3B,
+    #[value(name = "14b")]
+    Wan14B,
+}
+
+impl ModelShape {
+    /// Tokens (81 frames at 480p for 1.3B, 720p for 14B) and heads.
+    fn attention(self) -> (usize, usize) {
+        match self {
+            Self::Wan1_3B => (32_760, 12),
+            Self::Wan14B => (75_600, 40),
+        }
+    }
+
+    /// (M, [(K, N)]) of the block linears: q/k/v/o, ffn.0, ffn.2.
+    fn linears(self) -> (usize, [(usize, usize); 3]) {
+        match self {
+            Self::Wan1_3B => (32_760, [(1536, 1536), (1536, 8960), (8960, 1536)]),
+            Self::Wan14B => (75_600, [(5120, 5120), (5120, 13824), (13824, 5120)]),
+        }
+    }
+}
+
+/// One measured row.
+struct Row {
+    section: &'static str,
+    what: String,
+    shape: String,
+    ms: f64,
+    note: String,
+    peak: Option<u64>,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let device = args.device.open()?;
+    let bench = Bench {
+        device: device.clone(),
+        warmup: args.warmup,
+        iters: args.iters,
+    };
+    let header = device_header(&device)?;
+    println!("{header}");
+    println!(
+        "timing: CUDA events, {} warm-up + median of {} runs ({} for DiT/VAE); bf16; seed {}",
+        args.warmup, args.iters, args.slow_iters, args.seed
+    );
+    let mut rows = Vec::new();
+    for section in &args.sections {
+        let start = rows.len();
+        match section {
+            Section::Attention => {
+                for &shape in &args.shapes {
+                    attention_rows(&bench, shape, &args.topk, &mut rows)?;
+                }
+            }
+            Section::Linear => {
+                for &shape in &args.shapes {
+                    linear_rows(&bench, shape, &mut rows)?;
+                }
+            }
+            Section::Dit => dit_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
+            Section::Vae => vae_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
+            Section::T2v => t2v_rows(&device, args.seed, &mut rows)?,
+        }
+        for row in &rows[start..] {
+            println!("{}", markdown_row(row));
+        }
+    }
+    let table = markdown_table(&header, &rows);
+    println!("\n{table}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.json {
+        write_json(path, &header, &rows)?;
+    }
+    Ok(())
+}
+
+/// Times closures on one device.
+struct Bench {
+    device: Device,
+    warmup: usize,
+    iters: usize,
+}
+
+impl Bench {
+    fn slow(&self, iters: usize) -> Self {
+        Self {
+            device: self.device.clone(),
+            warmup: 1,
+            iters,
+        }
+    }
+
+    /// Median milliseconds of `run` after the warm-up; CUDA events on a GPU.
+    fn median_ms(&self, mut run: impl FnMut() -> Result<()>) -> Result<f64> {
+        for _ in 0..self.warmup {
+            run()?;
+        }
+        let mut times = (0..self.iters.max(1))
+            .map(|_| self.time_once(&mut run))
+            .collect::<Result<Vec<f64>>>()?;
+        times.sort_by(f64::total_cmp);
+        Ok(times[times.len() / 2])
+    }
+
+    fn time_once(&self, run: &mut impl FnMut() -> Result<()>) -> Result<f64> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = &self.device {
+            use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+            let stream = cuda.cuda_stream();
+            let start = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            run()?;
+            let end = stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))?;
+            end.synchronize()?;
+            return Ok(f64::from(start.elapsed_ms(&end)?));
+        }
+        let start = Instant::now();
+        run()?;
+        self.device.synchronize()?;
+        Ok(start.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Runs `run` once from a fresh peak and returns its peak device memory.
+    fn peak_of(&self, run: impl FnOnce() -> Result<()>) -> Result<Option<u64>> {
+        reset_peak_memory(&self.device)?;
+        run()?;
+        Ok(memory_usage(&self.device)?.map(|m| m.peak))
+    }
+}
+
+fn device_header(device: &Device) -> Result<String> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let context = cuda.cuda_stream().context().clone();
+        let (free, total) = context.mem_get_info()?;
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let mut version = 0i32;
+        // SAFETY: a plain query writing one integer.
+        let driver = match unsafe { sys::cuDriverGetVersion(&mut version) } {
+            sys::CUresult::CUDA_SUCCESS => format!("{}.{}", version / 1000, (version % 1000) / 10),
+            _ => "unknown".to_owned(),
+        };
+        return Ok(format!(
+            "device: {} (CUDA driver API {driver}, {:.1} GiB, {:.1} GiB free at start)",
+            context.name()?,
+            MemoryUsage::gib(total as u64),
+            MemoryUsage::gib(free as u64)
+        ));
+    }
+    Ok(format!("device: {device:?}"))
+}
+
+fn randn(dims: &[usize], offset: f64, device: &Device) -> Result<Tensor> {
+    Ok((Tensor::randn(0f32, 1.0, dims, device)? + offset)?.to_dtype(DType::BF16)?)
+}
+
+fn attention_rows(
+    bench: &Bench,
+    shape: ModelShape,
+    topks: &[f64],
+    rows: &mut Vec<Row>,
+) -> Result<()> {
+    let (tokens, heads) = shape.attention();
+    let dims = [1, tokens, heads, 128];
+    let device = &bench.device;
+    // Keys share an offset, as real (post-RoPE) keys do.
+    let (q, k, v) = (
+        randn(&dims, 0.0, device)?,
+        randn(&dims, 1.0, device)?,
+        randn(&dims, 0.0, device)?,
+    );
+    let proj_weight = (Tensor::randn(0f32, 0.05, (128, 128), device)?).to_dtype(DType::F32)?;
+    let proj_l = ProjL::new(&proj_weight, &Tensor::zeros(128, DType::F32, device)?)?;
+    let key_blocks = tokens.div_ceil(BlockSizes::default().key);
+    let mut ops: Vec<(String, Box<dyn Attention>, usize)> = vec![(
+        "original".into(),
+        Box::new(DenseAttention::default()),
+        tokens,
+    )];
+    for &topk in topks {
+        let cfg = SlaConfig::new(topk)?;
+        let keys = cfg.selected_blocks(key_blocks) * BlockSizes::default().key;
+        ops.push((
+            format!("sla {topk}"),
+            Box::new(SlaAttention::new(cfg, proj_l.clone())),
+            keys,
+        ));
+        ops.push((
+            format!("sagesla {topk}"),
+            Box::new(SageSlaAttention::new(cfg, proj_l.clone())),
+            keys,
+        ));
+    }
+    for (name, op, keys_attended) in ops {
+        let ms = bench.median_ms(|| {
+            op.forward(&q, &k, &v)?;
+            Ok(())
+        })?;
+        let flops = 4.0 * (heads * tokens * keys_attended * 128) as f64;
+        rows.push(Row {
+            section: "attention",
+            what: name,
+            shape: format!("[1, {tokens}, {heads}, 128]"),
+            ms,
+            note: format!("{:.0} TFLOPS", flops / ms / 1e9),
+            peak: None,
+        });
+    }
+    Ok(())
+}
+
+fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<()> {
+    let (m, sizes) = shape.linears();
+    let device = &bench.device;
+    let x = randn(
+        &[m, sizes.iter().map(|s| s.0).max().unwrap_or(0)],
+        0.0,
+        device,
+    )?;
+    for (k, n) in sizes {
+        let x = x.narrow(1, 0, k)?.contiguous()?;
+        let w = (randn(&[n, k], 0.0, device)? * 0.02)?;
+        let weight = Int8Weight::quantize(&w)?;
+        let w_t = w.t()?;
+        let bf16_ms = bench.median_ms(|| {
+            x.matmul(&w_t)?;
+            Ok(())
+        })?;
+        let int8_ms = bench.median_ms(|| {
+            int8_matmul(&x, weight.int8_weight(), weight.scale())?;
+            Ok(())
+        })?;
+        let flops = 2.0 * (m * n * k) as f64;
+        let shape = format!("M {m}, K {k}, N {n}");
+        rows.push(Row {
+            section: "linear",
+            what: "bf16 (cuBLAS)".into(),
+            shape: shape.clone(),
+            ms: bf16_ms,
+            note: format!("{:.0} TFLOPS", flops / bf16_ms / 1e9),
+            peak: None,
+        });
+        rows.push(Row {
+            section: "linear",
+            what: "W8A8 (quantise + int8 GEMM + epilogue)".into(),
+            shape,
+            ms: int8_ms,
+            note: format!(
+                "{:.0} TOPS, {:.2}× bf16",
+                flops / int8_ms / 1e9,
+                bf16_ms / int8_ms
+            ),
+            peak: None,
+        });
+    }
+    Ok(())
+}
+
+/// Wan2.1-1.3B at 480p, 81 frames: latent [16, 21, 60, 104], 32 760 tokens.
+const LATENT_480P: [usize; 4] = [16, 21, 60, 104];
+
+fn attention_kinds() -> Result<[AttentionKind; 3]> {
+    Ok([
+        AttentionKind::Original,
+        AttentionKind::sla(0.1)?,
+        AttentionKind::sagesla(0.1)?,
+    ])
+}
+
+fn dit_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
+    let device = &bench.device;
+    let cfg = WanConfig::wan21_t2v_1_3b();
+    let keys: Vec<(String, Vec<usize>)> = expected_tensors::<Box<dyn Attention>>(
+        &cfg,
+        PatchLayout::Linear,
+        &AttentionConfig::new(AttentionKind::sla(0.1)?),
+        DType::BF16,
+    )
+    .into_iter()
+    .map(|spec| (spec.name, spec.shape))
+    .collect();
+    let x = Tensor::randn(0f32, 1.0, LATENT_480P.as_slice(), device)?;
+    let context = Tensor::randn(0f32, 1.0, (512, cfg.text_dim), device)?.to_dtype(DType::BF16)?;
+    for quant in [QuantPolicy::KeepFloat, QuantPolicy::Quantize] {
+        for kind in attention_kinds()? {
+            let vb = RandomCheckpoint::new(seed, keys.clone()).var_builder(DType::BF16, device);
+            let model = WanModel::<Box<dyn Attention>>::load_with_quant(
+                vb,
+                &cfg,
+                &AttentionConfig::new(kind),
+                quant,
+            )?;
+            let forward = || -> Result<()> {
+                model.forward(&x, 500.0, &context, None)?;
+                Ok(())
+            };
+            let ms = bench.median_ms(forward)?;
+            let peak = bench.peak_of(forward)?;
+            let quant_name = if quant == QuantPolicy::Quantize {
+                "W8A8"
+            } else {
+                "bf16"
+            };
+            rows.push(Row {
+                section: "dit",
+                what: format!("Wan2.1-1.3B forward, {kind}, {quant_name} linears"),
+                shape: "480p, 81 frames (32 760 tokens)".into(),
+                ms,
+                note: String::new(),
+                peak,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
+    let device = &bench.device;
+    let cfg = VaeConfig::wan21();
+    let vb =
+        RandomCheckpoint::new(seed, WanVae::expected_keys(&cfg)).var_builder(DType::BF16, device);
+    let vae = WanVae::load(vb, &cfg)?;
+    let latent = Tensor::randn(0f32, 1.0, (1, 16, 21, 60, 104), device)?.to_dtype(DType::BF16)?;
+    let decode = || -> Result<()> {
+        vae.decode_streaming(&latent, |_| Ok(()))?;
+        Ok(())
+    };
+    let ms = bench.median_ms(decode)?;
+    let peak = bench.peak_of(decode)?;
+    rows.push(Row {
+        section: "vae",
+        what: "Wan VAE decode (streaming, bf16)".into(),
+        shape: "480p, 81 frames (latent [1, 16, 21, 60, 104])".into(),
+        ms,
+        note: String::new(),
+        peak,
+    });
+    Ok(())
+}
+
+/// The whole 4-step 1.3B 480p text-to-video with random weights, per stage.
+fn t2v_rows(device: &Device, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
+    let attention = AttentionConfig::new(AttentionKind::sagesla(0.1)?);
+    let pipeline = Pipeline::random_weights(
+        ModelKind::Wan21T2V1_3B,
+        seed,
+        attention,
+        device.clone(),
+        DType::BF16,
+    )?
+    .with_quant_linear(true);
+    let request = T2vRequest::new("a red fox runs through fresh snow at dawn");
+    let mut stages = StageClock::new(device.clone())?;
+    let start = Instant::now();
+    let video = pipeline.text_to_video_with_progress(&request, &mut stages)?;
+    let total_ms = stages.finish()?;
+    let path = std::env::temp_dir().join("bench_t2v.mp4");
+    let write_start = Instant::now();
+    video.write_mp4(&path, Default::default())?;
+    let write_ms = write_start.elapsed().as_secs_f64() * 1e3;
+    for (stage, ms, peak) in stages.stages {
+        rows.push(Row {
+            section: "t2v",
+            what: stage,
+            shape: "Wan2.1-1.3B, 480p, 81 frames, 4 steps".into(),
+            ms,
+            note: "random weights, sagesla 0.1, W8A8".into(),
+            peak,
+        });
+    }
+    rows.push(Row {
+        section: "t2v",
+        what: "MP4 encode + write".into(),
+        shape: format!("{} frames", video.len()),
+        ms: write_ms,
+        note: String::new(),
+        peak: None,
+    });
+    rows.push(Row {
+        section: "t2v",
+        what: "whole video (generation + MP4)".into(),
+        shape: "Wan2.1-1.3B, 480p, 81 frames, 4 steps".into(),
+        ms: total_ms + write_ms,
+        note: format!("wall clock {:.0} ms", start.elapsed().as_secs_f64() * 1e3),
+        peak: memory_usage(device)?.map(|m| m.peak),
+    });
+    Ok(())
+}
+
+/// A progress observer that closes a stage whenever the next one starts: it waits for the
+/// device, stamps the time and the stage's peak memory, and resets the peak.
+struct StageClock {
+    device: Device,
+    current: Option<(String, Instant)>,
+    stages: Vec<(String, f64, Option<u64>)>,
+    started: Instant,
+    /// The peak over the whole run (stage peaks are reset at every stage).
+    overall_peak: u64,
+}
+
+impl StageClock {
+    fn new(device: Device) -> Result<Self> {
+        reset_peak_memory(&device)?;
+        Ok(Self {
+            device,
+            current: None,
+            stages: Vec::new(),
+            started: Instant::now(),
+            overall_peak: 0,
+        })
+    }
+
+    fn close_stage(&mut self) -> Result<()> {
+        self.device.synchronize()?;
+        if let Some((name, start)) = self.current.take() {
+            let peak = memory_usage(&self.device)?.map(|m| m.peak);
+            self.overall_peak = self.overall_peak.max(peak.unwrap_or(0));
+            self.stages
+                .push((name, start.elapsed().as_secs_f64() * 1e3, peak));
+        }
+        reset_peak_memory(&self.device)?;
+        Ok(())
+    }
+
+    /// Closes the last stage; the whole run's milliseconds.
+    fn finish(&mut self) -> Result<f64> {
+        self.close_stage()?;
+        if self.overall_peak > 0 {
+            self.stages
+                .push(("peak over all stages".into(), 0.0, Some(self.overall_peak)));
+        }
+        Ok(self.started.elapsed().as_secs_f64() * 1e3)
+    }
+}
+
+impl turbodiffusion::core::Progress for StageClock {
+    fn step_done(
+        &mut self,
+        _report: &turbodiffusion::core::StepReport,
+    ) -> std::ops::ControlFlow<()> {
+        std::ops::ControlFlow::Continue(())
+    }
+
+    fn stage(&mut self, stage: &Stage) {
+        let name = match stage {
+            Stage::EncodingText => "text encode (umT5-XXL, incl. drawing its weights)".to_owned(),
+            Stage::EncodingImage => "image encode".to_owned(),
+            Stage::LoadingDit { .. } => "DiT load (drawing random weights, quantising)".to_owned(),
+            Stage::Denoising { steps } => format!("denoise, {steps} DiT steps"),
+            Stage::Decoding { done: 0, .. } => "VAE decode".to_owned(),
+            // Later decoding reports continue the same stage.
+            Stage::Decoding { .. } => return,
+            other => format!("{other:?}"),
+        };
+        if let Err(e) = self.close_stage() {
+            eprintln!("stage timing: {e}");
+        }
+        self.current = Some((name, Instant::now()));
+    }
+}
+
+fn markdown_row(row: &Row) -> String {
+    let peak = row
+        .peak
+        .map(|p| format!("{:.2}", MemoryUsage::gib(p)))
+        .unwrap_or_else(|| "–".into());
+    format!(
+        "| {} | {} | {} | {:.3} | {} | {} |",
+        row.section, row.what, row.shape, row.ms, peak, row.note
+    )
+}
+
+fn markdown_table(header: &str, rows: &[Row]) -> String {
+    let mut table = format!(
+        "{header}\n\n| section | what | shape | ms (median) | peak GiB | notes |\n|---|---|---|---:|---:|---|\n"
+    );
+    for row in rows {
+        table.push_str(&markdown_row(row));
+        table.push('\n');
+    }
+    table
+}
+
+fn write_json(path: &PathBuf, header: &str, rows: &[Row]) -> Result<()> {
+    let rows: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "section": r.section, "what": r.what, "shape": r.shape, "ms": r.ms,
+                "peak_bytes": r.peak, "note": r.note,
+            })
+        })
+        .collect();
+    let text = serde_json::to_string_pretty(&json!({ "device": header, "rows": rows }))?;
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    if rows.is_empty() {
+        bail!("no rows measured");
+    }
+    Ok(())
+}
