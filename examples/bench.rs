@@ -462,7 +462,7 @@ fn t2v_rows(device: &Device, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
         shape: "Wan2.1-1.3B, 480p, 81 frames, 4 steps".into(),
         ms: total_ms + write_ms,
         note: format!("wall clock {:.0} ms", start.elapsed().as_secs_f64() * 1e3),
-        peak: memory_usage(device)?.map(|m| m.peak),
+        peak: (stages.overall_peak > 0).then_some(stages.overall_peak),
     });
     Ok(())
 }

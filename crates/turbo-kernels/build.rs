@@ -2,12 +2,16 @@
 //! `CUDA_COMPUTE_CAP` (as candle's own kernels are; 80 when unset: Ampere PTX runs on every
 //! later GPU through the driver's JIT).
 //!
-//! nvcc is found through `CUDA_HOME` (or `CUDA_ROOT`, `CUDA_PATH`), else on `PATH`.
+//! Only with the `cuda` feature. nvcc is found through `CUDA_HOME` (or `CUDA_ROOT`, `CUDA_PATH`), else on `PATH`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
+    println!("cargo::rerun-if-env-changed=CARGO_FEATURE_CUDA");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let compute_cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".to_owned());
     let nvcc = nvcc_path();

@@ -1,13 +1,16 @@
 //! The CUDA kernels of turbodiffusion-rs as PTX text, compiled from `kernels/*.cu` by nvcc at
-//! build time (so this crate is a dependency of the others only under their `cuda` feature).
+//! build time under this crate's `cuda` feature (which the other crates' `cuda` features
+//! enable); without it the crate is empty.
 //!
 //! Load a module with `CudaDevice::get_or_load_custom_func(name, module, ptx)`, passing one of
 //! the constants here as `ptx` and its name as `module`.
 
 /// Flash-style dense and block-sparse attention (bf16 and SageSLA's int8/E4M3 variant), block
 /// top-k selection and the SageSLA quantisers: `kernels/attention.cu`.
+#[cfg(feature = "cuda")]
 pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
 /// W8A8 linears: activation quantisation into 128×128 tiles and the block-scaled int8 GEMM:
 /// `kernels/w8a8.cu`.
+#[cfg(feature = "cuda")]
 pub const W8A8: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a8.ptx"));
