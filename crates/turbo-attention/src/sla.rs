@@ -53,6 +53,11 @@ impl Attention for SlaAttention {
             topk: self.core.cfg.topk,
         }
     }
+
+    fn set_topk(&mut self, topk: f64) -> Result<()> {
+        self.core.cfg = self.core.cfg.with_topk(topk)?;
+        Ok(())
+    }
 }
 
 /// A sparse branch: heads-first f32 q, k, v and the selection → `[B, H, Lq, D]`.
