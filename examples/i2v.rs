@@ -6,6 +6,9 @@
 //! # the released experts:
 //! cargo run --release --features cuda --example i2v -- --checkpoint-dir ckpts \
 //!     --image cat.jpg --prompt "the cat turns its head" --adaptive-resolution --device cuda
+//! # a top-k per expert, or per step; a teacher solver with guidance:
+//! cargo run --release --example i2v -- --sla-topk-experts 0.05,0.15
+//! cargo run --release --example i2v -- --solver euler --num-steps 4 --guidance 3.5
 //! ```
 
 use std::path::PathBuf;
@@ -17,8 +20,8 @@ use candle_core::DType;
 use clap::Parser;
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
-use turbodiffusion::pipeline::{I2vRequest, ModelKind, SamplerChoice, DEMO_NOTICE};
-use turbodiffusion::sampler::{RcmMode, I2V_A14B_BOUNDARY};
+use turbodiffusion::pipeline::{I2vRequest, ModelKind, DEMO_NOTICE};
+use turbodiffusion::sampler::I2V_A14B_BOUNDARY;
 use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
 use turbodiffusion::Pipeline;
 
@@ -42,13 +45,12 @@ struct Args {
     sla_topk: f64,
     #[arg(long)]
     quant_linear: bool,
-    #[arg(long, default_value_t = 4)]
-    num_steps: usize,
-    /// σ of the first step (default 200).
-    #[arg(long)]
-    sigma_max: Option<f64>,
-    #[arg(long)]
-    ode: bool,
+    #[command(flatten)]
+    sampler: common::SamplerArgs,
+    /// SLA / SageSLA top-k of the high-noise and the low-noise expert, comma separated (for
+    /// example `0.05,0.15`).
+    #[arg(long, value_parser = parse_topk_pair)]
+    sla_topk_experts: Option<[f64; 2]>,
     /// RF time at which the low-noise expert takes over.
     #[arg(long, default_value_t = I2V_A14B_BOUNDARY)]
     boundary: f64,
@@ -103,11 +105,9 @@ fn main() -> Result<()> {
         None => generated_image()?,
     };
     let mut request = I2vRequest::new(image, &args.prompt);
-    request.video.sampler = SamplerChoice::Rcm {
-        steps: args.num_steps,
-        sigma_max: args.sigma_max,
-        mode: if args.ode { RcmMode::Ode } else { RcmMode::Sde },
-    };
+    request.video.sampler = args.sampler.sampler()?;
+    request.video.sla_topk_schedule = args.sampler.sla_topk_schedule.clone();
+    request.expert_topk = args.sla_topk_experts;
     request.video.resolution = args.resolution;
     request.video.aspect_ratio = args.aspect_ratio;
     request.video.seed = args.seed;
@@ -147,6 +147,19 @@ fn main() -> Result<()> {
         progress.elapsed()
     );
     Ok(())
+}
+
+/// `high,low`: two numbers separated by a comma.
+fn parse_topk_pair(text: &str) -> Result<[f64; 2], String> {
+    let parse = |part: &str| {
+        part.trim()
+            .parse::<f64>()
+            .map_err(|e| format!("`{part}`: {e}"))
+    };
+    match text.split_once(',') {
+        Some((high, low)) => Ok([parse(high)?, parse(low)?]),
+        None => Err("expected two top-k values, high-noise then low-noise: `0.05,0.15`".into()),
+    }
 }
 
 /// A colour gradient to start the demo from.

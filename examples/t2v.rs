@@ -6,6 +6,9 @@
 //! # a real model:
 //! cargo run --release --features cuda --example t2v -- --checkpoint-dir ckpts \
 //!     --model 1.3b --prompt "a cat surfing" --attention-type sagesla --sla-topk 0.1 --device cuda
+//! # a top-k per step, and a teacher solver for the undistilled checkpoints:
+//! cargo run --release --example t2v -- --sla-topk-schedule 0.05,0.1,0.1,0.15
+//! cargo run --release --example t2v -- --solver unipc --num-steps 8 --guidance 5
 //! ```
 
 use std::path::PathBuf;
@@ -17,8 +20,7 @@ use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
 use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
-use turbodiffusion::pipeline::{demo_request, ModelKind, SamplerChoice, DEMO_NOTICE};
-use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
+use turbodiffusion::pipeline::{demo_request, ModelKind, DEMO_NOTICE};
 use turbodiffusion::video::Mp4Options;
 use turbodiffusion::{Pipeline, T2vRequest};
 
@@ -51,24 +53,8 @@ struct Args {
     /// Prefer the W8A8 `-quant` checkpoint.
     #[arg(long)]
     quant_linear: bool,
-    /// rcm (the distilled 1–4 step sampler), or a teacher: unipc, dpm++, euler.
-    #[arg(long, default_value = "rcm")]
-    solver: String,
-    #[arg(long, default_value_t = 4)]
-    num_steps: usize,
-    /// rCM: σ of the first step (default 80).
-    #[arg(long)]
-    sigma_max: Option<f64>,
-    /// rCM: deterministic ODE steps instead of the SDE.
-    #[arg(long)]
-    ode: bool,
-    /// Teachers: timestep shift, guidance scale and negative prompt.
-    #[arg(long, default_value_t = 5.0)]
-    shift: f64,
-    #[arg(long, default_value_t = 5.0)]
-    guidance: f64,
-    #[arg(long, default_value = WAN_NEGATIVE_PROMPT)]
-    negative_prompt: String,
+    #[command(flatten)]
+    sampler: common::SamplerArgs,
     /// 4n + 1 frames (default 81; 17 in the demo).
     #[arg(long)]
     num_frames: Option<usize>,
@@ -129,7 +115,8 @@ fn main() -> Result<()> {
             (pipeline, request, kind.short_name())
         }
     };
-    request.sampler = sampler(&args)?;
+    request.sampler = args.sampler.sampler()?;
+    request.sla_topk_schedule = args.sampler.sla_topk_schedule.clone();
     request.seed = args.seed;
     request.fps = args.fps;
     if let Some(frames) = args.num_frames {
@@ -152,22 +139,4 @@ fn main() -> Result<()> {
         progress.elapsed()
     );
     Ok(())
-}
-
-fn sampler(args: &Args) -> Result<SamplerChoice> {
-    if args.solver == "rcm" {
-        let mode = if args.ode { RcmMode::Ode } else { RcmMode::Sde };
-        return Ok(SamplerChoice::Rcm {
-            steps: args.num_steps,
-            sigma_max: args.sigma_max,
-            mode,
-        });
-    }
-    Ok(SamplerChoice::Teacher {
-        solver: args.solver.parse::<FlowSolver>()?,
-        steps: args.num_steps,
-        shift: args.shift,
-        guidance: args.guidance,
-        negative_prompt: args.negative_prompt.clone(),
-    })
 }

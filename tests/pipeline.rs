@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device};
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{Error, Progress, Resolution, Stage, StepReport};
+use turbodiffusion::core::{Error, Progress, Resolution, Stage, StageReport, StepReport};
 use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
 use turbodiffusion::video::{InputImage, Video};
@@ -157,6 +157,20 @@ fn bad_requests_fail_before_any_work() {
             "InvalidFrameSize",
         ),
         (short("   ", 0), "EmptyPrompt"),
+        (
+            T2vRequest {
+                sla_topk_schedule: Some(vec![0.1, 0.2, 0.3]),
+                ..short("x", 0)
+            },
+            "InvalidSamplerSetting",
+        ),
+        (
+            T2vRequest {
+                sla_topk_schedule: Some(vec![0.1, 0.2, 1.5, 0.3]),
+                ..short("x", 0)
+            },
+            "InvalidTopk",
+        ),
     ];
     for (request, variant) in cases {
         let err = fails(request);
@@ -269,6 +283,7 @@ fn image_to_video_runs_both_experts_in_turn() {
 struct Recorder {
     stages: Vec<Stage>,
     steps: usize,
+    reports: Vec<StageReport>,
 }
 
 impl Progress for Recorder {
@@ -279,6 +294,10 @@ impl Progress for Recorder {
 
     fn stage(&mut self, stage: &Stage) {
         self.stages.push(*stage);
+    }
+
+    fn stage_done(&mut self, report: &StageReport) {
+        self.reports.push(*report);
     }
 }
 
@@ -333,4 +352,204 @@ fn each_expert_can_have_its_own_topk() {
         pipeline.image_to_video(&request),
         Err(Error::InvalidTopk { .. })
     ));
+}
+
+#[test]
+fn a_topk_schedule_sets_each_steps_topk() {
+    let pipeline = demo(AttentionKind::sla(0.5).unwrap());
+    // 128×128 at 9 frames is 3 × 8 × 8 = 192 tokens, three key blocks of 64: a top-k of 0.5
+    // keeps one block, 1.0 all three.
+    let constant = short("a lighthouse", 5);
+    let scheduled = T2vRequest {
+        sla_topk_schedule: Some(vec![0.5, 0.5, 1.0, 1.0]),
+        ..constant.clone()
+    };
+    let all_half = T2vRequest {
+        sla_topk_schedule: Some(vec![0.5; 4]),
+        ..constant.clone()
+    };
+    let constant_video = pipeline.text_to_video(&constant).unwrap();
+    assert_eq!(
+        pipeline.text_to_video(&all_half).unwrap().frames(),
+        constant_video.frames(),
+        "a schedule of the constant top-k changed the video"
+    );
+    assert!(
+        pipeline.text_to_video(&scheduled).unwrap().frames() != constant_video.frames(),
+        "the later steps' top-k had no effect"
+    );
+}
+
+#[test]
+fn invalid_topk_schedules_fail_before_any_stage() {
+    let t2v = demo(AttentionKind::sagesla(0.1).unwrap());
+    let i2v = Pipeline::demo_i2v(
+        4,
+        AttentionConfig::new(AttentionKind::sla(0.1).unwrap()),
+        Device::Cpu,
+    )
+    .unwrap();
+    let mut recorder = Recorder::default();
+    let teacher = SamplerChoice::Teacher {
+        solver: FlowSolver::UniPc,
+        steps: 3,
+        shift: 5.0,
+        guidance: 5.0,
+        negative_prompt: "blurry".into(),
+    };
+    for (schedule, sampler) in [
+        (vec![0.1; 5], SamplerChoice::default()),
+        (vec![], SamplerChoice::default()),
+        (vec![0.1; 4], teacher.clone()),
+    ] {
+        let request = T2vRequest {
+            sla_topk_schedule: Some(schedule),
+            sampler,
+            ..short("x", 0)
+        };
+        let err = t2v
+            .text_to_video_with_progress(&request, &mut recorder)
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidSamplerSetting { .. }),
+            "{err:?}"
+        );
+    }
+    for bad in [0.0, -0.5, 1.01, f64::NAN] {
+        let request = T2vRequest {
+            sla_topk_schedule: Some(vec![0.1, bad, 0.1]),
+            sampler: teacher.clone(),
+            ..short("x", 0)
+        };
+        let err = t2v
+            .text_to_video_with_progress(&request, &mut recorder)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidTopk { .. }), "{err:?}");
+    }
+    let mut request = I2vRequest::new(gradient_image(64, 64), "x");
+    request.video.sla_topk_schedule = Some(vec![0.1; 3]);
+    assert!(matches!(
+        i2v.image_to_video_with_progress(&request, &mut recorder),
+        Err(Error::InvalidSamplerSetting { .. })
+    ));
+    request.video.sla_topk_schedule = Some(vec![0.1; 4]);
+    request.expert_topk = Some([0.1, 0.2]);
+    assert!(matches!(
+        i2v.image_to_video_with_progress(&request, &mut recorder),
+        Err(Error::InvalidSamplerSetting { .. })
+    ));
+    assert!(recorder.stages.is_empty(), "{:?}", recorder.stages);
+    assert!(recorder.reports.is_empty());
+}
+
+#[test]
+fn image_to_video_runs_the_teacher_solvers_across_both_experts() {
+    let pipeline = Pipeline::demo_i2v(
+        6,
+        AttentionConfig::new(AttentionKind::sla(0.5).unwrap()),
+        Device::Cpu,
+    )
+    .unwrap();
+    let request_with = |solver, guidance| {
+        let mut request = I2vRequest::new(gradient_image(64, 64), "a drifting cloud");
+        request.video.size = Some((64, 64));
+        request.video.frames = 5;
+        request.video.sampler = SamplerChoice::Teacher {
+            solver,
+            steps: 2,
+            shift: 5.0,
+            guidance,
+            negative_prompt: "static".into(),
+        };
+        request
+    };
+    for solver in [
+        FlowSolver::UniPc,
+        FlowSolver::DpmSolverPp,
+        FlowSolver::Euler,
+    ] {
+        let mut recorder = Recorder::default();
+        let video = pipeline
+            .image_to_video_with_progress(&request_with(solver, 5.0), &mut recorder)
+            .unwrap();
+        assert_eq!((video.len(), video.width(), video.height()), (5, 64, 64));
+        assert_eq!(recorder.steps, 2, "{solver}");
+        // Shift 5 puts step 0 at σ 1 and step 1 at σ 0.83: one step on each side of 0.9.
+        let loads: Vec<&Stage> = recorder
+            .stages
+            .iter()
+            .filter(|s| matches!(s, Stage::LoadingDit { .. }))
+            .collect();
+        assert_eq!(
+            loads,
+            [
+                &Stage::LoadingDit {
+                    expert: Some("high-noise")
+                },
+                &Stage::LoadingDit {
+                    expert: Some("low-noise")
+                }
+            ],
+            "{solver}"
+        );
+        let reported: Vec<Stage> = recorder.reports.iter().map(|r| r.stage).collect();
+        assert_eq!(
+            reported,
+            [
+                Stage::EncodingText,
+                Stage::EncodingImage,
+                Stage::Denoising { steps: 2 },
+                Stage::Decoding { done: 5, total: 5 }
+            ]
+        );
+    }
+    let frames = |guidance| {
+        pipeline
+            .image_to_video(&request_with(FlowSolver::Euler, guidance))
+            .unwrap()
+            .frames()
+            .to_vec()
+    };
+    let guided = frames(5.0);
+    assert_eq!(guided, frames(5.0), "the same request gave another video");
+    assert!(guided != frames(1.0), "the guidance scale had no effect");
+}
+
+#[test]
+fn each_stage_reports_the_bytes_its_model_holds() {
+    let pipeline = demo(AttentionKind::sla(0.5).unwrap());
+    let mut recorder = Recorder::default();
+    pipeline
+        .text_to_video_with_progress(&short("a kite", 2), &mut recorder)
+        .unwrap();
+    let models = pipeline.models();
+    let f32_bytes = |source: &WeightSource| match source {
+        WeightSource::Random(random) => random.bytes(DType::F32),
+        WeightSource::File(path) => panic!("the demo has no files: {path:?}"),
+    };
+    let expected = [
+        (Stage::EncodingText, f32_bytes(&models.text_encoder_weights)),
+        (
+            Stage::Denoising { steps: 4 },
+            f32_bytes(&models.dit_weights),
+        ),
+        (
+            Stage::Decoding { done: 9, total: 9 },
+            f32_bytes(&models.vae_weights),
+        ),
+    ];
+    let reported: Vec<(Stage, u64)> = recorder
+        .reports
+        .iter()
+        .map(|r| (r.stage, r.resident_bytes))
+        .collect();
+    assert_eq!(reported, expected);
+    for report in &recorder.reports {
+        println!(
+            "{:?}: {} bytes resident, {:?}",
+            report.stage, report.resident_bytes, report.elapsed
+        );
+        assert!(report.resident_bytes > 0);
+        assert_eq!(report.device_memory, None, "the CPU has no device counter");
+    }
 }

@@ -1,54 +1,186 @@
-//! What the `t2v` and `i2v` examples share: drawing progress on the terminal and naming outputs.
+//! What the `t2v` and `i2v` examples share: progress bars, the sampler flags and output names.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use turbodiffusion::core::{Progress, Stage, StepReport};
+use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
+use turbodiffusion::core::{Progress, Stage, StageReport, StepReport};
+use turbodiffusion::pipeline::SamplerChoice;
+use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::AttentionKind;
 
-/// Prints each stage and step with the time since the start.
+/// Draws the stages with `indicatif`: a spinner while a model loads or encodes, a bar over the
+/// denoising steps and one over the decoded frames, each with its elapsed time; prints what
+/// each stage held in memory when it ends.
 pub struct Console {
     started: Instant,
+    /// The bar or spinner of the stage in progress.
+    bar: Option<ProgressBar>,
 }
 
 impl Console {
     pub fn new() -> Self {
         Self {
             started: Instant::now(),
+            bar: None,
         }
     }
 
-    pub fn elapsed(&self) -> std::time::Duration {
+    pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
     }
+
+    fn spinner(&mut self, message: String) {
+        self.finish_bar();
+        let spinner = ProgressBar::new_spinner()
+            .with_style(style("{spinner} [{elapsed_precise}] {msg}"))
+            .with_message(message);
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        self.bar = Some(spinner);
+    }
+
+    fn counter(&mut self, total: usize, template: &str) {
+        self.finish_bar();
+        let bar = ProgressBar::new(total as u64).with_style(style(template));
+        bar.enable_steady_tick(Duration::from_millis(250));
+        self.bar = Some(bar);
+    }
+
+    fn finish_bar(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
+    }
+
+    /// A line above the bar in progress (or on its own when there is none).
+    fn println(&self, line: String) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => println!("{line}"),
+        }
+    }
+}
+
+fn style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("a valid progress template")
+        .progress_chars("=> ")
 }
 
 impl Progress for Console {
     fn step_done(&mut self, report: &StepReport) -> ControlFlow<()> {
-        println!(
-            "[{:>7.2?}] step {}/{} done (s = {:.4})",
-            self.started.elapsed(),
-            report.index + 1,
-            report.total,
-            report.s
-        );
+        if let Some(bar) = &self.bar {
+            bar.set_position(report.index as u64 + 1);
+            bar.set_message(format!("s = {:.4}", report.s));
+        }
         ControlFlow::Continue(())
     }
 
     fn stage(&mut self, stage: &Stage) {
-        let what = match stage {
-            Stage::EncodingText => "encoding the prompt".to_owned(),
-            Stage::EncodingImage => "encoding the image".to_owned(),
-            Stage::LoadingDit {
-                expert: Some(expert),
-            } => format!("loading the {expert} expert"),
-            Stage::LoadingDit { expert: None } => "loading the DiT".to_owned(),
-            Stage::Denoising { steps } => format!("denoising, {steps} steps"),
-            Stage::Decoding { done, total } => format!("decoding frames: {done}/{total}"),
-            other => format!("{other:?}"),
+        match *stage {
+            Stage::EncodingText => self.spinner("encoding the prompt".into()),
+            Stage::EncodingImage => self.spinner("encoding the image".into()),
+            Stage::LoadingDit { expert } => {
+                let what = expert.map_or("the DiT".to_owned(), |e| format!("the {e} expert"));
+                match &self.bar {
+                    // An expert switch in the middle of denoising: keep the step bar.
+                    Some(bar) if bar.length().is_some() => {
+                        bar.set_message(format!("loading {what}"));
+                    }
+                    _ => self.spinner(format!("loading {what}")),
+                }
+            }
+            Stage::Denoising { steps } => self.counter(
+                steps,
+                "denoising [{elapsed_precise}] [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
+            ),
+            Stage::Decoding { done: 0, total } => self.counter(
+                total,
+                "decoding  [{elapsed_precise}] [{bar:30}] {pos}/{len} frames {msg}",
+            ),
+            Stage::Decoding { done, .. } => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(done as u64);
+                }
+            }
+            other => self.println(format!("{other:?}")),
+        }
+    }
+
+    fn stage_done(&mut self, report: &StageReport) {
+        self.finish_bar();
+        let what = match report.stage {
+            Stage::EncodingText => "text encoder",
+            Stage::EncodingImage => "image encoder (VAE)",
+            Stage::Denoising { .. } => "DiT",
+            Stage::Decoding { .. } => "decoder (VAE)",
+            _ => "stage",
         };
-        println!("[{:>7.2?}] {what}", self.started.elapsed());
+        let device = report.device_memory.map_or_else(
+            || "no device counter on the CPU".to_owned(),
+            |usage| {
+                format!(
+                    "device peak {}, {} in use at the end",
+                    HumanBytes(usage.peak),
+                    HumanBytes(usage.in_use)
+                )
+            },
+        );
+        println!(
+            "  {what}: {} of weights resident; {device}; took {:.2?}",
+            HumanBytes(report.resident_bytes),
+            report.elapsed
+        );
+    }
+}
+
+/// The sampler flags both examples take, upstream's names where sensible.
+#[derive(clap::Args, Debug)]
+pub struct SamplerArgs {
+    /// rcm (the distilled 1–4 step sampler), or a teacher: unipc, dpm++, euler.
+    #[arg(long, default_value = "rcm")]
+    pub solver: String,
+    #[arg(long, default_value_t = 4)]
+    pub num_steps: usize,
+    /// rCM: σ of the first step (default 80 for T2V, 200 for I2V).
+    #[arg(long)]
+    pub sigma_max: Option<f64>,
+    /// rCM: deterministic ODE steps instead of the SDE.
+    #[arg(long)]
+    pub ode: bool,
+    /// Teachers: timestep shift.
+    #[arg(long, default_value_t = 5.0)]
+    pub shift: f64,
+    /// Teachers: classifier-free guidance scale.
+    #[arg(long, default_value_t = 5.0)]
+    pub guidance: f64,
+    /// Teachers: the prompt guidance steers away from.
+    #[arg(long, default_value = WAN_NEGATIVE_PROMPT)]
+    pub negative_prompt: String,
+    /// SLA / SageSLA top-k of each step, comma separated, one per step (for example
+    /// `0.05,0.1,0.1,0.15`); overrides `--sla-topk` step by step.
+    #[arg(long, value_delimiter = ',')]
+    pub sla_topk_schedule: Option<Vec<f64>>,
+}
+
+impl SamplerArgs {
+    pub fn sampler(&self) -> turbodiffusion::Result<SamplerChoice> {
+        if self.solver == "rcm" {
+            let mode = if self.ode { RcmMode::Ode } else { RcmMode::Sde };
+            return Ok(SamplerChoice::Rcm {
+                steps: self.num_steps,
+                sigma_max: self.sigma_max,
+                mode,
+            });
+        }
+        Ok(SamplerChoice::Teacher {
+            solver: self.solver.parse::<FlowSolver>()?,
+            steps: self.num_steps,
+            shift: self.shift,
+            guidance: self.guidance,
+            negative_prompt: self.negative_prompt.clone(),
+        })
     }
 }
 

@@ -1,15 +1,14 @@
 //! Image to video with the two Wan2.2 A14B experts, one resident at a time.
 
-use std::ops::ControlFlow;
-
 use candle_core::{DType, Tensor};
-use turbo_attention::{Attention, AttentionConfig};
-use turbo_core::{Error, Progress, Result, SeededNoise, Stage, VideoGeometry};
-use turbo_models::wan::{DitCondition, ModelType, WanModel};
-use turbo_models::WanVae;
-use turbo_sampler::{Expert, ExpertBoundary, RcmSampler, I2V_A14B_BOUNDARY, I2V_SIGMA_MAX};
+use turbo_attention::AttentionConfig;
+use turbo_core::{Error, Progress, Result, Stage, VideoGeometry};
+use turbo_models::wan::{DitCondition, ModelType};
+use turbo_sampler::{ExpertBoundary, I2V_A14B_BOUNDARY, I2V_SIGMA_MAX};
 use turbo_video::{Fps, ImageFit, InputImage, Video};
 
+use super::denoise::{DenoisePlan, DitPlan, PlannedSampler};
+use super::memory::StageMeter;
 use super::{Pipeline, T2vRequest};
 
 /// An image-to-video request: the text-to-video settings (whose defaults differ: 720p,
@@ -17,7 +16,8 @@ use super::{Pipeline, T2vRequest};
 #[derive(Debug, Clone)]
 pub struct I2vRequest {
     pub image: InputImage,
-    /// Prompt, sampler, frames, size, seed, top-k and fps, as for text to video.
+    /// Prompt, sampler (rCM, or a teacher with guidance), frames, size, seed, top-k (one, or
+    /// a schedule per step) and fps, as for text to video.
     pub video: T2vRequest,
     /// Size the frame from the image's aspect ratio (`--adaptive_resolution`) instead of the
     /// resolution table.
@@ -27,7 +27,8 @@ pub struct I2vRequest {
     /// RF time at which the low-noise expert takes over (0.9).
     pub boundary: f64,
     /// SLA / SageSLA top-k per expert, `[high-noise, low-noise]` (for example `[0.05, 0.15]`),
-    /// instead of one top-k for both (`video.sla_topk` or the pipeline's).
+    /// instead of one top-k for both (`video.sla_topk` or the pipeline's). Giving this and
+    /// `video.sla_topk_schedule` together is an error.
     pub expert_topk: Option<[f64; 2]>,
 }
 
@@ -66,26 +67,31 @@ impl Pipeline {
         self.image_to_video_with_progress(request, &mut turbo_core::NoProgress)
     }
 
-    /// [`Pipeline::image_to_video`], reporting every sampling step to `progress`. Every setting
-    /// is checked before any model is loaded.
+    /// [`Pipeline::image_to_video`], reporting every stage and sampling step to `progress`.
+    /// Every setting is checked before any model is loaded.
     pub fn image_to_video_with_progress(
         &self,
         request: &I2vRequest,
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
-        progress.stage(&Stage::EncodingText);
-        let (context, _) = self.encode_prompts(&request.video.prompt, None)?;
-        progress.stage(&Stage::EncodingImage);
-        let image = request
-            .image
-            .resize(plan.geometry.size, request.fit)?
-            .to_tensor(&self.device)?;
-        let condition = DitCondition {
+        let (context, negative) = self.encode_prompts(
+            &request.video.prompt,
+            plan.denoise.sampler.negative_prompt(),
+            progress,
+        )?;
+        let image = self.image_condition(request, plan.geometry, progress)?;
+        let condition = |context| DitCondition {
             context,
-            image: Some(self.image_condition(&image, plan.geometry)?),
+            image: Some(image.clone()),
         };
-        let latent = self.sample_with_experts(&plan, &condition, request.video.seed, progress)?;
+        let latent = self.denoise(
+            &plan.denoise,
+            &condition(context),
+            negative.map(condition).as_ref(),
+            request.video.seed,
+            progress,
+        )?;
         Video::from_tensor(&self.decode(&latent, progress)?, plan.fps)
     }
 
@@ -101,20 +107,14 @@ impl Pipeline {
         if request.video.prompt.trim().is_empty() {
             return Err(Error::EmptyPrompt);
         }
-        let sampler = match request.video.sampler.rcm_config(I2V_SIGMA_MAX) {
-            Some(cfg) => RcmSampler::new(cfg)?,
-            None => {
-                return Err(Error::InvalidConfig {
-                    field: "sampler".into(),
-                    reason: "image to video runs the rCM students; teacher solvers are text-to-video only for now"
-                        .into(),
-                })
-            }
-        };
-        let mut attention = self.attention;
-        if let Some(topk) = request.video.sla_topk {
-            attention.kind = super::with_topk(attention.kind, topk)?;
+        if request.expert_topk.is_some() && request.video.sla_topk_schedule.is_some() {
+            return Err(Error::InvalidSamplerSetting {
+                setting: "SLA top-k",
+                value: "a schedule per step and a top-k per expert".into(),
+                expected: "one of a top-k schedule per step or a top-k per expert",
+            });
         }
+        let attention = self.request_attention(&request.video)?;
         let expert_attention = |topk: Option<f64>| -> Result<AttentionConfig> {
             Ok(match topk {
                 Some(topk) => AttentionConfig {
@@ -127,18 +127,37 @@ impl Pipeline {
         let [high, low] = request
             .expert_topk
             .map_or([None, None], |[h, l]| [Some(h), Some(l)]);
-        let attention = [expert_attention(high)?, expert_attention(low)?];
-        Ok(I2vPlan {
-            geometry: request.geometry()?,
-            sampler,
+        let dits = DitPlan::Experts {
             boundary: ExpertBoundary::new(request.boundary)?,
-            attention,
+            attention: [expert_attention(high)?, expert_attention(low)?],
+        };
+        let geometry = request.geometry()?;
+        Ok(I2vPlan {
+            geometry,
+            denoise: DenoisePlan::new(
+                PlannedSampler::new(&request.video.sampler, I2V_SIGMA_MAX)?,
+                dits,
+                request.video.sla_topk_schedule.as_deref(),
+                geometry.latent_shape().dims().to_vec(),
+            )?,
             fps: Fps::new(request.video.fps)?,
         })
     }
 
-    /// `cat[mask(4), VAE(image, zeros…)(16)]` `[20, T, h, w]`: the mask is 1 on latent frame 0.
-    fn image_condition(&self, image: &Tensor, geometry: VideoGeometry) -> Result<Tensor> {
+    /// The image resized to the frame and encoded with the VAE (dropped after):
+    /// `cat[mask(4), VAE(image, zeros…)(16)]` `[20, T, h, w]`, the mask 1 on latent frame 0.
+    fn image_condition(
+        &self,
+        request: &I2vRequest,
+        geometry: VideoGeometry,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
+        let meter = StageMeter::start(&self.device)?;
+        progress.stage(&Stage::EncodingImage);
+        let image = request
+            .image
+            .resize(geometry.size, request.fit)?
+            .to_tensor(&self.device)?;
         let frames = geometry.frames.get();
         let (channels, height, width) = image.dims3()?;
         let rest = Tensor::zeros(
@@ -147,87 +166,22 @@ impl Pipeline {
             image.device(),
         )?;
         let video = Tensor::cat(&[&image.unsqueeze(1)?, &rest], 1)?.unsqueeze(0)?;
-        let latent = {
-            let vae = WanVae::load(
-                self.var_builder(&self.models.vae_weights, DType::F32)?,
-                &self.models.vae,
-            )?;
-            vae.encode(&video)?.squeeze(0)?
+        let (latent, bytes) = {
+            let (vae, bytes) = self.load_vae()?;
+            (vae.encode(&video)?.squeeze(0)?, bytes)
         };
         let (_, latent_frames, h, w) = latent.dims4()?;
         let first = Tensor::ones((4, 1, h, w), DType::F32, latent.device())?;
         let mask = first.pad_with_zeros(1, 0, latent_frames - 1)?;
-        Ok(Tensor::cat(&[&mask, &latent], 0)?)
-    }
-
-    /// rCM over the two experts, loading each when its first step comes and dropping the
-    /// high-noise one before the low-noise one is loaded.
-    fn sample_with_experts(
-        &self,
-        plan: &I2vPlan,
-        condition: &DitCondition,
-        seed: u64,
-        progress: &mut dyn Progress,
-    ) -> Result<Tensor> {
-        let mut noise = SeededNoise::new(seed);
-        let shape = plan.geometry.latent_shape().dims();
-        let mut run = plan.sampler.start(&mut noise, &shape, &self.device)?;
-        progress.stage(&Stage::Denoising {
-            steps: plan.sampler.timesteps().len(),
-        });
-        let mut resident: Option<(Expert, WanModel<Box<dyn Attention>>)> = None;
-        while let Some(step) = run.next_step() {
-            let expert = plan.boundary.expert_at(plan.sampler.timesteps()[step]);
-            if resident.as_ref().map(|(e, _)| *e) != Some(expert) {
-                // Free the resident expert before the next one is read.
-                drop(resident.take());
-                progress.stage(&Stage::LoadingDit {
-                    expert: Some(expert.name()),
-                });
-                let attention = match expert {
-                    Expert::HighNoise => &plan.attention[0],
-                    Expert::LowNoise => &plan.attention[1],
-                };
-                resident = Some((expert, self.load_expert(expert, attention)?));
-            }
-            let (_, model) = resident.as_ref().expect("loaded above");
-            let report = run
-                .step(model, condition, &mut noise)?
-                .expect("a step was pending");
-            if let ControlFlow::Break(()) = progress.step_done(&report) {
-                return Err(Error::Cancelled {
-                    completed: report.index + 1,
-                    total: report.total,
-                });
-            }
-        }
-        drop(resident);
-        run.finish()
-    }
-
-    fn load_expert(
-        &self,
-        expert: Expert,
-        attention: &AttentionConfig,
-    ) -> Result<WanModel<Box<dyn Attention>>> {
-        let source = match expert {
-            Expert::HighNoise => &self.models.dit_weights,
-            Expert::LowNoise => self
-                .models
-                .dit_low_noise_weights
-                .as_ref()
-                .expect("checked in plan_i2v"),
-        };
-        tracing::info!("loading the {} expert", expert.name());
-        self.load_dit(source, attention)
+        let condition = Tensor::cat(&[&mask, &latent], 0)?;
+        meter.finish(Stage::EncodingImage, bytes, &self.device, progress)?;
+        Ok(condition)
     }
 }
 
+/// A validated image-to-video request.
 struct I2vPlan {
     geometry: VideoGeometry,
-    sampler: RcmSampler,
-    boundary: ExpertBoundary,
-    /// The attention of the high-noise and of the low-noise expert.
-    attention: [AttentionConfig; 2],
+    denoise: DenoisePlan,
     fps: Fps,
 }

@@ -4,21 +4,26 @@
 //! the text encoder, the DiT and the VAE is resident at a time.
 
 mod demo;
+mod denoise;
 mod files;
 mod i2v;
+mod memory;
 mod random;
 mod request;
 
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
-use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
-use turbo_core::{Error, NoProgress, Progress, Result, SeededNoise, Stage};
+use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
+use turbo_core::{Error, NoProgress, Progress, Result, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
-use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig, WanModel};
+use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
 use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
-use turbo_sampler::{FlowSampler, GuidanceScale, Guided, RcmSampler, T2V_SIGMA_MAX};
+use turbo_sampler::T2V_SIGMA_MAX;
 use turbo_video::{Fps, Video};
+
+use denoise::{DenoisePlan, DitPlan, PlannedSampler};
+use memory::{StageMeter, WeightBytes};
 
 pub use demo::{demo_request, DEMO_NOTICE};
 pub use files::{
@@ -206,17 +211,26 @@ impl Pipeline {
         self.text_to_video_with_progress(request, &mut NoProgress)
     }
 
-    /// [`Pipeline::text_to_video`], reporting every sampling step to `progress`. Every
-    /// setting is checked before any model is loaded.
+    /// [`Pipeline::text_to_video`], reporting every stage and sampling step to `progress`.
+    /// Every setting is checked before any model is loaded.
     pub fn text_to_video_with_progress(
         &self,
         request: &T2vRequest,
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
-        progress.stage(&Stage::EncodingText);
-        let contexts = self.encode_prompts(&request.prompt, plan.negative_prompt.as_deref())?;
-        let latent = self.sample(&plan, contexts, request.seed, progress)?;
+        let (context, negative) = self.encode_prompts(
+            &request.prompt,
+            plan.denoise.sampler.negative_prompt(),
+            progress,
+        )?;
+        let latent = self.denoise(
+            &plan.denoise,
+            &DitCondition::text(context),
+            negative.map(DitCondition::text).as_ref(),
+            request.seed,
+            progress,
+        )?;
         let frames = self.decode(&latent, progress)?;
         Video::from_tensor(&frames, plan.fps)
     }
@@ -235,42 +249,24 @@ impl Pipeline {
             return Err(Error::EmptyPrompt);
         }
         let geometry = request.geometry()?;
+        Ok(Plan {
+            denoise: DenoisePlan::new(
+                PlannedSampler::new(&request.sampler, T2V_SIGMA_MAX)?,
+                DitPlan::Single(self.request_attention(request)?),
+                request.sla_topk_schedule.as_deref(),
+                geometry.latent_shape().dims().to_vec(),
+            )?,
+            fps: Fps::new(request.fps)?,
+        })
+    }
+
+    /// The pipeline's attention with the request's top-k, if it gives one.
+    fn request_attention(&self, request: &T2vRequest) -> Result<AttentionConfig> {
         let mut attention = self.attention;
         if let Some(topk) = request.sla_topk {
             attention.kind = with_topk(attention.kind, topk)?;
         }
-        let sampler = match &request.sampler {
-            SamplerChoice::Rcm { .. } => {
-                let cfg = request
-                    .sampler
-                    .rcm_config(T2V_SIGMA_MAX)
-                    .expect("an rCM choice");
-                PlannedSampler::Rcm(RcmSampler::new(cfg)?)
-            }
-            SamplerChoice::Teacher {
-                solver,
-                steps,
-                shift,
-                guidance,
-                ..
-            } => {
-                let scale = GuidanceScale::Constant(*guidance);
-                PlannedSampler::Teacher(FlowSampler::wan(*solver, *steps, *shift)?, scale)
-            }
-        };
-        let negative_prompt = match &request.sampler {
-            SamplerChoice::Teacher {
-                negative_prompt, ..
-            } => Some(negative_prompt.clone()),
-            SamplerChoice::Rcm { .. } => None,
-        };
-        Ok(Plan {
-            latent_shape: geometry.latent_shape().dims().to_vec(),
-            attention,
-            sampler,
-            negative_prompt,
-            fps: Fps::new(request.fps)?,
-        })
+        Ok(attention)
     }
 
     /// The text contexts of the prompt and, for guided sampling, of the negative prompt. The
@@ -279,87 +275,31 @@ impl Pipeline {
         &self,
         prompt: &str,
         negative: Option<&str>,
-    ) -> Result<(Tensor, Option<Tensor>)> {
-        let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
-        let encoder = Umt5Encoder::load(vb, &self.models.text_encoder)?;
-        let encode = |text: &str| -> Result<Tensor> {
-            let context = encoder.encode_prompt(&self.tokenizer.encode(text)?)?;
-            Ok(context.to_dtype(DType::F32)?)
-        };
-        Ok((encode(prompt)?, negative.map(encode).transpose()?))
-    }
-
-    /// Samples the latent; the DiT is dropped before returning.
-    fn sample(
-        &self,
-        plan: &Plan,
-        (context, negative): (Tensor, Option<Tensor>),
-        seed: u64,
         progress: &mut dyn Progress,
-    ) -> Result<Tensor> {
-        progress.stage(&Stage::LoadingDit { expert: None });
-        let dit = self.load_dit(&self.models.dit_weights, &plan.attention)?;
-        let steps = match &plan.sampler {
-            PlannedSampler::Rcm(sampler) => sampler.timesteps().len(),
-            PlannedSampler::Teacher(sampler, _) => sampler.timesteps().len(),
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let meter = StageMeter::start(&self.device)?;
+        progress.stage(&Stage::EncodingText);
+        let bytes = WeightBytes::default();
+        let contexts = {
+            let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
+            let encoder = Umt5Encoder::load(bytes.counting(vb), &self.models.text_encoder)?;
+            let encode = |text: &str| -> Result<Tensor> {
+                let context = encoder.encode_prompt(&self.tokenizer.encode(text)?)?;
+                Ok(context.to_dtype(DType::F32)?)
+            };
+            (encode(prompt)?, negative.map(encode).transpose()?)
         };
-        progress.stage(&Stage::Denoising { steps });
-        let condition = DitCondition::text(context);
-        let mut noise = SeededNoise::new(seed);
-        let shape = &plan.latent_shape;
-        match (&plan.sampler, negative) {
-            (PlannedSampler::Rcm(sampler), _) => {
-                sampler.sample(&dit, &condition, &mut noise, shape, &self.device, progress)
-            }
-            (PlannedSampler::Teacher(sampler, scale), Some(negative)) => {
-                let negative = DitCondition::text(negative);
-                let guided = Guided::new(&dit, &negative, *scale)?;
-                sampler.sample(
-                    &guided,
-                    &condition,
-                    &mut noise,
-                    shape,
-                    &self.device,
-                    progress,
-                )
-            }
-            (PlannedSampler::Teacher(..), None) => {
-                unreachable!("plan() sets a negative prompt for teachers")
-            }
-        }
-    }
-
-    fn load_dit(
-        &self,
-        weights: &WeightSource,
-        attention: &AttentionConfig,
-    ) -> Result<WanModel<Box<dyn Attention>>> {
-        match weights {
-            WeightSource::File(path) => WanModel::from_checkpoint_with_quant(
-                path,
-                Some(&self.models.dit),
-                attention,
-                self.quant_linear,
-                self.dtype,
-                &self.device,
-            ),
-            source @ WeightSource::Random(_) => WanModel::load_with_quant(
-                self.var_builder(source, self.dtype)?,
-                &self.models.dit,
-                attention,
-                self.quant_linear,
-            ),
-        }
+        meter.finish(Stage::EncodingText, bytes.get(), &self.device, progress)?;
+        Ok(contexts)
     }
 
     /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`, reporting the frames as they
     /// come; the VAE is dropped after.
     fn decode(&self, latent: &Tensor, progress: &mut dyn Progress) -> Result<Tensor> {
-        // The VAE runs in f32, as upstream; bf16 VAE decoding is a later optimisation.
-        let vb = self.var_builder(&self.models.vae_weights, DType::F32)?;
-        let vae = WanVae::load(vb, &self.models.vae)?;
+        let meter = StageMeter::start(&self.device)?;
         let total = (latent.dim(1)? - 1) * turbo_core::VAE_STRIDE.0 + 1;
         progress.stage(&Stage::Decoding { done: 0, total });
+        let (vae, bytes) = self.load_vae()?;
         let mut chunks = Vec::new();
         vae.decode_streaming(&latent.to_dtype(DType::F32)?.unsqueeze(0)?, |decoded| {
             let done = decoded.first_frame + decoded.frames.dim(2)?;
@@ -367,7 +307,20 @@ impl Pipeline {
             progress.stage(&Stage::Decoding { done, total });
             Ok(())
         })?;
-        Ok(Tensor::cat(&chunks, 2)?.squeeze(0)?)
+        drop(vae);
+        let frames = Tensor::cat(&chunks, 2)?.squeeze(0)?;
+        let stage = Stage::Decoding { done: total, total };
+        meter.finish(stage, bytes, &self.device, progress)?;
+        Ok(frames)
+    }
+
+    /// The VAE and the bytes of its weights. It runs in f32, as upstream; bf16 VAE decoding
+    /// is a later optimisation.
+    fn load_vae(&self) -> Result<(WanVae, u64)> {
+        let bytes = WeightBytes::default();
+        let vb = self.var_builder(&self.models.vae_weights, DType::F32)?;
+        let vae = WanVae::load(bytes.counting(vb), &self.models.vae)?;
+        Ok((vae, bytes.get()))
     }
 
     fn var_builder(
@@ -393,16 +346,8 @@ fn with_topk(kind: AttentionKind, topk: f64) -> Result<AttentionKind> {
     }
 }
 
-/// A validated request.
+/// A validated text-to-video request.
 struct Plan {
-    latent_shape: Vec<usize>,
-    attention: AttentionConfig,
-    sampler: PlannedSampler,
-    negative_prompt: Option<String>,
+    denoise: DenoisePlan,
     fps: Fps,
-}
-
-enum PlannedSampler {
-    Rcm(RcmSampler),
-    Teacher(FlowSampler, GuidanceScale),
 }

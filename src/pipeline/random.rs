@@ -67,6 +67,16 @@ impl RandomCheckpoint {
         })
     }
 
+    /// Bytes of all the tensors in `dtype`.
+    pub fn bytes(&self, dtype: DType) -> u64 {
+        let elements: usize = self
+            .shapes
+            .values()
+            .map(|shape| shape.iter().product::<usize>())
+            .sum();
+        (elements * dtype.size_in_bytes()) as u64
+    }
+
     /// A `VarBuilder` serving these tensors in `dtype` on `device`.
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())

@@ -80,6 +80,10 @@ pub struct T2vRequest {
     pub seed: u64,
     /// SLA / SageSLA top-k fraction for this request, instead of the pipeline's.
     pub sla_topk: Option<f64>,
+    /// SLA / SageSLA top-k fraction of each denoising step (as many values as steps, each in
+    /// (0, 1]), overriding `sla_topk` step by step; for example `[0.05, 0.1, 0.1, 0.15]`.
+    /// Dense attention has no top-k and ignores it.
+    pub sla_topk_schedule: Option<Vec<f64>>,
     pub fps: f64,
 }
 
@@ -94,6 +98,7 @@ impl Default for T2vRequest {
             size: None,
             seed: 0,
             sla_topk: None,
+            sla_topk_schedule: None,
             fps: 16.0,
         }
     }

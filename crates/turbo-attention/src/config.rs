@@ -56,6 +56,11 @@ impl SlaConfig {
         Ok(Self { topk, blocks })
     }
 
+    /// The same blocks with another top-k fraction, validated.
+    pub fn with_topk(self, topk: f64) -> Result<Self> {
+        Self::with_blocks(topk, self.blocks)
+    }
+
     /// Key blocks each query block attends exactly: T = ⌊topk · n_k⌋, at least 1.
     ///
     /// Upstream selects none when topk · n_k < 1 (its sparse output is then 0/0); this port

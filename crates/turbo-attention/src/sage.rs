@@ -56,6 +56,11 @@ impl Attention for SageSlaAttention {
             topk: self.core.cfg.topk,
         }
     }
+
+    fn set_topk(&mut self, topk: f64) -> Result<()> {
+        self.core.cfg = self.core.cfg.with_topk(topk)?;
+        Ok(())
+    }
 }
 
 /// SageSLA's sparse branch on heads-first `[B, H, L, D]` f32 tensors, emulating the quantised

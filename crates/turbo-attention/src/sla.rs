@@ -58,6 +58,11 @@ impl Attention for SlaAttention {
             topk: self.core.cfg.topk,
         }
     }
+
+    fn set_topk(&mut self, topk: f64) -> Result<()> {
+        self.core.cfg = self.core.cfg.with_topk(topk)?;
+        Ok(())
+    }
 }
 
 /// How the sparse branch computes: SLA's exact softmax or SageSLA's quantised one.

@@ -120,6 +120,13 @@ pub trait Attention: Send + Sync + std::fmt::Debug {
 
     /// The backend this operator implements, with its top-k fraction.
     fn kind(&self) -> AttentionKind;
+
+    /// Sets the top-k fraction of key blocks attended exactly by the forwards that follow, so
+    /// that a sampler can change it between denoising steps. Fails with [`Error::InvalidTopk`]
+    /// outside (0, 1]. Dense attention has no top-k: the default ignores the call.
+    fn set_topk(&mut self, _topk: f64) -> Result<()> {
+        Ok(())
+    }
 }
 
 impl<A: Attention + ?Sized> Attention for Box<A> {
@@ -130,6 +137,10 @@ impl<A: Attention + ?Sized> Attention for Box<A> {
     fn kind(&self) -> AttentionKind {
         (**self).kind()
     }
+
+    fn set_topk(&mut self, topk: f64) -> Result<()> {
+        (**self).set_topk(topk)
+    }
 }
 
 impl<A: Attention + ?Sized> Attention for Arc<A> {
@@ -139,6 +150,19 @@ impl<A: Attention + ?Sized> Attention for Arc<A> {
 
     fn kind(&self) -> AttentionKind {
         (**self).kind()
+    }
+
+    /// Fails when the operator is shared with another `Arc`, rather than change it for every
+    /// holder.
+    fn set_topk(&mut self, topk: f64) -> Result<()> {
+        Arc::get_mut(self)
+            .ok_or_else(|| Error::InvalidConfig {
+                field: "attention top-k".into(),
+                reason: "the attention operator is shared through an Arc; \
+                         only a sole owner can change its top-k"
+                    .into(),
+            })?
+            .set_topk(topk)
     }
 }
 

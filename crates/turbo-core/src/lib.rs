@@ -31,6 +31,6 @@ pub use geometry::{
 };
 pub use memory::{memory_usage, reset_peak_memory, MemoryUsage};
 pub use sampling::{
-    Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, Stage, StepReport,
-    Timestep,
+    Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, Stage, StageReport,
+    StepReport, Timestep,
 };

@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::StandardNormal;
 
-use crate::{Error, Result};
+use crate::{Error, MemoryUsage, Result};
 
 /// Times handed to a denoiser for one evaluation.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -146,6 +146,10 @@ pub trait Progress {
     /// Called when a pipeline stage starts (or, for decoding, advances). Ignored by default;
     /// cancelling is done at the steps.
     fn stage(&mut self, _stage: &Stage) {}
+
+    /// Called when a stage that holds a model ends, with what it held in memory. Ignored by
+    /// default.
+    fn stage_done(&mut self, _report: &StageReport) {}
 }
 
 /// A stage of a generation, as reported to [`Progress::stage`].
@@ -162,6 +166,24 @@ pub enum Stage {
     Denoising { steps: usize },
     /// Decoding: `done` of `total` frames decoded so far.
     Decoding { done: usize, total: usize },
+}
+
+/// The memory and time of a finished stage, as reported to [`Progress::stage_done`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StageReport {
+    /// The stage, as announced when it began ([`Stage::Denoising`] for the whole denoising
+    /// stage, DiT loading included; [`Stage::Decoding`] with every frame done).
+    pub stage: Stage,
+    /// Time the stage took, loading its model included.
+    pub elapsed: Duration,
+    /// Bytes of the weights the stage's model held: the sizes of the tensors it read, in the
+    /// dtype it read them in. With two experts only one is resident at a time; this is the
+    /// larger. A float DiT quantised to W8A8 at load is counted as read (in float), which
+    /// is more than the int8 copies it keeps.
+    pub resident_bytes: u64,
+    /// Device memory held by tensors at the end of the stage, and the most held at once
+    /// during it (see [`crate::memory`]); `None` on the CPU, which has no such counter.
+    pub device_memory: Option<MemoryUsage>,
 }
 
 /// A [`Progress`] that ignores every report and never cancels.

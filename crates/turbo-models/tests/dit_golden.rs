@@ -200,3 +200,44 @@ fn bad_inputs_are_typed_errors() {
     ))
     .contains("condition"));
 }
+
+#[test]
+fn a_changed_topk_acts_like_a_model_built_with_it() {
+    let case = DitCase::open("dit_t2v_sla");
+    let golden_topk = case.attention.kind.topk().expect("an SLA case");
+    let mut model = case.model(DType::F32);
+    model.set_attention_topk(1.0).unwrap();
+    assert_eq!(
+        model.attention_kind(),
+        Some(AttentionKind::Sla { topk: 1.0 })
+    );
+    let dense_selection = WanModel::<Box<dyn Attention>>::load(
+        case.var_builder(DType::F32),
+        &case.cfg,
+        &AttentionConfig {
+            kind: AttentionKind::sla(1.0).unwrap(),
+            ..case.attention
+        },
+    )
+    .unwrap();
+    let retuned = case.velocity(&model);
+    assert_eq!(
+        relative_error(&retuned, &case.velocity(&dense_selection)),
+        0.0
+    );
+    assert!(
+        case.velocity_error(&retuned) > 1e-4,
+        "top-k 1.0 changed nothing"
+    );
+
+    assert!(matches!(
+        model.set_attention_topk(0.0),
+        Err(turbo_core::Error::InvalidTopk { .. })
+    ));
+    model.set_attention_topk(golden_topk).unwrap();
+    let err = case.velocity_error(&case.velocity(&model));
+    assert!(
+        err <= 1e-4,
+        "relative error {err} after setting the top-k back"
+    );
+}

@@ -119,6 +119,10 @@ impl<A: Attention> SelfAttention<A> {
         self.attention.kind()
     }
 
+    pub(crate) fn set_topk(&mut self, topk: f64) -> Result<()> {
+        self.attention.set_topk(topk)
+    }
+
     pub(crate) fn forward(&self, x: &Tensor, rope: &Rope3d) -> Result<Tensor> {
         let q = rope.apply(&self.proj.query(x)?)?;
         let k = rope.apply(&self.proj.key(x)?)?;

@@ -123,6 +123,10 @@ impl<A: Attention> WanBlock<A> {
         self.self_attn.kind()
     }
 
+    pub(crate) fn set_attention_topk(&mut self, topk: f64) -> Result<()> {
+        self.self_attn.set_topk(topk)
+    }
+
     /// `x` `[1, L, D]` f32 residual stream; `e0` `[1, 6, D]`; `context` `[1, text_len, D]`.
     pub(crate) fn forward(
         &self,

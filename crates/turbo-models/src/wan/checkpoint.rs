@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use turbo_attention::LoadAttention;
 use turbo_core::{Error, Result};
 
@@ -119,6 +120,21 @@ impl<A: LoadAttention> WanModel<A> {
         dtype: DType,
         device: &Device,
     ) -> Result<Self> {
+        Self::from_checkpoint_through(path, cfg, attention, quant_linear, dtype, device, |vb| vb)
+    }
+
+    /// [`WanModel::from_checkpoint_with_quant`], reading the weights through `adapt(vb)`, where
+    /// `vb` serves the file's tensors: a caller can wrap it to count or trace what the model
+    /// reads.
+    pub fn from_checkpoint_through(
+        path: impl AsRef<Path>,
+        cfg: Option<&WanConfig>,
+        attention: &A::Config,
+        quant_linear: QuantPolicy,
+        dtype: DType,
+        device: &Device,
+        adapt: impl FnOnce(VarBuilder<'static>) -> VarBuilder<'static>,
+    ) -> Result<Self> {
         let checkpoint = Checkpoint::open(path.as_ref())?;
         let info = DitCheckpointInfo::inspect(&checkpoint)?;
         let cfg = match cfg {
@@ -131,7 +147,7 @@ impl<A: LoadAttention> WanModel<A> {
             })?)?,
         };
         checkpoint.expect_keys(&expected_keys::<A>(&cfg, &info, attention))?;
-        let vb = checkpoint.var_builder(dtype, device)?;
+        let vb = adapt(checkpoint.var_builder(dtype, device)?);
         let vb = if info.prefix.is_empty() {
             vb
         } else {

@@ -176,6 +176,17 @@ impl<A: Attention> WanModel<A> {
         self.blocks.first().map(|b| b.attention_kind())
     }
 
+    /// Sets the SLA / SageSLA top-k fraction of every block's self-attention for the forwards
+    /// that follow (a top-k schedule changes it between denoising steps). Fails with
+    /// [`Error::InvalidTopk`] outside (0, 1], before any block is changed. Dense attention
+    /// has no top-k and is left as it is.
+    pub fn set_attention_topk(&mut self, topk: f64) -> Result<()> {
+        AttentionKind::sla(topk)?;
+        self.blocks
+            .iter_mut()
+            .try_for_each(|block| block.set_attention_topk(topk))
+    }
+
     /// The flow-matching velocity for latent `x` `[C, F, H, W]` (C = `out_dim`) at model time `t`
     /// (0..1000), conditioned on `context` `[L_text ≤ text_len, text_dim]` and, for the I2V
     /// experts, on `condition` `[in_dim − C, F, H, W]` (mask and image latent). Returns f32

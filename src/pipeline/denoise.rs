@@ -1,0 +1,302 @@
+//! The denoising stage shared by both tasks: the sampler run step by step over one DiT or
+//! two experts, each loaded when its first step comes, with the top-k set for every step.
+
+use candle_core::{Device, Tensor};
+use turbo_attention::{Attention, AttentionConfig};
+use turbo_core::{Error, NoiseSource, Progress, Result, SeededNoise, Stage, StepReport, Timestep};
+use turbo_models::wan::{DitCondition, WanModel};
+use turbo_sampler::{
+    Expert, ExpertBoundary, FlowRun, FlowSampler, GuidanceScale, Guided, RcmRun, RcmSampler,
+};
+
+use super::memory::{StageMeter, WeightBytes};
+use super::{Pipeline, SamplerChoice, WeightSource};
+
+/// A DiT whose attention backend is chosen at run time.
+type Dit = WanModel<Box<dyn Attention>>;
+
+/// The sampler of a validated request.
+pub(super) enum PlannedSampler {
+    Rcm(RcmSampler),
+    /// A teacher solver with classifier-free guidance against the negative prompt.
+    Teacher {
+        sampler: FlowSampler,
+        guidance: GuidanceScale,
+        negative_prompt: String,
+    },
+}
+
+impl PlannedSampler {
+    /// The sampler `choice` names; rCM's σ_max defaults to `default_sigma_max`.
+    pub(super) fn new(choice: &SamplerChoice, default_sigma_max: f64) -> Result<Self> {
+        Ok(match choice {
+            SamplerChoice::Rcm { .. } => {
+                let cfg = choice.rcm_config(default_sigma_max).expect("an rCM choice");
+                Self::Rcm(RcmSampler::new(cfg)?)
+            }
+            SamplerChoice::Teacher {
+                solver,
+                steps,
+                shift,
+                guidance,
+                negative_prompt,
+            } => Self::Teacher {
+                sampler: FlowSampler::wan(*solver, *steps, *shift)?,
+                guidance: GuidanceScale::Constant(*guidance),
+                negative_prompt: negative_prompt.clone(),
+            },
+        })
+    }
+
+    /// The time of each network evaluation.
+    pub(super) fn timesteps(&self) -> &[Timestep] {
+        match self {
+            Self::Rcm(sampler) => sampler.timesteps(),
+            Self::Teacher { sampler, .. } => sampler.timesteps(),
+        }
+    }
+
+    /// The prompt guidance steers away from, for the teachers.
+    pub(super) fn negative_prompt(&self) -> Option<&str> {
+        match self {
+            Self::Rcm(_) => None,
+            Self::Teacher {
+                negative_prompt, ..
+            } => Some(negative_prompt),
+        }
+    }
+
+    fn start(
+        &self,
+        noise: &mut dyn NoiseSource,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Run<'_>> {
+        Ok(match self {
+            Self::Rcm(sampler) => Run::Rcm(sampler.start(noise, shape, device)?),
+            Self::Teacher {
+                sampler, guidance, ..
+            } => Run::Teacher(sampler.start(noise, shape, device)?, *guidance),
+        })
+    }
+}
+
+/// A sampler run in progress.
+enum Run<'a> {
+    Rcm(RcmRun<'a>),
+    Teacher(FlowRun<'a>, GuidanceScale),
+}
+
+impl Run<'_> {
+    fn next_step(&self) -> Option<usize> {
+        match self {
+            Self::Rcm(run) => run.next_step(),
+            Self::Teacher(run, _) => run.next_step(),
+        }
+    }
+
+    /// Runs the next step with `model`; `negative` is the guidance condition of the teachers.
+    fn step(
+        &mut self,
+        model: &Dit,
+        condition: &DitCondition,
+        negative: Option<&DitCondition>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Option<StepReport>> {
+        match self {
+            Self::Rcm(run) => run.step(model, condition, noise),
+            Self::Teacher(run, guidance) => {
+                let negative = negative.expect("teachers are planned with a negative prompt");
+                run.step(&Guided::new(model, negative, *guidance)?, condition)
+            }
+        }
+    }
+
+    fn finish(self) -> Result<Tensor> {
+        match self {
+            Self::Rcm(run) => run.finish(),
+            Self::Teacher(run, _) => Ok(run.finish()),
+        }
+    }
+}
+
+/// Which DiT evaluates each step.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum DitPlan {
+    /// One model for every step.
+    Single(AttentionConfig),
+    /// Wan2.2's two experts, with the attention of the high-noise one, then the low-noise one.
+    Experts {
+        boundary: ExpertBoundary,
+        attention: [AttentionConfig; 2],
+    },
+}
+
+impl DitPlan {
+    fn expert_at(&self, t: Timestep) -> Option<Expert> {
+        match self {
+            Self::Single(_) => None,
+            Self::Experts { boundary, .. } => Some(boundary.expert_at(t)),
+        }
+    }
+}
+
+/// Everything the denoising stage needs, validated.
+pub(super) struct DenoisePlan {
+    pub(super) sampler: PlannedSampler,
+    dits: DitPlan,
+    /// The SLA top-k of each step, overriding the attention's.
+    topk_schedule: Option<Vec<f64>>,
+    latent_shape: Vec<usize>,
+}
+
+impl DenoisePlan {
+    /// A plan whose optional top-k `schedule` is checked against the sampler's steps.
+    pub(super) fn new(
+        sampler: PlannedSampler,
+        dits: DitPlan,
+        schedule: Option<&[f64]>,
+        latent_shape: Vec<usize>,
+    ) -> Result<Self> {
+        if let Some(schedule) = schedule {
+            check_topk_schedule(schedule, sampler.timesteps().len())?;
+        }
+        Ok(Self {
+            sampler,
+            dits,
+            topk_schedule: schedule.map(<[f64]>::to_vec),
+            latent_shape,
+        })
+    }
+}
+
+/// One valid top-k per step.
+fn check_topk_schedule(schedule: &[f64], steps: usize) -> Result<()> {
+    if schedule.len() != steps {
+        return Err(Error::InvalidSamplerSetting {
+            setting: "SLA top-k schedule",
+            value: format!("{} values for {steps} steps", schedule.len()),
+            expected: "one top-k per denoising step",
+        });
+    }
+    schedule
+        .iter()
+        .try_for_each(|&topk| turbo_core::AttentionKind::sla(topk).map(drop))
+}
+
+impl Pipeline {
+    /// Samples the latent. Each DiT is loaded when its first step comes and dropped before the
+    /// next one is read (with two experts only one is resident); the last is dropped before
+    /// returning.
+    pub(super) fn denoise(
+        &self,
+        plan: &DenoisePlan,
+        condition: &DitCondition,
+        negative: Option<&DitCondition>,
+        seed: u64,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
+        let meter = StageMeter::start(&self.device)?;
+        let timesteps = plan.sampler.timesteps();
+        let mut noise = SeededNoise::new(seed);
+        let mut run = plan
+            .sampler
+            .start(&mut noise, &plan.latent_shape, &self.device)?;
+        let mut resident: Option<(Option<Expert>, Dit)> = None;
+        let mut largest_model = 0;
+        while let Some(step) = run.next_step() {
+            let expert = plan.dits.expert_at(timesteps[step]);
+            if resident.as_ref().map(|(e, _)| *e) != Some(expert) {
+                // Free the resident expert before the next one is read.
+                drop(resident.take());
+                progress.stage(&Stage::LoadingDit {
+                    expert: expert.map(Expert::name),
+                });
+                let bytes = WeightBytes::default();
+                resident = Some((expert, self.load_planned_dit(plan.dits, expert, &bytes)?));
+                largest_model = largest_model.max(bytes.get());
+                if step == 0 {
+                    progress.stage(&Stage::Denoising {
+                        steps: timesteps.len(),
+                    });
+                }
+            }
+            let (_, model) = resident.as_mut().expect("loaded above");
+            if let Some(schedule) = &plan.topk_schedule {
+                model.set_attention_topk(schedule[step])?;
+            }
+            let report = run
+                .step(model, condition, negative, &mut noise)?
+                .expect("a step was pending");
+            report_step(progress, &report)?;
+        }
+        drop(resident);
+        let stage = Stage::Denoising {
+            steps: timesteps.len(),
+        };
+        meter.finish(stage, largest_model, &self.device, progress)?;
+        run.finish()
+    }
+
+    /// The DiT that runs `expert` (`None`: the only one), counting its weights into `bytes`.
+    fn load_planned_dit(
+        &self,
+        dits: DitPlan,
+        expert: Option<Expert>,
+        bytes: &WeightBytes,
+    ) -> Result<Dit> {
+        let (source, attention) = match (dits, expert) {
+            (DitPlan::Single(attention), _) => (&self.models.dit_weights, attention),
+            (DitPlan::Experts { attention, .. }, Some(Expert::HighNoise) | None) => {
+                (&self.models.dit_weights, attention[0])
+            }
+            (DitPlan::Experts { attention, .. }, Some(Expert::LowNoise)) => (
+                self.models
+                    .dit_low_noise_weights
+                    .as_ref()
+                    .expect("checked when planning"),
+                attention[1],
+            ),
+        };
+        if let Some(expert) = expert {
+            tracing::info!("loading the {} expert", expert.name());
+        }
+        self.load_dit(source, &attention, bytes)
+    }
+
+    fn load_dit(
+        &self,
+        weights: &WeightSource,
+        attention: &AttentionConfig,
+        bytes: &WeightBytes,
+    ) -> Result<Dit> {
+        match weights {
+            WeightSource::File(path) => WanModel::from_checkpoint_through(
+                path,
+                Some(&self.models.dit),
+                attention,
+                self.quant_linear,
+                self.dtype,
+                &self.device,
+                |vb| bytes.counting(vb),
+            ),
+            source @ WeightSource::Random(_) => WanModel::load_with_quant(
+                bytes.counting(self.var_builder(source, self.dtype)?),
+                &self.models.dit,
+                attention,
+                self.quant_linear,
+            ),
+        }
+    }
+}
+
+/// Hands a finished step to `progress`; a cancel there ends the run.
+fn report_step(progress: &mut dyn Progress, report: &StepReport) -> Result<()> {
+    match progress.step_done(report) {
+        std::ops::ControlFlow::Continue(()) => Ok(()),
+        std::ops::ControlFlow::Break(()) => Err(Error::Cancelled {
+            completed: report.index + 1,
+            total: report.total,
+        }),
+    }
+}
