@@ -42,7 +42,7 @@ fn kernel_sources() -> Vec<PathBuf> {
 fn nvcc_path() -> PathBuf {
     ["CUDA_HOME", "CUDA_ROOT", "CUDA_PATH"]
         .iter()
-        .filter_map(|var| std::env::var_os(var))
+        .filter_map(std::env::var_os)
         .map(|root| PathBuf::from(root).join("bin").join("nvcc"))
         .find(|path| path.exists())
         .unwrap_or_else(|| PathBuf::from("nvcc"))
