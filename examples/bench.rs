@@ -57,6 +57,16 @@ struct Args {
     device: DeviceSpec,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Attention kinds of the DiT rows.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "original,sla:0.1,sagesla:0.1"
+    )]
+    dit_attention: Vec<AttentionKind>,
+    /// Linears of the DiT rows: bf16, w8a8.
+    #[arg(long, value_delimiter = ',', default_value = "bf16,w8a8")]
+    dit_linears: Vec<Linears>,
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
@@ -70,6 +80,12 @@ enum Section {
     Dit,
     Vae,
     T2v,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Linears {
+    Bf16,
+    W8a8,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -136,7 +152,7 @@ fn main() -> Result<()> {
                     linear_rows(&bench, shape, &mut rows)?;
                 }
             }
-            Section::Dit => dit_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
+            Section::Dit => dit_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
             Section::Vae => vae_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
             Section::T2v => t2v_rows(&device, args.seed, &mut rows)?,
         }
@@ -339,15 +355,7 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
 /// Wan2.1-1.3B at 480p, 81 frames: latent [16, 21, 60, 104], 32 760 tokens.
 const LATENT_480P: [usize; 4] = [16, 21, 60, 104];
 
-fn attention_kinds() -> Result<[AttentionKind; 3]> {
-    Ok([
-        AttentionKind::Original,
-        AttentionKind::sla(0.1)?,
-        AttentionKind::sagesla(0.1)?,
-    ])
-}
-
-fn dit_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
+fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     let device = &bench.device;
     let cfg = WanConfig::wan21_t2v_1_3b();
     let keys: Vec<(String, Vec<usize>)> = expected_tensors::<Box<dyn Attention>>(
@@ -361,9 +369,14 @@ fn dit_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
     .collect();
     let x = Tensor::randn(0f32, 1.0, LATENT_480P.as_slice(), device)?;
     let context = Tensor::randn(0f32, 1.0, (512, cfg.text_dim), device)?.to_dtype(DType::BF16)?;
-    for quant in [QuantPolicy::KeepFloat, QuantPolicy::Quantize] {
-        for kind in attention_kinds()? {
-            let vb = RandomCheckpoint::new(seed, keys.clone()).var_builder(DType::BF16, device);
+    for &linears in &args.dit_linears {
+        let quant = match linears {
+            Linears::Bf16 => QuantPolicy::KeepFloat,
+            Linears::W8a8 => QuantPolicy::Quantize,
+        };
+        for &kind in &args.dit_attention {
+            let vb =
+                RandomCheckpoint::new(args.seed, keys.clone()).var_builder(DType::BF16, device);
             let model = WanModel::<Box<dyn Attention>>::load_with_quant(
                 vb,
                 &cfg,

@@ -13,7 +13,8 @@
 //! - the CUDA kernels, fresh random inputs: bf16 flash / SLA / SageSLA attention at
 //!   [1, 1000, 2, 128] and [1, 32760, 12, 128] against the reference path in f32
 //!   (`ATTENTION_KERNEL_BOUND`), SageSLA against SLA by cosine similarity, and the W8A8 GEMM in
-//!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes;
+//!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes; the fused
+//!   DiT ops (LayerNorm + modulation, gated residual, bias add) against their references;
 //! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the three DiT files and
 //!   the whole rCM sample.
 
@@ -33,8 +34,11 @@ use turbodiffusion::attention::{
     SlaConfig,
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
+use turbodiffusion::models::wan::fused::{
+    gated_residual, gated_residual_reference, layer_norm_affine, layer_norm_affine_reference,
+};
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
-use turbodiffusion::quant::{int8_matmul, Int8Weight};
+use turbodiffusion::quant::{add_bias, add_bias_reference, int8_matmul, Int8Weight};
 use turbodiffusion::AttentionKind;
 
 #[derive(Parser, Debug)]
@@ -66,6 +70,8 @@ fn main() -> Result<ExitCode> {
     let mut checks = attention_checks(&device, args.seed)?;
     if device.is_cuda() {
         checks.extend(attention_kernel_checks(&device, args.seed)?);
+        checks.extend(cross_attention_kernel_checks(&device, args.seed)?);
+        checks.extend(fused_op_checks(&device, args.seed)?);
         checks.extend(w8a8_kernel_checks(&device, args.seed)?);
     }
     for &dtype in &args.dtypes {
@@ -223,6 +229,83 @@ fn attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 threshold: SAGESLA_VS_SLA_COSINE_GAP,
             },
         );
+    }
+    Ok(checks)
+}
+
+/// Dense attention of many queries over few keys (the DiT's text cross-attention: 512 keys)
+/// and of few queries over many, on the flash kernel against the f32 reference.
+fn cross_attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(3));
+    let mut checks = Vec::new();
+    for (q_len, kv_len) in [(32_760, 512), (300, 5000)] {
+        let mut input = |len: usize| -> Result<Tensor> {
+            Ok(gaussian((1, len, 12, 128), 0.0, &mut rng)?
+                .to_dtype(DType::BF16)?
+                .to_device(device)?)
+        };
+        let (q, k, v) = (input(q_len)?, input(kv_len)?, input(kv_len)?);
+        let op = DenseAttention::default();
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let reference = op.forward(&f32(&q)?, &f32(&k)?, &f32(&v)?)?;
+        push(
+            &mut checks,
+            Check {
+                name: format!(
+                    "kernel original bf16 q [1, {q_len}, 12, 128], kv {kv_len} vs reference"
+                ),
+                error: relative_error(&op.forward(&q, &k, &v)?, &reference)?,
+                threshold: ATTENTION_KERNEL_BOUND,
+            },
+        );
+    }
+    Ok(checks)
+}
+
+/// The fused DiT ops (LayerNorm + modulation, gated residual) and the linears' bias add on the
+/// device against their candle references on the CPU, at a ragged small shape and at the
+/// Wan 1.3B 480p residual stream [32760, 1536]. f32 results differ only by summation order.
+fn fused_op_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(4));
+    let mut checks = Vec::new();
+    for (rows, dim) in [(7, 100), (32_760, 1536)] {
+        let x = (gaussian((1, 1, rows, dim), 0.5, &mut rng)?.reshape((1, rows, dim))? * 3.0)?;
+        let vector = |rng: &mut StdRng| -> Result<Tensor> {
+            Ok(gaussian((1, 1, 1, dim), 0.0, rng)?.reshape((1, 1, dim))?)
+        };
+        let (mul, add, gate) = (vector(&mut rng)?, vector(&mut rng)?, vector(&mut rng)?);
+        let y = gaussian((1, 1, rows, dim), 0.0, &mut rng)?.reshape((1, rows, dim))?;
+        let on = |t: &Tensor| t.to_device(device);
+        let (dx, dmul, dadd, dgate) = (on(&x)?, on(&mul)?, on(&add)?, on(&gate)?);
+        for (dtype, threshold) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let tag = format!("{dtype:?}").to_lowercase();
+            let reference = layer_norm_affine_reference(&x, Some(&mul), Some(&add), 1e-6, dtype)?;
+            let fused = layer_norm_affine(&dx, Some(&dmul), Some(&dadd), 1e-6, dtype)?;
+            let plain_reference = layer_norm_affine_reference(&x, None, None, 1e-6, dtype)?;
+            let plain = layer_norm_affine(&dx, None, None, 1e-6, dtype)?;
+            let y = y.to_dtype(dtype)?;
+            let residual_reference = gated_residual_reference(&x, &y, &gate)?;
+            let residual = gated_residual(&dx, &on(&y)?, &dgate)?;
+            let bias = add.flatten_all()?.to_dtype(dtype)?;
+            let y2 = y.reshape((rows, dim))?;
+            let bias_reference = add_bias_reference(&y2, &bias)?;
+            let biased = add_bias(&on(&y2)?, &on(&bias)?)?;
+            for (what, got, want) in [
+                ("layer norm · mul + add", fused, reference),
+                ("layer norm, plain", plain, plain_reference),
+                ("gated residual", residual, residual_reference),
+                ("linear bias add", biased, bias_reference),
+            ] {
+                push(
+                    &mut checks,
+                    Check {
+                        name: format!("kernel {what} {tag} [{rows}, {dim}] vs cpu"),
+                        error: relative_error(&got, &want)?,
+                        threshold,
+                    },
+                );
+            }
+        }
     }
     Ok(checks)
 }

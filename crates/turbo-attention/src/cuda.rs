@@ -1,8 +1,9 @@
 //! The CUDA path of the attention operators: the kernels of `turbo_kernels::ATTENTION`
 //! (`crates/turbo-kernels/kernels/attention.cu`) on bf16 tokens-first `[B, L, H, D]` tensors
-//! with head dim 128, self-attention (equal query and key lengths) and the default 128 / 64
-//! blocks. Every other input takes the reference path, the CPU specification, which also runs
-//! on CUDA as candle ops (that is how f32 golden parity is kept on the GPU).
+//! with head dim 128; dense attention at any query and key lengths, SLA and SageSLA for
+//! self-attention with the default 128 / 64 blocks. Every other input takes the reference
+//! path, the CPU specification, which also runs on CUDA as candle ops (that is how f32 golden
+//! parity is kept on the GPU).
 
 use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
@@ -22,13 +23,22 @@ const BLOCK_Q: usize = 128;
 const THREADS: u32 = 256;
 const MODULE: &str = "turbo_attention";
 
-/// Whether the kernels take these inputs (otherwise the caller runs the reference path).
-pub(crate) fn kernels_apply(q: &Tensor, k: &Tensor, blocks: BlockSizes) -> bool {
+/// Whether the flash kernel takes these inputs for dense attention (otherwise the caller runs
+/// the reference path): bf16 on CUDA, head dim 128, queries and keys differing at most in
+/// length.
+pub(crate) fn flash_applies(q: &Tensor, k: &Tensor) -> bool {
+    let (q_dims, k_dims) = (q.dims(), k.dims());
     q.device().is_cuda()
         && q.dtype() == DType::BF16
-        && q.dims().get(3) == Some(&HEAD_DIM)
-        && q.dims() == k.dims()
-        && blocks == BlockSizes::default()
+        && q_dims.len() == 4
+        && q_dims[3] == HEAD_DIM
+        && (q_dims[0], q_dims[2], q_dims[3]) == (k_dims[0], k_dims[2], k_dims[3])
+}
+
+/// Whether the sparse kernels take these inputs: the flash conditions, self-attention, and
+/// the kernels' 128 / 64 blocks.
+pub(crate) fn sparse_applies(q: &Tensor, k: &Tensor, blocks: BlockSizes) -> bool {
+    flash_applies(q, k) && q.dims() == k.dims() && blocks == BlockSizes::default()
 }
 
 /// The selected key blocks on the device: `[B·H·n_q, per_row]` u32, ascending per row.
@@ -65,7 +75,8 @@ pub(crate) fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<D
     })
 }
 
-/// Flash attention in bf16 over every key block (`selection` None) or the selected ones.
+/// Flash attention in bf16 over every key block (`selection` None; keys may be fewer or more
+/// than queries) or the selected ones.
 pub(crate) fn flash_attention(
     q: &Tensor,
     k: &Tensor,
@@ -89,7 +100,8 @@ pub(crate) fn flash_attention(
         Some((storage, _)) => Some(cuda_view::<u32>(storage, 0, "block indices")?),
         None => None,
     };
-    let n_sel = selection.map_or(geometry.key_blocks(), |s| s.per_row) as i32;
+    let kv_len = Geometry::of(&k)?.len;
+    let n_sel = selection.map_or((kv_len as usize).div_ceil(BLOCK_K), |s| s.per_row) as i32;
     let scale_log2 = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
     let func =
         dev.get_or_load_custom_func("sparse_attention_bf16", MODULE, turbo_kernels::ATTENTION)?;
@@ -104,6 +116,7 @@ pub(crate) fn flash_attention(
         .arg(&out)
         .arg(&geometry.heads)
         .arg(&geometry.len)
+        .arg(&kv_len)
         .arg(&n_sel)
         .arg(&scale_log2);
     unsafe { launch.launch(geometry.attention_launch()) }.w()?;
@@ -271,10 +284,6 @@ impl Geometry {
 
     fn batch_heads(&self) -> usize {
         (self.batch * self.heads) as usize
-    }
-
-    fn key_blocks(&self) -> usize {
-        (self.len as usize).div_ceil(BLOCK_K)
     }
 
     fn attention_launch(&self) -> LaunchConfig {

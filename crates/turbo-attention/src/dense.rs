@@ -36,7 +36,7 @@ impl Attention for DenseAttention {
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         QkvShape::of(q, k, v)?;
         #[cfg(feature = "cuda")]
-        if crate::cuda::kernels_apply(q, k, crate::BlockSizes::default()) {
+        if crate::cuda::flash_applies(q, k) {
             return crate::cuda::flash_attention(q, k, v, None);
         }
         let out = dense_heads_first(

@@ -111,7 +111,7 @@ impl SlaCore {
             self.proj_l
                 .forward(&linear_attention(&qh, &kh, &vh, SlaConfig::LINEAR_EPS)?)?;
         #[cfg(feature = "cuda")]
-        if crate::cuda::kernels_apply(q, k, self.cfg.blocks) {
+        if crate::cuda::sparse_applies(q, k, self.cfg.blocks) {
             return self.forward_kernels(q, k, v, &qh, &kh, &linear_out);
         }
         let selection = select_blocks(&qh, &kh, &self.cfg)?;

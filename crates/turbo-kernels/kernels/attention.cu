@@ -208,18 +208,20 @@ __device__ __forceinline__ int key_block_at(const uint32_t* block_idx, size_t ro
 
 }  // namespace
 
-// Block-sparse (or, with block_idx = null, dense) flash attention in bf16.
-// grid (⌈L/128⌉, B·H), 256 threads. block_idx: [B·H, ⌈L/128⌉, n_sel] ascending key blocks.
-// scale_log2 = log2(e)/√D.
+// Block-sparse (or, with block_idx = null, dense) flash attention in bf16: q_len queries over
+// kv_len keys (equal for the block-sparse form, SLA being self-attention).
+// grid (⌈q_len/128⌉, B·H), 256 threads. block_idx: [B·H, ⌈q_len/128⌉, n_sel] ascending key
+// blocks. scale_log2 = log2(e)/√D.
 extern "C" __global__ void __launch_bounds__(THREADS)
 sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, const uint32_t* __restrict__ block_idx,
-                      bf16* __restrict__ out, int heads, int len, int n_sel, float scale_log2) {
+                      bf16* __restrict__ out, int heads, int q_len, int kv_len, int n_sel,
+                      float scale_log2) {
     __shared__ __align__(16) bf16 k_tile[BLOCK_K * PITCH_BF16];
     __shared__ __align__(16) bf16 v_tile[BLOCK_K * PITCH_BF16];
     const int qb = blockIdx.x, bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const HeadView view(bh, heads, len);
+    const HeadView view(bh, heads, q_len), kv_view(bh, heads, kv_len);
     const int row0 = qb * BLOCK_Q + warp * 16;
 
     // The warp's 16 query rows as A operands, one per 16-wide slice of D.
@@ -227,7 +229,7 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
     for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
         for (int i = 0; i < 4; ++i) {
             const int row = row0 + g + 8 * (i & 1), col = kk * 16 + 2 * t + 8 * (i >> 1);
-            qf[kk][i] = row < len ? *reinterpret_cast<const uint32_t*>(q + view.base + (size_t)row * view.pitch + col) : 0u;
+            qf[kk][i] = row < q_len ? *reinterpret_cast<const uint32_t*>(q + view.base + (size_t)row * view.pitch + col) : 0u;
         }
     }
 
@@ -236,12 +238,12 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
     const size_t select_row = (size_t)bh * gridDim.x + qb;
     for (int i = 0; i < n_sel; ++i) {
         const int key0 = key_block_at(block_idx, select_row, n_sel, i) * BLOCK_K;
-        const int rows = min(BLOCK_K, len - key0);
+        const int rows = min(BLOCK_K, kv_len - key0);
         __syncthreads();
-        load_key_tile((char*)k_tile, PITCH_BF16 * 2, (const char*)(k + view.base + (size_t)key0 * view.pitch),
-                      view.pitch * 2, rows, HEAD_DIM * 2);
-        load_key_tile((char*)v_tile, PITCH_BF16 * 2, (const char*)(v + view.base + (size_t)key0 * view.pitch),
-                      view.pitch * 2, rows, HEAD_DIM * 2);
+        load_key_tile((char*)k_tile, PITCH_BF16 * 2, (const char*)(k + kv_view.base + (size_t)key0 * kv_view.pitch),
+                      kv_view.pitch * 2, rows, HEAD_DIM * 2);
+        load_key_tile((char*)v_tile, PITCH_BF16 * 2, (const char*)(v + kv_view.base + (size_t)key0 * kv_view.pitch),
+                      kv_view.pitch * 2, rows, HEAD_DIM * 2);
         __syncthreads();
 
         float s[BLOCK_K / 8][4];
@@ -255,11 +257,11 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
             }
             for (int j = 0; j < 4; ++j) s[n][j] *= scale_log2;
         }
-        mask_tail(s, key0, len, t);
+        mask_tail(s, key0, kv_len, t);
         softmax_tile(st, s, 0.f, false);
         accumulate_pv(st, s, v_tile, lane);
     }
-    store_rows(st, out, view, row0, len, g, t, nullptr);
+    store_rows(st, out, view, row0, q_len, g, t, nullptr);
 }
 
 // SageSLA's sparse branch: int8 Q·Kᵀ with per-block scales, online softmax in base 2 with

@@ -14,3 +14,8 @@ pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.pt
 /// `kernels/w8a8.cu`.
 #[cfg(feature = "cuda")]
 pub const W8A8: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a8.ptx"));
+
+/// Fused row and elementwise ops of the DiT and the linears (LayerNorm with modulation, gated
+/// residual, bias add): `kernels/fused.cu`.
+#[cfg(feature = "cuda")]
+pub const FUSED: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));

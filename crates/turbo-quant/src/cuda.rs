@@ -155,3 +155,36 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     unsafe { launch.launch(cfg) }.w()?;
     Ok(y)
 }
+
+/// `y + bias[column]` for contiguous-able `y` `[.., N]` and `bias` `[N]`, f32 or bf16.
+pub(crate) fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let (y, bias) = (y.contiguous()?, bias.contiguous()?);
+    let dev = y.device().as_cuda_device()?;
+    let total = y.elem_count();
+    let n = bias.elem_count() as i32;
+    let (ys, yl) = y.storage_and_layout();
+    let (bs, bl) = bias.storage_and_layout();
+    macro_rules! launch {
+        ($t:ty, $kernel:literal) => {{
+            let out = unsafe { dev.alloc::<$t>(total) }?;
+            let y_view = cuda_view::<$t>(&ys, yl.start_offset(), "linear output")
+                .map_err(candle_core::Error::wrap)?;
+            let bias_view = cuda_view::<$t>(&bs, bl.start_offset(), "bias")
+                .map_err(candle_core::Error::wrap)?;
+            let func = dev.get_or_load_custom_func($kernel, "turbo_fused", turbo_kernels::FUSED)?;
+            let mut launch = func.builder();
+            launch
+                .arg(&y_view)
+                .arg(&bias_view)
+                .arg(&out)
+                .arg(&total)
+                .arg(&n);
+            unsafe { launch.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+            tensor_from_cuda(out, dev, y.shape().clone())
+        }};
+    }
+    Ok(match y.dtype() {
+        DType::BF16 => launch!(bf16, "add_bias_bf16"),
+        _ => launch!(f32, "add_bias_f32"),
+    })
+}

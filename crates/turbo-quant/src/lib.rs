@@ -70,5 +70,5 @@ pub use gemm::int8_gemm;
 pub use linear::{
     int8_tensor, Int8Weight, Linear, QuantPolicy, BIAS_KEY, INT8_WEIGHT_KEY, SCALE_KEY, WEIGHT_KEY,
 };
-pub use op::{int8_matmul, Int8Matmul};
+pub use op::{add_bias, add_bias_reference, int8_matmul, Int8Matmul};
 pub use tile::{quantize_tiles, tile_grid, TileMatrix, TileQuantized, TILE};

@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
-use crate::op::int8_matmul;
+use crate::op::{add_bias, int8_matmul};
 use crate::tile::{quantize_tiles, tile_grid, TileMatrix};
 
 /// Checkpoint key of the int8 values of a quantised layer (`-quant` files).
@@ -290,7 +290,7 @@ impl Linear {
             Weight::Float(weight) => {
                 let y = x.to_dtype(weight.dtype())?.matmul(&weight.t()?)?;
                 let y = match &self.bias {
-                    Some(bias) => y.broadcast_add(bias)?,
+                    Some(bias) => add_bias(&y, bias)?,
                     None => y,
                 };
                 y.to_dtype(x.dtype())
@@ -298,7 +298,7 @@ impl Linear {
             Weight::Int8(weight) => {
                 let y = int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())?;
                 match &self.bias {
-                    Some(bias) => y.broadcast_add(&bias.to_dtype(y.dtype())?),
+                    Some(bias) => add_bias(&y, &bias.to_dtype(y.dtype())?),
                     None => Ok(y),
                 }
             }

@@ -19,6 +19,25 @@ pub fn int8_matmul(
     x.apply_op3_no_bwd(int8_weight, scale, &Int8Matmul)
 }
 
+/// `y + bias` for `y` `[M, N]` and `bias` `[N]` of the same dtype: on CUDA (f32, bf16) one
+/// elementwise kernel, elsewhere [`add_bias_reference`].
+pub fn add_bias(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda()
+        && matches!(y.dtype(), DType::F32 | DType::BF16)
+        && bias.dtype() == y.dtype()
+        && bias.dims() == [y.dim(candle_core::D::Minus1)?]
+    {
+        return crate::cuda::add_bias(y, bias);
+    }
+    add_bias_reference(y, bias)
+}
+
+/// [`add_bias`] as candle's broadcast add.
+pub fn add_bias_reference(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    y.broadcast_add(bias)
+}
+
 /// The custom op behind [`int8_matmul`]; arguments in the order `(x, int8_weight, scale)`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Int8Matmul;

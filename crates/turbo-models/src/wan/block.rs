@@ -1,10 +1,11 @@
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use candle_nn::{Module, VarBuilder};
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::Result;
 use turbo_quant::Linear;
 
 use super::attention::{CrossAttention, SelfAttention};
+use super::fused;
 use super::rope::Rope3d;
 use super::{block_linear, QuantPolicy, WanConfig};
 
@@ -29,30 +30,30 @@ impl LayerNorm {
         })
     }
 
-    /// Normalises `x` (any dtype) and returns f32.
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
-        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centred.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        Ok(match &self.affine {
-            Some((weight, bias)) => normed.broadcast_mul(weight)?.broadcast_add(bias)?,
-            None => normed,
-        })
+    /// Normalises `x` (f32) and returns `out_dtype`.
+    pub(crate) fn forward(&self, x: &Tensor, out_dtype: DType) -> Result<Tensor> {
+        let (weight, bias) = match &self.affine {
+            Some((weight, bias)) => (Some(weight), Some(bias)),
+            None => (None, None),
+        };
+        fused::layer_norm_affine(x, weight, bias, self.eps, out_dtype)
     }
 }
 
-/// `LN(x)·(1 + scale) + shift` in f32, each modulation `[1, 1, D]`.
+/// `LN(x)·(1 + scale) + shift` of the f32 residual stream, each modulation `[1, 1, D]`, in
+/// `out_dtype`.
 pub(crate) fn modulate(
     norm: &LayerNorm,
     x: &Tensor,
     shift: &Tensor,
     scale: &Tensor,
+    out_dtype: DType,
 ) -> Result<Tensor> {
-    Ok(norm
-        .forward(x)?
-        .broadcast_mul(&(scale + 1.0)?)?
-        .broadcast_add(shift)?)
+    debug_assert!(
+        norm.affine.is_none(),
+        "modulation follows a plain LayerNorm"
+    );
+    fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), norm.eps, out_dtype)
 }
 
 /// `ffn`: Linear → GELU(tanh) → Linear.
@@ -137,13 +138,11 @@ impl<A: Attention> WanBlock<A> {
     ) -> Result<Tensor> {
         let dtype = context.dtype();
         let m = (self.modulation.broadcast_add(e0))?.chunk(6, 1)?;
-        let h = modulate(&self.norm, x, &m[0], &m[1])?.to_dtype(dtype)?;
-        let y = self.self_attn.forward(&h, rope)?.to_dtype(DType::F32)?;
-        let x = (x + y.broadcast_mul(&m[2])?)?;
-        let h = self.norm3.forward(&x)?.to_dtype(dtype)?;
+        let h = modulate(&self.norm, x, &m[0], &m[1], dtype)?;
+        let x = fused::gated_residual(x, &self.self_attn.forward(&h, rope)?, &m[2])?;
+        let h = self.norm3.forward(&x, dtype)?;
         let x = (&x + self.cross_attn.forward(&h, context)?.to_dtype(DType::F32)?)?;
-        let h = modulate(&self.norm, &x, &m[3], &m[4])?.to_dtype(dtype)?;
-        let y = self.ffn.forward(&h)?.to_dtype(DType::F32)?;
-        Ok((x + y.broadcast_mul(&m[5])?)?)
+        let h = modulate(&self.norm, &x, &m[3], &m[4], dtype)?;
+        fused::gated_residual(&x, &self.ffn.forward(&h)?, &m[5])
     }
 }

@@ -6,6 +6,7 @@ mod block;
 mod checkpoint;
 mod config;
 mod embeddings;
+pub mod fused;
 mod keys;
 mod model;
 mod rope;

@@ -45,7 +45,9 @@ impl Head {
             .modulation
             .broadcast_add(&e.unsqueeze(1)?)?
             .chunk(2, 1)?;
-        Ok(self.proj.forward(&modulate(&self.norm, x, &m[0], &m[1])?)?)
+        Ok(self
+            .proj
+            .forward(&modulate(&self.norm, x, &m[0], &m[1], DType::F32)?)?)
     }
 }
 
