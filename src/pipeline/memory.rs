@@ -97,11 +97,13 @@ impl StageMeter {
         device: &Device,
         progress: &mut dyn Progress,
     ) -> Result<()> {
+        // Reading the device's memory waits for its queued work: the time is taken after.
+        let device_memory = memory_usage(device)?;
         let report = StageReport {
             stage,
             elapsed: self.started.elapsed(),
             resident_bytes,
-            device_memory: memory_usage(device)?,
+            device_memory,
         };
         tracing::debug!(?report, "stage done");
         progress.stage_done(&report);
