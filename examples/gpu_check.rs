@@ -14,7 +14,8 @@
 //!   [1, 1000, 2, 128] and [1, 32760, 12, 128] against the reference path in f32
 //!   (`ATTENTION_KERNEL_BOUND`), SageSLA against SLA by cosine similarity, and the W8A8 GEMM in
 //!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes; the fused
-//!   DiT ops (LayerNorm + modulation, gated residual, bias add) against their references;
+//!   DiT ops (LayerNorm + modulation, gated residual, bias add) against their references; the
+//!   VAE convolution against candle's, and a small random VAE's decode against the CPU;
 //! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the three DiT files and
 //!   the whole rCM sample.
 
@@ -34,10 +35,12 @@ use turbodiffusion::attention::{
     SlaConfig,
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
+use turbodiffusion::models::vae::{conv2d_biased, conv2d_biased_reference, VaeConfig, WanVae};
 use turbodiffusion::models::wan::fused::{
     gated_residual, gated_residual_reference, layer_norm_affine, layer_norm_affine_reference,
 };
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
+use turbodiffusion::pipeline::RandomCheckpoint;
 use turbodiffusion::quant::{add_bias, add_bias_reference, int8_matmul, Int8Weight};
 use turbodiffusion::AttentionKind;
 
@@ -72,6 +75,7 @@ fn main() -> Result<ExitCode> {
         checks.extend(attention_kernel_checks(&device, args.seed)?);
         checks.extend(cross_attention_kernel_checks(&device, args.seed)?);
         checks.extend(fused_op_checks(&device, args.seed)?);
+        checks.extend(vae_checks(&device, args.seed)?);
         checks.extend(w8a8_kernel_checks(&device, args.seed)?);
     }
     for &dtype in &args.dtypes {
@@ -306,6 +310,74 @@ fn fused_op_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 );
             }
         }
+    }
+    Ok(checks)
+}
+
+/// The VAE's convolution (our im2col + GEMM) against candle's conv2d on the CPU, and a small
+/// random VAE's whole decode on the device against the CPU.
+fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(5));
+    let mut checks = Vec::new();
+    for (batch, channels, height, width, out_channels, ksize) in [
+        (2, 7, 13, 11, 5, 3),
+        (1, 9, 8, 6, 4, 1),
+        (1, 288, 60, 104, 96, 3),
+    ] {
+        let x = gaussian((batch, channels, height, width), 0.0, &mut rng)?;
+        let scale = 1.0 / ((channels * ksize * ksize) as f64).sqrt();
+        let weight = (gaussian((out_channels, channels, ksize, ksize), 0.0, &mut rng)? * scale)?;
+        let bias = gaussian((1, 1, 1, out_channels), 0.0, &mut rng)?.flatten_all()?;
+        let padding = ksize / 2;
+        for (dtype, threshold) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            // The CPU has no bf16 matmul: the reference takes the same (rounded) values in f32.
+            let rounded =
+                |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+            let cpu = conv2d_biased_reference(
+                &rounded(&x)?,
+                &rounded(&weight)?,
+                &rounded(&bias)?,
+                padding,
+            )?;
+            let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+            let dev = conv2d_biased(&on(&x)?, &on(&weight)?, &on(&bias)?, padding)?;
+            let tag = format!("{dtype:?}").to_lowercase();
+            push(
+                &mut checks,
+                Check {
+                    name: format!("kernel conv2d {tag} [{batch}, {channels}, {height}, {width}] k{ksize} vs cpu"),
+                    error: relative_error(&dev, &cpu)?,
+                    threshold,
+                },
+            );
+        }
+    }
+    let cfg = VaeConfig {
+        dim: 8,
+        num_res_blocks: 1,
+        ..VaeConfig::wan21()
+    };
+    let weights = RandomCheckpoint::new(seed, WanVae::expected_keys(&cfg));
+    let latent = gaussian((1, 16, 3, 64), 0.0, &mut rng)?.reshape((1, 16, 3, 8, 8))?;
+    let cpu = WanVae::load(weights.clone().var_builder(DType::F32, &Device::Cpu), &cfg)?
+        .decode(&latent)?;
+    for (dtype, threshold) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+        // Draw the weights on the CPU so both sides use the same values.
+        let tensors = WanVae::expected_keys(&cfg)
+            .into_iter()
+            .map(|(name, _)| Ok((name.clone(), weights.tensor(&name)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        let vae = WanVae::load(VarBuilder::from_tensors(tensors, dtype, device), &cfg)?;
+        let decoded = vae.decode(&latent.to_dtype(dtype)?.to_device(device)?)?;
+        let tag = format!("{dtype:?}").to_lowercase();
+        push(
+            &mut checks,
+            Check {
+                name: format!("VAE decode (dim 8, random weights) {tag} device vs cpu f32"),
+                error: relative_error(&decoded, &cpu)?,
+                threshold,
+            },
+        );
     }
     Ok(checks)
 }

@@ -19,3 +19,8 @@ pub const W8A8: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a8.ptx"));
 /// residual, bias add): `kernels/fused.cu`.
 #[cfg(feature = "cuda")]
 pub const FUSED: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+
+/// The im2col step of the VAE's convolutions, in the layout of one NCHW-writing GEMM:
+/// `kernels/conv.cu`.
+#[cfg(feature = "cuda")]
+pub const CONV: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
 use super::cache::{cached_conv, frames_to_remember, FeatureCache, Slot};
-use super::conv::{CausalConv3d, Conv3dSpec};
+use super::conv::{conv2d_biased, CausalConv3d, Conv3dSpec};
 
 /// A checkpoint key list: `(name, shape)` pairs.
 pub type Keys = Vec<(String, Vec<usize>)>;
@@ -179,8 +179,15 @@ trait ForwardT {
 }
 
 impl ForwardT for candle_nn::Conv2d {
+    /// Stride-1 convolutions with a bias go through [`conv2d_biased`] (our kernels on CUDA).
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::Module::forward(self, x)?)
+        let cfg = self.config();
+        match self.bias() {
+            Some(bias) if cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1 => {
+                conv2d_biased(x, self.weight(), bias, cfg.padding)
+            }
+            _ => Ok(candle_nn::Module::forward(self, x)?),
+        }
     }
 }
 

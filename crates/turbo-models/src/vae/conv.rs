@@ -88,7 +88,7 @@ impl CausalConv3d {
             .contiguous()?;
         Ok(Self {
             weight,
-            bias: bias.reshape((1, out_channels, 1, 1))?,
+            bias: bias.clone(),
             time_kernel: kt,
             time_stride: spec.time_stride,
             time_padding: 2 * spec.padding.0,
@@ -126,9 +126,7 @@ impl CausalConv3d {
                 width,
             ))?
         };
-        let out = windows
-            .conv2d(&self.weight, self.spatial_padding, 1, 1, 1)?
-            .broadcast_add(&self.bias)?;
+        let out = conv2d_biased(&windows, &self.weight, &self.bias, self.spatial_padding)?;
         let (_, out_channels, out_height, out_width) = out.dims4()?;
         Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?)
     }
@@ -148,6 +146,157 @@ impl CausalConv3d {
             None => (x.clone(), 0),
         };
         Ok(x.pad_with_zeros(1, self.time_padding - remembered, 0)?)
+    }
+}
+
+/// A stride-1 2-D convolution of `x` `[N, C, H, W]` with a square `weight` `[O, C, k, k]`, plus
+/// `bias` `[O]`. On CUDA (f32, bf16): our im2col kernel in a GEMM-friendly layout and one GEMM
+/// per image, in slices of output positions so that the column buffer stays bounded;
+/// elsewhere [`conv2d_biased_reference`].
+pub fn conv2d_biased(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && weight.dims().get(2) == weight.dims().get(3)
+    {
+        return cuda::conv2d_biased(x, weight, bias, padding);
+    }
+    conv2d_biased_reference(x, weight, bias, padding)
+}
+
+/// [`conv2d_biased`] as candle's `conv2d` and a broadcast add.
+pub fn conv2d_biased_reference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    let channels = bias.elem_count();
+    Ok(x.conv2d(weight, padding, 1, 1, 1)?
+        .broadcast_add(&bias.reshape((1, channels, 1, 1))?)?)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Tensor};
+    use half::bf16;
+    use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+    use turbo_core::{Error, Result};
+
+    /// Elements of one column buffer: 2^27 (256 MiB in bf16, 512 MiB in f32).
+    const COLUMN_BUDGET: usize = 1 << 27;
+
+    pub(super) fn conv2d_biased(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        padding: usize,
+    ) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (batch, channels, height, width) = x.dims4()?;
+        let (out_channels, weight_channels, ksize, _) = weight.dims4()?;
+        if weight_channels != channels
+            || height + 2 * padding < ksize
+            || width + 2 * padding < ksize
+        {
+            return Err(Error::Shape {
+                what: format!("conv2d weight {:?} for the input", weight.dims()),
+                expected: format!("[O, {channels}, k, k] with k ≤ the padded size"),
+                got: x.dims().to_vec(),
+            });
+        }
+        let (out_h, out_w) = (
+            height + 2 * padding - ksize + 1,
+            width + 2 * padding - ksize + 1,
+        );
+        let positions = out_h * out_w;
+        let taps = channels * ksize * ksize;
+        // The bias is the GEMM's column after the taps, against the column buffer's row of
+        // ones; zero columns pad K to a multiple of 8 (aligned leading dimensions).
+        let rows = (taps + 1).next_multiple_of(8);
+        let gemm_weight = Tensor::cat(
+            &[
+                weight.reshape((out_channels, taps))?,
+                bias.reshape((out_channels, 1))?,
+                Tensor::zeros(
+                    (out_channels, rows - taps - 1),
+                    weight.dtype(),
+                    weight.device(),
+                )?,
+            ],
+            1,
+        )?
+        .to_dtype(x.dtype())?;
+        let slice = (COLUMN_BUDGET / (batch * rows)).clamp(1, positions);
+        let outputs = (0..positions)
+            .step_by(slice)
+            .map(|first| {
+                let count = slice.min(positions - first);
+                let columns = im2col(&x, ksize, padding, out_w, first, count, rows)?;
+                Ok(gemm_weight.broadcast_matmul(&columns)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = if outputs.len() == 1 {
+            outputs.into_iter().next().expect("one slice")
+        } else {
+            Tensor::cat(&outputs, 2)?
+        };
+        Ok(out.reshape((batch, out_channels, out_h, out_w))?)
+    }
+
+    /// `[N, rows, count]` columns for output positions `first..first + count`: the taps, a row
+    /// of ones, zero rows up to `rows`.
+    fn im2col(
+        x: &Tensor,
+        ksize: usize,
+        padding: usize,
+        out_w: usize,
+        first: usize,
+        count: usize,
+        rows: usize,
+    ) -> Result<Tensor> {
+        let (batch, channels, height, width) = x.dims4()?;
+        let total = batch * rows * count;
+        let dev = x.device().as_cuda_device()?;
+        let (storage, layout) = x.storage_and_layout();
+        let int = |v: usize| v as i32;
+        let dims = [
+            int(channels),
+            int(height),
+            int(width),
+            int(ksize),
+            int(padding),
+            int(out_w),
+        ];
+        let (first, count_arg) = (first as i64, int(count));
+        let rows_arg = int(rows);
+        let cfg = LaunchConfig {
+            grid_dim: (count.div_ceil(256) as u32, rows as u32, batch as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! launch {
+            ($t:ty, $kernel:literal) => {{
+                let view = cuda_view::<$t>(&storage, layout.start_offset(), "conv2d input")?;
+                let col = unsafe { dev.alloc::<$t>(total) }?;
+                let func =
+                    dev.get_or_load_custom_func($kernel, "turbo_conv", turbo_kernels::CONV)?;
+                let mut launch = func.builder();
+                launch.arg(&view).arg(&col);
+                for d in &dims {
+                    launch.arg(d);
+                }
+                launch.arg(&first).arg(&count_arg).arg(&rows_arg);
+                unsafe { launch.launch(cfg) }.w()?;
+                tensor_from_cuda(col, dev, (batch, rows, count))
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => launch!(bf16, "im2col_rows_bf16"),
+            _ => launch!(f32, "im2col_rows_f32"),
+        })
     }
 }
 

@@ -24,7 +24,9 @@ use candle_nn::VarBuilder;
 use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
 
 pub use blocks::ResampleMode;
-pub use conv::{causal_conv3d_reference, CausalConv3d, Conv3dSpec};
+pub use conv::{
+    causal_conv3d_reference, conv2d_biased, conv2d_biased_reference, CausalConv3d, Conv3dSpec,
+};
 
 use cache::FeatureCache;
 use coder::Coder;
