@@ -520,7 +520,7 @@ impl turbodiffusion::core::Progress for StageClock {
             Stage::Denoising { steps } => {
                 format!("denoise, {steps} DiT steps (incl. drawing and quantising the weights)")
             }
-            Stage::Decoding { .. } => "VAE decode (f32 VAE, as upstream)".to_owned(),
+            Stage::Decoding { .. } => "VAE decode (bf16, as TurboDiffusion)".to_owned(),
             other => format!("{other:?}"),
         };
         let peak = report.device_memory.map(|m| m.peak);

@@ -168,7 +168,8 @@ impl Pipeline {
         let video = Tensor::cat(&[&image.unsqueeze(1)?, &rest], 1)?.unsqueeze(0)?;
         let (latent, bytes) = {
             let (vae, bytes) = self.load_vae()?;
-            (vae.encode(&video)?.squeeze(0)?, bytes)
+            let latent = vae.encode(&video.to_dtype(self.dtype)?)?;
+            (latent.squeeze(0)?.to_dtype(DType::F32)?, bytes)
         };
         let (_, latent_frames, h, w) = latent.dims4()?;
         let first = Tensor::ones((4, 1, h, w), DType::F32, latent.device())?;

@@ -301,24 +301,24 @@ impl Pipeline {
         progress.stage(&Stage::Decoding { done: 0, total });
         let (vae, bytes) = self.load_vae()?;
         let mut chunks = Vec::new();
-        vae.decode_streaming(&latent.to_dtype(DType::F32)?.unsqueeze(0)?, |decoded| {
+        vae.decode_streaming(&latent.to_dtype(self.dtype)?.unsqueeze(0)?, |decoded| {
             let done = decoded.first_frame + decoded.frames.dim(2)?;
             chunks.push(decoded.frames);
             progress.stage(&Stage::Decoding { done, total });
             Ok(())
         })?;
         drop(vae);
-        let frames = Tensor::cat(&chunks, 2)?.squeeze(0)?;
+        let frames = Tensor::cat(&chunks, 2)?.squeeze(0)?.to_dtype(DType::F32)?;
         let stage = Stage::Decoding { done: total, total };
         meter.finish(stage, bytes, &self.device, progress)?;
         Ok(frames)
     }
 
-    /// The VAE and the bytes of its weights. It runs in f32, as upstream; bf16 VAE decoding
-    /// is a later optimisation.
+    /// The VAE and the bytes of its weights, in the pipeline's dtype: TurboDiffusion runs the
+    /// VAE in bf16 (the official Wan code in f32; an f32 pipeline does that).
     fn load_vae(&self) -> Result<(WanVae, u64)> {
         let bytes = WeightBytes::default();
-        let vb = self.var_builder(&self.models.vae_weights, DType::F32)?;
+        let vb = self.var_builder(&self.models.vae_weights, self.dtype)?;
         let vae = WanVae::load(bytes.counting(vb), &self.models.vae)?;
         Ok((vae, bytes.get()))
     }
