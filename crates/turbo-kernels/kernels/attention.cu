@@ -14,6 +14,8 @@
 #include <math_constants.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 #define NEG_INF (-CUDART_INF_F)
 
 namespace {
@@ -353,20 +355,6 @@ extern "C" __global__ void top_blocks(const float* __restrict__ scores, uint32_t
     }
 }
 
-namespace {
-__device__ __forceinline__ float block_max(float x, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        x = threadIdx.x < blockDim.x / 32 ? scratch[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-        if (threadIdx.x == 0) scratch[0] = x;
-    }
-    __syncthreads();
-    return scratch[0];
-}
-}  // namespace
 
 // Symmetric int8 quantisation per block of `block` tokens of each (b, h) of bf16 [B, L, H, D]
 // x, after subtracting a per-(b·h, channel) f32 `mean` when given: scale = max|x|/127 + 1e-7,
@@ -386,7 +374,7 @@ extern "C" __global__ void quantize_int8_blocks(const bf16* __restrict__ x, cons
     };
     float amax = 0.f;
     for (int e = threadIdx.x; e < rows * HEAD_DIM; e += blockDim.x) amax = fmaxf(amax, fabsf(value(e)));
-    const float scale = block_max(amax, scratch) / 127.f + 1e-7f;
+    const float scale = turbo::block_max(amax, scratch) / 127.f + 1e-7f;
     for (int e = threadIdx.x; e < rows * HEAD_DIM; e += blockDim.x) {
         const float scaled = value(e) / scale;
         const float q = fminf(fmaxf(truncf(scaled + copysignf(0.5f, scaled)), -127.f), 127.f);

@@ -5,29 +5,15 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
 
+using turbo::block_sum;
+using turbo::store;
+using turbo::to_float;
+
 typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void store(float* dst, float x) { *dst = x; }
-__device__ __forceinline__ void store(bf16* dst, float x) { *dst = __float2bfloat16(x); }
-
-// The sum of `x` over the CTA (blockDim.x a multiple of 32, at most 1024).
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-    __syncthreads();  // scratch may still be read from the previous call
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        x = threadIdx.x < blockDim.x / 32 ? scratch[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
-        if (threadIdx.x == 0) scratch[0] = x;
-    }
-    __syncthreads();
-    return scratch[0];
-}
 
 // LayerNorm of one row (two passes: mean, then the variance of the centred values), then
 // × mul + add per column when given. One CTA per row.

@@ -5,7 +5,13 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace {
+
+using turbo::block_max;
+using turbo::store;
+using turbo::to_float;
 
 constexpr int TILE = 128;
 constexpr int THREADS = 256;
@@ -14,24 +20,6 @@ constexpr int THREADS = 256;
 constexpr int PITCH = TILE + 16;
 
 typedef __nv_bfloat16 bf16;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void store(float* dst, float x) { *dst = x; }
-__device__ __forceinline__ void store(bf16* dst, float x) { *dst = __float2bfloat16(x); }
-
-__device__ __forceinline__ float block_max(float x, float* scratch) {
-    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        x = threadIdx.x < blockDim.x / 32 ? scratch[threadIdx.x] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, o));
-        if (threadIdx.x == 0) scratch[0] = x;
-    }
-    __syncthreads();
-    return scratch[0];
-}
 
 // Per tile: amax = max(1e-8, max|x|), scale = amax/128, q = clamp(rint(x·128/amax), −128, 127).
 // grid (⌈K/128⌉, ⌈M/128⌉), 256 threads; scales [⌈M/128⌉, ⌈K/128⌉].
