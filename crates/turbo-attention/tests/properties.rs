@@ -1,38 +1,15 @@
 //! Invariants of the three attention modes on random inputs.
 
+mod common;
+
+use common::{gaussian, max_abs_diff};
+
 use candle_core::{DType, Device, Tensor};
 use proptest::prelude::*;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 use turbo_attention::{
     dense_attention_reference, select_blocks, Attention, BlockSizes, DenseAttention, DenseConfig,
     ProjL, SageSlaAttention, SlaAttention, SlaConfig,
 };
-
-/// A `[B, L, H, D]` tensor of standard normal values drawn from `seed`, so that every proptest
-/// case is reproducible from its printed inputs.
-fn gaussian(dims: (usize, usize, usize, usize), seed: u64) -> Tensor {
-    let count = dims.0 * dims.1 * dims.2 * dims.3;
-    let values: Vec<f32> = StandardNormal
-        .sample_iter(StdRng::seed_from_u64(seed))
-        .take(count)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 fn cosine_similarity(a: &Tensor, b: &Tensor) -> f64 {
     let sum = |x: Tensor| x.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;

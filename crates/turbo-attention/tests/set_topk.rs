@@ -1,36 +1,15 @@
 //! Changing the top-k of a built operator, as a per-step schedule does.
 
-use candle_core::{Device, Tensor};
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
+mod common;
+
+use common::{gaussian, max_abs_diff};
+
+use candle_core::Device;
 use turbo_attention::{
     Attention, AttentionKind, BlockSizes, DenseAttention, DenseConfig, ProjL, SageSlaAttention,
     SlaAttention, SlaConfig,
 };
 use turbo_core::Error;
-
-fn gaussian(dims: (usize, usize, usize, usize), seed: u64) -> Tensor {
-    let count = dims.0 * dims.1 * dims.2 * dims.3;
-    let values: Vec<f32> = StandardNormal
-        .sample_iter(StdRng::seed_from_u64(seed))
-        .take(count)
-        .collect();
-    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
-}
 
 /// An SLA-family operator built with `topk`, and one built with 0.25 then set to `topk`.
 fn built_and_retuned<A: Attention>(make: impl Fn(SlaConfig, ProjL) -> A, topk: f64) -> (A, A) {

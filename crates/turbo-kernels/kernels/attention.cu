@@ -34,6 +34,7 @@ constexpr int PITCH_I8 = HEAD_DIM + 16;
 constexpr float P_FP8_OFFSET = 8.807355f;
 
 typedef __nv_bfloat16 bf16;
+using turbo::mma_s8;
 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -54,14 +55,6 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// D[16×8] += A[16×32] · B[32×8], int8 in, int32 accumulate (exact).
-__device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Four transposed 8×8 bf16 matrices from shared memory: the B operands of two adjacent n-tiles.
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const bf16* row_address) {

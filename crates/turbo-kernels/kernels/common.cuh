@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <stdint.h>
 
 namespace turbo {
 
@@ -37,6 +38,15 @@ __device__ __forceinline__ float block_max(float x, float* scratch) {
 
 __device__ __forceinline__ float block_sum(float x, float* scratch) {
     return block_reduce(x, scratch, [](float a, float b) { return a + b; }, 0.f);
+}
+
+// D[16×8] += A[16×32] · B[32×8], int8 in, int32 accumulate (exact): `mma.sync` m16n8k32.
+__device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 }  // namespace turbo

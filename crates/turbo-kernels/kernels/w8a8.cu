@@ -10,6 +10,7 @@
 namespace {
 
 using turbo::block_max;
+using turbo::mma_s8;
 using turbo::store;
 using turbo::to_float;
 
@@ -40,14 +41,6 @@ __device__ void quantize_tiles(const T* __restrict__ x, int8_t* __restrict__ q,
     if (threadIdx.x == 0) scales[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = amax / 128.f;
 }
 
-// D[16×8] += A[16×32] · B[32×8], int8 in, int32 accumulate.
-__device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Copies a 128×128 int8 tile (rows `row0`.., columns `col0`.. of a row-major [rows, k]
 // matrix) into shared memory, zero past the matrix edge. k is a multiple of 16.
