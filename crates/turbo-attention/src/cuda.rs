@@ -20,6 +20,8 @@ use crate::{BlockSizes, SlaConfig};
 const HEAD_DIM: usize = 128;
 /// Query rows per CTA; also the query block of SLA's selection.
 const BLOCK_Q: usize = 128;
+/// Keys per tile; also SLA's key block.
+const BLOCK_K: usize = 64;
 const THREADS: u32 = 256;
 const MODULE: &str = "turbo_attention";
 
@@ -31,6 +33,7 @@ pub(crate) fn flash_applies(q: &Tensor, k: &Tensor) -> bool {
     q.device().is_cuda()
         && q.dtype() == DType::BF16
         && q_dims.len() == 4
+        && k_dims.len() == 4
         && q_dims[3] == HEAD_DIM
         && (q_dims[0], q_dims[2], q_dims[3]) == (k_dims[0], k_dims[2], k_dims[3])
 }
@@ -181,9 +184,6 @@ pub(crate) fn sage_attention(
     unsafe { launch.launch(geometry.attention_launch()) }.w()?;
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
 }
-
-/// Keys per block of the kernels (SLA's key block).
-const BLOCK_K: usize = 64;
 
 /// Int8 values (`U8` bytes, same layout as `x`) and `[B·H, ⌈L/block⌉]` f32 scales.
 fn quantize_int8_blocks(
