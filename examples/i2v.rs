@@ -16,10 +16,9 @@ use std::path::PathBuf;
 mod common;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::Parser;
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
+use turbodiffusion::core::{AspectRatio, Resolution};
 use turbodiffusion::pipeline::{I2vRequest, ModelKind, DEMO_NOTICE};
 use turbodiffusion::sampler::I2V_A14B_BOUNDARY;
 use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
@@ -66,38 +65,30 @@ struct Args {
     /// Centre-crop the image to the frame's aspect instead of stretching it (upstream stretches).
     #[arg(long)]
     center_crop: bool,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 16.0)]
-    fps: f64,
-    /// Output file (default `i2v_{seed}_{model}_{timestamp}.mp4`).
-    #[arg(long)]
-    output: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
-    dtype: DType,
+    #[command(flatten)]
+    run: common::RunArgs,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
     let kind = args.attention_type.kind(args.sla_topk)?;
     let device = args
+        .run
         .device
         .open()
-        .with_context(|| format!("opening {}", args.device))?;
+        .with_context(|| format!("opening {}", args.run.device))?;
     let demo = args.checkpoint_dir.is_none();
     let pipeline = match &args.checkpoint_dir {
         None => {
             println!("{DEMO_NOTICE}");
-            Pipeline::demo_i2v(args.seed, AttentionConfig::new(kind), device)?
+            Pipeline::demo_i2v(args.run.seed, AttentionConfig::new(kind), device)?
         }
         Some(dir) => Pipeline::builder(ModelKind::Wan22I2VA14B)
             .checkpoint_dir(dir)
             .attention(kind)
             .quant_linear(args.quant_linear)
             .device(device)
-            .dtype(args.dtype)
+            .dtype(args.run.dtype)
             .build()?,
     };
     let image = match &args.image {
@@ -110,8 +101,8 @@ fn main() -> Result<()> {
     request.expert_topk = args.sla_topk_experts;
     request.video.resolution = args.resolution;
     request.video.aspect_ratio = args.aspect_ratio;
-    request.video.seed = args.seed;
-    request.video.fps = args.fps;
+    request.video.seed = args.run.seed;
+    request.video.fps = args.run.fps;
     request.adaptive_resolution = args.adaptive_resolution;
     request.fit = if args.center_crop {
         ImageFit::CenterCrop
@@ -133,10 +124,7 @@ fn main() -> Result<()> {
     } else {
         ModelKind::Wan22I2VA14B.short_name()
     };
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| common::default_output("i2v", args.seed, model));
+    let output = args.run.output_path("i2v", model);
     video.write_mp4(&output, Mp4Options::default())?;
     println!(
         "wrote {} ({} frames, {}x{}) in {:.2?}",

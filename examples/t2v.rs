@@ -16,10 +16,9 @@ use std::path::PathBuf;
 mod common;
 
 use anyhow::{Context, Result};
-use candle_core::DType;
 use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
-use turbodiffusion::core::{parse_dtype, AspectRatio, DeviceSpec, Resolution};
+use turbodiffusion::core::{AspectRatio, Resolution};
 use turbodiffusion::pipeline::{demo_request, ModelKind, DEMO_NOTICE};
 use turbodiffusion::video::Mp4Options;
 use turbodiffusion::{Pipeline, T2vRequest};
@@ -62,17 +61,8 @@ struct Args {
     resolution: Resolution,
     #[arg(long, default_value = "16:9")]
     aspect_ratio: AspectRatio,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    #[arg(long, default_value_t = 16.0)]
-    fps: f64,
-    /// Output file (default `t2v_{seed}_{model}_{timestamp}.mp4`).
-    #[arg(long)]
-    output: Option<PathBuf>,
-    #[arg(long, default_value = "cpu")]
-    device: DeviceSpec,
-    #[arg(long, default_value = "bf16", value_parser = parse_dtype)]
-    dtype: DType,
+    #[command(flatten)]
+    run: common::RunArgs,
 }
 
 fn main() -> Result<()> {
@@ -82,15 +72,16 @@ fn main() -> Result<()> {
         blocks: BlockSizes::default(),
     };
     let device = args
+        .run
         .device
         .open()
-        .with_context(|| format!("opening {}", args.device))?;
+        .with_context(|| format!("opening {}", args.run.device))?;
     let (pipeline, mut request, model_name) = match &args.checkpoint_dir {
         None => {
             println!("{DEMO_NOTICE}");
             let request = demo_request(&args.prompt);
             (
-                Pipeline::demo(args.seed, attention, device)?,
+                Pipeline::demo(args.run.seed, attention, device)?,
                 request,
                 "demo",
             )
@@ -105,7 +96,7 @@ fn main() -> Result<()> {
                 .attention(attention.kind)
                 .quant_linear(args.quant_linear)
                 .device(device)
-                .dtype(args.dtype)
+                .dtype(args.run.dtype)
                 .build()?;
             let request = T2vRequest {
                 resolution: args.resolution,
@@ -117,17 +108,14 @@ fn main() -> Result<()> {
     };
     request.sampler = args.sampler.sampler()?;
     request.sla_topk_schedule = args.sampler.sla_topk_schedule.clone();
-    request.seed = args.seed;
-    request.fps = args.fps;
+    request.seed = args.run.seed;
+    request.fps = args.run.fps;
     if let Some(frames) = args.num_frames {
         request.frames = frames;
     }
     let mut progress = common::Console::new();
     let video = pipeline.text_to_video_with_progress(&request, &mut progress)?;
-    let output = args
-        .output
-        .clone()
-        .unwrap_or_else(|| common::default_output("t2v", args.seed, model_name));
+    let output = args.run.output_path("t2v", model_name);
     video.write_mp4(&output, Mp4Options::default())?;
     println!(
         "wrote {} ({} frames, {}x{}, {} fps) in {:.2?}",

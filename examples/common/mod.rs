@@ -135,6 +135,31 @@ impl Progress for Console {
     }
 }
 
+/// The run flags both examples take: seed, frame rate, output file, device and dtype.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 16.0)]
+    pub fps: f64,
+    /// Output file (default `{t2v|i2v}_{seed}_{model}_{timestamp}.mp4`).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: turbodiffusion::core::DeviceSpec,
+    #[arg(long, default_value = "bf16", value_parser = turbodiffusion::core::parse_dtype)]
+    pub dtype: candle_core::DType,
+}
+
+impl RunArgs {
+    /// The output path: `--output`, or upstream's naming pattern for `task`.
+    pub fn output_path(&self, task: &str, model: &str) -> PathBuf {
+        self.output
+            .clone()
+            .unwrap_or_else(|| default_output(task, self.seed, model))
+    }
+}
+
 /// The sampler flags both examples take, upstream's names where sensible.
 #[derive(clap::Args, Debug)]
 pub struct SamplerArgs {

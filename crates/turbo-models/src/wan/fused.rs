@@ -64,8 +64,10 @@ fn columns(t: &Tensor) -> Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{DType, Tensor};
     use half::bf16;
     use turbo_core::cuda::{cuda_view, tensor_from_cuda};
@@ -161,29 +163,47 @@ mod cuda {
             let (gs, gl) = gate.storage_and_layout();
             let x_view = cuda_view::<f32>(&xs, xl.start_offset(), "residual")?;
             let gate_view = cuda_view::<f32>(&gs, gl.start_offset(), "gate")?;
-            let kernel = match y.dtype() {
-                DType::BF16 => "gated_residual_bf16",
-                _ => "gated_residual_f32",
-            };
-            let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::FUSED)?;
-            let dim_arg = dim as i32;
-            let mut launch = func.builder();
-            launch.arg(&x_view);
-            let y_bf16;
-            let y_f32;
+            let y_offset = yl.start_offset();
+            let args = (&x_view, &gate_view, &out, total, dim as i32);
             match y.dtype() {
                 DType::BF16 => {
-                    y_bf16 = cuda_view::<bf16>(&ys, yl.start_offset(), "branch output")?;
-                    launch.arg(&y_bf16);
+                    let y_view = cuda_view::<bf16>(&ys, y_offset, "branch output")?;
+                    launch_gated_residual(dev, "gated_residual_bf16", &y_view, args)?;
                 }
                 _ => {
-                    y_f32 = cuda_view::<f32>(&ys, yl.start_offset(), "branch output")?;
-                    launch.arg(&y_f32);
+                    let y_view = cuda_view::<f32>(&ys, y_offset, "branch output")?;
+                    launch_gated_residual(dev, "gated_residual_f32", &y_view, args)?;
                 }
             }
-            launch.arg(&gate_view).arg(&out).arg(&total).arg(&dim_arg);
-            unsafe { launch.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
         }
         Ok(tensor_from_cuda(out, dev, x.shape().clone()))
+    }
+
+    /// (x, gate, out, elements, columns) of the gated-residual kernels.
+    type GatedArgs<'a> = (
+        &'a CudaView<'a, f32>,
+        &'a CudaView<'a, f32>,
+        &'a CudaSlice<f32>,
+        usize,
+        i32,
+    );
+
+    fn launch_gated_residual<T>(
+        dev: &CudaDevice,
+        kernel: &str,
+        y: &CudaView<'_, T>,
+        (x, gate, out, total, dim): GatedArgs<'_>,
+    ) -> Result<()> {
+        let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::FUSED)?;
+        let mut launch = func.builder();
+        launch
+            .arg(x)
+            .arg(y)
+            .arg(gate)
+            .arg(out)
+            .arg(&total)
+            .arg(&dim);
+        unsafe { launch.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+        Ok(())
     }
 }
