@@ -97,3 +97,16 @@ pub fn attention_config(file: &GoldenFile) -> AttentionConfig {
 pub fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
     turbo_core::golden::relative_error(got, want).unwrap()
 }
+
+/// Asserts that the golden file holds exactly the tensors `expected` lists, beside its own
+/// `in.*` inputs and `out.*` references.
+pub fn assert_golden_holds_exactly(file: &GoldenFile, expected: &[(String, Vec<usize>)]) {
+    let checkpoint = turbo_models::Checkpoint::open(file.path()).unwrap();
+    for problem in turbo_models::checkpoint::key_problems(checkpoint.tensors(), expected) {
+        match problem {
+            turbo_core::KeyProblem::Unexpected { key, .. }
+                if key.starts_with("in.") || key.starts_with("out.") => {}
+            other => panic!("{other}"),
+        }
+    }
+}
