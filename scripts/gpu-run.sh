@@ -32,7 +32,7 @@ for step in "$@"; do
     bench-vae) bench vae 240 ;;
     bench-t2v) bench t2v 300 ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
-    *) echo "unknown step: $step" >&2 ;;
+    *) echo "unknown step: $step" >&2; false ;;
   esac
   [ "${PIPESTATUS[0]}" -eq 0 ] || echo "FAILED: $step" | tee -a "$OUT/failures.txt"
 done

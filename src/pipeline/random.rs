@@ -50,6 +50,7 @@ impl RandomCheckpoint {
     /// a GPU it is drawn there from the same (mean, std) with the device's generator seeded
     /// from the seed and the name (so still independent of reading order, but not equal to
     /// the CPU values): drawing billions of values on the host would dominate a benchmark.
+    /// Drawing on a GPU reseeds that device's generator (`Device::set_seed`).
     pub fn tensor_on(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
         if device.is_cpu() {
             return Ok(self.tensor(name)?.to_dtype(dtype)?);
