@@ -125,14 +125,7 @@ impl SimpleBackend for RandomCheckpoint {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
-        if tensor.shape() != &shape {
-            candle_core::bail!(
-                "shape mismatch for {name}: expected {shape:?}, got {:?}",
-                tensor.shape()
-            );
-        }
-        Ok(tensor)
+        turbo_models::checkpoint::check_shape(self.get_unchecked(name, dtype, dev)?, name, shape)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {

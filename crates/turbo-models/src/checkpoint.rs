@@ -24,7 +24,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use turbo_core::{Error, KeyProblem, Result};
 
-use crate::pth::{check_shape, convert_stored, PthArchive};
+use crate::pth::{convert_stored, PthArchive};
 
 /// The name, shape and stored dtype of one tensor of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +260,19 @@ impl Checkpoint {
             tensors,
         })
     }
+}
+
+/// Checks a tensor read through a `VarBuilder` against the shape asked for: what every
+/// `SimpleBackend::get` of this workspace does after `get_unchecked`.
+pub fn check_shape(tensor: Tensor, name: &str, shape: Shape) -> candle_core::Result<Tensor> {
+    if tensor.shape() != &shape {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: shape,
+            got: tensor.shape().clone(),
+        });
+    }
+    Ok(tensor)
 }
 
 /// Memory-mapped safetensors whose `I8` tensors (which candle cannot represent) are read as

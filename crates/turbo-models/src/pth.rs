@@ -20,6 +20,8 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::Init;
 use turbo_core::{Error, Result};
 
+use crate::checkpoint::check_shape;
+
 /// The element type of a tensor as the archive stores it (its PyTorch storage class).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoredDType {
@@ -355,18 +357,6 @@ pub(crate) fn convert_stored(
         );
     }
     tensor.to_dtype(dtype)
-}
-
-/// Checks a tensor read through a `VarBuilder` against the shape asked for.
-pub(crate) fn check_shape(tensor: Tensor, name: &str, shape: Shape) -> candle_core::Result<Tensor> {
-    if tensor.shape() != &shape {
-        return Err(candle_core::Error::UnexpectedShape {
-            msg: format!("shape mismatch for {name}"),
-            expected: shape,
-            got: tensor.shape().clone(),
-        });
-    }
-    Ok(tensor)
 }
 
 impl SimpleBackend for PthArchive {

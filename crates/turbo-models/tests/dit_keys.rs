@@ -167,14 +167,7 @@ impl SimpleBackend for ShapeOnly {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self.tensor(name, dtype, dev)?;
-        if tensor.shape() != &shape {
-            candle_core::bail!(
-                "shape mismatch for {name}: expected {shape:?}, got {:?}",
-                tensor.shape()
-            );
-        }
-        Ok(tensor)
+        turbo_models::checkpoint::check_shape(self.tensor(name, dtype, dev)?, name, shape)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
