@@ -192,9 +192,10 @@ fn attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
         };
         let (q, k, v) = (input(0.0)?, input(1.0)?, input(0.0)?);
         let proj_weight = (gaussian((1, 1, 128, 128), 0.0, &mut rng)?.reshape((128, 128))? * 0.05)?;
+        let proj_bias = (gaussian((1, 1, 1, 128), 0.0, &mut rng)?.flatten_all()? * 0.05)?;
         let proj_l = ProjL::new(
             &proj_weight.to_device(device)?,
-            &Tensor::zeros(128, DType::F32, device)?,
+            &proj_bias.to_device(device)?,
         )?;
         let cfg = SlaConfig::new(0.1)?;
         let ops: [(&str, Box<dyn Attention>); 3] = [

@@ -5,7 +5,8 @@
 //! path, the CPU specification, which also runs on CUDA as candle ops (that is how f32 golden
 //! parity is kept on the GPU).
 
-use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
 use candle_core::{DType, Tensor};
 use half::bf16;
@@ -13,8 +14,8 @@ use turbo_core::cuda::{cuda_view, tensor_from_cuda};
 use turbo_core::{Error, Result};
 
 use crate::quant::V_SCALE_MAX;
-use crate::selection::pooled_scores;
-use crate::{BlockSizes, SlaConfig};
+use crate::sla::SparseBranch;
+use crate::{BlockSizes, ProjL, SlaConfig};
 
 /// The head dimension the kernels are built for.
 const HEAD_DIM: usize = 128;
@@ -23,6 +24,13 @@ const BLOCK_Q: usize = 128;
 /// Keys per tile; also SLA's key block.
 const BLOCK_K: usize = 64;
 const THREADS: u32 = 256;
+/// Key blocks per CTA of `key_value_stats`.
+const STATS_BLOCKS: usize = 16;
+/// Dynamic shared memory of the attention kernels: two pipeline stages of a key and a value
+/// tile, rows padded by 16 bytes (`2·STAGE_BYTES_*` in attention.cu).
+const SHARED_BYTES_BF16: u32 = 2 * 2 * (BLOCK_K * (HEAD_DIM + 8) * 2) as u32;
+const SHARED_BYTES_SAGE: u32 =
+    2 * (BLOCK_K * (HEAD_DIM + 16) + BLOCK_K * (HEAD_DIM + 8) * 2) as u32;
 const MODULE: &str = "turbo_attention";
 
 /// Whether the flash kernel takes these inputs for dense attention (otherwise the caller runs
@@ -44,16 +52,142 @@ pub(crate) fn sparse_applies(q: &Tensor, k: &Tensor, blocks: BlockSizes) -> bool
     flash_applies(q, k) && q.dims() == k.dims() && blocks == BlockSizes::default()
 }
 
+/// SLA (`branch` Exact) or SageSLA (Sage) on the kernels, bf16 in and out: one pass over K
+/// and V for the statistics, the block selection, then the sparse branch with the linear branch
+/// and `proj_l` in its epilogue.
+pub(crate) fn sla_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cfg: &SlaConfig,
+    proj_l: &ProjL,
+    branch: SparseBranch,
+) -> Result<Tensor> {
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    let geometry = Geometry::of(&q)?;
+    let stats = KeyValueStats::compute(&k, &v, &geometry)?;
+    let selection = select_blocks(&q, &stats, cfg, &geometry)?;
+    let linear = LinearState::new(&stats, proj_l)?;
+    match branch {
+        SparseBranch::Exact => attention_kernel(&q, &k, &v, Some((&selection, &linear))),
+        SparseBranch::Sage => sage_attention(&q, &k, &v, &stats, &selection, &linear),
+    }
+}
+
+/// Dense flash attention in bf16 (keys may be fewer or more than queries).
+pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
+    attention_kernel(&q, &k, &v, None)
+}
+
+/// What SLA needs from one pass over K and V (`key_value_stats`), per (batch, head).
+struct KeyValueStats {
+    /// `[B·H, ⌈L/64⌉, D]` f32: the mean of each key block.
+    key_block_means: Tensor,
+    /// `[B·H, 1, D]` f32: the mean key.
+    key_mean: Tensor,
+    /// `[B·H, D, D]` f32: `H = φ(K)ᵀV` over all keys.
+    state: Tensor,
+    /// `[B·H, D]` f32: `z = Σ φ(K)`.
+    z: Tensor,
+    /// `[B·H, D]` f32: V's per-channel absolute maximum.
+    v_amax: Tensor,
+}
+
+impl KeyValueStats {
+    fn compute(k: &Tensor, v: &Tensor, geometry: &Geometry) -> Result<Self> {
+        let dev = k.device().as_cuda_device()?;
+        let (bh, len) = (geometry.batch_heads(), geometry.len as usize);
+        let key_blocks = len.div_ceil(BLOCK_K);
+        let chunks = key_blocks.div_ceil(STATS_BLOCKS);
+        let block_means = unsafe { dev.alloc::<f32>(bh * key_blocks * HEAD_DIM) }?;
+        let key_sums = unsafe { dev.alloc::<f32>(bh * chunks * HEAD_DIM) }?;
+        let state = unsafe { dev.alloc::<f32>(bh * chunks * HEAD_DIM * HEAD_DIM) }?;
+        let z = unsafe { dev.alloc::<f32>(bh * chunks * HEAD_DIM) }?;
+        let v_amax = unsafe { dev.alloc::<f32>(bh * chunks * HEAD_DIM) }?;
+        {
+            let (ks, kl) = k.storage_and_layout();
+            let (vs, vl) = v.storage_and_layout();
+            let k_view = cuda_view::<bf16>(&ks, kl.start_offset(), "k")?;
+            let v_view = cuda_view::<bf16>(&vs, vl.start_offset(), "v")?;
+            let func =
+                dev.get_or_load_custom_func("key_value_stats", MODULE, turbo_kernels::ATTENTION)?;
+            let mut launch = func.builder();
+            launch
+                .arg(&k_view)
+                .arg(&v_view)
+                .arg(&block_means)
+                .arg(&key_sums)
+                .arg(&state)
+                .arg(&z)
+                .arg(&v_amax)
+                .arg(&geometry.heads)
+                .arg(&geometry.len);
+            let cfg = LaunchConfig {
+                grid_dim: (chunks as u32, bh as u32, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        // The chunks' partial results, reduced here: a few small tensors.
+        let per_chunk = |slice, dims: &[usize]| tensor_from_cuda(slice, dev, dims.to_vec());
+        let key_sums = per_chunk(key_sums, &[bh, chunks, HEAD_DIM]);
+        Ok(Self {
+            key_block_means: per_chunk(block_means, &[bh, key_blocks, HEAD_DIM]),
+            key_mean: (key_sums.sum_keepdim(1)? / len as f64)?,
+            state: per_chunk(state, &[bh, chunks, HEAD_DIM, HEAD_DIM]).sum(1)?,
+            z: per_chunk(z, &[bh, chunks, HEAD_DIM]).sum(1)?,
+            v_amax: per_chunk(v_amax, &[bh, chunks, HEAD_DIM]).max(1)?,
+        })
+    }
+}
+
+/// The linear branch as the attention kernels' epilogue takes it: `proj_l` folded into the
+/// state, `proj_l(φ(q)·H / (φ(q)·z + eps)) = φ(q)·(H·Wᵀ) / (φ(q)·z + eps) + b`.
+struct LinearState {
+    /// `[B·H, D, D]` bf16: `(H·Wᵀ)ᵀ`, one output channel per row.
+    folded: Tensor,
+    /// `[B·H, D]` f32.
+    z: Tensor,
+    /// `[D]` f32.
+    bias: Tensor,
+}
+
+impl LinearState {
+    fn new(stats: &KeyValueStats, proj_l: &ProjL) -> Result<Self> {
+        let folded = stats.state.broadcast_matmul(proj_l.weight_t())?;
+        Ok(Self {
+            folded: folded
+                .transpose(1, 2)?
+                .to_dtype(DType::BF16)?
+                .contiguous()?,
+            z: stats.z.contiguous()?,
+            bias: proj_l.bias().contiguous()?,
+        })
+    }
+}
+
 /// The selected key blocks on the device: `[B·H·n_q, per_row]` u32, ascending per row.
-pub(crate) struct DeviceSelection {
+struct DeviceSelection {
     indices: Tensor,
     per_row: usize,
 }
 
-/// SLA's block selection on the device from heads-first f32 `q`, `k`: the pooled scores are
-/// candle ops (as on the CPU), the top-k a kernel.
-pub(crate) fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<DeviceSelection> {
-    let scores = pooled_scores(q, k, cfg)?.contiguous()?;
+/// SLA's block selection on the device: the pooled scores `mean(q_i) · mean(k_j − mean(k))`
+/// from the query block means (a kernel) and the key statistics, the top-k a kernel.
+fn select_blocks(
+    q: &Tensor,
+    stats: &KeyValueStats,
+    cfg: &SlaConfig,
+    geometry: &Geometry,
+) -> Result<DeviceSelection> {
+    let pooled_q = query_block_means(q, geometry)?;
+    let pooled_k = stats.key_block_means.broadcast_sub(&stats.key_mean)?;
+    let scores = pooled_q
+        .matmul(&pooled_k.t()?)?
+        .flatten_to(1)?
+        .contiguous()?;
     let (rows, key_blocks) = scores.dims2()?;
     let per_row = cfg.selected_blocks(key_blocks);
     let dev = scores.device().as_cuda_device()?;
@@ -78,16 +212,45 @@ pub(crate) fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<D
     })
 }
 
-/// Flash attention in bf16 over every key block (`selection` None; keys may be fewer or more
-/// than queries) or the selected ones.
-pub(crate) fn flash_attention(
+/// `[B·H, ⌈L/128⌉, D]` f32: the mean of each query block.
+fn query_block_means(q: &Tensor, geometry: &Geometry) -> Result<Tensor> {
+    let dev = q.device().as_cuda_device()?;
+    let (bh, blocks) = (
+        geometry.batch_heads(),
+        (geometry.len as usize).div_ceil(BLOCK_Q),
+    );
+    let out = unsafe { dev.alloc::<f32>(bh * blocks * HEAD_DIM) }?;
+    {
+        let (qs, ql) = q.storage_and_layout();
+        let q_view = cuda_view::<bf16>(&qs, ql.start_offset(), "q")?;
+        let func = dev.get_or_load_custom_func("block_means", MODULE, turbo_kernels::ATTENTION)?;
+        let mut launch = func.builder();
+        let block = BLOCK_Q as i32;
+        launch
+            .arg(&q_view)
+            .arg(&out)
+            .arg(&geometry.heads)
+            .arg(&geometry.len)
+            .arg(&block);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, bh as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(cfg) }.w()?;
+    }
+    Ok(tensor_from_cuda(out, dev, (bh, blocks, HEAD_DIM)))
+}
+
+/// The bf16 attention kernel over every key block (`sparse` None; keys may be fewer or more
+/// than queries) or over the selected ones with the linear branch.
+fn attention_kernel(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    selection: Option<&DeviceSelection>,
+    sparse: Option<(&DeviceSelection, &LinearState)>,
 ) -> Result<Tensor> {
-    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
-    let geometry = Geometry::of(&q)?;
+    let geometry = Geometry::of(q)?;
     let dev = q.device().as_cuda_device()?;
     let out = unsafe { dev.alloc::<bf16>(q.elem_count()) }?;
     let (qs, ql) = q.storage_and_layout();
@@ -98,22 +261,32 @@ pub(crate) fn flash_attention(
         cuda_view::<bf16>(&ks, kl.start_offset(), "k")?,
         cuda_view::<bf16>(&vs, vl.start_offset(), "v")?,
     );
-    let index_guard = selection.map(|s| s.indices.storage_and_layout());
-    let index_view = match &index_guard {
-        Some((storage, _)) => Some(cuda_view::<u32>(storage, 0, "block indices")?),
+    let guards = sparse.map(|(selection, linear)| {
+        [&selection.indices, &linear.folded, &linear.z, &linear.bias]
+            .map(|t| t.storage_and_layout().0)
+    });
+    let views = match &guards {
+        Some(g) => Some((
+            cuda_view::<u32>(&g[0], 0, "block indices")?,
+            cuda_view::<bf16>(&g[1], 0, "linear state")?,
+            cuda_view::<f32>(&g[2], 0, "linear z")?,
+            cuda_view::<f32>(&g[3], 0, "proj_l bias")?,
+        )),
         None => None,
     };
-    let kv_len = Geometry::of(&k)?.len;
-    let n_sel = selection.map_or((kv_len as usize).div_ceil(BLOCK_K), |s| s.per_row) as i32;
+    let kv_len = Geometry::of(k)?.len;
+    let n_sel = sparse.map_or((kv_len as usize).div_ceil(BLOCK_K), |(s, _)| s.per_row) as i32;
     let scale_log2 = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
+    let eps = SlaConfig::LINEAR_EPS as f32;
     let func =
         dev.get_or_load_custom_func("sparse_attention_bf16", MODULE, turbo_kernels::ATTENTION)?;
+    allow_shared_memory(&func, SHARED_BYTES_BF16)?;
     let mut launch = func.builder();
     let null: u64 = 0;
     launch.arg(&q_view).arg(&k_view).arg(&v_view);
-    match &index_view {
-        Some(view) => launch.arg(view),
-        None => launch.arg(&null),
+    match &views {
+        Some((indices, folded, z, bias)) => launch.arg(indices).arg(folded).arg(z).arg(bias),
+        None => launch.arg(&null).arg(&null).arg(&null).arg(&null),
     };
     launch
         .arg(&out)
@@ -121,31 +294,34 @@ pub(crate) fn flash_attention(
         .arg(&geometry.len)
         .arg(&kv_len)
         .arg(&n_sel)
-        .arg(&scale_log2);
-    unsafe { launch.launch(geometry.attention_launch()) }.w()?;
+        .arg(&scale_log2)
+        .arg(&eps);
+    unsafe { launch.launch(geometry.attention_launch(SHARED_BYTES_BF16)) }.w()?;
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
 }
 
-/// SageSLA's sparse branch: quantises Q and K − mean(K) to int8 per block and V to E4M3 per
-/// channel with kernels, then runs the int8 / FP8 attention kernel over the selected blocks.
-pub(crate) fn sage_attention(
+/// SageSLA's sparse branch and the linear branch: quantises Q and K − mean(K) to int8 per
+/// block and V to E4M3 per channel with kernels, then runs the int8 / FP8 attention kernel
+/// over the selected blocks.
+fn sage_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
+    stats: &KeyValueStats,
     selection: &DeviceSelection,
+    linear: &LinearState,
 ) -> Result<Tensor> {
-    let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
-    let geometry = Geometry::of(&q)?;
+    let geometry = Geometry::of(q)?;
     let dev = q.device().as_cuda_device()?;
-    // Per-(b·h, channel) statistics over the tokens, [B, 1, H, D] = [B·H, D] contiguous.
-    let k_mean = k.to_dtype(DType::F32)?.mean_keepdim(1)?.contiguous()?;
-    let v_scale =
-        (v.to_dtype(DType::F32)?.abs()?.max_keepdim(1)? / f64::from(V_SCALE_MAX))?.contiguous()?;
-    let (q8, q_scale) = quantize_int8_blocks(&q, None, BLOCK_Q, &geometry)?;
-    let (k8, k_scale) = quantize_int8_blocks(&k, Some(&k_mean), BLOCK_K, &geometry)?;
-    let v8 = quantize_fp8_channels(&v, &v_scale, &geometry)?;
+    let k_mean = stats.key_mean.contiguous()?;
+    let v_scale = (&stats.v_amax / f64::from(V_SCALE_MAX))?.contiguous()?;
+    let (q8, q_scale) = quantize_int8_blocks(q, None, BLOCK_Q, &geometry)?;
+    let (k8, k_scale) = quantize_int8_blocks(k, Some(&k_mean), BLOCK_K, &geometry)?;
+    let v8 = quantize_fp8_channels(v, &v_scale, &geometry)?;
 
     let out = unsafe { dev.alloc::<bf16>(q.elem_count()) }?;
+    let (qs, ql) = q.storage_and_layout();
+    let q_view = cuda_view::<bf16>(&qs, ql.start_offset(), "q")?;
     let guards = [
         &q8,
         &k8,
@@ -154,6 +330,9 @@ pub(crate) fn sage_attention(
         &k_scale,
         &v_scale,
         &selection.indices,
+        &linear.folded,
+        &linear.z,
+        &linear.bias,
     ]
     .map(|t| t.storage_and_layout().0);
     let q8_view = cuda_view::<u8>(&guards[0], 0, "int8 q")?;
@@ -163,12 +342,18 @@ pub(crate) fn sage_attention(
     let k_scale_view = cuda_view::<f32>(&guards[4], 0, "k scales")?;
     let v_scale_view = cuda_view::<f32>(&guards[5], 0, "v scales")?;
     let index_view = cuda_view::<u32>(&guards[6], 0, "block indices")?;
+    let folded_view = cuda_view::<bf16>(&guards[7], 0, "linear state")?;
+    let z_view = cuda_view::<f32>(&guards[8], 0, "linear z")?;
+    let bias_view = cuda_view::<f32>(&guards[9], 0, "proj_l bias")?;
     let score_scale = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
+    let eps = SlaConfig::LINEAR_EPS as f32;
     let n_sel = selection.per_row as i32;
     let func =
         dev.get_or_load_custom_func("sparse_attention_sage", MODULE, turbo_kernels::ATTENTION)?;
+    allow_shared_memory(&func, SHARED_BYTES_SAGE)?;
     let mut launch = func.builder();
     launch
+        .arg(&q_view)
         .arg(&q8_view)
         .arg(&k8_view)
         .arg(&v8_view)
@@ -176,13 +361,28 @@ pub(crate) fn sage_attention(
         .arg(&k_scale_view)
         .arg(&v_scale_view)
         .arg(&index_view)
+        .arg(&folded_view)
+        .arg(&z_view)
+        .arg(&bias_view)
         .arg(&out)
         .arg(&geometry.heads)
         .arg(&geometry.len)
         .arg(&n_sel)
-        .arg(&score_scale);
-    unsafe { launch.launch(geometry.attention_launch()) }.w()?;
+        .arg(&score_scale)
+        .arg(&eps);
+    unsafe { launch.launch(geometry.attention_launch(SHARED_BYTES_SAGE)) }.w()?;
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
+}
+
+/// Allows `func` `shared_bytes` of dynamic shared memory (above the default 48 KiB only on
+/// request).
+fn allow_shared_memory(func: &CudaFunction, shared_bytes: u32) -> Result<()> {
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared_bytes as i32,
+    )
+    .w()?;
+    Ok(())
 }
 
 /// Int8 values (`U8` bytes, same layout as `x`) and `[B·H, ⌈L/block⌉]` f32 scales.
@@ -286,7 +486,7 @@ impl Geometry {
         (self.batch * self.heads) as usize
     }
 
-    fn attention_launch(&self) -> LaunchConfig {
+    fn attention_launch(&self, shared_bytes: u32) -> LaunchConfig {
         LaunchConfig {
             grid_dim: (
                 (self.len as usize).div_ceil(BLOCK_Q) as u32,
@@ -294,7 +494,7 @@ impl Geometry {
                 1,
             ),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: shared_bytes,
         }
     }
 }

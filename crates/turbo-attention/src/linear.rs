@@ -61,6 +61,18 @@ impl ProjL {
         )
     }
 
+    /// `Wᵀ`, `[D, D]` f32.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn weight_t(&self) -> &Tensor {
+        &self.weight_t
+    }
+
+    /// `b`, `[D]` f32.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     pub fn dim(&self) -> usize {
         self.bias.dims()[0]
     }

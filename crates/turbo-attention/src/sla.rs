@@ -102,6 +102,10 @@ impl SlaCore {
                 got: q.dims().to_vec(),
             });
         }
+        #[cfg(feature = "cuda")]
+        if crate::cuda::sparse_applies(q, k, self.cfg.blocks) {
+            return crate::cuda::sla_attention(q, k, v, &self.cfg, &self.proj_l, self.branch);
+        }
         let (qh, kh, vh) = (
             heads_first_f32(q)?,
             heads_first_f32(k)?,
@@ -110,34 +114,9 @@ impl SlaCore {
         let linear_out =
             self.proj_l
                 .forward(&linear_attention(&qh, &kh, &vh, SlaConfig::LINEAR_EPS)?)?;
-        #[cfg(feature = "cuda")]
-        if crate::cuda::sparse_applies(q, k, self.cfg.blocks) {
-            return self.forward_kernels(q, k, v, &qh, &kh, &linear_out);
-        }
         let selection = select_blocks(&qh, &kh, &self.cfg)?;
         let sparse_out = self.branch.reference()(&qh, &kh, &vh, &selection, self.cfg.blocks)?;
         tokens_first(&(sparse_out + linear_out)?, q.dtype())
-    }
-
-    /// The sparse branch on the CUDA kernels (bf16 in and out); selection from the heads-first
-    /// f32 `qh`, `kh`, the projected linear branch `linear_out` added in f32.
-    #[cfg(feature = "cuda")]
-    fn forward_kernels(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        qh: &Tensor,
-        kh: &Tensor,
-        linear_out: &Tensor,
-    ) -> Result<Tensor> {
-        let selection = crate::cuda::select_blocks(qh, kh, &self.cfg)?;
-        let sparse_out = match self.branch {
-            SparseBranch::Exact => crate::cuda::flash_attention(q, k, v, Some(&selection))?,
-            SparseBranch::Sage => crate::cuda::sage_attention(q, k, v, &selection)?,
-        };
-        let linear_out = tokens_first(linear_out, candle_core::DType::F32)?;
-        Ok((sparse_out.to_dtype(candle_core::DType::F32)? + linear_out)?.to_dtype(q.dtype())?)
     }
 }
 

@@ -3,9 +3,12 @@
 // Tensors are tokens-first [B, L, H, D] and contiguous, D = 128: element (b, t, h, d) lies at
 // ((b·L + t)·H + h)·D + d. One CTA computes one query block of 128 rows of one (batch, head)
 // with 8 warps of 16 rows each, walking key blocks of 64 tokens: every key block (dense
-// attention) or the ones a block index lists (SLA's sparse branch). Scores and softmax stay in
+// attention) or the ones a block index lists (SLA's sparse branch). Key and value tiles stream
+// through a two-stage cp.async pipeline in dynamic shared memory. Scores and softmax stay in
 // f32 registers (never an L×L matrix); Q·Kᵀ and P·V run on tensor cores through `mma.sync`
-// (bf16, or int8 for SageSLA's Q·Kᵀ).
+// (bf16, or int8 for SageSLA's Q·Kᵀ). SLA's linear branch and `proj_l` are the epilogue of the
+// same kernel: one more tensor-core product per query block against a per-head D×D state that
+// `key_value_stats` gathers in one pass over K and V.
 //
 // The CPU implementations in src/ are the specification; `examples/gpu_check` compares.
 
@@ -32,6 +35,19 @@ constexpr int PITCH_I8 = HEAD_DIM + 16;
 // log2(448): SageSLA exponentiates P̃ against the running max plus this offset, so that P̃
 // spans the E4M3 range [0, 448].
 constexpr float P_FP8_OFFSET = 8.807355f;
+// Bytes of one key or value tile in shared memory, and of a D×D bf16 matrix.
+constexpr int TILE_BYTES_BF16 = BLOCK_K * PITCH_BF16 * 2;
+constexpr int TILE_BYTES_I8 = BLOCK_K * PITCH_I8;
+constexpr int STATE_BYTES = HEAD_DIM * PITCH_BF16 * 2;
+// Dynamic shared memory of the attention kernels: two pipeline stages of a key and a value
+// tile (the launchers in src/cuda.rs pass the same sizes). The epilogue reuses it for the
+// linear-branch state.
+constexpr int STAGE_BYTES_BF16 = 2 * TILE_BYTES_BF16;
+constexpr int STAGE_BYTES_SAGE = TILE_BYTES_I8 + TILE_BYTES_BF16;
+static_assert(2 * STAGE_BYTES_BF16 >= STATE_BYTES, "the state fits in the pipeline's memory");
+static_assert(2 * STAGE_BYTES_SAGE >= STATE_BYTES, "the state fits in the pipeline's memory");
+// Key blocks per CTA of `key_value_stats`.
+constexpr int STATS_BLOCKS = 16;
 
 typedef __nv_bfloat16 bf16;
 using turbo::mma_s8;
@@ -74,6 +90,53 @@ __device__ __forceinline__ void load_key_tile(char* dst, int dst_pitch, const ch
         uint4 v = make_uint4(0, 0, 0, 0);
         if (r < rows) v = *reinterpret_cast<const uint4*>(src + r * src_pitch + offset);
         *reinterpret_cast<uint4*>(dst + r * dst_pitch + offset) = v;
+    }
+}
+
+// 16 bytes from global to shared memory without passing through registers; `valid` false
+// writes zeros (the source is not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
+
+// `load_key_tile` through cp.async: returns at once, the copy lands by the next wait.
+__device__ __forceinline__ void load_key_tile_async(char* dst, int dst_pitch, const char* src,
+                                                    size_t src_pitch, int rows, int row_bytes) {
+    const int chunks_per_row = row_bytes / 16;
+    for (int c = threadIdx.x; c < BLOCK_K * chunks_per_row; c += THREADS) {
+        const int r = c / chunks_per_row, offset = (c % chunks_per_row) * 16;
+        const bool valid = r < rows;
+        cp_async_16(dst + r * dst_pitch + offset, src + (valid ? r * src_pitch + offset : 0), valid);
+    }
+}
+
+// Runs `compute(i, stage)` over key tiles i = 0..n after `load(i, stage)` has filled
+// `stage` (0 or 1): tile i + 1 loads while tile i computes.
+template <typename Load, typename Compute>
+__device__ __forceinline__ void pipelined_tiles(int n, Load load, Compute compute) {
+    if (n > 0) load(0, 0);
+    cp_async_commit();
+    for (int i = 0; i < n; ++i) {
+        if (i + 1 < n) {
+            load(i + 1, (i + 1) & 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        compute(i, i & 1);
+        __syncthreads();  // stage i & 1 is refilled by the next iteration
     }
 }
 
@@ -173,27 +236,134 @@ __device__ __forceinline__ void mask_tail(float s[BLOCK_K / 8][4], int key0, int
             if (key0 + n * 8 + 2 * t + (i & 1) >= len) s[n][i] = NEG_INF;
 }
 
-// Writes O / l (times a per-channel scale when given) for the lane's two rows.
-__device__ __forceinline__ void store_rows(const RowState& st, bf16* out, const HeadView& view,
-                                           int row0, int len, int g, int t,
-                                           const float* channel_scale) {
+// O / l for the lane's two rows, times a per-channel scale when given.
+__device__ __forceinline__ void normalize_rows(RowState& st, int t, const float* channel_scale) {
     // The quad reductions come first: every lane of the warp must take part in the shuffles.
     const float inv_sum[2] = {1.f / quad_sum(st.sum[0]), 1.f / quad_sum(st.sum[1])};
+    for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        for (int i = 0; i < 4; ++i) {
+            st.o[n][i] *= inv_sum[i >> 1];
+            if (channel_scale) st.o[n][i] *= channel_scale[n * 8 + 2 * t + (i & 1)];
+        }
+    }
+}
+
+// SLA's linear branch after `proj_l`, per (b, h): with φ = softmax over D,
+// proj_l(φ(q)·H / (φ(q)·z + eps)) = (φ(q) / (φ(q)·z + eps))·(H·Wᵀ) + b.
+struct LinearBranch {
+    const bf16* state;  // [B·H, D, D]: (H·Wᵀ)ᵀ, so that a row holds one output channel
+    const float* z;     // [B·H, D]
+    const float* bias;  // [D]
+    float eps;
+};
+
+// Copies (b, h)'s D×D state into shared memory (pitch PITCH_BF16) for the B operands.
+__device__ __forceinline__ void stage_linear_state(bf16* dst, const bf16* state, int bh) {
+    const char* src = reinterpret_cast<const char*>(state + (size_t)bh * HEAD_DIM * HEAD_DIM);
+    constexpr int CHUNKS_PER_ROW = HEAD_DIM * 2 / 16;
+    for (int c = threadIdx.x; c < HEAD_DIM * CHUNKS_PER_ROW; c += THREADS) {
+        const int r = c / CHUNKS_PER_ROW, offset = (c % CHUNKS_PER_ROW) * 16;
+        *reinterpret_cast<uint4*>(reinterpret_cast<char*>(dst + r * PITCH_BF16) + offset) =
+            *reinterpret_cast<const uint4*>(src + r * HEAD_DIM * 2 + offset);
+    }
+}
+
+// Adds the linear branch to the lane's rows g and g + 8 of O. The query rows are read again
+// from bf16 `q` (rows past the end as zeros; they are never stored); `state` is the staged
+// D×D state.
+__device__ __forceinline__ void add_linear_branch(RowState& st, const bf16* q, const HeadView& view,
+                                                  int row0, int len, int g, int t,
+                                                  const bf16* state, const LinearBranch& lin,
+                                                  int bh) {
+    // x[r][4·kk + j]: row g + 8r, column 16kk + 2t + (j & 1) + 8(j >> 1): the A layout.
+    float x[2][HEAD_DIM / 4];
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row0 + g + 8 * r;
+        const bf16* src = q + view.base + (size_t)row * view.pitch;
+        #pragma unroll
+        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+            #pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float2 pair = make_float2(0.f, 0.f);
+                if (row < len)
+                    pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src + kk * 16 + 8 * half + 2 * t));
+                x[r][4 * kk + 2 * half] = pair.x;
+                x[r][4 * kk + 2 * half + 1] = pair.y;
+            }
+        }
+    }
+    const float* z = lin.z + (size_t)bh * HEAD_DIM;
+    #pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float row_max = NEG_INF;
+        #pragma unroll
+        for (int j = 0; j < HEAD_DIM / 4; ++j) row_max = fmaxf(row_max, x[r][j]);
+        row_max = quad_max(row_max);
+        float sum = 0.f;
+        #pragma unroll
+        for (int j = 0; j < HEAD_DIM / 4; ++j) {
+            x[r][j] = __expf(x[r][j] - row_max);
+            sum += x[r][j];
+        }
+        const float inv_sum = 1.f / quad_sum(sum);
+        float dot = 0.f;
+        #pragma unroll
+        for (int j = 0; j < HEAD_DIM / 4; ++j) {
+            x[r][j] *= inv_sum;
+            dot += x[r][j] * z[16 * (j / 4) + 2 * t + (j & 1) + 8 * ((j >> 1) & 1)];
+        }
+        const float inv_den = 1.f / (quad_sum(dot) + lin.eps);
+        #pragma unroll
+        for (int j = 0; j < HEAD_DIM / 4; ++j) x[r][j] *= inv_den;
+    }
+    #pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+        const uint32_t a[4] = {
+            pack_bf16(x[0][4 * kk], x[0][4 * kk + 1]),
+            pack_bf16(x[1][4 * kk], x[1][4 * kk + 1]),
+            pack_bf16(x[0][4 * kk + 2], x[0][4 * kk + 3]),
+            pack_bf16(x[1][4 * kk + 2], x[1][4 * kk + 3]),
+        };
+        #pragma unroll
+        for (int n = 0; n < HEAD_DIM / 8; ++n) {
+            const bf16* row = state + (n * 8 + g) * PITCH_BF16 + kk * 16 + 2 * t;
+            mma_bf16(st.o[n], a, *reinterpret_cast<const uint32_t*>(row),
+                     *reinterpret_cast<const uint32_t*>(row + 8));
+        }
+    }
+    #pragma unroll
+    for (int n = 0; n < HEAD_DIM / 8; ++n)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) st.o[n][i] += lin.bias[n * 8 + 2 * t + (i & 1)];
+}
+
+// Writes the lane's two rows of O.
+__device__ __forceinline__ void store_rows(const RowState& st, bf16* out, const HeadView& view,
+                                           int row0, int len, int g, int t) {
     for (int r = 0; r < 2; ++r) {
         const int row = row0 + g + 8 * r;
         if (row >= len) continue;
-        const float inv = inv_sum[r];
         bf16* dst = out + view.base + (size_t)row * view.pitch;
-        for (int n = 0; n < HEAD_DIM / 8; ++n) {
-            const int d = n * 8 + 2 * t;
-            float x0 = st.o[n][2 * r] * inv, x1 = st.o[n][2 * r + 1] * inv;
-            if (channel_scale) {
-                x0 *= channel_scale[d];
-                x1 *= channel_scale[d + 1];
-            }
-            *reinterpret_cast<uint32_t*>(dst + d) = pack_bf16(x0, x1);
-        }
+        for (int n = 0; n < HEAD_DIM / 8; ++n)
+            *reinterpret_cast<uint32_t*>(dst + n * 8 + 2 * t) = pack_bf16(st.o[n][2 * r], st.o[n][2 * r + 1]);
     }
+}
+
+// Normalises O, adds the linear branch when `lin.state` is given, and stores. `smem` is the
+// kernel's pipeline memory, free once the key loop is done.
+__device__ __forceinline__ void finish_rows(RowState& st, const bf16* q, bf16* out,
+                                            const HeadView& view, int row0, int len, int g, int t,
+                                            const float* channel_scale, const LinearBranch& lin,
+                                            int bh, char* smem) {
+    normalize_rows(st, t, channel_scale);
+    if (lin.state) {
+        bf16* state = reinterpret_cast<bf16*>(smem);
+        stage_linear_state(state, lin.state, bh);
+        __syncthreads();
+        add_linear_branch(st, q, view, row0, len, g, t, state, lin, bh);
+    }
+    store_rows(st, out, view, row0, len, g, t);
 }
 
 // The key block visited `i`-th by query block `qb`: listed, or all in order.
@@ -204,16 +374,18 @@ __device__ __forceinline__ int key_block_at(const uint32_t* block_idx, size_t ro
 }  // namespace
 
 // Block-sparse (or, with block_idx = null, dense) flash attention in bf16: q_len queries over
-// kv_len keys (equal for the block-sparse form, SLA being self-attention).
-// grid (⌈q_len/128⌉, B·H), 256 threads. block_idx: [B·H, ⌈q_len/128⌉, n_sel] ascending key
-// blocks. scale_log2 = log2(e)/√D.
+// kv_len keys (equal for the block-sparse form, SLA being self-attention), plus SLA's linear
+// branch when lin_state is not null.
+// grid (⌈q_len/128⌉, B·H), 256 threads, 2·STAGE_BYTES_BF16 bytes of dynamic shared memory.
+// block_idx: [B·H, ⌈q_len/128⌉, n_sel] ascending key blocks. scale_log2 = log2(e)/√D.
+// lin_state, lin_z, lin_bias: see LinearBranch.
 extern "C" __global__ void __launch_bounds__(THREADS)
 sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
                       const bf16* __restrict__ v, const uint32_t* __restrict__ block_idx,
-                      bf16* __restrict__ out, int heads, int q_len, int kv_len, int n_sel,
-                      float scale_log2) {
-    __shared__ __align__(16) bf16 k_tile[BLOCK_K * PITCH_BF16];
-    __shared__ __align__(16) bf16 v_tile[BLOCK_K * PITCH_BF16];
+                      const bf16* __restrict__ lin_state, const float* __restrict__ lin_z,
+                      const float* __restrict__ lin_bias, bf16* __restrict__ out, int heads,
+                      int q_len, int kv_len, int n_sel, float scale_log2, float lin_eps) {
+    extern __shared__ __align__(16) char smem[];
     const int qb = blockIdx.x, bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const HeadView view(bh, heads, q_len), kv_view(bh, heads, kv_len);
@@ -231,20 +403,21 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
     RowState st;
     st.init();
     const size_t select_row = (size_t)bh * gridDim.x + qb;
-    for (int i = 0; i < n_sel; ++i) {
+    auto k_tile = [&](int stage) { return reinterpret_cast<bf16*>(smem + stage * STAGE_BYTES_BF16); };
+    auto v_tile = [&](int stage) { return reinterpret_cast<bf16*>(smem + stage * STAGE_BYTES_BF16 + TILE_BYTES_BF16); };
+    auto load = [&](int i, int stage) {
         const int key0 = key_block_at(block_idx, select_row, n_sel, i) * BLOCK_K;
         const int rows = min(BLOCK_K, kv_len - key0);
-        __syncthreads();
-        load_key_tile((char*)k_tile, PITCH_BF16 * 2, (const char*)(k + kv_view.base + (size_t)key0 * kv_view.pitch),
-                      kv_view.pitch * 2, rows, HEAD_DIM * 2);
-        load_key_tile((char*)v_tile, PITCH_BF16 * 2, (const char*)(v + kv_view.base + (size_t)key0 * kv_view.pitch),
-                      kv_view.pitch * 2, rows, HEAD_DIM * 2);
-        __syncthreads();
-
+        const size_t offset = kv_view.base + (size_t)key0 * kv_view.pitch;
+        load_key_tile_async((char*)k_tile(stage), PITCH_BF16 * 2, (const char*)(k + offset), kv_view.pitch * 2, rows, HEAD_DIM * 2);
+        load_key_tile_async((char*)v_tile(stage), PITCH_BF16 * 2, (const char*)(v + offset), kv_view.pitch * 2, rows, HEAD_DIM * 2);
+    };
+    auto compute = [&](int i, int stage) {
+        const int key0 = key_block_at(block_idx, select_row, n_sel, i) * BLOCK_K;
         float s[BLOCK_K / 8][4];
         for (int n = 0; n < BLOCK_K / 8; ++n) {
             for (int j = 0; j < 4; ++j) s[n][j] = 0.f;
-            const bf16* key_row = k_tile + (n * 8 + g) * PITCH_BF16 + 2 * t;
+            const bf16* key_row = k_tile(stage) + (n * 8 + g) * PITCH_BF16 + 2 * t;
             for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
                 const uint32_t b0 = *reinterpret_cast<const uint32_t*>(key_row + kk * 16);
                 const uint32_t b1 = *reinterpret_cast<const uint32_t*>(key_row + kk * 16 + 8);
@@ -254,26 +427,29 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
         }
         mask_tail(s, key0, kv_len, t);
         softmax_tile(st, s, 0.f, false);
-        accumulate_pv(st, s, v_tile, lane);
-    }
-    store_rows(st, out, view, row0, q_len, g, t, nullptr);
+        accumulate_pv(st, s, v_tile(stage), lane);
+    };
+    pipelined_tiles(n_sel, load, compute);
+    const LinearBranch lin{lin_state, lin_z, lin_bias, lin_eps};
+    finish_rows(st, q, out, view, row0, q_len, g, t, nullptr, lin, bh, smem);
 }
 
 // SageSLA's sparse branch: int8 Q·Kᵀ with per-block scales, online softmax in base 2 with
 // P̃ = e4m3(exp2(s − m + log2 448)), and P̃·V̂ with V̂ the E4M3 values of V (held as bf16, which
 // represents every E4M3 value exactly, so the bf16 product equals the FP8 one), times the
-// per-channel V scales at the end.
-// q8, k8: int8 [B, L, H, D] (K already smoothed); v8: bf16 [B, L, H, D] holding E4M3 values;
-// q_scale: [B·H, ⌈L/128⌉], k_scale: [B·H, ⌈L/64⌉], v_scale: [B·H, D];
-// score_scale = log2(e)/√D.
+// per-channel V scales at the end; then SLA's linear branch from the bf16 `q`.
+// q: bf16 [B, L, H, D]; q8, k8: int8 [B, L, H, D] (K already smoothed); v8: bf16 [B, L, H, D]
+// holding E4M3 values; q_scale: [B·H, ⌈L/128⌉], k_scale: [B·H, ⌈L/64⌉], v_scale: [B·H, D];
+// score_scale = log2(e)/√D. 2·STAGE_BYTES_SAGE bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(THREADS)
-sparse_attention_sage(const int8_t* __restrict__ q8, const int8_t* __restrict__ k8,
-                      const bf16* __restrict__ v8, const float* __restrict__ q_scale,
-                      const float* __restrict__ k_scale, const float* __restrict__ v_scale,
-                      const uint32_t* __restrict__ block_idx, bf16* __restrict__ out, int heads,
-                      int len, int n_sel, float score_scale) {
-    __shared__ __align__(16) int8_t k_tile[BLOCK_K * PITCH_I8];
-    __shared__ __align__(16) bf16 v_tile[BLOCK_K * PITCH_BF16];
+sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ q8,
+                      const int8_t* __restrict__ k8, const bf16* __restrict__ v8,
+                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
+                      const float* __restrict__ v_scale, const uint32_t* __restrict__ block_idx,
+                      const bf16* __restrict__ lin_state, const float* __restrict__ lin_z,
+                      const float* __restrict__ lin_bias, bf16* __restrict__ out, int heads,
+                      int len, int n_sel, float score_scale, float lin_eps) {
+    extern __shared__ __align__(16) char smem[];
     const int qb = blockIdx.x, bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const HeadView view(bh, heads, len);
@@ -293,22 +469,23 @@ sparse_attention_sage(const int8_t* __restrict__ q8, const int8_t* __restrict__ 
     RowState st;
     st.init();
     const size_t select_row = (size_t)bh * gridDim.x + qb;
-    for (int i = 0; i < n_sel; ++i) {
+    auto k_tile = [&](int stage) { return reinterpret_cast<int8_t*>(smem + stage * STAGE_BYTES_SAGE); };
+    auto v_tile = [&](int stage) { return reinterpret_cast<bf16*>(smem + stage * STAGE_BYTES_SAGE + TILE_BYTES_I8); };
+    auto load = [&](int i, int stage) {
+        const int key0 = key_block_at(block_idx, select_row, n_sel, i) * BLOCK_K;
+        const int rows = min(BLOCK_K, len - key0);
+        const size_t offset = view.base + (size_t)key0 * view.pitch;
+        load_key_tile_async((char*)k_tile(stage), PITCH_I8, (const char*)(k8 + offset), view.pitch, rows, HEAD_DIM);
+        load_key_tile_async((char*)v_tile(stage), PITCH_BF16 * 2, (const char*)(v8 + offset), view.pitch * 2, rows, HEAD_DIM * 2);
+    };
+    auto compute = [&](int i, int stage) {
         const int kb = key_block_at(block_idx, select_row, n_sel, i);
         const int key0 = kb * BLOCK_K;
-        const int rows = min(BLOCK_K, len - key0);
-        __syncthreads();
-        load_key_tile((char*)k_tile, PITCH_I8, (const char*)(k8 + view.base + (size_t)key0 * view.pitch),
-                      view.pitch, rows, HEAD_DIM);
-        load_key_tile((char*)v_tile, PITCH_BF16 * 2, (const char*)(v8 + view.base + (size_t)key0 * view.pitch),
-                      view.pitch * 2, rows, HEAD_DIM * 2);
-        __syncthreads();
-
         const float segment_scale = q_block_scale * k_scale[(size_t)bh * key_blocks + kb];
         float s[BLOCK_K / 8][4];
         for (int n = 0; n < BLOCK_K / 8; ++n) {
             int acc[4] = {0, 0, 0, 0};
-            const int8_t* key_row = k_tile + (n * 8 + g) * PITCH_I8 + 4 * t;
+            const int8_t* key_row = k_tile(stage) + (n * 8 + g) * PITCH_I8 + 4 * t;
             for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
                 const uint32_t b0 = *reinterpret_cast<const uint32_t*>(key_row + kk * 32);
                 const uint32_t b1 = *reinterpret_cast<const uint32_t*>(key_row + kk * 32 + 16);
@@ -318,9 +495,136 @@ sparse_attention_sage(const int8_t* __restrict__ q8, const int8_t* __restrict__ 
         }
         mask_tail(s, key0, len, t);
         softmax_tile(st, s, P_FP8_OFFSET, true);
-        accumulate_pv(st, s, v_tile, lane);
+        accumulate_pv(st, s, v_tile(stage), lane);
+    };
+    pipelined_tiles(n_sel, load, compute);
+    const LinearBranch lin{lin_state, lin_z, lin_bias, lin_eps};
+    finish_rows(st, q, out, view, row0, len, g, t, v_scale + (size_t)bh * HEAD_DIM, lin, bh, smem);
+}
+
+// One pass over K and V for SLA, per (b, h) and chunk of STATS_BLOCKS key blocks:
+// - key_block_means [B·H, ⌈L/64⌉, D]: the mean of each key block (the last over its real length);
+// - key_sums [B·H, C, D]: the chunk's sum of keys (for mean(K));
+// - state [B·H, C, D, D]: the chunk's Σ φ(k)ᵀ v, φ = softmax over D, on tensor cores
+//   (φ(k) and v in bf16, f32 accumulation);
+// - z [B·H, C, D]: the chunk's Σ φ(k) in f32;
+// - v_amax [B·H, C, D]: the chunk's per-channel max |v|.
+// grid (C = ⌈⌈L/64⌉/STATS_BLOCKS⌉, B·H), 256 threads.
+extern "C" __global__ void __launch_bounds__(THREADS)
+key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
+                float* __restrict__ key_block_means, float* __restrict__ key_sums,
+                float* __restrict__ state, float* __restrict__ z, float* __restrict__ v_amax,
+                int heads, int len) {
+    __shared__ __align__(16) bf16 k_tile[BLOCK_K * PITCH_BF16];  // K, then φ(K) in place
+    __shared__ __align__(16) bf16 v_tile[BLOCK_K * PITCH_BF16];
+    __shared__ float z_scratch[WARPS][HEAD_DIM];
+    const int chunk = blockIdx.x, chunks = gridDim.x, bh = blockIdx.y;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const HeadView view(bh, heads, len);
+    const int key_blocks = (len + BLOCK_K - 1) / BLOCK_K;
+    // Threads 0..127 sum the keys of channel threadIdx.x, 128..255 take V's max of channel
+    // threadIdx.x − 128.
+    const int channel = threadIdx.x % HEAD_DIM;
+    const bool sums_keys = threadIdx.x < HEAD_DIM;
+    float channel_acc = 0.f;
+    float z_acc[4] = {0.f, 0.f, 0.f, 0.f};  // channels 4·lane.., over the warp's rows
+    float acc[HEAD_DIM / 8][4];              // rows 16·warp.. of the state, all D columns
+    for (int n = 0; n < HEAD_DIM / 8; ++n)
+        for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
+
+    for (int kb = chunk * STATS_BLOCKS; kb < min(key_blocks, (chunk + 1) * STATS_BLOCKS); ++kb) {
+        const int key0 = kb * BLOCK_K, rows = min(BLOCK_K, len - key0);
+        const size_t offset = view.base + (size_t)key0 * view.pitch;
+        __syncthreads();
+        load_key_tile((char*)k_tile, PITCH_BF16 * 2, (const char*)(k + offset), view.pitch * 2, rows, HEAD_DIM * 2);
+        load_key_tile((char*)v_tile, PITCH_BF16 * 2, (const char*)(v + offset), view.pitch * 2, rows, HEAD_DIM * 2);
+        __syncthreads();
+        float block_acc = 0.f;
+        for (int r = 0; r < rows; ++r) {
+            const float x = __bfloat162float((sums_keys ? k_tile : v_tile)[r * PITCH_BF16 + channel]);
+            block_acc = sums_keys ? block_acc + x : fmaxf(block_acc, fabsf(x));
+        }
+        if (sums_keys) {
+            key_block_means[((size_t)bh * key_blocks + kb) * HEAD_DIM + channel] = block_acc / rows;
+            channel_acc += block_acc;
+        } else {
+            channel_acc = fmaxf(channel_acc, block_acc);
+        }
+        __syncthreads();  // the raw keys are read; φ(K) overwrites them
+
+        for (int r = warp * (BLOCK_K / WARPS); r < (warp + 1) * (BLOCK_K / WARPS); ++r) {
+            bf16* row = k_tile + r * PITCH_BF16 + 4 * lane;
+            float x[4] = {0.f, 0.f, 0.f, 0.f};
+            if (r < rows) {  // the same for the whole warp
+                for (int j = 0; j < 4; ++j) x[j] = __bfloat162float(row[j]);
+                float row_max = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
+                for (int o = 16; o > 0; o >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, o));
+                float sum = 0.f;
+                for (int j = 0; j < 4; ++j) {
+                    x[j] = __expf(x[j] - row_max);
+                    sum += x[j];
+                }
+                for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+                for (int j = 0; j < 4; ++j) {
+                    x[j] /= sum;
+                    z_acc[j] += x[j];
+                }
+            }
+            for (int j = 0; j < 4; ++j) row[j] = __float2bfloat16(x[j]);  // zero past the end
+        }
+        __syncthreads();
+
+        // state rows 16·warp.. += φ(K)ᵀ·V: A = φ(K)ᵀ by transposed loads of φ(K)'s rows.
+        for (int kstep = 0; kstep < BLOCK_K / 16; ++kstep) {
+            uint32_t a[4];
+            const int a_key = kstep * 16 + (lane & 7) + 8 * (lane >> 4);
+            ldmatrix_x4_trans(a, k_tile + a_key * PITCH_BF16 + warp * 16 + 8 * ((lane >> 3) & 1));
+            const int b_key = kstep * 16 + ((lane >> 3) & 1) * 8 + (lane & 7);
+            for (int n = 0; n < HEAD_DIM / 8; n += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, v_tile + b_key * PITCH_BF16 + (n + (lane >> 4)) * 8);
+                mma_bf16(acc[n], a, b[0], b[1]);
+                mma_bf16(acc[n + 1], a, b[2], b[3]);
+            }
+        }
     }
-    store_rows(st, out, view, row0, len, g, t, v_scale + (size_t)bh * HEAD_DIM);
+
+    const size_t part = (size_t)bh * chunks + chunk;
+    float* state_rows = state + part * HEAD_DIM * HEAD_DIM;
+    for (int n = 0; n < HEAD_DIM / 8; ++n) {
+        for (int i = 0; i < 4; ++i) {
+            const int row = warp * 16 + g + 8 * (i >> 1), col = n * 8 + 2 * t + (i & 1);
+            state_rows[row * HEAD_DIM + col] = acc[n][i];
+        }
+    }
+    for (int j = 0; j < 4; ++j) z_scratch[warp][4 * lane + j] = z_acc[j];
+    (sums_keys ? key_sums : v_amax)[part * HEAD_DIM + channel] = channel_acc;
+    __syncthreads();
+    if (threadIdx.x < HEAD_DIM) {
+        float total = 0.f;
+        for (int w = 0; w < WARPS; ++w) total += z_scratch[w][threadIdx.x];
+        z[part * HEAD_DIM + threadIdx.x] = total;
+    }
+}
+
+// Mean over each block of `block` tokens of bf16 [B, L, H, D] x, per (b, h): out
+// [B·H, ⌈L/block⌉, D] f32, the last block over its real length. grid (⌈L/block⌉, B·H), 256
+// threads.
+extern "C" __global__ void __launch_bounds__(THREADS)
+block_means(const bf16* __restrict__ x, float* __restrict__ out, int heads, int len, int block) {
+    __shared__ float partial[THREADS];
+    const int blk = blockIdx.x, bh = blockIdx.y;
+    const HeadView view(bh, heads, len);
+    const int first = blk * block, rows = min(block, len - first);
+    const int channel = threadIdx.x % HEAD_DIM, parity = threadIdx.x / HEAD_DIM;
+    float sum = 0.f;
+    for (int r = parity; r < rows; r += THREADS / HEAD_DIM)
+        sum += __bfloat162float(x[view.base + (size_t)(first + r) * view.pitch + channel]);
+    partial[threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.x < HEAD_DIM)
+        out[((size_t)bh * gridDim.x + blk) * HEAD_DIM + channel] =
+            (partial[threadIdx.x] + partial[threadIdx.x + HEAD_DIM]) / rows;
 }
 
 // The `count` largest of each row of `scores` ([rows, n] f32), ascending by index, ties to the
