@@ -37,7 +37,8 @@ use turbodiffusion::attention::{
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
 use turbodiffusion::models::vae::{conv2d_biased, conv2d_biased_reference, VaeConfig, WanVae};
 use turbodiffusion::models::wan::fused::{
-    gated_residual, gated_residual_reference, layer_norm_affine, layer_norm_affine_reference,
+    bias_gelu, bias_gelu_reference, gated_residual, gated_residual_reference, layer_norm_affine,
+    layer_norm_affine_reference, rms_norm_rope, rms_norm_rope_reference, RopeTables,
 };
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
 use turbodiffusion::pipeline::RandomCheckpoint;
@@ -267,8 +268,9 @@ fn cross_attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check
     Ok(checks)
 }
 
-/// The fused DiT ops (LayerNorm + modulation, gated residual) and the linears' bias add on the
-/// device against their candle references on the CPU, at a ragged small shape and at the
+/// The fused DiT ops (LayerNorm + modulation, gated residual with the linear's bias, bias +
+/// GELU, q/k RMSNorm + bias + RoPE) and the linears' bias add on the device against their
+/// candle references on the CPU, at a ragged small shape and at the
 /// Wan 1.3B 480p residual stream [32760, 1536]. f32 results differ only by summation order.
 fn fused_op_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(4));
@@ -289,17 +291,49 @@ fn fused_op_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
             let plain_reference = layer_norm_affine_reference(&x, None, None, 1e-6, dtype)?;
             let plain = layer_norm_affine(&dx, None, None, 1e-6, dtype)?;
             let y = y.to_dtype(dtype)?;
-            let residual_reference = gated_residual_reference(&x, &y, &gate)?;
-            let residual = gated_residual(&dx, &on(&y)?, &dgate)?;
             let bias = add.flatten_all()?.to_dtype(dtype)?;
+            let dbias = on(&bias)?;
+            let residual_reference = gated_residual_reference(&x, &y, Some(&bias), Some(&gate))?;
+            let residual = gated_residual(&dx, &on(&y)?, Some(&dbias), Some(&dgate))?;
+            let plain_residual_reference = gated_residual_reference(&x, &y, None, None)?;
+            let plain_residual = gated_residual(&dx, &on(&y)?, None, None)?;
             let y2 = y.reshape((rows, dim))?;
             let bias_reference = add_bias_reference(&y2, &bias)?;
-            let biased = add_bias(&on(&y2)?, &on(&bias)?)?;
+            let biased = add_bias(&on(&y2)?, &dbias)?;
+            let gelu_reference = bias_gelu_reference(&y2, Some(&bias))?;
+            let gelu = bias_gelu(&on(&y2)?, Some(&dbias))?;
+            // RMSNorm + RoPE with heads of 10 (ragged shape) or 128 dims; angles from `mul`.
+            let head_dim = if dim == 1536 { 128 } else { 10 };
+            let angles = (gaussian((1, 1, rows, head_dim / 2), 0.0, &mut rng)? * 3.0)?
+                .reshape((rows, 1, head_dim / 2))?;
+            let (cos, sin) = (angles.cos()?, angles.sin()?);
+            let (dcos, dsin) = (on(&cos)?, on(&sin)?);
+            let weight = (mul.flatten_all()? + 1.0)?;
+            let tables = RopeTables {
+                cos: &cos,
+                sin: &sin,
+            };
+            let device_tables = RopeTables {
+                cos: &dcos,
+                sin: &dsin,
+            };
+            let rope_reference =
+                rms_norm_rope_reference(&y2, Some(&bias), &weight, 1e-6, Some(tables))?;
+            let rope = rms_norm_rope(
+                &on(&y2)?,
+                Some(&dbias),
+                &on(&weight)?,
+                1e-6,
+                Some(device_tables),
+            )?;
             for (what, got, want) in [
                 ("layer norm · mul + add", fused, reference),
                 ("layer norm, plain", plain, plain_reference),
-                ("gated residual", residual, residual_reference),
+                ("gated residual + bias", residual, residual_reference),
+                ("residual, plain", plain_residual, plain_residual_reference),
                 ("linear bias add", biased, bias_reference),
+                ("bias + gelu", gelu, gelu_reference),
+                ("rmsnorm + bias + rope", rope, rope_reference),
             ] {
                 push(
                     &mut checks,

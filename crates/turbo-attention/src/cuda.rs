@@ -6,8 +6,10 @@
 //! parity is kept on the GPU).
 
 use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
-use candle_core::cuda_backend::cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDevice, WrapErr};
 use candle_core::{DType, Tensor};
 use half::bf16;
 use turbo_core::cuda::{cuda_view, tensor_from_cuda};
@@ -25,7 +27,7 @@ const BLOCK_Q: usize = 128;
 const BLOCK_K: usize = 64;
 const THREADS: u32 = 256;
 /// Key blocks per CTA of `key_value_stats`.
-const STATS_BLOCKS: usize = 16;
+const STATS_BLOCKS: usize = 8;
 /// Dynamic shared memory of the attention kernels: two pipeline stages of a key and a value
 /// tile, rows padded by 16 bytes (`2·STAGE_BYTES_*` in attention.cu).
 const SHARED_BYTES_BF16: u32 = 2 * 2 * (BLOCK_K * (HEAD_DIM + 8) * 2) as u32;
@@ -130,17 +132,55 @@ impl KeyValueStats {
             };
             unsafe { launch.launch(cfg) }.w()?;
         }
-        // The chunks' partial results, reduced here: a few small tensors.
-        let per_chunk = |slice, dims: &[usize]| tensor_from_cuda(slice, dev, dims.to_vec());
-        let key_sums = per_chunk(key_sums, &[bh, chunks, HEAD_DIM]);
+        let reduce = |partial: &CudaSlice<f32>, n: usize, reduction: Reduction| {
+            let total = reduce_chunks(dev, partial, [bh, chunks, n], reduction)?;
+            Ok::<_, Error>(tensor_from_cuda(total, dev, (bh, n)))
+        };
+        let key_sum = reduce(&key_sums, HEAD_DIM, Reduction::Sum)?;
         Ok(Self {
-            key_block_means: per_chunk(block_means, &[bh, key_blocks, HEAD_DIM]),
-            key_mean: (key_sums.sum_keepdim(1)? / len as f64)?,
-            state: per_chunk(state, &[bh, chunks, HEAD_DIM, HEAD_DIM]).sum(1)?,
-            z: per_chunk(z, &[bh, chunks, HEAD_DIM]).sum(1)?,
-            v_amax: per_chunk(v_amax, &[bh, chunks, HEAD_DIM]).max(1)?,
+            key_block_means: tensor_from_cuda(block_means, dev, (bh, key_blocks, HEAD_DIM)),
+            key_mean: (key_sum.unsqueeze(1)? / len as f64)?,
+            state: reduce(&state, HEAD_DIM * HEAD_DIM, Reduction::Sum)?
+                .reshape((bh, HEAD_DIM, HEAD_DIM))?,
+            z: reduce(&z, HEAD_DIM, Reduction::Sum)?,
+            v_amax: reduce(&v_amax, HEAD_DIM, Reduction::Max)?,
         })
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reduction {
+    Sum,
+    Max,
+}
+
+/// `[batches, n]`: the `[batches, chunks, n]` partial results reduced over the chunks, in
+/// chunk order (deterministic, unlike atomics).
+fn reduce_chunks(
+    dev: &CudaDevice,
+    partial: &CudaSlice<f32>,
+    [batches, chunks, n]: [usize; 3],
+    reduction: Reduction,
+) -> Result<CudaSlice<f32>> {
+    let out = unsafe { dev.alloc::<f32>(batches * n) }?;
+    let func = dev.get_or_load_custom_func("reduce_chunks", MODULE, turbo_kernels::ATTENTION)?;
+    let mut launch = func.builder();
+    let args = [
+        chunks as i32,
+        n as i32,
+        i32::from(reduction == Reduction::Max),
+    ];
+    launch.arg(partial).arg(&out);
+    for arg in &args {
+        launch.arg(arg);
+    }
+    let cfg = LaunchConfig {
+        grid_dim: (n.div_ceil(THREADS as usize) as u32, batches as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    unsafe { launch.launch(cfg) }.w()?;
+    Ok(out)
 }
 
 /// The linear branch as the attention kernels' epilogue takes it: `proj_l` folded into the
@@ -202,7 +242,7 @@ fn select_blocks(
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (key_blocks * 8) as u32,
+            shared_mem_bytes: (key_blocks * 4) as u32,
         };
         unsafe { launch.launch(cfg) }.w()?;
     }

@@ -47,37 +47,21 @@ constexpr int STAGE_BYTES_SAGE = TILE_BYTES_I8 + TILE_BYTES_BF16;
 static_assert(2 * STAGE_BYTES_BF16 >= STATE_BYTES, "the state fits in the pipeline's memory");
 static_assert(2 * STAGE_BYTES_SAGE >= STATE_BYTES, "the state fits in the pipeline's memory");
 // Key blocks per CTA of `key_value_stats`.
-constexpr int STATS_BLOCKS = 16;
+constexpr int STATS_BLOCKS = 8;
 
 typedef __nv_bfloat16 bf16;
+using turbo::cp_async_16;
+using turbo::cp_async_commit;
+using turbo::cp_async_wait;
+using turbo::ldmatrix_x4;
+using turbo::ldmatrix_x4_trans;
+using turbo::mma_bf16;
 using turbo::mma_s8;
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-}
+using turbo::pack_bf16;
 
 // The nearest E4M3 value (round to nearest even, saturating), as a float.
 __device__ __forceinline__ float round_e4m3(float x) {
     return float(__nv_fp8_e4m3(x));
-}
-
-// D[16×8] += A[16×16] · B[16×8], bf16 in, f32 accumulate.
-__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-
-// Four transposed 8×8 bf16 matrices from shared memory: the B operands of two adjacent n-tiles.
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const bf16* row_address) {
-    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
 }
 
 // Copies `rows` rows of `row_bytes` bytes (a multiple of 16) from global memory, `src_pitch`
@@ -91,22 +75,6 @@ __device__ __forceinline__ void load_key_tile(char* dst, int dst_pitch, const ch
         if (r < rows) v = *reinterpret_cast<const uint4*>(src + r * src_pitch + offset);
         *reinterpret_cast<uint4*>(dst + r * dst_pitch + offset) = v;
     }
-}
-
-// 16 bytes from global to shared memory without passing through registers; `valid` false
-// writes zeros (the source is not read).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-// Waits until at most `pending` committed groups are still in flight.
-template <int pending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
 }
 
 // `load_key_tile` through cp.async: returns at once, the copy lands by the next wait.
@@ -417,11 +385,13 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
         float s[BLOCK_K / 8][4];
         for (int n = 0; n < BLOCK_K / 8; ++n) {
             for (int j = 0; j < 4; ++j) s[n][j] = 0.f;
-            const bf16* key_row = k_tile(stage) + (n * 8 + g) * PITCH_BF16 + 2 * t;
-            for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(key_row + kk * 16);
-                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(key_row + kk * 16 + 8);
-                mma_bf16(s[n], qf[kk], b0, b1);
+            // Keys n·8.. as B operands of two 16-wide slices of D per ldmatrix.
+            const bf16* key_rows = k_tile(stage) + (n * 8 + (lane & 7)) * PITCH_BF16 + 8 * (lane >> 3);
+            for (int kk = 0; kk < HEAD_DIM / 16; kk += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, key_rows + kk * 16);
+                mma_bf16(s[n], qf[kk], b[0], b[1]);
+                mma_bf16(s[n], qf[kk + 1], b[2], b[3]);
             }
             for (int j = 0; j < 4; ++j) s[n][j] *= scale_log2;
         }
@@ -485,11 +455,13 @@ sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ q8,
         float s[BLOCK_K / 8][4];
         for (int n = 0; n < BLOCK_K / 8; ++n) {
             int acc[4] = {0, 0, 0, 0};
-            const int8_t* key_row = k_tile(stage) + (n * 8 + g) * PITCH_I8 + 4 * t;
-            for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
-                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(key_row + kk * 32);
-                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(key_row + kk * 32 + 16);
-                mma_s8(acc, qf[kk], b0, b1);
+            // Keys n·8.. as B operands of two 32-byte slices of D per ldmatrix.
+            const int8_t* key_rows = k_tile(stage) + (n * 8 + (lane & 7)) * PITCH_I8 + 16 * (lane >> 3);
+            for (int kk = 0; kk < HEAD_DIM / 32; kk += 2) {
+                uint32_t b[4];
+                ldmatrix_x4(b, key_rows + kk * 32);
+                mma_s8(acc, qf[kk], b[0], b[1]);
+                mma_s8(acc, qf[kk + 1], b[2], b[3]);
             }
             for (int j = 0; j < 4; ++j) s[n][j] = (float)acc[j] * segment_scale;
         }
@@ -607,6 +579,21 @@ key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
     }
 }
 
+// out[b][e] = Σ_c partial[b][c][e] (or the max with `take_max`): the per-chunk results of
+// `key_value_stats` reduced in chunk order. partial [batches, chunks, n]; one thread per
+// (b, e); grid (⌈n/256⌉, batches), 256 threads.
+extern "C" __global__ void __launch_bounds__(THREADS)
+reduce_chunks(const float* __restrict__ partial, float* __restrict__ out, int chunks, int n,
+              int take_max) {
+    const int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= n) return;
+    const float* src = partial + (size_t)blockIdx.y * chunks * n + e;
+    float acc = take_max ? src[0] : 0.f;
+    for (int c = take_max ? 1 : 0; c < chunks; ++c)
+        acc = take_max ? fmaxf(acc, src[(size_t)c * n]) : acc + src[(size_t)c * n];
+    out[(size_t)blockIdx.y * n + e] = acc;
+}
+
 // Mean over each block of `block` tokens of bf16 [B, L, H, D] x, per (b, h): out
 // [B·H, ⌈L/block⌉, D] f32, the last block over its real length. grid (⌈L/block⌉, B·H), 256
 // threads.
@@ -627,31 +614,87 @@ block_means(const bf16* __restrict__ x, float* __restrict__ out, int heads, int 
             (partial[threadIdx.x] + partial[threadIdx.x + HEAD_DIM]) / rows;
 }
 
-// The `count` largest of each row of `scores` ([rows, n] f32), ascending by index, ties to the
-// lower index. grid (rows), 256 threads, dynamic shared memory n·8 bytes.
-extern "C" __global__ void top_blocks(const float* __restrict__ scores, uint32_t* __restrict__ out,
-                                      int n, int count) {
-    extern __shared__ float shared[];
-    float* row = shared;
-    int* selected = reinterpret_cast<int*>(shared + n);
-    const float* src = scores + (size_t)blockIdx.x * n;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = src[i];
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float x = row[i];
-        int rank = 0;
-        for (int j = 0; j < n; ++j) rank += (row[j] > x) || (row[j] == x && j < i);
-        selected[i] = rank < count;
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        uint32_t* dst = out + (size_t)blockIdx.x * count;
-        int written = 0;
-        for (int i = 0; i < n && written < count; ++i)
-            if (selected[i]) dst[written++] = i;
-    }
+namespace {
+
+// Unsigned integers in the order of the floats they come from (scores are never NaN).
+__device__ __forceinline__ uint32_t order_key(float x) {
+    const uint32_t bits = __float_as_uint(x);
+    return (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
 }
 
+// Exclusive prefix sum of one count per thread, in thread order, over the CTA (THREADS
+// threads); `total` receives the sum. `scratch` holds WARPS ints of shared memory.
+__device__ __forceinline__ int block_exclusive_scan(int x, int* scratch, int& total) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    int inclusive = x;
+    for (int o = 1; o < 32; o <<= 1) {
+        const int y = __shfl_up_sync(0xffffffff, inclusive, o);
+        if (lane >= o) inclusive += y;
+    }
+    __syncthreads();  // the previous scan's readers are done with scratch
+    if (lane == 31) scratch[warp] = inclusive;
+    __syncthreads();
+    int before = 0;
+    total = 0;
+    for (int w = 0; w < WARPS; ++w) {
+        before += w < warp ? scratch[w] : 0;
+        total += scratch[w];
+    }
+    return before + inclusive - x;
+}
+
+}  // namespace
+
+// The `count` largest of each row of `scores` ([rows, n] f32), ascending by index, ties to the
+// lower index. The count-th largest value is found bit by bit (a radix select: 32 CTA-wide
+// counts), then each thread compacts its own run of indices. grid (rows), 256 threads,
+// dynamic shared memory n·4 bytes.
+extern "C" __global__ void __launch_bounds__(THREADS)
+top_blocks(const float* __restrict__ scores, uint32_t* __restrict__ out, int n, int count) {
+    extern __shared__ uint32_t keys[];
+    __shared__ int scratch[WARPS];
+    const float* src = scores + (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += THREADS) keys[i] = order_key(src[i]);
+    __syncthreads();
+
+    // The largest threshold with at least `count` keys at or above it: the count-th key.
+    uint32_t threshold = 0;
+    for (int bit = 31; bit >= 0; --bit) {
+        const uint32_t candidate = threshold | (1u << bit);
+        int at_or_above = 0;
+        for (int base = 0; base < n; base += THREADS) {
+            const int i = base + threadIdx.x;
+            at_or_above += __syncthreads_count(i < n && keys[i] >= candidate);
+        }
+        if (at_or_above >= count) threshold = candidate;
+    }
+
+    // Keys above the threshold are in; ties at it go by ascending index until `count`.
+    const int per_thread = (n + THREADS - 1) / THREADS;
+    const int first = min(n, threadIdx.x * per_thread), last = min(n, first + per_thread);
+    int above = 0, ties = 0;
+    for (int i = first; i < last; ++i) {
+        above += keys[i] > threshold;
+        ties += keys[i] == threshold;
+    }
+    int total_above, total_ties;
+    block_exclusive_scan(above, scratch, total_above);
+    int tie_rank = block_exclusive_scan(ties, scratch, total_ties);
+    const int ties_taken = count - total_above;
+    int selected = 0;
+    for (int i = first; i < last; ++i) {
+        if (keys[i] > threshold) ++selected;
+        else if (keys[i] == threshold && tie_rank++ < ties_taken) ++selected;
+    }
+    int total_selected;
+    int position = block_exclusive_scan(selected, scratch, total_selected);
+    tie_rank -= ties;  // back to this thread's first tie
+    uint32_t* dst = out + (size_t)blockIdx.x * count;
+    for (int i = first; i < last; ++i) {
+        if (keys[i] > threshold) dst[position++] = i;
+        else if (keys[i] == threshold && tie_rank++ < ties_taken) dst[position++] = i;
+    }
+}
 
 // Symmetric int8 quantisation per block of `block` tokens of each (b, h) of bf16 [B, L, H, D]
 // x, after subtracting a per-(b·h, channel) f32 `mean` when given: scale = max|x|/127 + 1e-7,

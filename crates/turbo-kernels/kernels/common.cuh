@@ -49,4 +49,51 @@ __device__ __forceinline__ void mma_s8(int c[4], const uint32_t a[4], uint32_t b
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+}
+
+// D[16×8] += A[16×16] · B[16×8], bf16 in, f32 accumulate.
+__device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8×8 matrices of 16-bit elements (or 8 rows of 16 bytes) from shared memory; lane l
+// gives the address of row l mod 8 of matrix l / 8.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row_address) {
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// Four transposed 8×8 bf16 matrices from shared memory: the B operands of two adjacent n-tiles.
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row_address) {
+    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+// 16 bytes from global to shared memory without passing through registers; `valid` false
+// writes zeros (the source is not read).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most `pending` committed groups are still in flight.
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+}
+
 }  // namespace turbo

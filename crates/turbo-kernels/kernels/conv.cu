@@ -2,10 +2,12 @@
 // NCHW directly: col[n][k][j] with k the (channel, tap) row and j the output position, so that
 // consecutive threads read consecutive input pixels and write consecutive outputs (candle's
 // im2col, [n][position][k], reads across channels and runs far below memory bandwidth).
-// An extra all-ones row carries the bias through the GEMM.
+// An extra all-ones row carries the bias through the GEMM. Also the VAE's channel RMS norm
+// (with the SiLU that follows it), in one pass instead of candle's chain of broadcasts.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include "common.cuh"
 
 namespace {
 
@@ -58,4 +60,184 @@ extern "C" __global__ void im2col_rows_bf16(const bf16* x, bf16* col, int channe
                                             int width, int ksize, int pad, int out_w,
                                             long long first, int count, int rows) {
     im2col_rows(x, col, channels, height, width, ksize, pad, out_w, first, count, rows);
+}
+
+namespace {
+
+// The Wan VAE's channel RMS norm: x / max(‖x‖₂ over the channels, 1e-12) · scale[channel],
+// then SiLU when asked, computed in f32. x is [outer, channels, inner] (inner: the pixels of
+// a frame); one thread per (outer, pixel), reading its channel column twice.
+template <typename T>
+__device__ void channel_rms_norm(const T* __restrict__ x, const float* __restrict__ scale,
+                                 T* __restrict__ out, int channels, int inner, bool silu) {
+    const int pixel = blockIdx.x * blockDim.x + threadIdx.x;
+    if (pixel >= inner) return;
+    const size_t base = (size_t)blockIdx.y * channels * inner + pixel;
+    float squares = 0.f;
+    for (int c = 0; c < channels; ++c) {
+        const float v = turbo::to_float(x[base + (size_t)c * inner]);
+        squares += v * v;
+    }
+    const float inv_norm = 1.f / fmaxf(sqrtf(squares), 1e-12f);
+    for (int c = 0; c < channels; ++c) {
+        float v = turbo::to_float(x[base + (size_t)c * inner]) * inv_norm * scale[c];
+        if (silu) v = v / (1.f + __expf(-v));
+        turbo::store(out + base + (size_t)c * inner, v);
+    }
+}
+
+}  // namespace
+
+// grid (⌈inner/256⌉, outer), 256 threads; scale f32 [channels].
+extern "C" __global__ void channel_rms_norm_f32(const float* x, const float* scale, float* out,
+                                                int channels, int inner, int silu) {
+    channel_rms_norm(x, scale, out, channels, inner, silu != 0);
+}
+
+extern "C" __global__ void channel_rms_norm_bf16(const bf16* x, const float* scale, bf16* out,
+                                                 int channels, int inner, int silu) {
+    channel_rms_norm(x, scale, out, channels, inner, silu != 0);
+}
+
+namespace {
+
+using turbo::cp_async_16;
+using turbo::cp_async_commit;
+using turbo::cp_async_wait;
+using turbo::ldmatrix_x4;
+using turbo::ldmatrix_x4_trans;
+using turbo::mma_bf16;
+
+// Implicit-GEMM tiles: 128 output channels × 128 output positions per CTA, 32 taps per step;
+// 8 warps of 64 channels × 32 positions.
+constexpr int CONV_BM = 128;
+constexpr int CONV_BN = 128;
+constexpr int CONV_BK = 32;
+constexpr int CONV_THREADS = 256;
+// Shared-memory pitches padded by 16 bytes: the 8 rows an ldmatrix reads fall in distinct banks.
+constexpr int A_PITCH = CONV_BK + 8;
+constexpr int B_PITCH = CONV_BN + 8;
+// Gathered input values per thread and step: its output position, every other tap.
+constexpr int B_PER_THREAD = CONV_BK * CONV_BN / CONV_THREADS;
+
+// A stride-1 convolution as a GEMM whose B operand, the im2col matrix, is gathered from the
+// input tile by tile and never stored: out[n][o][p] = Σ_k W[o][k] · col[k][p] + bias[o], tap
+// k = (c·KSIZE + ky)·KSIZE + kx. bf16 in and out, f32 accumulation on tensor cores. Weight
+// tiles stream in through cp.async; the next step's input values are gathered into registers
+// while the tensor cores work on the current step.
+template <int KSIZE>
+__device__ void conv2d_implicit(const bf16* __restrict__ x, const bf16* __restrict__ weight,
+                                const float* __restrict__ bias, bf16* __restrict__ out,
+                                int channels, int height, int width, int pad, int out_w,
+                                int positions, int out_channels, int k_pad) {
+    __shared__ __align__(16) bf16 a_tile[2][CONV_BM * A_PITCH];
+    __shared__ __align__(16) bf16 b_tile[2][CONV_BK * B_PITCH];
+    const int n = blockIdx.z, o0 = blockIdx.y * CONV_BM, p0 = blockIdx.x * CONV_BN;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
+    const int taps = channels * KSIZE * KSIZE;
+    const bf16* image = x + (size_t)n * channels * height * width;
+    const int column = threadIdx.x % CONV_BN, first_tap = threadIdx.x / CONV_BN;
+    const int p = p0 + column;
+    const bool p_valid = p < positions;
+    const int oy = p_valid ? p / out_w : 0, ox = p_valid ? p % out_w : 0;
+
+    auto load_a = [&](int step, int stage) {
+        for (int c = threadIdx.x; c < CONV_BM * CONV_BK / 8; c += CONV_THREADS) {
+            const int r = c / (CONV_BK / 8), chunk = (c % (CONV_BK / 8)) * 8;
+            const bool valid = o0 + r < out_channels;
+            const bf16* src = weight + (size_t)(valid ? o0 + r : 0) * k_pad + step * CONV_BK + chunk;
+            cp_async_16(&a_tile[stage][r * A_PITCH + chunk], src, valid);
+        }
+    };
+    auto gather_b = [&](int step, bf16 (&values)[B_PER_THREAD]) {
+        for (int j = 0; j < B_PER_THREAD; ++j) {
+            const int k = step * CONV_BK + first_tap + 2 * j;
+            bf16 v = zero<bf16>();
+            if (p_valid && k < taps) {
+                const int c = k / (KSIZE * KSIZE), tap = k % (KSIZE * KSIZE);
+                const int iy = oy + tap / KSIZE - pad, ix = ox + tap % KSIZE - pad;
+                if (iy >= 0 && iy < height && ix >= 0 && ix < width)
+                    v = image[((size_t)c * height + iy) * width + ix];
+            }
+            values[j] = v;
+        }
+    };
+    auto store_b = [&](int stage, const bf16 (&values)[B_PER_THREAD]) {
+        for (int j = 0; j < B_PER_THREAD; ++j)
+            b_tile[stage][(first_tap + 2 * j) * B_PITCH + column] = values[j];
+    };
+
+    float acc[4][4][4];
+    for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j)
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    const int steps = k_pad / CONV_BK;
+    bf16 next[B_PER_THREAD];
+    load_a(0, 0);
+    cp_async_commit();
+    gather_b(0, next);
+    store_b(0, next);
+    for (int step = 0; step < steps; ++step) {
+        const int stage = step & 1;
+        cp_async_wait<0>();
+        __syncthreads();  // step's tiles are in; the other stage is free
+        const bool more = step + 1 < steps;
+        if (more) {
+            load_a(step + 1, stage ^ 1);
+            cp_async_commit();
+            gather_b(step + 1, next);
+        }
+        for (int ks = 0; ks < CONV_BK; ks += 16) {
+            uint32_t a[4][4];
+            for (int i = 0; i < 4; ++i) {
+                const int row = warp_m + i * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
+                ldmatrix_x4(a[i], &a_tile[stage][row * A_PITCH + ks + 8 * (lane >> 4)]);
+            }
+            const int b_row = ks + ((lane >> 3) & 1) * 8 + (lane & 7);
+            for (int jj = 0; jj < 2; ++jj) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, &b_tile[stage][b_row * B_PITCH + warp_n + jj * 16 + (lane >> 4) * 8]);
+                for (int i = 0; i < 4; ++i) {
+                    mma_bf16(acc[i][2 * jj], a[i], b[0], b[1]);
+                    mma_bf16(acc[i][2 * jj + 1], a[i], b[2], b[3]);
+                }
+            }
+        }
+        if (more) store_b(stage ^ 1, next);
+    }
+
+    bf16* dst = out + (size_t)n * out_channels * positions;
+    for (int i = 0; i < 4; ++i) {
+        for (int j = 0; j < 4; ++j) {
+            for (int e = 0; e < 4; ++e) {
+                const int o = o0 + warp_m + i * 16 + g + 8 * (e >> 1);
+                const int q = p0 + warp_n + j * 8 + 2 * t + (e & 1);
+                if (o < out_channels && q < positions)
+                    dst[(size_t)o * positions + q] = __float2bfloat16(acc[i][j][e] + bias[o]);
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// x [N, C, H, W] bf16; weight [O, k_pad] bf16 (taps then zeros up to k_pad, a multiple of
+// 32); bias [O] f32; out [N, O, out_h, out_w] with positions = out_h·out_w.
+// grid (⌈positions/128⌉, ⌈O/128⌉, N), 256 threads.
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
+conv2d_implicit_k3_bf16(const bf16* x, const bf16* weight, const float* bias, bf16* out,
+                        int channels, int height, int width, int pad, int out_w, int positions,
+                        int out_channels, int k_pad) {
+    conv2d_implicit<3>(x, weight, bias, out, channels, height, width, pad, out_w, positions,
+                       out_channels, k_pad);
+}
+
+extern "C" __global__ void __launch_bounds__(CONV_THREADS)
+conv2d_implicit_k1_bf16(const bf16* x, const bf16* weight, const float* bias, bf16* out,
+                        int channels, int height, int width, int pad, int out_w, int positions,
+                        int out_channels, int k_pad) {
+    conv2d_implicit<1>(x, weight, bias, out, channels, height, width, pad, out_w, positions,
+                       out_channels, k_pad);
 }

@@ -54,24 +54,119 @@ extern "C" __global__ void layer_norm_affine_bf16(const float* x, const float* m
     layer_norm_affine(x, mul, add, out, dim, eps);
 }
 
-// out = x + y · gate[column], f32 x and gate, y in f32 or bf16; [rows, dim] row-major.
+namespace {
+
+// out = x + (y + bias[column]) · gate[column] in f32: f32 x, y and bias in f32 or bf16, f32
+// gate; bias and gate may be null (0 and 1). [rows, dim] row-major, dim even.
+// grid (rows), 256 threads.
 template <typename T>
 __device__ void gated_residual(const float* __restrict__ x, const T* __restrict__ y,
-                               const float* __restrict__ gate, float* __restrict__ out,
-                               size_t total, int dim) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < total) out[i] = x[i] + to_float(y[i]) * gate[i % dim];
+                               const T* __restrict__ bias, const float* __restrict__ gate,
+                               float* __restrict__ out, int dim) {
+    const size_t row = (size_t)blockIdx.x * dim;
+    for (int i = 2 * threadIdx.x; i < dim; i += 2 * blockDim.x) {
+        const float2 xs = *reinterpret_cast<const float2*>(x + row + i);
+        float y0 = to_float(y[row + i]), y1 = to_float(y[row + i + 1]);
+        if (bias) {
+            y0 += to_float(bias[i]);
+            y1 += to_float(bias[i + 1]);
+        }
+        if (gate) {
+            y0 *= gate[i];
+            y1 *= gate[i + 1];
+        }
+        *reinterpret_cast<float2*>(out + row + i) = make_float2(xs.x + y0, xs.y + y1);
+    }
 }
 
-extern "C" __global__ void gated_residual_f32(const float* x, const float* y, const float* gate,
-                                              float* out, size_t total, int dim) {
-    gated_residual(x, y, gate, out, total, dim);
+// GELU, tanh approximation (candle's `gelu`).
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.f + tanhf(inner));
 }
 
-extern "C" __global__ void gated_residual_bf16(const float* x, const bf16* y, const float* gate,
-                                               float* out, size_t total, int dim) {
-    gated_residual(x, y, gate, out, total, dim);
+// out = gelu(y + bias[column]) (bias may be null), [rows, n] row-major. grid (rows), 256 threads.
+template <typename T>
+__device__ void bias_gelu(const T* __restrict__ y, const T* __restrict__ bias, T* __restrict__ out,
+                          int n) {
+    const size_t row = (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = to_float(y[row + i]) + (bias ? to_float(bias[i]) : 0.f);
+        store(out + row + i, gelu_tanh(v));
+    }
 }
+
+// Wan's q/k path: RMSNorm over the row of y + bias (bias may be null) with `weight`, then,
+// when `cos` is given, RoPE on the interleaved pairs of every head: the pair p of a head of
+// token `row mod tokens` turns by the angle whose cosine and sine are cos/sin[token, p]
+// ([tokens, head_dim/2] f32). grid (rows), 256 threads, dynamic shared memory dim floats.
+template <typename T>
+__device__ void rms_norm_rope(const T* __restrict__ y, const T* __restrict__ bias,
+                              const float* __restrict__ weight, const float* __restrict__ cos,
+                              const float* __restrict__ sin, T* __restrict__ out, int dim,
+                              int head_dim, int tokens, float eps) {
+    extern __shared__ float row_values[];
+    __shared__ float scratch[32];
+    const T* src = y + (size_t)blockIdx.x * dim;
+    float squares = 0.f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        const float v = to_float(src[i]) + (bias ? to_float(bias[i]) : 0.f);
+        row_values[i] = v;
+        squares += v * v;
+    }
+    // block_sum synchronises the CTA: row_values is complete after it.
+    const float inv_rms = rsqrtf(block_sum(squares, scratch) / dim + eps);
+    const int pairs = head_dim / 2;
+    const size_t angles = (size_t)(blockIdx.x % tokens) * pairs;
+    T* dst = out + (size_t)blockIdx.x * dim;
+    for (int p = threadIdx.x; p < dim / 2; p += blockDim.x) {
+        const int i = 2 * p;
+        float x0 = row_values[i] * inv_rms * weight[i];
+        float x1 = row_values[i + 1] * inv_rms * weight[i + 1];
+        if (cos) {
+            const float c = cos[angles + p % pairs], s = sin[angles + p % pairs];
+            const float r0 = x0 * c - x1 * s;
+            x1 = x0 * s + x1 * c;
+            x0 = r0;
+        }
+        store(dst + i, x0);
+        store(dst + i + 1, x1);
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void gated_residual_f32(const float* x, const float* y, const float* bias,
+                                              const float* gate, float* out, int dim) {
+    gated_residual(x, y, bias, gate, out, dim);
+}
+
+extern "C" __global__ void gated_residual_bf16(const float* x, const bf16* y, const bf16* bias,
+                                               const float* gate, float* out, int dim) {
+    gated_residual(x, y, bias, gate, out, dim);
+}
+
+extern "C" __global__ void bias_gelu_f32(const float* y, const float* bias, float* out, int n) {
+    bias_gelu(y, bias, out, n);
+}
+
+extern "C" __global__ void bias_gelu_bf16(const bf16* y, const bf16* bias, bf16* out, int n) {
+    bias_gelu(y, bias, out, n);
+}
+
+extern "C" __global__ void rms_norm_rope_f32(const float* y, const float* bias, const float* weight,
+                                             const float* cos, const float* sin, float* out,
+                                             int dim, int head_dim, int tokens, float eps) {
+    rms_norm_rope(y, bias, weight, cos, sin, out, dim, head_dim, tokens, eps);
+}
+
+extern "C" __global__ void rms_norm_rope_bf16(const bf16* y, const bf16* bias, const float* weight,
+                                              const float* cos, const float* sin, bf16* out,
+                                              int dim, int head_dim, int tokens, float eps) {
+    rms_norm_rope(y, bias, weight, cos, sin, out, dim, head_dim, tokens, eps);
+}
+
+namespace {
 
 // out = y + bias[column] in the dtype of y; [rows, n] row-major.
 template <typename T>
@@ -80,6 +175,8 @@ __device__ void add_bias(const T* __restrict__ y, const T* __restrict__ bias, T*
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) store(out + i, to_float(y[i]) + to_float(bias[i % n]));
 }
+
+}  // namespace
 
 extern "C" __global__ void add_bias_f32(const float* y, const float* bias, float* out, size_t total, int n) {
     add_bias(y, bias, out, total, n);

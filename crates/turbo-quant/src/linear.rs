@@ -285,29 +285,38 @@ impl Linear {
         Self::from_float(weight, self.bias.clone())
     }
 
-    fn forward_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x·Wᵀ` of a `[rows, in]` matrix, in the dtype the bias is added in (the float weight's,
+    /// or x's for int8 weights).
+    fn matmul_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
-            Weight::Float(weight) => {
-                let y = x.to_dtype(weight.dtype())?.matmul(&weight.t()?)?;
-                let y = match &self.bias {
-                    Some(bias) => add_bias(&y, bias)?,
-                    None => y,
-                };
-                y.to_dtype(x.dtype())
-            }
+            Weight::Float(weight) => x.to_dtype(weight.dtype())?.matmul(&weight.t()?),
             Weight::Int8(weight) => {
-                let y = int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())?;
-                match &self.bias {
-                    Some(bias) => add_bias(&y, &bias.to_dtype(y.dtype())?),
-                    None => Ok(y),
-                }
+                int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())
             }
         }
     }
-}
 
-impl Module for Linear {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    fn forward_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.matmul_matrix(x)?;
+        let y = match &self.bias {
+            Some(bias) => add_bias(&y, &bias.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        y.to_dtype(x.dtype())
+    }
+
+    /// `x·Wᵀ` without the bias, in the dtype of `x`: for an op that adds [`Linear::bias`] as
+    /// part of its own pass (the DiT's fused kernels).
+    pub fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.map_rows(x, |rows| self.matmul_matrix(rows)?.to_dtype(x.dtype()))
+    }
+
+    /// Applies `f` to `x` `[.., in]` as a `[rows, in]` matrix, giving `[.., out]`.
+    fn map_rows(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let (in_dim, out_dim) = self.dims();
         let (&features, leading) = match x.dims().split_last() {
             Some(split) => split,
@@ -320,10 +329,16 @@ impl Module for Linear {
             );
         }
         let rows = leading.iter().product::<usize>();
-        let y = self.forward_matrix(&x.reshape((rows, in_dim))?)?;
+        let y = f(&x.reshape((rows, in_dim))?)?;
         let mut out_dims = leading.to_vec();
         out_dims.push(out_dim);
         y.reshape(out_dims)
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.map_rows(x, |rows| self.forward_matrix(rows))
     }
 }
 

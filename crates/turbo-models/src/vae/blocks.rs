@@ -17,7 +17,7 @@ pub type Keys = Vec<(String, Vec<usize>)>;
 /// (no bias, no epsilon beyond `F.normalize`'s 1e-12).
 #[derive(Debug, Clone)]
 pub struct ChannelRmsNorm {
-    /// `gamma · √C`, shaped `[C, 1, 1]` to broadcast over `[…, C, H, W]`.
+    /// `gamma · √C`, `[C]` f32.
     scale: Tensor,
 }
 
@@ -28,7 +28,7 @@ impl ChannelRmsNorm {
     /// Reads `gamma`, shaped `[C, 1, 1, 1]` in 3-D blocks and `[C, 1, 1]` in the attention block.
     pub fn load(vb: VarBuilder, channels: usize, gamma_rank: usize) -> Result<Self> {
         let gamma = vb.get(gamma_shape(channels, gamma_rank), "gamma")?;
-        let scale = (gamma.reshape((channels, 1, 1))? * (channels as f64).sqrt())?;
+        let scale = (gamma.flatten_all()?.to_dtype(DType::F32)? * (channels as f64).sqrt())?;
         Ok(Self { scale })
     }
 
@@ -36,8 +36,27 @@ impl ChannelRmsNorm {
         vec![(format!("{prefix}.gamma"), gamma_shape(channels, gamma_rank))]
     }
 
-    /// Normalises `x` `[…, C, H, W]` over `C`, computing the norm in f32 whatever the dtype.
+    /// Normalises `x` `[…, C, H, W]` over `C`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.normalise(x, false)
+    }
+
+    /// `silu(forward(x))`, in one pass on CUDA.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        self.normalise(x, true)
+    }
+
+    fn normalise(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) && x.rank() >= 3 {
+            return cuda::channel_rms_norm(x, &self.scale, silu);
+        }
+        let y = self.forward_reference(x)?;
+        Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
+    }
+
+    /// [`ChannelRmsNorm::forward`] as candle ops: the norm computed in f32 whatever the dtype.
+    pub fn forward_reference(&self, x: &Tensor) -> Result<Tensor> {
         let channel_dim = x.rank() - 3;
         let norm = x
             .to_dtype(DType::F32)?
@@ -46,7 +65,59 @@ impl ChannelRmsNorm {
             .sqrt()?
             .clamp(NORM_EPS, f64::MAX)?
             .to_dtype(x.dtype())?;
-        Ok(x.broadcast_div(&norm)?.broadcast_mul(&self.scale)?)
+        let scale = self
+            .scale
+            .reshape((self.scale.elem_count(), 1, 1))?
+            .to_dtype(x.dtype())?;
+        Ok(x.broadcast_div(&norm)?.broadcast_mul(&scale)?)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Tensor};
+    use half::bf16;
+    use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+    use turbo_core::Result;
+
+    /// The channel RMS norm (and SiLU) kernel on `x` `[…, C, H, W]` with f32 `scale` `[C]`.
+    pub(super) fn channel_rms_norm(x: &Tensor, scale: &Tensor, silu: bool) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let rank = x.rank();
+        let channels = x.dim(rank - 3)?;
+        let inner = x.dim(rank - 2)? * x.dim(rank - 1)?;
+        let outer = x.elem_count() / (channels * inner).max(1);
+        let dev = x.device().as_cuda_device()?;
+        let (xs, xl) = x.storage_and_layout();
+        let (ss, sl) = scale.storage_and_layout();
+        let scale_view = cuda_view::<f32>(&ss, sl.start_offset(), "norm scale")?;
+        let args = [channels as i32, inner as i32, i32::from(silu)];
+        let cfg = LaunchConfig {
+            grid_dim: (inner.div_ceil(256) as u32, outer as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! launch {
+            ($t:ty, $kernel:literal) => {{
+                let x_view = cuda_view::<$t>(&xs, xl.start_offset(), "norm input")?;
+                let out = unsafe { dev.alloc::<$t>(x.elem_count()) }?;
+                let func =
+                    dev.get_or_load_custom_func($kernel, "turbo_conv", turbo_kernels::CONV)?;
+                let mut launch = func.builder();
+                launch.arg(&x_view).arg(&scale_view).arg(&out);
+                for arg in &args {
+                    launch.arg(arg);
+                }
+                unsafe { launch.launch(cfg) }.w()?;
+                tensor_from_cuda(out, dev, x.shape().clone())
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => launch!(bf16, "channel_rms_norm_bf16"),
+            _ => launch!(f32, "channel_rms_norm_f32"),
+        })
     }
 }
 
@@ -116,9 +187,9 @@ impl ResidualBlock {
             Some(shortcut) => shortcut.forward(x, None)?,
             None => x.clone(),
         };
-        let h = candle_nn::ops::silu(&self.norm_in.forward(x)?)?;
+        let h = self.norm_in.forward_silu(x)?;
         let h = cached_conv(&self.conv_in, &h, cache)?;
-        let h = candle_nn::ops::silu(&self.norm_out.forward(&h)?)?;
+        let h = self.norm_out.forward_silu(&h)?;
         let h = cached_conv(&self.conv_out, &h, cache)?;
         Ok((h + identity)?)
     }

@@ -269,7 +269,7 @@ impl Coder {
         if self.direction == Direction::Encoder {
             x = self.middle(&x, cache)?;
         }
-        let x = candle_nn::ops::silu(&self.head_norm.forward(&x)?)?;
+        let x = self.head_norm.forward_silu(&x)?;
         cached_conv(&self.head_conv, &x, cache)
     }
 

@@ -150,9 +150,10 @@ impl CausalConv3d {
 }
 
 /// A stride-1 2-D convolution of `x` `[N, C, H, W]` with a square `weight` `[O, C, k, k]`, plus
-/// `bias` `[O]`. On CUDA (f32, bf16): our im2col kernel in a GEMM-friendly layout and one GEMM
-/// per image, in slices of output positions so that the column buffer stays bounded;
-/// elsewhere [`conv2d_biased_reference`].
+/// `bias` `[O]`. On CUDA: in bf16 with a 1×1 or 3×3 kernel, our implicit-GEMM kernel (tensor
+/// cores, the input gathered tile by tile, no column buffer); otherwise our im2col kernel in
+/// a GEMM-friendly layout and one GEMM per image, in slices of output positions so that the
+/// column buffer stays bounded. Elsewhere [`conv2d_biased_reference`].
 pub fn conv2d_biased(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda()
@@ -213,6 +214,19 @@ mod cuda {
         );
         let positions = out_h * out_w;
         let taps = channels * ksize * ksize;
+        if x.dtype() == DType::BF16 && matches!(ksize, 1 | 3) {
+            let shape = ConvShape {
+                channels,
+                height,
+                width,
+                padding,
+                out_w,
+                positions,
+                out_channels,
+            };
+            let out = implicit_gemm(&x, weight, bias, ksize, &shape)?;
+            return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
+        }
         // The bias is the GEMM's column after the taps, against the column buffer's row of
         // ones; zero columns pad K to a multiple of 8 (aligned leading dimensions).
         let rows = (taps + 1).next_multiple_of(8);
@@ -229,7 +243,9 @@ mod cuda {
             1,
         )?
         .to_dtype(x.dtype())?;
-        let slice = (COLUMN_BUDGET / (batch * rows)).clamp(1, positions);
+        // Slices of a multiple of 8 positions keep the GEMM's leading dimensions aligned
+        // (cuBLAS falls back to slow unaligned kernels otherwise).
+        let slice = (COLUMN_BUDGET / (batch * rows) / 8 * 8).clamp(8, positions.max(8));
         let outputs = (0..positions)
             .step_by(slice)
             .map(|first| {
@@ -244,6 +260,93 @@ mod cuda {
             Tensor::cat(&outputs, 2)?
         };
         Ok(out.reshape((batch, out_channels, out_h, out_w))?)
+    }
+
+    /// What the implicit-GEMM kernel needs to know of a convolution.
+    struct ConvShape {
+        channels: usize,
+        height: usize,
+        width: usize,
+        padding: usize,
+        out_w: usize,
+        positions: usize,
+        out_channels: usize,
+    }
+
+    /// Taps per step of the implicit-GEMM kernel: its weight rows are padded to a multiple.
+    const IMPLICIT_STEP: usize = 32;
+
+    /// The bf16 convolution as one implicit-GEMM kernel (no column buffer): `[N, O, positions]`.
+    fn implicit_gemm(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        ksize: usize,
+        shape: &ConvShape,
+    ) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let taps = shape.channels * ksize * ksize;
+        let k_pad = taps.next_multiple_of(IMPLICIT_STEP);
+        let gemm_weight = Tensor::cat(
+            &[
+                weight.reshape((shape.out_channels, taps))?,
+                Tensor::zeros(
+                    (shape.out_channels, k_pad - taps),
+                    weight.dtype(),
+                    weight.device(),
+                )?,
+            ],
+            1,
+        )?
+        .to_dtype(DType::BF16)?
+        .contiguous()?;
+        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+        let dev = x.device().as_cuda_device()?;
+        let out = unsafe { dev.alloc::<bf16>(batch * shape.out_channels * shape.positions) }?;
+        {
+            let (xs, xl) = x.storage_and_layout();
+            let (ws, wl) = gemm_weight.storage_and_layout();
+            let (bs, bl) = bias.storage_and_layout();
+            let x_view = cuda_view::<bf16>(&xs, xl.start_offset(), "conv2d input")?;
+            let w_view = cuda_view::<bf16>(&ws, wl.start_offset(), "conv2d weight")?;
+            let b_view = cuda_view::<f32>(&bs, bl.start_offset(), "conv2d bias")?;
+            let kernel = match ksize {
+                1 => "conv2d_implicit_k1_bf16",
+                _ => "conv2d_implicit_k3_bf16",
+            };
+            let func = dev.get_or_load_custom_func(kernel, "turbo_conv", turbo_kernels::CONV)?;
+            let mut launch = func.builder();
+            launch.arg(&x_view).arg(&w_view).arg(&b_view).arg(&out);
+            let args = [
+                shape.channels,
+                shape.height,
+                shape.width,
+                shape.padding,
+                shape.out_w,
+                shape.positions,
+                shape.out_channels,
+                k_pad,
+            ]
+            .map(|v| v as i32);
+            for arg in &args {
+                launch.arg(arg);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    shape.positions.div_ceil(128) as u32,
+                    shape.out_channels.div_ceil(128) as u32,
+                    batch as u32,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        Ok(tensor_from_cuda(
+            out,
+            dev,
+            (batch, shape.out_channels, shape.positions),
+        ))
     }
 
     /// `[N, rows, count]` columns for output positions `first..first + count`: the taps, a row

@@ -6,6 +6,7 @@ use turbo_attention::{Attention, DenseAttention, LoadAttention};
 use turbo_core::Result;
 use turbo_quant::Linear;
 
+use super::fused;
 use super::rope::Rope3d;
 use super::{block_linear, QuantPolicy, WanConfig};
 
@@ -13,20 +14,30 @@ use super::{block_linear, QuantPolicy, WanConfig};
 #[derive(Debug, Clone)]
 pub(crate) struct RmsNorm {
     weight: Tensor,
-    eps: f32,
+    eps: f64,
 }
 
 impl RmsNorm {
     pub(crate) fn load(vb: VarBuilder, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: vb.get_with_hints_dtype(dim, "weight", Default::default(), DType::F32)?,
-            eps: eps as f32,
+            eps,
         })
     }
+}
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let normed = candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, &self.weight, self.eps)?;
-        Ok(normed.to_dtype(x.dtype())?)
+/// A linear's output whose bias the next fused op adds.
+pub(crate) struct Unbiased<'a> {
+    pub(crate) y: Tensor,
+    pub(crate) bias: Option<&'a Tensor>,
+}
+
+impl<'a> Unbiased<'a> {
+    pub(crate) fn of(linear: &'a Linear, x: &Tensor) -> Result<Self> {
+        Ok(Self {
+            y: linear.forward_unbiased(x)?,
+            bias: linear.bias(),
+        })
     }
 }
 
@@ -66,22 +77,41 @@ impl Projections {
         Ok(x.reshape((b, l, self.heads, d / self.heads))?)
     }
 
-    fn query(&self, x: &Tensor) -> Result<Tensor> {
-        self.split_heads(&self.norm_q.forward(&self.q.forward(x)?)?)
+    /// `linear(x)` through `norm` (and RoPE when given), split into heads.
+    fn normed(
+        &self,
+        linear: &Linear,
+        norm: &RmsNorm,
+        x: &Tensor,
+        rope: Option<&Rope3d>,
+    ) -> Result<Tensor> {
+        let y = Unbiased::of(linear, x)?;
+        let tables = rope.map(Rope3d::tables);
+        self.split_heads(&fused::rms_norm_rope(
+            &y.y,
+            y.bias,
+            &norm.weight,
+            norm.eps,
+            tables,
+        )?)
     }
 
-    fn key(&self, x: &Tensor) -> Result<Tensor> {
-        self.split_heads(&self.norm_k.forward(&self.k.forward(x)?)?)
+    fn query(&self, x: &Tensor, rope: Option<&Rope3d>) -> Result<Tensor> {
+        self.normed(&self.q, &self.norm_q, x, rope)
+    }
+
+    fn key(&self, x: &Tensor, rope: Option<&Rope3d>) -> Result<Tensor> {
+        self.normed(&self.k, &self.norm_k, x, rope)
     }
 
     fn value(&self, x: &Tensor) -> Result<Tensor> {
         self.split_heads(&self.v.forward(x)?)
     }
 
-    /// `[1, L, H, D/H]` → output projection `[1, L, D]`.
-    fn output(&self, attended: &Tensor) -> Result<Tensor> {
+    /// `[1, L, H, D/H]` → the output projection `[1, L, D]`, its bias still to add.
+    fn output(&self, attended: &Tensor) -> Result<Unbiased<'_>> {
         let (b, l, h, d) = attended.dims4()?;
-        Ok(self.o.forward(&attended.reshape((b, l, h * d))?)?)
+        Unbiased::of(&self.o, &attended.reshape((b, l, h * d))?)
     }
 }
 
@@ -123,9 +153,9 @@ impl<A: Attention> SelfAttention<A> {
         self.attention.set_topk(topk)
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, rope: &Rope3d) -> Result<Tensor> {
-        let q = rope.apply(&self.proj.query(x)?)?;
-        let k = rope.apply(&self.proj.key(x)?)?;
+    pub(crate) fn forward(&self, x: &Tensor, rope: &Rope3d) -> Result<Unbiased<'_>> {
+        let q = self.proj.query(x, Some(rope))?;
+        let k = self.proj.key(x, Some(rope))?;
         let v = self.proj.value(x)?;
         self.proj.output(&self.attention.forward(&q, &k, &v)?)
     }
@@ -150,9 +180,9 @@ impl CrossAttention {
         self.proj.linears()
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let q = self.proj.query(x)?;
-        let k = self.proj.key(context)?;
+    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Unbiased<'_>> {
+        let q = self.proj.query(x, None)?;
+        let k = self.proj.key(context, None)?;
         let v = self.proj.value(context)?;
         self.proj.output(&self.attention.forward(&q, &k, &v)?)
     }

@@ -1,10 +1,10 @@
 use candle_core::{DType, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::Result;
 use turbo_quant::Linear;
 
-use super::attention::{CrossAttention, SelfAttention};
+use super::attention::{CrossAttention, SelfAttention, Unbiased};
 use super::fused;
 use super::rope::Rope3d;
 use super::{block_linear, QuantPolicy, WanConfig};
@@ -71,8 +71,9 @@ impl FeedForward {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.down.forward(&self.up.forward(x)?.gelu()?)?)
+    fn forward(&self, x: &Tensor) -> Result<Unbiased<'_>> {
+        let up = Unbiased::of(&self.up, x)?;
+        Unbiased::of(&self.down, &fused::bias_gelu(&up.y, up.bias)?)
     }
 }
 
@@ -139,10 +140,13 @@ impl<A: Attention> WanBlock<A> {
         let dtype = context.dtype();
         let m = (self.modulation.broadcast_add(e0))?.chunk(6, 1)?;
         let h = modulate(&self.norm, x, &m[0], &m[1], dtype)?;
-        let x = fused::gated_residual(x, &self.self_attn.forward(&h, rope)?, &m[2])?;
+        let attended = self.self_attn.forward(&h, rope)?;
+        let x = fused::gated_residual(x, &attended.y, attended.bias, Some(&m[2]))?;
         let h = self.norm3.forward(&x, dtype)?;
-        let x = (&x + self.cross_attn.forward(&h, context)?.to_dtype(DType::F32)?)?;
+        let attended = self.cross_attn.forward(&h, context)?;
+        let x = fused::gated_residual(&x, &attended.y, attended.bias, None)?;
         let h = modulate(&self.norm, &x, &m[3], &m[4], dtype)?;
-        fused::gated_residual(&x, &self.ffn.forward(&h)?, &m[5])
+        let ffn = self.ffn.forward(&h)?;
+        fused::gated_residual(&x, &ffn.y, ffn.bias, Some(&m[5]))
     }
 }

@@ -1,7 +1,9 @@
 //! Wan's 3-D rotary position embedding (`spec/wan-model.md` §2.5).
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use turbo_core::Result;
+
+use super::fused::RopeTables;
 
 const THETA: f64 = 10000.0;
 
@@ -56,19 +58,12 @@ impl Rope3d {
         })
     }
 
-    /// Rotates interleaved pairs `(x[2k], x[2k+1])` of `x` `[1, L, H, D]` in f32, returning the
-    /// dtype of `x`.
-    pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (_, tokens, heads, head_dim) = x.dims4()?;
-        // rope_i wants [B, H, T, D] with per-batch tables [B, T, D/2]: treat every token as a
-        // batch entry of one position, so no transpose is needed.
-        let per_token = x
-            .to_dtype(DType::F32)?
-            .reshape((tokens, heads, 1, head_dim))?;
-        let rotated = candle_nn::rotary_emb::rope_i(&per_token, &self.cos, &self.sin)?;
-        Ok(rotated
-            .reshape((1, tokens, heads, head_dim))?
-            .to_dtype(x.dtype())?)
+    /// The angles' cosines and sines, `[L, 1, head_dim/2]` each.
+    pub(crate) fn tables(&self) -> RopeTables<'_> {
+        RopeTables {
+            cos: &self.cos,
+            sin: &self.sin,
+        }
     }
 }
 
@@ -111,8 +106,7 @@ mod tests {
         .unwrap()
         .reshape((1, 2, 1, 6))
         .unwrap();
-        let out: Vec<f32> = rope
-            .apply(&x)
+        let out: Vec<f32> = super::super::fused::rotate_pairs_reference(&x, rope.tables())
             .unwrap()
             .flatten_all()
             .unwrap()
