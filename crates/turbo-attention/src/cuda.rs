@@ -340,9 +340,9 @@ fn attention_kernel(
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
 }
 
-/// SageSLA's sparse branch and the linear branch: quantises Q and K − mean(K) to int8 per
-/// block and V to E4M3 per channel with kernels, then runs the int8 / FP8 attention kernel
-/// over the selected blocks.
+/// SageSLA's sparse branch and the linear branch: K − mean(K) to int8 per key block and V to
+/// E4M3 per channel in one pass, then the int8 / FP8 attention kernel (which quantises each
+/// query block itself) over the selected blocks.
 fn sage_attention(
     q: &Tensor,
     k: &Tensor,
@@ -353,21 +353,17 @@ fn sage_attention(
 ) -> Result<Tensor> {
     let geometry = Geometry::of(q)?;
     let dev = q.device().as_cuda_device()?;
-    let k_mean = stats.key_mean.contiguous()?;
     let v_scale = (&stats.v_amax / f64::from(V_SCALE_MAX))?.contiguous()?;
-    let (q8, q_scale) = quantize_int8_blocks(q, None, BLOCK_Q, &geometry)?;
-    let (k8, k_scale) = quantize_int8_blocks(k, Some(&k_mean), BLOCK_K, &geometry)?;
-    let v8 = quantize_fp8_channels(v, &v_scale, &geometry)?;
+    let keys_values =
+        quantize_keys_values(k, v, &stats.key_mean.contiguous()?, &v_scale, &geometry)?;
 
     let out = unsafe { dev.alloc::<bf16>(q.elem_count()) }?;
     let (qs, ql) = q.storage_and_layout();
     let q_view = cuda_view::<bf16>(&qs, ql.start_offset(), "q")?;
     let guards = [
-        &q8,
-        &k8,
-        &v8,
-        &q_scale,
-        &k_scale,
+        &keys_values.k8,
+        &keys_values.v8,
+        &keys_values.k_scale,
         &v_scale,
         &selection.indices,
         &linear.folded,
@@ -375,16 +371,14 @@ fn sage_attention(
         &linear.bias,
     ]
     .map(|t| t.storage_and_layout().0);
-    let q8_view = cuda_view::<u8>(&guards[0], 0, "int8 q")?;
-    let k8_view = cuda_view::<u8>(&guards[1], 0, "int8 k")?;
-    let v8_view = cuda_view::<bf16>(&guards[2], 0, "e4m3 v")?;
-    let q_scale_view = cuda_view::<f32>(&guards[3], 0, "q scales")?;
-    let k_scale_view = cuda_view::<f32>(&guards[4], 0, "k scales")?;
-    let v_scale_view = cuda_view::<f32>(&guards[5], 0, "v scales")?;
-    let index_view = cuda_view::<u32>(&guards[6], 0, "block indices")?;
-    let folded_view = cuda_view::<bf16>(&guards[7], 0, "linear state")?;
-    let z_view = cuda_view::<f32>(&guards[8], 0, "linear z")?;
-    let bias_view = cuda_view::<f32>(&guards[9], 0, "proj_l bias")?;
+    let k8_view = cuda_view::<u8>(&guards[0], 0, "int8 k")?;
+    let v8_view = cuda_view::<bf16>(&guards[1], 0, "e4m3 v")?;
+    let k_scale_view = cuda_view::<f32>(&guards[2], 0, "k scales")?;
+    let v_scale_view = cuda_view::<f32>(&guards[3], 0, "v scales")?;
+    let index_view = cuda_view::<u32>(&guards[4], 0, "block indices")?;
+    let folded_view = cuda_view::<bf16>(&guards[5], 0, "linear state")?;
+    let z_view = cuda_view::<f32>(&guards[6], 0, "linear z")?;
+    let bias_view = cuda_view::<f32>(&guards[7], 0, "proj_l bias")?;
     let score_scale = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
     let eps = SlaConfig::LINEAR_EPS as f32;
     let n_sel = selection.per_row as i32;
@@ -394,10 +388,8 @@ fn sage_attention(
     let mut launch = func.builder();
     launch
         .arg(&q_view)
-        .arg(&q8_view)
         .arg(&k8_view)
         .arg(&v8_view)
-        .arg(&q_scale_view)
         .arg(&k_scale_view)
         .arg(&v_scale_view)
         .arg(&index_view)
@@ -414,6 +406,64 @@ fn sage_attention(
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
 }
 
+/// SageSLA's quantised keys and values (`quantize_keys_values`).
+struct QuantisedKeysValues {
+    /// Int8 `K − mean(K)` as `U8` bytes, the layout of `k`.
+    k8: Tensor,
+    /// `[B·H, ⌈L/64⌉]` f32.
+    k_scale: Tensor,
+    /// E4M3 values of `v / v_scale` held in bf16, the layout of `v`.
+    v8: Tensor,
+}
+
+fn quantize_keys_values(
+    k: &Tensor,
+    v: &Tensor,
+    k_mean: &Tensor,
+    v_scale: &Tensor,
+    geometry: &Geometry,
+) -> Result<QuantisedKeysValues> {
+    let dev = k.device().as_cuda_device()?;
+    let (bh, blocks) = (
+        geometry.batch_heads(),
+        (geometry.len as usize).div_ceil(BLOCK_K),
+    );
+    let k8 = unsafe { dev.alloc::<u8>(k.elem_count()) }?;
+    let v8 = unsafe { dev.alloc::<bf16>(v.elem_count()) }?;
+    let k_scale = unsafe { dev.alloc::<f32>(bh * blocks) }?;
+    {
+        let guards = [k, v, k_mean, v_scale].map(|t| t.storage_and_layout());
+        let k_view = cuda_view::<bf16>(&guards[0].0, guards[0].1.start_offset(), "k")?;
+        let v_view = cuda_view::<bf16>(&guards[1].0, guards[1].1.start_offset(), "v")?;
+        let mean_view = cuda_view::<f32>(&guards[2].0, guards[2].1.start_offset(), "k mean")?;
+        let scale_view = cuda_view::<f32>(&guards[3].0, guards[3].1.start_offset(), "v scales")?;
+        let func =
+            dev.get_or_load_custom_func("quantize_keys_values", MODULE, turbo_kernels::ATTENTION)?;
+        let mut launch = func.builder();
+        launch
+            .arg(&k_view)
+            .arg(&v_view)
+            .arg(&mean_view)
+            .arg(&scale_view)
+            .arg(&k8)
+            .arg(&v8)
+            .arg(&k_scale)
+            .arg(&geometry.heads)
+            .arg(&geometry.len);
+        let cfg = LaunchConfig {
+            grid_dim: (blocks as u32, bh as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        unsafe { launch.launch(cfg) }.w()?;
+    }
+    Ok(QuantisedKeysValues {
+        k8: tensor_from_cuda(k8, dev, k.shape().clone()),
+        k_scale: tensor_from_cuda(k_scale, dev, (bh, blocks)),
+        v8: tensor_from_cuda(v8, dev, v.shape().clone()),
+    })
+}
+
 /// Allows `func` `shared_bytes` of dynamic shared memory (above the default 48 KiB only on
 /// request).
 fn allow_shared_memory(func: &CudaFunction, shared_bytes: u32) -> Result<()> {
@@ -423,79 +473,6 @@ fn allow_shared_memory(func: &CudaFunction, shared_bytes: u32) -> Result<()> {
     )
     .w()?;
     Ok(())
-}
-
-/// Int8 values (`U8` bytes, same layout as `x`) and `[B·H, ⌈L/block⌉]` f32 scales.
-fn quantize_int8_blocks(
-    x: &Tensor,
-    mean: Option<&Tensor>,
-    block: usize,
-    geometry: &Geometry,
-) -> Result<(Tensor, Tensor)> {
-    let dev = x.device().as_cuda_device()?;
-    let blocks = (geometry.len as usize).div_ceil(block);
-    let bh = geometry.batch_heads();
-    let values = unsafe { dev.alloc::<u8>(x.elem_count()) }?;
-    let scales = unsafe { dev.alloc::<f32>(bh * blocks) }?;
-    {
-        let (xs, xl) = x.storage_and_layout();
-        let x_view = cuda_view::<bf16>(&xs, xl.start_offset(), "quantiser input")?;
-        let mean_guard = mean.map(|m| m.storage_and_layout().0);
-        let mean_view = match &mean_guard {
-            Some(storage) => Some(cuda_view::<f32>(storage, 0, "channel means")?),
-            None => None,
-        };
-        let func =
-            dev.get_or_load_custom_func("quantize_int8_blocks", MODULE, turbo_kernels::ATTENTION)?;
-        let mut launch = func.builder();
-        let (null, block) = (0u64, block as i32);
-        launch.arg(&x_view);
-        match &mean_view {
-            Some(view) => launch.arg(view),
-            None => launch.arg(&null),
-        };
-        launch
-            .arg(&values)
-            .arg(&scales)
-            .arg(&geometry.heads)
-            .arg(&geometry.len)
-            .arg(&block);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, bh as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        unsafe { launch.launch(cfg) }.w()?;
-    }
-    Ok((
-        tensor_from_cuda(values, dev, x.shape().clone()),
-        tensor_from_cuda(scales, dev, (bh, blocks)),
-    ))
-}
-
-/// E4M3 values of `v / scale` held in bf16, same layout as `v`.
-fn quantize_fp8_channels(v: &Tensor, scale: &Tensor, geometry: &Geometry) -> Result<Tensor> {
-    let dev = v.device().as_cuda_device()?;
-    let total = v.elem_count();
-    let out = unsafe { dev.alloc::<bf16>(total) }?;
-    {
-        let (vs, vl) = v.storage_and_layout();
-        let (ss, _) = scale.storage_and_layout();
-        let v_view = cuda_view::<bf16>(&vs, vl.start_offset(), "v")?;
-        let scale_view = cuda_view::<f32>(&ss, 0, "v scales")?;
-        let func =
-            dev.get_or_load_custom_func("quantize_fp8_channels", MODULE, turbo_kernels::ATTENTION)?;
-        let mut launch = func.builder();
-        launch
-            .arg(&v_view)
-            .arg(&scale_view)
-            .arg(&out)
-            .arg(&geometry.heads)
-            .arg(&geometry.len)
-            .arg(&total);
-        unsafe { launch.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
-    }
-    Ok(tensor_from_cuda(out, dev, v.shape().clone()))
 }
 
 /// The sizes a launch needs, as the kernels take them.

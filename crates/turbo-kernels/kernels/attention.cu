@@ -108,6 +108,34 @@ __device__ __forceinline__ void pipelined_tiles(int n, Load load, Compute comput
     }
 }
 
+// Four consecutive bf16 values (8-byte aligned) as floats; zeros for a null source.
+__device__ __forceinline__ void load_bf16x4(float out[4], const bf16* src) {
+    if (!src) {
+        for (int j = 0; j < 4; ++j) out[j] = 0.f;
+        return;
+    }
+    const uint2 raw = *reinterpret_cast<const uint2*>(src);
+    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+    out[0] = lo.x;
+    out[1] = lo.y;
+    out[2] = hi.x;
+    out[3] = hi.y;
+}
+
+// x / scale rounded half away from zero into [−127, 127] (SageSLA's int8 rounding).
+__device__ __forceinline__ uint32_t quantize_int8(float x, float scale) {
+    const float scaled = x / scale;
+    const float rounded = fminf(fmaxf(truncf(scaled + copysignf(0.5f, scaled)), -127.f), 127.f);
+    return (uint32_t)(uint8_t)(int8_t)rounded;
+}
+
+// Four values quantised and packed little-endian, the first in the lowest byte.
+__device__ __forceinline__ uint32_t quantize_int8x4(const float x[4], float scale) {
+    return quantize_int8(x[0], scale) | quantize_int8(x[1], scale) << 8 |
+           quantize_int8(x[2], scale) << 16 | quantize_int8(x[3], scale) << 24;
+}
+
 // Where (b, h)'s rows start, and how far apart they are, in elements.
 struct HeadView {
     size_t base;
@@ -407,34 +435,41 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
 // SageSLA's sparse branch: int8 Q·Kᵀ with per-block scales, online softmax in base 2 with
 // P̃ = e4m3(exp2(s − m + log2 448)), and P̃·V̂ with V̂ the E4M3 values of V (held as bf16, which
 // represents every E4M3 value exactly, so the bf16 product equals the FP8 one), times the
-// per-channel V scales at the end; then SLA's linear branch from the bf16 `q`.
-// q: bf16 [B, L, H, D]; q8, k8: int8 [B, L, H, D] (K already smoothed); v8: bf16 [B, L, H, D]
-// holding E4M3 values; q_scale: [B·H, ⌈L/128⌉], k_scale: [B·H, ⌈L/64⌉], v_scale: [B·H, D];
+// per-channel V scales at the end; then SLA's linear branch from the bf16 `q`. The query
+// block is quantised to int8 here (scale max|q|/127 + 1e-7 over the block).
+// q: bf16 [B, L, H, D]; k8: int8 [B, L, H, D] (K already smoothed); v8: bf16 [B, L, H, D]
+// holding E4M3 values; k_scale: [B·H, ⌈L/64⌉], v_scale: [B·H, D] (`quantize_keys_values`);
 // score_scale = log2(e)/√D. 2·STAGE_BYTES_SAGE bytes of dynamic shared memory.
 extern "C" __global__ void __launch_bounds__(THREADS)
-sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ q8,
-                      const int8_t* __restrict__ k8, const bf16* __restrict__ v8,
-                      const float* __restrict__ q_scale, const float* __restrict__ k_scale,
+sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ k8,
+                      const bf16* __restrict__ v8, const float* __restrict__ k_scale,
                       const float* __restrict__ v_scale, const uint32_t* __restrict__ block_idx,
                       const bf16* __restrict__ lin_state, const float* __restrict__ lin_z,
                       const float* __restrict__ lin_bias, bf16* __restrict__ out, int heads,
                       int len, int n_sel, float score_scale, float lin_eps) {
     extern __shared__ __align__(16) char smem[];
+    __shared__ float scratch[32];
     const int qb = blockIdx.x, bh = blockIdx.y;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const HeadView view(bh, heads, len);
     const int row0 = qb * BLOCK_Q + warp * 16;
     const int key_blocks = (len + BLOCK_K - 1) / BLOCK_K;
 
-    // A operands of m16n8k32: per 32-wide slice of D, rows g / g+8, bytes 4t.. and 16+4t..
-    uint32_t qf[HEAD_DIM / 32][4];
+    // A operands of m16n8k32: per 32-wide slice of D, rows g / g+8, columns 4t.. and 16+4t..
+    float qv[HEAD_DIM / 32][4][4];
+    float amax = 0.f;
     for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
         for (int i = 0; i < 4; ++i) {
             const int row = row0 + g + 8 * (i & 1), col = kk * 32 + 4 * t + 16 * (i >> 1);
-            qf[kk][i] = row < len ? *reinterpret_cast<const uint32_t*>(q8 + view.base + (size_t)row * view.pitch + col) : 0u;
+            load_bf16x4(qv[kk][i], row < len ? q + view.base + (size_t)row * view.pitch + col : nullptr);
+            for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(qv[kk][i][j]));
         }
     }
-    const float q_block_scale = q_scale[(size_t)bh * gridDim.x + qb] * score_scale;
+    const float q_scale = turbo::block_max(amax, scratch) / 127.f + 1e-7f;
+    uint32_t qf[HEAD_DIM / 32][4];
+    for (int kk = 0; kk < HEAD_DIM / 32; ++kk)
+        for (int i = 0; i < 4; ++i) qf[kk][i] = quantize_int8x4(qv[kk][i], q_scale);
+    const float q_block_scale = q_scale * score_scale;
 
     RowState st;
     st.init();
@@ -696,44 +731,55 @@ top_blocks(const float* __restrict__ scores, uint32_t* __restrict__ out, int n, 
     }
 }
 
-// Symmetric int8 quantisation per block of `block` tokens of each (b, h) of bf16 [B, L, H, D]
-// x, after subtracting a per-(b·h, channel) f32 `mean` when given: scale = max|x|/127 + 1e-7,
-// q = x/scale rounded half away from zero. grid (⌈L/block⌉, B·H), 256 threads.
-extern "C" __global__ void quantize_int8_blocks(const bf16* __restrict__ x, const float* __restrict__ mean,
-                                                int8_t* __restrict__ out, float* __restrict__ scales,
-                                                int heads, int len, int block) {
+// SageSLA's key and value operands, per key block of 64 tokens of (b, h): K − mean(K) in
+// int8 with the block's scale max|·|/127 + 1e-7 (k_scale [B·H, ⌈L/64⌉]), and V as the E4M3
+// values of v / v_scale[channel], held in bf16 (zeros where the scale is zero: an all-zero
+// channel). k_mean, v_scale: [B·H, D] f32. grid (⌈L/64⌉, B·H), 256 threads: a warp per row,
+// four channels a lane.
+extern "C" __global__ void __launch_bounds__(THREADS)
+quantize_keys_values(const bf16* __restrict__ k, const bf16* __restrict__ v,
+                     const float* __restrict__ k_mean, const float* __restrict__ v_scale,
+                     int8_t* __restrict__ k8, bf16* __restrict__ v8, float* __restrict__ k_scale,
+                     int heads, int len) {
     __shared__ float scratch[32];
-    const int blk = blockIdx.x, bh = blockIdx.y;
+    constexpr int ROWS_PER_WARP = BLOCK_K / WARPS;
+    const int kb = blockIdx.x, bh = blockIdx.y;
+    const int warp = threadIdx.x / 32, d = (threadIdx.x % 32) * 4;
     const HeadView view(bh, heads, len);
-    const int first = blk * block, rows = min(block, len - first);
-    const float* channel_mean = mean ? mean + (size_t)bh * HEAD_DIM : nullptr;
-    auto value = [&](int e) {
-        const int row = first + e / HEAD_DIM, d = e % HEAD_DIM;
-        const float v = __bfloat162float(x[view.base + (size_t)row * view.pitch + d]);
-        return channel_mean ? v - channel_mean[d] : v;
-    };
-    float amax = 0.f;
-    for (int e = threadIdx.x; e < rows * HEAD_DIM; e += blockDim.x) amax = fmaxf(amax, fabsf(value(e)));
-    const float scale = turbo::block_max(amax, scratch) / 127.f + 1e-7f;
-    for (int e = threadIdx.x; e < rows * HEAD_DIM; e += blockDim.x) {
-        const float scaled = value(e) / scale;
-        const float q = fminf(fmaxf(truncf(scaled + copysignf(0.5f, scaled)), -127.f), 127.f);
-        out[view.base + (size_t)(first + e / HEAD_DIM) * view.pitch + e % HEAD_DIM] = (int8_t)q;
-    }
-    if (threadIdx.x == 0) scales[(size_t)bh * gridDim.x + blk] = scale;
-}
+    const int key0 = kb * BLOCK_K, rows = min(BLOCK_K, len - key0);
+    auto offset = [&](int j) { return view.base + (size_t)(key0 + warp + WARPS * j) * view.pitch + d; };
+    auto valid = [&](int j) { return warp + WARPS * j < rows; };
 
-// E4M3 values of bf16 [B, L, H, D] v divided by their per-(b·h, channel) scale, as bf16; a zero
-// scale (an all-zero channel) gives zeros. One thread per element.
-extern "C" __global__ void quantize_fp8_channels(const bf16* __restrict__ v, const float* __restrict__ scale,
-                                                 bf16* __restrict__ out, int heads, int len, size_t total) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= total) return;
-    const int d = i % HEAD_DIM;
-    const size_t token_head = i / HEAD_DIM;
-    const int h = token_head % heads;
-    const size_t b = token_head / heads / len;
-    const float s = scale[(b * heads + h) * HEAD_DIM + d];
-    const float q = s > 0.f ? round_e4m3(__bfloat162float(v[i]) / s) : 0.f;
-    out[i] = __float2bfloat16(q);
+    float keys[ROWS_PER_WARP][4];
+    float amax = 0.f;
+    #pragma unroll
+    for (int j = 0; j < ROWS_PER_WARP; ++j) {
+        load_bf16x4(keys[j], valid(j) ? k + offset(j) : nullptr);
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            keys[j][c] = valid(j) ? keys[j][c] - k_mean[(size_t)bh * HEAD_DIM + d + c] : 0.f;
+            amax = fmaxf(amax, fabsf(keys[j][c]));
+        }
+    }
+    const float scale = turbo::block_max(amax, scratch) / 127.f + 1e-7f;
+    #pragma unroll
+    for (int j = 0; j < ROWS_PER_WARP; ++j)
+        if (valid(j)) *reinterpret_cast<uint32_t*>(k8 + offset(j)) = quantize_int8x4(keys[j], scale);
+    if (threadIdx.x == 0) k_scale[(size_t)bh * gridDim.x + kb] = scale;
+
+    #pragma unroll
+
+    for (int j = 0; j < ROWS_PER_WARP; ++j) {
+        if (!valid(j)) continue;
+        float values[4];
+        load_bf16x4(values, v + offset(j));
+        float e4m3[4];
+        #pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const float scale_c = v_scale[(size_t)bh * HEAD_DIM + d + c];
+            e4m3[c] = scale_c > 0.f ? round_e4m3(values[c] / scale_c) : 0.f;
+        }
+        *reinterpret_cast<uint2*>(v8 + offset(j)) =
+            make_uint2(pack_bf16(e4m3[0], e4m3[1]), pack_bf16(e4m3[2], e4m3[3]));
+    }
 }

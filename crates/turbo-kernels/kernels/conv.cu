@@ -117,8 +117,11 @@ constexpr int CONV_THREADS = 256;
 // Shared-memory pitches padded by 16 bytes: the 8 rows an ldmatrix reads fall in distinct banks.
 constexpr int A_PITCH = CONV_BK + 8;
 constexpr int B_PITCH = CONV_BN + 8;
-// Gathered input values per thread and step: its output position, every other tap.
-constexpr int B_PER_THREAD = CONV_BK * CONV_BN / CONV_THREADS;
+// Each thread gathers runs of RUN consecutive output positions, for CONV_BK / TAP_ROWS taps
+// per step: the index arithmetic is done once per run, the shared-memory store is 16 bytes.
+constexpr int RUN = 8;
+constexpr int TAP_ROWS = CONV_THREADS / (CONV_BN / RUN);
+constexpr int TAPS_PER_THREAD = CONV_BK / TAP_ROWS;
 
 // A stride-1 convolution as a GEMM whose B operand, the im2col matrix, is gathered from the
 // input tile by tile and never stored: out[n][o][p] = Σ_k W[o][k] · col[k][p] + bias[o], tap
@@ -137,10 +140,9 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, const bf16* __restri
     const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
     const int taps = channels * KSIZE * KSIZE;
     const bf16* image = x + (size_t)n * channels * height * width;
-    const int column = threadIdx.x % CONV_BN, first_tap = threadIdx.x / CONV_BN;
-    const int p = p0 + column;
-    const bool p_valid = p < positions;
-    const int oy = p_valid ? p / out_w : 0, ox = p_valid ? p % out_w : 0;
+    const int run = (threadIdx.x % (CONV_BN / RUN)) * RUN, first_tap = threadIdx.x / (CONV_BN / RUN);
+    const int run_start = p0 + run;
+    const int run_y = run_start / out_w, run_x = run_start % out_w;
 
     auto load_a = [&](int step, int stage) {
         for (int c = threadIdx.x; c < CONV_BM * CONV_BK / 8; c += CONV_THREADS) {
@@ -150,22 +152,31 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, const bf16* __restri
             cp_async_16(&a_tile[stage][r * A_PITCH + chunk], src, valid);
         }
     };
-    auto gather_b = [&](int step, bf16 (&values)[B_PER_THREAD]) {
-        for (int j = 0; j < B_PER_THREAD; ++j) {
-            const int k = step * CONV_BK + first_tap + 2 * j;
-            bf16 v = zero<bf16>();
-            if (p_valid && k < taps) {
-                const int c = k / (KSIZE * KSIZE), tap = k % (KSIZE * KSIZE);
-                const int iy = oy + tap / KSIZE - pad, ix = ox + tap % KSIZE - pad;
-                if (iy >= 0 && iy < height && ix >= 0 && ix < width)
-                    v = image[((size_t)c * height + iy) * width + ix];
+    // values[i][e]: tap first_tap + i·TAP_ROWS of the step, position run_start + e.
+    auto gather_b = [&](int step, bf16 (&values)[TAPS_PER_THREAD][RUN]) {
+        for (int i = 0; i < TAPS_PER_THREAD; ++i) {
+            const int k = step * CONV_BK + first_tap + i * TAP_ROWS;
+            const bool tap_valid = k < taps;
+            const int c = k / (KSIZE * KSIZE), tap = k % (KSIZE * KSIZE);
+            const int dy = tap / KSIZE - pad, dx = tap % KSIZE - pad;
+            const bf16* plane = image + (size_t)c * height * width;
+            int y = run_y, xx = run_x;
+            for (int e = 0; e < RUN; ++e) {
+                const int iy = y + dy, ix = xx + dx;
+                const bool valid = tap_valid && run_start + e < positions && iy >= 0 &&
+                                   iy < height && ix >= 0 && ix < width;
+                values[i][e] = valid ? plane[iy * width + ix] : zero<bf16>();
+                if (++xx == out_w) {
+                    xx = 0;
+                    ++y;
+                }
             }
-            values[j] = v;
         }
     };
-    auto store_b = [&](int stage, const bf16 (&values)[B_PER_THREAD]) {
-        for (int j = 0; j < B_PER_THREAD; ++j)
-            b_tile[stage][(first_tap + 2 * j) * B_PITCH + column] = values[j];
+    auto store_b = [&](int stage, const bf16 (&values)[TAPS_PER_THREAD][RUN]) {
+        for (int i = 0; i < TAPS_PER_THREAD; ++i)
+            *reinterpret_cast<uint4*>(&b_tile[stage][(first_tap + i * TAP_ROWS) * B_PITCH + run]) =
+                *reinterpret_cast<const uint4*>(values[i]);
     };
 
     float acc[4][4][4];
@@ -174,7 +185,7 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, const bf16* __restri
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
     const int steps = k_pad / CONV_BK;
-    bf16 next[B_PER_THREAD];
+    __align__(16) bf16 next[TAPS_PER_THREAD][RUN];
     load_a(0, 0);
     cp_async_commit();
     gather_b(0, next);
