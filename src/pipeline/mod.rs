@@ -18,7 +18,7 @@ use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::{Error, NoProgress, Progress, Result, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
-use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+use turbo_models::{StreamingUmt5Encoder, Umt5Config, VaeConfig, WanVae};
 use turbo_sampler::T2V_SIGMA_MAX;
 use turbo_video::{Fps, Video};
 
@@ -55,8 +55,22 @@ pub struct Pipeline {
     attention: AttentionConfig,
     /// Whether the DiT's block linears run in W8A8 (a `-quant` checkpoint always does).
     quant_linear: QuantPolicy,
+    /// Where the text encoder runs.
+    text_encoder_device: TextEncoderDevice,
     device: Device,
     dtype: DType,
+}
+
+/// Where the umT5 text encoder runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum TextEncoderDevice {
+    /// On the pipeline's device, reading one block of weights at a time (about 0.4 GB of
+    /// umT5-XXL in bf16 resident, not 11 GB).
+    #[default]
+    Pipeline,
+    /// On the CPU: the device holds no text-encoder weight; the context is moved to the device
+    /// after. Slower (seconds to a minute per prompt), for cards where even a block is too much.
+    Cpu,
 }
 
 /// Builds a [`Pipeline`] over the released files.
@@ -67,6 +81,7 @@ pub struct PipelineBuilder {
     files: Option<ModelFiles>,
     attention: AttentionConfig,
     quant_linear: bool,
+    text_encoder_device: TextEncoderDevice,
     device: Device,
     dtype: DType,
 }
@@ -99,6 +114,13 @@ impl PipelineBuilder {
     /// folder, and quantise a bf16 checkpoint at load.
     pub fn quant_linear(mut self, quant: bool) -> Self {
         self.quant_linear = quant;
+        self
+    }
+
+    /// Runs the text encoder on the CPU (`true`) rather than on the pipeline's device (the
+    /// default, streaming its blocks).
+    pub fn text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
+        self.text_encoder_device = text_encoder_device(on_cpu);
         self
     }
 
@@ -143,9 +165,18 @@ impl PipelineBuilder {
             },
             attention: self.attention,
             quant_linear: quant_policy(self.quant_linear),
+            text_encoder_device: self.text_encoder_device,
             device: self.device,
             dtype: self.dtype,
         })
+    }
+}
+
+fn text_encoder_device(on_cpu: bool) -> TextEncoderDevice {
+    if on_cpu {
+        TextEncoderDevice::Cpu
+    } else {
+        TextEncoderDevice::Pipeline
     }
 }
 
@@ -168,6 +199,7 @@ impl Pipeline {
                 topk: turbo_core::DEFAULT_SLA_TOPK,
             }),
             quant_linear: false,
+            text_encoder_device: TextEncoderDevice::Pipeline,
             device: Device::Cpu,
             dtype: DType::BF16,
         }
@@ -187,9 +219,16 @@ impl Pipeline {
             tokenizer,
             attention,
             quant_linear: QuantPolicy::KeepFloat,
+            text_encoder_device: TextEncoderDevice::Pipeline,
             device,
             dtype,
         })
+    }
+
+    /// Runs the text encoder on the CPU (`true`) or on the pipeline's device (`false`).
+    pub fn with_text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
+        self.text_encoder_device = text_encoder_device(on_cpu);
+        self
     }
 
     /// Runs the DiT's block linears in W8A8 (quantising float checkpoints at load) or not.
@@ -269,8 +308,9 @@ impl Pipeline {
         Ok(attention)
     }
 
-    /// The text contexts of the prompt and, for guided sampling, of the negative prompt. The
-    /// encoder is dropped before returning.
+    /// The text contexts of the prompt and, for guided sampling, of the negative prompt, on the
+    /// pipeline's device. The encoder reads one block of weights at a time (on the device the
+    /// pipeline says) and holds none after.
     fn encode_prompts(
         &self,
         prompt: &str,
@@ -279,16 +319,23 @@ impl Pipeline {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let meter = StageMeter::start(&self.device)?;
         progress.stage(&Stage::EncodingText);
-        let bytes = WeightBytes::default();
-        let contexts = {
-            let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
-            let encoder = Umt5Encoder::load(bytes.counting(vb), &self.models.text_encoder)?;
-            let encode = |text: &str| -> Result<Tensor> {
-                let context = encoder.encode_prompt(&self.tokenizer.encode(text)?)?;
-                Ok(context.to_dtype(DType::F32)?)
-            };
-            (encode(prompt)?, negative.map(encode).transpose()?)
+        let device = match self.text_encoder_device {
+            TextEncoderDevice::Pipeline => &self.device,
+            TextEncoderDevice::Cpu => &Device::Cpu,
         };
+        let bytes = WeightBytes::default();
+        let vb = self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
+        let encoder = StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
+        let encode = |text: &str| -> Result<Tensor> {
+            let ids = self.tokenizer.encode(text)?.ids;
+            let ids = Tensor::from_slice(&ids, (1, ids.len()), device)?;
+            let context = encoder.forward_observed(&ids, None, &mut || bytes.release())?;
+            Ok(context
+                .squeeze(0)?
+                .to_dtype(DType::F32)?
+                .to_device(&self.device)?)
+        };
+        let contexts = (encode(prompt)?, negative.map(encode).transpose()?);
         meter.finish(Stage::EncodingText, bytes.get(), &self.device, progress)?;
         Ok(contexts)
     }
@@ -328,11 +375,20 @@ impl Pipeline {
         source: &WeightSource,
         dtype: DType,
     ) -> Result<candle_nn::VarBuilder<'static>> {
+        self.var_builder_on(source, dtype, &self.device)
+    }
+
+    fn var_builder_on(
+        &self,
+        source: &WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
         match source {
             WeightSource::File(path) => {
-                turbo_models::Checkpoint::open(path)?.var_builder(dtype, &self.device)
+                turbo_models::Checkpoint::open(path)?.var_builder(dtype, device)
             }
-            WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, &self.device)),
+            WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, device)),
         }
     }
 }
