@@ -5,6 +5,7 @@
 
 mod demo;
 mod denoise;
+mod estimate;
 mod files;
 mod i2v;
 mod memory;
@@ -23,9 +24,11 @@ use turbo_sampler::T2V_SIGMA_MAX;
 use turbo_video::{Fps, Video};
 
 use denoise::{DenoisePlan, DitPlan, PlannedSampler};
+use estimate::EstimateInput;
 use memory::{StageMeter, WeightBytes};
 
 pub use demo::{demo_request, DEMO_NOTICE};
+pub use estimate::{MemoryEstimate, StageEstimate};
 pub use files::{
     ModelFiles, ModelKind, WeightSource, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE_FILE,
 };
@@ -57,6 +60,8 @@ pub struct Pipeline {
     quant_linear: QuantPolicy,
     /// Where the text encoder runs.
     text_encoder_device: TextEncoderDevice,
+    /// Device bytes a stage may use; `None`: what the device has free when a run starts.
+    memory_budget: Option<u64>,
     device: Device,
     dtype: DType,
 }
@@ -82,6 +87,7 @@ pub struct PipelineBuilder {
     attention: AttentionConfig,
     quant_linear: bool,
     text_encoder_device: TextEncoderDevice,
+    memory_budget: Option<u64>,
     device: Device,
     dtype: DType,
 }
@@ -121,6 +127,14 @@ impl PipelineBuilder {
     /// default, streaming its blocks).
     pub fn text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
         self.text_encoder_device = text_encoder_device(on_cpu);
+        self
+    }
+
+    /// The device bytes any one stage may use (see [`Pipeline::estimate_memory`]). Without
+    /// it, a CUDA pipeline takes what the device has available when a run starts; a CPU
+    /// pipeline checks nothing.
+    pub fn memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = Some(bytes);
         self
     }
 
@@ -166,6 +180,7 @@ impl PipelineBuilder {
             attention: self.attention,
             quant_linear: quant_policy(self.quant_linear),
             text_encoder_device: self.text_encoder_device,
+            memory_budget: self.memory_budget,
             device: self.device,
             dtype: self.dtype,
         })
@@ -200,6 +215,7 @@ impl Pipeline {
             }),
             quant_linear: false,
             text_encoder_device: TextEncoderDevice::Pipeline,
+            memory_budget: None,
             device: Device::Cpu,
             dtype: DType::BF16,
         }
@@ -220,9 +236,16 @@ impl Pipeline {
             attention,
             quant_linear: QuantPolicy::KeepFloat,
             text_encoder_device: TextEncoderDevice::Pipeline,
+            memory_budget: None,
             device,
             dtype,
         })
+    }
+
+    /// Limits every stage to `bytes` of device memory (see [`PipelineBuilder::memory_budget`]).
+    pub fn with_memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = Some(bytes);
+        self
     }
 
     /// Runs the text encoder on the CPU (`true`) or on the pipeline's device (`false`).
@@ -250,14 +273,25 @@ impl Pipeline {
         self.text_to_video_with_progress(request, &mut NoProgress)
     }
 
+    /// The peak device memory each stage of `request` is expected to need, from the model
+    /// configurations, the request's size and length, the dtype, W8A8 and the attention
+    /// backend. A run checks it against the memory budget before loading anything and fails
+    /// with [`Error::MemoryBudgetExceeded`] if a stage does not fit.
+    pub fn estimate_memory(&self, request: &T2vRequest) -> Result<MemoryEstimate> {
+        let plan = self.plan(request)?;
+        Ok(self.estimate(&plan.estimate_input(false)))
+    }
+
     /// [`Pipeline::text_to_video`], reporting every stage and sampling step to `progress`.
-    /// Every setting is checked before any model is loaded.
+    /// Every setting, and the memory estimate against the budget, is checked before any model
+    /// is loaded.
     pub fn text_to_video_with_progress(
         &self,
         request: &T2vRequest,
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
+        self.check_memory(&self.estimate(&plan.estimate_input(false)))?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -289,6 +323,7 @@ impl Pipeline {
         }
         let geometry = request.geometry()?;
         Ok(Plan {
+            geometry,
             denoise: DenoisePlan::new(
                 PlannedSampler::new(&request.sampler, T2V_SIGMA_MAX)?,
                 DitPlan::Single(self.request_attention(request)?),
@@ -402,8 +437,22 @@ fn with_topk(kind: AttentionKind, topk: f64) -> Result<AttentionKind> {
     }
 }
 
-/// A validated text-to-video request.
+/// A validated request.
 struct Plan {
+    geometry: turbo_core::VideoGeometry,
     denoise: DenoisePlan,
     fps: Fps,
+}
+
+impl Plan {
+    /// What the memory estimate reads of the plan; `image` for image to video.
+    fn estimate_input(&self, image: bool) -> EstimateInput {
+        EstimateInput {
+            geometry: self.geometry,
+            attention: self.denoise.dits.first_attention(),
+            guided: self.denoise.sampler.negative_prompt().is_some(),
+            image,
+            steps: self.denoise.sampler.timesteps().len(),
+        }
+    }
 }
