@@ -185,3 +185,65 @@ fn a_stage_over_budget_fails_before_any_work_naming_the_stage() {
         });
     assert!(video.is_ok());
 }
+
+/// A budget below the untiled decode makes the estimate pick VAE tiles that fit.
+#[test]
+fn the_decode_is_tiled_when_the_untiled_decode_does_not_fit() {
+    let demo = Pipeline::demo(3, sagesla(), Device::Cpu).unwrap();
+    let request = T2vRequest {
+        size: Some((512, 512)),
+        frames: 5,
+        ..demo_request("a harbour")
+    };
+    let untiled = demo.estimate_memory(&request).unwrap();
+    assert_eq!(untiled.vae_tiling, None);
+    let decode = decoding(&untiled);
+    let others = untiled.stages[..untiled.stages.len() - 1]
+        .iter()
+        .map(|s| s.peak())
+        .max()
+        .unwrap();
+    let budget = decode - 1;
+    assert!(
+        others <= budget,
+        "the test needs the decode to be the largest stage"
+    );
+    let tiled = demo
+        .clone()
+        .with_memory_budget(budget)
+        .estimate_memory(&request)
+        .unwrap();
+    let tiling = tiled.vae_tiling.expect("a tiling");
+    println!(
+        "untiled decode {decode} bytes; tiles {tiling:?}: {} bytes",
+        decoding(&tiled)
+    );
+    assert!(decoding(&tiled) <= budget);
+    assert!(tiling.height() < 512 / 8 || tiling.width() < 512 / 8);
+}
+
+/// A forced tiling decodes the same video as the untiled decode (to u8 rounding).
+#[test]
+fn forced_vae_tiling_gives_the_same_video() {
+    let demo = Pipeline::demo(3, sagesla(), Device::Cpu).unwrap();
+    let request = T2vRequest {
+        frames: 5,
+        ..demo_request("a lantern")
+    };
+    let tiling = turbodiffusion::models::VaeTiling::new(5, 7).unwrap();
+    let tiled = demo.clone().with_vae_tiling(tiling);
+    assert_eq!(
+        tiled.estimate_memory(&request).unwrap().vae_tiling,
+        Some(tiling)
+    );
+    let (a, b) = (
+        demo.text_to_video(&request).unwrap(),
+        tiled.text_to_video(&request).unwrap(),
+    );
+    let largest = a
+        .frames()
+        .iter()
+        .zip(b.frames())
+        .flat_map(|(x, y)| x.iter().zip(y.iter()).map(|(&p, &q)| p.abs_diff(q)));
+    assert!(largest.max().unwrap() <= 1);
+}

@@ -27,7 +27,7 @@ use turbo_models::tokenizer::MAX_PROMPT_TOKENS;
 use turbo_models::wan::{
     expected_tensors, int8_block_linears, PatchLayout, QuantPolicy, WanConfig,
 };
-use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, VaeTiling, WanVae};
 
 use super::{Pipeline, TextEncoderDevice};
 
@@ -53,6 +53,9 @@ impl StageEstimate {
 #[derive(Debug, Clone, PartialEq)]
 pub struct MemoryEstimate {
     pub stages: Vec<StageEstimate>,
+    /// The tiling the VAE decode will use: the one the pipeline was given, or the coarsest
+    /// grid whose estimate fits the budget when the untiled decode does not; `None`: untiled.
+    pub vae_tiling: Option<VaeTiling>,
 }
 
 impl MemoryEstimate {
@@ -84,8 +87,21 @@ pub(super) struct EstimateInput {
 }
 
 impl Pipeline {
-    /// Per-stage estimates for `input`.
-    pub(super) fn estimate(&self, input: &EstimateInput) -> MemoryEstimate {
+    /// The memory budget of a stage: the one given to the builder, else on CUDA the memory the
+    /// device has available now; `None` on the CPU without a given budget.
+    pub(super) fn memory_budget(&self) -> Result<Option<u64>> {
+        match self.memory_budget {
+            Some(budget) => Ok(Some(budget)),
+            None => turbo_core::available_memory(&self.device),
+        }
+    }
+
+    /// Per-stage estimates for `input`, with the VAE tiling chosen for `budget`.
+    pub(super) fn estimate(
+        &self,
+        input: &EstimateInput,
+        budget: Option<u64>,
+    ) -> Result<MemoryEstimate> {
         let models = &self.models;
         let dtype = self.dtype;
         let text = text_estimate(
@@ -109,24 +125,63 @@ impl Pipeline {
         });
         stages.push(dit.of(Stage::Denoising { steps: input.steps }));
         let frames = input.geometry.frames.get();
-        let decode = vae_decode_estimate(&models.vae, dtype, input.geometry);
+        let (decode, vae_tiling) = self.plan_decode(input.geometry, budget)?;
         stages.push(decode.of(Stage::Decoding {
             done: frames,
             total: frames,
         }));
-        MemoryEstimate { stages }
+        Ok(MemoryEstimate { stages, vae_tiling })
+    }
+
+    /// The decode's estimate and tiling: the pipeline's tiling if it has one; else untiled if
+    /// that fits `budget`; else the coarsest `n × n` grid that fits, or if none does the
+    /// lowest estimate (untiled when tiles do not help, as on frames not much larger than the
+    /// halo).
+    fn plan_decode(
+        &self,
+        geometry: VideoGeometry,
+        budget: Option<u64>,
+    ) -> Result<(Footprint, Option<VaeTiling>)> {
+        let (cfg, dtype) = (&self.models.vae, self.dtype);
+        if let Some(tiling) = self.vae_tiling {
+            return Ok((
+                vae_decode_estimate(cfg, dtype, geometry, Some(tiling)),
+                Some(tiling),
+            ));
+        }
+        let untiled = vae_decode_estimate(cfg, dtype, geometry, None);
+        let Some(budget) = budget.filter(|&budget| untiled.peak() > budget) else {
+            return Ok((untiled, None));
+        };
+        let latent = geometry.latent_shape();
+        let mut planned = (untiled, None);
+        for n in 2..=latent.height.max(latent.width) {
+            let tiling = VaeTiling::grid(
+                n.min(latent.height),
+                n.min(latent.width),
+                latent.height,
+                latent.width,
+            )?;
+            let estimate = vae_decode_estimate(cfg, dtype, geometry, Some(tiling));
+            if estimate.peak() < planned.0.peak() {
+                planned = (estimate, Some(tiling));
+            }
+            if planned.0.peak() <= budget {
+                break;
+            }
+        }
+        Ok(planned)
     }
 
     /// Fails with [`Error::MemoryBudgetExceeded`] naming the first stage whose estimate
-    /// exceeds the budget: the one given to the builder, else on CUDA the memory the device
-    /// has available now; on the CPU without a given budget nothing is checked.
-    pub(super) fn check_memory(&self, estimate: &MemoryEstimate) -> Result<()> {
-        let budget = match self.memory_budget {
-            Some(budget) => budget,
-            None => match turbo_core::available_memory(&self.device)? {
-                Some(available) => available,
-                None => return Ok(()),
-            },
+    /// exceeds `budget` (see [`Pipeline::memory_budget`]); without one nothing is checked.
+    pub(super) fn check_memory(
+        &self,
+        estimate: &MemoryEstimate,
+        budget: Option<u64>,
+    ) -> Result<()> {
+        let Some(budget) = budget else {
+            return Ok(());
         };
         match estimate.stages.iter().find(|s| s.peak() > budget) {
             Some(over) => Err(Error::MemoryBudgetExceeded {
@@ -142,7 +197,7 @@ impl Pipeline {
         }
     }
 
-    /// What would lower the memory of `stage`.
+    /// What would lower the memory of `stage` (finer VAE tiles are chosen automatically).
     fn memory_help(&self, stage: &Stage) -> Vec<String> {
         let smaller = "a lower resolution or fewer frames".to_owned();
         match stage {
@@ -154,8 +209,8 @@ impl Pipeline {
                 "W8A8 block linears (`quant_linear(true)`)".to_owned(),
                 smaller,
             ],
-            Stage::Decoding { .. } => {
-                vec!["VAE tiling (`vae_tiling`)".to_owned(), smaller]
+            Stage::Decoding { .. } if self.vae_tiling.is_some() => {
+                vec!["smaller VAE tiles (`vae_tiling`)".to_owned(), smaller]
             }
             _ => vec![smaller],
         }
@@ -196,6 +251,10 @@ impl Footprint {
             weights,
             activations,
         }
+    }
+
+    fn peak(&self) -> u64 {
+        self.weights + self.activations
     }
 
     fn of(self, stage: Stage) -> StageEstimate {
@@ -321,12 +380,34 @@ fn calibration_geometry() -> VideoGeometry {
 /// The VAE's weights (encoder and decoder, both loaded) plus `K_vae · U`, where
 /// `U = 4·H·W·dim·b` is one chunk of four frames of the full-resolution feature map at the
 /// base width in the compute dtype `b` and `K_vae` is calibrated ([`vae_coefficient`]), plus
-/// the decoded video: its chunks and their concatenation in the compute dtype and the f32 copy
-/// (`3·F·H·W·(2b + 4)`). The decode streams over time, so only the output grows with `F`.
-fn vae_decode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
+/// the decoded video: its chunks (or tiles) and their concatenation in the compute dtype and
+/// the f32 copy (`3·F·H·W·(2b + 4)`). The decode streams over time, so only the output grows
+/// with `F`. Tiled, `U` is that of one tile with its halo (the feature maps and the temporal
+/// cache are the tile's), and the middle blocks' output for every latent frame is held
+/// (`T·dim·mult_last·h·w·b`).
+fn vae_decode_estimate(
+    cfg: &VaeConfig,
+    dtype: DType,
+    geometry: VideoGeometry,
+    tiling: Option<VaeTiling>,
+) -> Footprint {
     let ((weights, output), unit) = vae_decode_terms(cfg, dtype, geometry);
-    let chunk = (vae_coefficient() * unit as f64) as u64;
-    Footprint::new(weights, output + chunk)
+    let Some(tiling) = tiling else {
+        let chunk = (vae_coefficient() * unit as f64) as u64;
+        return Footprint::new(weights, output + chunk);
+    };
+    let latent = geometry.latent_shape();
+    let halo = cfg.decode_halo();
+    let decoded = |tile: usize, side: usize| (tile + 2 * halo).min(side);
+    let tile_area = decoded(tiling.height(), latent.height) * decoded(tiling.width(), latent.width);
+    let fraction = tile_area as f64 / (latent.height * latent.width) as f64;
+    let chunk = (vae_coefficient() * unit as f64 * fraction) as u64;
+    let middle_channels = cfg.dim * cfg.dim_mult.last().copied().unwrap_or(1);
+    let middle = bytes(
+        latent.frames * middle_channels * latent.height * latent.width,
+        dtype,
+    );
+    Footprint::new(weights, output + chunk + middle)
 }
 
 /// `((weights, output video), U)` of a decode.

@@ -70,7 +70,7 @@ impl Pipeline {
     /// [`Pipeline::estimate_memory`] for image to video (the image encoding included).
     pub fn estimate_memory_i2v(&self, request: &I2vRequest) -> Result<MemoryEstimate> {
         let plan = self.plan_i2v(request)?;
-        Ok(self.estimate(&plan.estimate_input(true)))
+        self.estimate(&plan.estimate_input(true), self.memory_budget()?)
     }
 
     /// [`Pipeline::image_to_video`], reporting every stage and sampling step to `progress`.
@@ -82,7 +82,9 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
-        self.check_memory(&self.estimate(&plan.estimate_input(true)))?;
+        let budget = self.memory_budget()?;
+        let memory = self.estimate(&plan.estimate_input(true), budget)?;
+        self.check_memory(&memory, budget)?;
         let (context, negative) = self.encode_prompts(
             &request.video.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -100,7 +102,8 @@ impl Pipeline {
             request.video.seed,
             progress,
         )?;
-        Video::from_tensor(&self.decode(&latent, progress)?, plan.fps)
+        let frames = self.decode(&latent, memory.vae_tiling, progress)?;
+        Video::from_tensor(&frames, plan.fps)
     }
 
     fn plan_i2v(&self, request: &I2vRequest) -> Result<Plan> {

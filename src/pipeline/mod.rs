@@ -19,7 +19,7 @@ use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::{Error, NoProgress, Progress, Result, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
-use turbo_models::{StreamingUmt5Encoder, Umt5Config, VaeConfig, WanVae};
+use turbo_models::{StreamingUmt5Encoder, Umt5Config, VaeConfig, VaeTiling, WanVae};
 use turbo_sampler::T2V_SIGMA_MAX;
 use turbo_video::{Fps, Video};
 
@@ -62,6 +62,8 @@ pub struct Pipeline {
     text_encoder_device: TextEncoderDevice,
     /// Device bytes a stage may use; `None`: what the device has free when a run starts.
     memory_budget: Option<u64>,
+    /// Decode in these tiles; `None`: untiled unless the budget asks for tiles.
+    vae_tiling: Option<VaeTiling>,
     device: Device,
     dtype: DType,
 }
@@ -88,6 +90,7 @@ pub struct PipelineBuilder {
     quant_linear: bool,
     text_encoder_device: TextEncoderDevice,
     memory_budget: Option<u64>,
+    vae_tiling: Option<VaeTiling>,
     device: Device,
     dtype: DType,
 }
@@ -138,6 +141,14 @@ impl PipelineBuilder {
         self
     }
 
+    /// Decodes in spatial tiles of this size, whatever the budget (by default the decode is
+    /// tiled only when the untiled estimate exceeds the budget). The video is the same up to
+    /// float rounding.
+    pub fn vae_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.vae_tiling = Some(tiling);
+        self
+    }
+
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
         self
@@ -181,6 +192,7 @@ impl PipelineBuilder {
             quant_linear: quant_policy(self.quant_linear),
             text_encoder_device: self.text_encoder_device,
             memory_budget: self.memory_budget,
+            vae_tiling: self.vae_tiling,
             device: self.device,
             dtype: self.dtype,
         })
@@ -216,6 +228,7 @@ impl Pipeline {
             quant_linear: false,
             text_encoder_device: TextEncoderDevice::Pipeline,
             memory_budget: None,
+            vae_tiling: None,
             device: Device::Cpu,
             dtype: DType::BF16,
         }
@@ -237,6 +250,7 @@ impl Pipeline {
             quant_linear: QuantPolicy::KeepFloat,
             text_encoder_device: TextEncoderDevice::Pipeline,
             memory_budget: None,
+            vae_tiling: None,
             device,
             dtype,
         })
@@ -245,6 +259,12 @@ impl Pipeline {
     /// Limits every stage to `bytes` of device memory (see [`PipelineBuilder::memory_budget`]).
     pub fn with_memory_budget(mut self, bytes: u64) -> Self {
         self.memory_budget = Some(bytes);
+        self
+    }
+
+    /// Decodes in spatial tiles of this size (see [`PipelineBuilder::vae_tiling`]).
+    pub fn with_vae_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.vae_tiling = Some(tiling);
         self
     }
 
@@ -279,7 +299,7 @@ impl Pipeline {
     /// with [`Error::MemoryBudgetExceeded`] if a stage does not fit.
     pub fn estimate_memory(&self, request: &T2vRequest) -> Result<MemoryEstimate> {
         let plan = self.plan(request)?;
-        Ok(self.estimate(&plan.estimate_input(false)))
+        self.estimate(&plan.estimate_input(false), self.memory_budget()?)
     }
 
     /// [`Pipeline::text_to_video`], reporting every stage and sampling step to `progress`.
@@ -291,7 +311,9 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
-        self.check_memory(&self.estimate(&plan.estimate_input(false)))?;
+        let budget = self.memory_budget()?;
+        let memory = self.estimate(&plan.estimate_input(false), budget)?;
+        self.check_memory(&memory, budget)?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -304,7 +326,7 @@ impl Pipeline {
             request.seed,
             progress,
         )?;
-        let frames = self.decode(&latent, progress)?;
+        let frames = self.decode(&latent, memory.vae_tiling, progress)?;
         Video::from_tensor(&frames, plan.fps)
     }
 
@@ -376,21 +398,36 @@ impl Pipeline {
     }
 
     /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`, reporting the frames as they
-    /// come; the VAE is dropped after.
-    fn decode(&self, latent: &Tensor, progress: &mut dyn Progress) -> Result<Tensor> {
+    /// come (tiled: all at the end); the VAE is dropped after.
+    fn decode(
+        &self,
+        latent: &Tensor,
+        tiling: Option<VaeTiling>,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
         let meter = StageMeter::start(&self.device)?;
         let total = (latent.dim(1)? - 1) * turbo_core::VAE_STRIDE.0 + 1;
         progress.stage(&Stage::Decoding { done: 0, total });
         let (vae, bytes) = self.load_vae()?;
-        let mut chunks = Vec::new();
-        vae.decode_streaming(&latent.to_dtype(self.dtype)?.unsqueeze(0)?, |decoded| {
-            let done = decoded.first_frame + decoded.frames.dim(2)?;
-            chunks.push(decoded.frames);
-            progress.stage(&Stage::Decoding { done, total });
-            Ok(())
-        })?;
+        let latent = latent.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let video = match tiling {
+            Some(tiling) => {
+                tracing::info!(?tiling, "decoding in tiles");
+                vae.decode_tiled(&latent, tiling)?
+            }
+            None => {
+                let mut chunks = Vec::new();
+                vae.decode_streaming(&latent, |decoded| {
+                    let done = decoded.first_frame + decoded.frames.dim(2)?;
+                    chunks.push(decoded.frames);
+                    progress.stage(&Stage::Decoding { done, total });
+                    Ok(())
+                })?;
+                Tensor::cat(&chunks, 2)?
+            }
+        };
         drop(vae);
-        let frames = Tensor::cat(&chunks, 2)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let frames = video.squeeze(0)?.to_dtype(DType::F32)?;
         let stage = Stage::Decoding { done: total, total };
         meter.finish(stage, bytes, &self.device, progress)?;
         Ok(frames)
