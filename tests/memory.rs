@@ -106,6 +106,20 @@ fn w8a8_lowers_the_dit_estimate() {
     // The block linears are most of the 14B's weights: int8 halves them.
     let weights = |e: &MemoryEstimate| e.stages[1].weights as f64;
     assert!(weights(&quant) < 0.6 * weights(&float));
+
+    // On a 24 GiB budget the float 14B at 720p stops before loading anything, pointing at W8A8.
+    let error = full_size(ModelKind::Wan21T2V14B, false)
+        .with_memory_budget(24 << 30)
+        .text_to_video_with_progress(&sized(1280, 720, 81), &mut NoStage)
+        .unwrap_err();
+    println!("{error}");
+    match error {
+        Error::MemoryBudgetExceeded { stage, help, .. } => {
+            assert_eq!(stage, "denoising");
+            assert!(help.iter().any(|h| h.contains("quant_linear")));
+        }
+        other => panic!("expected a memory budget error, got {other}"),
+    }
 }
 
 #[test]
