@@ -65,6 +65,10 @@ struct Args {
     /// where it doubles the time).
     #[arg(long)]
     skip_cold_run: bool,
+    /// Memory budget of the `t2v` and `i2v` pipelines in GiB, instead of the device's free
+    /// memory: a stage over it fails before loading, and a decode over it is tiled.
+    #[arg(long)]
+    memory_budget_gib: Option<f64>,
     /// Model shapes for the attention and linear rows.
     #[arg(long, value_delimiter = ',', default_value = "1.3b,14b")]
     shapes: Vec<ModelShape>,
@@ -480,7 +484,7 @@ fn t2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
         ModelShape::Wan1_3B => (ModelKind::Wan21T2V1_3B, "Wan2.1-1.3B"),
         ModelShape::Wan14B => (ModelKind::Wan21T2V14B, "Wan2.1-14B"),
     };
-    let pipeline = random_pipeline(kind, device, args.seed)?;
+    let pipeline = random_pipeline(kind, device, args)?;
     let request = T2vRequest {
         size: Some(args.t2v_size),
         frames: args.video_frames,
@@ -501,7 +505,7 @@ fn t2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
 /// A whole 4-step Wan2.2 A14B image-to-video (two experts, one resident at a time) with
 /// random weights and a random input image, per stage, with each stage's estimate.
 fn i2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
-    let pipeline = random_pipeline(ModelKind::Wan22I2VA14B, device, args.seed)?;
+    let pipeline = random_pipeline(ModelKind::Wan22I2VA14B, device, args)?;
     let (width, height) = args.i2v_size;
     let image = random_image(width, height, args.seed)?;
     let mut request = I2vRequest::new(image, "a paper boat drifts down a rainy street");
@@ -519,13 +523,17 @@ fn i2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     })
 }
 
-/// A released model at full size with seeded random weights: bf16, SageSLA top-k 0.1, W8A8.
-fn random_pipeline(kind: ModelKind, device: &Device, seed: u64) -> Result<Pipeline> {
+/// A released model at full size with seeded random weights: bf16, SageSLA top-k 0.1, W8A8,
+/// and the memory budget of the arguments.
+fn random_pipeline(kind: ModelKind, device: &Device, args: &Args) -> Result<Pipeline> {
     let attention = AttentionConfig::new(AttentionKind::sagesla(0.1)?);
-    Ok(
-        Pipeline::random_weights(kind, seed, attention, device.clone(), DType::BF16)?
-            .with_quant_linear(true),
-    )
+    let pipeline =
+        Pipeline::random_weights(kind, args.seed, attention, device.clone(), DType::BF16)?
+            .with_quant_linear(true);
+    Ok(match args.memory_budget_gib {
+        Some(gib) => pipeline.with_memory_budget((gib * (1u64 << 30) as f64) as u64),
+        None => pipeline,
+    })
 }
 
 /// An image of uniform random pixels drawn from `seed` (xorshift64).
