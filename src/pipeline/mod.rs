@@ -413,7 +413,9 @@ impl Pipeline {
         let video = match tiling {
             Some(tiling) => {
                 tracing::info!(?tiling, "decoding in tiles");
-                vae.decode_tiled(&latent, tiling)?
+                let video = vae.decode_tiled(&latent, tiling)?;
+                progress.stage(&Stage::Decoding { done: total, total });
+                video
             }
             None => {
                 let mut chunks = Vec::new();
