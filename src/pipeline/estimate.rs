@@ -25,13 +25,12 @@
 use candle_core::DType;
 use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, FrameCount, FrameSize, Result, Stage, VideoGeometry, VAE_STRIDE};
-use turbo_models::tokenizer::MAX_PROMPT_TOKENS;
 use turbo_models::wan::{
     expected_tensors, int8_block_linears, PatchLayout, QuantPolicy, WanConfig,
 };
 use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, VaeTiling, WanVae};
 
-use super::{Pipeline, TextEncoderDevice};
+use super::{Pipeline, Plan, TextEncoderDevice};
 
 /// The estimated peak device memory of one stage.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -77,21 +76,61 @@ impl MemoryEstimate {
 }
 
 /// What the estimate of a request depends on besides the pipeline.
-pub(super) struct EstimateInput {
-    pub(super) geometry: VideoGeometry,
+struct EstimateInput {
+    geometry: VideoGeometry,
     /// The DiT's attention (the weights of SLA's `proj_l` count).
-    pub(super) attention: AttentionConfig,
+    attention: AttentionConfig,
+    /// Tokens of the longest prompt encoded.
+    text_tokens: usize,
     /// Guided sampling encodes a second prompt.
-    pub(super) guided: bool,
+    guided: bool,
     /// Image to video: the VAE encodes the image first.
-    pub(super) image: bool,
-    pub(super) steps: usize,
+    image: bool,
+    steps: usize,
 }
 
 impl Pipeline {
+    /// The estimate of a planned run whose prompt is `prompt` (`image`: image to video), and
+    /// the budget it is checked against.
+    pub(super) fn plan_memory(
+        &self,
+        plan: &Plan,
+        prompt: &str,
+        image: bool,
+    ) -> Result<(MemoryEstimate, Option<u64>)> {
+        let negative = plan.denoise.sampler.negative_prompt();
+        let mut text_tokens = self.tokenizer.encode(prompt)?.ids.len();
+        if let Some(negative) = negative {
+            text_tokens = text_tokens.max(self.tokenizer.encode(negative)?.ids.len());
+        }
+        let input = EstimateInput {
+            geometry: plan.geometry,
+            attention: plan.denoise.dits.first_attention(),
+            text_tokens,
+            guided: negative.is_some(),
+            image,
+            steps: plan.denoise.sampler.timesteps().len(),
+        };
+        let budget = self.memory_budget()?;
+        Ok((self.estimate(&input, budget)?, budget))
+    }
+
+    /// [`Pipeline::plan_memory`], failing with [`Error::MemoryBudgetExceeded`] if a stage does
+    /// not fit.
+    pub(super) fn checked_memory(
+        &self,
+        plan: &Plan,
+        prompt: &str,
+        image: bool,
+    ) -> Result<MemoryEstimate> {
+        let (estimate, budget) = self.plan_memory(plan, prompt, image)?;
+        self.check_memory(&estimate, budget)?;
+        Ok(estimate)
+    }
+
     /// The memory budget of a stage: the one given to the builder, else on CUDA the memory the
     /// device has available now; `None` on the CPU without a given budget.
-    pub(super) fn memory_budget(&self) -> Result<Option<u64>> {
+    fn memory_budget(&self) -> Result<Option<u64>> {
         match self.memory_budget {
             Some(budget) => Ok(Some(budget)),
             None => turbo_core::available_memory(&self.device),
@@ -99,17 +138,14 @@ impl Pipeline {
     }
 
     /// Per-stage estimates for `input`, with the VAE tiling chosen for `budget`.
-    pub(super) fn estimate(
-        &self,
-        input: &EstimateInput,
-        budget: Option<u64>,
-    ) -> Result<MemoryEstimate> {
+    fn estimate(&self, input: &EstimateInput, budget: Option<u64>) -> Result<MemoryEstimate> {
         let models = &self.models;
         let dtype = self.dtype;
         let text = text_estimate(
             &models.text_encoder,
             self.text_encoder_device,
             dtype,
+            input.text_tokens,
             input.guided,
         );
         let mut stages = vec![text.of(Stage::EncodingText)];
@@ -177,11 +213,7 @@ impl Pipeline {
 
     /// Fails with [`Error::MemoryBudgetExceeded`] naming the first stage whose estimate
     /// exceeds `budget` (see [`Pipeline::memory_budget`]); without one nothing is checked.
-    pub(super) fn check_memory(
-        &self,
-        estimate: &MemoryEstimate,
-        budget: Option<u64>,
-    ) -> Result<()> {
+    fn check_memory(&self, estimate: &MemoryEstimate, budget: Option<u64>) -> Result<()> {
         let Some(budget) = budget else {
             return Ok(());
         };
@@ -269,8 +301,8 @@ impl Footprint {
 }
 
 /// The streamed umT5 encoder on the device: the largest weight group read at once (a block;
-/// the embedding table stays on the CPU) plus, at the longest prompt `L` (512 tokens, the
-/// tokenizer's limit) and `H` heads, the attention scores in f32 (scores, biased scores,
+/// the embedding table stays on the CPU) plus, for the longest prompt's `L` tokens (at most
+/// 512, the tokenizer's limit) and `H` heads, the attention scores in f32 (scores, biased scores,
 /// softmax: `3·4·H·L²`, and their copy in the compute dtype `H·L²·b`), the gated FFN
 /// (`3·L·dim_ffn·b`) and the f32 norm copies of the residual stream (`4·4·L·dim`); each
 /// context is kept in f32 (`4·L·dim`, two with guidance). On the CPU the device holds only
@@ -279,9 +311,9 @@ fn text_estimate(
     cfg: &Umt5Config,
     device: TextEncoderDevice,
     dtype: DType,
+    len: usize,
     guided: bool,
 ) -> Footprint {
-    let len = MAX_PROMPT_TOKENS;
     let contexts = (1 + usize::from(guided)) as u64 * bytes(len * cfg.dim, DType::F32);
     if device == TextEncoderDevice::Cpu {
         return Footprint::new(0, contexts);

@@ -70,7 +70,7 @@ impl Pipeline {
     /// [`Pipeline::estimate_memory`] for image to video (the image encoding included).
     pub fn estimate_memory_i2v(&self, request: &I2vRequest) -> Result<MemoryEstimate> {
         let plan = self.plan_i2v(request)?;
-        self.estimate(&plan.estimate_input(true), self.memory_budget()?)
+        Ok(self.plan_memory(&plan, &request.video.prompt, true)?.0)
     }
 
     /// [`Pipeline::image_to_video`], reporting every stage and sampling step to `progress`.
@@ -82,9 +82,7 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
-        let budget = self.memory_budget()?;
-        let memory = self.estimate(&plan.estimate_input(true), budget)?;
-        self.check_memory(&memory, budget)?;
+        let memory = self.checked_memory(&plan, &request.video.prompt, true)?;
         let (context, negative) = self.encode_prompts(
             &request.video.prompt,
             plan.denoise.sampler.negative_prompt(),

@@ -24,7 +24,6 @@ use turbo_sampler::T2V_SIGMA_MAX;
 use turbo_video::{Fps, Video};
 
 use denoise::{DenoisePlan, DitPlan, PlannedSampler};
-use estimate::EstimateInput;
 use memory::{StageMeter, WeightBytes};
 
 pub use demo::{demo_request, DEMO_NOTICE};
@@ -299,7 +298,7 @@ impl Pipeline {
     /// with [`Error::MemoryBudgetExceeded`] if a stage does not fit.
     pub fn estimate_memory(&self, request: &T2vRequest) -> Result<MemoryEstimate> {
         let plan = self.plan(request)?;
-        self.estimate(&plan.estimate_input(false), self.memory_budget()?)
+        Ok(self.plan_memory(&plan, &request.prompt, false)?.0)
     }
 
     /// [`Pipeline::text_to_video`], reporting every stage and sampling step to `progress`.
@@ -311,9 +310,7 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
-        let budget = self.memory_budget()?;
-        let memory = self.estimate(&plan.estimate_input(false), budget)?;
-        self.check_memory(&memory, budget)?;
+        let memory = self.checked_memory(&plan, &request.prompt, false)?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -481,17 +478,4 @@ struct Plan {
     geometry: turbo_core::VideoGeometry,
     denoise: DenoisePlan,
     fps: Fps,
-}
-
-impl Plan {
-    /// What the memory estimate reads of the plan; `image` for image to video.
-    fn estimate_input(&self, image: bool) -> EstimateInput {
-        EstimateInput {
-            geometry: self.geometry,
-            attention: self.denoise.dits.first_attention(),
-            guided: self.denoise.sampler.negative_prompt().is_some(),
-            image,
-            steps: self.denoise.sampler.timesteps().len(),
-        }
-    }
 }
