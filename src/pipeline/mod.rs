@@ -364,7 +364,7 @@ impl Pipeline {
 
     /// The text contexts of the prompt and, for guided sampling, of the negative prompt, on the
     /// pipeline's device. The encoder reads one block of weights at a time (on the device the
-    /// pipeline says) and holds none after.
+    /// pipeline says), runs both prompts through it, and holds none after.
     fn encode_prompts(
         &self,
         prompt: &str,
@@ -373,25 +373,47 @@ impl Pipeline {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let meter = StageMeter::start(&self.device)?;
         progress.stage(&Stage::EncodingText);
+        let bytes = WeightBytes::default();
+        let texts = std::iter::once(prompt).chain(negative);
+        let mut contexts = self.encode_texts(texts, &bytes)?.into_iter();
+        let contexts = (
+            contexts.next().expect("one context per text"),
+            contexts.next(),
+        );
+        meter.finish(Stage::EncodingText, bytes.get(), &self.device, progress)?;
+        Ok(contexts)
+    }
+
+    /// The f32 context `[L, dim]` of each text on the pipeline's device, from one pass of the
+    /// streamed encoder over its weights (counted into `bytes`).
+    fn encode_texts<'t>(
+        &self,
+        texts: impl Iterator<Item = &'t str>,
+        bytes: &WeightBytes,
+    ) -> Result<Vec<Tensor>> {
         let device = match self.text_encoder_device {
             TextEncoderDevice::Pipeline => &self.device,
             TextEncoderDevice::Cpu => &Device::Cpu,
         };
-        let bytes = WeightBytes::default();
         let vb = self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
         let encoder = StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
-        let encode = |text: &str| -> Result<Tensor> {
-            let ids = self.tokenizer.encode(text)?.ids;
-            let ids = Tensor::from_slice(&ids, (1, ids.len()), device)?;
-            let context = encoder.forward_observed(&ids, None, &mut || bytes.release())?;
-            Ok(context
-                .squeeze(0)?
-                .to_dtype(DType::F32)?
-                .to_device(&self.device)?)
-        };
-        let contexts = (encode(prompt)?, negative.map(encode).transpose()?);
-        meter.finish(Stage::EncodingText, bytes.get(), &self.device, progress)?;
-        Ok(contexts)
+        let ids = texts
+            .map(|text| {
+                let ids = self.tokenizer.encode(text)?.ids;
+                Ok(Tensor::from_slice(&ids, (1, ids.len()), device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
+        encoder
+            .forward_many_observed(&batches, &mut || bytes.release())?
+            .into_iter()
+            .map(|context| {
+                Ok(context
+                    .squeeze(0)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&self.device)?)
+            })
+            .collect()
     }
 
     /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`, reporting the frames as they

@@ -382,18 +382,42 @@ impl<'a> StreamingUmt5Encoder<'a> {
         mask: Option<&Tensor>,
         weights_dropped: &mut dyn FnMut(),
     ) -> Result<Tensor> {
-        let inputs = EncoderInputs::new(ids, mask, &self.cfg, self.vb.device())?;
-        let mut x = self.embedding_rows(ids)?;
+        let mut out = self.forward_many_observed(&[(ids, mask)], weights_dropped)?;
+        Ok(out.remove(0))
+    }
+
+    /// Several batches of ids (each `[B, L]` with an optional mask, as
+    /// [`StreamingUmt5Encoder::forward`] takes) through one read of the weights: each block is
+    /// applied to every batch before it is dropped, so a prompt and its negative cost one pass
+    /// over the checkpoint. Each result equals that batch's own forward. `weights_dropped` as
+    /// for [`StreamingUmt5Encoder::forward_observed`].
+    pub fn forward_many_observed(
+        &self,
+        batches: &[(&Tensor, Option<&Tensor>)],
+        weights_dropped: &mut dyn FnMut(),
+    ) -> Result<Vec<Tensor>> {
+        let device = self.vb.device();
+        let inputs = batches
+            .iter()
+            .map(|(ids, mask)| EncoderInputs::new(ids, *mask, &self.cfg, device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut xs = self.embedding_rows(batches.iter().map(|(ids, _)| *ids))?;
         weights_dropped();
         for i in 0..self.cfg.num_layers {
             let block = Umt5Block::load(self.vb.pp("blocks").pp(i), &self.cfg)?;
-            x = inputs.run_block(&block, &x)?;
+            xs = inputs
+                .iter()
+                .zip(&xs)
+                .map(|(inputs, x)| inputs.run_block(&block, x))
+                .collect::<Result<_>>()?;
             drop(block);
             weights_dropped();
         }
-        let out = T5Norm::load(self.vb.pp("norm"), self.cfg.dim, self.cfg.eps)?.forward(&x)?;
+        let norm = T5Norm::load(self.vb.pp("norm"), self.cfg.dim, self.cfg.eps)?;
+        let out = xs.iter().map(|x| norm.forward(x)).collect();
+        drop(norm);
         weights_dropped();
-        Ok(out)
+        out
     }
 
     /// [`Umt5Encoder::encode_ids`], reading the weights block by block.
@@ -408,20 +432,24 @@ impl<'a> StreamingUmt5Encoder<'a> {
         self.encode_ids(&prompt.ids)
     }
 
-    /// The embedding rows of `ids` `[B, L]`, looked up on the CPU and moved to the device.
-    fn embedding_rows(&self, ids: &Tensor) -> Result<Tensor> {
-        let (batch, len) = ids.dims2()?;
+    /// The embedding rows of each `ids` `[B, L]`, looked up on the CPU in one read of the
+    /// table and moved to the device.
+    fn embedding_rows<'t>(&self, ids: impl Iterator<Item = &'t Tensor>) -> Result<Vec<Tensor>> {
         let table = self
             .vb
             .clone()
             .set_device(Device::Cpu)
             .pp("token_embedding")
             .get((self.cfg.vocab, self.cfg.dim), "weight")?;
-        let flat = ids.to_device(&Device::Cpu)?.flatten_all()?;
-        let rows = table.index_select(&flat, 0)?;
-        Ok(rows
-            .reshape((batch, len, self.cfg.dim))?
-            .to_device(self.vb.device())?)
+        ids.map(|ids| {
+            let (batch, len) = ids.dims2()?;
+            let flat = ids.to_device(&Device::Cpu)?.flatten_all()?;
+            Ok(table
+                .index_select(&flat, 0)?
+                .reshape((batch, len, self.cfg.dim))?
+                .to_device(self.vb.device())?)
+        })
+        .collect()
     }
 }
 

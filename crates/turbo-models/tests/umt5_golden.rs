@@ -169,4 +169,15 @@ fn streamed_encoder_equals_the_whole_model() {
         &encoder.encode_ids(&real).unwrap(),
     );
     assert!(err <= 1e-6, "streamed trimmed relative error {err}");
+
+    // Two batches through one read of the weights: each as its own forward.
+    let short = Tensor::from_slice(&real, (1, real.len()), &Device::Cpu).unwrap();
+    let mut drops = 0;
+    let both = streamed
+        .forward_many_observed(&[(&ids, Some(&mask)), (&short, None)], &mut || drops += 1)
+        .unwrap();
+    assert_eq!(drops, encoder.config().num_layers + 2);
+    assert!(relative_error(&both[0], &whole) <= 1e-6);
+    let alone = encoder.forward(&short, None).unwrap();
+    assert!(relative_error(&both[1], &alone) <= 1e-6);
 }
