@@ -5,7 +5,12 @@
 //! ```text
 //! cargo build --release --features cuda --example bench
 //! bench --sections attention,linear,dit,vae,t2v --json bench.json --markdown bench.md
+//! bench --sections t2v --t2v-model 14b --t2v-size 1280x720
+//! bench --sections i2v --i2v-size 1280x720
 //! ```
+//!
+//! The `t2v` and `i2v` rows give each stage's measured peak device memory beside the
+//! pipeline's estimate for it (`Pipeline::estimate_memory`).
 //!
 //! Every row says what ran, at which shape and settings; the header says on which device.
 //! "TFLOPS" counts the work actually done: for attention 4·B·H·L·(keys attended)·D (the
@@ -30,8 +35,9 @@ use turbodiffusion::models::wan::{
     expected_tensors, PatchLayout, QuantPolicy, WanConfig, WanModel,
 };
 use turbodiffusion::models::{VaeConfig, WanVae};
-use turbodiffusion::pipeline::{ModelKind, RandomCheckpoint};
+use turbodiffusion::pipeline::{I2vRequest, MemoryEstimate, ModelKind, RandomCheckpoint};
 use turbodiffusion::quant::{int8_matmul, Int8Weight};
+use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
 #[derive(Parser, Debug)]
@@ -43,6 +49,26 @@ struct Args {
         default_value = "attention,linear,dit,vae,t2v"
     )]
     sections: Vec<Section>,
+    /// The model of the `t2v` section.
+    #[arg(long, default_value = "1.3b")]
+    t2v_model: ModelShape,
+    /// Frame size of the `t2v` section, WIDTHxHEIGHT.
+    #[arg(long, default_value = "832x480", value_parser = parse_size)]
+    t2v_size: (usize, usize),
+    /// Frame size of the `i2v` section (Wan2.2 A14B, two experts), WIDTHxHEIGHT.
+    #[arg(long, default_value = "1280x720", value_parser = parse_size)]
+    i2v_size: (usize, usize),
+    /// Frames of the `t2v` and `i2v` videos (4n + 1).
+    #[arg(long, default_value_t = 81)]
+    video_frames: usize,
+    /// Skip the untimed first run of the `t2v` and `i2v` sections (for the large models,
+    /// where it doubles the time).
+    #[arg(long)]
+    skip_cold_run: bool,
+    /// Memory budget of the `t2v` and `i2v` pipelines in GiB, instead of the device's free
+    /// memory: a stage over it fails before loading, and a decode over it is tiled.
+    #[arg(long)]
+    memory_budget_gib: Option<f64>,
     /// Model shapes for the attention and linear rows.
     #[arg(long, value_delimiter = ',', default_value = "1.3b,14b")]
     shapes: Vec<ModelShape>,
@@ -82,6 +108,7 @@ enum Section {
     Dit,
     Vae,
     T2v,
+    I2v,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -116,6 +143,15 @@ impl ModelShape {
     }
 }
 
+/// `WIDTHxHEIGHT`.
+fn parse_size(text: &str) -> std::result::Result<(usize, usize), String> {
+    let parse = |side: &str| side.trim().parse::<usize>().map_err(|e| e.to_string());
+    match text.split_once(['x', 'X']) {
+        Some((width, height)) => Ok((parse(width)?, parse(height)?)),
+        None => Err(format!("`{text}`: expected WIDTHxHEIGHT, as 1280x720")),
+    }
+}
+
 /// One measured row.
 struct Row {
     section: &'static str,
@@ -124,6 +160,8 @@ struct Row {
     ms: f64,
     note: String,
     peak: Option<u64>,
+    /// The pipeline's estimate of the peak, for the stages of a video.
+    estimate: Option<u64>,
 }
 
 fn main() -> Result<()> {
@@ -156,7 +194,8 @@ fn main() -> Result<()> {
             }
             Section::Dit => dit_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
             Section::Vae => vae_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
-            Section::T2v => t2v_rows(&device, args.seed, &mut rows)?,
+            Section::T2v => t2v_rows(&device, &args, &mut rows)?,
+            Section::I2v => i2v_rows(&device, &args, &mut rows)?,
         }
         for row in &rows[start..] {
             println!("{}", markdown_row(row));
@@ -302,6 +341,7 @@ fn attention_rows(
             ms,
             note: format!("{:.0} TFLOPS", flops / ms / 1e9),
             peak: None,
+            estimate: None,
         });
     }
     Ok(())
@@ -337,6 +377,7 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
             ms: bf16_ms,
             note: format!("{:.0} TFLOPS", flops / bf16_ms / 1e9),
             peak: None,
+            estimate: None,
         });
         rows.push(Row {
             section: "linear",
@@ -349,6 +390,7 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
                 bf16_ms / int8_ms
             ),
             peak: None,
+            estimate: None,
         });
     }
     Ok(())
@@ -403,6 +445,7 @@ fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
                 ms,
                 note: String::new(),
                 peak,
+                estimate: None,
             });
         }
     }
@@ -429,80 +472,171 @@ fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
         ms,
         note: String::new(),
         peak,
+        estimate: None,
     });
     Ok(())
 }
 
-/// The whole 4-step 1.3B 480p text-to-video with random weights, per stage.
-fn t2v_rows(device: &Device, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
+/// A whole 4-step text-to-video with random weights (the model and size of the arguments),
+/// per stage, with each stage's estimate.
+fn t2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let (kind, name) = match args.t2v_model {
+        ModelShape::Wan1_3B => (ModelKind::Wan21T2V1_3B, "Wan2.1-1.3B"),
+        ModelShape::Wan14B => (ModelKind::Wan21T2V14B, "Wan2.1-14B"),
+    };
+    let pipeline = random_pipeline(kind, device, args)?;
+    let request = T2vRequest {
+        size: Some(args.t2v_size),
+        frames: args.video_frames,
+        ..T2vRequest::new("a red fox runs through fresh snow at dawn")
+    };
+    let estimate = pipeline.estimate_memory(&request)?;
+    let video = VideoRun {
+        section: "t2v",
+        shape: video_shape(name, args.t2v_size, args.video_frames),
+        estimate,
+        cold_run: !args.skip_cold_run,
+    };
+    video.rows(device, rows, |progress| {
+        Ok(pipeline.text_to_video_with_progress(&request, progress)?)
+    })
+}
+
+/// A whole 4-step Wan2.2 A14B image-to-video (two experts, one resident at a time) with
+/// random weights and a random input image, per stage, with each stage's estimate.
+fn i2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let pipeline = random_pipeline(ModelKind::Wan22I2VA14B, device, args)?;
+    let (width, height) = args.i2v_size;
+    let image = random_image(width, height, args.seed)?;
+    let mut request = I2vRequest::new(image, "a paper boat drifts down a rainy street");
+    request.video.size = Some(args.i2v_size);
+    request.video.frames = args.video_frames;
+    let estimate = pipeline.estimate_memory_i2v(&request)?;
+    let video = VideoRun {
+        section: "i2v",
+        shape: video_shape("Wan2.2-A14B", args.i2v_size, args.video_frames),
+        estimate,
+        cold_run: !args.skip_cold_run,
+    };
+    video.rows(device, rows, |progress| {
+        Ok(pipeline.image_to_video_with_progress(&request, progress)?)
+    })
+}
+
+/// A released model at full size with seeded random weights: bf16, SageSLA top-k 0.1, W8A8,
+/// and the memory budget of the arguments.
+fn random_pipeline(kind: ModelKind, device: &Device, args: &Args) -> Result<Pipeline> {
     let attention = AttentionConfig::new(AttentionKind::sagesla(0.1)?);
-    let pipeline = Pipeline::random_weights(
-        ModelKind::Wan21T2V1_3B,
-        seed,
-        attention,
-        device.clone(),
-        DType::BF16,
-    )?
-    .with_quant_linear(true);
-    let request = T2vRequest::new("a red fox runs through fresh snow at dawn");
-    // The first run pays the driver's one-time JIT compilation of every PTX module it
-    // touches (seconds on a fresh machine): it is reported on its own row, and the stages
-    // are those of the second run.
-    let cold_start = Instant::now();
-    pipeline.text_to_video(&request)?;
-    device.synchronize()?;
-    let cold_ms = cold_start.elapsed().as_secs_f64() * 1e3;
-    let mut stages = StageClock::default();
-    let start = Instant::now();
-    let video = pipeline.text_to_video_with_progress(&request, &mut stages)?;
-    device.synchronize()?;
-    let total_ms = start.elapsed().as_secs_f64() * 1e3;
-    rows.push(Row {
-        section: "t2v",
-        what: "first run (cold: PTX JIT, allocator warm-up), generation only".into(),
-        shape: "Wan2.1-1.3B, 480p, 81 frames, 4 steps".into(),
-        ms: cold_ms,
-        note: "wall clock; not counted below".into(),
-        peak: None,
-    });
-    let path = std::env::temp_dir().join("bench_t2v.mp4");
-    let write_start = Instant::now();
-    video.write_mp4(&path, Default::default())?;
-    let write_ms = write_start.elapsed().as_secs_f64() * 1e3;
-    for (stage, ms, peak) in stages.stages {
-        rows.push(Row {
-            section: "t2v",
-            what: stage,
-            shape: "Wan2.1-1.3B, 480p, 81 frames, 4 steps".into(),
+    let pipeline =
+        Pipeline::random_weights(kind, args.seed, attention, device.clone(), DType::BF16)?
+            .with_quant_linear(true);
+    Ok(match args.memory_budget_gib {
+        Some(gib) => pipeline.with_memory_budget((gib * (1u64 << 30) as f64) as u64),
+        None => pipeline,
+    })
+}
+
+/// An image of uniform random pixels drawn from `seed` (xorshift64).
+fn random_image(width: usize, height: usize, seed: u64) -> Result<InputImage> {
+    let mut state = seed | 1;
+    let rgb = (0..width * height * 3)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 56) as u8
+        })
+        .collect();
+    Ok(InputImage::from_rgb(width as u32, height as u32, rgb)?)
+}
+
+fn video_shape(model: &str, (width, height): (usize, usize), frames: usize) -> String {
+    format!("{model}, {width}x{height}, {frames} frames, 4 steps")
+}
+
+/// The rows of one generated video.
+struct VideoRun {
+    section: &'static str,
+    shape: String,
+    estimate: MemoryEstimate,
+    /// Run once untimed first.
+    cold_run: bool,
+}
+
+impl VideoRun {
+    fn rows(
+        &self,
+        device: &Device,
+        rows: &mut Vec<Row>,
+        generate: impl Fn(&mut StageClock) -> Result<Video>,
+    ) -> Result<()> {
+        let row = |what: String, ms: f64, note: &str| Row {
+            section: self.section,
+            what,
+            shape: self.shape.clone(),
             ms,
-            note: "random weights, sagesla 0.1, W8A8".into(),
-            peak,
+            note: note.to_owned(),
+            peak: None,
+            estimate: None,
+        };
+        // The first run pays the driver's one-time JIT compilation of every PTX module it
+        // touches (seconds on a fresh machine): it is reported on its own row, and the stages
+        // are those of the second run.
+        if self.cold_run {
+            let cold_start = Instant::now();
+            generate(&mut StageClock::default())?;
+            device.synchronize()?;
+            let what = "first run (cold: PTX JIT, allocator warm-up), generation only";
+            let ms = cold_start.elapsed().as_secs_f64() * 1e3;
+            rows.push(row(what.into(), ms, "wall clock; not counted below"));
+        }
+        let mut stages = StageClock::default();
+        let start = Instant::now();
+        let video = generate(&mut stages)?;
+        device.synchronize()?;
+        let total_ms = start.elapsed().as_secs_f64() * 1e3;
+        let path = std::env::temp_dir().join(format!("bench_{}.mp4", self.section));
+        let write_start = Instant::now();
+        video.write_mp4(&path, Default::default())?;
+        let write_ms = write_start.elapsed().as_secs_f64() * 1e3;
+        let tiling = match self.estimate.vae_tiling {
+            Some(tiling) => format!("VAE tiles {}x{}", tiling.width(), tiling.height()),
+            None => "VAE untiled".to_owned(),
+        };
+        for (stage, what, ms, peak) in stages.stages {
+            rows.push(Row {
+                peak,
+                estimate: self.estimate.stage(&stage).map(|e| e.peak()),
+                ..row(
+                    what,
+                    ms,
+                    &format!("random weights, sagesla 0.1, W8A8, {tiling}"),
+                )
+            });
+        }
+        rows.push(Row {
+            shape: format!("{} frames", video.len()),
+            ..row("MP4 encode + write".into(), write_ms, "")
         });
+        rows.push(Row {
+            peak: (stages.overall_peak > 0).then_some(stages.overall_peak),
+            estimate: Some(self.estimate.peak()),
+            ..row(
+                "whole video (generation + MP4)".into(),
+                total_ms + write_ms,
+                "wall clock",
+            )
+        });
+        Ok(())
     }
-    rows.push(Row {
-        section: "t2v",
-        what: "MP4 encode + write".into(),
-        shape: format!("{} frames", video.len()),
-        ms: write_ms,
-        note: String::new(),
-        peak: None,
-    });
-    rows.push(Row {
-        section: "t2v",
-        what: "whole video (generation + MP4)".into(),
-        shape: "Wan2.1-1.3B, 480p, 81 frames, 4 steps".into(),
-        ms: total_ms + write_ms,
-        note: "wall clock".into(),
-        peak: (stages.overall_peak > 0).then_some(stages.overall_peak),
-    });
-    Ok(())
 }
 
 /// Collects the pipeline's stage reports: time (the device synchronised at the stage's end)
 /// and peak device memory, which the pipeline measures per stage.
 #[derive(Default)]
 struct StageClock {
-    stages: Vec<(String, f64, Option<u64>)>,
+    /// (stage, row name, ms, peak bytes).
+    stages: Vec<(Stage, String, f64, Option<u64>)>,
     overall_peak: u64,
 }
 
@@ -516,7 +650,10 @@ impl turbodiffusion::core::Progress for StageClock {
 
     fn stage_done(&mut self, report: &StageReport) {
         let name = match report.stage {
-            Stage::EncodingText => "text encode (umT5-XXL, incl. drawing its weights)".to_owned(),
+            Stage::EncodingText => {
+                "text encode (umT5-XXL streamed by block, incl. drawing its weights)".to_owned()
+            }
+            Stage::EncodingImage => "image encode (VAE, bf16)".to_owned(),
             Stage::Denoising { steps } => {
                 format!("denoise, {steps} DiT steps (incl. drawing and quantising the weights)")
             }
@@ -525,25 +662,32 @@ impl turbodiffusion::core::Progress for StageClock {
         };
         let peak = report.device_memory.map(|m| m.peak);
         self.overall_peak = self.overall_peak.max(peak.unwrap_or(0));
-        self.stages
-            .push((name, report.elapsed.as_secs_f64() * 1e3, peak));
+        let ms = report.elapsed.as_secs_f64() * 1e3;
+        self.stages.push((report.stage, name, ms, peak));
     }
 }
 
 fn markdown_row(row: &Row) -> String {
-    let peak = row
-        .peak
-        .map(|p| format!("{:.2}", MemoryUsage::gib(p)))
-        .unwrap_or_else(|| "–".into());
+    let gib = |bytes: Option<u64>| {
+        bytes
+            .map(|b| format!("{:.2}", MemoryUsage::gib(b)))
+            .unwrap_or_else(|| "–".into())
+    };
     format!(
-        "| {} | {} | {} | {:.3} | {} | {} |",
-        row.section, row.what, row.shape, row.ms, peak, row.note
+        "| {} | {} | {} | {:.3} | {} | {} | {} |",
+        row.section,
+        row.what,
+        row.shape,
+        row.ms,
+        gib(row.peak),
+        gib(row.estimate),
+        row.note
     )
 }
 
 fn markdown_table(header: &str, rows: &[Row]) -> String {
     let mut table = format!(
-        "{header}\n\n| section | what | shape | ms (median) | peak GiB | notes |\n|---|---|---|---:|---:|---|\n"
+        "{header}\n\n| section | what | shape | ms (median) | peak GiB | estimate GiB | notes |\n|---|---|---|---:|---:|---:|---|\n"
     );
     for row in rows {
         table.push_str(&markdown_row(row));
@@ -558,7 +702,7 @@ fn write_json(path: &std::path::Path, header: &str, rows: &[Row]) -> Result<()> 
         .map(|r| {
             json!({
                 "section": r.section, "what": r.what, "shape": r.shape, "ms": r.ms,
-                "peak_bytes": r.peak, "note": r.note,
+                "peak_bytes": r.peak, "estimate_bytes": r.estimate, "note": r.note,
             })
         })
         .collect();

@@ -6,7 +6,8 @@
 #       --example gpu_check --example bench --example t2v
 # then `strip -o /tmp/<name> target-cuda/release/examples/<name>; gzip -9c /tmp/<name> > gpu-bin/<name>.gz`.
 # Usage: scripts/gpu-run.sh <step>...
-#   steps: check, bench-<section> (attention, linear, dit, vae, t2v), t2v-demo
+#   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-t2v-14b (14B T2V at
+#   720p), bench-i2v (Wan2.2 A14B I2V at 720p), t2v-demo
 # Results go to $OUT (default /tmp/gpu-out). Each step has a time limit; a failing step is
 # reported and the others still run.
 set -uo pipefail
@@ -19,9 +20,11 @@ for name in gpu_check bench t2v; do
   [ -f "gpu-bin/$name.gz" ] && gunzip -c "gpu-bin/$name.gz" > "$BIN/$name" && chmod 755 "$BIN/$name"
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
-bench() { # <section> <time limit, s>
-  timeout "$2" "$BIN/bench" --sections "$1" --json "$OUT/bench_$1.json" --markdown "$OUT/bench_$1.md" \
-    2>&1 | tee "$OUT/bench_$1.txt"
+bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
+  local section="$1" limit="$2" name="${3:-$1}"
+  shift $(($# < 3 ? $# : 3))
+  timeout "$limit" "$BIN/bench" --sections "$section" "$@" --json "$OUT/bench_$name.json" \
+    --markdown "$OUT/bench_$name.md" 2>&1 | tee "$OUT/bench_$name.txt"
 }
 for step in "$@"; do
   case "$step" in
@@ -31,6 +34,8 @@ for step in "$@"; do
     bench-dit) bench dit 240 ;;
     bench-vae) bench vae 240 ;;
     bench-t2v) bench t2v 300 ;;
+    bench-t2v-14b) bench t2v 600 t2v_14b --t2v-model 14b --t2v-size 1280x720 --skip-cold-run ;;
+    bench-i2v) bench i2v 600 i2v --i2v-size 1280x720 --skip-cold-run ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{Error, Progress, Resolution, Stage, StageReport, StepReport};
+use turbodiffusion::models::{Umt5Config, Umt5Encoder};
 use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
 use turbodiffusion::video::{InputImage, Video};
@@ -515,6 +516,36 @@ fn image_to_video_runs_the_teacher_solvers_across_both_experts() {
     assert!(guided != frames(1.0), "the guidance scale had no effect");
 }
 
+/// The bytes of the largest of the umT5 weight groups the streamed encoder reads at once
+/// (`token_embedding`, each `blocks.{i}`, `norm`), from the model's key shapes.
+fn largest_umt5_group_bytes(cfg: &Umt5Config, dtype: DType) -> u64 {
+    let mut groups = std::collections::BTreeMap::<String, usize>::new();
+    for (key, shape) in Umt5Encoder::expected_keys(cfg) {
+        let parts: Vec<&str> = key.split('.').collect();
+        let group = match parts.as_slice() {
+            ["blocks", i, ..] => format!("blocks.{i}"),
+            [first, ..] => first.to_string(),
+            [] => unreachable!("keys are not empty"),
+        };
+        *groups.entry(group).or_default() += shape.iter().product::<usize>();
+    }
+    let largest = groups.values().max().expect("the encoder has weights");
+    (largest * dtype.size_in_bytes()) as u64
+}
+
+#[test]
+fn text_encoding_on_the_cpu_gives_the_same_video() {
+    let request = short("a heron", 4);
+    let on_device = demo(AttentionKind::Original)
+        .text_to_video(&request)
+        .unwrap();
+    let on_cpu = demo(AttentionKind::Original)
+        .with_text_encoder_on_cpu(true)
+        .text_to_video(&request)
+        .unwrap();
+    assert_eq!(on_device.frames(), on_cpu.frames());
+}
+
 #[test]
 fn each_stage_reports_the_bytes_its_model_holds() {
     let pipeline = demo(AttentionKind::sla(0.5).unwrap());
@@ -527,8 +558,12 @@ fn each_stage_reports_the_bytes_its_model_holds() {
         WeightSource::Random(random) => random.bytes(DType::F32),
         WeightSource::File(path) => panic!("the demo has no files: {path:?}"),
     };
+    // The text encoder holds one group of weights at a time: the embedding table, a block, or
+    // the final norm.
+    let text_bytes = largest_umt5_group_bytes(&models.text_encoder, DType::F32);
+    assert!(text_bytes < f32_bytes(&models.text_encoder_weights) / 2);
     let expected = [
-        (Stage::EncodingText, f32_bytes(&models.text_encoder_weights)),
+        (Stage::EncodingText, text_bytes),
         (
             Stage::Denoising { steps: 4 },
             f32_bytes(&models.dit_weights),

@@ -133,6 +133,14 @@ pub(super) enum DitPlan {
 }
 
 impl DitPlan {
+    /// The attention of the first DiT to run (the experts differ only in top-k).
+    pub(super) fn first_attention(&self) -> AttentionConfig {
+        match self {
+            Self::Single(attention) => *attention,
+            Self::Experts { attention, .. } => attention[0],
+        }
+    }
+
     fn expert_at(&self, t: Timestep) -> Option<Expert> {
         match self {
             Self::Single(_) => None,
@@ -144,7 +152,7 @@ impl DitPlan {
 /// Everything the denoising stage needs, validated.
 pub(super) struct DenoisePlan {
     pub(super) sampler: PlannedSampler,
-    dits: DitPlan,
+    pub(super) dits: DitPlan,
     /// The SLA top-k of each step, overriding the attention's.
     topk_schedule: Option<Vec<f64>>,
     latent_shape: Vec<usize>,

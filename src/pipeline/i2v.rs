@@ -9,7 +9,7 @@ use turbo_video::{Fps, ImageFit, InputImage, Video};
 
 use super::denoise::{DenoisePlan, DitPlan, PlannedSampler};
 use super::memory::StageMeter;
-use super::{Pipeline, T2vRequest};
+use super::{MemoryEstimate, Pipeline, Plan, T2vRequest};
 
 /// An image-to-video request: the text-to-video settings (whose defaults differ: 720p,
 /// σ_max 200) plus the image and the expert boundary.
@@ -67,14 +67,22 @@ impl Pipeline {
         self.image_to_video_with_progress(request, &mut turbo_core::NoProgress)
     }
 
+    /// [`Pipeline::estimate_memory`] for image to video (the image encoding included).
+    pub fn estimate_memory_i2v(&self, request: &I2vRequest) -> Result<MemoryEstimate> {
+        let plan = self.plan_i2v(request)?;
+        Ok(self.plan_memory(&plan, &request.video.prompt, true)?.0)
+    }
+
     /// [`Pipeline::image_to_video`], reporting every stage and sampling step to `progress`.
-    /// Every setting is checked before any model is loaded.
+    /// Every setting, and the memory estimate against the budget, is checked before any model
+    /// is loaded.
     pub fn image_to_video_with_progress(
         &self,
         request: &I2vRequest,
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
+        let memory = self.checked_memory(&plan, &request.video.prompt, true)?;
         let (context, negative) = self.encode_prompts(
             &request.video.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -92,10 +100,11 @@ impl Pipeline {
             request.video.seed,
             progress,
         )?;
-        Video::from_tensor(&self.decode(&latent, progress)?, plan.fps)
+        let frames = self.decode(&latent, memory.vae_tiling, progress)?;
+        Video::from_tensor(&frames, plan.fps)
     }
 
-    fn plan_i2v(&self, request: &I2vRequest) -> Result<I2vPlan> {
+    fn plan_i2v(&self, request: &I2vRequest) -> Result<Plan> {
         if self.models.dit.model_type != ModelType::I2v
             || self.models.dit_low_noise_weights.is_none()
         {
@@ -132,7 +141,7 @@ impl Pipeline {
             attention: [expert_attention(high)?, expert_attention(low)?],
         };
         let geometry = request.geometry()?;
-        Ok(I2vPlan {
+        Ok(Plan {
             geometry,
             denoise: DenoisePlan::new(
                 PlannedSampler::new(&request.video.sampler, I2V_SIGMA_MAX)?,
@@ -178,11 +187,4 @@ impl Pipeline {
         meter.finish(Stage::EncodingImage, bytes, &self.device, progress)?;
         Ok(condition)
     }
-}
-
-/// A validated image-to-video request.
-struct I2vPlan {
-    geometry: VideoGeometry,
-    denoise: DenoisePlan,
-    fps: Fps,
 }

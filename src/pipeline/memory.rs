@@ -9,34 +9,68 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use turbo_core::{memory_usage, reset_peak_memory, Progress, Result, Stage, StageReport};
 
-/// Adds up the bytes of every tensor read through the `VarBuilder`s it wraps.
+/// Adds up the bytes of every tensor read through the `VarBuilder`s it wraps onto their
+/// device, and keeps the most held at once: a model that drops its weights as it goes (the
+/// streamed text encoder) says so with [`WeightBytes::release`].
 #[derive(Debug, Clone, Default)]
-pub(super) struct WeightBytes(Arc<AtomicU64>);
+pub(super) struct WeightBytes(Arc<Held>);
+
+#[derive(Debug, Default)]
+struct Held {
+    now: AtomicU64,
+    peak: AtomicU64,
+}
 
 impl WeightBytes {
-    /// A `VarBuilder` serving `vb`'s tensors and counting each one it hands out.
+    /// A `VarBuilder` serving `vb`'s tensors and counting each one it hands out on `vb`'s
+    /// device (a tensor read elsewhere, as the text encoder's embedding table on the CPU, does
+    /// not count).
     pub(super) fn counting(&self, vb: VarBuilder<'static>) -> VarBuilder<'static> {
         let (dtype, device) = (vb.dtype(), vb.device().clone());
         let backend = Counting {
             inner: vb,
+            device: device.clone(),
             bytes: self.clone(),
         };
         VarBuilder::from_backend(Box::new(backend), dtype, device)
     }
 
+    /// The most bytes held at once.
     pub(super) fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.0.peak.load(Ordering::Relaxed)
+    }
+
+    /// Every tensor counted so far has been dropped.
+    pub(super) fn release(&self) {
+        self.0.now.store(0, Ordering::Relaxed);
     }
 
     fn add(&self, tensor: &Tensor) {
-        let bytes = tensor.elem_count() * tensor.dtype().size_in_bytes();
-        self.0.fetch_add(bytes as u64, Ordering::Relaxed);
+        let bytes = (tensor.elem_count() * tensor.dtype().size_in_bytes()) as u64;
+        let now = self.0.now.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.0.peak.fetch_max(now, Ordering::Relaxed);
     }
 }
 
 struct Counting {
     inner: VarBuilder<'static>,
+    /// The device whose tensors count.
+    device: Device,
     bytes: WeightBytes,
+}
+
+impl Counting {
+    fn count(&self, tensor: Tensor) -> Tensor {
+        if tensor.device().same_device(&self.device) {
+            self.bytes.add(&tensor);
+        }
+        tensor
+    }
+
+    /// The wrapped weights, read straight onto `device`.
+    fn on(&self, device: &Device) -> VarBuilder<'static> {
+        self.inner.clone().set_device(device.clone())
+    }
 }
 
 impl SimpleBackend for Counting {
@@ -49,11 +83,9 @@ impl SimpleBackend for Counting {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let tensor = self
-            .inner
-            .get_with_hints_dtype(shape, name, init, dtype)?
-            .to_device(device)?;
-        self.bytes.add(&tensor);
-        Ok(tensor)
+            .on(device)
+            .get_with_hints_dtype(shape, name, init, dtype)?;
+        Ok(self.count(tensor))
     }
 
     fn get_unchecked(
@@ -62,12 +94,8 @@ impl SimpleBackend for Counting {
         dtype: DType,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let tensor = self
-            .inner
-            .get_unchecked_dtype(name, dtype)?
-            .to_device(device)?;
-        self.bytes.add(&tensor);
-        Ok(tensor)
+        let tensor = self.on(device).get_unchecked_dtype(name, dtype)?;
+        Ok(self.count(tensor))
     }
 
     fn contains_tensor(&self, name: &str) -> bool {

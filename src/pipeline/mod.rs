@@ -5,6 +5,7 @@
 
 mod demo;
 mod denoise;
+mod estimate;
 mod files;
 mod i2v;
 mod memory;
@@ -18,7 +19,7 @@ use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::{Error, NoProgress, Progress, Result, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
-use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+use turbo_models::{StreamingUmt5Encoder, Umt5Config, VaeConfig, VaeTiling, WanVae};
 use turbo_sampler::T2V_SIGMA_MAX;
 use turbo_video::{Fps, Video};
 
@@ -26,6 +27,7 @@ use denoise::{DenoisePlan, DitPlan, PlannedSampler};
 use memory::{StageMeter, WeightBytes};
 
 pub use demo::{demo_request, DEMO_NOTICE};
+pub use estimate::{MemoryEstimate, StageEstimate};
 pub use files::{
     ModelFiles, ModelKind, WeightSource, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE_FILE,
 };
@@ -55,8 +57,26 @@ pub struct Pipeline {
     attention: AttentionConfig,
     /// Whether the DiT's block linears run in W8A8 (a `-quant` checkpoint always does).
     quant_linear: QuantPolicy,
+    /// Where the text encoder runs.
+    text_encoder_device: TextEncoderDevice,
+    /// Device bytes a stage may use; `None`: what the device has free when a run starts.
+    memory_budget: Option<u64>,
+    /// Decode in these tiles; `None`: untiled unless the budget asks for tiles.
+    vae_tiling: Option<VaeTiling>,
     device: Device,
     dtype: DType,
+}
+
+/// Where the umT5 text encoder runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum TextEncoderDevice {
+    /// On the pipeline's device, reading one block of weights at a time (about 0.4 GB of
+    /// umT5-XXL in bf16 resident, not 11 GB).
+    #[default]
+    Pipeline,
+    /// On the CPU: the device holds no text-encoder weight; the context is moved to the device
+    /// after. Slower (seconds to a minute per prompt), for cards where even a block is too much.
+    Cpu,
 }
 
 /// Builds a [`Pipeline`] over the released files.
@@ -67,6 +87,9 @@ pub struct PipelineBuilder {
     files: Option<ModelFiles>,
     attention: AttentionConfig,
     quant_linear: bool,
+    text_encoder_device: TextEncoderDevice,
+    memory_budget: Option<u64>,
+    vae_tiling: Option<VaeTiling>,
     device: Device,
     dtype: DType,
 }
@@ -99,6 +122,29 @@ impl PipelineBuilder {
     /// folder, and quantise a bf16 checkpoint at load.
     pub fn quant_linear(mut self, quant: bool) -> Self {
         self.quant_linear = quant;
+        self
+    }
+
+    /// Runs the text encoder on the CPU (`true`) rather than on the pipeline's device (the
+    /// default, streaming its blocks).
+    pub fn text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
+        self.text_encoder_device = text_encoder_device(on_cpu);
+        self
+    }
+
+    /// The device bytes any one stage may use (see [`Pipeline::estimate_memory`]). Without
+    /// it, a CUDA pipeline takes what the device has available when a run starts; a CPU
+    /// pipeline checks nothing.
+    pub fn memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = Some(bytes);
+        self
+    }
+
+    /// Decodes in spatial tiles of this size, whatever the budget (by default the decode is
+    /// tiled only when the untiled estimate exceeds the budget). The video is the same up to
+    /// float rounding.
+    pub fn vae_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.vae_tiling = Some(tiling);
         self
     }
 
@@ -143,9 +189,20 @@ impl PipelineBuilder {
             },
             attention: self.attention,
             quant_linear: quant_policy(self.quant_linear),
+            text_encoder_device: self.text_encoder_device,
+            memory_budget: self.memory_budget,
+            vae_tiling: self.vae_tiling,
             device: self.device,
             dtype: self.dtype,
         })
+    }
+}
+
+fn text_encoder_device(on_cpu: bool) -> TextEncoderDevice {
+    if on_cpu {
+        TextEncoderDevice::Cpu
+    } else {
+        TextEncoderDevice::Pipeline
     }
 }
 
@@ -168,6 +225,9 @@ impl Pipeline {
                 topk: turbo_core::DEFAULT_SLA_TOPK,
             }),
             quant_linear: false,
+            text_encoder_device: TextEncoderDevice::Pipeline,
+            memory_budget: None,
+            vae_tiling: None,
             device: Device::Cpu,
             dtype: DType::BF16,
         }
@@ -187,9 +247,30 @@ impl Pipeline {
             tokenizer,
             attention,
             quant_linear: QuantPolicy::KeepFloat,
+            text_encoder_device: TextEncoderDevice::Pipeline,
+            memory_budget: None,
+            vae_tiling: None,
             device,
             dtype,
         })
+    }
+
+    /// Limits every stage to `bytes` of device memory (see [`PipelineBuilder::memory_budget`]).
+    pub fn with_memory_budget(mut self, bytes: u64) -> Self {
+        self.memory_budget = Some(bytes);
+        self
+    }
+
+    /// Decodes in spatial tiles of this size (see [`PipelineBuilder::vae_tiling`]).
+    pub fn with_vae_tiling(mut self, tiling: VaeTiling) -> Self {
+        self.vae_tiling = Some(tiling);
+        self
+    }
+
+    /// Runs the text encoder on the CPU (`true`) or on the pipeline's device (`false`).
+    pub fn with_text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
+        self.text_encoder_device = text_encoder_device(on_cpu);
+        self
     }
 
     /// Runs the DiT's block linears in W8A8 (quantising float checkpoints at load) or not.
@@ -211,14 +292,25 @@ impl Pipeline {
         self.text_to_video_with_progress(request, &mut NoProgress)
     }
 
+    /// The peak device memory each stage of `request` is expected to need, from the model
+    /// configurations, the request's size and length, the dtype, W8A8 and the attention
+    /// backend. A run checks it against the memory budget before loading anything and fails
+    /// with [`Error::MemoryBudgetExceeded`] if a stage does not fit.
+    pub fn estimate_memory(&self, request: &T2vRequest) -> Result<MemoryEstimate> {
+        let plan = self.plan(request)?;
+        Ok(self.plan_memory(&plan, &request.prompt, false)?.0)
+    }
+
     /// [`Pipeline::text_to_video`], reporting every stage and sampling step to `progress`.
-    /// Every setting is checked before any model is loaded.
+    /// Every setting, and the memory estimate against the budget, is checked before any model
+    /// is loaded.
     pub fn text_to_video_with_progress(
         &self,
         request: &T2vRequest,
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
+        let memory = self.checked_memory(&plan, &request.prompt, false)?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -231,7 +323,7 @@ impl Pipeline {
             request.seed,
             progress,
         )?;
-        let frames = self.decode(&latent, progress)?;
+        let frames = self.decode(&latent, memory.vae_tiling, progress)?;
         Video::from_tensor(&frames, plan.fps)
     }
 
@@ -250,6 +342,7 @@ impl Pipeline {
         }
         let geometry = request.geometry()?;
         Ok(Plan {
+            geometry,
             denoise: DenoisePlan::new(
                 PlannedSampler::new(&request.sampler, T2V_SIGMA_MAX)?,
                 DitPlan::Single(self.request_attention(request)?),
@@ -269,8 +362,9 @@ impl Pipeline {
         Ok(attention)
     }
 
-    /// The text contexts of the prompt and, for guided sampling, of the negative prompt. The
-    /// encoder is dropped before returning.
+    /// The text contexts of the prompt and, for guided sampling, of the negative prompt, on the
+    /// pipeline's device. The encoder reads one block of weights at a time (on the device the
+    /// pipeline says), runs both prompts through it, and holds none after.
     fn encode_prompts(
         &self,
         prompt: &str,
@@ -280,35 +374,81 @@ impl Pipeline {
         let meter = StageMeter::start(&self.device)?;
         progress.stage(&Stage::EncodingText);
         let bytes = WeightBytes::default();
-        let contexts = {
-            let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
-            let encoder = Umt5Encoder::load(bytes.counting(vb), &self.models.text_encoder)?;
-            let encode = |text: &str| -> Result<Tensor> {
-                let context = encoder.encode_prompt(&self.tokenizer.encode(text)?)?;
-                Ok(context.to_dtype(DType::F32)?)
-            };
-            (encode(prompt)?, negative.map(encode).transpose()?)
-        };
+        let texts = std::iter::once(prompt).chain(negative);
+        let mut contexts = self.encode_texts(texts, &bytes)?.into_iter();
+        let contexts = (
+            contexts.next().expect("one context per text"),
+            contexts.next(),
+        );
         meter.finish(Stage::EncodingText, bytes.get(), &self.device, progress)?;
         Ok(contexts)
     }
 
+    /// The f32 context `[L, dim]` of each text on the pipeline's device, from one pass of the
+    /// streamed encoder over its weights (counted into `bytes`).
+    fn encode_texts<'t>(
+        &self,
+        texts: impl Iterator<Item = &'t str>,
+        bytes: &WeightBytes,
+    ) -> Result<Vec<Tensor>> {
+        let device = match self.text_encoder_device {
+            TextEncoderDevice::Pipeline => &self.device,
+            TextEncoderDevice::Cpu => &Device::Cpu,
+        };
+        let vb = self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
+        let encoder = StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
+        let ids = texts
+            .map(|text| {
+                let ids = self.tokenizer.encode(text)?.ids;
+                Ok(Tensor::from_slice(&ids, (1, ids.len()), device)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
+        encoder
+            .forward_many_observed(&batches, &mut || bytes.release())?
+            .into_iter()
+            .map(|context| {
+                Ok(context
+                    .squeeze(0)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&self.device)?)
+            })
+            .collect()
+    }
+
     /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`, reporting the frames as they
-    /// come; the VAE is dropped after.
-    fn decode(&self, latent: &Tensor, progress: &mut dyn Progress) -> Result<Tensor> {
+    /// come (tiled: all at the end); the VAE is dropped after.
+    fn decode(
+        &self,
+        latent: &Tensor,
+        tiling: Option<VaeTiling>,
+        progress: &mut dyn Progress,
+    ) -> Result<Tensor> {
         let meter = StageMeter::start(&self.device)?;
         let total = (latent.dim(1)? - 1) * turbo_core::VAE_STRIDE.0 + 1;
         progress.stage(&Stage::Decoding { done: 0, total });
         let (vae, bytes) = self.load_vae()?;
-        let mut chunks = Vec::new();
-        vae.decode_streaming(&latent.to_dtype(self.dtype)?.unsqueeze(0)?, |decoded| {
-            let done = decoded.first_frame + decoded.frames.dim(2)?;
-            chunks.push(decoded.frames);
-            progress.stage(&Stage::Decoding { done, total });
-            Ok(())
-        })?;
+        let latent = latent.to_dtype(self.dtype)?.unsqueeze(0)?;
+        let video = match tiling {
+            Some(tiling) => {
+                tracing::info!(?tiling, "decoding in tiles");
+                let video = vae.decode_tiled(&latent, tiling)?;
+                progress.stage(&Stage::Decoding { done: total, total });
+                video
+            }
+            None => {
+                let mut chunks = Vec::new();
+                vae.decode_streaming(&latent, |decoded| {
+                    let done = decoded.first_frame + decoded.frames.dim(2)?;
+                    chunks.push(decoded.frames);
+                    progress.stage(&Stage::Decoding { done, total });
+                    Ok(())
+                })?;
+                Tensor::cat(&chunks, 2)?
+            }
+        };
         drop(vae);
-        let frames = Tensor::cat(&chunks, 2)?.squeeze(0)?.to_dtype(DType::F32)?;
+        let frames = video.squeeze(0)?.to_dtype(DType::F32)?;
         let stage = Stage::Decoding { done: total, total };
         meter.finish(stage, bytes, &self.device, progress)?;
         Ok(frames)
@@ -328,11 +468,20 @@ impl Pipeline {
         source: &WeightSource,
         dtype: DType,
     ) -> Result<candle_nn::VarBuilder<'static>> {
+        self.var_builder_on(source, dtype, &self.device)
+    }
+
+    fn var_builder_on(
+        &self,
+        source: &WeightSource,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
         match source {
             WeightSource::File(path) => {
-                turbo_models::Checkpoint::open(path)?.var_builder(dtype, &self.device)
+                turbo_models::Checkpoint::open(path)?.var_builder(dtype, device)
             }
-            WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, &self.device)),
+            WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, device)),
         }
     }
 }
@@ -346,8 +495,9 @@ fn with_topk(kind: AttentionKind, topk: f64) -> Result<AttentionKind> {
     }
 }
 
-/// A validated text-to-video request.
+/// A validated request.
 struct Plan {
+    geometry: turbo_core::VideoGeometry,
     denoise: DenoisePlan,
     fps: Fps,
 }

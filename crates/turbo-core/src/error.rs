@@ -141,6 +141,34 @@ pub enum Error {
     /// file or the value at fault.
     #[error("{what}: {reason}")]
     Media { what: String, reason: String },
+
+    /// A stage whose estimated peak device memory exceeds the memory budget, found before any
+    /// model is loaded. `help` lists what would lower the need.
+    #[error(
+        "the {stage} stage needs about {} of device memory but {} are available ({} short); \
+         what would help: {}",
+        human_bytes(*.needed),
+        human_bytes(*.available),
+        human_bytes(.needed.saturating_sub(*.available)),
+        .help.join("; ")
+    )]
+    MemoryBudgetExceeded {
+        stage: String,
+        needed: u64,
+        available: u64,
+        help: Vec<String>,
+    },
+}
+
+/// Bytes in GiB or MiB with two decimals (plain bytes below 1 MiB), for messages.
+fn human_bytes(bytes: u64) -> String {
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match bytes {
+        b if b >= GIB => format!("{:.2} GiB", b as f64 / GIB as f64),
+        b if b >= MIB => format!("{:.2} MiB", b as f64 / MIB as f64),
+        b => format!("{b} bytes"),
+    }
 }
 
 /// One difference between a checkpoint's tensors and the ones a model expects.

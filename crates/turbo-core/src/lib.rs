@@ -29,7 +29,7 @@ pub use geometry::{
     AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
     PATCH_SIZE, VAE_STRIDE,
 };
-pub use memory::{memory_usage, reset_peak_memory, MemoryUsage};
+pub use memory::{available_memory, memory_usage, reset_peak_memory, MemoryUsage};
 pub use sampling::{
     Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, Stage, StageReport,
     StepReport, Timestep,

@@ -4,7 +4,8 @@
 //! device's default memory pool counts every tensor byte: its `USED_MEM_CURRENT` and
 //! `USED_MEM_HIGH` attributes are the figures reported here. Memory outside the pool (the CUDA
 //! context, cuBLAS workspaces, loaded kernels) is not included. The CPU has no such counter:
-//! [`memory_usage`] returns `None` there.
+//! [`memory_usage`] returns `None` there. [`available_memory`] is what a stage may still
+//! allocate (the default memory budget of the pipeline).
 
 use candle_core::Device;
 
@@ -45,6 +46,17 @@ pub fn reset_peak_memory(device: &Device) -> Result<()> {
     }
 }
 
+/// Bytes a new stage can allocate on `device`: the device's free memory plus what the memory
+/// pool holds reserved but unused (freed tensors the pool keeps for reuse). `None` on the CPU,
+/// where no budget is read.
+pub fn available_memory(device: &Device) -> Result<Option<u64>> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::available(cuda).map(Some),
+        _ => Ok(None),
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::sys;
@@ -65,6 +77,21 @@ mod cuda_pool {
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
             )?,
         })
+    }
+
+    pub(super) fn available(device: &CudaDevice) -> Result<u64> {
+        let pool = default_pool(device)?;
+        let (free, _total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .map_err(|e| driver_error("cuMemGetInfo", e))?;
+        let reserved = attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT,
+        )?;
+        let used = attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT,
+        )?;
+        Ok(free as u64 + reserved.saturating_sub(used))
     }
 
     pub(super) fn reset_peak(device: &CudaDevice) -> Result<()> {

@@ -176,10 +176,12 @@ pub struct StageReport {
     pub stage: Stage,
     /// Time the stage took, loading its model included.
     pub elapsed: Duration,
-    /// Bytes of the weights the stage's model held: the sizes of the tensors it read, in the
-    /// dtype it read them in. With two experts only one is resident at a time; this is the
-    /// larger. A float DiT quantised to W8A8 at load is counted as read (in float), which
-    /// is more than the int8 copies it keeps.
+    /// Bytes of the weights the stage's model held at once on the device it ran on: the
+    /// sizes of the tensors it read, in the dtype it read them in. With two experts only one
+    /// is resident at a time; this is the larger. The text encoder, which reads one block at
+    /// a time, counts the largest block (its embedding table is read on the CPU). A float DiT
+    /// quantised to W8A8 at load is counted as read (in float), which is more than the int8
+    /// copies it keeps.
     pub resident_bytes: u64,
     /// Device memory held by tensors at the end of the stage, and the most held at once
     /// during it (see [`crate::memory`]); `None` on the CPU, which has no such counter.

@@ -57,5 +57,5 @@ pub mod wan;
 
 pub use checkpoint::{Checkpoint, TensorMeta};
 pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
-pub use umt5::{Umt5Config, Umt5Encoder};
-pub use vae::{DecodedFrames, VaeConfig, WanVae};
+pub use umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder};
+pub use vae::{DecodedFrames, VaeConfig, VaeTiling, WanVae};

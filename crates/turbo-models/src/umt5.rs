@@ -312,16 +312,190 @@ impl Umt5Encoder {
     /// numeric dtype, 0 for padding) hides padded keys; padded rows are computed but
     /// meaningless.
     pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let inputs = EncoderInputs::new(ids, mask, &self.cfg, ids.device())?;
+        let mut x = self.token_embedding.forward(ids)?;
+        for block in &self.blocks {
+            x = inputs.run_block(block, &x)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// The hidden states `[L, dim]` of one unpadded sequence of ids, as the Wan DiT takes its
+    /// text context (trimmed to the real tokens). Identical to the first `L` rows of a padded,
+    /// masked run, since relative positions do not depend on the padding.
+    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let device = self.token_embedding.embeddings().device();
+        Ok(self
+            .forward(&unpadded_ids(ids, device)?, None)?
+            .squeeze(0)?)
+    }
+
+    /// [`Umt5Encoder::encode_ids`] of a tokenized prompt: the text context `[L, dim]` the
+    /// DiT takes, `</s>` included.
+    pub fn encode_prompt(&self, prompt: &TokenizedPrompt) -> Result<Tensor> {
+        self.encode_ids(&prompt.ids)
+    }
+}
+
+/// The umT5 encoder that reads its weights as the forward pass reaches them and drops each
+/// block after use, so the device holds one block of weights at a time (about 0.4 GB for
+/// umT5-XXL in bf16, against 11 GB for the whole model). The token embedding table
+/// (`256384 × 4096`) is read on the CPU, where the lookup happens; only the looked-up rows move
+/// to the `VarBuilder`'s device. Each forward reads the weights again: with a memory-mapped
+/// file that is cheap, and worth it when the encoder runs once per video.
+///
+/// Same numbers as [`Umt5Encoder`] over the same weights.
+#[derive(Clone)]
+pub struct StreamingUmt5Encoder<'a> {
+    vb: VarBuilder<'a>,
+    cfg: Umt5Config,
+}
+
+impl<'a> StreamingUmt5Encoder<'a> {
+    /// An encoder over the weights under `vb` (the checkpoint names of [`Umt5Encoder::load`]);
+    /// nothing is read yet. The blocks compute in `vb`'s dtype on `vb`'s device.
+    pub fn new(vb: VarBuilder<'a>, cfg: &Umt5Config) -> Result<Self> {
+        cfg.validate()?;
+        Ok(Self {
+            vb,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The configuration the encoder reads its weights with.
+    pub fn config(&self) -> &Umt5Config {
+        &self.cfg
+    }
+
+    /// [`Umt5Encoder::forward`], reading the weights block by block.
+    pub fn forward(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_observed(ids, mask, &mut || ())
+    }
+
+    /// [`StreamingUmt5Encoder::forward`], calling `weights_dropped` each time the weights read
+    /// so far have been dropped: after the embedding lookup, after each block and after the
+    /// final norm. A caller counting the bytes read between two calls gets the weights held at
+    /// once.
+    pub fn forward_observed(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        weights_dropped: &mut dyn FnMut(),
+    ) -> Result<Tensor> {
+        let mut out = self.forward_many_observed(&[(ids, mask)], weights_dropped)?;
+        Ok(out.remove(0))
+    }
+
+    /// Several batches of ids (each `[B, L]` with an optional mask, as
+    /// [`StreamingUmt5Encoder::forward`] takes) through one read of the weights: each block is
+    /// applied to every batch before it is dropped, so a prompt and its negative cost one pass
+    /// over the checkpoint. Each result equals that batch's own forward. `weights_dropped` as
+    /// for [`StreamingUmt5Encoder::forward_observed`].
+    pub fn forward_many_observed(
+        &self,
+        batches: &[(&Tensor, Option<&Tensor>)],
+        weights_dropped: &mut dyn FnMut(),
+    ) -> Result<Vec<Tensor>> {
+        let device = self.vb.device();
+        let inputs = batches
+            .iter()
+            .map(|(ids, mask)| EncoderInputs::new(ids, *mask, &self.cfg, device))
+            .collect::<Result<Vec<_>>>()?;
+        let mut xs = self.embedding_rows(batches.iter().map(|(ids, _)| *ids))?;
+        weights_dropped();
+        for i in 0..self.cfg.num_layers {
+            let block = Umt5Block::load(self.vb.pp("blocks").pp(i), &self.cfg)?;
+            xs = inputs
+                .iter()
+                .zip(&xs)
+                .map(|(inputs, x)| inputs.run_block(&block, x))
+                .collect::<Result<_>>()?;
+            drop(block);
+            weights_dropped();
+        }
+        let norm = T5Norm::load(self.vb.pp("norm"), self.cfg.dim, self.cfg.eps)?;
+        let out = xs.iter().map(|x| norm.forward(x)).collect();
+        drop(norm);
+        weights_dropped();
+        out
+    }
+
+    /// [`Umt5Encoder::encode_ids`], reading the weights block by block.
+    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        Ok(self
+            .forward(&unpadded_ids(ids, self.vb.device())?, None)?
+            .squeeze(0)?)
+    }
+
+    /// [`Umt5Encoder::encode_prompt`], reading the weights block by block.
+    pub fn encode_prompt(&self, prompt: &TokenizedPrompt) -> Result<Tensor> {
+        self.encode_ids(&prompt.ids)
+    }
+
+    /// The embedding rows of each `ids` `[B, L]`, looked up on the CPU in one read of the
+    /// table and moved to the device.
+    fn embedding_rows<'t>(&self, ids: impl Iterator<Item = &'t Tensor>) -> Result<Vec<Tensor>> {
+        let table = self
+            .vb
+            .clone()
+            .set_device(Device::Cpu)
+            .pp("token_embedding")
+            .get((self.cfg.vocab, self.cfg.dim), "weight")?;
+        ids.map(|ids| {
+            let (batch, len) = ids.dims2()?;
+            let flat = ids.to_device(&Device::Cpu)?.flatten_all()?;
+            Ok(table
+                .index_select(&flat, 0)?
+                .reshape((batch, len, self.cfg.dim))?
+                .to_device(self.vb.device())?)
+        })
+        .collect()
+    }
+}
+
+impl std::fmt::Debug for StreamingUmt5Encoder<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamingUmt5Encoder")
+            .field("cfg", &self.cfg)
+            .field("dtype", &self.vb.dtype())
+            .field("device", self.vb.device())
+            .finish()
+    }
+}
+
+/// `[1, L]` ids of one unpadded sequence.
+fn unpadded_ids(ids: &[u32], device: &Device) -> Result<Tensor> {
+    if ids.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    Ok(Tensor::from_slice(ids, (1, ids.len()), device)?)
+}
+
+/// What every block of one forward pass shares: the relative-position buckets and the
+/// padding bias, built from the checked ids and mask.
+struct EncoderInputs<'c> {
+    buckets: Tensor,
+    padding: Tensor,
+    cfg: &'c Umt5Config,
+}
+
+impl<'c> EncoderInputs<'c> {
+    /// The inputs on `device`, where the blocks run.
+    fn new(
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        cfg: &'c Umt5Config,
+        device: &Device,
+    ) -> Result<Self> {
         let (batch, len) = ids.dims2().map_err(|_| Error::Shape {
             what: "umT5 token ids".into(),
             expected: "[B, L]".into(),
             got: ids.dims().to_vec(),
         })?;
-        self.check_ids(ids)?;
-        let device = ids.device();
+        check_ids(ids, cfg.vocab)?;
         let padding = match mask {
             Some(mask) if mask.dims() == [batch, len] => {
-                let hidden = mask.to_dtype(DType::F32)?.eq(0f64)?;
+                let hidden = mask.to_device(device)?.to_dtype(DType::F32)?.eq(0f64)?;
                 let big_negative = Tensor::full(f32::MIN, (batch, len), device)?;
                 let zeros = Tensor::zeros((batch, len), DType::F32, device)?;
                 hidden.where_cond(&big_negative, &zeros)?
@@ -336,44 +510,29 @@ impl Umt5Encoder {
             None => Tensor::zeros((batch, len), DType::F32, device)?,
         }
         .reshape((batch, 1, 1, len))?;
-        let buckets = bucket_table(len, &self.cfg, device)?;
-        let mut x = self.token_embedding.forward(ids)?;
-        for block in &self.blocks {
-            x = block.forward(&x, &buckets, &padding, &self.cfg)?;
-        }
-        self.norm.forward(&x)
+        Ok(Self {
+            buckets: bucket_table(len, cfg, device)?,
+            padding,
+            cfg,
+        })
     }
 
-    /// The hidden states `[L, dim]` of one unpadded sequence of ids, as the Wan DiT takes its
-    /// text context (trimmed to the real tokens). Identical to the first `L` rows of a padded,
-    /// masked run, since relative positions do not depend on the padding.
-    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
-        if ids.is_empty() {
-            return Err(Error::EmptyPrompt);
-        }
-        let device = self.token_embedding.embeddings().device();
-        let ids = Tensor::from_slice(ids, (1, ids.len()), device)?;
-        Ok(self.forward(&ids, None)?.squeeze(0)?)
+    fn run_block(&self, block: &Umt5Block, x: &Tensor) -> Result<Tensor> {
+        block.forward(x, &self.buckets, &self.padding, self.cfg)
     }
+}
 
-    /// [`Umt5Encoder::encode_ids`] of a tokenized prompt: the text context `[L, dim]` the
-    /// DiT takes, `</s>` included.
-    pub fn encode_prompt(&self, prompt: &TokenizedPrompt) -> Result<Tensor> {
-        self.encode_ids(&prompt.ids)
+fn check_ids(ids: &Tensor, vocab: usize) -> Result<()> {
+    let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
+    let min = ids.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()?;
+    if min < 0.0 || max >= vocab as f64 {
+        return Err(Error::Shape {
+            what: format!("umT5 token ids (smallest {min}, largest {max})"),
+            expected: format!("ids in 0..{vocab}"),
+            got: ids.dims().to_vec(),
+        });
     }
-
-    fn check_ids(&self, ids: &Tensor) -> Result<()> {
-        let max = ids.to_dtype(DType::F64)?.max_all()?.to_scalar::<f64>()?;
-        let min = ids.to_dtype(DType::F64)?.min_all()?.to_scalar::<f64>()?;
-        if min < 0.0 || max >= self.cfg.vocab as f64 {
-            return Err(Error::Shape {
-                what: format!("umT5 token ids (smallest {min}, largest {max})"),
-                expected: format!("ids in 0..{}", self.cfg.vocab),
-                got: ids.dims().to_vec(),
-            });
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::golden::GoldenFile;
-use turbo_models::umt5::{Umt5Config, Umt5Encoder};
+use turbo_models::umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder};
 
 fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
     turbo_core::golden::relative_error(out, reference).unwrap()
@@ -14,10 +14,26 @@ fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
 
 fn load() -> (GoldenFile, Umt5Encoder) {
     let file = GoldenFile::open("umt5").unwrap();
+    let cfg = golden_config(&file);
+    let encoder = Umt5Encoder::load(golden_weights(&file), &cfg).unwrap();
+    (file, encoder)
+}
+
+/// The values of an integer tensor of the file, flattened.
+fn golden_i64s(file: &GoldenFile, name: &str) -> Vec<i64> {
+    let tensor = file.tensor(name).unwrap();
+    tensor.flatten_all().unwrap().to_vec1::<i64>().unwrap()
+}
+
+fn golden_weights(file: &GoldenFile) -> VarBuilder<'static> {
+    VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu)
+}
+
+fn golden_config(file: &GoldenFile) -> Umt5Config {
     let number = |key: &str| file.config_f64(&[key]).unwrap() as usize;
     assert_eq!(file.config()["shared_pos"], serde_json::Value::Bool(false));
     let defaults = Umt5Config::umt5_xxl();
-    let cfg = Umt5Config {
+    Umt5Config {
         vocab: number("vocab"),
         dim: number("dim"),
         dim_attn: number("dim_attn"),
@@ -30,10 +46,7 @@ fn load() -> (GoldenFile, Umt5Encoder) {
             .config_f64(&["max_distance"])
             .map_or(defaults.max_distance, |v| v as usize),
         eps: defaults.eps,
-    };
-    let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
-    let encoder = Umt5Encoder::load(vb, &cfg).unwrap();
-    (file, encoder)
+    }
 }
 
 #[test]
@@ -66,19 +79,8 @@ fn masked_hidden_states_match_golden() {
 #[test]
 fn unpadded_ids_give_the_trimmed_rows() {
     let (file, encoder) = load();
-    let ids = file.tensor("in.ids").unwrap();
-    let mask = file
-        .tensor("in.mask")
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap();
-    let real: Vec<u32> = ids
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
+    let mask = golden_i64s(&file, "in.mask");
+    let real: Vec<u32> = golden_i64s(&file, "in.ids")
         .iter()
         .zip(&mask)
         .filter(|(_, &m)| m != 0)
@@ -136,4 +138,46 @@ fn from_checkpoint_loads_a_weights_file() {
         other => panic!("expected a key mismatch, got {:?}", other.map(|_| ())),
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The encoder that reads one block at a time computes what the whole model does, on the
+/// padded, masked batch and on the trimmed prompt, and drops its weights after the embedding,
+/// after every block and after the final norm.
+#[test]
+fn streamed_encoder_equals_the_whole_model() {
+    let (file, encoder) = load();
+    let streamed = StreamingUmt5Encoder::new(golden_weights(&file), encoder.config()).unwrap();
+    let ids = file.tensor("in.ids").unwrap();
+    let mask = file.tensor("in.mask").unwrap();
+    let mut drops = 0;
+    let out = streamed
+        .forward_observed(&ids, Some(&mask), &mut || drops += 1)
+        .unwrap();
+    let whole = encoder.forward(&ids, Some(&mask)).unwrap();
+    let err = relative_error(&out, &whole);
+    println!("streamed vs whole umt5 relative error: {err:.3e}");
+    assert!(err <= 1e-6, "streamed relative error {err}");
+    assert_eq!(drops, encoder.config().num_layers + 2);
+
+    let real: Vec<u32> = golden_i64s(&file, "in.ids")
+        .iter()
+        .take(3)
+        .map(|&id| id as u32)
+        .collect();
+    let err = relative_error(
+        &streamed.encode_ids(&real).unwrap(),
+        &encoder.encode_ids(&real).unwrap(),
+    );
+    assert!(err <= 1e-6, "streamed trimmed relative error {err}");
+
+    // Two batches through one read of the weights: each as its own forward.
+    let short = Tensor::from_slice(&real, (1, real.len()), &Device::Cpu).unwrap();
+    let mut drops = 0;
+    let both = streamed
+        .forward_many_observed(&[(&ids, Some(&mask)), (&short, None)], &mut || drops += 1)
+        .unwrap();
+    assert_eq!(drops, encoder.config().num_layers + 2);
+    assert!(relative_error(&both[0], &whole) <= 1e-6);
+    let alone = encoder.forward(&short, None).unwrap();
+    assert!(relative_error(&both[1], &alone) <= 1e-6);
 }

@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::golden::GoldenFile;
-use turbo_models::vae::{VaeConfig, WanVae, WAN21_LATENT_MEAN, WAN21_LATENT_STD};
+use turbo_models::vae::{VaeConfig, VaeTiling, WanVae, WAN21_LATENT_MEAN, WAN21_LATENT_STD};
 
 fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
     turbo_core::golden::relative_error(out, reference).unwrap()
@@ -225,4 +225,44 @@ fn batches_are_independent() {
     for b in 0..2 {
         assert!(relative_error(&videos.narrow(0, b, 1).unwrap(), &expected) <= 1e-4);
     }
+}
+
+/// The tiled decode equals the untiled one: a latent a little larger than twice the halo, cut
+/// into a 2×2 grid, so that each tile decodes only part of the frame and its kept pixels next
+/// to the cut need the whole halo. Two latent frames exercise each tile's temporal cache.
+#[test]
+fn tiled_decode_equals_the_untiled_decode() {
+    let (_, vae) = load();
+    let halo = vae.config().decode_halo();
+    let z_dim = vae.config().z_dim;
+    let (height, width) = (2 * halo + 4, 2 * halo + 2);
+    let latent = Tensor::randn(0f32, 1.0, (1, z_dim, 2, height, width), &Device::Cpu).unwrap();
+    let whole = vae.decode(&latent).unwrap();
+    let tiling = VaeTiling::grid(2, 2, height, width).unwrap();
+    let tiled = vae.decode_tiled(&latent, tiling).unwrap();
+    assert_eq!(tiled.dims(), whole.dims());
+    let err = relative_error(&tiled, &whole);
+    println!("tiled ({tiling:?}, halo {halo}) vs untiled decode relative error: {err:.3e}");
+    assert!(err <= 1e-5, "tiled relative error {err}");
+}
+
+#[test]
+fn bad_tile_settings_are_typed_errors() {
+    use turbo_core::Error;
+    assert!(matches!(
+        VaeTiling::new(0, 4),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        VaeTiling::grid(3, 0, 10, 10),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert!(matches!(
+        VaeTiling::grid(11, 1, 10, 10),
+        Err(Error::InvalidConfig { .. })
+    ));
+    assert_eq!(
+        VaeTiling::grid(3, 2, 10, 9).unwrap(),
+        VaeTiling::new(4, 5).unwrap()
+    );
 }

@@ -169,6 +169,12 @@ impl ResidualBlock {
         keys
     }
 
+    /// Pixels of context the block's two convolutions read on each side, together.
+    pub fn spatial_padding(in_channels: usize, out_channels: usize) -> usize {
+        let (conv_in, conv_out, _) = Self::convs(in_channels, out_channels);
+        conv_in.padding.1 + conv_out.padding.1
+    }
+
     fn convs(
         in_channels: usize,
         out_channels: usize,
@@ -278,6 +284,15 @@ pub enum ResampleMode {
 }
 
 impl ResampleMode {
+    /// Pixels of context the spatial convolution reads on each side (upsamplers pad 1; the
+    /// downsamplers pad right and bottom only and are not tiled).
+    pub fn spatial_padding(self) -> usize {
+        match self {
+            Self::Downsample2d | Self::Downsample3d => 0,
+            Self::Upsample2d | Self::Upsample3d => 1,
+        }
+    }
+
     fn spatial_out(self, channels: usize) -> usize {
         match self {
             Self::Downsample2d | Self::Downsample3d => channels,
@@ -312,10 +327,11 @@ pub struct Resample {
 impl Resample {
     pub fn load(vb: VarBuilder, channels: usize, mode: ResampleMode) -> Result<Self> {
         // Downsampling pads asymmetrically itself (see `spatial`), then strides by 2.
-        let (padding, stride) = match mode {
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => (0, 2),
-            ResampleMode::Upsample2d | ResampleMode::Upsample3d => (1, 1),
+        let stride = match mode {
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => 2,
+            ResampleMode::Upsample2d | ResampleMode::Upsample3d => 1,
         };
+        let padding = mode.spatial_padding();
         let config = candle_nn::Conv2dConfig {
             padding,
             stride,

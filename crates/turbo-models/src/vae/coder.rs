@@ -178,6 +178,40 @@ impl CoderPlan {
         }
     }
 
+    /// Latent pixels of context the upsampling path (the layers and the head, after the
+    /// middle blocks) reads on each side of an output pixel: each convolution of spatial
+    /// padding `p` at upsampling scale `s` reaches `p / s` latent pixels further, summed over
+    /// every convolution (two per residual block, the upsamplers' 3×3 after their ×2, the head)
+    /// and rounded up.
+    fn upsampling_halo(&self) -> usize {
+        let upsamplers = self
+            .layers
+            .iter()
+            .filter(|layer| matches!(layer, LayerPlan::Resample { .. }))
+            .count();
+        let finest = 1usize << upsamplers;
+        // In pixels of the finest scale, where every scale divides evenly.
+        let mut scale = 1;
+        let mut reach = 0;
+        for layer in &self.layers {
+            match *layer {
+                LayerPlan::Residual {
+                    in_channels,
+                    out_channels,
+                } => {
+                    let padding = ResidualBlock::spatial_padding(in_channels, out_channels);
+                    reach += padding * finest / scale;
+                }
+                LayerPlan::Resample { mode, .. } => {
+                    scale *= 2;
+                    reach += mode.spatial_padding() * finest / scale;
+                }
+            }
+        }
+        reach += self.head.padding.1 * finest / scale;
+        reach.div_ceil(finest)
+    }
+
     fn keys(&self, prefix: &str) -> Keys {
         let mut keys = self.conv_in.keys(&format!("{prefix}.conv1"));
         for (i, layer) in self.layers.iter().enumerate() {
@@ -248,6 +282,11 @@ impl Coder {
         CoderPlan::decoder(cfg).load(vb)
     }
 
+    /// [`CoderPlan::upsampling_halo`] of the decoder of `cfg`.
+    pub fn decoder_halo(cfg: &VaeConfig) -> usize {
+        CoderPlan::decoder(cfg).upsampling_halo()
+    }
+
     /// The encoder's and the decoder's checkpoint keys.
     pub fn keys(cfg: &VaeConfig) -> Keys {
         let mut keys = CoderPlan::encoder(cfg).keys("encoder");
@@ -259,17 +298,48 @@ impl Coder {
     /// whole video, with [`FeatureCache::whole_sequence`]).
     pub fn forward_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         cache.start_chunk();
-        let mut x = cached_conv(&self.conv_in, x, cache)?;
-        if self.direction == Direction::Decoder {
-            x = self.middle(&x, cache)?;
-        }
+        let x = cached_conv(&self.conv_in, x, cache)?;
+        let x = match self.direction {
+            Direction::Decoder => {
+                let x = self.middle(&x, cache)?;
+                self.layers(&x, cache)?
+            }
+            Direction::Encoder => {
+                let x = self.layers(&x, cache)?;
+                self.middle(&x, cache)?
+            }
+        };
+        self.head(&x, cache)
+    }
+
+    /// The decoder's part at latent resolution, whose attention sees the whole frame:
+    /// `conv1` and the middle blocks, for one chunk.
+    pub fn decode_middle_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        cache.start_chunk();
+        let x = cached_conv(&self.conv_in, x, cache)?;
+        self.middle(&x, cache)
+    }
+
+    /// The decoder's convolutional rest (the upsampling layers and the head) for one chunk of
+    /// [`Coder::decode_middle_chunk`]'s output, with a cache of its own.
+    pub fn decode_upsampling_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        cache.start_chunk();
+        let x = self.layers(x, cache)?;
+        self.head(&x, cache)
+    }
+
+    /// The flat layer sequence.
+    fn layers(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let mut x = x.clone();
         for layer in &self.layers {
             x = layer.forward(&x, cache)?;
         }
-        if self.direction == Direction::Encoder {
-            x = self.middle(&x, cache)?;
-        }
-        let x = self.head_norm.forward_silu(&x)?;
+        Ok(x)
+    }
+
+    /// Norm, SiLU and the output convolution.
+    fn head(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let x = self.head_norm.forward_silu(x)?;
         cached_conv(&self.head_conv, &x, cache)
     }
 

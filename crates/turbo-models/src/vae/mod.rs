@@ -17,6 +17,7 @@ mod blocks;
 mod cache;
 mod coder;
 mod conv;
+mod tiling;
 
 use crate::checkpoint::Checkpoint;
 use candle_core::{DType, Device, Tensor};
@@ -27,6 +28,8 @@ pub use blocks::ResampleMode;
 pub use conv::{
     causal_conv3d_reference, conv2d_biased, conv2d_biased_reference, CausalConv3d, Conv3dSpec,
 };
+
+pub use tiling::VaeTiling;
 
 use cache::FeatureCache;
 use coder::Coder;
@@ -81,6 +84,12 @@ impl VaeConfig {
     /// Spatial compression: ×2 per downsampler.
     pub fn spatial_stride(&self) -> usize {
         1 << (self.dim_mult.len() - 1)
+    }
+
+    /// Latent pixels of context the decoder's upsampling path reads on each side: the halo of
+    /// a tile of [`WanVae::decode_tiled`] (13 for the released VAE).
+    pub fn decode_halo(&self) -> usize {
+        Coder::decoder_halo(self)
     }
 
     /// Checks that the parameters describe a VAE this implementation runs: the ×4 temporal

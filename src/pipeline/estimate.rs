@@ -1,0 +1,497 @@
+//! The peak device memory of each stage, estimated from the configurations and the request
+//! before any model is loaded, and the check against the memory budget.
+//!
+//! Every estimate is `weights + activations`. Weights are exact: the bytes of the tensors the
+//! stage's model reads, from its key list, in the dtype they are read in. Activations follow a
+//! formula per stage in the request's geometry; where the code's allocation pattern cannot be
+//! counted term by term (the DiT's residual stream and FFN temporaries, the VAE's chunk of
+//! feature maps), one coefficient is calibrated on a measurement: an H200 run of Wan2.1 1.3B at
+//! 832×480, 81 frames, bf16, W8A8, SageSLA top-k 0.1 (`examples/bench`, section `t2v`):
+//!
+//! | stage | measured peak |
+//! |---|---|
+//! | text encoding (whole umT5-XXL resident, before streaming) | 10.74 GiB |
+//! | denoising | 3.73 GiB |
+//! | VAE decode (bf16) | 6.32 GiB |
+//!
+//! The coefficients are derived from those numbers by the same formulas that the estimates
+//! use ([`dit_coefficient`], [`vae_coefficient`]), so the estimate of the calibration run
+//! equals the measurement: `K_dit ≈ 3.10` (about three f32 residual streams plus three FFN
+//! hidden states per token at the step's peak) and `K_vae ≈ 18.8` (nineteen base-width
+//! full-resolution feature maps of four frames). The text stage needs no coefficient: its formula is a term-by-term
+//! count, and for the whole model it gives 10.58 GiB of weights plus at most 0.28 GiB of
+//! activations at 512 tokens, which brackets the measured 10.74 GiB.
+
+use candle_core::DType;
+use turbo_attention::{Attention, AttentionConfig};
+use turbo_core::{Error, FrameCount, FrameSize, Result, Stage, VideoGeometry, VAE_STRIDE};
+use turbo_models::wan::{
+    expected_tensors, int8_block_linears, PatchLayout, QuantPolicy, WanConfig,
+};
+use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, VaeTiling, WanVae};
+
+use super::{Pipeline, Plan, TextEncoderDevice};
+
+/// The estimated peak device memory of one stage.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StageEstimate {
+    /// The stage, as its [`turbo_core::StageReport`] names it.
+    pub stage: Stage,
+    /// Bytes of the weights resident at once.
+    pub weights: u64,
+    /// Bytes of everything else at the stage's peak.
+    pub activations: u64,
+}
+
+impl StageEstimate {
+    /// The estimated peak: weights and activations.
+    pub fn peak(&self) -> u64 {
+        self.weights + self.activations
+    }
+}
+
+/// The estimated peak device memory of every stage of a request, in the order they run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemoryEstimate {
+    pub stages: Vec<StageEstimate>,
+    /// The tiling the VAE decode will use: the one the pipeline was given, or the coarsest
+    /// grid whose estimate fits the budget when the untiled decode does not; `None`: untiled.
+    pub vae_tiling: Option<VaeTiling>,
+}
+
+impl MemoryEstimate {
+    /// The largest stage peak: the run's peak, since each stage frees its model.
+    pub fn peak(&self) -> u64 {
+        self.stages
+            .iter()
+            .map(StageEstimate::peak)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The estimate of `stage` (compared as [`turbo_core::StageReport::stage`] names it).
+    pub fn stage(&self, stage: &Stage) -> Option<&StageEstimate> {
+        self.stages.iter().find(|estimate| estimate.stage == *stage)
+    }
+}
+
+/// What the estimate of a request depends on besides the pipeline.
+struct EstimateInput {
+    geometry: VideoGeometry,
+    /// The DiT's attention (the weights of SLA's `proj_l` count).
+    attention: AttentionConfig,
+    /// Tokens of the longest prompt encoded.
+    text_tokens: usize,
+    /// Guided sampling encodes a second prompt.
+    guided: bool,
+    /// Image to video: the VAE encodes the image first.
+    image: bool,
+    steps: usize,
+}
+
+impl Pipeline {
+    /// The estimate of a planned run whose prompt is `prompt` (`image`: image to video), and
+    /// the budget it is checked against.
+    pub(super) fn plan_memory(
+        &self,
+        plan: &Plan,
+        prompt: &str,
+        image: bool,
+    ) -> Result<(MemoryEstimate, Option<u64>)> {
+        let negative = plan.denoise.sampler.negative_prompt();
+        let mut text_tokens = self.tokenizer.encode(prompt)?.ids.len();
+        if let Some(negative) = negative {
+            text_tokens = text_tokens.max(self.tokenizer.encode(negative)?.ids.len());
+        }
+        let input = EstimateInput {
+            geometry: plan.geometry,
+            attention: plan.denoise.dits.first_attention(),
+            text_tokens,
+            guided: negative.is_some(),
+            image,
+            steps: plan.denoise.sampler.timesteps().len(),
+        };
+        let budget = self.memory_budget()?;
+        Ok((self.estimate(&input, budget)?, budget))
+    }
+
+    /// [`Pipeline::plan_memory`], failing with [`Error::MemoryBudgetExceeded`] if a stage does
+    /// not fit.
+    pub(super) fn checked_memory(
+        &self,
+        plan: &Plan,
+        prompt: &str,
+        image: bool,
+    ) -> Result<MemoryEstimate> {
+        let (estimate, budget) = self.plan_memory(plan, prompt, image)?;
+        self.check_memory(&estimate, budget)?;
+        Ok(estimate)
+    }
+
+    /// The memory budget of a stage: the one given to the builder, else on CUDA the memory the
+    /// device has available now; `None` on the CPU without a given budget.
+    fn memory_budget(&self) -> Result<Option<u64>> {
+        match self.memory_budget {
+            Some(budget) => Ok(Some(budget)),
+            None => turbo_core::available_memory(&self.device),
+        }
+    }
+
+    /// Per-stage estimates for `input`, with the VAE tiling chosen for `budget`.
+    fn estimate(&self, input: &EstimateInput, budget: Option<u64>) -> Result<MemoryEstimate> {
+        let models = &self.models;
+        let dtype = self.dtype;
+        let text = text_estimate(
+            &models.text_encoder,
+            self.text_encoder_device,
+            dtype,
+            input.text_tokens,
+            input.guided,
+        );
+        let mut stages = vec![text.of(Stage::EncodingText)];
+        if input.image {
+            let image = vae_encode_estimate(&models.vae, dtype, input.geometry);
+            stages.push(image.of(Stage::EncodingImage));
+        }
+        let dit = dit_estimate(&DitRun {
+            cfg: &models.dit,
+            attention: &input.attention,
+            quant: self.quant_linear,
+            dtype,
+            geometry: input.geometry,
+            guided: input.guided,
+        });
+        stages.push(dit.of(Stage::Denoising { steps: input.steps }));
+        let frames = input.geometry.frames.get();
+        let (decode, vae_tiling) = self.plan_decode(input.geometry, budget)?;
+        stages.push(decode.of(Stage::Decoding {
+            done: frames,
+            total: frames,
+        }));
+        Ok(MemoryEstimate { stages, vae_tiling })
+    }
+
+    /// The decode's estimate and tiling: the pipeline's tiling if it has one; else untiled if
+    /// that fits `budget`; else the coarsest `n × n` grid that fits, or if none does the
+    /// lowest estimate (untiled when tiles do not help, as on frames not much larger than the
+    /// halo).
+    fn plan_decode(
+        &self,
+        geometry: VideoGeometry,
+        budget: Option<u64>,
+    ) -> Result<(Footprint, Option<VaeTiling>)> {
+        let (cfg, dtype) = (&self.models.vae, self.dtype);
+        if let Some(tiling) = self.vae_tiling {
+            return Ok((
+                vae_decode_estimate(cfg, dtype, geometry, Some(tiling)),
+                Some(tiling),
+            ));
+        }
+        let untiled = vae_decode_estimate(cfg, dtype, geometry, None);
+        let Some(budget) = budget.filter(|&budget| untiled.peak() > budget) else {
+            return Ok((untiled, None));
+        };
+        let latent = geometry.latent_shape();
+        let mut planned = (untiled, None);
+        for n in 2..=latent.height.max(latent.width) {
+            let tiling = VaeTiling::grid(
+                n.min(latent.height),
+                n.min(latent.width),
+                latent.height,
+                latent.width,
+            )?;
+            let estimate = vae_decode_estimate(cfg, dtype, geometry, Some(tiling));
+            if estimate.peak() < planned.0.peak() {
+                planned = (estimate, Some(tiling));
+            }
+            if planned.0.peak() <= budget {
+                break;
+            }
+        }
+        Ok(planned)
+    }
+
+    /// Fails with [`Error::MemoryBudgetExceeded`] naming the first stage whose estimate
+    /// exceeds `budget` (see [`Pipeline::memory_budget`]); without one nothing is checked.
+    fn check_memory(&self, estimate: &MemoryEstimate, budget: Option<u64>) -> Result<()> {
+        let Some(budget) = budget else {
+            return Ok(());
+        };
+        match estimate.stages.iter().find(|s| s.peak() > budget) {
+            Some(over) => Err(Error::MemoryBudgetExceeded {
+                stage: stage_name(&over.stage).to_owned(),
+                needed: over.peak(),
+                available: budget,
+                help: self.memory_help(&over.stage),
+            }),
+            None => {
+                tracing::debug!(peak = estimate.peak(), budget, "memory estimate fits");
+                Ok(())
+            }
+        }
+    }
+
+    /// What would lower the memory of `stage` (finer VAE tiles are chosen automatically).
+    fn memory_help(&self, stage: &Stage) -> Vec<String> {
+        let smaller = "a lower resolution or fewer frames".to_owned();
+        match stage {
+            Stage::EncodingText if self.text_encoder_device == TextEncoderDevice::Pipeline => {
+                vec!["text encoding on the CPU (`text_encoder_on_cpu(true)`)".to_owned()]
+            }
+            Stage::EncodingText => vec!["a device with more free memory".to_owned()],
+            Stage::Denoising { .. } if self.quant_linear == QuantPolicy::KeepFloat => vec![
+                "W8A8 block linears (`quant_linear(true)`)".to_owned(),
+                smaller,
+            ],
+            Stage::Decoding { .. } if self.vae_tiling.is_some() => {
+                vec!["smaller VAE tiles (`vae_tiling`)".to_owned(), smaller]
+            }
+            _ => vec![smaller],
+        }
+    }
+}
+
+/// The name of a stage in messages.
+fn stage_name(stage: &Stage) -> &'static str {
+    match stage {
+        Stage::EncodingText => "text encoding",
+        Stage::EncodingImage => "image encoding",
+        Stage::Decoding { .. } => "VAE decode",
+        _ => "denoising",
+    }
+}
+
+/// Bytes of `elements` values of `dtype`.
+fn bytes(elements: usize, dtype: DType) -> u64 {
+    (elements * dtype.size_in_bytes()) as u64
+}
+
+/// Bytes of the tensors of a key list read in `dtype`.
+fn key_bytes<'k>(keys: impl IntoIterator<Item = &'k (String, Vec<usize>)>, dtype: DType) -> u64 {
+    keys.into_iter()
+        .map(|(_, shape)| bytes(shape.iter().product(), dtype))
+        .sum()
+}
+
+/// The bytes of a stage's weights and activations.
+struct Footprint {
+    weights: u64,
+    activations: u64,
+}
+
+impl Footprint {
+    fn new(weights: u64, activations: u64) -> Self {
+        Self {
+            weights,
+            activations,
+        }
+    }
+
+    fn peak(&self) -> u64 {
+        self.weights + self.activations
+    }
+
+    fn of(self, stage: Stage) -> StageEstimate {
+        StageEstimate {
+            stage,
+            weights: self.weights,
+            activations: self.activations,
+        }
+    }
+}
+
+/// The streamed umT5 encoder on the device: the largest weight group read at once (a block;
+/// the embedding table stays on the CPU) plus, for the longest prompt's `L` tokens (at most
+/// 512, the tokenizer's limit) and `H` heads, the attention scores in f32 (scores, biased scores,
+/// softmax: `3·4·H·L²`, and their copy in the compute dtype `H·L²·b`), the gated FFN
+/// (`3·L·dim_ffn·b`) and the f32 norm copies of the residual stream (`4·4·L·dim`); each
+/// context is kept in f32 (`4·L·dim`, two with guidance). On the CPU the device holds only
+/// the contexts.
+fn text_estimate(
+    cfg: &Umt5Config,
+    device: TextEncoderDevice,
+    dtype: DType,
+    len: usize,
+    guided: bool,
+) -> Footprint {
+    let contexts = (1 + usize::from(guided)) as u64 * bytes(len * cfg.dim, DType::F32);
+    if device == TextEncoderDevice::Cpu {
+        return Footprint::new(0, contexts);
+    }
+    let keys = Umt5Encoder::expected_keys(cfg);
+    let block = key_bytes(
+        keys.iter().filter(|(k, _)| k.starts_with("blocks.0.")),
+        dtype,
+    );
+    let rows = bytes(len * cfg.dim, dtype);
+    let size = dtype.size_in_bytes();
+    let scores = cfg.num_heads * len * len * (3 * 4 + size);
+    let ffn = 3 * len * cfg.dim_ffn * size;
+    let norms = 4 * 4 * len * cfg.dim;
+    Footprint::new(block + rows, (scores + ffn + norms) as u64 + contexts)
+}
+
+/// One denoising run, as the estimate sees it.
+struct DitRun<'a> {
+    cfg: &'a WanConfig,
+    attention: &'a AttentionConfig,
+    quant: QuantPolicy,
+    dtype: DType,
+    geometry: VideoGeometry,
+    guided: bool,
+}
+
+/// The DiT's weights (its key list, int8 block linears under W8A8, plus one float FFN weight
+/// in flight while a float checkpoint is quantised at load) plus
+/// `K_dit · N · (4·dim + b·ffn_dim)` for `N` tokens: the per-token bytes of one f32 residual
+/// stream and one FFN hidden state in the compute dtype `b`, times `K_dit`, calibrated
+/// ([`dit_coefficient`]) to cover every temporary of a block (q, k, v, attention, modulated
+/// copies, W8A8's int8 activations) at the step's peak. Plus the sampler's latents
+/// (`6 · 4·16·T·h·w`: state, noise, velocity and their temporaries) and the text contexts.
+fn dit_estimate(run: &DitRun) -> Footprint {
+    let (fixed, unit) = dit_terms(run);
+    let activations = fixed.1 + (dit_coefficient() * unit as f64) as u64;
+    Footprint::new(fixed.0, activations)
+}
+
+/// `((weights, activations outside the calibrated term), the calibrated term's unit)`.
+fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
+    let cfg = run.cfg;
+    let specs =
+        expected_tensors::<Box<dyn Attention>>(cfg, PatchLayout::Linear, run.attention, run.dtype);
+    let quantising = run.quant == QuantPolicy::Quantize;
+    let in_flight = if quantising {
+        bytes(cfg.ffn_dim * cfg.dim, run.dtype)
+    } else {
+        0
+    };
+    let specs = if quantising {
+        int8_block_linears(specs)
+    } else {
+        specs
+    };
+    let weights: u64 = specs
+        .iter()
+        .map(|spec| bytes(spec.shape.iter().product(), spec.dtype))
+        .sum();
+    let latent = run.geometry.latent_shape();
+    let latent_elements = latent.channels * latent.frames * latent.height * latent.width;
+    let contexts = (1 + usize::from(run.guided)) * cfg.text_len * cfg.dim;
+    let fixed = bytes(6 * latent_elements + contexts, DType::F32);
+    let tokens = run.geometry.token_count();
+    let per_token = 4 * cfg.dim + run.dtype.size_in_bytes() * cfg.ffn_dim;
+    ((weights + in_flight, fixed), (tokens * per_token) as u64)
+}
+
+/// `K_dit`: the H200 calibration run's denoising peak (3.73 GiB) less its weights and fixed
+/// activations, over its unit `N · (4·dim + b·ffn_dim)` (N = 32 760 tokens).
+fn dit_coefficient() -> f64 {
+    const MEASURED: f64 = 3.73 * GIB;
+    let attention = AttentionConfig::new(
+        turbo_core::AttentionKind::sagesla(turbo_core::DEFAULT_SLA_TOPK).expect("a valid top-k"),
+    );
+    let ((weights, fixed), unit) = dit_terms(&DitRun {
+        cfg: &WanConfig::wan21_t2v_1_3b(),
+        attention: &attention,
+        quant: QuantPolicy::Quantize,
+        dtype: DType::BF16,
+        geometry: calibration_geometry(),
+        guided: false,
+    });
+    (MEASURED - (weights + fixed) as f64) / unit as f64
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// 832×480, 81 frames: the geometry of the H200 calibration runs.
+fn calibration_geometry() -> VideoGeometry {
+    VideoGeometry::new(
+        FrameSize::new(832, 480).expect("a valid size"),
+        FrameCount::new(81).expect("a valid frame count"),
+    )
+}
+
+/// The VAE's weights (encoder and decoder, both loaded) plus `K_vae · U`, where
+/// `U = 4·H·W·dim·b` is one chunk of four frames of the full-resolution feature map at the
+/// base width in the compute dtype `b` and `K_vae` is calibrated ([`vae_coefficient`]), plus
+/// the decoded video: its chunks (or tiles) and their concatenation in the compute dtype and
+/// the f32 copy (`3·F·H·W·(2b + 4)`). The decode streams over time, so only the output grows
+/// with `F`. Tiled, `U` is that of one tile with its halo (the feature maps and the temporal
+/// cache are the tile's), and the middle blocks' output for every latent frame is held
+/// (`T·dim·mult_last·h·w·b`).
+fn vae_decode_estimate(
+    cfg: &VaeConfig,
+    dtype: DType,
+    geometry: VideoGeometry,
+    tiling: Option<VaeTiling>,
+) -> Footprint {
+    let ((weights, output), unit) = vae_decode_terms(cfg, dtype, geometry);
+    let Some(tiling) = tiling else {
+        let chunk = (vae_coefficient() * unit as f64) as u64;
+        return Footprint::new(weights, output + chunk);
+    };
+    let latent = geometry.latent_shape();
+    let halo = cfg.decode_halo();
+    let decoded = |tile: usize, side: usize| (tile + 2 * halo).min(side);
+    let tile_area = decoded(tiling.height(), latent.height) * decoded(tiling.width(), latent.width);
+    let fraction = tile_area as f64 / (latent.height * latent.width) as f64;
+    let chunk = (vae_coefficient() * unit as f64 * fraction) as u64;
+    let middle_channels = cfg.dim * cfg.dim_mult.last().copied().unwrap_or(1);
+    let middle = bytes(
+        latent.frames * middle_channels * latent.height * latent.width,
+        dtype,
+    );
+    Footprint::new(weights, output + chunk + middle)
+}
+
+/// `((weights, output video), U)` of a decode.
+fn vae_decode_terms(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> ((u64, u64), u64) {
+    let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
+    let (height, width) = (geometry.size.height(), geometry.size.width());
+    let pixels = geometry.frames.get() * height * width;
+    let output = (3 * pixels * (2 * dtype.size_in_bytes() + 4)) as u64;
+    ((weights, output), vae_chunk_unit(cfg, dtype, height, width))
+}
+
+/// `U = 4·H·W·dim·b`: one chunk of four frames of the full-resolution feature map.
+fn vae_chunk_unit(cfg: &VaeConfig, dtype: DType, height: usize, width: usize) -> u64 {
+    bytes(VAE_STRIDE.0 * height * width * cfg.dim, dtype)
+}
+
+/// `K_vae`: the H200 calibration run's decode peak (6.32 GiB, bf16) less the VAE's weights and
+/// the output video, over its `U`.
+fn vae_coefficient() -> f64 {
+    const MEASURED: f64 = 6.32 * GIB;
+    let ((weights, output), unit) =
+        vae_decode_terms(&VaeConfig::wan21(), DType::BF16, calibration_geometry());
+    (MEASURED - (weights + output) as f64) / unit as f64
+}
+
+/// The image condition of I2V: the VAE's weights, the input video built from the image
+/// (`3·F·H·W·(4 + 4 + 2b)`: the zero frames and their concatenation in f32, the copy in the
+/// compute dtype and its time-major copy) and the encoder's chunk, taken as the decoder's
+/// `K_vae · U` (not measured separately).
+fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
+    let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
+    let (height, width) = (geometry.size.height(), geometry.size.width());
+    let pixels = geometry.frames.get() * height * width;
+    let input = (3 * pixels * (8 + 2 * dtype.size_in_bytes())) as u64;
+    let chunk = vae_coefficient() * vae_chunk_unit(cfg, dtype, height, width) as f64;
+    Footprint::new(weights, input + chunk as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The calibration leaves a positive, plausible multiple of each unit: a handful of
+    /// residual-stream-sized temporaries in a DiT block, a few dozen base-width feature maps
+    /// (padded inputs, the temporal cache, im2col) in a VAE chunk.
+    #[test]
+    fn calibrated_coefficients_are_plausible() {
+        let (dit, vae) = (dit_coefficient(), vae_coefficient());
+        println!("K_dit = {dit:.3}, K_vae = {vae:.3}");
+        assert!((1.0..10.0).contains(&dit), "K_dit {dit}");
+        assert!((4.0..40.0).contains(&vae), "K_vae {vae}");
+    }
+}
