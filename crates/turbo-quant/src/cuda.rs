@@ -2,6 +2,7 @@
 //! [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
@@ -12,6 +13,9 @@ use crate::tile::{tile_grid, TILE};
 
 const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
+/// Dynamic shared memory of `w8a8_gemm_*`: a 4-stage ring of 128×128 activation and weight
+/// tiles (`GEMM_SMEM_BYTES` in w8a8.cu).
+const GEMM_SMEM_BYTES: u32 = 4 * 2 * (TILE * TILE) as u32;
 
 /// `x · Wᵀ` for contiguous `x` `[M, K]` (f32 or bf16), int8 `weight` `[N, K]` (U8 bytes) and its
 /// f32 tile scales; each argument is a storage and the element offset where its data starts.
@@ -132,6 +136,12 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<CudaSlice<T>> {
     let y = unsafe { dev.alloc::<T>(args.m * args.n) }?;
     let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::W8A8)?;
+    // Above 48 KiB of dynamic shared memory a kernel must opt in.
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        GEMM_SMEM_BYTES as i32,
+    )
+    .w()?;
     let dims = [args.m, args.n, args.k].map(|d| d as i32);
     let mut launch = func.builder();
     launch
@@ -143,14 +153,12 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         .arg(&dims[0])
         .arg(&dims[1])
         .arg(&dims[2]);
+    // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m tiles.
+    let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
     let cfg = LaunchConfig {
-        grid_dim: (
-            args.n.div_ceil(TILE) as u32,
-            args.m.div_ceil(TILE) as u32,
-            1,
-        ),
+        grid_dim: (tiles as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        shared_mem_bytes: GEMM_SMEM_BYTES,
     };
     unsafe { launch.launch(cfg) }.w()?;
     Ok(y)
