@@ -41,7 +41,9 @@ use turbodiffusion::models::wan::fused::{
 };
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
 use turbodiffusion::pipeline::RandomCheckpoint;
-use turbodiffusion::quant::{add_bias, add_bias_reference, int8_matmul, Int8Weight};
+use turbodiffusion::quant::{
+    add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Weight,
+};
 use turbodiffusion::AttentionKind;
 
 #[derive(Parser, Debug)]
@@ -392,8 +394,9 @@ fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(dot / (norm(&a)? * norm(&b)?))
 }
 
-/// The W8A8 kernels (tile quantisation + block-scaled int8 GEMM) against the CPU
-/// implementation on fresh random inputs, f32 and bf16 activations: at ragged shapes (partial
+/// The W8A8 kernels (tile quantisation + each block-scaled int8 GEMM: mma.sync, and wgmma on
+/// compute capability 9.0) against the CPU implementation on fresh random inputs, f32 and bf16
+/// activations: at ragged shapes (partial
 /// tiles on every side, K not a multiple of 128, odd N; one with activations that start 3
 /// elements into their buffer, the quantiser's unaligned path) and at Wan 1.3B FFN shapes. In
 /// f32 both sides quantise identically and sum the k tiles in the same order; in bf16 the
@@ -418,25 +421,31 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 .narrow(0, offset, m * k)?
                 .reshape((m, k))?;
             let cpu = int8_matmul(&x, weight.int8_weight(), weight.scale())?;
-            let dev = int8_matmul(
-                &on_device(&x)?,
-                &on_device(weight.int8_weight())?,
-                &on_device(weight.scale())?,
-            )?;
             let tag = format!("{dtype:?}").to_lowercase();
             let at = if offset == 0 {
                 String::new()
             } else {
                 format!(", x at offset {offset}")
             };
-            push(
-                &mut checks,
-                Check {
-                    name: format!("kernel w8a8 {tag} [{m}, {k}]·[{n}, {k}]ᵀ{at} vs cpu"),
-                    error: relative_error(&dev, &cpu)?,
-                    threshold,
-                },
-            );
+            for kernel in GemmKernel::ALL {
+                let dev = int8_matmul_with(
+                    &on_device(&x)?,
+                    &on_device(weight.int8_weight())?,
+                    &on_device(weight.scale())?,
+                    kernel,
+                )?;
+                push(
+                    &mut checks,
+                    Check {
+                        name: format!(
+                            "kernel w8a8 {} {tag} [{m}, {k}]·[{n}, {k}]ᵀ{at} vs cpu",
+                            kernel.name()
+                        ),
+                        error: relative_error(&dev, &cpu)?,
+                        threshold,
+                    },
+                );
+            }
         }
     }
     Ok(checks)

@@ -9,13 +9,50 @@ use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
 use half::bf16;
 use turbo_core::cuda::{cuda_view, tensor_from_cuda};
 
+use crate::op::GemmKernel;
 use crate::tile::{tile_grid, TILE};
 
 const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
-/// Dynamic shared memory of `w8a8_gemm_*`: a 4-stage ring of 128×128 activation and weight
-/// tiles (`GEMM_SMEM_BYTES` in w8a8.cu).
-const GEMM_SMEM_BYTES: u32 = 4 * 2 * (TILE * TILE) as u32;
+
+/// One GEMM kernel: its PTX module, the name of its f32 / bf16-output functions less the
+/// `_f32` / `_bf16` suffix, and its dynamic shared memory (`GEMM_SMEM_BYTES` in its .cu file).
+struct GemmVariant {
+    module: &'static str,
+    ptx: &'static str,
+    function: &'static str,
+    smem_bytes: u32,
+}
+
+/// A ring of 128×128 activation and weight tiles per stage.
+const STAGE_BYTES: u32 = 2 * (TILE * TILE) as u32;
+
+/// `kernels/w8a8.cu`: 4 stages.
+const MMA_SYNC: GemmVariant = GemmVariant {
+    module: MODULE,
+    ptx: turbo_kernels::W8A8,
+    function: "w8a8_gemm",
+    smem_bytes: 4 * STAGE_BYTES,
+};
+
+/// `kernels/w8a8_sm90a.cu`: 4 stages and 1 KiB to align them to 1024 bytes.
+const WGMMA: GemmVariant = GemmVariant {
+    module: "turbo_quant_w8a8_sm90a",
+    ptx: turbo_kernels::W8A8_SM90A,
+    function: "w8a8_gemm_wgmma",
+    smem_bytes: 4 * STAGE_BYTES + 1024,
+};
+
+/// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
+/// code runs on no other), everything else gets mma.sync.
+fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVariant> {
+    Ok(match kernel {
+        GemmKernel::Wgmma if dev.cuda_stream().context().compute_capability().w()? == (9, 0) => {
+            &WGMMA
+        }
+        GemmKernel::Wgmma | GemmKernel::MmaSync => &MMA_SYNC,
+    })
+}
 
 /// `x · Wᵀ` for contiguous `x` `[M, K]` (f32 or bf16), int8 `weight` `[N, K]` (U8 bytes) and its
 /// f32 tile scales; each argument is a storage and the element offset where its data starts.
@@ -24,6 +61,7 @@ pub(crate) fn int8_matmul(
     weight: (&CudaStorage, usize),
     scale: (&CudaStorage, usize),
     [m, n, k]: [usize; 3],
+    kernel: GemmKernel,
 ) -> Result<(CudaStorage, Shape)> {
     if weight.1 % 16 != 0 {
         candle_core::bail!("int8-matmul: the int8 weight must start on a 16-byte boundary");
@@ -47,13 +85,12 @@ pub(crate) fn int8_matmul(
         n,
         k,
     };
+    let variant = gemm_variant(&dev, kernel)?;
     let y = match x.0.dtype() {
         DType::F32 => {
-            CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, "w8a8_gemm_f32", &args)?, dev.clone())
+            CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, variant, "f32", &args)?, dev.clone())
         }
-        _ => {
-            CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, "w8a8_gemm_bf16", &args)?, dev.clone())
-        }
+        _ => CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, variant, "bf16", &args)?, dev.clone()),
     };
     Ok((y, Shape::from((m, n))))
 }
@@ -129,17 +166,20 @@ struct GemmArgs<'a> {
     k: usize,
 }
 
+/// `variant`'s GEMM with output dtype `T`, whose name is `out` (`f32` or `bf16`).
 fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,
-    kernel: &str,
+    variant: &GemmVariant,
+    out: &str,
     args: &GemmArgs<'_>,
 ) -> Result<CudaSlice<T>> {
     let y = unsafe { dev.alloc::<T>(args.m * args.n) }?;
-    let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::W8A8)?;
+    let name = format!("{}_{out}", variant.function);
+    let func = dev.get_or_load_custom_func(&name, variant.module, variant.ptx)?;
     // Above 48 KiB of dynamic shared memory a kernel must opt in.
     func.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-        GEMM_SMEM_BYTES as i32,
+        variant.smem_bytes as i32,
     )
     .w()?;
     let dims = [args.m, args.n, args.k].map(|d| d as i32);
@@ -158,7 +198,7 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, 1, 1),
         block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: GEMM_SMEM_BYTES,
+        shared_mem_bytes: variant.smem_bytes,
     };
     unsafe { launch.launch(cfg) }.w()?;
     Ok(y)
