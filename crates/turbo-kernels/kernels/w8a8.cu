@@ -63,22 +63,33 @@ __device__ void quantize_tiles(const T* __restrict__ x, int8_t* __restrict__ q,
     const int col = blockIdx.x * TILE + (threadIdx.x % CHUNKS_PER_ROW) * CHUNK;
     const bool vector = k % CHUNK == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
 
+    // All eight loads are issued before any value is used (a load's latency is paid once, not
+    // once per chunk): the fast path has no branch between them.
     float v[PASSES][CHUNK];
+    const bool whole_rows = (int)(blockIdx.y + 1) * TILE <= m;
+    if (vector && whole_rows && col < k) {
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p)
+            load_chunk(x + (size_t)(first_row + p * ROWS_PER_PASS) * k + col, v[p]);
+    } else {
+#pragma unroll
+        for (int p = 0; p < PASSES; ++p) {
+            const int row = first_row + p * ROWS_PER_PASS;
+            const T* src = x + (size_t)row * k + col;
+            if (vector && row < m && col < k) {
+                load_chunk(src, v[p]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < CHUNK; ++e)
+                    v[p][e] = row < m && col + e < k ? to_float(src[e]) : 0.f;
+            }
+        }
+    }
     float amax = 1e-8f;
 #pragma unroll
-    for (int p = 0; p < PASSES; ++p) {
-        const int row = first_row + p * ROWS_PER_PASS;
-        const T* src = x + (size_t)row * k + col;
-        if (vector && row < m && col < k) {
-            load_chunk(src, v[p]);
-        } else {
-#pragma unroll
-            for (int e = 0; e < CHUNK; ++e)
-                v[p][e] = row < m && col + e < k ? to_float(src[e]) : 0.f;
-        }
+    for (int p = 0; p < PASSES; ++p)
 #pragma unroll
         for (int e = 0; e < CHUNK; ++e) amax = fmaxf(amax, fabsf(v[p][e]));
-    }
     amax = block_max(amax, scratch);
 
 #pragma unroll
@@ -142,8 +153,8 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
 
     auto load_stage = [&](int kt) {
         const uint32_t stage = smem_base + (kt % STAGES) * STAGE_BYTES;
-        load_tile_async(stage, xq, m0, m, kt * TILE, k);
-        load_tile_async(stage + TILE_BYTES, wq, n0, n, kt * TILE, k);
+        load_tile_async<THREADS>(stage, xq, m0, m, kt * TILE, k);
+        load_tile_async<THREADS>(stage + TILE_BYTES, wq, n0, n, kt * TILE, k);
     };
 
 #pragma unroll

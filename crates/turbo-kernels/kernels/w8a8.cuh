@@ -64,13 +64,15 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Copies the 128×128 int8 tile at (row0, col0) of a row-major [rows, k] matrix into the
 // swizzled tile at `dst`; rows ≥ `rows` and columns ≥ k read as zero (k is a multiple of 16,
-// so a chunk is wholly inside or outside). 256 threads × 4 chunks.
+// so a chunk is wholly inside or outside). Threads 0 .. LOADERS − 1 of the CTA, 1024 / LOADERS
+// chunks each; consecutive threads read consecutive 16-byte chunks of a row.
+template <int LOADERS>
 __device__ __forceinline__ void load_tile_async(uint32_t dst, const int8_t* src, int row0,
                                                 int rows, int col0, int k) {
-    const int chunk = threadIdx.x % 8, col = col0 + chunk * 16;
+    const int loader = threadIdx.x % LOADERS, chunk = loader % 8, col = col0 + chunk * 16;
 #pragma unroll
-    for (int i = 0; i < TILE * 8 / THREADS; ++i) {
-        const int row = threadIdx.x / 8 + i * (THREADS / 8);
+    for (int i = 0; i < TILE * 8 / LOADERS; ++i) {
+        const int row = loader / 8 + i * (LOADERS / 8);
         const bool valid = row0 + row < rows && col < k;
         const int8_t* from = valid ? src + (size_t)(row0 + row) * k + col : src;
         cp_async_16(dst + swizzled(row, chunk), from, valid);

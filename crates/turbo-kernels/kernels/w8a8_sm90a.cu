@@ -1,17 +1,20 @@
 // The W8A8 GEMM on Hopper tensor cores (sm_90a only): `wgmma.mma_async` s8 × s8 → s32 from
-// shared-memory descriptors. Same contract, tiles, scale fold and raster as w8a8.cu's mma.sync
+// shared-memory descriptors. Same contract, tiles, scales and raster as w8a8.cu's mma.sync
 // GEMM (w8a8.cuh); the quantiser stays in w8a8.cu. turbo-quant's CPU code is the specification.
 //
-// One CTA per 128×128 output tile: 2 warpgroups, each m64 × n128 (its 64 rows of the
-// activation tile against the whole weight tile). All 256 threads stream k tiles (128 bytes of
-// k) into a STAGES-deep ring with cp.async in the swizzled layout of w8a8.cuh, which at a
-// 1024-byte-aligned tile is wgmma's 128-byte swizzle (K-major, 8-row atoms of 1024 bytes).
-// Per k tile each warpgroup issues four m64n128k32 wgmmas into int32 registers (exact sums),
-// waits for them and folds the sums into its f32 accumulators: acc = fma(sum, x_scale ·
-// w_scale, acc), in k-tile order. The fold's single rounding differs from the CPU's separate
-// product and sum by at most an ulp of each term. While one warpgroup folds, the other's
-// wgmmas can run; within a warpgroup there is no overlap: reading one accumulator set while
-// another's wgmmas are in flight makes ptxas serialise every wgmma (warning C7514).
+// One CTA per 128×128 output tile, three warpgroups. Warpgroup 0 is the producer: it streams
+// k tiles (128 bytes of k) into a STAGES-deep ring with cp.async in the swizzled layout of
+// w8a8.cuh, which at a 1024-byte-aligned tile is wgmma's 128-byte swizzle (K-major, 8-row
+// atoms of 1024 bytes), and signals each stage's `full` mbarrier when its copies land.
+// Warpgroups 1 and 2 are consumers, each m64 × n128 (its 64 rows of the activation tile
+// against the whole weight tile): wait for `full`, issue four m64n128k32 wgmmas into int32
+// registers (exact sums), wait for them, release the stage on its `empty` mbarrier and fold
+// the sums into f32: acc = fma(sum, x_scale · w_scale, acc), in k-tile order. The fold's single
+// rounding differs from the CPU's separate product and sum by at most an ulp of each term.
+// No CTA-wide barrier in the loop, so the consumers drift apart and one's fold overlaps the
+// other's wgmmas. (Two alternating accumulator sets per consumer would overlap them within a
+// warpgroup, but ptxas then serialises every wgmma: C7514, accumulator registers read while a
+// wgmma is in flight.)
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -24,11 +27,14 @@ using namespace w8a8;
 
 // Stages of the ring (STAGES − 1 k tiles in flight while one is multiplied).
 constexpr int STAGES = 4;
-// The tiles must sit on 1024-byte boundaries (the swizzle atom); the dynamic shared memory
-// base is aligned up at run time, hence the extra 1 KiB. cuda.rs launches with this size.
+// Dynamic shared memory: the stages' mbarriers (BARRIER_BYTES) first, then the tiles, which
+// must sit on 1024-byte boundaries (the swizzle atom): their start is aligned up at run time,
+// hence up to SMEM_ALIGN more bytes. cuda.rs launches with GEMM_SMEM_BYTES.
 constexpr int SMEM_ALIGN = 1024;
-constexpr int GEMM_SMEM_BYTES = STAGES * STAGE_BYTES + SMEM_ALIGN;
-static_assert(GEMM_SMEM_BYTES == 129 * 1024, "turbo-quant's cuda.rs launches with 129 KiB");
+constexpr int BARRIER_BYTES = 128;
+constexpr int GEMM_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
+static_assert(GEMM_SMEM_BYTES == 129 * 1024 + 128, "turbo-quant's cuda.rs launches with this");
+static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
 
 // Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle mode: start
 // address (bits 0-13, in 16-byte units), leading-dimension offset 1 (unused for swizzled
@@ -102,63 +108,107 @@ __device__ __forceinline__ void fold(float acc[64], const int d[64], float scale
     for (int i = 0; i < 64; ++i) acc[i] = fmaf(exact_float(d[i]), scale, acc[i]);
 }
 
+// mbarrier helpers (shared::cta, 64-bit barriers addressed by their shared-memory address).
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Arrives on `bar` once all of this thread's earlier cp.asyncs have landed (counts as one of
+// the arrivals the barrier was initialised with).
+__device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Waits until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// Warpgroup 0 loads, warpgroups 1 and 2 multiply (rows 0-63 and 64-127 of the tile).
+constexpr int WGMMA_THREADS = 3 * 128;
+constexpr int CONSUMER_THREADS = 2 * 128;
+
 // x_q [M, K], w_q [N, K] int8 row-major, K a multiple of 16; scales [⌈M/128⌉, ⌈K/128⌉] and
-// [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 256 threads, GEMM_SMEM_BYTES dynamic smem.
+// [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
+//
+// Stage s of the ring has two mbarriers: `full` completes a phase when the producer's
+// cp.asyncs of the k tile in it have landed (128 arrivals), `empty` when both consumer
+// warpgroups' wgmmas have finished reading it (256 arrivals). Use u = kt / STAGES of stage
+// kt % STAGES waits for `full` phase u and, before the refill, `empty` phase u − 1 (parities
+// u & 1 and (u − 1) & 1): a stage cannot get two phases ahead of any waiter.
 template <typename T>
 __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_scales,
                      const int8_t* __restrict__ wq, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
-    extern __shared__ __align__(1024) int8_t smem[];
+    extern __shared__ __align__(16) int8_t smem[];
+    const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
     const uint32_t smem_base =
-        (shared_address(smem) + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
-    const int warpgroup = threadIdx.x / 128;
+        (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
+    const int warpgroup = threadIdx.x / 128, wg_thread = threadIdx.x % 128;
 
     const TileCoord tile = grouped_tile(m, n);
     const int m0 = tile.m_tile * TILE, n0 = tile.n_tile * TILE;
     const int k_tiles = (k + TILE - 1) / TILE;
-    const float* x_scale_row = x_scales + (size_t)tile.m_tile * k_tiles;
-    const float* w_scale_row = w_scales + (size_t)tile.n_tile * k_tiles;
-
     auto stage_of = [&](int kt) { return smem_base + (kt % STAGES) * STAGE_BYTES; };
-    auto load_stage = [&](int kt) {
-        load_tile_async(stage_of(kt), xq, m0, m, kt * TILE, k);
-        load_tile_async(stage_of(kt) + TILE_BYTES, wq, n0, n, kt * TILE, k);
-    };
-    auto scale_of = [&](int kt) {
-        return __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
-    };
 
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-        if (s < k_tiles) load_stage(s);
-        cp_async_commit();
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(full_bars + 8 * s, 128);
+            mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // Producer: k tile kt into stage kt % STAGES once both consumers are done with the
+        // k tile that was there.
+        for (int kt = 0; kt < k_tiles; ++kt) {
+            const int s = kt % STAGES, use = kt / STAGES;
+            if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
+            load_tile_async<128>(stage_of(kt), xq, m0, m, kt * TILE, k);
+            load_tile_async<128>(stage_of(kt) + TILE_BYTES, wq, n0, n, kt * TILE, k);
+            mbarrier_arrive_on_cp_async(full_bars + 8 * s);
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        return;
     }
 
+    const int consumer = warpgroup - 1;
+    const float* x_scale_row = x_scales + (size_t)tile.m_tile * k_tiles;
+    const float* w_scale_row = w_scales + (size_t)tile.n_tile * k_tiles;
     float acc[64];
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.f;
     int sums[64];  // one k tile's exact sums
 
     for (int kt = 0; kt < k_tiles; ++kt) {
-        cp_async_wait<STAGES - 2>();
+        const int s = kt % STAGES;
+        const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
+        mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
+        // The tile was written through the generic proxy (cp.async); wgmma reads it through
+        // the async proxy.
         fence_proxy_async();
-        // k tile kt is visible to both warpgroups' wgmmas, and both are done with k tile kt − 1
-        // (each waited for its wgmmas before folding).
-        __syncthreads();
-        if (kt + STAGES - 1 < k_tiles) load_stage(kt + STAGES - 1);
-        cp_async_commit();
-        const float scale = scale_of(kt);
-        issue_k_tile(sums, stage_of(kt) + warpgroup * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
+        issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
         wgmma_wait<0>();
         fence_accumulators(sums);
+        mbarrier_arrive(empty_bars + 8 * s);
         fold(acc, sums, scale);
     }
-    cp_async_wait<0>();
 
     // Accumulator layout of m64nNk32: warp w of the warpgroup holds rows 16w..16w+15; for n8
     // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8.
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int warp_row = m0 + warpgroup * 64 + ((threadIdx.x / 32) % 4) * 16 + g;
+    const int warp_row = m0 + consumer * 64 + (wg_thread / 32) * 16 + g;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = warp_row + 8 * half;
@@ -174,13 +224,13 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
 w8a8_gemm_wgmma_f32(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
                     float* y, int m, int n, int k) {
     gemm(xq, xs, wq, ws, y, m, n, k);
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
+extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
 w8a8_gemm_wgmma_bf16(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
                      bf16* y, int m, int n, int k) {
     gemm(xq, xs, wq, ws, y, m, n, k);

@@ -16,31 +16,36 @@ const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
 
 /// One GEMM kernel: its PTX module, the name of its f32 / bf16-output functions less the
-/// `_f32` / `_bf16` suffix, and its dynamic shared memory (`GEMM_SMEM_BYTES` in its .cu file).
+/// `_f32` / `_bf16` suffix, its CTA size and its dynamic shared memory (`GEMM_SMEM_BYTES` in
+/// its .cu file).
 struct GemmVariant {
     module: &'static str,
     ptx: &'static str,
     function: &'static str,
+    threads: u32,
     smem_bytes: u32,
 }
 
 /// A ring of 128×128 activation and weight tiles per stage.
 const STAGE_BYTES: u32 = 2 * (TILE * TILE) as u32;
 
-/// `kernels/w8a8.cu`: 4 stages.
+/// `kernels/w8a8.cu`: 8 warps, 4 stages.
 const MMA_SYNC: GemmVariant = GemmVariant {
     module: MODULE,
     ptx: turbo_kernels::W8A8,
     function: "w8a8_gemm",
+    threads: THREADS,
     smem_bytes: 4 * STAGE_BYTES,
 };
 
-/// `kernels/w8a8_sm90a.cu`: 4 stages and 1 KiB to align them to 1024 bytes.
+/// `kernels/w8a8_sm90a.cu`: a producer and two consumer warpgroups; 128 bytes of mbarriers,
+/// then 4 stages aligned up to 1024 bytes.
 const WGMMA: GemmVariant = GemmVariant {
     module: "turbo_quant_w8a8_sm90a",
     ptx: turbo_kernels::W8A8_SM90A,
     function: "w8a8_gemm_wgmma",
-    smem_bytes: 4 * STAGE_BYTES + 1024,
+    threads: 3 * 128,
+    smem_bytes: 128 + 1024 + 4 * STAGE_BYTES,
 };
 
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
@@ -197,7 +202,7 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
+        block_dim: (variant.threads, 1, 1),
         shared_mem_bytes: variant.smem_bytes,
     };
     unsafe { launch.launch(cfg) }.w()?;
