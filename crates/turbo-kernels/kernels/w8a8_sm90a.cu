@@ -25,15 +25,16 @@ namespace {
 
 using namespace w8a8;
 
-// Stages of the ring (STAGES − 1 k tiles in flight while one is multiplied).
-constexpr int STAGES = 4;
+// Stages of the ring (up to STAGES − 1 k tiles in flight while one is multiplied; 6 measured
+// 2–3 % faster than 4 on an H200).
+constexpr int STAGES = 6;
 // Dynamic shared memory: the stages' mbarriers (BARRIER_BYTES) first, then the tiles, which
 // must sit on 1024-byte boundaries (the swizzle atom): their start is aligned up at run time,
 // hence up to SMEM_ALIGN more bytes. cuda.rs launches with GEMM_SMEM_BYTES.
 constexpr int SMEM_ALIGN = 1024;
 constexpr int BARRIER_BYTES = 128;
 constexpr int GEMM_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
-static_assert(GEMM_SMEM_BYTES == 129 * 1024 + 128, "turbo-quant's cuda.rs launches with this");
+static_assert(GEMM_SMEM_BYTES == 193 * 1024 + 128, "turbo-quant's cuda.rs launches with this");
 static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
 
 // Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle mode: start
@@ -137,6 +138,20 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
 constexpr int WGMMA_THREADS = 3 * 128;
 constexpr int CONSUMER_THREADS = 2 * 128;
 
+// Named barriers (0 is __syncthreads') that order the two consumers' wgmma issues, so that
+// their wgmmas queue one warpgroup after the other and one folds while the other multiplies:
+// one warpgroup arrives, the other waits (CONSUMER_THREADS in all).
+constexpr int CONSUMER_0_ISSUED = 1;
+constexpr int CONSUMER_1_ISSUED = 2;
+
+__device__ __forceinline__ void named_barrier_sync(int id) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(CONSUMER_THREADS) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(CONSUMER_THREADS) : "memory");
+}
+
 // x_q [M, K], w_q [N, K] int8 row-major, K a multiple of 16; scales [⌈M/128⌉, ⌈K/128⌉] and
 // [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
 //
@@ -194,11 +209,17 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
     for (int kt = 0; kt < k_tiles; ++kt) {
         const int s = kt % STAGES;
         const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
+        // Ping-pong: consumer 1 issues k tile kt after consumer 0 has, consumer 0 issues k tile
+        // kt + 1 after consumer 1 has issued kt.
+        if (consumer == 1) named_barrier_sync(CONSUMER_0_ISSUED);
+        else if (kt > 0) named_barrier_sync(CONSUMER_1_ISSUED);
         mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
         // The tile was written through the generic proxy (cp.async); wgmma reads it through
         // the async proxy.
         fence_proxy_async();
         issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
+        if (consumer == 0) named_barrier_arrive(CONSUMER_0_ISSUED);
+        else if (kt + 1 < k_tiles) named_barrier_arrive(CONSUMER_1_ISSUED);
         wgmma_wait<0>();
         fence_accumulators(sums);
         mbarrier_arrive(empty_bars + 8 * s);

@@ -39,13 +39,13 @@ const MMA_SYNC: GemmVariant = GemmVariant {
 };
 
 /// `kernels/w8a8_sm90a.cu`: a producer and two consumer warpgroups; 128 bytes of mbarriers,
-/// then 4 stages aligned up to 1024 bytes.
+/// then 6 stages aligned up to 1024 bytes.
 const WGMMA: GemmVariant = GemmVariant {
     module: "turbo_quant_w8a8_sm90a",
     ptx: turbo_kernels::W8A8_SM90A,
     function: "w8a8_gemm_wgmma",
     threads: 3 * 128,
-    smem_bytes: 128 + 1024 + 4 * STAGE_BYTES,
+    smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
 };
 
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
