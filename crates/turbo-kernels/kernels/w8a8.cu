@@ -124,10 +124,11 @@ __device__ void quantize_tiles(const T* __restrict__ x, int8_t* __restrict__ q,
 // which are folded into the f32 accumulators once per k tile.
 // ---------------------------------------------------------------------------------------------
 
-constexpr int STAGES = 4;
-// Dynamic shared memory of the GEMM: 128 KiB (cuda.rs sets the launch attribute to this).
-constexpr int GEMM_SMEM_BYTES = STAGES * STAGE_BYTES;
-static_assert(GEMM_SMEM_BYTES == 128 * 1024, "turbo-quant's cuda.rs launches with 128 KiB");
+// Two ring depths: 4 stages (128 KiB of dynamic shared memory, `w8a8_gemm_*`) where a CTA may
+// have that much (sm_80, sm_90), 3 stages (96 KiB, `w8a8_gemm_s3_*`) on GPUs that allow about
+// 99 KiB (sm_86, sm_89, sm_120). cuda.rs picks one and launches with STAGES · STAGE_BYTES.
+static_assert(4 * STAGE_BYTES == 128 * 1024, "turbo-quant's cuda.rs launches with 128 KiB");
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -135,8 +136,9 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t address) {
 }
 
 // x_q [M, K], w_q [N, K] int8 row-major, K a multiple of 16; scales [⌈M/128⌉, ⌈K/128⌉] and
-// [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 256 threads, GEMM_SMEM_BYTES dynamic smem.
-template <typename T>
+// [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 256 threads, STAGES · STAGE_BYTES of
+// dynamic shared memory.
+template <typename T, int STAGES>
 __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_scales,
                      const int8_t* __restrict__ wq, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
@@ -259,11 +261,23 @@ quantize_tiles_bf16(const bf16* x, int8_t* q, float* scales, int m, int k) {
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 w8a8_gemm_f32(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws, float* y,
               int m, int n, int k) {
-    gemm(xq, xs, wq, ws, y, m, n, k);
+    gemm<float, 4>(xq, xs, wq, ws, y, m, n, k);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 w8a8_gemm_bf16(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws, bf16* y,
                int m, int n, int k) {
-    gemm(xq, xs, wq, ws, y, m, n, k);
+    gemm<bf16, 4>(xq, xs, wq, ws, y, m, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+w8a8_gemm_s3_f32(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws, float* y,
+                 int m, int n, int k) {
+    gemm<float, 3>(xq, xs, wq, ws, y, m, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+w8a8_gemm_s3_bf16(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws, bf16* y,
+                  int m, int n, int k) {
+    gemm<bf16, 3>(xq, xs, wq, ws, y, m, n, k);
 }

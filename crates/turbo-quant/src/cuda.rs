@@ -1,8 +1,8 @@
-//! Launchers of the W8A8 kernels (`crates/turbo-kernels/kernels/w8a8.cu`) behind
-//! [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
+//! Launchers of the W8A8 kernels (`crates/turbo-kernels/kernels/w8a8.cu`, and
+//! `w8a8_sm90a.cu` for the wgmma GEMM) behind [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
@@ -38,6 +38,13 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     smem_bytes: 4 * STAGE_BYTES,
 };
 
+/// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
+const MMA_SYNC_3_STAGES: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_s3",
+    smem_bytes: 3 * STAGE_BYTES,
+    ..MMA_SYNC
+};
+
 /// `kernels/w8a8_sm90a.cu`: a producer and two consumer warpgroups; 128 bytes of mbarriers,
 /// then 6 stages aligned up to 1024 bytes.
 const WGMMA: GemmVariant = GemmVariant {
@@ -49,13 +56,20 @@ const WGMMA: GemmVariant = GemmVariant {
 };
 
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
-/// code runs on no other), everything else gets mma.sync.
+/// code runs on no other), everything else gets mma.sync, with as many stages as the device's
+/// shared memory per CTA allows.
 fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVariant> {
-    Ok(match kernel {
-        GemmKernel::Wgmma if dev.cuda_stream().context().compute_capability().w()? == (9, 0) => {
-            &WGMMA
-        }
-        GemmKernel::Wgmma | GemmKernel::MmaSync => &MMA_SYNC,
+    let context = dev.cuda_stream().context().clone();
+    if kernel == GemmKernel::Wgmma && context.compute_capability().w()? == (9, 0) {
+        return Ok(&WGMMA);
+    }
+    let smem_per_cta = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    Ok(if smem_per_cta >= MMA_SYNC.smem_bytes as i32 {
+        &MMA_SYNC
+    } else {
+        &MMA_SYNC_3_STAGES
     })
 }
 
