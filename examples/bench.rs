@@ -36,7 +36,7 @@ use turbodiffusion::models::wan::{
 };
 use turbodiffusion::models::{VaeConfig, WanVae};
 use turbodiffusion::pipeline::{I2vRequest, MemoryEstimate, ModelKind, RandomCheckpoint};
-use turbodiffusion::quant::{int8_matmul, Int8Weight};
+use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight};
 use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
@@ -364,10 +364,6 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
             x.matmul(&w_t)?;
             Ok(())
         })?;
-        let int8_ms = bench.median_ms(|| {
-            int8_matmul(&x, weight.int8_weight(), weight.scale())?;
-            Ok(())
-        })?;
         let flops = 2.0 * (m * n * k) as f64;
         let shape = format!("M {m}, K {k}, N {n}");
         rows.push(Row {
@@ -379,19 +375,25 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
             peak: None,
             estimate: None,
         });
-        rows.push(Row {
-            section: "linear",
-            what: "W8A8 (quantise + int8 GEMM + epilogue)".into(),
-            shape,
-            ms: int8_ms,
-            note: format!(
-                "{:.0} TOPS, {:.2}× bf16",
-                flops / int8_ms / 1e9,
-                bf16_ms / int8_ms
-            ),
-            peak: None,
-            estimate: None,
-        });
+        for kernel in GemmKernel::ALL {
+            let int8_ms = bench.median_ms(|| {
+                int8_matmul_with(&x, weight.int8_weight(), weight.scale(), kernel)?;
+                Ok(())
+            })?;
+            rows.push(Row {
+                section: "linear",
+                what: format!("W8A8 {} (quantise + int8 GEMM + epilogue)", kernel.name()),
+                shape: shape.clone(),
+                ms: int8_ms,
+                note: format!(
+                    "{:.0} TOPS, {:.2}× bf16",
+                    flops / int8_ms / 1e9,
+                    bf16_ms / int8_ms
+                ),
+                peak: None,
+                estimate: None,
+            });
+        }
     }
     Ok(())
 }

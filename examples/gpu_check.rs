@@ -42,7 +42,9 @@ use turbodiffusion::models::wan::fused::{
 };
 use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
 use turbodiffusion::pipeline::RandomCheckpoint;
-use turbodiffusion::quant::{add_bias, add_bias_reference, int8_matmul, Int8Weight};
+use turbodiffusion::quant::{
+    add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Weight,
+};
 use turbodiffusion::AttentionKind;
 
 #[derive(Parser, Debug)]
@@ -427,35 +429,58 @@ fn cosine_similarity(a: &Tensor, b: &Tensor) -> Result<f64> {
     Ok(dot / (norm(&a)? * norm(&b)?))
 }
 
-/// The W8A8 kernels (tile quantisation + block-scaled int8 GEMM) against the CPU
-/// implementation on fresh random inputs, f32 and bf16 activations, at a ragged small shape and
-/// at Wan 1.3B FFN shapes. In f32 both sides quantise identically and sum the k tiles in the
-/// same order; in bf16 the output rounding dominates.
+/// The W8A8 kernels (tile quantisation + each block-scaled int8 GEMM: mma.sync, and wgmma on
+/// compute capability 9.0) against the CPU implementation on fresh random inputs, f32 and bf16
+/// activations: at ragged shapes (partial
+/// tiles on every side, K not a multiple of 128, odd N; one with activations that start 3
+/// elements into their buffer, the quantiser's unaligned path) and at Wan 1.3B FFN shapes. In
+/// f32 both sides quantise identically and sum the k tiles in the same order; in bf16 the
+/// output rounding dominates.
 fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(2));
     let mut checks = Vec::new();
-    for (m, k, n) in [(300, 256, 200), (4096, 1536, 8960), (2048, 8960, 1536)] {
-        let x = gaussian((1, 1, m, k), 0.0, &mut rng)?.reshape((m, k))?;
+    for (m, k, n, offset) in [
+        (300, 256, 200, 0),
+        (130, 272, 203, 3),
+        (4096, 1536, 8960, 0),
+        (2048, 8960, 1536, 0),
+    ] {
+        let x_buffer = gaussian((1, 1, 1, offset + m * k), 0.0, &mut rng)?.flatten_all()?;
         let w = (gaussian((1, 1, n, k), 0.0, &mut rng)?.reshape((n, k))? * 0.02)?;
         let weight = Int8Weight::quantize(&w)?;
         let on_device = |t: &Tensor| t.to_device(device);
         for (dtype, threshold) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
-            let x = x.to_dtype(dtype)?;
+            // A view `offset` elements into its buffer; to_device keeps the offset.
+            let x = x_buffer
+                .to_dtype(dtype)?
+                .narrow(0, offset, m * k)?
+                .reshape((m, k))?;
             let cpu = int8_matmul(&x, weight.int8_weight(), weight.scale())?;
-            let dev = int8_matmul(
-                &on_device(&x)?,
-                &on_device(weight.int8_weight())?,
-                &on_device(weight.scale())?,
-            )?;
             let tag = format!("{dtype:?}").to_lowercase();
-            push(
-                &mut checks,
-                Check {
-                    name: format!("kernel w8a8 {tag} [{m}, {k}]·[{n}, {k}]ᵀ vs cpu"),
-                    error: relative_error(&dev, &cpu)?,
-                    threshold,
-                },
-            );
+            let at = if offset == 0 {
+                String::new()
+            } else {
+                format!(", x at offset {offset}")
+            };
+            for kernel in GemmKernel::ALL {
+                let dev = int8_matmul_with(
+                    &on_device(&x)?,
+                    &on_device(weight.int8_weight())?,
+                    &on_device(weight.scale())?,
+                    kernel,
+                )?;
+                push(
+                    &mut checks,
+                    Check {
+                        name: format!(
+                            "kernel w8a8 {} {tag} [{m}, {k}]·[{n}, {k}]ᵀ{at} vs cpu",
+                            kernel.name()
+                        ),
+                        error: relative_error(&dev, &cpu)?,
+                        threshold,
+                    },
+                );
+            }
         }
     }
     Ok(checks)

@@ -1,6 +1,8 @@
 //! Compiles every `kernels/*.cu` to PTX with nvcc, for the compute capability in
 //! `CUDA_COMPUTE_CAP` (as candle's own kernels are; 80 when unset: Ampere PTX runs on every
-//! later GPU through the driver's JIT).
+//! later GPU through the driver's JIT). A file named `*_sm90a.cu` uses Hopper-only
+//! instructions (wgmma) and is always compiled for `sm_90a`; its PTX loads only on compute
+//! capability 9.0 devices, and its launcher checks for one first.
 //!
 //! Only with the `cuda` feature. nvcc is found through `CUDA_HOME` (or `CUDA_ROOT`, `CUDA_PATH`), else on `PATH`.
 
@@ -23,7 +25,12 @@ fn main() {
         println!("cargo::rerun-if-changed={}", source.display());
         let stem = source.file_stem().expect("a .cu file has a stem");
         let ptx = out_dir.join(stem).with_extension("ptx");
-        compile(&nvcc, &source, &ptx, &compute_cap);
+        let arch = if stem.to_string_lossy().ends_with("_sm90a") {
+            "90a"
+        } else {
+            &compute_cap
+        };
+        compile(&nvcc, &source, &ptx, arch);
     }
 }
 

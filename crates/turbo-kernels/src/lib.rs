@@ -15,6 +15,12 @@ pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.pt
 #[cfg(feature = "cuda")]
 pub const W8A8: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a8.ptx"));
 
+/// The W8A8 GEMM on Hopper's `wgmma` tensor-core instructions (same arguments as the GEMMs
+/// of [`W8A8`]; sm_90a PTX, which loads only on compute capability 9.0 devices):
+/// `kernels/w8a8_sm90a.cu`.
+#[cfg(feature = "cuda")]
+pub const W8A8_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/w8a8_sm90a.ptx"));
+
 /// Fused row and elementwise ops of the DiT and the linears (LayerNorm with modulation, gated
 /// residual, bias add): `kernels/fused.cu`.
 #[cfg(feature = "cuda")]

@@ -1,17 +1,77 @@
-//! Launchers of the W8A8 kernels (`crates/turbo-kernels/kernels/w8a8.cu`) behind
-//! [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
+//! Launchers of the W8A8 kernels (`crates/turbo-kernels/kernels/w8a8.cu`, and
+//! `w8a8_sm90a.cu` for the wgmma GEMM) behind [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
 use half::bf16;
 use turbo_core::cuda::{cuda_view, tensor_from_cuda};
 
+use crate::op::GemmKernel;
 use crate::tile::{tile_grid, TILE};
 
 const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
+
+/// One GEMM kernel: its PTX module, the name of its f32 / bf16-output functions less the
+/// `_f32` / `_bf16` suffix, its CTA size and its dynamic shared memory (`GEMM_SMEM_BYTES` in
+/// its .cu file).
+struct GemmVariant {
+    module: &'static str,
+    ptx: &'static str,
+    function: &'static str,
+    threads: u32,
+    smem_bytes: u32,
+}
+
+/// A ring of 128×128 activation and weight tiles per stage.
+const STAGE_BYTES: u32 = 2 * (TILE * TILE) as u32;
+
+/// `kernels/w8a8.cu`: 8 warps, 4 stages.
+const MMA_SYNC: GemmVariant = GemmVariant {
+    module: MODULE,
+    ptx: turbo_kernels::W8A8,
+    function: "w8a8_gemm",
+    threads: THREADS,
+    smem_bytes: 4 * STAGE_BYTES,
+};
+
+/// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
+const MMA_SYNC_3_STAGES: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_s3",
+    smem_bytes: 3 * STAGE_BYTES,
+    ..MMA_SYNC
+};
+
+/// `kernels/w8a8_sm90a.cu`: a producer and two consumer warpgroups; 128 bytes of mbarriers,
+/// then 6 stages aligned up to 1024 bytes.
+const WGMMA: GemmVariant = GemmVariant {
+    module: "turbo_quant_w8a8_sm90a",
+    ptx: turbo_kernels::W8A8_SM90A,
+    function: "w8a8_gemm_wgmma",
+    threads: 3 * 128,
+    smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
+};
+
+/// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
+/// code runs on no other), everything else gets mma.sync, with as many stages as the device's
+/// shared memory per CTA allows.
+fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVariant> {
+    let context = dev.cuda_stream().context().clone();
+    if kernel == GemmKernel::Wgmma && context.compute_capability().w()? == (9, 0) {
+        return Ok(&WGMMA);
+    }
+    let smem_per_cta = context
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        .w()?;
+    Ok(if smem_per_cta >= MMA_SYNC.smem_bytes as i32 {
+        &MMA_SYNC
+    } else {
+        &MMA_SYNC_3_STAGES
+    })
+}
 
 /// `x · Wᵀ` for contiguous `x` `[M, K]` (f32 or bf16), int8 `weight` `[N, K]` (U8 bytes) and its
 /// f32 tile scales; each argument is a storage and the element offset where its data starts.
@@ -20,6 +80,7 @@ pub(crate) fn int8_matmul(
     weight: (&CudaStorage, usize),
     scale: (&CudaStorage, usize),
     [m, n, k]: [usize; 3],
+    kernel: GemmKernel,
 ) -> Result<(CudaStorage, Shape)> {
     if weight.1 % 16 != 0 {
         candle_core::bail!("int8-matmul: the int8 weight must start on a 16-byte boundary");
@@ -43,13 +104,12 @@ pub(crate) fn int8_matmul(
         n,
         k,
     };
+    let variant = gemm_variant(&dev, kernel)?;
     let y = match x.0.dtype() {
         DType::F32 => {
-            CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, "w8a8_gemm_f32", &args)?, dev.clone())
+            CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, variant, "f32", &args)?, dev.clone())
         }
-        _ => {
-            CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, "w8a8_gemm_bf16", &args)?, dev.clone())
-        }
+        _ => CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, variant, "bf16", &args)?, dev.clone()),
     };
     Ok((y, Shape::from((m, n))))
 }
@@ -125,13 +185,22 @@ struct GemmArgs<'a> {
     k: usize,
 }
 
+/// `variant`'s GEMM with output dtype `T`, whose name is `out` (`f32` or `bf16`).
 fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     dev: &CudaDevice,
-    kernel: &str,
+    variant: &GemmVariant,
+    out: &str,
     args: &GemmArgs<'_>,
 ) -> Result<CudaSlice<T>> {
     let y = unsafe { dev.alloc::<T>(args.m * args.n) }?;
-    let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::W8A8)?;
+    let name = format!("{}_{out}", variant.function);
+    let func = dev.get_or_load_custom_func(&name, variant.module, variant.ptx)?;
+    // Above 48 KiB of dynamic shared memory a kernel must opt in.
+    func.set_attribute(
+        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        variant.smem_bytes as i32,
+    )
+    .w()?;
     let dims = [args.m, args.n, args.k].map(|d| d as i32);
     let mut launch = func.builder();
     launch
@@ -143,14 +212,12 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
         .arg(&dims[0])
         .arg(&dims[1])
         .arg(&dims[2]);
+    // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m tiles.
+    let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
     let cfg = LaunchConfig {
-        grid_dim: (
-            args.n.div_ceil(TILE) as u32,
-            args.m.div_ceil(TILE) as u32,
-            1,
-        ),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
+        grid_dim: (tiles as u32, 1, 1),
+        block_dim: (variant.threads, 1, 1),
+        shared_mem_bytes: variant.smem_bytes,
     };
     unsafe { launch.launch(cfg) }.w()?;
     Ok(y)

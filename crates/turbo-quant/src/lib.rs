@@ -21,7 +21,8 @@
 //! - The pieces, on plain slices: [`quantize_tiles`] (→ [`TileQuantized`]), [`TileMatrix`] (a
 //!   borrowed int8 matrix with its scales, and its dequantisation) and [`int8_gemm`].
 //! - [`int8_matmul`] / [`Int8Matmul`]: activation quantisation plus GEMM as a candle
-//!   `CustomOp3`, so a CUDA kernel can be added as its `cuda_fwd`.
+//!   `CustomOp3`, with CUDA kernels as its `cuda_fwd`; [`int8_matmul_with`] picks the CUDA GEMM
+//!   ([`GemmKernel`]: `mma.sync`, the default, or Hopper's `wgmma`).
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -55,8 +56,8 @@
 //! read such files' int8 tensors as bytes and hand them over as `U8` tensors (for example in a
 //! `VarBuilder::from_tensors` map).
 //!
-//! The int8 product runs on the CPU (parallel over output rows with rayon); on other devices
-//! [`Int8Matmul`] reports that it has no kernel yet.
+//! The int8 product runs on the CPU (parallel over output rows with rayon) and, with the `cuda`
+//! feature, on CUDA devices; on other devices [`Int8Matmul`] reports that it has no kernel yet.
 
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -70,5 +71,5 @@ pub use gemm::int8_gemm;
 pub use linear::{
     int8_tensor, Int8Weight, Linear, QuantPolicy, BIAS_KEY, INT8_WEIGHT_KEY, SCALE_KEY, WEIGHT_KEY,
 };
-pub use op::{add_bias, add_bias_reference, int8_matmul, Int8Matmul};
+pub use op::{add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Matmul};
 pub use tile::{quantize_tiles, tile_grid, TileMatrix, TileQuantized, TILE};

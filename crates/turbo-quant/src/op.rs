@@ -16,7 +16,45 @@ pub fn int8_matmul(
     int8_weight: &Tensor,
     scale: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    x.apply_op3_no_bwd(int8_weight, scale, &Int8Matmul)
+    int8_matmul_with(x, int8_weight, scale, GemmKernel::default())
+}
+
+/// [`int8_matmul`] with the given CUDA GEMM kernel (the other devices ignore it).
+pub fn int8_matmul_with(
+    x: &Tensor,
+    int8_weight: &Tensor,
+    scale: &Tensor,
+    kernel: GemmKernel,
+) -> candle_core::Result<Tensor> {
+    x.apply_op3_no_bwd(int8_weight, scale, &Int8Matmul { kernel })
+}
+
+/// The CUDA GEMM behind [`Int8Matmul`]. Both compute the same block-scaled product with the
+/// same tile sums; they differ in the last bit of some f32 outputs (see each variant).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GemmKernel {
+    /// `mma.sync` tensor-core GEMM for compute capability 8.0 and later; its f32 output equals
+    /// the CPU's bit for bit.
+    MmaSync,
+    /// Hopper `wgmma` GEMM on compute capability 9.0 devices (the `mma.sync` one elsewhere),
+    /// the default: 1.3–1.5× the `mma.sync` kernel on an H200. It folds each k tile's sum
+    /// with one fused multiply-add, so an f32 output may differ from the CPU's in its last
+    /// bits.
+    #[default]
+    Wgmma,
+}
+
+impl GemmKernel {
+    /// Every kernel, for checks and benchmarks that compare them.
+    pub const ALL: [GemmKernel; 2] = [GemmKernel::MmaSync, GemmKernel::Wgmma];
+
+    /// A short name for tables: `mma.sync` or `wgmma`.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::MmaSync => "mma.sync",
+            GemmKernel::Wgmma => "wgmma",
+        }
+    }
 }
 
 /// `y + bias` for `y` `[M, N]` and `bias` `[N]` of the same dtype: on CUDA (f32, bf16) one
@@ -40,7 +78,10 @@ pub fn add_bias_reference(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tens
 
 /// The custom op behind [`int8_matmul`]; arguments in the order `(x, int8_weight, scale)`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Int8Matmul;
+pub struct Int8Matmul {
+    /// The GEMM kernel on CUDA devices.
+    pub kernel: GemmKernel,
+}
 
 impl CustomOp3 for Int8Matmul {
     fn name(&self) -> &'static str {
@@ -117,6 +158,7 @@ impl CustomOp3 for Int8Matmul {
             (weight, weight_layout.start_offset()),
             (scale, scale_layout.start_offset()),
             [m, n, k],
+            self.kernel,
         )
     }
 }

@@ -1,0 +1,109 @@
+// Pieces shared by the W8A8 GEMMs (w8a8.cu: mma.sync, sm_80+; w8a8_sm90a.cu: wgmma): the
+// tile geometry, the swizzled shared-memory tiles filled by cp.async, the tile raster and the
+// output stores. Included, not compiled on its own.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+namespace w8a8 {
+
+typedef __nv_bfloat16 bf16;
+
+// Side of the square tiles that share one scale; also the CTA's output tile and its k step,
+// so that every k step of a CTA has exactly one (activation, weight) scale pair.
+constexpr int TILE = 128;
+constexpr int THREADS = 256;
+constexpr int TILE_BYTES = TILE * TILE;  // one int8 operand tile
+constexpr int STAGE_BYTES = 2 * TILE_BYTES;
+// CTAs that walk down the m tiles before moving to the next n tile, so that the CTAs resident
+// at one time share their activation and weight tiles in L2.
+constexpr int GROUP_M = 8;
+
+// The output tile of this CTA in a 1-D grid of ⌈M/128⌉·⌈N/128⌉ CTAs, rastered in groups of
+// GROUP_M m tiles per column of n tiles.
+struct TileCoord {
+    int m_tile, n_tile;
+};
+
+__device__ __forceinline__ TileCoord grouped_tile(int m, int n) {
+    const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
+    const int per_group = GROUP_M * n_tiles;
+    const int first_m_tile = (blockIdx.x / per_group) * GROUP_M;
+    const int group_rows = min(m_tiles - first_m_tile, GROUP_M);
+    const int in_group = blockIdx.x % per_group;
+    return {first_m_tile + in_group % group_rows, in_group / group_rows};
+}
+
+// A tile row is 128 bytes = eight 16-byte chunks; chunk c of row r is stored at chunk
+// c ^ (r mod 8). Eight consecutive rows at one logical chunk then hit distinct banks (an
+// ldmatrix phase, a warp's cp.asyncs), and at a 1024-byte-aligned tile this is exactly the
+// layout that wgmma's 128-byte swizzle mode reads.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled 128×128 tile.
+__device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
+    return row * TILE + ((chunk ^ (row & 7)) << 4);
+}
+
+// 16 bytes global → shared, bypassing L1; zero-fills the destination when `valid` is false
+// (src must still be a valid address).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
+
+template <int PENDING>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
+}
+
+// Copies the 128×128 int8 tile at (row0, col0) of a row-major [rows, k] matrix into the
+// swizzled tile at `dst`; rows ≥ `rows` and columns ≥ k read as zero (k is a multiple of 16,
+// so a chunk is wholly inside or outside). Threads 0 .. LOADERS − 1 of the CTA, 1024 / LOADERS
+// chunks each; consecutive threads read consecutive 16-byte chunks of a row.
+template <int LOADERS>
+__device__ __forceinline__ void load_tile_async(uint32_t dst, const int8_t* src, int row0,
+                                                int rows, int col0, int k) {
+    const int loader = threadIdx.x % LOADERS, chunk = loader % 8, col = col0 + chunk * 16;
+#pragma unroll
+    for (int i = 0; i < TILE * 8 / LOADERS; ++i) {
+        const int row = loader / 8 + i * (LOADERS / 8);
+        const bool valid = row0 + row < rows && col < k;
+        const int8_t* from = valid ? src + (size_t)(row0 + row) * k + col : src;
+        cp_async_16(dst + swizzled(row, chunk), from, valid);
+    }
+}
+
+// (float)v for |v| < 2²², exactly, on the integer and FP32 pipes: adding v to the bits of
+// 1.5·2²³ puts it in the mantissa. An int→float cvt runs at 16 a clock per SM on sm_80/sm_90
+// (FP32 arithmetic at 128), which would cost more than the MMAs of a k tile. A k tile's int32
+// sum is at most 128·128² = 2²¹ in size.
+__device__ __forceinline__ float exact_float(int v) {
+    return __fsub_rn(__int_as_float(v + 0x4B400000), 12582912.f);
+}
+
+// Output pair (col, col + 1) of one row: a vector store when both are inside and aligned.
+__device__ __forceinline__ void store_pair(float* y, int col, int n, float a, float b) {
+    if (col + 1 < n && n % 2 == 0) {
+        *reinterpret_cast<float2*>(y + col) = make_float2(a, b);
+    } else {
+        y[col] = a;
+        if (col + 1 < n) y[col + 1] = b;
+    }
+}
+
+__device__ __forceinline__ void store_pair(bf16* y, int col, int n, float a, float b) {
+    if (col + 1 < n && n % 2 == 0) {
+        *reinterpret_cast<__nv_bfloat162*>(y + col) = __floats2bfloat162_rn(a, b);
+    } else {
+        y[col] = __float2bfloat16(a);
+        if (col + 1 < n) y[col + 1] = __float2bfloat16(b);
+    }
+}
+
+}  // namespace w8a8

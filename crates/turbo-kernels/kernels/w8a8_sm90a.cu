@@ -1,0 +1,258 @@
+// The W8A8 GEMM on Hopper tensor cores (sm_90a only): `wgmma.mma_async` s8 × s8 → s32 from
+// shared-memory descriptors. Same contract, tiles, scales and raster as w8a8.cu's mma.sync
+// GEMM (w8a8.cuh); the quantiser stays in w8a8.cu. turbo-quant's CPU code is the specification.
+//
+// One CTA per 128×128 output tile, three warpgroups. Warpgroup 0 is the producer: it streams
+// k tiles (128 bytes of k) into a STAGES-deep ring with cp.async in the swizzled layout of
+// w8a8.cuh, which at a 1024-byte-aligned tile is wgmma's 128-byte swizzle (K-major, 8-row
+// atoms of 1024 bytes), and signals each stage's `full` mbarrier when its copies land.
+// Warpgroups 1 and 2 are consumers, each m64 × n128 (its 64 rows of the activation tile
+// against the whole weight tile): wait for `full`, issue four m64n128k32 wgmmas into int32
+// registers (exact sums), wait for them, release the stage on its `empty` mbarrier and fold
+// the sums into f32: acc = fma(sum, x_scale · w_scale, acc), in k-tile order. The fold's single
+// rounding differs from the CPU's separate product and sum by at most an ulp of each term.
+// No CTA-wide barrier in the loop, so the consumers drift apart and one's fold overlaps the
+// other's wgmmas. (Two alternating accumulator sets per consumer would overlap them within a
+// warpgroup, but ptxas then serialises every wgmma: C7514, accumulator registers read while a
+// wgmma is in flight.)
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "w8a8.cuh"
+
+namespace {
+
+using namespace w8a8;
+
+// Stages of the ring (up to STAGES − 1 k tiles in flight while one is multiplied; 6 measured
+// 2–3 % faster than 4 on an H200).
+constexpr int STAGES = 6;
+// Dynamic shared memory: the stages' mbarriers (BARRIER_BYTES) first, then the tiles, which
+// must sit on 1024-byte boundaries (the swizzle atom): their start is aligned up at run time,
+// hence up to SMEM_ALIGN more bytes. cuda.rs launches with GEMM_SMEM_BYTES.
+constexpr int SMEM_ALIGN = 1024;
+constexpr int BARRIER_BYTES = 128;
+constexpr int GEMM_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
+static_assert(GEMM_SMEM_BYTES == 193 * 1024 + 128, "turbo-quant's cuda.rs launches with this");
+static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
+
+// Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle mode: start
+// address (bits 0-13, in 16-byte units), leading-dimension offset 1 (unused for swizzled
+// K-major operands), stride-dimension offset 1024 bytes (from one 8-row atom to the next,
+// bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63). Advancing the start address by 32
+// bytes selects the next k32 slice inside the atom.
+__device__ __forceinline__ uint64_t smem_descriptor(uint32_t address) {
+    return (uint64_t)((address & 0x3FFFF) >> 4) | (uint64_t)1 << 16 |
+           (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
+}
+
+// D[64×128] (+)= A[64×32] · B[32×128] (s8 in, exact s32 accumulate), A and B K-major in shared
+// memory (descriptors); `accumulate` = 0 overwrites D instead of adding to it.
+__device__ __forceinline__ void wgmma_m64n128k32(int d[64], uint64_t a, uint64_t b,
+                                                 int accumulate) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
+          "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
+          "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
+          "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]),
+          "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]),
+          "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
+          "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
+          "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        : "l"(a), "l"(b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
+}
+
+// Tells the compiler that the accumulators may change here, so that no read of them moves
+// above a wgmma wait and no write below a wgmma issue.
+__device__ __forceinline__ void fence_accumulators(int d[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// Makes this thread's completed cp.async writes visible to the async proxy that wgmma reads
+// shared memory through.
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+// Issues the four k32 wgmmas of one k tile into `d` (overwriting it) and commits them.
+__device__ __forceinline__ void issue_k_tile(int d[64], uint32_t a_tile, uint32_t b_tile) {
+    fence_accumulators(d);
+    wgmma_fence();
+#pragma unroll
+    for (int step = 0; step < TILE / 32; ++step)
+        wgmma_m64n128k32(d, smem_descriptor(a_tile + 32 * step),
+                         smem_descriptor(b_tile + 32 * step), step);
+    wgmma_commit();
+}
+
+// acc += sum · scale for one k tile's exact sums.
+__device__ __forceinline__ void fold(float acc[64], const int d[64], float scale) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = fmaf(exact_float(d[i]), scale, acc[i]);
+}
+
+// mbarrier helpers (shared::cta, 64-bit barriers addressed by their shared-memory address).
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+
+// Arrives on `bar` once all of this thread's earlier cp.asyncs have landed (counts as one of
+// the arrivals the barrier was initialised with).
+__device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Waits until the phase of `bar` with parity `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+    asm volatile(
+        "{\n.reg .pred done;\nWAIT:\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+        "@!done bra WAIT;\n}\n" ::"r"(bar),
+        "r"(parity)
+        : "memory");
+}
+
+// Warpgroup 0 loads, warpgroups 1 and 2 multiply (rows 0-63 and 64-127 of the tile).
+constexpr int WGMMA_THREADS = 3 * 128;
+constexpr int CONSUMER_THREADS = 2 * 128;
+
+// Named barriers (0 is __syncthreads') that order the two consumers' wgmma issues, so that
+// their wgmmas queue one warpgroup after the other and one folds while the other multiplies:
+// one warpgroup arrives, the other waits (CONSUMER_THREADS in all).
+constexpr int CONSUMER_0_ISSUED = 1;
+constexpr int CONSUMER_1_ISSUED = 2;
+
+__device__ __forceinline__ void named_barrier_sync(int id) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(CONSUMER_THREADS) : "memory");
+}
+
+__device__ __forceinline__ void named_barrier_arrive(int id) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(CONSUMER_THREADS) : "memory");
+}
+
+// x_q [M, K], w_q [N, K] int8 row-major, K a multiple of 16; scales [⌈M/128⌉, ⌈K/128⌉] and
+// [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
+//
+// Stage s of the ring has two mbarriers: `full` completes a phase when the producer's
+// cp.asyncs of the k tile in it have landed (128 arrivals), `empty` when both consumer
+// warpgroups' wgmmas have finished reading it (256 arrivals). Use u = kt / STAGES of stage
+// kt % STAGES waits for `full` phase u and, before the refill, `empty` phase u − 1 (parities
+// u & 1 and (u − 1) & 1): a stage cannot get two phases ahead of any waiter.
+template <typename T>
+__device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_scales,
+                     const int8_t* __restrict__ wq, const float* __restrict__ w_scales,
+                     T* __restrict__ y, int m, int n, int k) {
+    extern __shared__ __align__(16) int8_t smem[];
+    const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
+    const uint32_t smem_base =
+        (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
+    const int warpgroup = threadIdx.x / 128, wg_thread = threadIdx.x % 128;
+
+    const TileCoord tile = grouped_tile(m, n);
+    const int m0 = tile.m_tile * TILE, n0 = tile.n_tile * TILE;
+    const int k_tiles = (k + TILE - 1) / TILE;
+    auto stage_of = [&](int kt) { return smem_base + (kt % STAGES) * STAGE_BYTES; };
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(full_bars + 8 * s, 128);
+            mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warpgroup == 0) {
+        // Producer: k tile kt into stage kt % STAGES once both consumers are done with the
+        // k tile that was there.
+        for (int kt = 0; kt < k_tiles; ++kt) {
+            const int s = kt % STAGES, use = kt / STAGES;
+            if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
+            load_tile_async<128>(stage_of(kt), xq, m0, m, kt * TILE, k);
+            load_tile_async<128>(stage_of(kt) + TILE_BYTES, wq, n0, n, kt * TILE, k);
+            mbarrier_arrive_on_cp_async(full_bars + 8 * s);
+        }
+        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        return;
+    }
+
+    const int consumer = warpgroup - 1;
+    const float* x_scale_row = x_scales + (size_t)tile.m_tile * k_tiles;
+    const float* w_scale_row = w_scales + (size_t)tile.n_tile * k_tiles;
+    float acc[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+    int sums[64];  // one k tile's exact sums
+
+    for (int kt = 0; kt < k_tiles; ++kt) {
+        const int s = kt % STAGES;
+        const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
+        // Ping-pong: consumer 1 issues k tile kt after consumer 0 has, consumer 0 issues k tile
+        // kt + 1 after consumer 1 has issued kt.
+        if (consumer == 1) named_barrier_sync(CONSUMER_0_ISSUED);
+        else if (kt > 0) named_barrier_sync(CONSUMER_1_ISSUED);
+        mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
+        // The tile was written through the generic proxy (cp.async); wgmma reads it through
+        // the async proxy.
+        fence_proxy_async();
+        issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
+        if (consumer == 0) named_barrier_arrive(CONSUMER_0_ISSUED);
+        else if (kt + 1 < k_tiles) named_barrier_arrive(CONSUMER_1_ISSUED);
+        wgmma_wait<0>();
+        fence_accumulators(sums);
+        mbarrier_arrive(empty_bars + 8 * s);
+        fold(acc, sums, scale);
+    }
+
+    // Accumulator layout of m64nNk32: warp w of the warpgroup holds rows 16w..16w+15; for n8
+    // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8.
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int warp_row = m0 + consumer * 64 + (wg_thread / 32) * 16 + g;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_row + 8 * half;
+        if (row >= m) continue;
+        T* y_row = y + (size_t)row * n;
+#pragma unroll
+        for (int j = 0; j < TILE / 8; ++j) {
+            const int col = n0 + 8 * j + 2 * t;
+            if (col < n) store_pair(y_row, col, n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        }
+    }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
+w8a8_gemm_wgmma_f32(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
+                    float* y, int m, int n, int k) {
+    gemm(xq, xs, wq, ws, y, m, n, k);
+}
+
+extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
+w8a8_gemm_wgmma_bf16(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
+                     bf16* y, int m, int n, int k) {
+    gemm(xq, xs, wq, ws, y, m, n, k);
+}
