@@ -5,20 +5,21 @@
 //! stage's model reads, from its key list, in the dtype they are read in. Activations follow a
 //! formula per stage in the request's geometry; where the code's allocation pattern cannot be
 //! counted term by term (the DiT's residual stream and FFN temporaries, the VAE's chunk of
-//! feature maps), one coefficient is calibrated on a measurement: an H200 run of Wan2.1 1.3B at
-//! 832×480, 81 frames, bf16, W8A8, SageSLA top-k 0.1 (`examples/bench`, section `t2v`):
+//! feature maps), one coefficient is calibrated on an H200 measurement (`examples/bench`,
+//! sections `t2v` and `i2v`; bf16, W8A8, SageSLA top-k 0.1, 81 frames; `docs/performance.md`):
 //!
-//! | stage | measured peak |
-//! |---|---|
-//! | text encoding (whole umT5-XXL resident, before streaming) | 10.74 GiB |
-//! | denoising | 3.73 GiB |
-//! | VAE decode (bf16) | 6.32 GiB |
+//! | run | stage | measured peak | estimate |
+//! |---|---|---|---|
+//! | Wan2.1 14B, 1280×720 | denoising | 20.12 GiB | calibration |
+//! | Wan2.1 1.3B, 832×480 | VAE decode | 6.048 GiB | calibration |
+//! | Wan2.1 1.3B, 832×480 | denoising | 2.668 GiB | 2.94 GiB |
+//! | Wan2.2 A14B I2V, 1280×720 | denoising | 20.18 GiB | 20.12 GiB |
+//! | Wan2.1 14B, 1280×720 | VAE decode | 13.65 GiB | 13.65 GiB |
+//! | Wan2.2 A14B I2V, 1280×720 | image encode | 13.39 GiB | 14.48 GiB |
 //!
-//! The coefficients are derived from those numbers by the same formulas that the estimates
-//! use ([`dit_coefficient`], [`vae_coefficient`]), so the estimate of the calibration run
-//! equals the measurement: `K_dit ≈ 3.10` (about three f32 residual streams plus three FFN
-//! hidden states per token at the step's peak) and `K_vae ≈ 18.8` (nineteen base-width
-//! full-resolution feature maps of four frames). The text stage needs no coefficient: its formula is a term-by-term
+//! The coefficients are derived from the calibration numbers by the same formulas that the
+//! estimates use ([`dit_coefficient`], [`vae_coefficient`]), so the estimate of a calibration
+//! run equals its measurement. The text stage needs no coefficient: its formula is a term-by-term
 //! count, and for the whole model it gives 10.58 GiB of weights plus at most 0.28 GiB of
 //! activations at 512 tokens, which brackets the measured 10.74 GiB.
 
@@ -26,7 +27,7 @@ use candle_core::DType;
 use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, FrameCount, FrameSize, Result, Stage, VideoGeometry, VAE_STRIDE};
 use turbo_models::wan::{
-    expected_tensors, int8_block_linears, PatchLayout, QuantPolicy, WanConfig,
+    expected_tensors, int8_block_linears, PatchLayout, QuantPolicy, WanConfig, FFN_TOKENS_PER_PASS,
 };
 use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, VaeTiling, WanVae};
 
@@ -343,8 +344,9 @@ struct DitRun<'a> {
 
 /// The DiT's weights (its key list, int8 block linears under W8A8, plus one float FFN weight
 /// in flight while a float checkpoint is quantised at load) plus
-/// `K_dit · N · (4·dim + b·ffn_dim)` for `N` tokens: the per-token bytes of one f32 residual
-/// stream and one FFN hidden state in the compute dtype `b`, times `K_dit`, calibrated
+/// `K_dit · (N·4·dim + min(N, P)·b·ffn_dim)` for `N` tokens: the bytes of one f32 residual
+/// stream and of one FFN pass's hidden state (`P` = [`FFN_TOKENS_PER_PASS`] tokens) in the
+/// compute dtype `b`, times `K_dit`, calibrated
 /// ([`dit_coefficient`]) to cover every temporary of a block (q, k, v, attention, modulated
 /// copies, W8A8's int8 activations) at the step's peak. Plus the sampler's latents
 /// (`6 · 4·16·T·h·w`: state, noise, velocity and their temporaries) and the text contexts.
@@ -379,23 +381,31 @@ fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
     let contexts = (1 + usize::from(run.guided)) * cfg.text_len * cfg.dim;
     let fixed = bytes(6 * latent_elements + contexts, DType::F32);
     let tokens = run.geometry.token_count();
-    let per_token = 4 * cfg.dim + run.dtype.size_in_bytes() * cfg.ffn_dim;
-    ((weights + in_flight, fixed), (tokens * per_token) as u64)
+    let ffn_tokens = tokens.min(FFN_TOKENS_PER_PASS);
+    let unit = tokens * 4 * cfg.dim + ffn_tokens * run.dtype.size_in_bytes() * cfg.ffn_dim;
+    ((weights + in_flight, fixed), unit as u64)
 }
 
-/// `K_dit`: the H200 calibration run's denoising peak (3.73 GiB) less its weights and fixed
-/// activations, over its unit `N · (4·dim + b·ffn_dim)` (N = 32 760 tokens).
+/// `K_dit`: the denoising peak of the H200 run of Wan2.1 14B at 1280×720, 81 frames (W8A8,
+/// SageSLA 0.1, bf16: 20.12 GiB) less its weights and fixed activations, over its unit
+/// `N·4·dim + min(N, P)·b·ffn_dim` (N = 75 600 tokens). Calibrated on the 14B at 720p, where
+/// the estimate decides whether a run fits a 24 GB card; the same coefficient overestimates
+/// the 1.3B at 480p by about 10 % (measured 2.668 GiB), the safe side.
 fn dit_coefficient() -> f64 {
-    const MEASURED: f64 = 3.73 * GIB;
+    const MEASURED: f64 = 21_601_071_712.0;
     let attention = AttentionConfig::new(
         turbo_core::AttentionKind::sagesla(turbo_core::DEFAULT_SLA_TOPK).expect("a valid top-k"),
     );
+    let geometry = VideoGeometry::new(
+        FrameSize::new(1280, 720).expect("a valid size"),
+        FrameCount::new(81).expect("a valid frame count"),
+    );
     let ((weights, fixed), unit) = dit_terms(&DitRun {
-        cfg: &WanConfig::wan21_t2v_1_3b(),
+        cfg: &WanConfig::wan21_t2v_14b(),
         attention: &attention,
         quant: QuantPolicy::Quantize,
         dtype: DType::BF16,
-        geometry: calibration_geometry(),
+        geometry,
         guided: false,
     });
     (MEASURED - (weights + fixed) as f64) / unit as f64
@@ -403,7 +413,7 @@ fn dit_coefficient() -> f64 {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// 832×480, 81 frames: the geometry of the H200 calibration runs.
+/// 832×480, 81 frames: the geometry of the VAE's H200 calibration run.
 fn calibration_geometry() -> VideoGeometry {
     VideoGeometry::new(
         FrameSize::new(832, 480).expect("a valid size"),
@@ -458,10 +468,10 @@ fn vae_chunk_unit(cfg: &VaeConfig, dtype: DType, height: usize, width: usize) ->
     bytes(VAE_STRIDE.0 * height * width * cfg.dim, dtype)
 }
 
-/// `K_vae`: the H200 calibration run's decode peak (6.32 GiB, bf16) less the VAE's weights and
+/// `K_vae`: the H200 calibration run's decode peak (6.048 GiB, bf16) less the VAE's weights and
 /// the output video, over its `U`.
 fn vae_coefficient() -> f64 {
-    const MEASURED: f64 = 6.32 * GIB;
+    const MEASURED: f64 = 6.048 * GIB;
     let ((weights, output), unit) =
         vae_decode_terms(&VaeConfig::wan21(), DType::BF16, calibration_geometry());
     (MEASURED - (weights + output) as f64) / unit as f64

@@ -26,8 +26,11 @@ const BLOCK_Q: usize = 128;
 /// Keys per tile; also SLA's key block.
 const BLOCK_K: usize = 64;
 const THREADS: u32 = 256;
-/// Key blocks per CTA of `key_value_stats`.
+/// Key blocks per CTA of `key_value_stats`, at least: enough CTAs to fill the GPU at 480p.
 const STATS_BLOCKS: usize = 8;
+/// Chunks of `key_value_stats` per head, at most: their partial D×D states (64 KiB each) stay
+/// small at any length (165 MB for the 14B at 720p instead of 390 MB).
+const MAX_STATS_CHUNKS: usize = 64;
 /// Dynamic shared memory of the attention kernels: two pipeline stages of a key and a value
 /// tile, rows padded by 16 bytes (`2·STAGE_BYTES_*` in attention.cu).
 const SHARED_BYTES_BF16: u32 = 2 * 2 * (BLOCK_K * (HEAD_DIM + 8) * 2) as u32;
@@ -101,7 +104,8 @@ impl KeyValueStats {
         let dev = k.device().as_cuda_device()?;
         let (bh, len) = (geometry.batch_heads(), geometry.len as usize);
         let key_blocks = len.div_ceil(BLOCK_K);
-        let chunks = key_blocks.div_ceil(STATS_BLOCKS);
+        let blocks_per_chunk = STATS_BLOCKS.max(key_blocks.div_ceil(MAX_STATS_CHUNKS));
+        let chunks = key_blocks.div_ceil(blocks_per_chunk);
         let block_means = unsafe { dev.alloc::<f32>(bh * key_blocks * HEAD_DIM) }?;
         let key_sums = unsafe { dev.alloc::<f32>(bh * chunks * HEAD_DIM) }?;
         let state = unsafe { dev.alloc::<f32>(bh * chunks * HEAD_DIM * HEAD_DIM) }?;
@@ -114,6 +118,7 @@ impl KeyValueStats {
             let v_view = cuda_view::<bf16>(&vs, vl.start_offset(), "v")?;
             let func =
                 dev.get_or_load_custom_func("key_value_stats", MODULE, turbo_kernels::ATTENTION)?;
+            let blocks_per_chunk_arg = blocks_per_chunk as i32;
             let mut launch = func.builder();
             launch
                 .arg(&k_view)
@@ -124,7 +129,8 @@ impl KeyValueStats {
                 .arg(&z)
                 .arg(&v_amax)
                 .arg(&geometry.heads)
-                .arg(&geometry.len);
+                .arg(&geometry.len)
+                .arg(&blocks_per_chunk_arg);
             let cfg = LaunchConfig {
                 grid_dim: (chunks as u32, bh as u32, 1),
                 block_dim: (THREADS, 1, 1),

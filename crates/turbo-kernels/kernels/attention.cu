@@ -46,8 +46,6 @@ constexpr int STAGE_BYTES_BF16 = 2 * TILE_BYTES_BF16;
 constexpr int STAGE_BYTES_SAGE = TILE_BYTES_I8 + TILE_BYTES_BF16;
 static_assert(2 * STAGE_BYTES_BF16 >= STATE_BYTES, "the state fits in the pipeline's memory");
 static_assert(2 * STAGE_BYTES_SAGE >= STATE_BYTES, "the state fits in the pipeline's memory");
-// Key blocks per CTA of `key_value_stats`.
-constexpr int STATS_BLOCKS = 8;
 
 typedef __nv_bfloat16 bf16;
 using turbo::cp_async_16;
@@ -509,19 +507,19 @@ sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ k8,
     finish_rows(st, q, out, view, row0, len, g, t, v_scale + (size_t)bh * HEAD_DIM, lin, bh, smem);
 }
 
-// One pass over K and V for SLA, per (b, h) and chunk of STATS_BLOCKS key blocks:
+// One pass over K and V for SLA, per (b, h) and chunk of `blocks_per_chunk` key blocks:
 // - key_block_means [B·H, ⌈L/64⌉, D]: the mean of each key block (the last over its real length);
 // - key_sums [B·H, C, D]: the chunk's sum of keys (for mean(K));
 // - state [B·H, C, D, D]: the chunk's Σ φ(k)ᵀ v, φ = softmax over D, on tensor cores
 //   (φ(k) and v in bf16, f32 accumulation);
 // - z [B·H, C, D]: the chunk's Σ φ(k) in f32;
 // - v_amax [B·H, C, D]: the chunk's per-channel max |v|.
-// grid (C = ⌈⌈L/64⌉/STATS_BLOCKS⌉, B·H), 256 threads.
+// grid (C = ⌈⌈L/64⌉/blocks_per_chunk⌉, B·H), 256 threads.
 extern "C" __global__ void __launch_bounds__(THREADS)
 key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
                 float* __restrict__ key_block_means, float* __restrict__ key_sums,
                 float* __restrict__ state, float* __restrict__ z, float* __restrict__ v_amax,
-                int heads, int len) {
+                int heads, int len, int blocks_per_chunk) {
     __shared__ __align__(16) bf16 k_tile[BLOCK_K * PITCH_BF16];  // K, then φ(K) in place
     __shared__ __align__(16) bf16 v_tile[BLOCK_K * PITCH_BF16];
     __shared__ float z_scratch[WARPS][HEAD_DIM];
@@ -539,7 +537,7 @@ key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
     for (int n = 0; n < HEAD_DIM / 8; ++n)
         for (int i = 0; i < 4; ++i) acc[n][i] = 0.f;
 
-    for (int kb = chunk * STATS_BLOCKS; kb < min(key_blocks, (chunk + 1) * STATS_BLOCKS); ++kb) {
+    for (int kb = chunk * blocks_per_chunk; kb < min(key_blocks, (chunk + 1) * blocks_per_chunk); ++kb) {
         const int key0 = kb * BLOCK_K, rows = min(BLOCK_K, len - key0);
         const size_t offset = view.base + (size_t)key0 * view.pitch;
         __syncthreads();

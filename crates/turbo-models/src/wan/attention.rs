@@ -153,11 +153,15 @@ impl<A: Attention> SelfAttention<A> {
         self.attention.set_topk(topk)
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, rope: &Rope3d) -> Result<Unbiased<'_>> {
-        let q = self.proj.query(x, Some(rope))?;
-        let k = self.proj.key(x, Some(rope))?;
-        let v = self.proj.value(x)?;
-        self.proj.output(&self.attention.forward(&q, &k, &v)?)
+    /// Takes `x` by value to free it once q, k and v are projected, before the attention.
+    pub(crate) fn forward(&self, x: Tensor, rope: &Rope3d) -> Result<Unbiased<'_>> {
+        let q = self.proj.query(&x, Some(rope))?;
+        let k = self.proj.key(&x, Some(rope))?;
+        let v = self.proj.value(&x)?;
+        drop(x);
+        let attended = self.attention.forward(&q, &k, &v)?;
+        drop((q, k, v));
+        self.proj.output(&attended)
     }
 }
 

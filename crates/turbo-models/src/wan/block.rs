@@ -56,6 +56,11 @@ pub(crate) fn modulate(
     fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), norm.eps, out_dtype)
 }
 
+/// Tokens per pass of the FFN: at 16 384 the 14B's hidden state of a pass is 0.45 GB in bf16
+/// instead of 2.1 GB for the 75 600 tokens of 720p (a multiple of 128, so that W8A8's
+/// activation tiles are those of the whole).
+pub const FFN_TOKENS_PER_PASS: usize = 16_384;
+
 /// `ffn`: Linear → GELU(tanh) → Linear.
 #[derive(Debug, Clone)]
 struct FeedForward {
@@ -71,9 +76,28 @@ impl FeedForward {
         })
     }
 
+    /// `x` `[1, L, D]`, in passes of at most [`FFN_TOKENS_PER_PASS`] tokens so that the
+    /// hidden activations (`ffn_dim` wide) stay bounded at any resolution.
     fn forward(&self, x: &Tensor) -> Result<Unbiased<'_>> {
-        let up = Unbiased::of(&self.up, x)?;
-        Unbiased::of(&self.down, &fused::bias_gelu(&up.y, up.bias)?)
+        let tokens = x.dim(1)?;
+        let mut passes = (0..tokens)
+            .step_by(FFN_TOKENS_PER_PASS)
+            .map(|start| {
+                let rows = x.narrow(1, start, FFN_TOKENS_PER_PASS.min(tokens - start))?;
+                let up = Unbiased::of(&self.up, &rows)?;
+                Ok(self
+                    .down
+                    .forward_unbiased(&fused::bias_gelu(&up.y, up.bias)?)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let y = match passes.len() {
+            1 => passes.remove(0),
+            _ => Tensor::cat(&passes, 1)?,
+        };
+        Ok(Unbiased {
+            y,
+            bias: self.down.bias(),
+        })
     }
 }
 
@@ -137,16 +161,23 @@ impl<A: Attention> WanBlock<A> {
         context: &Tensor,
         rope: &Rope3d,
     ) -> Result<Tensor> {
+        // Each temporary is dropped as soon as it is used (a shadowed binding would live to
+        // the end of the function): at 720p a residual stream is 1.5 GB, a bf16 copy 0.8 GB.
         let dtype = context.dtype();
         let m = (self.modulation.broadcast_add(e0))?.chunk(6, 1)?;
-        let h = modulate(&self.norm, x, &m[0], &m[1], dtype)?;
-        let attended = self.self_attn.forward(&h, rope)?;
-        let x = fused::gated_residual(x, &attended.y, attended.bias, Some(&m[2]))?;
-        let h = self.norm3.forward(&x, dtype)?;
-        let attended = self.cross_attn.forward(&h, context)?;
-        let x = fused::gated_residual(&x, &attended.y, attended.bias, None)?;
-        let h = modulate(&self.norm, &x, &m[3], &m[4], dtype)?;
-        let ffn = self.ffn.forward(&h)?;
-        fused::gated_residual(&x, &ffn.y, ffn.bias, Some(&m[5]))
+        let attended = self
+            .self_attn
+            .forward(modulate(&self.norm, x, &m[0], &m[1], dtype)?, rope)?;
+        let after_self = fused::gated_residual(x, &attended.y, attended.bias, Some(&m[2]))?;
+        drop(attended);
+        let attended = self
+            .cross_attn
+            .forward(&self.norm3.forward(&after_self, dtype)?, context)?;
+        let after_cross = fused::gated_residual(&after_self, &attended.y, attended.bias, None)?;
+        drop((attended, after_self));
+        let ffn = self
+            .ffn
+            .forward(&modulate(&self.norm, &after_cross, &m[3], &m[4], dtype)?)?;
+        fused::gated_residual(&after_cross, &ffn.y, ffn.bias, Some(&m[5]))
     }
 }

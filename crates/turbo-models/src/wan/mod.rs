@@ -15,6 +15,7 @@ use candle_nn::{Linear, VarBuilder};
 use turbo_core::Result;
 pub use turbo_quant::QuantPolicy;
 
+pub use block::FFN_TOKENS_PER_PASS;
 pub use checkpoint::DitCheckpointInfo;
 pub use config::{ModelType, WanConfig};
 pub use embeddings::PatchLayout;
