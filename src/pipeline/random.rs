@@ -23,6 +23,23 @@ pub struct RandomCheckpoint {
     shapes: BTreeMap<String, Vec<usize>>,
 }
 
+/// Values per independently seeded chunk of a CPU draw.
+const DRAW_CHUNK: usize = 1 << 20;
+
+/// The first chunk keeps the tensor's seed (small tensors are unchanged by chunking).
+fn chunk_seed(seed: u64, index: usize) -> u64 {
+    seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// Fills `values` with `mean + std · N(0, 1)` from a generator seeded with `seed`.
+fn fill_normal(values: &mut [f32], seed: u64, mean: f32, std: f32) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    for value in values {
+        *value =
+            mean + std * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut rng);
+    }
+}
+
 impl RandomCheckpoint {
     pub fn new(seed: u64, shapes: impl IntoIterator<Item = (String, Vec<usize>)>) -> Self {
         Self {
@@ -31,18 +48,29 @@ impl RandomCheckpoint {
         }
     }
 
-    /// The tensor called `name`, in f32 on the CPU.
+    /// The tensor called `name`, in f32 on the CPU. Drawn in chunks of [`DRAW_CHUNK`] values,
+    /// each from its own generator, on all the host's cores: umT5-XXL's 1.05 G-value token
+    /// embedding takes about a second instead of fourteen.
     pub fn tensor(&self, name: &str) -> Result<Tensor> {
         let shape = self.shape(name)?;
-        let mut rng = StdRng::seed_from_u64(self.seed ^ fnv1a(name.as_bytes()));
-        let count: usize = shape.iter().product();
+        let seed = self.seed ^ fnv1a(name.as_bytes());
         let (mean, std) = value_scale(name, shape);
-        let values: Vec<f32> = (0..count)
-            .map(|_| {
-                mean + std
-                    * <StandardNormal as Distribution<f32>>::sample(&StandardNormal, &mut rng)
-            })
-            .collect();
+        let mut values = vec![0f32; shape.iter().product()];
+        let chunks: Vec<(usize, &mut [f32])> = values.chunks_mut(DRAW_CHUNK).enumerate().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let per_thread = chunks.len().div_ceil(threads).max(1);
+        let mut chunks = chunks.into_iter();
+        std::thread::scope(|scope| loop {
+            let batch: Vec<_> = chunks.by_ref().take(per_thread).collect();
+            if batch.is_empty() {
+                break;
+            }
+            scope.spawn(move || {
+                for (index, chunk) in batch {
+                    fill_normal(chunk, chunk_seed(seed, index), mean, std);
+                }
+            });
+        });
         Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
     }
 
