@@ -1,6 +1,10 @@
 //! The denoising stage shared by both tasks: the sampler run step by step over one DiT or
 //! two experts, each loaded when its first step comes, with the top-k set for every step.
 
+use std::io::Read;
+use std::path::Path;
+use std::thread::JoinHandle;
+
 use candle_core::{Device, Tensor};
 use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, NoiseSource, Progress, Result, SeededNoise, Stage, StepReport, Timestep};
@@ -212,6 +216,13 @@ impl Pipeline {
             .start(&mut noise, &plan.latent_shape, &self.device)?;
         let mut resident: Option<(Option<Expert>, Dit)> = None;
         let mut largest_model = 0;
+        // The second expert's file is read into the page cache while the first one samples,
+        // so that loading it after the switch copies from memory instead of the disk.
+        let prefetch = match plan.dits {
+            DitPlan::Experts { .. } => self.models.dit_low_noise_weights.as_ref(),
+            DitPlan::Single(_) => None,
+        }
+        .and_then(prefetch_file);
         while let Some(step) = run.next_step() {
             let expert = plan.dits.expert_at(timesteps[step]);
             if resident.as_ref().map(|(e, _)| *e) != Some(expert) {
@@ -239,6 +250,13 @@ impl Pipeline {
             report_step(progress, &report)?;
         }
         drop(resident);
+        if let Some(reader) = prefetch {
+            // Done long before (the read overlaps the first expert's steps); a failed read
+            // only costs speed, the load reports real errors.
+            if let Ok(Err(error)) = reader.join() {
+                tracing::warn!("prefetching the second expert failed: {error}");
+            }
+        }
         let stage = Stage::Denoising {
             steps: timesteps.len(),
         };
@@ -299,6 +317,29 @@ impl Pipeline {
 }
 
 /// Hands a finished step to `progress`; a cancel there ends the run.
+/// Reads a weight file once on a background thread (its pages stay in the OS page cache for
+/// the memory-mapped load that follows), returning the bytes read; `None` for random weights.
+fn prefetch_file(source: &WeightSource) -> Option<JoinHandle<std::io::Result<u64>>> {
+    let WeightSource::File(path) = source else {
+        return None;
+    };
+    let path = path.clone();
+    Some(std::thread::spawn(move || read_through(&path)))
+}
+
+/// Reads `path` to its end in 16 MiB pieces, keeping nothing.
+fn read_through(path: &Path) -> std::io::Result<u64> {
+    let mut file = std::fs::File::open(path)?;
+    let mut buffer = vec![0u8; 16 << 20];
+    let mut total = 0u64;
+    loop {
+        match file.read(&mut buffer)? {
+            0 => return Ok(total),
+            n => total += n as u64,
+        }
+    }
+}
+
 fn report_step(progress: &mut dyn Progress, report: &StepReport) -> Result<()> {
     match progress.step_done(report) {
         std::ops::ControlFlow::Continue(()) => Ok(()),
@@ -306,5 +347,24 @@ fn report_step(progress: &mut dyn Progress, report: &StepReport) -> Result<()> {
             completed: report.index + 1,
             total: report.total,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetch_reads_the_whole_file_and_skips_random_weights() {
+        let dir = std::env::temp_dir().join(format!("turbo-prefetch-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("expert.safetensors");
+        let size = (16 << 20) + 12_345;
+        std::fs::write(&path, vec![7u8; size]).unwrap();
+        let reader = prefetch_file(&WeightSource::File(path)).expect("a file is prefetched");
+        assert_eq!(reader.join().unwrap().unwrap(), size as u64);
+        let random = WeightSource::Random(super::super::RandomCheckpoint::new(0, []));
+        assert!(prefetch_file(&random).is_none());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -168,20 +168,21 @@ extern "C" __global__ void rms_norm_rope_bf16(const bf16* y, const bf16* bias, c
 
 namespace {
 
-// out = y + bias[column] in the dtype of y; [rows, n] row-major.
+// out = y + bias[column] in the dtype of y; [rows, n] row-major. grid (rows), 256 threads.
 template <typename T>
 __device__ void add_bias(const T* __restrict__ y, const T* __restrict__ bias, T* __restrict__ out,
-                         size_t total, int n) {
-    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < total) store(out + i, to_float(y[i]) + to_float(bias[i % n]));
+                         int n) {
+    const size_t row = (size_t)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+        store(out + row + i, to_float(y[row + i]) + to_float(bias[i]));
 }
 
 }  // namespace
 
-extern "C" __global__ void add_bias_f32(const float* y, const float* bias, float* out, size_t total, int n) {
-    add_bias(y, bias, out, total, n);
+extern "C" __global__ void add_bias_f32(const float* y, const float* bias, float* out, int n) {
+    add_bias(y, bias, out, n);
 }
 
-extern "C" __global__ void add_bias_bf16(const bf16* y, const bf16* bias, bf16* out, size_t total, int n) {
-    add_bias(y, bias, out, total, n);
+extern "C" __global__ void add_bias_bf16(const bf16* y, const bf16* bias, bf16* out, int n) {
+    add_bias(y, bias, out, n);
 }

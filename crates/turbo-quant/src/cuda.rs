@@ -240,13 +240,13 @@ pub(crate) fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
                 .map_err(candle_core::Error::wrap)?;
             let func = dev.get_or_load_custom_func($kernel, "turbo_fused", turbo_kernels::FUSED)?;
             let mut launch = func.builder();
-            launch
-                .arg(&y_view)
-                .arg(&bias_view)
-                .arg(&out)
-                .arg(&total)
-                .arg(&n);
-            unsafe { launch.launch(LaunchConfig::for_num_elems(total as u32)) }.w()?;
+            launch.arg(&y_view).arg(&bias_view).arg(&out).arg(&n);
+            let cfg = LaunchConfig {
+                grid_dim: ((total / bias.elem_count().max(1)) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { launch.launch(cfg) }.w()?;
             tensor_from_cuda(out, dev, y.shape().clone())
         }};
     }
