@@ -10,6 +10,7 @@ use candle_nn::{Init, VarBuilder};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
+use rayon::prelude::*;
 use turbo_core::{Error, Result};
 
 /// Every tensor of a checkpoint, drawn on demand from `seed` and the tensor's name, so a tensor
@@ -56,21 +57,10 @@ impl RandomCheckpoint {
         let seed = self.seed ^ fnv1a(name.as_bytes());
         let (mean, std) = value_scale(name, shape);
         let mut values = vec![0f32; shape.iter().product()];
-        let chunks: Vec<(usize, &mut [f32])> = values.chunks_mut(DRAW_CHUNK).enumerate().collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let per_thread = chunks.len().div_ceil(threads).max(1);
-        let mut chunks = chunks.into_iter();
-        std::thread::scope(|scope| loop {
-            let batch: Vec<_> = chunks.by_ref().take(per_thread).collect();
-            if batch.is_empty() {
-                break;
-            }
-            scope.spawn(move || {
-                for (index, chunk) in batch {
-                    fill_normal(chunk, chunk_seed(seed, index), mean, std);
-                }
-            });
-        });
+        values
+            .par_chunks_mut(DRAW_CHUNK)
+            .enumerate()
+            .for_each(|(index, chunk)| fill_normal(chunk, chunk_seed(seed, index), mean, std));
         Ok(Tensor::from_vec(values, shape.as_slice(), &Device::Cpu)?)
     }
 

@@ -131,11 +131,7 @@ impl KeyValueStats {
                 .arg(&geometry.heads)
                 .arg(&geometry.len)
                 .arg(&blocks_per_chunk_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (chunks as u32, bh as u32, 1),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let cfg = grid(chunks, bh, 0);
             unsafe { launch.launch(cfg) }.w()?;
         }
         let reduce = |partial: &CudaSlice<f32>, n: usize, reduction: Reduction| {
@@ -180,11 +176,7 @@ fn reduce_chunks(
     for arg in &args {
         launch.arg(arg);
     }
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(THREADS as usize) as u32, batches as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid(n.div_ceil(THREADS as usize), batches, 0);
     unsafe { launch.launch(cfg) }.w()?;
     Ok(out)
 }
@@ -245,11 +237,7 @@ fn select_blocks(
         let mut launch = func.builder();
         let (n, count) = (key_blocks as i32, per_row as i32);
         launch.arg(&scores).arg(&out).arg(&n).arg(&count);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: (key_blocks * 4) as u32,
-        };
+        let cfg = grid(rows, 1, (key_blocks * 4) as u32);
         unsafe { launch.launch(cfg) }.w()?;
     }
     Ok(DeviceSelection {
@@ -278,11 +266,7 @@ fn query_block_means(q: &Tensor, geometry: &Geometry) -> Result<Tensor> {
             .arg(&geometry.heads)
             .arg(&geometry.len)
             .arg(&block);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, bh as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks, bh, 0);
         unsafe { launch.launch(cfg) }.w()?;
     }
     Ok(tensor_from_cuda(out, dev, (bh, blocks, HEAD_DIM)))
@@ -456,11 +440,7 @@ fn quantize_keys_values(
             .arg(&k_scale)
             .arg(&geometry.heads)
             .arg(&geometry.len);
-        let cfg = LaunchConfig {
-            grid_dim: (blocks as u32, bh as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid(blocks, bh, 0);
         unsafe { launch.launch(cfg) }.w()?;
     }
     Ok(QuantisedKeysValues {
@@ -510,15 +490,17 @@ impl Geometry {
     }
 
     fn attention_launch(&self, shared_bytes: u32) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (
-                (self.len as usize).div_ceil(BLOCK_Q) as u32,
-                self.batch_heads() as u32,
-                1,
-            ),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: shared_bytes,
-        }
+        let query_blocks = (self.len as usize).div_ceil(BLOCK_Q);
+        grid(query_blocks, self.batch_heads(), shared_bytes)
+    }
+}
+
+/// A `(x, y)` grid of CTAs of `THREADS` threads with `shared_bytes` of dynamic shared memory.
+fn grid(x: usize, y: usize, shared_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (x as u32, y as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shared_bytes,
     }
 }
 

@@ -76,7 +76,7 @@ pub fn select_blocks(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<BlockSel
 }
 
 /// The pooled scores `mean(q_i) · mean(k_j − mean(k))` as `[B·H·n_q, n_k]` f32.
-pub(crate) fn pooled_scores(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<Tensor> {
+fn pooled_scores(q: &Tensor, k: &Tensor, cfg: &SlaConfig) -> Result<Tensor> {
     let k_smooth = k.broadcast_sub(&k.mean_keepdim(2)?)?;
     let pooled_q = block_means(q, cfg.blocks.query)?;
     let pooled_k = block_means(&k_smooth, cfg.blocks.key)?;

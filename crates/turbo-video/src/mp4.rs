@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use mp4::{AvcConfig, MediaConfig, MediaType, Mp4Config, Mp4Sample, TrackConfig, TrackType};
+use rayon::prelude::*;
 use turbo_core::{Error, Result};
 
 use crate::h264::{EncodedFrame, H264Decoder, H264Encoder, Quality};
@@ -213,59 +214,40 @@ impl std::fmt::Debug for Mp4Writer {
 impl Video {
     /// Writes the video as an H.264 MP4 at `path` (see [`Mp4Writer`] for the guarantees).
     ///
-    /// Each keyframe interval is encoded on a thread of its own by an encoder of its own: an
-    /// interval starts with a keyframe (an IDR picture, which references nothing before it), so
-    /// the stream is the one a single encoder writes, several times faster on a multi-core host.
+    /// The keyframe intervals are encoded in parallel, each by an encoder of its own: an interval
+    /// starts with a keyframe (an IDR picture, which references nothing before it), so the
+    /// stream is the one a single encoder writes, several times faster on a multi-core host.
     pub fn write_mp4(&self, path: impl AsRef<Path>, options: Mp4Options) -> Result<()> {
         let mut writer = Mp4Writer::create(path, self.width(), self.height(), self.fps(), options)?;
         let interval = match options.keyframe_interval {
             0 => self.frames().len().max(1),
             frames => frames as usize,
         };
-        let intervals: Vec<&[Vec<u8>]> = self.frames().chunks(interval).collect();
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        for group in intervals.chunks(threads) {
-            for frame in self.encode_intervals(group, options)?.into_iter().flatten() {
-                writer.append(frame)?;
-            }
+        let intervals: Vec<Vec<EncodedFrame>> = self
+            .frames()
+            .par_chunks(interval)
+            .map(|frames| self.encode_interval(frames, options))
+            .collect::<Result<_>>()?;
+        for frame in intervals.into_iter().flatten() {
+            writer.append(frame)?;
         }
         writer.finish()
     }
 
-    /// Encodes each run of frames on a thread with a fresh encoder.
-    fn encode_intervals(
+    /// Encodes a run of frames with a fresh encoder.
+    fn encode_interval(
         &self,
-        intervals: &[&[Vec<u8>]],
+        frames: &[Vec<u8>],
         options: Mp4Options,
-    ) -> Result<Vec<Vec<EncodedFrame>>> {
-        std::thread::scope(|scope| {
-            let encoders: Vec<_> = intervals
-                .iter()
-                .map(|frames| {
-                    scope.spawn(move || -> Result<Vec<EncodedFrame>> {
-                        let mut encoder = H264Encoder::new(
-                            self.width(),
-                            self.height(),
-                            self.fps(),
-                            options.quality,
-                            options.keyframe_interval,
-                        )?;
-                        frames.iter().map(|rgb| encoder.encode(rgb)).collect()
-                    })
-                })
-                .collect();
-            encoders
-                .into_iter()
-                .map(|encoder| {
-                    encoder.join().unwrap_or_else(|_| {
-                        Err(Error::Media {
-                            what: "H.264 encoder".into(),
-                            reason: "an encoding thread panicked".into(),
-                        })
-                    })
-                })
-                .collect()
-        })
+    ) -> Result<Vec<EncodedFrame>> {
+        let mut encoder = H264Encoder::new(
+            self.width(),
+            self.height(),
+            self.fps(),
+            options.quality,
+            options.keyframe_interval,
+        )?;
+        frames.iter().map(|rgb| encoder.encode(rgb)).collect()
     }
 
     /// Reads the first H.264 track of an MP4 file and decodes every frame to RGB. The frame rate
