@@ -25,8 +25,8 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Parser, ValueEnum};
 use serde_json::json;
 use turbodiffusion::attention::{
-    Attention, AttentionConfig, BlockSizes, DenseAttention, ProjL, SageSlaAttention, SlaAttention,
-    SlaConfig,
+    Attention, AttentionConfig, AttentionKernel, BlockSizes, DenseAttention, DenseConfig, ProjL,
+    SageSlaAttention, SlaAttention, SlaConfig,
 };
 use turbodiffusion::core::{
     memory_usage, reset_peak_memory, DeviceSpec, MemoryUsage, Stage, StageReport,
@@ -309,24 +309,34 @@ fn attention_rows(
     let proj_weight = (Tensor::randn(0f32, 0.05, (128, 128), device)?).to_dtype(DType::F32)?;
     let proj_l = ProjL::new(&proj_weight, &Tensor::zeros(128, DType::F32, device)?)?;
     let key_blocks = tokens.div_ceil(BlockSizes::default().key);
-    let mut ops: Vec<(String, Box<dyn Attention>, usize)> = vec![(
-        "original".into(),
-        Box::new(DenseAttention::default()),
-        tokens,
-    )];
+    let mut ops: Vec<(String, Box<dyn Attention>, usize)> = Vec::new();
+    for kernel in AttentionKernel::ALL {
+        let dense = DenseConfig {
+            kernel,
+            ..DenseConfig::default()
+        };
+        ops.push((
+            format!("original ({})", kernel.name()),
+            Box::new(DenseAttention::new(dense)),
+            tokens,
+        ));
+    }
     for &topk in topks {
         let cfg = SlaConfig::new(topk)?;
         let keys = cfg.selected_blocks(key_blocks) * BlockSizes::default().key;
-        ops.push((
-            format!("sla {topk}"),
-            Box::new(SlaAttention::new(cfg, proj_l.clone())),
-            keys,
-        ));
-        ops.push((
-            format!("sagesla {topk}"),
-            Box::new(SageSlaAttention::new(cfg, proj_l.clone())),
-            keys,
-        ));
+        for kernel in AttentionKernel::ALL {
+            let cfg = cfg.with_kernel(kernel);
+            ops.push((
+                format!("sla {topk} ({})", kernel.name()),
+                Box::new(SlaAttention::new(cfg, proj_l.clone())),
+                keys,
+            ));
+            ops.push((
+                format!("sagesla {topk} ({})", kernel.name()),
+                Box::new(SageSlaAttention::new(cfg, proj_l.clone())),
+                keys,
+            ));
+        }
     }
     for (name, op, keys_attended) in ops {
         let ms = bench.median_ms(|| {

@@ -31,8 +31,8 @@ use rand_distr::{Distribution, StandardNormal};
 use turbo_core::golden::{relative_error, GoldenFile};
 use turbo_sampler::golden::RcmGolden;
 use turbodiffusion::attention::{
-    Attention, AttentionConfig, BlockSizes, DenseAttention, ProjL, SageSlaAttention, SlaAttention,
-    SlaConfig,
+    Attention, AttentionConfig, AttentionKernel, BlockSizes, DenseAttention, DenseConfig, ProjL,
+    SageSlaAttention, SlaAttention, SlaConfig,
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
 use turbodiffusion::models::vae::{conv2d_biased, conv2d_biased_reference, VaeConfig, WanVae};
@@ -201,42 +201,61 @@ fn attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
             &proj_bias.to_device(device)?,
         )?;
         let cfg = SlaConfig::new(0.1)?;
-        let ops: [(&str, Box<dyn Attention>); 3] = [
-            ("original", Box::new(DenseAttention::default())),
-            ("sla:0.1", Box::new(SlaAttention::new(cfg, proj_l.clone()))),
-            ("sagesla:0.1", Box::new(SageSlaAttention::new(cfg, proj_l))),
-        ];
-        let mut outputs = Vec::new();
-        for (name, op) in &ops {
-            let out = op.forward(&q, &k, &v)?;
-            // The host-side SageSLA emulation is slow: check its kernel on two heads.
-            let ref_heads = if name.starts_with("sagesla") {
-                heads.min(2)
-            } else {
-                heads
+        for kernel in AttentionKernel::ALL {
+            let dense = DenseConfig {
+                kernel,
+                ..DenseConfig::default()
             };
-            let f32_heads = |t: &Tensor| -> Result<Tensor> {
-                Ok(t.narrow(2, 0, ref_heads)?.to_dtype(DType::F32)?)
-            };
-            let reference = op.forward(&f32_heads(&q)?, &f32_heads(&k)?, &f32_heads(&v)?)?;
+            let sparse = cfg.with_kernel(kernel);
+            let ops: [(&str, Box<dyn Attention>); 3] = [
+                ("original", Box::new(DenseAttention::new(dense))),
+                (
+                    "sla:0.1",
+                    Box::new(SlaAttention::new(sparse, proj_l.clone())),
+                ),
+                (
+                    "sagesla:0.1",
+                    Box::new(SageSlaAttention::new(sparse, proj_l.clone())),
+                ),
+            ];
+            let mut outputs = Vec::new();
+            for (name, op) in &ops {
+                let out = op.forward(&q, &k, &v)?;
+                // The host-side SageSLA emulation is slow: check its kernel on two heads.
+                let ref_heads = if name.starts_with("sagesla") {
+                    heads.min(2)
+                } else {
+                    heads
+                };
+                let f32_heads = |t: &Tensor| -> Result<Tensor> {
+                    Ok(t.narrow(2, 0, ref_heads)?.to_dtype(DType::F32)?)
+                };
+                let reference = op.forward(&f32_heads(&q)?, &f32_heads(&k)?, &f32_heads(&v)?)?;
+                push(
+                    &mut checks,
+                    Check {
+                        name: format!(
+                            "kernel {name} ({}) bf16 [1, {tokens}, {heads}, 128] vs reference",
+                            kernel.name()
+                        ),
+                        error: relative_error(&out.narrow(2, 0, ref_heads)?, &reference)?,
+                        threshold: ATTENTION_KERNEL_BOUND,
+                    },
+                );
+                outputs.push(out);
+            }
             push(
                 &mut checks,
                 Check {
-                    name: format!("kernel {name} bf16 [1, {tokens}, {heads}, 128] vs reference"),
-                    error: relative_error(&out.narrow(2, 0, ref_heads)?, &reference)?,
-                    threshold: ATTENTION_KERNEL_BOUND,
+                    name: format!(
+                        "kernel sagesla vs sla ({}) [1, {tokens}, {heads}, 128] (1 − cosine)",
+                        kernel.name()
+                    ),
+                    error: 1.0 - cosine_similarity(&outputs[2], &outputs[1])?,
+                    threshold: SAGESLA_VS_SLA_COSINE_GAP,
                 },
             );
-            outputs.push(out);
         }
-        push(
-            &mut checks,
-            Check {
-                name: format!("kernel sagesla vs sla [1, {tokens}, {heads}, 128] (1 − cosine)"),
-                error: 1.0 - cosine_similarity(&outputs[2], &outputs[1])?,
-                threshold: SAGESLA_VS_SLA_COSINE_GAP,
-            },
-        );
     }
     Ok(checks)
 }
@@ -253,19 +272,25 @@ fn cross_attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check
                 .to_device(device)?)
         };
         let (q, k, v) = (input(q_len)?, input(kv_len)?, input(kv_len)?);
-        let op = DenseAttention::default();
         let f32 = |t: &Tensor| t.to_dtype(DType::F32);
-        let reference = op.forward(&f32(&q)?, &f32(&k)?, &f32(&v)?)?;
-        push(
-            &mut checks,
-            Check {
-                name: format!(
-                    "kernel original bf16 q [1, {q_len}, 12, 128], kv {kv_len} vs reference"
-                ),
-                error: relative_error(&op.forward(&q, &k, &v)?, &reference)?,
-                threshold: ATTENTION_KERNEL_BOUND,
-            },
-        );
+        let reference = DenseAttention::default().forward(&f32(&q)?, &f32(&k)?, &f32(&v)?)?;
+        for kernel in AttentionKernel::ALL {
+            let op = DenseAttention::new(DenseConfig {
+                kernel,
+                ..DenseConfig::default()
+            });
+            push(
+                &mut checks,
+                Check {
+                    name: format!(
+                        "kernel original ({}) bf16 q [1, {q_len}, 12, 128], kv {kv_len} vs reference",
+                        kernel.name()
+                    ),
+                    error: relative_error(&op.forward(&q, &k, &v)?, &reference)?,
+                    threshold: ATTENTION_KERNEL_BOUND,
+                },
+            );
+        }
     }
     Ok(checks)
 }

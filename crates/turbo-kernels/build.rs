@@ -22,7 +22,6 @@ fn main() {
         println!("cargo::rerun-if-env-changed={var}");
     }
     for source in kernel_sources() {
-        println!("cargo::rerun-if-changed={}", source.display());
         let stem = source.file_stem().expect("a .cu file has a stem");
         let ptx = out_dir.join(stem).with_extension("ptx");
         let arch = if stem.to_string_lossy().ends_with("_sm90a") {
@@ -34,16 +33,23 @@ fn main() {
     }
 }
 
+/// The `.cu` files of `kernels/`; every file there (headers too) reruns the build when it
+/// changes.
 fn kernel_sources() -> Vec<PathBuf> {
     let dir = Path::new("kernels");
     println!("cargo::rerun-if-changed={}", dir.display());
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(dir)
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .expect("crates/turbo-kernels/kernels exists")
         .map(|entry| entry.expect("readable kernels directory").path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
         .collect();
-    sources.sort();
-    sources
+    files.sort();
+    for file in &files {
+        println!("cargo::rerun-if-changed={}", file.display());
+    }
+    files
+        .into_iter()
+        .filter(|path| path.extension().is_some_and(|ext| ext == "cu"))
+        .collect()
 }
 
 fn nvcc_path() -> PathBuf {

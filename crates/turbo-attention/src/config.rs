@@ -34,11 +34,38 @@ impl Default for BlockSizes {
     }
 }
 
-/// Settings of SLA and SageSLA: the top-k fraction and the block sizes.
+/// The tensor-core instructions of the CUDA attention kernels (bf16, head dim 128). The CPU
+/// path and the reference path ignore it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// `mma.sync` kernels for compute capability 8.0 and later.
+    MmaSync,
+    /// Hopper `wgmma` kernels (a producer warpgroup streaming K and V, two consumer
+    /// warpgroups taking turns on the tensor cores) on compute capability 9.0 devices, the
+    /// `mma.sync` ones elsewhere; the default.
+    #[default]
+    Wgmma,
+}
+
+impl AttentionKernel {
+    /// Every kernel, for checks and benchmarks that compare them.
+    pub const ALL: [AttentionKernel; 2] = [AttentionKernel::MmaSync, AttentionKernel::Wgmma];
+
+    /// A short name for tables: `mma.sync` or `wgmma`.
+    pub fn name(self) -> &'static str {
+        match self {
+            AttentionKernel::MmaSync => "mma.sync",
+            AttentionKernel::Wgmma => "wgmma",
+        }
+    }
+}
+
+/// Settings of SLA and SageSLA: the top-k fraction, the block sizes and the CUDA kernel.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SlaConfig {
     pub topk: f64,
     pub blocks: BlockSizes,
+    pub kernel: AttentionKernel,
 }
 
 impl SlaConfig {
@@ -53,12 +80,24 @@ impl SlaConfig {
     pub fn with_blocks(topk: f64, blocks: BlockSizes) -> Result<Self> {
         AttentionKind::sla(topk)?;
         BlockSizes::new(blocks.query, blocks.key)?;
-        Ok(Self { topk, blocks })
+        Ok(Self {
+            topk,
+            blocks,
+            kernel: AttentionKernel::default(),
+        })
     }
 
-    /// The same blocks with another top-k fraction, validated.
+    /// The same settings with another top-k fraction, validated.
     pub fn with_topk(self, topk: f64) -> Result<Self> {
-        Self::with_blocks(topk, self.blocks)
+        Ok(Self {
+            topk: Self::with_blocks(topk, self.blocks)?.topk,
+            ..self
+        })
+    }
+
+    /// The same settings on another CUDA kernel.
+    pub fn with_kernel(self, kernel: AttentionKernel) -> Self {
+        Self { kernel, ..self }
     }
 
     /// Key blocks each query block attends exactly: T = ⌊topk · n_k⌋, at least 1.
@@ -80,13 +119,19 @@ impl SlaConfig {
 /// Settings of dense attention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct DenseConfig {
-    /// Query rows processed at once; memory is O(query_chunk · L) per head.
+    /// Query rows processed at once by the reference path; memory is O(query_chunk · L) per
+    /// head.
     pub query_chunk: usize,
+    /// The CUDA kernel.
+    pub kernel: AttentionKernel,
 }
 
 impl Default for DenseConfig {
     fn default() -> Self {
-        Self { query_chunk: 128 }
+        Self {
+            query_chunk: 128,
+            kernel: AttentionKernel::default(),
+        }
     }
 }
 

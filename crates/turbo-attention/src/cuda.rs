@@ -17,7 +17,7 @@ use turbo_core::{Error, Result};
 
 use crate::quant::V_SCALE_MAX;
 use crate::sla::SparseBranch;
-use crate::{BlockSizes, ProjL, SlaConfig};
+use crate::{AttentionKernel, BlockSizes, ProjL, SlaConfig};
 
 /// The head dimension the kernels are built for.
 const HEAD_DIM: usize = 128;
@@ -37,6 +37,64 @@ const SHARED_BYTES_BF16: u32 = 2 * 2 * (BLOCK_K * (HEAD_DIM + 8) * 2) as u32;
 const SHARED_BYTES_SAGE: u32 =
     2 * (BLOCK_K * (HEAD_DIM + 16) + BLOCK_K * (HEAD_DIM + 8) * 2) as u32;
 const MODULE: &str = "turbo_attention";
+
+/// A compiled form of the bf16 attention kernel (`sparse_attention_bf16`'s arguments).
+struct AttentionVariant {
+    module: &'static str,
+    ptx: &'static str,
+    function: &'static str,
+    threads: u32,
+    shared_bytes: u32,
+}
+
+/// `kernels/attention.cu`: 8 warps of `mma.sync`.
+const MMA_SYNC: AttentionVariant = AttentionVariant {
+    module: MODULE,
+    ptx: turbo_kernels::ATTENTION,
+    function: "sparse_attention_bf16",
+    threads: THREADS,
+    shared_bytes: SHARED_BYTES_BF16,
+};
+
+/// `kernels/attention_sm90a.cu`: a producer and two consumer warpgroups; 128 bytes of
+/// mbarriers, then, aligned up to 1024 bytes, 6 stages of a key and a value tile.
+const WGMMA: AttentionVariant = AttentionVariant {
+    module: "turbo_attention_sm90a",
+    ptx: turbo_kernels::ATTENTION_SM90A,
+    function: "attention_wgmma_bf16",
+    threads: 3 * 128,
+    shared_bytes: (128 + 1024 + 6 * 2 * 2 * BLOCK_K * HEAD_DIM) as u32,
+};
+
+/// `kernels/attention.cu`'s SageSLA kernel: 8 warps of `mma.sync`.
+const SAGE_MMA_SYNC: AttentionVariant = AttentionVariant {
+    function: "sparse_attention_sage",
+    shared_bytes: SHARED_BYTES_SAGE,
+    ..MMA_SYNC
+};
+
+/// The SageSLA form of [`WGMMA`].
+const SAGE_WGMMA: AttentionVariant = AttentionVariant {
+    function: "attention_wgmma_sage",
+    ..WGMMA
+};
+
+/// The variant that runs `kernel` on `dev` for the sparse `branch` (dense attention is
+/// [`SparseBranch::Exact`] over every key block): wgmma needs compute capability 9.0 exactly
+/// (sm_90a code runs on no other).
+fn attention_variant(
+    dev: &CudaDevice,
+    kernel: AttentionKernel,
+    branch: SparseBranch,
+) -> Result<&'static AttentionVariant> {
+    let hopper = dev.cuda_stream().context().compute_capability().w()? == (9, 0);
+    Ok(match (kernel == AttentionKernel::Wgmma && hopper, branch) {
+        (true, SparseBranch::Exact) => &WGMMA,
+        (true, SparseBranch::Sage) => &SAGE_WGMMA,
+        (false, SparseBranch::Exact) => &MMA_SYNC,
+        (false, SparseBranch::Sage) => &SAGE_MMA_SYNC,
+    })
+}
 
 /// Whether the flash kernel takes these inputs for dense attention (otherwise the caller runs
 /// the reference path): bf16 on CUDA, head dim 128, queries and keys differing at most in
@@ -74,15 +132,22 @@ pub(crate) fn sla_attention(
     let selection = select_blocks(&q, &stats, cfg, &geometry)?;
     let linear = LinearState::new(&stats, proj_l)?;
     match branch {
-        SparseBranch::Exact => attention_kernel(&q, &k, &v, Some((&selection, &linear))),
-        SparseBranch::Sage => sage_attention(&q, &k, &v, &stats, &selection, &linear),
+        SparseBranch::Exact => {
+            attention_kernel(&q, &k, &v, Some((&selection, &linear)), cfg.kernel)
+        }
+        SparseBranch::Sage => sage_attention(&q, &k, &v, &stats, &selection, &linear, cfg.kernel),
     }
 }
 
 /// Dense flash attention in bf16 (keys may be fewer or more than queries).
-pub(crate) fn flash_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+pub(crate) fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    kernel: AttentionKernel,
+) -> Result<Tensor> {
     let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
-    attention_kernel(&q, &k, &v, None)
+    attention_kernel(&q, &k, &v, None, kernel)
 }
 
 /// What SLA needs from one pass over K and V (`key_value_stats`), per (batch, head).
@@ -279,6 +344,7 @@ fn attention_kernel(
     k: &Tensor,
     v: &Tensor,
     sparse: Option<(&DeviceSelection, &LinearState)>,
+    kernel: AttentionKernel,
 ) -> Result<Tensor> {
     let geometry = Geometry::of(q)?;
     let dev = q.device().as_cuda_device()?;
@@ -308,9 +374,9 @@ fn attention_kernel(
     let n_sel = sparse.map_or((kv_len as usize).div_ceil(BLOCK_K), |(s, _)| s.per_row) as i32;
     let scale_log2 = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
     let eps = SlaConfig::LINEAR_EPS as f32;
-    let func =
-        dev.get_or_load_custom_func("sparse_attention_bf16", MODULE, turbo_kernels::ATTENTION)?;
-    allow_shared_memory(&func, SHARED_BYTES_BF16)?;
+    let variant = attention_variant(dev, kernel, SparseBranch::Exact)?;
+    let func = dev.get_or_load_custom_func(variant.function, variant.module, variant.ptx)?;
+    allow_shared_memory(&func, variant.shared_bytes)?;
     let mut launch = func.builder();
     let null: u64 = 0;
     launch.arg(&q_view).arg(&k_view).arg(&v_view);
@@ -326,7 +392,7 @@ fn attention_kernel(
         .arg(&n_sel)
         .arg(&scale_log2)
         .arg(&eps);
-    unsafe { launch.launch(geometry.attention_launch(SHARED_BYTES_BF16)) }.w()?;
+    unsafe { launch.launch(geometry.attention_launch(variant)) }.w()?;
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
 }
 
@@ -340,6 +406,7 @@ fn sage_attention(
     stats: &KeyValueStats,
     selection: &DeviceSelection,
     linear: &LinearState,
+    kernel: AttentionKernel,
 ) -> Result<Tensor> {
     let geometry = Geometry::of(q)?;
     let dev = q.device().as_cuda_device()?;
@@ -372,9 +439,9 @@ fn sage_attention(
     let score_scale = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
     let eps = SlaConfig::LINEAR_EPS as f32;
     let n_sel = selection.per_row as i32;
-    let func =
-        dev.get_or_load_custom_func("sparse_attention_sage", MODULE, turbo_kernels::ATTENTION)?;
-    allow_shared_memory(&func, SHARED_BYTES_SAGE)?;
+    let variant = attention_variant(dev, kernel, SparseBranch::Sage)?;
+    let func = dev.get_or_load_custom_func(variant.function, variant.module, variant.ptx)?;
+    allow_shared_memory(&func, variant.shared_bytes)?;
     let mut launch = func.builder();
     launch
         .arg(&q_view)
@@ -392,7 +459,7 @@ fn sage_attention(
         .arg(&n_sel)
         .arg(&score_scale)
         .arg(&eps);
-    unsafe { launch.launch(geometry.attention_launch(SHARED_BYTES_SAGE)) }.w()?;
+    unsafe { launch.launch(geometry.attention_launch(variant)) }.w()?;
     Ok(tensor_from_cuda(out, dev, q.shape().clone()))
 }
 
@@ -489,9 +556,13 @@ impl Geometry {
         (self.batch * self.heads) as usize
     }
 
-    fn attention_launch(&self, shared_bytes: u32) -> LaunchConfig {
+    /// One CTA of `variant` per query block and (batch, head).
+    fn attention_launch(&self, variant: &AttentionVariant) -> LaunchConfig {
         let query_blocks = (self.len as usize).div_ceil(BLOCK_Q);
-        grid(query_blocks, self.batch_heads(), shared_bytes)
+        LaunchConfig {
+            block_dim: (variant.threads, 1, 1),
+            ..grid(query_blocks, self.batch_heads(), variant.shared_bytes)
+        }
     }
 }
 

@@ -37,7 +37,7 @@ impl Attention for DenseAttention {
         QkvShape::of(q, k, v)?;
         #[cfg(feature = "cuda")]
         if crate::cuda::flash_applies(q, k) {
-            return crate::cuda::flash_attention(q, k, v);
+            return crate::cuda::flash_attention(q, k, v, self.cfg.kernel);
         }
         let out = dense_heads_first(
             &heads_first_f32(q)?,

@@ -28,7 +28,8 @@ mod selection;
 mod sla;
 
 pub use config::{
-    load_attention, AttentionConfig, BlockSizes, DenseConfig, LoadAttention, SlaConfig,
+    load_attention, AttentionConfig, AttentionKernel, BlockSizes, DenseConfig, LoadAttention,
+    SlaConfig,
 };
 pub use dense::{dense_attention_reference, DenseAttention};
 pub use linear::{linear_attention, ProjL};

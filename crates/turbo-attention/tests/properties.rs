@@ -39,7 +39,7 @@ proptest! {
         let q = gaussian((batch, len, heads, head_dim), seed);
         let k = gaussian((batch, kv_len, heads, head_dim), seed ^ 1);
         let v = gaussian((batch, kv_len, heads, head_dim), seed ^ 2);
-        let chunked = DenseAttention::new(DenseConfig { query_chunk: chunk }).forward(&q, &k, &v).unwrap();
+        let chunked = DenseAttention::new(DenseConfig { query_chunk: chunk, ..DenseConfig::default() }).forward(&q, &k, &v).unwrap();
         let naive = dense_attention_reference(&q, &k, &v).unwrap();
         prop_assert_eq!(chunked.dims(), q.dims());
         prop_assert!(max_abs_diff(&chunked, &naive) < 1e-5);

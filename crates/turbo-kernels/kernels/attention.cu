@@ -12,33 +12,25 @@
 //
 // The CPU implementations in src/ are the specification; `examples/gpu_check` compares.
 
-#include <cuda_bf16.h>
-#include <cuda_fp8.h>
-#include <math_constants.h>
-#include <stdint.h>
-
-#include "common.cuh"
-
-#define NEG_INF (-CUDART_INF_F)
+#include "attention.cuh"
 
 namespace {
 
-constexpr int HEAD_DIM = 128;
-constexpr int BLOCK_Q = 128;
-constexpr int BLOCK_K = 64;
+using namespace attention;
+using turbo::cp_async_16;
+using turbo::cp_async_commit;
+using turbo::cp_async_wait;
+using turbo::ldmatrix_x4;
+using turbo::ldmatrix_x4_trans;
+using turbo::mma_s8;
+
 constexpr int WARPS = BLOCK_Q / 16;
 constexpr int THREADS = WARPS * 32;
-// Shared-memory row pitches, padded by 16 bytes so that the 8 rows a quad of lanes reads fall
-// in distinct banks.
-constexpr int PITCH_BF16 = HEAD_DIM + 8;
+// Shared-memory row pitch of the int8 key tiles (padded as PITCH_BF16 is).
 constexpr int PITCH_I8 = HEAD_DIM + 16;
-// log2(448): SageSLA exponentiates P̃ against the running max plus this offset, so that P̃
-// spans the E4M3 range [0, 448].
-constexpr float P_FP8_OFFSET = 8.807355f;
-// Bytes of one key or value tile in shared memory, and of a D×D bf16 matrix.
+// Bytes of one key or value tile in shared memory.
 constexpr int TILE_BYTES_BF16 = BLOCK_K * PITCH_BF16 * 2;
 constexpr int TILE_BYTES_I8 = BLOCK_K * PITCH_I8;
-constexpr int STATE_BYTES = HEAD_DIM * PITCH_BF16 * 2;
 // Dynamic shared memory of the attention kernels: two pipeline stages of a key and a value
 // tile (the launchers in src/cuda.rs pass the same sizes). The epilogue reuses it for the
 // linear-branch state.
@@ -46,21 +38,6 @@ constexpr int STAGE_BYTES_BF16 = 2 * TILE_BYTES_BF16;
 constexpr int STAGE_BYTES_SAGE = TILE_BYTES_I8 + TILE_BYTES_BF16;
 static_assert(2 * STAGE_BYTES_BF16 >= STATE_BYTES, "the state fits in the pipeline's memory");
 static_assert(2 * STAGE_BYTES_SAGE >= STATE_BYTES, "the state fits in the pipeline's memory");
-
-typedef __nv_bfloat16 bf16;
-using turbo::cp_async_16;
-using turbo::cp_async_commit;
-using turbo::cp_async_wait;
-using turbo::ldmatrix_x4;
-using turbo::ldmatrix_x4_trans;
-using turbo::mma_bf16;
-using turbo::mma_s8;
-using turbo::pack_bf16;
-
-// The nearest E4M3 value (round to nearest even, saturating), as a float.
-__device__ __forceinline__ float round_e4m3(float x) {
-    return float(__nv_fp8_e4m3(x));
-}
 
 // Copies `rows` rows of `row_bytes` bytes (a multiple of 16) from global memory, `src_pitch`
 // bytes apart, into shared memory `dst_pitch` bytes apart; rows past `rows` of the 64 are zero.
@@ -106,99 +83,6 @@ __device__ __forceinline__ void pipelined_tiles(int n, Load load, Compute comput
     }
 }
 
-// Four consecutive bf16 values (8-byte aligned) as floats; zeros for a null source.
-__device__ __forceinline__ void load_bf16x4(float out[4], const bf16* src) {
-    if (!src) {
-        for (int j = 0; j < 4; ++j) out[j] = 0.f;
-        return;
-    }
-    const uint2 raw = *reinterpret_cast<const uint2*>(src);
-    const float2 lo = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-    const float2 hi = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-    out[0] = lo.x;
-    out[1] = lo.y;
-    out[2] = hi.x;
-    out[3] = hi.y;
-}
-
-// x / scale rounded half away from zero into [−127, 127] (SageSLA's int8 rounding).
-__device__ __forceinline__ uint32_t quantize_int8(float x, float scale) {
-    const float scaled = x / scale;
-    const float rounded = fminf(fmaxf(truncf(scaled + copysignf(0.5f, scaled)), -127.f), 127.f);
-    return (uint32_t)(uint8_t)(int8_t)rounded;
-}
-
-// Four values quantised and packed little-endian, the first in the lowest byte.
-__device__ __forceinline__ uint32_t quantize_int8x4(const float x[4], float scale) {
-    return quantize_int8(x[0], scale) | quantize_int8(x[1], scale) << 8 |
-           quantize_int8(x[2], scale) << 16 | quantize_int8(x[3], scale) << 24;
-}
-
-// Where (b, h)'s rows start, and how far apart they are, in elements.
-struct HeadView {
-    size_t base;
-    size_t pitch;
-    __device__ HeadView(int bh, int heads, int len) {
-        const int b = bh / heads, h = bh % heads;
-        pitch = (size_t)heads * HEAD_DIM;
-        base = (size_t)b * len * pitch + (size_t)h * HEAD_DIM;
-    }
-};
-
-// The running softmax state of the two rows (g and g + 8) a lane holds, and its share of O.
-struct RowState {
-    float max[2];
-    float sum[2];  // this lane's partial row sums; the quad's four are added at the end
-    float o[HEAD_DIM / 8][4];
-
-    __device__ void init() {
-        for (int r = 0; r < 2; ++r) {
-            max[r] = NEG_INF;
-            sum[r] = 0.f;
-        }
-        for (int n = 0; n < HEAD_DIM / 8; ++n)
-            for (int i = 0; i < 4; ++i) o[n][i] = 0.f;
-    }
-};
-
-__device__ __forceinline__ float quad_max(float x) {
-    x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-    return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
-}
-
-__device__ __forceinline__ float quad_sum(float x) {
-    x += __shfl_xor_sync(0xffffffff, x, 1);
-    return x + __shfl_xor_sync(0xffffffff, x, 2);
-}
-
-// One key tile of online softmax: `s` holds base-2 scores (masked keys −∞) of the lane's rows
-// over the tile's 64 keys in the mma C layout. Updates the row state, rescales O, and turns
-// `s` into the bf16 weights P of the P·V product. `offset` is added to every exponent;
-// `fp8_weights` rounds P to E4M3 (the row sums take P before rounding, as SageAttention does).
-__device__ __forceinline__ void softmax_tile(RowState& st, float s[BLOCK_K / 8][4], float offset,
-                                             bool fp8_weights) {
-    for (int r = 0; r < 2; ++r) {
-        float tile_max = NEG_INF;
-        for (int n = 0; n < BLOCK_K / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
-        const float new_max = fmaxf(st.max[r], quad_max(tile_max));
-        const float alpha = exp2f(st.max[r] - new_max);
-        float tile_sum = 0.f;
-        for (int n = 0; n < BLOCK_K / 8; ++n) {
-            for (int i = 2 * r; i < 2 * r + 2; ++i) {
-                const float p = exp2f(s[n][i] - new_max + offset);
-                tile_sum += p;
-                s[n][i] = fp8_weights ? round_e4m3(p) : p;
-            }
-        }
-        st.sum[r] = st.sum[r] * alpha + tile_sum;
-        st.max[r] = new_max;
-        for (int n = 0; n < HEAD_DIM / 8; ++n) {
-            st.o[n][2 * r] *= alpha;
-            st.o[n][2 * r + 1] *= alpha;
-        }
-    }
-}
-
 // O += P·V for one key tile: P from the score registers (the C layout of two adjacent n-tiles
 // is the A layout of one k-step), V from shared memory through ldmatrix.trans.
 __device__ __forceinline__ void accumulate_pv(RowState& st, const float p[BLOCK_K / 8][4],
@@ -222,148 +106,6 @@ __device__ __forceinline__ void accumulate_pv(RowState& st, const float p[BLOCK_
     }
 }
 
-// Scores of one key tile are −∞ past the sequence end.
-__device__ __forceinline__ void mask_tail(float s[BLOCK_K / 8][4], int key0, int len, int t) {
-    if (key0 + BLOCK_K <= len) return;
-    for (int n = 0; n < BLOCK_K / 8; ++n)
-        for (int i = 0; i < 4; ++i)
-            if (key0 + n * 8 + 2 * t + (i & 1) >= len) s[n][i] = NEG_INF;
-}
-
-// O / l for the lane's two rows, times a per-channel scale when given.
-__device__ __forceinline__ void normalize_rows(RowState& st, int t, const float* channel_scale) {
-    // The quad reductions come first: every lane of the warp must take part in the shuffles.
-    const float inv_sum[2] = {1.f / quad_sum(st.sum[0]), 1.f / quad_sum(st.sum[1])};
-    for (int n = 0; n < HEAD_DIM / 8; ++n) {
-        for (int i = 0; i < 4; ++i) {
-            st.o[n][i] *= inv_sum[i >> 1];
-            if (channel_scale) st.o[n][i] *= channel_scale[n * 8 + 2 * t + (i & 1)];
-        }
-    }
-}
-
-// SLA's linear branch after `proj_l`, per (b, h): with φ = softmax over D,
-// proj_l(φ(q)·H / (φ(q)·z + eps)) = (φ(q) / (φ(q)·z + eps))·(H·Wᵀ) + b.
-struct LinearBranch {
-    const bf16* state;  // [B·H, D, D]: (H·Wᵀ)ᵀ, so that a row holds one output channel
-    const float* z;     // [B·H, D]
-    const float* bias;  // [D]
-    float eps;
-};
-
-// Copies (b, h)'s D×D state into shared memory (pitch PITCH_BF16) for the B operands.
-__device__ __forceinline__ void stage_linear_state(bf16* dst, const bf16* state, int bh) {
-    const char* src = reinterpret_cast<const char*>(state + (size_t)bh * HEAD_DIM * HEAD_DIM);
-    constexpr int CHUNKS_PER_ROW = HEAD_DIM * 2 / 16;
-    for (int c = threadIdx.x; c < HEAD_DIM * CHUNKS_PER_ROW; c += THREADS) {
-        const int r = c / CHUNKS_PER_ROW, offset = (c % CHUNKS_PER_ROW) * 16;
-        *reinterpret_cast<uint4*>(reinterpret_cast<char*>(dst + r * PITCH_BF16) + offset) =
-            *reinterpret_cast<const uint4*>(src + r * HEAD_DIM * 2 + offset);
-    }
-}
-
-// Adds the linear branch to the lane's rows g and g + 8 of O. The query rows are read again
-// from bf16 `q` (rows past the end as zeros; they are never stored); `state` is the staged
-// D×D state.
-__device__ __forceinline__ void add_linear_branch(RowState& st, const bf16* q, const HeadView& view,
-                                                  int row0, int len, int g, int t,
-                                                  const bf16* state, const LinearBranch& lin,
-                                                  int bh) {
-    // x[r][4·kk + j]: row g + 8r, column 16kk + 2t + (j & 1) + 8(j >> 1): the A layout.
-    float x[2][HEAD_DIM / 4];
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        const bf16* src = q + view.base + (size_t)row * view.pitch;
-        #pragma unroll
-        for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-            #pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                float2 pair = make_float2(0.f, 0.f);
-                if (row < len)
-                    pair = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(src + kk * 16 + 8 * half + 2 * t));
-                x[r][4 * kk + 2 * half] = pair.x;
-                x[r][4 * kk + 2 * half + 1] = pair.y;
-            }
-        }
-    }
-    const float* z = lin.z + (size_t)bh * HEAD_DIM;
-    #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float row_max = NEG_INF;
-        #pragma unroll
-        for (int j = 0; j < HEAD_DIM / 4; ++j) row_max = fmaxf(row_max, x[r][j]);
-        row_max = quad_max(row_max);
-        float sum = 0.f;
-        #pragma unroll
-        for (int j = 0; j < HEAD_DIM / 4; ++j) {
-            x[r][j] = __expf(x[r][j] - row_max);
-            sum += x[r][j];
-        }
-        const float inv_sum = 1.f / quad_sum(sum);
-        float dot = 0.f;
-        #pragma unroll
-        for (int j = 0; j < HEAD_DIM / 4; ++j) {
-            x[r][j] *= inv_sum;
-            dot += x[r][j] * z[16 * (j / 4) + 2 * t + (j & 1) + 8 * ((j >> 1) & 1)];
-        }
-        const float inv_den = 1.f / (quad_sum(dot) + lin.eps);
-        #pragma unroll
-        for (int j = 0; j < HEAD_DIM / 4; ++j) x[r][j] *= inv_den;
-    }
-    #pragma unroll
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        const uint32_t a[4] = {
-            pack_bf16(x[0][4 * kk], x[0][4 * kk + 1]),
-            pack_bf16(x[1][4 * kk], x[1][4 * kk + 1]),
-            pack_bf16(x[0][4 * kk + 2], x[0][4 * kk + 3]),
-            pack_bf16(x[1][4 * kk + 2], x[1][4 * kk + 3]),
-        };
-        #pragma unroll
-        for (int n = 0; n < HEAD_DIM / 8; ++n) {
-            const bf16* row = state + (n * 8 + g) * PITCH_BF16 + kk * 16 + 2 * t;
-            mma_bf16(st.o[n], a, *reinterpret_cast<const uint32_t*>(row),
-                     *reinterpret_cast<const uint32_t*>(row + 8));
-        }
-    }
-    #pragma unroll
-    for (int n = 0; n < HEAD_DIM / 8; ++n)
-        #pragma unroll
-        for (int i = 0; i < 4; ++i) st.o[n][i] += lin.bias[n * 8 + 2 * t + (i & 1)];
-}
-
-// Writes the lane's two rows of O.
-__device__ __forceinline__ void store_rows(const RowState& st, bf16* out, const HeadView& view,
-                                           int row0, int len, int g, int t) {
-    for (int r = 0; r < 2; ++r) {
-        const int row = row0 + g + 8 * r;
-        if (row >= len) continue;
-        bf16* dst = out + view.base + (size_t)row * view.pitch;
-        for (int n = 0; n < HEAD_DIM / 8; ++n)
-            *reinterpret_cast<uint32_t*>(dst + n * 8 + 2 * t) = pack_bf16(st.o[n][2 * r], st.o[n][2 * r + 1]);
-    }
-}
-
-// Normalises O, adds the linear branch when `lin.state` is given, and stores. `smem` is the
-// kernel's pipeline memory, free once the key loop is done.
-__device__ __forceinline__ void finish_rows(RowState& st, const bf16* q, bf16* out,
-                                            const HeadView& view, int row0, int len, int g, int t,
-                                            const float* channel_scale, const LinearBranch& lin,
-                                            int bh, char* smem) {
-    normalize_rows(st, t, channel_scale);
-    if (lin.state) {
-        bf16* state = reinterpret_cast<bf16*>(smem);
-        stage_linear_state(state, lin.state, bh);
-        __syncthreads();
-        add_linear_branch(st, q, view, row0, len, g, t, state, lin, bh);
-    }
-    store_rows(st, out, view, row0, len, g, t);
-}
-
-// The key block visited `i`-th by query block `qb`: listed, or all in order.
-__device__ __forceinline__ int key_block_at(const uint32_t* block_idx, size_t row, int n_sel, int i) {
-    return block_idx ? (int)block_idx[row * n_sel + i] : i;
-}
 
 }  // namespace
 
@@ -385,14 +127,8 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
     const HeadView view(bh, heads, q_len), kv_view(bh, heads, kv_len);
     const int row0 = qb * BLOCK_Q + warp * 16;
 
-    // The warp's 16 query rows as A operands, one per 16-wide slice of D.
     uint32_t qf[HEAD_DIM / 16][4];
-    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-        for (int i = 0; i < 4; ++i) {
-            const int row = row0 + g + 8 * (i & 1), col = kk * 16 + 2 * t + 8 * (i >> 1);
-            qf[kk][i] = row < q_len ? *reinterpret_cast<const uint32_t*>(q + view.base + (size_t)row * view.pitch + col) : 0u;
-        }
-    }
+    load_query_fragments(qf, q, view, row0, q_len, g, t);
 
     RowState st;
     st.init();
@@ -419,15 +155,15 @@ sparse_attention_bf16(const bf16* __restrict__ q, const bf16* __restrict__ k,
                 mma_bf16(s[n], qf[kk], b[0], b[1]);
                 mma_bf16(s[n], qf[kk + 1], b[2], b[3]);
             }
-            for (int j = 0; j < 4; ++j) s[n][j] *= scale_log2;
         }
         mask_tail(s, key0, kv_len, t);
-        softmax_tile(st, s, 0.f, false);
+        softmax_tile(st, s, scale_log2, 0.f, false);
         accumulate_pv(st, s, v_tile(stage), lane);
     };
     pipelined_tiles(n_sel, load, compute);
     const LinearBranch lin{lin_state, lin_z, lin_bias, lin_eps};
-    finish_rows(st, q, out, view, row0, q_len, g, t, nullptr, lin, bh, smem);
+    finish_rows(st, q, out, view, row0, q_len, g, t, nullptr, lin, bh, smem, threadIdx.x, THREADS,
+                [] { __syncthreads(); });
 }
 
 // SageSLA's sparse branch: int8 Q·Kᵀ with per-block scales, online softmax in base 2 with
@@ -453,20 +189,9 @@ sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ k8,
     const int row0 = qb * BLOCK_Q + warp * 16;
     const int key_blocks = (len + BLOCK_K - 1) / BLOCK_K;
 
-    // A operands of m16n8k32: per 32-wide slice of D, rows g / g+8, columns 4t.. and 16+4t..
-    float qv[HEAD_DIM / 32][4][4];
-    float amax = 0.f;
-    for (int kk = 0; kk < HEAD_DIM / 32; ++kk) {
-        for (int i = 0; i < 4; ++i) {
-            const int row = row0 + g + 8 * (i & 1), col = kk * 32 + 4 * t + 16 * (i >> 1);
-            load_bf16x4(qv[kk][i], row < len ? q + view.base + (size_t)row * view.pitch + col : nullptr);
-            for (int j = 0; j < 4; ++j) amax = fmaxf(amax, fabsf(qv[kk][i][j]));
-        }
-    }
-    const float q_scale = turbo::block_max(amax, scratch) / 127.f + 1e-7f;
     uint32_t qf[HEAD_DIM / 32][4];
-    for (int kk = 0; kk < HEAD_DIM / 32; ++kk)
-        for (int i = 0; i < 4; ++i) qf[kk][i] = quantize_int8x4(qv[kk][i], q_scale);
+    const float q_scale = quantize_query_fragments(qf, q, view, row0, len, g, t,
+                                                   [&](float x) { return turbo::block_max(x, scratch); });
     const float q_block_scale = q_scale * score_scale;
 
     RowState st;
@@ -496,15 +221,16 @@ sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ k8,
                 mma_s8(acc, qf[kk], b[0], b[1]);
                 mma_s8(acc, qf[kk + 1], b[2], b[3]);
             }
-            for (int j = 0; j < 4; ++j) s[n][j] = (float)acc[j] * segment_scale;
+            for (int j = 0; j < 4; ++j) s[n][j] = (float)acc[j];
         }
         mask_tail(s, key0, len, t);
-        softmax_tile(st, s, P_FP8_OFFSET, true);
+        softmax_tile(st, s, segment_scale, P_FP8_OFFSET, true);
         accumulate_pv(st, s, v_tile(stage), lane);
     };
     pipelined_tiles(n_sel, load, compute);
     const LinearBranch lin{lin_state, lin_z, lin_bias, lin_eps};
-    finish_rows(st, q, out, view, row0, len, g, t, v_scale + (size_t)bh * HEAD_DIM, lin, bh, smem);
+    finish_rows(st, q, out, view, row0, len, g, t, v_scale + (size_t)bh * HEAD_DIM, lin, bh, smem, threadIdx.x, THREADS,
+                [] { __syncthreads(); });
 }
 
 // One pass over K and V for SLA, per (b, h) and chunk of `blocks_per_chunk` key blocks:

@@ -80,12 +80,16 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* row
                  : "r"(addr));
 }
 
-// 16 bytes from global to shared memory without passing through registers; `valid` false
-// writes zeros (the source is not read).
-__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
-    const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src),
+// 16 bytes from global memory to shared-memory address `dst` without passing through
+// registers, bypassing L1; `valid` false writes zeros (`src` must still be a valid address, it
+// is not read).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
                  "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    cp_async_16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)), src, valid);
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }

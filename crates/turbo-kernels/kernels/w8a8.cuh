@@ -6,7 +6,13 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "common.cuh"
+
 namespace w8a8 {
+
+using turbo::cp_async_16;
+using turbo::cp_async_commit;
+using turbo::cp_async_wait;
 
 typedef __nv_bfloat16 bf16;
 
@@ -46,20 +52,6 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled 128×128 tile.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
     return row * TILE + ((chunk ^ (row & 7)) << 4);
-}
-
-// 16 bytes global → shared, bypassing L1; zero-fills the destination when `valid` is false
-// (src must still be a valid address).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
-                 "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n"); }
-
-template <int PENDING>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING));
 }
 
 // Copies the 128×128 int8 tile at (row0, col0) of a row-major [rows, k] matrix into the

@@ -19,11 +19,13 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
+#include "sm90.cuh"
 #include "w8a8.cuh"
 
 namespace {
 
 using namespace w8a8;
+using namespace sm90;
 
 // Stages of the ring (up to STAGES − 1 k tiles in flight while one is multiplied; 6 measured
 // 2–3 % faster than 4 on an H200).
@@ -36,16 +38,6 @@ constexpr int BARRIER_BYTES = 128;
 constexpr int GEMM_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
 static_assert(GEMM_SMEM_BYTES == 193 * 1024 + 128, "turbo-quant's cuda.rs launches with this");
 static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
-
-// Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle mode: start
-// address (bits 0-13, in 16-byte units), leading-dimension offset 1 (unused for swizzled
-// K-major operands), stride-dimension offset 1024 bytes (from one 8-row atom to the next,
-// bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63). Advancing the start address by 32
-// bytes selects the next k32 slice inside the atom.
-__device__ __forceinline__ uint64_t smem_descriptor(uint32_t address) {
-    return (uint64_t)((address & 0x3FFFF) >> 4) | (uint64_t)1 << 16 |
-           (uint64_t)(1024 >> 4) << 32 | (uint64_t)1 << 62;
-}
 
 // D[64×128] (+)= A[64×32] · B[32×128] (s8 in, exact s32 accumulate), A and B K-major in shared
 // memory (descriptors); `accumulate` = 0 overwrites D instead of adding to it.
@@ -66,35 +58,9 @@ __device__ __forceinline__ void wgmma_m64n128k32(int d[64], uint64_t a, uint64_t
         : "l"(a), "l"(b), "r"(accumulate));
 }
 
-__device__ __forceinline__ void wgmma_fence() {
-    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
-}
-
-template <int PENDING>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
-}
-
-// Tells the compiler that the accumulators may change here, so that no read of them moves
-// above a wgmma wait and no write below a wgmma issue.
-__device__ __forceinline__ void fence_accumulators(int d[64]) {
-#pragma unroll
-    for (int i = 0; i < 64; ++i) asm volatile("" : "+r"(d[i])::"memory");
-}
-
-// Makes this thread's completed cp.async writes visible to the async proxy that wgmma reads
-// shared memory through.
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-
 // Issues the four k32 wgmmas of one k tile into `d` (overwriting it) and commits them.
 __device__ __forceinline__ void issue_k_tile(int d[64], uint32_t a_tile, uint32_t b_tile) {
-    fence_accumulators(d);
+    fence_registers<64>(d);
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < TILE / 32; ++step)
@@ -109,31 +75,6 @@ __device__ __forceinline__ void fold(float acc[64], const int d[64], float scale
     for (int i = 0; i < 64; ++i) acc[i] = fmaf(exact_float(d[i]), scale, acc[i]);
 }
 
-// mbarrier helpers (shared::cta, 64-bit barriers addressed by their shared-memory address).
-__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-
-// Arrives on `bar` once all of this thread's earlier cp.asyncs have landed (counts as one of
-// the arrivals the barrier was initialised with).
-__device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
-    asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-// Waits until the phase of `bar` with parity `parity` has completed.
-__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT:\n"
-        "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-
 // Warpgroup 0 loads, warpgroups 1 and 2 multiply (rows 0-63 and 64-127 of the tile).
 constexpr int WGMMA_THREADS = 3 * 128;
 constexpr int CONSUMER_THREADS = 2 * 128;
@@ -143,14 +84,6 @@ constexpr int CONSUMER_THREADS = 2 * 128;
 // one warpgroup arrives, the other waits (CONSUMER_THREADS in all).
 constexpr int CONSUMER_0_ISSUED = 1;
 constexpr int CONSUMER_1_ISSUED = 2;
-
-__device__ __forceinline__ void named_barrier_sync(int id) {
-    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(CONSUMER_THREADS) : "memory");
-}
-
-__device__ __forceinline__ void named_barrier_arrive(int id) {
-    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(CONSUMER_THREADS) : "memory");
-}
 
 // x_q [M, K], w_q [N, K] int8 row-major, K a multiple of 16; scales [⌈M/128⌉, ⌈K/128⌉] and
 // [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
@@ -180,7 +113,7 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
             mbarrier_init(full_bars + 8 * s, 128);
             mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
         }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        mbarrier_init_fence();
     }
     __syncthreads();
 
@@ -211,17 +144,17 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
         const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
         // Ping-pong: consumer 1 issues k tile kt after consumer 0 has, consumer 0 issues k tile
         // kt + 1 after consumer 1 has issued kt.
-        if (consumer == 1) named_barrier_sync(CONSUMER_0_ISSUED);
-        else if (kt > 0) named_barrier_sync(CONSUMER_1_ISSUED);
+        if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
+        else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
         mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
         // The tile was written through the generic proxy (cp.async); wgmma reads it through
         // the async proxy.
         fence_proxy_async();
         issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
-        if (consumer == 0) named_barrier_arrive(CONSUMER_0_ISSUED);
-        else if (kt + 1 < k_tiles) named_barrier_arrive(CONSUMER_1_ISSUED);
+        if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
+        else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
         wgmma_wait<0>();
-        fence_accumulators(sums);
+        fence_registers<64>(sums);
         mbarrier_arrive(empty_bars + 8 * s);
         fold(acc, sums, scale);
     }

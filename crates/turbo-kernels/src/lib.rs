@@ -10,6 +10,12 @@
 #[cfg(feature = "cuda")]
 pub const ATTENTION: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
 
+/// The bf16 dense and block-sparse attention kernel on Hopper's `wgmma` instructions (the
+/// arguments of [`ATTENTION`]'s `sparse_attention_bf16`; sm_90a PTX, which loads only on compute
+/// capability 9.0 devices): `kernels/attention_sm90a.cu`.
+#[cfg(feature = "cuda")]
+pub const ATTENTION_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/attention_sm90a.ptx"));
+
 /// W8A8 linears: activation quantisation into 128×128 tiles and the block-scaled int8 GEMM:
 /// `kernels/w8a8.cu`.
 #[cfg(feature = "cuda")]
