@@ -155,24 +155,25 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // One key tile of online softmax, without touching O: `s` holds the raw scores (masked keys
-// −∞) of the lane's rows over the tile's 64 keys in the mma C layout, `scale` (> 0) takes them
+// −∞) of the lane's rows over the tile's 8·COLS keys in the mma C layout, `scale` (> 0) takes them
 // to base 2. Updates the row max and sum, turns `s` into the weights
 // P = 2^(s·scale − max + offset) and returns in `alpha` what O's rows must be multiplied by
 // (`rescale_rows`). `fp8_weights` rounds P to E4M3 (the row sums take P before rounding, as
 // SageAttention does).
-__device__ __forceinline__ void softmax_weights(RowState& st, float s[BLOCK_K / 8][4], float scale,
+template <int COLS>
+__device__ __forceinline__ void softmax_weights(RowState& st, float (&s)[COLS][4], float scale,
                                                 float offset, bool fp8_weights, float alpha[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float tile_max = NEG_INF;
 #pragma unroll
-        for (int n = 0; n < BLOCK_K / 8; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
+        for (int n = 0; n < COLS; ++n) tile_max = fmaxf(tile_max, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
         const float new_max = fmaxf(st.max[r], quad_max(tile_max) * scale);
         alpha[r] = fast_exp2(st.max[r] - new_max);
         const float shift = offset - new_max;
         float tile_sum = 0.f;
 #pragma unroll
-        for (int n = 0; n < BLOCK_K / 8; ++n) {
+        for (int n = 0; n < COLS; ++n) {
 #pragma unroll
             for (int i = 2 * r; i < 2 * r + 2; ++i) {
                 const float p = fast_exp2(fmaf(s[n][i], scale, shift));
@@ -195,7 +196,7 @@ __device__ __forceinline__ void rescale_rows(RowState& st, const float alpha[2])
 }
 
 // `softmax_weights` and `rescale_rows` at once.
-__device__ __forceinline__ void softmax_tile(RowState& st, float s[BLOCK_K / 8][4], float scale,
+__device__ __forceinline__ void softmax_tile(RowState& st, float (&s)[BLOCK_K / 8][4], float scale,
                                              float offset, bool fp8_weights) {
     float alpha[2];
     softmax_weights(st, s, scale, offset, fp8_weights, alpha);

@@ -3,6 +3,7 @@
 // barriers. Included, not compiled on its own.
 #pragma once
 
+#include <cuda.h>  // CUtensorMap
 #include <stdint.h>
 
 namespace sm90 {
@@ -37,11 +38,15 @@ __device__ __forceinline__ void wgmma_wait() {
 }
 
 // Tells the compiler that N registers (wgmma accumulators) may change here, so that no read of
-// them moves above a wgmma wait and no write below a wgmma issue.
+// them moves above a wgmma wait and no write below a wgmma issue. The constraint matches the
+// register class, or the compiler would copy the registers (reading them) to satisfy it.
+__device__ __forceinline__ void fence_register(float& x) { asm volatile("" : "+f"(x)::"memory"); }
+__device__ __forceinline__ void fence_register(int& x) { asm volatile("" : "+r"(x)::"memory"); }
+
 template <int N, typename T>
 __device__ __forceinline__ void fence_registers(T* x) {
 #pragma unroll
-    for (int i = 0; i < N; ++i) asm volatile("" : "+r"(*reinterpret_cast<uint32_t*>(&x[i]))::"memory");
+    for (int i = 0; i < N; ++i) fence_register(x[i]);
 }
 
 // Makes this thread's completed cp.async writes visible to the async proxy that wgmma reads
@@ -68,6 +73,25 @@ __device__ __forceinline__ void mbarrier_arrive_on_cp_async(uint32_t bar) {
 
 __device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
     asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+// Arrives on `bar` (one of its arrivals) and adds `bytes` to the transfer count its phase
+// waits for (the TMA copies that signal it).
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+// TMA: the box of `map` at element coordinates (x, y) (x the contiguous dimension) into shared
+// memory at `dst`, in the map's swizzle; completes `bytes` of `bar`'s transfer count when it
+// lands. Out-of-range elements are zeros. `map` is a __grid_constant__ kernel parameter.
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int x, int y,
+                                            uint32_t bar) {
+    asm volatile(
+        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes "
+        "[%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar)
+        : "memory");
 }
 
 // Waits until the phase of `bar` with parity `parity` has completed.

@@ -2,10 +2,11 @@
 // shared-memory descriptors. Same contract, tiles, scales and raster as w8a8.cu's mma.sync
 // GEMM (w8a8.cuh); the quantiser stays in w8a8.cu. turbo-quant's CPU code is the specification.
 //
-// One CTA per 128×128 output tile, three warpgroups. Warpgroup 0 is the producer: it streams
-// k tiles (128 bytes of k) into a STAGES-deep ring with cp.async in the swizzled layout of
-// w8a8.cuh, which at a 1024-byte-aligned tile is wgmma's 128-byte swizzle (K-major, 8-row
-// atoms of 1024 bytes), and signals each stage's `full` mbarrier when its copies land.
+// One CTA per 128×128 output tile, three warpgroups. Warpgroup 0 is the producer: one of its
+// threads streams k tiles (128 bytes of k) into a STAGES-deep ring with TMA (two 128×128-byte
+// boxes per k tile, from tensor maps in the 128-byte swizzle: at a 1024-byte-aligned tile the
+// layout of w8a8.cuh, K-major 8-row atoms of 1024 bytes), each stage's `full` mbarrier
+// completing when its bytes have landed.
 // Warpgroups 1 and 2 are consumers, each m64 × n128 (its 64 rows of the activation tile
 // against the whole weight tile): wait for `full`, issue four m64n128k32 wgmmas into int32
 // registers (exact sums), wait for them, release the stage on its `empty` mbarrier and fold
@@ -85,17 +86,18 @@ constexpr int CONSUMER_THREADS = 2 * 128;
 constexpr int CONSUMER_0_ISSUED = 1;
 constexpr int CONSUMER_1_ISSUED = 2;
 
-// x_q [M, K], w_q [N, K] int8 row-major, K a multiple of 16; scales [⌈M/128⌉, ⌈K/128⌉] and
-// [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
+// x_map, w_map: 2-D tensor maps of x_q [M, K] and w_q [N, K] (int8 row-major, K a multiple of
+// 16), 128×128-byte boxes, 128-byte swizzle (turbo-quant's cuda.rs); scales [⌈M/128⌉, ⌈K/128⌉]
+// and [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
 //
-// Stage s of the ring has two mbarriers: `full` completes a phase when the producer's
-// cp.asyncs of the k tile in it have landed (128 arrivals), `empty` when both consumer
+// Stage s of the ring has two mbarriers: `full` completes a phase when the producer's two TMA
+// copies of the k tile in it have landed (one arrival with their byte count), `empty` when both consumer
 // warpgroups' wgmmas have finished reading it (256 arrivals). Use u = kt / STAGES of stage
 // kt % STAGES waits for `full` phase u and, before the refill, `empty` phase u − 1 (parities
 // u & 1 and (u − 1) & 1): a stage cannot get two phases ahead of any waiter.
 template <typename T>
-__device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_scales,
-                     const int8_t* __restrict__ wq, const float* __restrict__ w_scales,
+__device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
+                     const CUtensorMap& w_map, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
     extern __shared__ __align__(16) int8_t smem[];
     const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
@@ -110,7 +112,7 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbarrier_init(full_bars + 8 * s, 128);
+            mbarrier_init(full_bars + 8 * s, 1);
             mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
         }
         mbarrier_init_fence();
@@ -119,15 +121,15 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
 
     if (warpgroup == 0) {
         // Producer: k tile kt into stage kt % STAGES once both consumers are done with the
-        // k tile that was there.
+        // k tile that was there. One thread issues the copies; the rest have nothing to do.
+        if (threadIdx.x != 0) return;
         for (int kt = 0; kt < k_tiles; ++kt) {
             const int s = kt % STAGES, use = kt / STAGES;
             if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
-            load_tile_async<128>(stage_of(kt), xq, m0, m, kt * TILE, k);
-            load_tile_async<128>(stage_of(kt) + TILE_BYTES, wq, n0, n, kt * TILE, k);
-            mbarrier_arrive_on_cp_async(full_bars + 8 * s);
+            mbarrier_arrive_expect_tx(full_bars + 8 * s, STAGE_BYTES);
+            tma_load_2d(stage_of(kt), &x_map, kt * TILE, m0, full_bars + 8 * s);
+            tma_load_2d(stage_of(kt) + TILE_BYTES, &w_map, kt * TILE, n0, full_bars + 8 * s);
         }
-        asm volatile("cp.async.wait_all;\n" ::: "memory");
         return;
     }
 
@@ -147,9 +149,6 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
         if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
         else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
         mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
-        // The tile was written through the generic proxy (cp.async); wgmma reads it through
-        // the async proxy.
-        fence_proxy_async();
         issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
         if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
         else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
@@ -179,13 +178,15 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
 }  // namespace
 
 extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
-w8a8_gemm_wgmma_f32(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
+w8a8_gemm_wgmma_f32(const __grid_constant__ CUtensorMap x_map, const float* xs,
+                    const __grid_constant__ CUtensorMap w_map, const float* ws,
                     float* y, int m, int n, int k) {
-    gemm(xq, xs, wq, ws, y, m, n, k);
+    gemm(x_map, xs, w_map, ws, y, m, n, k);
 }
 
 extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
-w8a8_gemm_wgmma_bf16(const int8_t* xq, const float* xs, const int8_t* wq, const float* ws,
+w8a8_gemm_wgmma_bf16(const __grid_constant__ CUtensorMap x_map, const float* xs,
+                     const __grid_constant__ CUtensorMap w_map, const float* ws,
                      bf16* y, int m, int n, int k) {
-    gemm(xq, xs, wq, ws, y, m, n, k);
+    gemm(x_map, xs, w_map, ws, y, m, n, k);
 }

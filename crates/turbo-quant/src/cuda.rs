@@ -2,8 +2,12 @@
 //! `w8a8_sm90a.cu` for the wgmma GEMM) behind [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    self, CUdevice_attribute, CUfunction_attribute, CUtensorMap,
+};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
 use half::bf16;
@@ -16,14 +20,24 @@ const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
 
 /// One GEMM kernel: its PTX module, the name of its f32 / bf16-output functions less the
-/// `_f32` / `_bf16` suffix, its CTA size and its dynamic shared memory (`GEMM_SMEM_BYTES` in
-/// its .cu file).
+/// `_f32` / `_bf16` suffix, its CTA size, its dynamic shared memory (`GEMM_SMEM_BYTES` in its
+/// .cu file) and how it takes the int8 operands.
 struct GemmVariant {
     module: &'static str,
     ptx: &'static str,
     function: &'static str,
     threads: u32,
     smem_bytes: u32,
+    operands: Operands,
+}
+
+/// How a GEMM kernel takes the int8 activations and weights.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Operands {
+    /// Device pointers.
+    Pointers,
+    /// TMA tensor maps ([`TensorMap`]).
+    TensorMaps,
 }
 
 /// A ring of 128×128 activation and weight tiles per stage.
@@ -36,6 +50,7 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     function: "w8a8_gemm",
     threads: THREADS,
     smem_bytes: 4 * STAGE_BYTES,
+    operands: Operands::Pointers,
 };
 
 /// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
@@ -45,14 +60,15 @@ const MMA_SYNC_3_STAGES: GemmVariant = GemmVariant {
     ..MMA_SYNC
 };
 
-/// `kernels/w8a8_sm90a.cu`: a producer and two consumer warpgroups; 128 bytes of mbarriers,
-/// then 6 stages aligned up to 1024 bytes.
+/// `kernels/w8a8_sm90a.cu`: a producer (TMA) and two consumer warpgroups; 128 bytes of
+/// mbarriers, then 6 stages aligned up to 1024 bytes.
 const WGMMA: GemmVariant = GemmVariant {
     module: "turbo_quant_w8a8_sm90a",
     ptx: turbo_kernels::W8A8_SM90A,
     function: "w8a8_gemm_wgmma",
     threads: 3 * 128,
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
+    operands: Operands::TensorMaps,
 };
 
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
@@ -202,16 +218,30 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     )
     .w()?;
     let dims = [args.m, args.n, args.k].map(|d| d as i32);
+    let stream = dev.cuda_stream();
+    let (x_ptr, _x_read) = args.x_q.device_ptr(&stream);
+    let (w_ptr, _w_read) = args.weight.device_ptr(&stream);
+    let maps = match variant.operands {
+        Operands::TensorMaps => Some([
+            TensorMap::int8_tiles(x_ptr, args.m, args.k)?,
+            TensorMap::int8_tiles(w_ptr, args.n, args.k)?,
+        ]),
+        Operands::Pointers => None,
+    };
     let mut launch = func.builder();
-    launch
-        .arg(args.x_q)
-        .arg(args.x_scales)
-        .arg(args.weight)
-        .arg(args.weight_scales)
-        .arg(&y)
-        .arg(&dims[0])
-        .arg(&dims[1])
-        .arg(&dims[2]);
+    match &maps {
+        Some([x_map, w_map]) => launch
+            .arg(x_map)
+            .arg(args.x_scales)
+            .arg(w_map)
+            .arg(args.weight_scales),
+        None => launch
+            .arg(args.x_q)
+            .arg(args.x_scales)
+            .arg(args.weight)
+            .arg(args.weight_scales),
+    };
+    launch.arg(&y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
     // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m tiles.
     let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
     let cfg = LaunchConfig {
@@ -221,6 +251,48 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     };
     unsafe { launch.launch(cfg) }.w()?;
     Ok(y)
+}
+
+/// A TMA descriptor, passed to a kernel by value (a `const __grid_constant__ CUtensorMap`
+/// parameter).
+#[repr(transparent)]
+struct TensorMap(CUtensorMap);
+
+// SAFETY: a plain 128-byte value that the kernel reads as its parameter.
+unsafe impl DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    /// The map of the row-major int8 `[rows, cols]` matrix at `ptr` (16-byte aligned, `cols` a
+    /// multiple of 16) in 128×128-byte boxes with the 128-byte swizzle: one TMA copy is one
+    /// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
+    fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<Self> {
+        let dims = [cols as u64, rows as u64];
+        let row_stride = [cols as u64];
+        let tile = [TILE as u32, TILE as u32];
+        let element_strides = [1u32, 1];
+        let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
+        // SAFETY: every pointer is to a live array of the length the rank (2) implies; the
+        // driver writes the whole map or fails.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+                2,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                row_stride.as_ptr(),
+                tile.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+            .w()?;
+            Ok(Self(map.assume_init()))
+        }
+    }
 }
 
 /// `y + bias[column]` for contiguous-able `y` `[.., N]` and `bias` `[N]`, f32 or bf16.
