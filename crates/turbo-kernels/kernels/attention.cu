@@ -40,19 +40,8 @@ static_assert(2 * STAGE_BYTES_BF16 >= STATE_BYTES, "the state fits in the pipeli
 static_assert(2 * STAGE_BYTES_SAGE >= STATE_BYTES, "the state fits in the pipeline's memory");
 
 // Copies `rows` rows of `row_bytes` bytes (a multiple of 16) from global memory, `src_pitch`
-// bytes apart, into shared memory `dst_pitch` bytes apart; rows past `rows` of the 64 are zero.
-__device__ __forceinline__ void load_key_tile(char* dst, int dst_pitch, const char* src,
-                                              size_t src_pitch, int rows, int row_bytes) {
-    const int chunks_per_row = row_bytes / 16;
-    for (int c = threadIdx.x; c < BLOCK_K * chunks_per_row; c += THREADS) {
-        const int r = c / chunks_per_row, offset = (c % chunks_per_row) * 16;
-        uint4 v = make_uint4(0, 0, 0, 0);
-        if (r < rows) v = *reinterpret_cast<const uint4*>(src + r * src_pitch + offset);
-        *reinterpret_cast<uint4*>(dst + r * dst_pitch + offset) = v;
-    }
-}
-
-// `load_key_tile` through cp.async: returns at once, the copy lands by the next wait.
+// bytes apart, into shared memory `dst_pitch` bytes apart (rows past `rows` of the 64 are zero)
+// through cp.async: returns at once, the copy lands by the next wait.
 __device__ __forceinline__ void load_key_tile_async(char* dst, int dst_pitch, const char* src,
                                                     size_t src_pitch, int rows, int row_bytes) {
     const int chunks_per_row = row_bytes / 16;
@@ -241,7 +230,7 @@ sparse_attention_sage(const bf16* __restrict__ q, const int8_t* __restrict__ k8,
 // - z [B·H, C, D]: the chunk's Σ φ(k) in f32;
 // - v_amax [B·H, C, D]: the chunk's per-channel max |v|.
 // grid (C = ⌈⌈L/64⌉/blocks_per_chunk⌉, B·H), 256 threads.
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, 2)
 key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
                 float* __restrict__ key_block_means, float* __restrict__ key_sums,
                 float* __restrict__ state, float* __restrict__ z, float* __restrict__ v_amax,
@@ -267,14 +256,28 @@ key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
         const int key0 = kb * BLOCK_K, rows = min(BLOCK_K, len - key0);
         const size_t offset = view.base + (size_t)key0 * view.pitch;
         __syncthreads();
-        load_key_tile((char*)k_tile, PITCH_BF16 * 2, (const char*)(k + offset), view.pitch * 2, rows, HEAD_DIM * 2);
-        load_key_tile((char*)v_tile, PITCH_BF16 * 2, (const char*)(v + offset), view.pitch * 2, rows, HEAD_DIM * 2);
+        // All of a thread's copies in flight at once (cp.async), not one load after another.
+        load_key_tile_async((char*)k_tile, PITCH_BF16 * 2, (const char*)(k + offset), view.pitch * 2, rows, HEAD_DIM * 2);
+        load_key_tile_async((char*)v_tile, PITCH_BF16 * 2, (const char*)(v + offset), view.pitch * 2, rows, HEAD_DIM * 2);
+        cp_async_commit();
+        cp_async_wait<0>();
         __syncthreads();
-        float block_acc = 0.f;
-        for (int r = 0; r < rows; ++r) {
-            const float x = __bfloat162float((sums_keys ? k_tile : v_tile)[r * PITCH_BF16 + channel]);
-            block_acc = sums_keys ? block_acc + x : fmaxf(block_acc, fabsf(x));
+        // Four partial sums (maxima) so that the shared-memory loads of a column overlap.
+        const bf16* column = (sums_keys ? k_tile : v_tile) + channel;
+        auto fold = [&](float acc, int r) {
+            const float x = __bfloat162float(column[r * PITCH_BF16]);
+            return sums_keys ? acc + x : fmaxf(acc, fabsf(x));
+        };
+        float p0 = 0.f, p1 = 0.f, p2 = 0.f, p3 = 0.f;
+        int r = 0;
+        for (; r + 4 <= rows; r += 4) {
+            p0 = fold(p0, r);
+            p1 = fold(p1, r + 1);
+            p2 = fold(p2, r + 2);
+            p3 = fold(p3, r + 3);
         }
+        for (; r < rows; ++r) p0 = fold(p0, r);
+        const float block_acc = sums_keys ? (p0 + p1) + (p2 + p3) : fmaxf(fmaxf(p0, p1), fmaxf(p2, p3));
         if (sums_keys) {
             key_block_means[((size_t)bh * key_blocks + kb) * HEAD_DIM + channel] = block_acc / rows;
             channel_acc += block_acc;
@@ -283,25 +286,40 @@ key_value_stats(const bf16* __restrict__ k, const bf16* __restrict__ v,
         }
         __syncthreads();  // the raw keys are read; φ(K) overwrites them
 
-        for (int r = warp * (BLOCK_K / WARPS); r < (warp + 1) * (BLOCK_K / WARPS); ++r) {
-            bf16* row = k_tile + r * PITCH_BF16 + 4 * lane;
-            float x[4] = {0.f, 0.f, 0.f, 0.f};
-            if (r < rows) {  // the same for the whole warp
-                for (int j = 0; j < 4; ++j) x[j] = __bfloat162float(row[j]);
-                float row_max = fmaxf(fmaxf(x[0], x[1]), fmaxf(x[2], x[3]));
-                for (int o = 16; o > 0; o >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffff, row_max, o));
-                float sum = 0.f;
-                for (int j = 0; j < 4; ++j) {
-                    x[j] = __expf(x[j] - row_max);
-                    sum += x[j];
-                }
-                for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
-                for (int j = 0; j < 4; ++j) {
-                    x[j] /= sum;
-                    z_acc[j] += x[j];
-                }
+        // φ of the warp's rows, all of them at once so that their shuffle reductions overlap.
+        constexpr int ROWS_PER_WARP = BLOCK_K / WARPS;
+        const int first_row = warp * ROWS_PER_WARP;
+        float x[ROWS_PER_WARP][4], row_max[ROWS_PER_WARP], row_sum[ROWS_PER_WARP];
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_WARP; ++i) {
+            const bf16* row = k_tile + (first_row + i) * PITCH_BF16 + 4 * lane;
+            for (int j = 0; j < 4; ++j) x[i][j] = __bfloat162float(row[j]);
+            row_max[i] = fmaxf(fmaxf(x[i][0], x[i][1]), fmaxf(x[i][2], x[i][3]));
+        }
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int i = 0; i < ROWS_PER_WARP; ++i)
+                row_max[i] = fmaxf(row_max[i], __shfl_xor_sync(0xffffffff, row_max[i], o));
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_WARP; ++i) {
+            row_sum[i] = 0.f;
+            for (int j = 0; j < 4; ++j) {
+                x[i][j] = __expf(x[i][j] - row_max[i]);
+                row_sum[i] += x[i][j];
             }
-            for (int j = 0; j < 4; ++j) row[j] = __float2bfloat16(x[j]);  // zero past the end
+        }
+        for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+            for (int i = 0; i < ROWS_PER_WARP; ++i) row_sum[i] += __shfl_xor_sync(0xffffffff, row_sum[i], o);
+#pragma unroll
+        for (int i = 0; i < ROWS_PER_WARP; ++i) {
+            const bool inside = first_row + i < rows;  // the same for the whole warp
+            bf16* row = k_tile + (first_row + i) * PITCH_BF16 + 4 * lane;
+            for (int j = 0; j < 4; ++j) {
+                const float phi = inside ? x[i][j] / row_sum[i] : 0.f;
+                z_acc[j] += phi;
+                row[j] = __float2bfloat16(phi);  // zero past the end
+            }
         }
         __syncthreads();
 
