@@ -184,6 +184,9 @@ impl WanVae {
 mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarBuilder;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
     use turbo_core::golden::GoldenFile;
 
     use super::*;
@@ -218,8 +221,15 @@ mod tests {
         let vae = WanVae::load(vb, &cfg).unwrap();
         let halo = cfg.decode_halo();
         let (height, width) = (2 * halo + 2, 2 * halo + 2);
+        // A fixed draw: the tiled decode sums in another order than the whole one, and the
+        // difference, at f32 rounding, depends on the values.
+        let mut rng = StdRng::seed_from_u64(5);
+        let values: Vec<f32> = StandardNormal
+            .sample_iter(&mut rng)
+            .take(cfg.z_dim * height * width)
+            .collect();
         let latent =
-            Tensor::randn(0f32, 1.0, (1, cfg.z_dim, 1, height, width), &Device::Cpu).unwrap();
+            Tensor::from_vec(values, (1, cfg.z_dim, 1, height, width), &Device::Cpu).unwrap();
         let whole = vae.decode(&latent).unwrap();
         let tiling = VaeTiling::grid(2, 2, height, width).unwrap();
         let tiled = |halo| {
@@ -231,7 +241,9 @@ mod tests {
             "largest difference with halo {halo}: {enough:.3e}, with {}: {half:.3e}",
             halo / 2
         );
-        assert!(enough <= 1e-6, "halo {halo}: {enough}");
+        // f32 rounding of the reordered sums (measured 1e-7 – 1.1e-6 over random draws) versus
+        // the 1e-3 of a halo that is too small.
+        assert!(enough <= 1e-5, "halo {halo}: {enough}");
         assert!(half > 1e-4, "halo {}: {half}", halo / 2);
     }
 
