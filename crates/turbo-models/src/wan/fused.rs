@@ -237,9 +237,10 @@ mod cuda {
             _ => "layer_norm_affine_f32",
         };
         let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::FUSED)?;
-        let (null, dim_arg, eps_arg) = (0u64, dim as i32, eps as f32);
+        let (null, rows_arg, dim_arg, eps_arg) = (0u64, rows as i32, dim as i32, eps as f32);
+        // A warp per row.
         let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
+            grid_dim: (rows.div_ceil(8) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -255,7 +256,7 @@ mod cuda {
                     Some(view) => launch.arg(view),
                     None => launch.arg(&null),
                 };
-                launch.arg($out).arg(&dim_arg).arg(&eps_arg);
+                launch.arg($out).arg(&rows_arg).arg(&dim_arg).arg(&eps_arg);
                 unsafe { launch.launch(cfg) }.w()?;
             }};
         }
