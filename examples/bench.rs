@@ -95,6 +95,9 @@ struct Args {
     /// Linears of the DiT rows: bf16, w8a8.
     #[arg(long, value_delimiter = ',', default_value = "bf16,w8a8")]
     dit_linears: Vec<Linears>,
+    /// Model of the DiT rows: 1.3b (480p) or 14b (720p), 81 frames.
+    #[arg(long, default_value = "1.3b")]
+    dit_model: ModelShape,
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
@@ -131,6 +134,25 @@ impl ModelShape {
         match self {
             Self::Wan1_3B => (32_760, 12),
             Self::Wan14B => (75_600, 40),
+        }
+    }
+
+    /// The DiT's configuration, a name for tables, its latent [C, F, H, W] (81 frames at 480p
+    /// for 1.3B, 720p for 14B) and a description of it.
+    fn dit(self) -> (WanConfig, &'static str, [usize; 4], &'static str) {
+        match self {
+            Self::Wan1_3B => (
+                WanConfig::wan21_t2v_1_3b(),
+                "Wan2.1-1.3B",
+                [16, 21, 60, 104],
+                "480p, 81 frames (32 760 tokens)",
+            ),
+            Self::Wan14B => (
+                WanConfig::wan21_t2v_14b(),
+                "Wan2.1-14B",
+                [16, 21, 90, 160],
+                "720p, 81 frames (75 600 tokens)",
+            ),
         }
     }
 
@@ -409,11 +431,9 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
 }
 
 /// Wan2.1-1.3B at 480p, 81 frames: latent [16, 21, 60, 104], 32 760 tokens.
-const LATENT_480P: [usize; 4] = [16, 21, 60, 104];
-
 fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     let device = &bench.device;
-    let cfg = WanConfig::wan21_t2v_1_3b();
+    let (cfg, model_name, latent, shape) = args.dit_model.dit();
     let keys: Vec<(String, Vec<usize>)> = expected_tensors::<Box<dyn Attention>>(
         &cfg,
         PatchLayout::Linear,
@@ -423,7 +443,7 @@ fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     .into_iter()
     .map(|spec| (spec.name, spec.shape))
     .collect();
-    let x = Tensor::randn(0f32, 1.0, LATENT_480P.as_slice(), device)?;
+    let x = Tensor::randn(0f32, 1.0, latent.as_slice(), device)?;
     let context = Tensor::randn(0f32, 1.0, (512, cfg.text_dim), device)?.to_dtype(DType::BF16)?;
     for &linears in &args.dit_linears {
         let quant = match linears {
@@ -452,8 +472,8 @@ fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
             };
             rows.push(Row {
                 section: "dit",
-                what: format!("Wan2.1-1.3B forward, {kind}, {quant_name} linears"),
-                shape: "480p, 81 frames (32 760 tokens)".into(),
+                what: format!("{model_name} forward, {kind}, {quant_name} linears"),
+                shape: shape.into(),
                 ms,
                 note: String::new(),
                 peak,

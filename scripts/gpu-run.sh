@@ -6,8 +6,9 @@
 #       --example gpu_check --example bench --example t2v
 # then `strip -o /tmp/<name> target-cuda/release/examples/<name>; gzip -9c /tmp/<name> > gpu-bin/<name>.gz`.
 # Usage: scripts/gpu-run.sh <step>...
-#   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-t2v-14b (14B T2V at
-#   720p), bench-i2v (Wan2.2 A14B I2V at 720p), t2v-demo
+#   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-dit-14b (a 14B DiT
+#   forward at 720p), bench-t2v-14b (14B T2V at 720p), bench-i2v (Wan2.2 A14B I2V at 720p),
+#   t2v-demo
 # Results go to $OUT (default /tmp/gpu-out). Each step has a time limit; a failing step is
 # reported and the others still run.
 set -uo pipefail
@@ -34,6 +35,7 @@ for step in "$@"; do
     bench-dit) bench dit 240 ;;
     bench-vae) bench vae 240 ;;
     bench-t2v) bench t2v 300 ;;
+    bench-dit-14b) bench dit 500 dit_14b --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 ;;
     bench-t2v-14b) bench t2v 600 t2v_14b --t2v-model 14b --t2v-size 1280x720 --skip-cold-run ;;
     bench-i2v) bench i2v 600 i2v --i2v-size 1280x720 --skip-cold-run ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
