@@ -4,23 +4,24 @@
 // branch in the epilogue), with both products on `wgmma.mma_async` instead of `mma.sync`.
 //
 // One CTA per (query block, batch·head), three warpgroups. Warpgroup 0 is the producer: it
-// copies the query block once and then the key and value tiles of the visited key blocks into
-// a STAGES-deep ring with cp.async, signalling each stage's `full` mbarrier when its copies
-// land. Warpgroups 1 and 2 are consumers, 64 query rows each, which they hold in registers as
-// the A fragments of S = Q·Kᵀ (bf16 k16 steps, or int8 k32 steps for SageSLA, quantised by the
-// consumers with the block scale max|q|/127 + 1e-7 as the mma.sync kernel does). The key and
-// value tiles of two key blocks (128 keys) per step are stored in wgmma's 128-byte swizzle: rows of 128 bytes (16-byte chunk c of row
-// r at chunk c ^ (r mod 8)), a bf16 tile as two column halves of 64 channels; K is the K-major
-// B operand of S (m64n128), V the MN-major B operand of O += P·V (m64n128k16 over the 128 keys,
-// P from registers: the S
-// accumulator layout is the A fragment layout, as with mma.sync). SageSLA's V holds E4M3 values
-// in bf16, so the bf16 product is the FP8 one.
+// copies the key and value tiles of the visited key blocks, two blocks (128 keys) per step,
+// into a STAGES-deep ring with cp.async, signalling each stage's `full` mbarrier when its
+// copies land. Warpgroups 1 and 2 are consumers, 64 query rows each, which they load into
+// registers as the A fragments of S = Q·Kᵀ (bf16 k16 steps, or int8 k32 steps for SageSLA,
+// quantised by the consumers with the block scale max|q|/127 + 1e-7 as the mma.sync kernel
+// does). Tiles are stored in wgmma's 128-byte swizzle: rows of 128 bytes, 16-byte chunk c of
+// row r at chunk c ^ (r mod 8), a bf16 tile as two column halves of 64 channels. K is the
+// K-major B operand of S (m64n128); V is the MN-major B operand of O += P·V (m64n128k16 over
+// the step's 128 keys), with P from registers: the S accumulator layout is the A fragment
+// layout, as with mma.sync. SageSLA's V holds E4M3 values in bf16, so the bf16 product is the
+// FP8 one.
 //
-// A consumer's step j (key blocks 2j and 2j + 1 of the visited ones) issues S(j) = Q·K(j)ᵀ and
+// A consumer's step j (visited key blocks 2j and 2j + 1) issues S(j) = Q·K(j)ᵀ and
 // P(j−1)·V(j−1), waits for S(j) only and computes its exponentials while its P·V runs, then
-// waits for that, releases stage j−1 and rescales O (the online softmax of attention.cuh, shared with the mma.sync kernels: a warp's
-// rows of a wgmma accumulator are laid out as mma.sync's). The two consumers take turns to
-// issue (named barriers), so that one computes its softmax while the other's products run.
+// waits for that, releases stage j−1 and rescales O. The online softmax is attention.cuh's,
+// shared with the mma.sync kernels: a warp's rows of a wgmma accumulator are laid out as
+// mma.sync's. The two consumers take turns to issue (named barriers), so that one computes
+// its softmax while the other's products run.
 
 #include "attention.cuh"
 #include "sm90.cuh"
@@ -57,10 +58,10 @@ constexpr int PRODUCER_REGISTERS = 56;
 constexpr int CONSUMER_REGISTERS = 224;
 static_assert(WARPGROUP * (PRODUCER_REGISTERS + 2 * CONSUMER_REGISTERS) <= 65536, "the register file");
 
-// Named barriers of the consumers: consumer c waits on TURN + c for its turn to issue; the
-// query block's maximum and the epilogue.
+// Named barriers of the consumers: consumer c waits on TURN + c for its turn to issue;
+// ALL_CONSUMERS gathers both (the query block's maximum, the epilogue).
 constexpr int TURN = 1;
-constexpr int CONSUMERS = 3;
+constexpr int ALL_CONSUMERS = 3;
 
 // Where the kernels' operands are; `k` is bf16, or int8 for SageSLA, whose `k_scale`
 // [B·H, ⌈L/64⌉] and `v_scale` [B·H, D] are null otherwise.
@@ -185,15 +186,52 @@ __device__ __forceinline__ void issue_values(RowState& st, const uint32_t p[STEP
         wgmma_values(&st.o[0][0], p[step], smem_descriptor(v_tile + step * 16 * ROW_BYTES, KV_HALF_BYTES));
 }
 
+// The CTA's shared-memory ring: stage j % STAGES holds step j's key and value tiles, with a
+// `full` mbarrier (the producer's copies have landed) and an `empty` one (both consumers are
+// done with them).
+struct Ring {
+    uint32_t full_bars, empty_bars, tiles;
+
+    __device__ uint32_t full(int j) const { return full_bars + 8 * (j % STAGES); }
+    __device__ uint32_t empty(int j) const { return empty_bars + 8 * (j % STAGES); }
+    __device__ uint32_t keys(int j) const { return tiles + (j % STAGES) * STAGE_BYTES; }
+    __device__ uint32_t values(int j) const { return keys(j) + 2 * KV_HALF_BYTES; }
+};
+
+// The producer warpgroup: the visited key blocks of step j (`key_block(i)` is the i-th) into
+// stage j % STAGES once both consumers have released the tiles that were there. A missing
+// second block (n_sel odd) leaves zero rows, which the consumers mask.
+template <bool SAGE, typename KeyBlock>
+__device__ void produce(const Operands& in, const Ring& ring, const HeadView& kv_view, int steps,
+                        KeyBlock key_block) {
+    constexpr int KEY_BYTES = SAGE ? 1 : 2;
+    const int thread = threadIdx.x;
+    for (int j = 0; j < steps; ++j) {
+        const int use = j / STAGES;
+        if (use > 0) mbarrier_wait(ring.empty(j), (use - 1) & 1);
+        for (int b = 0; b < STEP_BLOCKS; ++b) {
+            const int i = STEP_BLOCKS * j + b;
+            const int key0 = i < in.n_sel ? key_block(i) * BLOCK_K : 0;
+            const int rows = i < in.n_sel ? min(BLOCK_K, in.kv_len - key0) : 0;
+            const size_t offset = kv_view.base + (size_t)key0 * kv_view.pitch;
+            load_block<STEP_KEYS, 16 / (3 - KEY_BYTES)>(
+                ring.keys(j), b * BLOCK_K, static_cast<const char*>(in.k) + offset * KEY_BYTES,
+                kv_view.pitch * KEY_BYTES, rows, thread);
+            load_block<STEP_KEYS, 16>(ring.values(j), b * BLOCK_K, in.v + offset,
+                                      kv_view.pitch * sizeof(bf16), rows, thread);
+        }
+        mbarrier_arrive_on_cp_async(ring.full(j));
+    }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
 template <bool SAGE>
 __device__ void flash_attention(const Operands& in) {
     extern __shared__ __align__(16) char smem[];
     __shared__ float scratch[CONSUMER_THREADS / 32];
     const uint32_t smem_address = (uint32_t)__cvta_generic_to_shared(smem);
-    const uint32_t full_bars = smem_address, empty_bars = full_bars + 8 * STAGES;
-    const uint32_t ring = (smem_address + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
-    auto k_tile = [&](int i) { return ring + (i % STAGES) * STAGE_BYTES; };
-    auto v_tile = [&](int i) { return k_tile(i) + 2 * KV_HALF_BYTES; };
+    const Ring ring{smem_address, smem_address + 8 * STAGES,
+                    (smem_address + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1)};
 
     const int qb = blockIdx.x, bh = blockIdx.y, n_sel = in.n_sel;
     const int warpgroup = threadIdx.x / WARPGROUP;
@@ -204,38 +242,18 @@ __device__ void flash_attention(const Operands& in) {
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
-            mbarrier_init(full_bars + 8 * s, WARPGROUP);
-            mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
+            mbarrier_init(ring.full(s), WARPGROUP);
+            mbarrier_init(ring.empty(s), CONSUMER_THREADS);
         }
         mbarrier_init_fence();
     }
     __syncthreads();
 
     if (warpgroup == 0) {
-        // Producer: the key blocks of step j into stage j % STAGES once both consumers have
-        // released the tiles that were there. It needs few registers; the
-        // consumers take them (the 384 threads share 168 each at launch).
+        // The producer needs few registers; the consumers take them (the 384 threads get 168
+        // each at launch).
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(PRODUCER_REGISTERS));
-        const int thread = threadIdx.x;
-        constexpr int KEY_BYTES = SAGE ? 1 : 2;
-        for (int j = 0; j < steps; ++j) {
-            const int use = j / STAGES;
-            if (use > 0) mbarrier_wait(empty_bars + 8 * (j % STAGES), (use - 1) & 1);
-            for (int b = 0; b < STEP_BLOCKS; ++b) {
-                const int i = STEP_BLOCKS * j + b;
-                // A missing second block (n_sel odd) leaves zero rows, which the consumers mask.
-                const int key0 = i < n_sel ? key_block(i) * BLOCK_K : 0;
-                const int rows = i < n_sel ? min(BLOCK_K, in.kv_len - key0) : 0;
-                const size_t offset = kv_view.base + (size_t)key0 * kv_view.pitch;
-                load_block<STEP_KEYS, 16 / (3 - KEY_BYTES)>(
-                    k_tile(j), b * BLOCK_K, static_cast<const char*>(in.k) + offset * KEY_BYTES,
-                    kv_view.pitch * KEY_BYTES, rows, thread);
-                load_block<STEP_KEYS, 16>(v_tile(j), b * BLOCK_K, in.v + offset,
-                                          kv_view.pitch * sizeof(bf16), rows, thread);
-            }
-            mbarrier_arrive_on_cp_async(full_bars + 8 * (j % STAGES));
-        }
-        asm volatile("cp.async.wait_all;\n" ::: "memory");
+        produce<SAGE>(in, ring, kv_view, steps, key_block);
         return;
     }
 
@@ -250,7 +268,7 @@ __device__ void flash_attention(const Operands& in) {
         q_scale = quantize_query_fragments(qf, in.q, view, row0, in.q_len, g, t, [&](float amax) {
             for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffff, amax, o));
             if (lane == 0) scratch[thread / 32] = amax;
-            named_barrier_sync<CONSUMER_THREADS>(CONSUMERS);
+            named_barrier_sync<CONSUMER_THREADS>(ALL_CONSUMERS);
             for (int w = 0; w < CONSUMER_THREADS / 32; ++w) amax = fmaxf(amax, scratch[w]);
             return amax;
         });
@@ -278,7 +296,7 @@ __device__ void flash_attention(const Operands& in) {
     // Waits for step j's tiles. They were written through the generic proxy (cp.async); wgmma
     // reads them through the async proxy.
     auto wait_tiles = [&](int j) {
-        mbarrier_wait(full_bars + 8 * (j % STAGES), (j / STAGES) & 1);
+        mbarrier_wait(ring.full(j), (j / STAGES) & 1);
         fence_proxy_async();
     };
     auto take_turn = [&] {
@@ -316,7 +334,7 @@ __device__ void flash_attention(const Operands& in) {
     if (consumer == 1) named_barrier_arrive<CONSUMER_THREADS>(TURN);  // consumer 0 goes first
     wait_tiles(0);
     take_turn();
-    issue_scores(raw, qf, k_tile(0));
+    issue_scores(raw, qf, ring.keys(0));
     wgmma_commit();
     end_turn(false);
     wgmma_wait<0>();
@@ -325,29 +343,29 @@ __device__ void flash_attention(const Operands& in) {
     for (int j = 1; j < steps; ++j) {
         wait_tiles(j);
         take_turn();
-        issue_scores(raw, qf, k_tile(j));
+        issue_scores(raw, qf, ring.keys(j));
         wgmma_commit();
-        issue_values(st, p, v_tile(j - 1));
+        issue_values(st, p, ring.values(j - 1));
         wgmma_commit();
         end_turn(false);
         wgmma_wait<1>();
         weights(j);
         values_done();
-        mbarrier_arrive(empty_bars + 8 * ((j - 1) % STAGES));
+        mbarrier_arrive(ring.empty(j - 1));
         rescale_rows(st, alpha);
         pack_weights(p, s.f);
     }
     take_turn();
-    issue_values(st, p, v_tile(steps - 1));
+    issue_values(st, p, ring.values(steps - 1));
     wgmma_commit();
     end_turn(true);
     values_done();
 
-    char* ring_memory = smem + (ring - smem_address);
+    char* ring_memory = smem + (ring.tiles - smem_address);
     const float* channel_scale = SAGE ? in.v_scale + (size_t)bh * HEAD_DIM : nullptr;
     finish_rows(st, in.q, in.out, view, row0, in.q_len, g, t, channel_scale, in.lin, bh,
                 ring_memory, thread, CONSUMER_THREADS,
-                [] { named_barrier_sync<CONSUMER_THREADS>(CONSUMERS); });
+                [] { named_barrier_sync<CONSUMER_THREADS>(ALL_CONSUMERS); });
 }
 
 }  // namespace
