@@ -214,10 +214,10 @@ __device__ void produce(const Operands& in, const Ring& ring, const HeadView& kv
             const int key0 = i < in.n_sel ? key_block(i) * BLOCK_K : 0;
             const int rows = i < in.n_sel ? min(BLOCK_K, in.kv_len - key0) : 0;
             const size_t offset = kv_view.base + (size_t)key0 * kv_view.pitch;
-            load_block<STEP_KEYS, 16 / (3 - KEY_BYTES)>(
+            load_block<STEP_KEYS, HEAD_DIM * KEY_BYTES / 16>(
                 ring.keys(j), b * BLOCK_K, static_cast<const char*>(in.k) + offset * KEY_BYTES,
                 kv_view.pitch * KEY_BYTES, rows, thread);
-            load_block<STEP_KEYS, 16>(ring.values(j), b * BLOCK_K, in.v + offset,
+            load_block<STEP_KEYS, HEAD_DIM * 2 / 16>(ring.values(j), b * BLOCK_K, in.v + offset,
                                       kv_view.pitch * sizeof(bf16), rows, thread);
         }
         mbarrier_arrive_on_cp_async(ring.full(j));

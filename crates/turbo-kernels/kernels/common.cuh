@@ -64,12 +64,16 @@ __device__ __forceinline__ void mma_bf16(float c[4], const uint32_t a[4], uint32
 }
 
 // Four 8×8 matrices of 16-bit elements (or 8 rows of 16 bytes) from shared memory; lane l
-// gives the address of row l mod 8 of matrix l / 8.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row_address) {
-    uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(row_address));
+// gives the address of row l mod 8 of matrix l / 8 (a shared-memory address, or a generic
+// pointer into shared memory).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], uint32_t row_address) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
+                 : "r"(row_address));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* row_address) {
+    ldmatrix_x4(r, static_cast<uint32_t>(__cvta_generic_to_shared(row_address)));
 }
 
 // Four transposed 8×8 bf16 matrices from shared memory: the B operands of two adjacent n-tiles.

@@ -1,6 +1,6 @@
 // Pieces shared by the W8A8 GEMMs (w8a8.cu: mma.sync, sm_80+; w8a8_sm90a.cu: wgmma): the
-// tile geometry, the swizzled shared-memory tiles filled by cp.async, the tile raster and the
-// output stores. Included, not compiled on its own.
+// tile geometry, the swizzled shared-memory tile layout, the tile raster, the exact int → float
+// conversion and the output stores. Included, not compiled on its own.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -10,9 +10,6 @@
 
 namespace w8a8 {
 
-using turbo::cp_async_16;
-using turbo::cp_async_commit;
-using turbo::cp_async_wait;
 
 typedef __nv_bfloat16 bf16;
 
@@ -52,23 +49,6 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled 128×128 tile.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
     return row * TILE + ((chunk ^ (row & 7)) << 4);
-}
-
-// Copies the 128×128 int8 tile at (row0, col0) of a row-major [rows, k] matrix into the
-// swizzled tile at `dst`; rows ≥ `rows` and columns ≥ k read as zero (k is a multiple of 16,
-// so a chunk is wholly inside or outside). Threads 0 .. LOADERS − 1 of the CTA, 1024 / LOADERS
-// chunks each; consecutive threads read consecutive 16-byte chunks of a row.
-template <int LOADERS>
-__device__ __forceinline__ void load_tile_async(uint32_t dst, const int8_t* src, int row0,
-                                                int rows, int col0, int k) {
-    const int loader = threadIdx.x % LOADERS, chunk = loader % 8, col = col0 + chunk * 16;
-#pragma unroll
-    for (int i = 0; i < TILE * 8 / LOADERS; ++i) {
-        const int row = loader / 8 + i * (LOADERS / 8);
-        const bool valid = row0 + row < rows && col < k;
-        const int8_t* from = valid ? src + (size_t)(row0 + row) * k + col : src;
-        cp_async_16(dst + swizzled(row, chunk), from, valid);
-    }
 }
 
 // (float)v for |v| < 2²², exactly, on the integer and FP32 pipes: adding v to the bits of

@@ -219,14 +219,19 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     .w()?;
     let dims = [args.m, args.n, args.k].map(|d| d as i32);
     let stream = dev.cuda_stream();
-    let (x_ptr, _x_read) = args.x_q.device_ptr(&stream);
-    let (w_ptr, _w_read) = args.weight.device_ptr(&stream);
-    let maps = match variant.operands {
-        Operands::TensorMaps => Some([
-            TensorMap::int8_tiles(x_ptr, args.m, args.k)?,
-            TensorMap::int8_tiles(w_ptr, args.n, args.k)?,
-        ]),
-        Operands::Pointers => None,
+    // The maps hold the operands' raw addresses: their read guards live until the launch is
+    // queued.
+    let (maps, _reads) = match variant.operands {
+        Operands::TensorMaps => {
+            let (x_ptr, x_read) = args.x_q.device_ptr(&stream);
+            let (w_ptr, w_read) = args.weight.device_ptr(&stream);
+            let maps = [
+                TensorMap::int8_tiles(x_ptr, args.m, args.k)?,
+                TensorMap::int8_tiles(w_ptr, args.n, args.k)?,
+            ];
+            (Some(maps), Some((x_read, w_read)))
+        }
+        Operands::Pointers => (None, None),
     };
     let mut launch = func.builder();
     match &maps {

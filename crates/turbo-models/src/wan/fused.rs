@@ -224,20 +224,9 @@ mod cuda {
         let x_view = cuda_view::<f32>(&xs, xl.start_offset(), "layer norm input")?;
         let mul_guard = mul.as_ref().map(|t| t.storage_and_layout());
         let add_guard = add.as_ref().map(|t| t.storage_and_layout());
-        let mul_view = match &mul_guard {
-            Some((s, l)) => Some(cuda_view::<f32>(s, l.start_offset(), "layer norm mul")?),
-            None => None,
-        };
-        let add_view = match &add_guard {
-            Some((s, l)) => Some(cuda_view::<f32>(s, l.start_offset(), "layer norm add")?),
-            None => None,
-        };
-        let kernel = match out_dtype {
-            DType::BF16 => "layer_norm_affine_bf16",
-            _ => "layer_norm_affine_f32",
-        };
-        let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::FUSED)?;
-        let (null, rows_arg, dim_arg, eps_arg) = (0u64, rows as i32, dim as i32, eps as f32);
+        let mul_view = optional_view::<f32, _>(&mul_guard, "layer norm mul")?;
+        let add_view = optional_view::<f32, _>(&add_guard, "layer norm add")?;
+        let (rows_arg, dim_arg, eps_arg) = (rows as i32, dim as i32, eps as f32);
         // A warp per row.
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(8) as u32, 1, 1),
@@ -245,32 +234,22 @@ mod cuda {
             shared_mem_bytes: 0,
         };
         macro_rules! launch {
-            ($out:expr) => {{
+            ($t:ty, $kernel:literal) => {{
+                let out = unsafe { dev.alloc::<$t>(x.elem_count()) }?;
+                let func = dev.get_or_load_custom_func($kernel, MODULE, turbo_kernels::FUSED)?;
                 let mut launch = func.builder();
+                let null = 0u64;
                 launch.arg(&x_view);
-                match &mul_view {
-                    Some(view) => launch.arg(view),
-                    None => launch.arg(&null),
-                };
-                match &add_view {
-                    Some(view) => launch.arg(view),
-                    None => launch.arg(&null),
-                };
-                launch.arg($out).arg(&rows_arg).arg(&dim_arg).arg(&eps_arg);
+                push_optional(&mut launch, &mul_view, &null);
+                push_optional(&mut launch, &add_view, &null);
+                launch.arg(&out).arg(&rows_arg).arg(&dim_arg).arg(&eps_arg);
                 unsafe { launch.launch(cfg) }.w()?;
+                tensor_from_cuda(out, dev, x.shape().clone())
             }};
         }
         Ok(match out_dtype {
-            DType::BF16 => {
-                let out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
-                launch!(&out);
-                tensor_from_cuda(out, dev, x.shape().clone())
-            }
-            _ => {
-                let out = unsafe { dev.alloc::<f32>(x.elem_count()) }?;
-                launch!(&out);
-                tensor_from_cuda(out, dev, x.shape().clone())
-            }
+            DType::BF16 => launch!(bf16, "layer_norm_affine_bf16"),
+            _ => launch!(f32, "layer_norm_affine_f32"),
         })
     }
 
