@@ -20,7 +20,7 @@ pub const GOLDEN_DIR_VAR: &str = "TURBO_GOLDEN_DIR";
 pub fn golden_dir() -> PathBuf {
     std::env::var_os(GOLDEN_DIR_VAR)
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/golden"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/golden"))
 }
 
 /// One golden file, read into memory.

@@ -1,5 +1,5 @@
 //! The CUDA path of the attention operators: the kernels of `turbo_kernels::ATTENTION`
-//! (`crates/turbo-kernels/kernels/attention.cu`) on bf16 tokens-first `[B, L, H, D]` tensors
+//! (`turbo-kernels/kernels/attention.cu`) on bf16 tokens-first `[B, L, H, D]` tensors
 //! with head dim 128; dense attention at any query and key lengths, SLA and SageSLA for
 //! self-attention with the default 128 / 64 blocks. Every other input takes the reference
 //! path, the CPU specification, which also runs on CUDA as candle ops (that is how f32 golden

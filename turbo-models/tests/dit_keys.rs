@@ -17,7 +17,7 @@ type KeyShapes = BTreeMap<String, Vec<usize>>;
 
 fn tsv(name: &str) -> KeyShapes {
     let path = format!(
-        "{}/../../fixtures/keys/{name}.tsv",
+        "{}/../fixtures/keys/{name}.tsv",
         env!("CARGO_MANIFEST_DIR")
     );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));

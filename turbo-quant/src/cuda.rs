@@ -1,4 +1,4 @@
-//! Launchers of the W8A8 kernels (`crates/turbo-kernels/kernels/w8a8.cu`, and
+//! Launchers of the W8A8 kernels (`turbo-kernels/kernels/w8a8.cu`, and
 //! `w8a8_sm90a.cu` for the wgmma GEMM) behind [`Int8Matmul`](crate::Int8Matmul)'s `cuda_fwd`.
 
 use candle_core::backend::BackendStorage;

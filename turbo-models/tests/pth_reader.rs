@@ -10,7 +10,7 @@ use turbo_models::pth::{PthArchive, StoredDType};
 use turbo_models::Checkpoint;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../../fixtures/pth/{name}"))
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("../fixtures/pth/{name}"))
 }
 
 fn read(archive: &PthArchive, name: &str) -> Tensor {

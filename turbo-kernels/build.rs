@@ -39,7 +39,7 @@ fn kernel_sources() -> Vec<PathBuf> {
     let dir = Path::new("kernels");
     println!("cargo::rerun-if-changed={}", dir.display());
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("crates/turbo-kernels/kernels exists")
+        .expect("turbo-kernels/kernels exists")
         .map(|entry| entry.expect("readable kernels directory").path())
         .collect();
     files.sort();

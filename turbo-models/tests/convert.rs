@@ -36,7 +36,7 @@ fn int8_pth_converts_to_the_same_model() {
     let case = DitCase::open("dit_t2v_sla");
     let pth = PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../fixtures/pth/dit_t2v_sla-quant.pth"
+        "/../fixtures/pth/dit_t2v_sla-quant.pth"
     ));
     let out = scratch("pth");
     let converted = convert::to_safetensors(&Checkpoint::open(&pth).unwrap(), &out, false).unwrap();

@@ -180,7 +180,7 @@ fn quant_safetensors_loads_as_is_whatever_the_setting() {
 fn quant_pth_fixture_loads_and_runs() {
     let case = DitCase::open("dit_t2v_sla");
     let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/pth/dit_t2v_sla-quant.pth");
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/pth/dit_t2v_sla-quant.pth");
     let checkpoint = Checkpoint::open(&path).unwrap();
     let scale = checkpoint.get("blocks.1.cross_attn.v.scale").unwrap();
     assert_eq!(
