@@ -35,7 +35,9 @@ use turbodiffusion::attention::{
     SageSlaAttention, SlaAttention, SlaConfig,
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
-use turbodiffusion::models::vae::{conv2d_biased, conv2d_biased_reference, VaeConfig, WanVae};
+use turbodiffusion::models::vae::{
+    conv2d_biased, conv2d_biased_reference, CausalConv3d, Conv3dSpec, VaeConfig, WanVae,
+};
 use turbodiffusion::models::wan::fused::{
     bias_gelu, bias_gelu_reference, gated_residual, gated_residual_reference, layer_norm_affine,
     layer_norm_affine_reference, rms_norm_rope, rms_norm_rope_reference, RopeTables,
@@ -414,6 +416,7 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
             );
         }
     }
+    checks.extend(causal_conv_checks(device, &mut rng)?);
     let cfg = VaeConfig {
         dim: 8,
         num_res_blocks: 1,
@@ -438,6 +441,61 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 name: format!("VAE decode (dim 8, random weights) {tag} device vs cpu f32"),
                 error: relative_error(&decoded, &cpu)?,
                 threshold,
+            },
+        );
+    }
+    Ok(checks)
+}
+
+/// The VAE's causal conv3d layers at their real widths (each time window read in place: the
+/// wgmma kernel on compute capability 9.0, mma.sync elsewhere), in bf16 on the device against
+/// the same layer in f32 on the CPU: a 3×3×3 layer with remembered frames at a size that
+/// leaves partial tiles, the decoder's first layer (16 latent channels, padded to a k step),
+/// the temporal upsampler's 3×1×1 layer and the downsampler's stride-2 one.
+fn causal_conv_checks(device: &Device, rng: &mut StdRng) -> Result<Vec<Check>> {
+    let time_conv = |in_channels, out_channels, time_padding, time_stride| Conv3dSpec {
+        in_channels,
+        out_channels,
+        kernel: (3, 1, 1),
+        padding: (time_padding, 0),
+        time_stride,
+    };
+    let mut checks = Vec::new();
+    for (spec, frames, history, height, width) in [
+        (Conv3dSpec::cube(96, 96, 3, 1), 4, 2, 30, 70),
+        (Conv3dSpec::cube(16, 384, 3, 1), 1, 0, 12, 20),
+        (time_conv(384, 768, 1, 1), 4, 2, 12, 20),
+        (time_conv(192, 192, 0, 2), 5, 0, 24, 40),
+    ] {
+        let (kt, k, _) = spec.kernel;
+        let random = |frames: usize, rng: &mut StdRng| -> Result<Tensor> {
+            Ok(gaussian((frames, spec.in_channels, height, width), 0.0, rng)?.unsqueeze(0)?)
+        };
+        let x = random(frames, rng)?;
+        let remembered = (history > 0).then(|| random(history, rng)).transpose()?;
+        let fan_in = (spec.in_channels * kt * k * k) as f64;
+        let weight = (gaussian((spec.out_channels, spec.in_channels, kt, k * k), 0.0, rng)?
+            .reshape((spec.out_channels, spec.in_channels, kt, k, k))?
+            / fan_in.sqrt())?;
+        let bias = gaussian((1, 1, 1, spec.out_channels), 0.0, rng)?.flatten_all()?;
+        let rounded =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?) };
+        let cpu = CausalConv3d::new(&rounded(&weight)?, &rounded(&bias)?, spec)?.forward(
+            &rounded(&x)?,
+            remembered.as_ref().map(rounded).transpose()?.as_ref(),
+        )?;
+        let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::BF16)?.to_device(device)?) };
+        let dev = CausalConv3d::new(&on(&weight)?, &on(&bias)?, spec)?
+            .forward(&on(&x)?, remembered.as_ref().map(on).transpose()?.as_ref())?;
+        push(
+            &mut checks,
+            Check {
+                name: format!(
+                    "kernel causal conv3d bf16 {}→{} k{kt}×{k}×{k} stride {} [{frames}+{history} frames, {height}×{width}] vs cpu",
+                    spec.in_channels, spec.out_channels, spec.time_stride
+                ),
+                error: relative_error(&dev, &cpu)?,
+                threshold: 1e-2,
             },
         );
     }
@@ -482,6 +540,9 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 .reshape((m, k))?;
             let cpu = int8_matmul(&x, weight.int8_weight(), weight.scale())?;
             let tag = format!("{dtype:?}").to_lowercase();
+            if k % 16 == 0 {
+                push(&mut checks, quantiser_check(&x, device, &tag)?);
+            }
             let at = if offset == 0 {
                 String::new()
             } else {
@@ -509,6 +570,39 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
         }
     }
     Ok(checks)
+}
+
+/// The device quantiser against the CPU's on the same `[m, k]` values: the fraction of int8
+/// values or tile scales that differ in any bit (upstream's rule is exact, so 0 passes).
+fn quantiser_check(x: &Tensor, device: &Device, tag: &str) -> Result<Check> {
+    let cpu = Int8Weight::quantize(x)?;
+    let dev = Int8Weight::quantize(&x.to_device(device)?)?;
+    let (cpu_values, dev_values) = (cpu.int8_values()?, dev.int8_values()?);
+    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+        Ok(t.to_device(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .into_iter()
+            .map(f32::to_bits)
+            .collect())
+    };
+    let (cpu_scales, dev_scales) = (bits(cpu.scale())?, bits(dev.scale())?);
+    let differing = cpu_values
+        .iter()
+        .zip(&dev_values)
+        .filter(|(a, b)| a != b)
+        .count()
+        + cpu_scales
+            .iter()
+            .zip(&dev_scales)
+            .filter(|(a, b)| a != b)
+            .count();
+    let (m, k) = x.dims2()?;
+    Ok(Check {
+        name: format!("kernel w8a8 quantiser {tag} [{m}, {k}] bit-exact vs cpu"),
+        error: differing as f64 / (cpu_values.len() + cpu_scales.len()) as f64,
+        threshold: 0.0,
+    })
 }
 
 fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Check>> {

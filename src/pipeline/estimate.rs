@@ -477,10 +477,12 @@ fn vae_coefficient() -> f64 {
     (MEASURED - (weights + output) as f64) / unit as f64
 }
 
-/// The image condition of I2V: the VAE's weights, the input video built from the image
-/// (`3·F·H·W·(4 + 4 + 2b)`: the zero frames and their concatenation in f32, the copy in the
-/// compute dtype and its time-major copy) and the encoder's chunk, taken as the decoder's
-/// `K_vae · U` (not measured separately).
+/// The image condition of I2V: the VAE's weights, `3·F·H·W·(4 + 4 + 2b)` bytes and the
+/// encoder's chunk, taken as the decoder's `K_vae · U` (not measured separately). The middle
+/// term was the input video built from the image; `WanVae::encode_image` no longer builds it,
+/// and it now stands for the output frames its steady-input shortcut keeps (one per steady
+/// convolution, ≈ 7.5 full-resolution base-width frames, `1 440·H·W` bytes in bf16, below the
+/// `2 916·H·W` of the term at 81 frames): kept so that the estimate stays an upper bound.
 fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
     let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
     let (height, width) = (geometry.size.height(), geometry.size.width());

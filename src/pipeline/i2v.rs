@@ -167,17 +167,10 @@ impl Pipeline {
             .image
             .resize(geometry.size, request.fit)?
             .to_tensor(&self.device)?;
-        let frames = geometry.frames.get();
-        let (channels, height, width) = image.dims3()?;
-        let rest = Tensor::zeros(
-            (channels, frames - 1, height, width),
-            DType::F32,
-            image.device(),
-        )?;
-        let video = Tensor::cat(&[&image.unsqueeze(1)?, &rest], 1)?.unsqueeze(0)?;
+        let image = image.unsqueeze(0)?.unsqueeze(2)?.to_dtype(self.dtype)?;
         let (latent, bytes) = {
             let (vae, bytes) = self.load_vae()?;
-            let latent = vae.encode(&video.to_dtype(self.dtype)?)?;
+            let latent = vae.encode_image(&image, geometry.frames)?;
             (latent.squeeze(0)?.to_dtype(DType::F32)?, bytes)
         };
         let (_, latent_frames, h, w) = latent.dims4()?;

@@ -1,6 +1,7 @@
 //! Helpers for the crates that launch their own CUDA kernels on candle tensors.
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView};
+use candle_core::cuda_backend::cudarc::driver::sys::{self, CUtensorMap};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
 use candle_core::op::BackpropOp;
 use candle_core::{Shape, Storage, Tensor};
@@ -30,4 +31,60 @@ pub fn tensor_from_cuda<T: CudaDType>(
 ) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, device.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// A TMA descriptor, passed to a kernel by value (a `const __grid_constant__ CUtensorMap`
+/// parameter): a tiled view of a row-major array in global memory whose boxes land in shared
+/// memory in the 128-byte swizzle, the layout `wgmma` reads K-major operands in. Boxes past
+/// the array's edges (negative coordinates too) read zeros.
+#[repr(transparent)]
+pub struct TensorMap(CUtensorMap);
+
+// SAFETY: a plain 128-byte value that the kernel reads as its parameter.
+unsafe impl DeviceRepr for TensorMap {}
+
+impl TensorMap {
+    /// The map of the array at `ptr` with `dims` elements per dimension (innermost first) and
+    /// `byte_strides` between consecutive indices of each dimension after the first (multiples
+    /// of 16), read in boxes of `box_dims` elements (the innermost spanning at most 128 bytes).
+    /// `ptr` must stay valid while a kernel launched with the map runs.
+    pub fn swizzled_128b(
+        ptr: sys::CUdeviceptr,
+        data_type: sys::CUtensorMapDataType,
+        dims: &[u64],
+        byte_strides: &[u64],
+        box_dims: &[u32],
+    ) -> Result<Self> {
+        let rank = dims.len();
+        if byte_strides.len() + 1 != rank || box_dims.len() != rank {
+            return Err(Error::Candle(candle_core::Error::Msg(format!(
+                "tensor map of rank {rank}: {} strides and {} box sizes",
+                byte_strides.len(),
+                box_dims.len()
+            ))));
+        }
+        let element_strides = vec![1u32; rank];
+        let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
+        // SAFETY: every pointer is to a live array of the length the rank implies (checked
+        // above); the driver writes the whole map or fails.
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                map.as_mut_ptr(),
+                data_type,
+                rank as u32,
+                ptr as *mut std::ffi::c_void,
+                dims.as_ptr(),
+                byte_strides.as_ptr(),
+                box_dims.as_ptr(),
+                element_strides.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+            .result()
+            .map_err(|e| Error::Candle(candle_core::Error::wrap(e)))?;
+            Ok(Self(map.assume_init()))
+        }
+    }
 }

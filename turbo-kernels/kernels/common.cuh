@@ -31,6 +31,12 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch, Op op, fl
     return scratch[0];
 }
 
+// The 32-bit shared-memory address of a generic pointer into shared memory, as PTX's
+// shared::cta instructions (cp.async, ldmatrix, mbarriers, TMA, wgmma descriptors) take it.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
 __device__ __forceinline__ float block_max(float x, float* scratch) {
     return block_reduce(x, scratch, [](float a, float b) { return fmaxf(a, b); },
                         -__int_as_float(0x7f800000));

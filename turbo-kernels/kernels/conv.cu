@@ -129,17 +129,17 @@ constexpr int TAPS_PER_THREAD = CONV_BK / TAP_ROWS;
 // tiles stream in through cp.async; the next step's input values are gathered into registers
 // while the tensor cores work on the current step.
 template <int KSIZE>
-__device__ void conv2d_implicit(const bf16* __restrict__ x, const bf16* __restrict__ weight,
-                                const float* __restrict__ bias, bf16* __restrict__ out,
-                                int channels, int height, int width, int pad, int out_w,
-                                int positions, int out_channels, int k_pad) {
+__device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stride,
+                                const bf16* __restrict__ weight, const float* __restrict__ bias,
+                                bf16* __restrict__ out, int channels, int height, int width,
+                                int pad, int out_w, int positions, int out_channels, int k_pad) {
     __shared__ __align__(16) bf16 a_tile[2][CONV_BM * A_PITCH];
     __shared__ __align__(16) bf16 b_tile[2][CONV_BK * B_PITCH];
     const int n = blockIdx.z, o0 = blockIdx.y * CONV_BM, p0 = blockIdx.x * CONV_BN;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
     const int taps = channels * KSIZE * KSIZE;
-    const bf16* image = x + (size_t)n * channels * height * width;
+    const bf16* image = x + (size_t)n * image_stride;
     const int run = (threadIdx.x % (CONV_BN / RUN)) * RUN, first_tap = threadIdx.x / (CONV_BN / RUN);
     const int run_start = p0 + run;
     const int run_y = run_start / out_w, run_x = run_start % out_w;
@@ -234,21 +234,43 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, const bf16* __restri
 
 }  // namespace
 
-// x [N, C, H, W] bf16; weight [O, k_pad] bf16 (taps then zeros up to k_pad, a multiple of
-// 32); bias [O] f32; out [N, O, out_h, out_w] with positions = out_h·out_w.
+// Image n of x is the C·H·W values from x + n·image_stride: C·H·W for an [N, C, H, W] tensor,
+// or a smaller stride for images that overlap (the time windows of a causal conv3d over a
+// time-major [T, C', H, W] video are the C = kt·C' channels from frame t on, so consecutive
+// windows are C'·H·W apart and need no copy). weight [O, k_pad] bf16 (taps then zeros up to
+// k_pad, a multiple of 32); bias [O] f32; out [N, O, out_h, out_w] with positions = out_h·out_w.
 // grid (⌈positions/128⌉, ⌈O/128⌉, N), 256 threads.
 extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-conv2d_implicit_k3_bf16(const bf16* x, const bf16* weight, const float* bias, bf16* out,
-                        int channels, int height, int width, int pad, int out_w, int positions,
-                        int out_channels, int k_pad) {
-    conv2d_implicit<3>(x, weight, bias, out, channels, height, width, pad, out_w, positions,
-                       out_channels, k_pad);
+conv2d_implicit_k3_bf16(const bf16* x, long long image_stride, const bf16* weight,
+                        const float* bias, bf16* out, int channels, int height, int width,
+                        int pad, int out_w, int positions, int out_channels, int k_pad) {
+    conv2d_implicit<3>(x, image_stride, weight, bias, out, channels, height, width, pad, out_w,
+                       positions, out_channels, k_pad);
 }
 
 extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-conv2d_implicit_k1_bf16(const bf16* x, const bf16* weight, const float* bias, bf16* out,
-                        int channels, int height, int width, int pad, int out_w, int positions,
-                        int out_channels, int k_pad) {
-    conv2d_implicit<1>(x, weight, bias, out, channels, height, width, pad, out_w, positions,
-                       out_channels, k_pad);
+conv2d_implicit_k1_bf16(const bf16* x, long long image_stride, const bf16* weight,
+                        const float* bias, bf16* out, int channels, int height, int width,
+                        int pad, int out_w, int positions, int out_channels, int k_pad) {
+    conv2d_implicit<1>(x, image_stride, weight, bias, out, channels, height, width, pad, out_w,
+                       positions, out_channels, k_pad);
+}
+
+// x [N, C, P] → y [N, P, C] (channels last, the layout conv_sm90a.cu's TMA boxes read), in
+// 32 × 32 tiles through shared memory so that both the reads and the writes are coalesced.
+// grid (⌈P/32⌉, ⌈C/32⌉, N), 32 × 8 threads.
+extern "C" __global__ void channels_last_bf16(const bf16* __restrict__ x, bf16* __restrict__ y,
+                                              int channels, int positions) {
+    __shared__ bf16 tile[32][33];
+    const size_t image = (size_t)blockIdx.z * channels * positions;
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    for (int r = threadIdx.y; r < 32; r += 8) {
+        const int c = c0 + r, p = p0 + threadIdx.x;
+        if (c < channels && p < positions) tile[r][threadIdx.x] = x[image + (size_t)c * positions + p];
+    }
+    __syncthreads();
+    for (int r = threadIdx.y; r < 32; r += 8) {
+        const int p = p0 + r, c = c0 + threadIdx.x;
+        if (p < positions && c < channels) y[image + (size_t)p * channels + c] = tile[threadIdx.x][r];
+    }
 }

@@ -52,9 +52,13 @@ __device__ __forceinline__ void load_chunk(const bf16* p, float v[CHUNK]) {
     }
 }
 
-__device__ __forceinline__ int8_t quantize_value(float v, float amax) {
-    // v·128 is exact, so the division is the only rounding before rint (as on the CPU).
-    return (int8_t)fminf(fmaxf(rintf(v * 128.f / amax), -128.f), 127.f);
+// TurboDiffusion's rule, bit for bit: the tile's reciprocal 128/amax is rounded to f32 once,
+// then each value is multiplied by it (a second rounding) and converted with round-half-even
+// and saturation. The explicit _rn intrinsics keep nvcc from contracting or reassociating.
+__device__ __forceinline__ float inverse_scale(float amax) { return __fdiv_rn(128.f, amax); }
+
+__device__ __forceinline__ int8_t quantize_value(float v, float inverse) {
+    return (int8_t)fminf(fmaxf(rintf(__fmul_rn(v, inverse)), -128.f), 127.f);
 }
 
 // grid (⌈K/128⌉, ⌈M/128⌉), 256 threads; scales [⌈M/128⌉, ⌈K/128⌉]. Any K; 16-byte loads and
@@ -95,6 +99,7 @@ __device__ void quantize_tiles(const T* __restrict__ x, int8_t* __restrict__ q,
 #pragma unroll
         for (int e = 0; e < CHUNK; ++e) amax = fmaxf(amax, fabsf(v[p][e]));
     amax = block_max(amax, scratch);
+    const float inverse = inverse_scale(amax);
 
 #pragma unroll
     for (int p = 0; p < PASSES; ++p) {
@@ -105,12 +110,12 @@ __device__ void quantize_tiles(const T* __restrict__ x, int8_t* __restrict__ q,
             uint32_t words[2] = {0, 0};
 #pragma unroll
             for (int e = 0; e < CHUNK; ++e)
-                words[e / 4] |= (uint32_t)(uint8_t)quantize_value(v[p][e], amax) << (8 * (e % 4));
+                words[e / 4] |= (uint32_t)(uint8_t)quantize_value(v[p][e], inverse) << (8 * (e % 4));
             *reinterpret_cast<uint2*>(dst) = make_uint2(words[0], words[1]);
         } else {
 #pragma unroll
             for (int e = 0; e < CHUNK; ++e)
-                if (col + e < k) dst[e] = quantize_value(v[p][e], amax);
+                if (col + e < k) dst[e] = quantize_value(v[p][e], inverse);
         }
     }
     if (threadIdx.x == 0) scales[(size_t)blockIdx.y * gridDim.x + blockIdx.x] = amax / 128.f;

@@ -42,9 +42,7 @@ __device__ __forceinline__ TileCoord grouped_tile(int m, int n) {
 // c ^ (r mod 8). Eight consecutive rows at one logical chunk then hit distinct banks (an
 // ldmatrix phase, a warp's cp.asyncs), and at a 1024-byte-aligned tile this is exactly the
 // layout that wgmma's 128-byte swizzle mode reads.
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
+using turbo::shared_address;
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled 128×128 tile.
 __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {

@@ -36,3 +36,9 @@ pub const FUSED: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 /// `kernels/conv.cu`.
 #[cfg(feature = "cuda")]
 pub const CONV: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
+
+/// The VAE's stride-1 convolutions on Hopper's `wgmma` instructions, fed by TMA from a
+/// channels-last input (written by [`CONV`]'s `channels_last_bf16`); sm_90a PTX, which loads
+/// only on compute capability 9.0 devices: `kernels/conv_sm90a.cu`.
+#[cfg(feature = "cuda")]
+pub const CONV_SM90A: &str = include_str!(concat!(env!("OUT_DIR"), "/conv_sm90a.ptx"));

@@ -3,15 +3,15 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::sys::{
-    self, CUdevice_attribute, CUfunction_attribute, CUtensorMap,
+    self, CUdevice_attribute, CUfunction_attribute,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
 use half::bf16;
-use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+use turbo_core::cuda::{cuda_view, tensor_from_cuda, TensorMap};
 
 use crate::op::GemmKernel;
 use crate::tile::{tile_grid, TILE};
@@ -226,8 +226,8 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             let (x_ptr, x_read) = args.x_q.device_ptr(&stream);
             let (w_ptr, w_read) = args.weight.device_ptr(&stream);
             let maps = [
-                TensorMap::int8_tiles(x_ptr, args.m, args.k)?,
-                TensorMap::int8_tiles(w_ptr, args.n, args.k)?,
+                int8_tiles(x_ptr, args.m, args.k)?,
+                int8_tiles(w_ptr, args.n, args.k)?,
             ];
             (Some(maps), Some((x_read, w_read)))
         }
@@ -258,46 +258,18 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     Ok(y)
 }
 
-/// A TMA descriptor, passed to a kernel by value (a `const __grid_constant__ CUtensorMap`
-/// parameter).
-#[repr(transparent)]
-struct TensorMap(CUtensorMap);
-
-// SAFETY: a plain 128-byte value that the kernel reads as its parameter.
-unsafe impl DeviceRepr for TensorMap {}
-
-impl TensorMap {
-    /// The map of the row-major int8 `[rows, cols]` matrix at `ptr` (16-byte aligned, `cols` a
-    /// multiple of 16) in 128×128-byte boxes with the 128-byte swizzle: one TMA copy is one
-    /// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
-    fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<Self> {
-        let dims = [cols as u64, rows as u64];
-        let row_stride = [cols as u64];
-        let tile = [TILE as u32, TILE as u32];
-        let element_strides = [1u32, 1];
-        let mut map = std::mem::MaybeUninit::<CUtensorMap>::uninit();
-        // SAFETY: every pointer is to a live array of the length the rank (2) implies; the
-        // driver writes the whole map or fails.
-        unsafe {
-            sys::cuTensorMapEncodeTiled(
-                map.as_mut_ptr(),
-                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
-                2,
-                ptr as *mut std::ffi::c_void,
-                dims.as_ptr(),
-                row_stride.as_ptr(),
-                tile.as_ptr(),
-                element_strides.as_ptr(),
-                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
-                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
-            )
-            .result()
-            .w()?;
-            Ok(Self(map.assume_init()))
-        }
-    }
+/// The TMA map of the row-major int8 `[rows, cols]` matrix at `ptr` (16-byte aligned, `cols` a
+/// multiple of 16) in 128×128-byte boxes with the 128-byte swizzle: one TMA copy is one
+/// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
+fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<TensorMap> {
+    TensorMap::swizzled_128b(
+        ptr,
+        sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+        &[cols as u64, rows as u64],
+        &[cols as u64],
+        &[TILE as u32, TILE as u32],
+    )
+    .map_err(candle_core::Error::wrap)
 }
 
 /// `y + bias[column]` for contiguous-able `y` `[.., N]` and `bias` `[N]`, f32 or bf16.

@@ -4,7 +4,8 @@
 //! # The scheme
 //! Weights and activations are both quantised symmetrically with one f32 scale per 128×128 tile:
 //! `amax = max(1e-8, max|v|)` over the tile, `scale = amax / 128` and
-//! `q = clamp(round_half_even(v · 128 / amax), −128, 127)`. The product accumulates each
+//! `q = clamp(round_half_even(v · (128 / amax)), −128, 127)`, the reciprocal rounded to f32 first
+//! as upstream computes it. The product accumulates each
 //! 128-wide k tile exactly in i32 and adds it, times `scale_x · scale_w` of that tile pair, to an
 //! f32 accumulator: `Y[m, n] = Σ_kb X_s[m/128, kb] · W_s[n/128, kb] · Σ_{k∈kb} X_q[m,k]·W_q[n,k]`.
 //! Shapes need not be multiples of 128: edge tiles are partial.

@@ -1,7 +1,8 @@
 //! Symmetric int8 quantisation with one f32 scale per 128×128 tile, exactly as TurboDiffusion's
 //! `quant_cuda` kernel does it (`spec/turbodiffusion.md` §12.2–12.3): for each tile,
 //! `amax = max(1e-8, max|v|)`, `scale = amax / 128` and
-//! `q = clamp(round_half_even(v · 128 / amax), −128, 127)`. The divisor is 128 while the clamp
+//! `q = clamp(round_half_even(v · (128 / amax)), −128, 127)` with `128 / amax` rounded to f32 first
+//! (two roundings, as upstream). The divisor is 128 while the clamp
 //! is at 127, so the element equal to `amax` saturates to 127.
 
 use turbo_core::{Error, Result};
@@ -112,9 +113,10 @@ pub fn quantize_tiles(values: &[f32], rows: usize, cols: usize) -> Result<TileQu
         .zip(quantized.chunks_mut(TILE * cols.max(1)))
     {
         let amax = column_tile_amax(block, cols);
+        let inverse: Vec<f32> = amax.iter().map(|&a| inverse_scale(a)).collect();
         for (row, out_row) in block.chunks(cols).zip(out_block.chunks_mut(cols)) {
             for (c, (&v, q)) in row.iter().zip(out_row.iter_mut()).enumerate() {
-                *q = quantize_value(v, amax[c / TILE]);
+                *q = quantize_value(v, inverse[c / TILE]);
             }
         }
         scales.extend(amax.iter().map(|&a| a / QUANT_DIVISOR));
@@ -138,15 +140,19 @@ fn column_tile_amax(block: &[f32], cols: usize) -> Vec<f32> {
     amax
 }
 
-/// `clamp(round_half_even(v · 128 / amax), −128, 127)`: the `cvt.rni.sat.s8.f32` conversion.
-///
-/// `v · 128` is exact, so the only rounding before the integer one is the division's (a
-/// multiplication by a precomputed `128 / amax` would round twice).
-fn quantize_value(v: f32, amax: f32) -> i8 {
+/// `clamp(round_half_even(v · (128 / amax)), −128, 127)`: the `cvt.rni.sat.s8.f32` conversion
+/// of TurboDiffusion's quantiser, which computes the reciprocal `128 / amax` once per tile and
+/// multiplies by it. That rounds twice (the reciprocal, then the product), so a value close to
+/// a rounding boundary can land on the other side of it than `v · 128 / amax` would: the two
+/// roundings are what upstream does, and bit-exact parity needs them.
+fn quantize_value(v: f32, inverse_scale: f32) -> i8 {
     // NaN becomes 0 (as the saturating PTX conversion does); the clamp makes the cast exact.
-    (v * QUANT_DIVISOR / amax)
-        .round_ties_even()
-        .clamp(-128.0, 127.0) as i8
+    (v * inverse_scale).round_ties_even().clamp(-128.0, 127.0) as i8
+}
+
+/// `128 / amax`, rounded to f32 once per tile as upstream does.
+fn inverse_scale(amax: f32) -> f32 {
+    QUANT_DIVISOR / amax
 }
 
 fn check_len(what: &str, len: usize, shape: &[usize]) -> Result<()> {
@@ -172,6 +178,15 @@ mod tests {
         let q = quantize_tiles(&[4.0, 0.015625, 0.046875, -0.078125], 1, 4).unwrap();
         assert_eq!(q.values, vec![127, 0, 2, -2]);
         assert_eq!(q.scales, vec![4.0 / 128.0]);
+    }
+
+    #[test]
+    fn the_reciprocal_is_rounded_before_the_product() {
+        // amax 3: 128/3 rounds up to 42.666668, and 0x3e63ffff · 42.666668 rounds to 9.5 → 10,
+        // where the once-rounded 0x3e63ffff · 128 / 3 = 9.4999995 → 9. Upstream gives 10.
+        let v = f32::from_bits(0x3e63_ffff);
+        let q = quantize_tiles(&[3.0, v, -v], 1, 3).unwrap();
+        assert_eq!(q.values, vec![127, 10, -10]);
     }
 
     #[test]

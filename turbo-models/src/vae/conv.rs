@@ -96,6 +96,16 @@ impl CausalConv3d {
         })
     }
 
+    /// Frames of history (or front zeros) each chunk reads before its first frame.
+    pub(crate) fn time_padding(&self) -> usize {
+        self.time_padding
+    }
+
+    /// The stride in time (1 but in the temporal downsamplers).
+    pub(crate) fn time_stride(&self) -> usize {
+        self.time_stride
+    }
+
     /// Convolves `x` `[B, T, C, H, W]`, with `history` (`[B, n, C, H, W]`, the last frames of
     /// the previous chunk) standing in for the last `n` of the front zero frames.
     pub fn forward(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
@@ -109,6 +119,17 @@ impl CausalConv3d {
             });
         }
         let out_frames = (frames - self.time_kernel) / self.time_stride + 1;
+        #[cfg(feature = "cuda")]
+        if let Some(out) = cuda::conv_time_windows(
+            &padded,
+            &self.weight,
+            &self.bias,
+            self.spatial_padding,
+            self.time_stride,
+        )? {
+            let (_, out_channels, out_height, out_width) = out.dims4()?;
+            return Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?);
+        }
         let windows = if self.time_kernel == 1 && self.time_stride == 1 {
             padded.reshape((batch * frames, channels, height, width))?
         } else {
@@ -179,11 +200,12 @@ pub fn conv2d_biased_reference(
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Tensor};
     use half::bf16;
-    use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+    use turbo_core::cuda::{cuda_view, tensor_from_cuda, TensorMap};
     use turbo_core::{Error, Result};
 
     /// Elements of one column buffer: 2^27 (256 MiB in bf16, 512 MiB in f32).
@@ -198,33 +220,29 @@ mod cuda {
         let x = x.contiguous()?;
         let (batch, channels, height, width) = x.dims4()?;
         let (out_channels, weight_channels, ksize, _) = weight.dims4()?;
-        if weight_channels != channels
-            || height + 2 * padding < ksize
-            || width + 2 * padding < ksize
-        {
+        if weight_channels != channels {
             return Err(Error::Shape {
                 what: format!("conv2d weight {:?} for the input", weight.dims()),
-                expected: format!("[O, {channels}, k, k] with k ≤ the padded size"),
+                expected: format!("[O, {channels}, k, k]"),
                 got: x.dims().to_vec(),
             });
         }
-        let (out_h, out_w) = (
-            height + 2 * padding - ksize + 1,
-            width + 2 * padding - ksize + 1,
-        );
-        let positions = out_h * out_w;
+        let shape = ConvShape::new(channels, height, width, padding, ksize, out_channels)?;
+        let (positions, out_w) = (shape.positions, shape.out_w);
+        let out_h = positions / out_w;
         let taps = channels * ksize * ksize;
+        if x.dtype() == DType::BF16 && wgmma_applies(&x, ksize, channels, out_channels)? {
+            let windows = Windows::images(batch);
+            let out = wgmma_conv(&x, &windows, weight, bias, padding)?;
+            return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
+        }
         if x.dtype() == DType::BF16 && matches!(ksize, 1 | 3) {
-            let shape = ConvShape {
-                channels,
-                height,
-                width,
-                padding,
-                out_w,
-                positions,
-                out_channels,
+            let images = Images {
+                first: 0,
+                count: batch,
+                stride: channels * height * width,
             };
-            let out = implicit_gemm(&x, weight, bias, ksize, &shape)?;
+            let out = implicit_gemm(&x, images, weight, bias, ksize, &shape)?;
             return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
         }
         // The bias is the GEMM's column after the taps, against the column buffer's row of
@@ -262,6 +280,281 @@ mod cuda {
         Ok(out.reshape((batch, out_channels, out_h, out_w))?)
     }
 
+    /// The causal conv3d of a time-major `padded` `[B, F, C, H, W]` (history and front zeros
+    /// in place) with its `[O, kt·C, k, k]` weight, as the implicit-GEMM kernel reading each
+    /// time window where it lies: window `t` is the `kt·C` channels from frame `t·time_stride`
+    /// on, so the windows overlap and are never copied out. `[B·T_out, O, H', W']`, or `None`
+    /// where the kernel does not apply (not bf16, not a 1×1 or 3×3 kernel).
+    pub(super) fn conv_time_windows(
+        padded: &Tensor,
+        weight: &Tensor,
+        bias: &Tensor,
+        padding: usize,
+        time_stride: usize,
+    ) -> Result<Option<Tensor>> {
+        let (out_channels, window_channels, ksize, _) = weight.dims4()?;
+        if !padded.device().is_cuda() || padded.dtype() != DType::BF16 || !matches!(ksize, 1 | 3) {
+            return Ok(None);
+        }
+        let padded = padded.contiguous()?;
+        let (batch, frames, channels, height, width) = padded.dims5()?;
+        let frame = channels * height * width;
+        let window_frames = window_channels / channels.max(1);
+        if window_channels % channels.max(1) != 0 || window_frames > frames || time_stride == 0 {
+            return Err(Error::Shape {
+                what: format!("conv3d weight {:?} for the input", weight.dims()),
+                expected: format!("[O, kt·{channels}, k, k] with kt ≤ {frames} frames"),
+                got: padded.dims().to_vec(),
+            });
+        }
+        let windows = (frames - window_frames) / time_stride + 1;
+        if wgmma_applies(&padded, ksize, channels, out_channels)? {
+            let frames_of_all = padded.reshape((batch * frames, channels, height, width))?;
+            let plan = Windows {
+                images: batch,
+                frames_per_image: frames,
+                per_image: windows,
+                time_stride,
+                window_frames,
+            };
+            return Ok(Some(wgmma_conv(
+                &frames_of_all,
+                &plan,
+                weight,
+                bias,
+                padding,
+            )?));
+        }
+        let shape = ConvShape::new(window_channels, height, width, padding, ksize, out_channels)?;
+        let outputs = (0..batch)
+            .map(|b| {
+                let images = Images {
+                    first: b * frames * frame,
+                    count: windows,
+                    stride: time_stride * frame,
+                };
+                implicit_gemm(&padded, images, weight, bias, ksize, &shape)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out = Tensor::cat(&outputs, 0)?;
+        let (out_h, out_w) = (shape.positions / shape.out_w, shape.out_w);
+        Ok(Some(out.reshape((
+            batch * windows,
+            out_channels,
+            out_h,
+            out_w,
+        ))?))
+    }
+
+    /// Output channels per CTA of `conv_wgmma_bf16`: the kernel needs a multiple.
+    const WGMMA_TILE_O: usize = 96;
+    /// Input channels per k step of `conv_wgmma_bf16`: the weight's are padded to a multiple.
+    const WGMMA_STEP_C: usize = 64;
+    /// Output positions per CTA of `conv_wgmma_bf16`: 2 rows of 64 columns.
+    const WGMMA_BOX: (usize, usize) = (64, 2);
+    /// Dynamic shared memory of `conv_wgmma_bf16` (`CONV_SMEM_BYTES` in conv_sm90a.cu).
+    const WGMMA_SMEM_BYTES: u32 = 169 * 1024 + 128;
+
+    /// Whether `conv_wgmma_bf16` runs this convolution: on a compute capability 9.0 device,
+    /// a 1×1 or 3×3 kernel, input channels a multiple of 8 (channels-last rows of whole
+    /// 16-byte units, as TMA needs) and output channels a multiple of 96.
+    fn wgmma_applies(
+        x: &Tensor,
+        ksize: usize,
+        channels: usize,
+        out_channels: usize,
+    ) -> Result<bool> {
+        let shape_fits = matches!(ksize, 1 | 3)
+            && channels % 8 == 0
+            && out_channels > 0
+            && out_channels % WGMMA_TILE_O == 0;
+        if !shape_fits {
+            return Ok(false);
+        }
+        let dev = x.device().as_cuda_device()?;
+        Ok(dev.cuda_stream().context().compute_capability().w()? == (9, 0))
+    }
+
+    /// The convolution windows of a `conv_wgmma_bf16` launch over `[images·frames_per_image,
+    /// C, H, W]` frames: window `t` of image `i` is `window_frames` frames from frame
+    /// `i·frames_per_image + t·time_stride` on, their channels one after the other.
+    struct Windows {
+        images: usize,
+        frames_per_image: usize,
+        per_image: usize,
+        time_stride: usize,
+        window_frames: usize,
+    }
+
+    impl Windows {
+        /// A plain 2-D convolution of `count` images: one single-frame window each.
+        fn images(count: usize) -> Self {
+            Self {
+                images: 1,
+                frames_per_image: count,
+                per_image: count,
+                time_stride: 1,
+                window_frames: 1,
+            }
+        }
+    }
+
+    /// The convolution of each window of `frames` `[F, C, H, W]` (bf16) with `weight`
+    /// `[O, window_frames·C, k, k]` and `bias`, on `conv_wgmma_bf16`: `[windows, O, H', W']`.
+    fn wgmma_conv(
+        frames: &Tensor,
+        windows: &Windows,
+        weight: &Tensor,
+        bias: &Tensor,
+        padding: usize,
+    ) -> Result<Tensor> {
+        let (_, channels, height, width) = frames.dims4()?;
+        let (out_channels, _, ksize, _) = weight.dims4()?;
+        let shape = ConvShape::new(channels, height, width, padding, ksize, out_channels)?;
+        let (out_w, out_h) = (shape.out_w, shape.positions / shape.out_w);
+        let channels_last = channels_last(frames)?;
+        let taps = tap_major_weight(weight, windows.window_frames, channels)?;
+        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+        let dev = frames.device().as_cuda_device()?;
+        let count = windows.images * windows.per_image;
+        let out = unsafe { dev.alloc::<bf16>(count * out_channels * shape.positions) }?;
+        let stream = dev.cuda_stream();
+        let (xs, xl) = channels_last.storage_and_layout();
+        let (ws, wl) = taps.storage_and_layout();
+        let (bs, bl) = bias.storage_and_layout();
+        let x_view = cuda_view::<bf16>(&xs, xl.start_offset(), "conv input (channels last)")?;
+        let w_view = cuda_view::<bf16>(&ws, wl.start_offset(), "conv weight (tap major)")?;
+        let b_view = cuda_view::<f32>(&bs, bl.start_offset(), "conv bias")?;
+        // The maps hold raw addresses: the read guards live until the launch is queued.
+        let (x_ptr, _x_read) = x_view.device_ptr(&stream);
+        let (w_ptr, _w_read) = w_view.device_ptr(&stream);
+        let bf16_map = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+        let row = (channels * 2) as u64;
+        let x_map = TensorMap::swizzled_128b(
+            x_ptr,
+            bf16_map,
+            &[channels, width, height, channels_last.dim(0)?].map(|d| d as u64),
+            &[row, row * width as u64, row * (width * height) as u64],
+            &[WGMMA_STEP_C, WGMMA_BOX.0, WGMMA_BOX.1, 1].map(|d| d as u32),
+        )?;
+        let k_total = taps.dim(1)?;
+        let w_map = TensorMap::swizzled_128b(
+            w_ptr,
+            bf16_map,
+            &[k_total as u64, out_channels as u64],
+            &[(k_total * 2) as u64],
+            &[WGMMA_STEP_C as u32, WGMMA_TILE_O as u32],
+        )?;
+        let func = dev.get_or_load_custom_func(
+            "conv_wgmma_bf16",
+            "turbo_conv_sm90a",
+            turbo_kernels::CONV_SM90A,
+        )?;
+        // Above 48 KiB of dynamic shared memory a kernel must opt in.
+        func.set_attribute(
+            CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            WGMMA_SMEM_BYTES as i32,
+        )
+        .w()?;
+        let tiles_x = out_w.div_ceil(WGMMA_BOX.0);
+        let args = [
+            windows.frames_per_image,
+            windows.per_image,
+            windows.time_stride,
+            windows.window_frames,
+            ksize,
+            padding,
+            channels.div_ceil(WGMMA_STEP_C),
+            out_h,
+            out_w,
+            out_channels,
+            tiles_x,
+        ]
+        .map(|v| v as i32);
+        let mut launch = func.builder();
+        launch.arg(&x_map).arg(&w_map).arg(&b_view).arg(&out);
+        for arg in &args {
+            launch.arg(arg);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (tiles_x * out_h.div_ceil(WGMMA_BOX.1)) as u32,
+                (out_channels / WGMMA_TILE_O) as u32,
+                count as u32,
+            ),
+            block_dim: (384, 1, 1),
+            shared_mem_bytes: WGMMA_SMEM_BYTES,
+        };
+        unsafe { launch.launch(cfg) }.w()?;
+        Ok(tensor_from_cuda(
+            out,
+            dev,
+            (count, out_channels, out_h, out_w),
+        ))
+    }
+
+    /// `[O, window_frames·C, k, k]` → `[O, window_frames·k·k·C_pad]` bf16: for each tap (frame
+    /// of the window, ky, kx) its channels, zero-padded to a multiple of 64, in the order of
+    /// `conv_wgmma_bf16`'s k steps.
+    fn tap_major_weight(weight: &Tensor, window_frames: usize, channels: usize) -> Result<Tensor> {
+        let (out_channels, _, ksize, _) = weight.dims4()?;
+        let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
+        let taps = weight
+            .reshape((out_channels, window_frames, channels, ksize, ksize))?
+            .permute((0, 1, 3, 4, 2))?
+            .pad_with_zeros(4, 0, padded_channels - channels)?
+            .reshape((
+                out_channels,
+                window_frames * ksize * ksize * padded_channels,
+            ))?;
+        Ok(taps.to_dtype(DType::BF16)?.contiguous()?)
+    }
+
+    /// `[N, C, H, W]` bf16 → `[N, H, W, C]` (contiguous), with `channels_last_bf16`.
+    fn channels_last(x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let (count, channels, height, width) = x.dims4()?;
+        let positions = height * width;
+        let dev = x.device().as_cuda_device()?;
+        let out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let view = cuda_view::<bf16>(&storage, layout.start_offset(), "conv input")?;
+            let func = dev.get_or_load_custom_func(
+                "channels_last_bf16",
+                "turbo_conv",
+                turbo_kernels::CONV,
+            )?;
+            let (channels_arg, positions_arg) = (channels as i32, positions as i32);
+            let mut launch = func.builder();
+            launch
+                .arg(&view)
+                .arg(&out)
+                .arg(&channels_arg)
+                .arg(&positions_arg);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    positions.div_ceil(32) as u32,
+                    channels.div_ceil(32) as u32,
+                    count as u32,
+                ),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            unsafe { launch.launch(cfg) }.w()?;
+        }
+        Ok(tensor_from_cuda(out, dev, (count, height, width, channels)))
+    }
+
+    /// The images an implicit-GEMM launch convolves: `count` images of `ConvShape::channels`
+    /// channels, the first at element `first` of the input and each `stride` elements after
+    /// the one before (less than an image's size when they overlap).
+    struct Images {
+        first: usize,
+        count: usize,
+        stride: usize,
+    }
+
     /// What the implicit-GEMM kernel needs to know of a convolution.
     struct ConvShape {
         channels: usize,
@@ -276,15 +569,47 @@ mod cuda {
     /// Taps per step of the implicit-GEMM kernel: its weight rows are padded to a multiple.
     const IMPLICIT_STEP: usize = 32;
 
-    /// The bf16 convolution as one implicit-GEMM kernel (no column buffer): `[N, O, positions]`.
+    impl ConvShape {
+        /// A stride-1 `ksize`×`ksize` convolution with `padding` on every side.
+        fn new(
+            channels: usize,
+            height: usize,
+            width: usize,
+            padding: usize,
+            ksize: usize,
+            out_channels: usize,
+        ) -> Result<Self> {
+            if height + 2 * padding < ksize || width + 2 * padding < ksize {
+                return Err(Error::Shape {
+                    what: format!("a {ksize}×{ksize} convolution with padding {padding}"),
+                    expected: format!("frames of at least {ksize} pixels once padded"),
+                    got: vec![height, width],
+                });
+            }
+            let out_w = width + 2 * padding - ksize + 1;
+            Ok(Self {
+                channels,
+                height,
+                width,
+                padding,
+                out_w,
+                positions: (height + 2 * padding - ksize + 1) * out_w,
+                out_channels,
+            })
+        }
+    }
+
+    /// The bf16 convolution of `images` of `x` as one implicit-GEMM kernel (no column buffer):
+    /// `[images.count, O, positions]`.
     fn implicit_gemm(
         x: &Tensor,
+        images: Images,
         weight: &Tensor,
         bias: &Tensor,
         ksize: usize,
         shape: &ConvShape,
     ) -> Result<Tensor> {
-        let batch = x.dim(0)?;
+        let batch = images.count;
         let taps = shape.channels * ksize * ksize;
         let k_pad = taps.next_multiple_of(IMPLICIT_STEP);
         let gemm_weight = Tensor::cat(
@@ -307,7 +632,7 @@ mod cuda {
             let (xs, xl) = x.storage_and_layout();
             let (ws, wl) = gemm_weight.storage_and_layout();
             let (bs, bl) = bias.storage_and_layout();
-            let x_view = cuda_view::<bf16>(&xs, xl.start_offset(), "conv2d input")?;
+            let x_view = cuda_view::<bf16>(&xs, xl.start_offset() + images.first, "conv2d input")?;
             let w_view = cuda_view::<bf16>(&ws, wl.start_offset(), "conv2d weight")?;
             let b_view = cuda_view::<f32>(&bs, bl.start_offset(), "conv2d bias")?;
             let kernel = match ksize {
@@ -316,7 +641,13 @@ mod cuda {
             };
             let func = dev.get_or_load_custom_func(kernel, "turbo_conv", turbo_kernels::CONV)?;
             let mut launch = func.builder();
-            launch.arg(&x_view).arg(&w_view).arg(&b_view).arg(&out);
+            let image_stride = images.stride as i64;
+            launch
+                .arg(&x_view)
+                .arg(&image_stride)
+                .arg(&w_view)
+                .arg(&b_view)
+                .arg(&out);
             let args = [
                 shape.channels,
                 shape.height,

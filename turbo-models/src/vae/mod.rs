@@ -220,18 +220,59 @@ impl WanVae {
     pub fn encode(&self, video: &Tensor) -> Result<Tensor> {
         let (_, _, frames, _, _) = self.check_video(video)?;
         let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        let mut cache = FeatureCache::default();
-        let chunk = VAE_STRIDE.0;
-        let mut features = Vec::with_capacity(1 + (frames - 1) / chunk);
-        features.push(
-            self.encoder
-                .forward_chunk(&x.narrow(1, 0, 1)?, &mut cache)?,
-        );
-        for start in (1..frames).step_by(chunk) {
-            let frames = x.narrow(1, start, chunk)?;
-            features.push(self.encoder.forward_chunk(&frames, &mut cache)?);
+        let chunks = (1..frames)
+            .step_by(VAE_STRIDE.0)
+            .map(|start| x.narrow(1, start, VAE_STRIDE.0));
+        let features = self.encode_chunks(&x.narrow(1, 0, 1)?, chunks, FeatureCache::default())?;
+        self.normalised_mean(&features.0)
+    }
+
+    /// Encodes `image` `[B, 3, 1, H, W]` in [-1, 1] followed by `frames − 1` zero frames, the
+    /// conditioning video of image-to-video (upstream encodes `cat[image, zeros]`): the same
+    /// latent as [`WanVae::encode`] of that video, bit for bit, for less work. The zero frames
+    /// are never materialised, and once every frame a convolution reads is the same zero-frame
+    /// feature, its output frame is repeated rather than recomputed.
+    pub fn encode_image(&self, image: &Tensor, frames: FrameCount) -> Result<Tensor> {
+        Ok(self.encode_image_counting(image, frames)?.0)
+    }
+
+    /// [`WanVae::encode_image`] and the number of convolution output frames it repeated.
+    fn encode_image_counting(&self, image: &Tensor, frames: FrameCount) -> Result<(Tensor, usize)> {
+        let (batch, channels, _, height, width) = self.check_video(image)?;
+        if image.dim(2)? != 1 {
+            return Err(Error::Shape {
+                what: "VAE input image".into(),
+                expected: "[B, 3, 1, H, W]".into(),
+                got: image.dims().to_vec(),
+            });
         }
-        self.normalised_mean(&Tensor::cat(&features, 1)?)
+        let x = to_time_major(&image.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let zeros = Tensor::zeros(
+            (batch, VAE_STRIDE.0, channels, height, width),
+            self.dtype,
+            &self.device,
+        )?;
+        let chunks = (1..frames.get())
+            .step_by(VAE_STRIDE.0)
+            .map(|_| Ok(zeros.clone()));
+        let cache = FeatureCache::reusing_steady_frames();
+        let (features, reused) = self.encode_chunks(&x, chunks, cache)?;
+        Ok((self.normalised_mean(&features)?, reused))
+    }
+
+    /// Streams `first` (one frame) and then each chunk of `rest` through the encoder:
+    /// `[B, T, 2z, h, w]` features and the output frames `cache` reused.
+    fn encode_chunks(
+        &self,
+        first: &Tensor,
+        rest: impl Iterator<Item = candle_core::Result<Tensor>>,
+        mut cache: FeatureCache,
+    ) -> Result<(Tensor, usize)> {
+        let mut features = vec![self.encoder.forward_chunk(first, &mut cache)?];
+        for chunk in rest {
+            features.push(self.encoder.forward_chunk(&chunk?, &mut cache)?);
+        }
+        Ok((Tensor::cat(&features, 1)?, cache.reused_frames()))
     }
 
     /// The reference twin of [`WanVae::encode`]: the whole video in one pass through the
@@ -384,4 +425,78 @@ fn to_time_major(x: &Tensor) -> Result<Tensor> {
 /// `[B, T, C, H, W]` → `[B, C, T, H, W]`.
 fn to_channel_major(x: &Tensor) -> Result<Tensor> {
     Ok(x.permute((0, 2, 1, 3, 4))?.contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, StandardNormal};
+
+    use super::*;
+
+    /// The released structure at a small width, with seeded random weights.
+    fn small_vae() -> WanVae {
+        let cfg = VaeConfig {
+            dim: 8,
+            ..VaeConfig::wan21()
+        };
+        let mut rng = StdRng::seed_from_u64(7);
+        let weights = WanVae::expected_keys(&cfg)
+            .into_iter()
+            .map(|(name, shape)| {
+                let count = shape.iter().product::<usize>();
+                let values: Vec<f32> = (0..count)
+                    .map(|_| {
+                        let value: f32 = StandardNormal.sample(&mut rng);
+                        0.2 * value
+                    })
+                    .collect();
+                (name, Tensor::from_vec(values, shape, &Device::Cpu).unwrap())
+            })
+            .collect();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        WanVae::load(vb, &cfg).unwrap()
+    }
+
+    /// The image shortcut is the full encode of `cat[image, zeros]` bit for bit, and it does
+    /// skip work: at 41 frames the first levels' convolutions reach their steady input.
+    #[test]
+    fn image_encode_equals_the_encode_of_image_and_zero_frames() {
+        let vae = small_vae();
+        let frames = FrameCount::new(41).unwrap();
+        let image = Tensor::randn(0f32, 0.5, (1, 3, 1, 16, 24), &Device::Cpu)
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap();
+        let zeros = Tensor::zeros((1, 3, frames.get() - 1, 16, 24), DType::F32, &Device::Cpu);
+        let video = Tensor::cat(&[&image, &zeros.unwrap()], 2).unwrap();
+        let full = vae.encode(&video).unwrap();
+        let (shortcut, reused) = vae.encode_image_counting(&image, frames).unwrap();
+        assert!(reused > 0, "no convolution output was reused");
+        let differing = full
+            .ne(&shortcut)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(full.dims(), shortcut.dims());
+        assert_eq!(differing, 0.0, "latent values differ from the full encode");
+    }
+
+    #[test]
+    fn image_encode_takes_one_frame() {
+        let vae = small_vae();
+        let video = Tensor::zeros((1, 3, 5, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        let frames = FrameCount::new(9).unwrap();
+        assert!(matches!(
+            vae.encode_image(&video, frames),
+            Err(Error::Shape { .. })
+        ));
+    }
 }

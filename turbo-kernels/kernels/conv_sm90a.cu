@@ -1,0 +1,200 @@
+// The Wan VAE's stride-1 convolutions on Hopper tensor cores (sm_90a only): an implicit GEMM
+// on `wgmma` fed by TMA, with the causal conv3d's time windows and the spatial padding both
+// read in place. conv.cu's mma.sync kernel and turbo-models' CPU code are the specification.
+//
+// The GEMM is D[positions × O] = A[positions × K] · B[O × K]ᵀ with K = (frame of the window,
+// ky, kx, channel): A is the input in channels-last layout ([frames, H, W, C], written by
+// conv.cu's `channels_last_bf16`), B the weight reordered to [O, kt, k, k, C_pad] (channels
+// zero-padded to a multiple of 64). One k step is one tap (frame i, ky, kx) and 64 channels:
+// the A tile is a TMA box of 64 channels × 64 columns × 2 rows × 1 frame at the tap's shifted
+// coordinates, so the spatial padding (negative or past-the-edge coordinates) reads as TMA's
+// zero fill and no im2col matrix exists; the B tile is a 64-channel × 96-output box. Both land
+// in the 128-byte swizzle: K-major 8-row atoms of 128-byte rows, as wgmma reads them.
+//
+// One CTA per 128 positions (2 rows × 64 columns of the output) × 96 output channels of one
+// window, three warpgroups: warpgroup 0's first thread is the producer, streaming k steps into a
+// STAGES-deep ring (a `full` mbarrier per stage completes when both boxes have landed, an
+// `empty` one when both consumers have read it); warpgroups 1 and 2 each multiply 64 of the
+// positions against the 96 channels, keeping one step's wgmmas in flight while the next is
+// issued, and add the bias in the epilogue, which writes NCHW.
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "common.cuh"
+#include "sm90.cuh"
+
+namespace {
+
+using namespace sm90;
+using turbo::shared_address;
+typedef __nv_bfloat16 bf16;
+
+constexpr int BOX_W = 64;                    // output columns per tile
+constexpr int BOX_H = 2;                     // output rows per tile
+constexpr int TILE_M = BOX_W * BOX_H;        // positions per CTA
+constexpr int TILE_N = 96;                   // output channels per CTA
+constexpr int STEP_C = 64;                   // input channels per k step (128 bytes)
+constexpr int A_BYTES = TILE_M * STEP_C * 2;
+constexpr int B_BYTES = TILE_N * STEP_C * 2;
+constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+constexpr int STAGES = 6;
+constexpr int SMEM_ALIGN = 1024;             // the swizzle atom
+constexpr int BARRIER_BYTES = 128;
+constexpr int CONV_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
+static_assert(STAGE_BYTES % SMEM_ALIGN == 0, "stages stay on swizzle-atom boundaries");
+static_assert(CONV_SMEM_BYTES == 169 * 1024 + 128, "turbo-models' conv.rs launches with this");
+static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
+constexpr int THREADS = 3 * 128;
+constexpr int CONSUMER_THREADS = 2 * 128;
+constexpr int K16_BYTES = 32;                // one k16 slice of a 128-byte row
+
+// D[64×96] += A[64×16]·B[96×16]ᵀ, bf16 in, f32 accumulate; A (positions × channels) and B (output
+// channels × channels) K-major in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_m64n96k16(float d[48], uint64_t a, uint64_t b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %50, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47}, %48, %49, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
+        : "l"(a), "l"(b), "r"(1));
+}
+
+// Where a CTA works: its window's first input frame, its output tile, its k steps.
+struct ConvTile {
+    int base_frame;  // first frame of the window in the [frames, H, W, C] input
+    int window;      // index of the window among all of the launch (its output image)
+    int x0, y0, o0;  // first output column, row and channel
+};
+
+struct ConvDims {
+    int frames_per_image, windows_per_image, time_stride, window_frames, ksize, pad;
+    int channel_steps;  // C_pad / 64
+    int out_h, out_w, out_channels, tiles_x;
+};
+
+__device__ __forceinline__ ConvTile conv_tile(const ConvDims& d) {
+    const int image = blockIdx.z / d.windows_per_image, t = blockIdx.z % d.windows_per_image;
+    return {image * d.frames_per_image + t * d.time_stride, (int)blockIdx.z,
+            (int)(blockIdx.x % d.tiles_x) * BOX_W, (int)(blockIdx.x / d.tiles_x) * BOX_H,
+            (int)blockIdx.y * TILE_N};
+}
+
+// The producer: k step s into stage s % STAGES once both consumers are done with the step that
+// was there (its `empty` phase), then both boxes, counted on the stage's `full` barrier.
+__device__ void produce(const CUtensorMap& x_map, const CUtensorMap& w_map, const ConvDims& d,
+                        const ConvTile& tile, uint32_t smem_base, uint32_t full_bars,
+                        uint32_t empty_bars, int steps) {
+    const int taps = d.ksize * d.ksize;
+    for (int s = 0; s < steps; ++s) {
+        const int stage = s % STAGES, use = s / STAGES;
+        const int channel_step = s % d.channel_steps, tap = s / d.channel_steps;
+        const int frame = tap / taps, ky = (tap % taps) / d.ksize, kx = tap % d.ksize;
+        if (use > 0) mbarrier_wait(empty_bars + 8 * stage, (use - 1) & 1);
+        const uint32_t dst = smem_base + stage * STAGE_BYTES, bar = full_bars + 8 * stage;
+        mbarrier_arrive_expect_tx(bar, STAGE_BYTES);
+        tma_load_4d(dst, &x_map, channel_step * STEP_C, tile.x0 + kx - d.pad,
+                    tile.y0 + ky - d.pad, tile.base_frame + frame, bar);
+        tma_load_2d(dst + A_BYTES, &w_map, (tap * d.channel_steps + channel_step) * STEP_C,
+                    tile.o0, bar);
+    }
+}
+
+// One consumer's 64 positions × 96 channels: step s's wgmmas are issued before step s − 1's
+// are waited for, so the tensor cores always have the next step queued.
+__device__ void consume(float acc[48], int consumer, uint32_t smem_base, uint32_t full_bars,
+                        uint32_t empty_bars, int steps) {
+    for (int s = 0; s < steps; ++s) {
+        const int stage = s % STAGES;
+        const uint32_t a = smem_base + stage * STAGE_BYTES + consumer * (A_BYTES / 2);
+        const uint32_t b = smem_base + stage * STAGE_BYTES + A_BYTES;
+        mbarrier_wait(full_bars + 8 * stage, (s / STAGES) & 1);
+        fence_registers<48>(acc);
+        wgmma_fence();
+#pragma unroll
+        for (int k = 0; k < STEP_C / 16; ++k)
+            wgmma_m64n96k16(acc, smem_descriptor(a + k * K16_BYTES),
+                            smem_descriptor(b + k * K16_BYTES));
+        wgmma_commit();
+        wgmma_wait<1>();
+        fence_registers<48>(acc);
+        if (s > 0) mbarrier_arrive(empty_bars + 8 * ((s - 1) % STAGES));
+    }
+    wgmma_wait<0>();
+    fence_registers<48>(acc);
+}
+
+// Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w..16w+15; for n8
+// block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8. Row r
+// of the tile is output position (y0 + r / 64, x0 + r % 64).
+__device__ void store(const float acc[48], int consumer, const ConvDims& d, const ConvTile& tile,
+                      const float* __restrict__ bias, bf16* __restrict__ out) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int positions = d.out_h * d.out_w;
+    const int first_row = consumer * 64 + ((threadIdx.x % 128) / 32) * 16 + g;
+    bf16* image = out + (size_t)tile.window * d.out_channels * positions;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = first_row + 8 * half;
+        const int y = tile.y0 + row / BOX_W, x = tile.x0 + row % BOX_W;
+        if (y >= d.out_h || x >= d.out_w) continue;
+        bf16* at = image + y * d.out_w + x;
+#pragma unroll
+        for (int j = 0; j < TILE_N / 8; ++j) {
+            const int o = tile.o0 + 8 * j + 2 * t;
+            at[(size_t)o * positions] = __float2bfloat16(acc[4 * j + 2 * half] + bias[o]);
+            at[(size_t)(o + 1) * positions] =
+                __float2bfloat16(acc[4 * j + 2 * half + 1] + bias[o + 1]);
+        }
+    }
+}
+
+}  // namespace
+
+// x_map: 4-D tensor map of the channels-last input [frames, H, W, C] (bf16, C a multiple of 8),
+// box 64 × 64 × 2 × 1, 128-byte swizzle; w_map: 2-D map of the weight [O, kt·k·k·C_pad] (bf16),
+// box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both); bias [O] f32; out
+// [windows, O, out_h, out_w] bf16. Window t of image i reads frames i·frames_per_image +
+// t·time_stride + (0 .. window_frames). O a multiple of 96.
+// grid (tiles_x · ⌈out_h/2⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
+                const __grid_constant__ CUtensorMap w_map, const float* bias, bf16* out,
+                int frames_per_image, int windows_per_image, int time_stride, int window_frames,
+                int ksize, int pad, int channel_steps, int out_h, int out_w, int out_channels,
+                int tiles_x) {
+    extern __shared__ __align__(16) uint8_t smem[];
+    const ConvDims d{frames_per_image, windows_per_image, time_stride, window_frames, ksize, pad,
+                     channel_steps, out_h, out_w, out_channels, tiles_x};
+    const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
+    const uint32_t smem_base =
+        (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
+    const ConvTile tile = conv_tile(d);
+    const int steps = window_frames * ksize * ksize * channel_steps;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            mbarrier_init(full_bars + 8 * s, 1);
+            mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
+        }
+        mbarrier_init_fence();
+    }
+    __syncthreads();
+
+    const int warpgroup = threadIdx.x / 128;
+    if (warpgroup == 0) {
+        if (threadIdx.x == 0)
+            produce(x_map, w_map, d, tile, smem_base, full_bars, empty_bars, steps);
+        return;
+    }
+    float acc[48];
+#pragma unroll
+    for (int i = 0; i < 48; ++i) acc[i] = 0.f;
+    consume(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
+    store(acc, warpgroup - 1, d, tile, bias, out);
+}
