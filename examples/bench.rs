@@ -29,7 +29,7 @@ use turbodiffusion::attention::{
     SageSlaAttention, SlaAttention, SlaConfig,
 };
 use turbodiffusion::core::{
-    memory_usage, reset_peak_memory, DeviceSpec, MemoryUsage, Stage, StageReport,
+    memory_usage, reset_peak_memory, DeviceSpec, FrameCount, MemoryUsage, Stage, StageReport,
 };
 use turbodiffusion::models::wan::{
     expected_tensors, PatchLayout, QuantPolicy, WanConfig, WanModel,
@@ -484,28 +484,67 @@ fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The Wan VAE in bf16: the streaming decode of 81 frames at 480p and 720p, and the I2V image
+/// encode (an image and 80 zero frames) at 720p, through `encode_image` and, for comparison,
+/// through `encode` of the whole video.
 fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
     let device = &bench.device;
     let cfg = VaeConfig::wan21();
     let vb =
         RandomCheckpoint::new(seed, WanVae::expected_keys(&cfg)).var_builder(DType::BF16, device);
     let vae = WanVae::load(vb, &cfg)?;
-    let latent = Tensor::randn(0f32, 1.0, (1, 16, 21, 60, 104), device)?.to_dtype(DType::BF16)?;
-    let decode = || -> Result<()> {
-        vae.decode_streaming(&latent, |_| Ok(()))?;
+    let mut push = |what: &str, shape: String, ms: f64, peak| {
+        rows.push(Row {
+            section: "vae",
+            what: what.into(),
+            shape,
+            ms,
+            note: String::new(),
+            peak,
+            estimate: None,
+        })
+    };
+    for (name, (height, width)) in [("480p", (480, 832)), ("720p", (720, 1280))] {
+        let (h, w) = (height / 8, width / 8);
+        let latent = Tensor::randn(0f32, 1.0, (1, 16, 21, h, w), device)?.to_dtype(DType::BF16)?;
+        let decode = || -> Result<()> {
+            vae.decode_streaming(&latent, |_| Ok(()))?;
+            Ok(())
+        };
+        let shape = format!("{name}, 81 frames (latent [1, 16, 21, {h}, {w}])");
+        push(
+            "Wan VAE decode (streaming, bf16)",
+            shape,
+            bench.median_ms(decode)?,
+            bench.peak_of(decode)?,
+        );
+    }
+    let frames = FrameCount::new(81)?;
+    let image = Tensor::rand(-1f32, 1.0, (1, 3, 1, 720, 1280), device)?.to_dtype(DType::BF16)?;
+    let encode_image = || -> Result<()> {
+        vae.encode_image(&image, frames)?;
         Ok(())
     };
-    let ms = bench.median_ms(decode)?;
-    let peak = bench.peak_of(decode)?;
-    rows.push(Row {
-        section: "vae",
-        what: "Wan VAE decode (streaming, bf16)".into(),
-        shape: "480p, 81 frames (latent [1, 16, 21, 60, 104])".into(),
+    let shape = "720p, image + 80 zero frames".to_owned();
+    let (ms, peak) = (bench.median_ms(encode_image)?, bench.peak_of(encode_image)?);
+    push(
+        "Wan VAE I2V image encode (encode_image, bf16)",
+        shape.clone(),
         ms,
-        note: String::new(),
         peak,
-        estimate: None,
-    });
+    );
+    let video = image.pad_with_zeros(2, 0, frames.get() - 1)?;
+    let encode_video = || -> Result<()> {
+        vae.encode(&video)?;
+        Ok(())
+    };
+    let (ms, peak) = (bench.median_ms(encode_video)?, bench.peak_of(encode_video)?);
+    push(
+        "Wan VAE encode of the same video (encode, bf16)",
+        shape,
+        ms,
+        peak,
+    );
     Ok(())
 }
 

@@ -38,6 +38,11 @@ for step in "$@"; do
     bench-dit-14b) bench dit 500 dit_14b --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 ;;
     bench-t2v-14b) bench t2v 600 t2v_14b --t2v-model 14b --t2v-size 1280x720 --skip-cold-run ;;
     bench-i2v) bench i2v 600 i2v --i2v-size 1280x720 --skip-cold-run ;;
+    # The upstream reference (PyTorch, Wan2.1's VAE) in the same run: copy the Wan2.1
+    # wan/modules folder to .upstream/wan21/modules and make .upstream/vae_anchor.py from the
+    # VAE part of ../shared/bench/upstream_anchors.py (its README); torch_probes.py from there.
+    anchors-vae) UPSTREAM="$PWD/.upstream" OUT="$OUT" timeout 300 python3 .upstream/vae_anchor.py 2>&1 | tee "$OUT/anchors_vae.txt" ;;
+    torch-probes) OUT="$OUT" timeout 200 python3 .upstream/torch_probes.py 2>&1 | tee "$OUT/torch_probes.txt" ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac

@@ -197,9 +197,13 @@ fn reads_one_repeated_frame(
 /// Whether every frame of `frames` `[B, n, C, H, W]` is bitwise `frame` `[B, 1, C, H, W]` (NaN
 /// never equals itself, so a NaN frame is never taken as repeated).
 fn all_frames_equal(frames: &Tensor, frame: &Tensor) -> Result<bool> {
+    let (batch, count, channels, height, width) = frames.dims5()?;
+    // Two reductions: candle reduces each output element with one thread block, so a single
+    // reduction over the whole chunk would run on one block.
     let differing = frames
         .broadcast_ne(frame)?
-        .flatten_all()?
+        .reshape((batch * count * channels * height, width))?
+        .max(1)?
         .max(0)?
         .to_scalar::<u8>()?;
     Ok(differing == 0)
