@@ -73,8 +73,7 @@ impl LoraCase {
 fn expected_output(entry: &str) -> String {
     entry
         .split(|c: char| c.is_whitespace() || "():,;".contains(c))
-        .filter(|word| word.starts_with("out."))
-        .last()
+        .rfind(|word| word.starts_with("out."))
         .unwrap_or_else(|| panic!("no output named in `{entry}`"))
         .to_owned()
 }
@@ -217,7 +216,7 @@ fn w8a8_merge_before_quantising_and_low_rank_branch_track_the_float_result() {
         let lora = case.adapter(file).at(case.strength);
         let mut merged_then_quantized = case.base.model(DType::F32);
         merged_then_quantized
-            .apply_loras(&[lora.clone()], LoraMode::Merge)
+            .apply_loras(std::slice::from_ref(&lora), LoraMode::Merge)
             .unwrap();
         merged_then_quantized.quantize_block_linears().unwrap();
         let mut branch = case.quantized_model();

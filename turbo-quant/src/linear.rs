@@ -293,6 +293,14 @@ impl Linear {
         }
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        match &self.weight {
+            Weight::Float(weight) => weight.device(),
+            Weight::Int8(weight) => weight.values.device(),
+        }
+    }
+
     /// Whether the layer computes in W8A8 int8.
     pub fn is_int8(&self) -> bool {
         matches!(self.weight, Weight::Int8(_))

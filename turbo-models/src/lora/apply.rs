@@ -53,10 +53,7 @@ impl Slot<'_> {
 
     fn device(&self) -> Device {
         match self {
-            Self::Block(linear) => linear
-                .bias()
-                .or(linear.float_weight())
-                .map_or(Device::Cpu, |t| t.device().clone()),
+            Self::Block(linear) => linear.device().clone(),
             Self::Plain(linear) => linear.weight().device().clone(),
             Self::Tensor(tensor) => tensor.device().clone(),
             Self::Affine { weight, .. } => weight.device().clone(),
