@@ -148,4 +148,28 @@ mod tests {
         );
         assert!(parse_lora_arg("a.safetensors:inf").is_err());
     }
+
+    #[test]
+    fn each_expert_gets_the_shared_adapters_and_its_own() {
+        let adapter = |name: &str| {
+            LoraAdapter::from_tensors(name, std::iter::empty(), false)
+                .unwrap()
+                .at(1.0)
+        };
+        let loras = DitLoras {
+            all: vec![adapter("all")],
+            high_noise: vec![adapter("high")],
+            low_noise: vec![adapter("low")],
+        };
+        let names = |expert| {
+            loras
+                .for_expert(expert)
+                .iter()
+                .map(|l| l.adapter.path().display().to_string())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(None), ["all"]);
+        assert_eq!(names(Some(Expert::HighNoise)), ["all", "high"]);
+        assert_eq!(names(Some(Expert::LowNoise)), ["all", "low"]);
+    }
 }

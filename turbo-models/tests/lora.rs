@@ -383,3 +383,42 @@ fn a_weight_difference_on_an_int8_linear_is_a_typed_error() {
         .unwrap_err();
     assert_eq!(lora_error_keys(error).len(), 1);
 }
+
+/// kohya / musubi-tuner names (`lora_unet_blocks_0_self_attn_q.lora_down.weight`, the Wan keys
+/// with `_` for `.`): the ComfyUI file renamed so reproduces the same output.
+#[test]
+fn kohya_names_match_upstream_in_f32() {
+    let case = LoraCase::open();
+    let (file, tensors) = adapter_tensors(&case);
+    let output = &case.files.iter().find(|(f, _)| *f == file).unwrap().1;
+    let kohya: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(name, t)| (kohya_name(&name), t))
+        .collect();
+    let adapter = LoraAdapter::from_tensors(&file, kohya, false).unwrap();
+    assert_eq!(adapter.layout(), LoraLayout::Kohya);
+    let mut model = case.base.model(DType::F32);
+    model
+        .set_loras(&[adapter.at(case.strength)], LoraMode::Merge)
+        .unwrap();
+    let err = case.error_against(&model, output);
+    println!("{file} renamed to kohya names: f32 relative error {err:.3e}");
+    assert!(err <= 1e-4, "relative error {err:e}");
+}
+
+/// `diffusion_model.blocks.0.self_attn.q.lora_down.weight` →
+/// `lora_unet_blocks_0_self_attn_q.lora_down.weight` (the part after the module kept).
+fn kohya_name(comfy: &str) -> String {
+    let name = comfy.trim_start_matches("diffusion_model.");
+    let (module, part) = [
+        ".lora_down.weight",
+        ".lora_up.weight",
+        ".alpha",
+        ".bias.diff_b",
+        ".diff_b",
+    ]
+    .iter()
+    .find_map(|suffix| name.strip_suffix(suffix).map(|m| (m, *suffix)))
+    .unwrap_or_else(|| panic!("unexpected name `{comfy}`"));
+    format!("lora_unet_{}{part}", module.replace('.', "_"))
+}

@@ -4,7 +4,9 @@
 //!   and full differences `<key>.diff` (weights) / `<key>.diff_b` (biases);
 //! - PEFT: `diffusion_model.<key>.lora_A.weight` / `.lora_B.weight` (alpha folded into A);
 //! - diffusers: `transformer.blocks.N.attn1.to_q.lora_A.weight` …, the diffusers module names
-//!   of the Wan transformer.
+//!   of the Wan transformer;
+//! - kohya / musubi-tuner: `lora_unet_blocks_0_self_attn_q.lora_down.weight`, `.alpha`: the Wan
+//!   keys with `_` for `.`.
 
 /// Which part of an adapter a tensor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +43,43 @@ const PREFIXES: [&str; 4] = [
 ];
 
 pub(crate) const DIFFUSERS_PREFIX: &str = "transformer.";
+
+/// The prefix of kohya / musubi-tuner names, whose module keys have `_` for `.`.
+pub(crate) const KOHYA_PREFIX: &str = "lora_unet_";
+
+/// The Wan modules inside `blocks.N.` an adapter can target, by checkpoint key.
+const WAN_BLOCK_MODULES: [&str; 19] = [
+    "self_attn.q",
+    "self_attn.k",
+    "self_attn.v",
+    "self_attn.o",
+    "self_attn.norm_q",
+    "self_attn.norm_k",
+    "cross_attn.q",
+    "cross_attn.k",
+    "cross_attn.v",
+    "cross_attn.o",
+    "cross_attn.norm_q",
+    "cross_attn.norm_k",
+    "cross_attn.k_img",
+    "cross_attn.v_img",
+    "cross_attn.norm_k_img",
+    "ffn.0",
+    "ffn.2",
+    "norm3",
+    "modulation",
+];
+
+/// The Wan modules outside the blocks an adapter can target.
+const WAN_TOP_MODULES: [&str; 7] = [
+    "text_embedding.0",
+    "text_embedding.2",
+    "time_embedding.0",
+    "time_embedding.2",
+    "time_projection.1",
+    "head.head",
+    "head.modulation",
+];
 
 /// diffusers module names inside `blocks.N.` and their Wan names.
 const DIFFUSERS_BLOCK_NAMES: [(&str, &str); 19] = [
@@ -96,8 +135,18 @@ pub(crate) struct ParsedKey {
     /// a plain tensor's key (`blocks.0.modulation`).
     pub(crate) module: String,
     pub(crate) part: Part,
-    /// Whether the name was a diffusers one.
-    pub(crate) diffusers: bool,
+    pub(crate) style: NameStyle,
+}
+
+/// How a file names the modules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NameStyle {
+    /// The Wan checkpoint keys (ComfyUI, PEFT).
+    Wan,
+    /// The diffusers module names.
+    Diffusers,
+    /// The Wan keys with `_` for `.` (kohya, musubi-tuner).
+    Kohya,
 }
 
 /// Parses one tensor name; `None` when no layout knows it.
@@ -114,16 +163,20 @@ pub(crate) fn parse_key(name: &str) -> Option<ParsedKey> {
         Part::Diff => stem.strip_suffix(".weight").unwrap_or(stem),
         _ => stem,
     };
-    let diffusers = prefix == Some(DIFFUSERS_PREFIX);
-    let module = if diffusers {
-        diffusers_to_wan(stem)?
-    } else {
-        stem.to_owned()
+    let layout = match prefix {
+        Some(DIFFUSERS_PREFIX) => NameStyle::Diffusers,
+        _ if stem.starts_with(KOHYA_PREFIX) => NameStyle::Kohya,
+        _ => NameStyle::Wan,
+    };
+    let module = match layout {
+        NameStyle::Diffusers => diffusers_to_wan(stem)?,
+        NameStyle::Kohya => kohya_to_wan(&stem[KOHYA_PREFIX.len()..])?,
+        NameStyle::Wan => stem.to_owned(),
     };
     Some(ParsedKey {
         module,
         part,
-        diffusers,
+        style: layout,
     })
 }
 
@@ -138,6 +191,26 @@ pub(crate) fn diffusers_to_wan(module: &str) -> Option<String> {
         ));
     }
     lookup(&DIFFUSERS_TOP_NAMES, module).map(str::to_owned)
+}
+
+/// The Wan key of a kohya module name (`blocks_3_cross_attn_o` → `blocks.3.cross_attn.o`).
+pub(crate) fn kohya_to_wan(module: &str) -> Option<String> {
+    if let Some(rest) = module.strip_prefix("blocks_") {
+        let (index, name) = rest.split_once('_')?;
+        index.parse::<usize>().ok()?;
+        return Some(format!(
+            "blocks.{index}.{}",
+            with_underscores(&WAN_BLOCK_MODULES, name)?
+        ));
+    }
+    with_underscores(&WAN_TOP_MODULES, module).map(str::to_owned)
+}
+
+/// The key of `keys` that reads `name` with `_` for `.`.
+fn with_underscores(keys: &[&'static str], name: &str) -> Option<&'static str> {
+    keys.iter()
+        .copied()
+        .find(|key| key.replace('.', "_") == name)
 }
 
 /// The Wan name of `name` in `table`.
@@ -195,6 +268,14 @@ mod tests {
             parsed("diffusion_model.blocks.1.norm3.bias.diff_b"),
             ("blocks.1.norm3".to_owned(), Part::DiffBias)
         );
+        assert_eq!(
+            parsed("lora_unet_blocks_12_cross_attn_norm_k_img.alpha"),
+            ("blocks.12.cross_attn.norm_k_img".to_owned(), Part::Alpha)
+        );
+        assert_eq!(
+            parsed("lora_unet_time_projection_1.lora_up.weight"),
+            ("time_projection.1".to_owned(), Part::Up)
+        );
         for (diffusers, wan) in [
             ("blocks.2.attn2.to_out.0", "blocks.2.cross_attn.o"),
             ("blocks.2.ffn.net.0.proj", "blocks.2.ffn.0"),
@@ -213,6 +294,7 @@ mod tests {
             "lora_unet_blocks_0_self_attn_q.hada_w1_a",
             "transformer.blocks.0.attn1.to_qq.lora_A.weight",
             "transformer.blocks.x.attn1.to_q.lora_A.weight",
+            "lora_unet_blocks_0_self_attn_qq.lora_down.weight",
         ] {
             assert_eq!(parse_key(name), None, "{name}");
         }

@@ -1,5 +1,5 @@
-//! LoRA adapters for the Wan DiT, as users download them: read from the ComfyUI / Kijai, PEFT
-//! and diffusers layouts into one [`LoraAdapter`] (Wan key → down, up, α, full differences),
+//! LoRA adapters for the Wan DiT, as users download them: read from the ComfyUI / Kijai, PEFT,
+//! diffusers and kohya / musubi-tuner layouts into one [`LoraAdapter`] (Wan key → down, up, α, full differences),
 //! then applied to a loaded [`crate::wan::WanModel`] with a strength each:
 //!
 //! `W' = W + Σ strength · (α / rank) · up·down (+ strength · diff)`, `b' = b + strength · diff_b`.
@@ -32,7 +32,7 @@ use turbo_core::{Error, Result};
 pub use apply::LoraSummary;
 pub(crate) use apply::{apply_loras, Slot, Unadapted};
 
-use keys::{parse_key, Part};
+use keys::{parse_key, NameStyle, Part};
 
 /// The layout a LoRA file was written in (for messages; every layout reads into the same
 /// [`LoraAdapter`]).
@@ -44,6 +44,9 @@ pub enum LoraLayout {
     Peft,
     /// diffusers module names under `transformer.`.
     Diffusers,
+    /// `lora_unet_<key with _ for .>.lora_down.weight` / `.lora_up.weight` / `.alpha` (kohya,
+    /// musubi-tuner).
+    Kohya,
 }
 
 /// What one adapter changes in one Wan module (`blocks.0.self_attn.q`, `blocks.0.norm3`, …).
@@ -218,6 +221,7 @@ struct TargetsBuilder {
     targets: BTreeMap<String, LoraTarget>,
     unknown: Vec<String>,
     diffusers: bool,
+    kohya: bool,
     peft_names: bool,
 }
 
@@ -227,7 +231,8 @@ impl TargetsBuilder {
             self.unknown.push(name.to_owned());
             return Ok(());
         };
-        self.diffusers |= key.diffusers;
+        self.diffusers |= key.style == NameStyle::Diffusers;
+        self.kohya |= key.style == NameStyle::Kohya;
         self.peft_names |= name.contains(".lora_A.") || name.contains(".lora_B.");
         let target = self.targets.entry(key.module).or_default();
         if target.source_key.is_empty() {
@@ -258,10 +263,11 @@ impl TargetsBuilder {
             "factors that are not down [rank, in] and up [out, rank] of one rank",
             factors_fit,
         )?;
-        let layout = match (self.diffusers, self.peft_names) {
-            (true, _) => LoraLayout::Diffusers,
-            (false, true) => LoraLayout::Peft,
-            (false, false) => LoraLayout::Comfy,
+        let layout = match (self.diffusers, self.kohya, self.peft_names) {
+            (true, _, _) => LoraLayout::Diffusers,
+            (false, true, _) => LoraLayout::Kohya,
+            (false, false, true) => LoraLayout::Peft,
+            (false, false, false) => LoraLayout::Comfy,
         };
         Ok((self.targets, layout, self.unknown))
     }
