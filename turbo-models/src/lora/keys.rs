@@ -182,28 +182,41 @@ pub(crate) fn parse_key(name: &str) -> Option<ParsedKey> {
 
 /// The Wan key of a diffusers module name (`blocks.3.attn2.to_out.0` → `blocks.3.cross_attn.o`).
 pub(crate) fn diffusers_to_wan(module: &str) -> Option<String> {
-    if let Some(rest) = module.strip_prefix("blocks.") {
-        let (index, name) = rest.split_once('.')?;
-        index.parse::<usize>().ok()?;
-        return Some(format!(
-            "blocks.{index}.{}",
-            lookup(&DIFFUSERS_BLOCK_NAMES, name)?
-        ));
-    }
-    lookup(&DIFFUSERS_TOP_NAMES, module).map(str::to_owned)
+    renamed(
+        module,
+        '.',
+        |name| lookup(&DIFFUSERS_BLOCK_NAMES, name),
+        |name| lookup(&DIFFUSERS_TOP_NAMES, name),
+    )
 }
 
 /// The Wan key of a kohya module name (`blocks_3_cross_attn_o` → `blocks.3.cross_attn.o`).
 pub(crate) fn kohya_to_wan(module: &str) -> Option<String> {
-    if let Some(rest) = module.strip_prefix("blocks_") {
-        let (index, name) = rest.split_once('_')?;
+    renamed(
+        module,
+        '_',
+        |name| with_underscores(&WAN_BLOCK_MODULES, name),
+        |name| with_underscores(&WAN_TOP_MODULES, name),
+    )
+}
+
+/// The Wan key of `blocks<sep>N<sep><name>` (`name` renamed by `block`) or of a top-level
+/// `module` (renamed by `top`).
+fn renamed(
+    module: &str,
+    separator: char,
+    block: impl Fn(&str) -> Option<&'static str>,
+    top: impl Fn(&str) -> Option<&'static str>,
+) -> Option<String> {
+    if let Some(rest) = module
+        .strip_prefix("blocks")
+        .and_then(|r| r.strip_prefix(separator))
+    {
+        let (index, name) = rest.split_once(separator)?;
         index.parse::<usize>().ok()?;
-        return Some(format!(
-            "blocks.{index}.{}",
-            with_underscores(&WAN_BLOCK_MODULES, name)?
-        ));
+        return Some(format!("blocks.{index}.{}", block(name)?));
     }
-    with_underscores(&WAN_TOP_MODULES, module).map(str::to_owned)
+    top(module).map(str::to_owned)
 }
 
 /// The key of `keys` that reads `name` with `_` for `.`.
