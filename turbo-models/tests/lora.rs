@@ -422,3 +422,52 @@ fn kohya_name(comfy: &str) -> String {
     .unwrap_or_else(|| panic!("unexpected name `{comfy}`"));
     format!("lora_unet_{}{part}", module.replace('.', "_"))
 }
+
+/// A `-quant` file (the base written out and quantised by `convert`) loads with int8 linears,
+/// which take the adapters as run-time low-rank terms: the same output as the model quantised
+/// at load, within W8A8's error of the float result.
+#[test]
+fn a_quant_file_takes_the_adapters_beside_its_int8_weights() {
+    let case = LoraCase::open();
+    let dir = std::env::temp_dir();
+    let float_file = dir.join(format!(
+        "turbo-lora-base-{}.safetensors",
+        std::process::id()
+    ));
+    let quant_file = dir.join(format!(
+        "turbo-lora-base-{}-quant.safetensors",
+        std::process::id()
+    ));
+    candle_core::safetensors::save(&case.base.weights(), &float_file).unwrap();
+    let checkpoint = turbo_models::Checkpoint::open(&float_file).unwrap();
+    turbo_models::convert::to_safetensors(&checkpoint, &quant_file, true).unwrap();
+    let load = || -> Dit {
+        WanModel::from_checkpoint(
+            &quant_file,
+            Some(&case.base.cfg),
+            &case.base.attention,
+            DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (mut from_file, mut at_load) = (load(), case.quantized_model());
+    std::fs::remove_file(&float_file).unwrap();
+    std::fs::remove_file(&quant_file).unwrap();
+    assert_eq!(from_file.int8_linears(), 10 * case.base.cfg.num_layers);
+    let int8_base_err = case.error_against(&from_file, "out.velocity_base");
+    for (file, output) in &case.files {
+        let lora = [case.adapter(file).at(case.strength)];
+        let summary = from_file.set_loras(&lora, LoraMode::Merge).unwrap();
+        assert_eq!(summary.low_rank, from_file.int8_linears(), "{file}");
+        at_load.set_loras(&lora, LoraMode::Merge).unwrap();
+        let from_file_velocity = case.velocity(&from_file);
+        assert_eq!(
+            max_abs_diff(&from_file_velocity, &case.velocity(&at_load)),
+            0.0
+        );
+        let err = relative_error(&from_file_velocity, &case.base.input(output));
+        println!("{file} on the -quant file: {err:.3e} (W8A8 base {int8_base_err:.3e})");
+        assert!(err <= 2.0 * int8_base_err + 1e-4, "{file}: {err:e}");
+    }
+}
