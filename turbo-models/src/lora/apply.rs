@@ -177,14 +177,17 @@ fn check_shapes(slot: &Slot<'_>, c: &Contribution<'_>) -> Result<()> {
         )
     };
     if let (Some(down), Some(up)) = (&c.target.down, &c.target.up) {
-        let fits = dims.len() == 2 && up.dims()[0] == dims[0] && down.dims()[1] == dims[1];
-        if !fits {
-            let got = [up.dims(), down.dims()].concat();
-            return Err(mismatch(
-                "up, down",
-                &got,
-                format!("up [{dims:?}[0], r], down [r, {dims:?}[1]]"),
-            ));
+        let (up, down) = (up.dims(), down.dims());
+        match dims[..] {
+            [out_dim, in_dim] if up[0] == out_dim && down[1] == in_dim => {}
+            [out_dim, in_dim] => {
+                let expected = format!("up [{out_dim}, r] and down [r, {in_dim}]");
+                return Err(mismatch("up, down", &[up, down].concat(), expected));
+            }
+            _ => {
+                let expected = format!("no factors: the tensor is {dims:?}, not a matrix");
+                return Err(mismatch("up, down", &[up, down].concat(), expected));
+            }
         }
     }
     if let Some(diff) = &c.target.diff {
