@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use turbodiffusion::core::{Progress, Stage, StageReport, StepReport};
+use turbodiffusion::models::lora::LoraAdapter;
 use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::AttentionKind;
@@ -206,6 +207,10 @@ pub struct LoraArgs {
     /// A LoRA for the low-noise expert of Wan2.2 A14B only; repeatable.
     #[arg(long = "lora-low", value_name = "FILE[:STRENGTH]")]
     pub low_noise: Vec<String>,
+    /// Skip tensor names no LoRA layout knows and targets the model lacks, with a warning
+    /// that counts them, instead of failing.
+    #[arg(long)]
+    pub lora_lenient: bool,
 }
 
 impl LoraArgs {
@@ -215,7 +220,10 @@ impl LoraArgs {
             args.iter()
                 .map(|arg| {
                     let (file, strength) = parse_lora_arg(arg)?;
-                    open_lora(file, strength)
+                    match self.lora_lenient {
+                        true => Ok(LoraAdapter::open_lenient(file)?.at(strength)),
+                        false => open_lora(file, strength),
+                    }
                 })
                 .collect::<turbodiffusion::Result<Vec<_>>>()
         };
