@@ -9,10 +9,11 @@
 
 use std::path::{Path, PathBuf};
 
-use turbo_attention::AttentionConfig;
+use candle_core::DType;
+use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, Result};
 use turbo_models::lora::{LoraAdapter, LoraMode, ScaledLora};
-use turbo_models::wan::QuantPolicy;
+use turbo_models::wan::{expected_tensors, PatchLayout, QuantPolicy};
 use turbo_sampler::Expert;
 
 use super::denoise::Dit;
@@ -79,7 +80,9 @@ impl Pipeline {
     /// run merges them into the DiT as it loads it (float weights; with `quant_linear` on a
     /// float checkpoint, merged before quantising; a `-quant` checkpoint's int8 linears run
     /// them as a low-rank term beside the int8 GEMM). Per-expert adapters on a one-model
-    /// family are an [`Error::InvalidConfig`].
+    /// family are an [`Error::InvalidConfig`]; an adapter that does not fit the DiT's
+    /// configuration (absent targets, wrong shapes) is an [`Error::Lora`] here, before any
+    /// run.
     pub fn set_loras(&mut self, loras: DitLoras) -> Result<()> {
         let per_expert = !loras.high_noise.is_empty() || !loras.low_noise.is_empty();
         if per_expert && self.models.dit_low_noise_weights.is_none() {
@@ -90,6 +93,21 @@ impl Pipeline {
                     .into(),
             });
         }
+        let tensors: Vec<(String, Vec<usize>)> = expected_tensors::<Box<dyn Attention>>(
+            &self.models.dit,
+            PatchLayout::Conv3d,
+            &self.attention,
+            DType::F32,
+        )
+        .into_iter()
+        .map(|spec| (spec.name, spec.shape))
+        .collect();
+        let mut adapters = loras
+            .all
+            .iter()
+            .chain(&loras.high_noise)
+            .chain(&loras.low_noise);
+        adapters.try_for_each(|lora| lora.adapter.check_fits(&tensors))?;
         self.loras = loras;
         Ok(())
     }

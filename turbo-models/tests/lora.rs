@@ -471,3 +471,47 @@ fn a_quant_file_takes_the_adapters_beside_its_int8_weights() {
         assert!(err <= 2.0 * int8_base_err + 1e-4, "{file}: {err:e}");
     }
 }
+
+/// `LoraAdapter::check_fits` finds the same misfits from a tensor list alone, before any model
+/// is loaded.
+#[test]
+fn adapters_are_checked_against_a_tensor_list_without_a_model() {
+    let case = LoraCase::open();
+    let tensors: Vec<(String, Vec<usize>)> =
+        turbo_models::wan::expected_tensors::<Box<dyn Attention>>(
+            &case.base.cfg,
+            turbo_models::wan::PatchLayout::Conv3d,
+            &case.base.attention,
+            DType::F32,
+        )
+        .into_iter()
+        .map(|spec| (spec.name, spec.shape))
+        .collect();
+    for (file, _) in &case.files {
+        case.adapter(file).check_fits(&tensors).unwrap();
+    }
+    let (file, adapter_tensors) = adapter_tensors(&case);
+    let layers = case.base.cfg.num_layers;
+    let renamed = adapter_tensors.iter().map(|(name, t)| {
+        (
+            name.replace("blocks.0.", &format!("blocks.{layers}.")),
+            t.clone(),
+        )
+    });
+    let absent = LoraAdapter::from_tensors(&file, renamed, false).unwrap();
+    let keys = lora_error_keys(absent.check_fits(&tensors).unwrap_err());
+    assert!(
+        keys.iter()
+            .all(|k| k.contains(&format!("blocks.{layers}."))),
+        "{keys:?}"
+    );
+    let widened = adapter_tensors
+        .iter()
+        .map(|(name, t)| match name.ends_with(".diff_b") {
+            true => (name.clone(), Tensor::cat(&[t, t], 0).unwrap()),
+            false => (name.clone(), t.clone()),
+        });
+    let misfit = LoraAdapter::from_tensors(&file, widened, false).unwrap();
+    let keys = lora_error_keys(misfit.check_fits(&tensors).unwrap_err());
+    assert!(keys.iter().all(|k| k.ends_with(".diff_b")), "{keys:?}");
+}

@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use turbo_core::Result;
 use turbo_quant::LowRank;
 
-use super::{lora_error, LoraMode, LoraTarget, ScaledLora};
+use super::{lora_error, LoraAdapter, LoraMode, LoraTarget, ScaledLora};
 
 /// A tensor (or pair) of the model an adapter can change, borrowed from the model.
 pub(crate) enum Slot<'a> {
@@ -43,11 +43,16 @@ impl Slot<'_> {
         }
     }
 
-    /// The length `diff_b` must have, for a slot with a bias.
-    fn bias_len(&self) -> Option<usize> {
-        match self {
-            Self::Tensor(_) => None,
-            _ => self.weight_dims().first().copied(),
+    /// What an adapter's tensors must fit.
+    fn shape(&self) -> SlotShape {
+        let weight = self.weight_dims();
+        SlotShape {
+            bias_len: match self {
+                Self::Tensor(_) => None,
+                _ => weight.first().copied(),
+            },
+            weight,
+            int8: matches!(self, Self::Block(linear) if linear.is_int8()),
         }
     }
 
@@ -67,6 +72,17 @@ impl Slot<'_> {
             _ => false,
         }
     }
+}
+
+/// The shapes a module offers an adapter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SlotShape {
+    /// The dims `up·down` and `diff` must have.
+    pub(crate) weight: Vec<usize>,
+    /// The length `diff_b` must have, for a module with a bias.
+    pub(crate) bias_len: Option<usize>,
+    /// A W8A8 int8 weight (which takes no full difference).
+    pub(crate) int8: bool,
 }
 
 /// What applying adapters did.
@@ -104,7 +120,7 @@ pub(crate) fn apply_loras(
     for (slot, contributions) in &planned {
         contributions
             .iter()
-            .try_for_each(|c| check_shapes(slot, c))?;
+            .try_for_each(|c| check_shapes(&slot.shape(), c.target, c.path))?;
     }
     let mut summary = LoraSummary {
         skipped,
@@ -148,35 +164,41 @@ fn check_targets_exist(loras: &[ScaledLora], keys: &BTreeSet<&str>) -> Result<us
             .filter(|(key, _)| !keys.contains(key.as_str()))
             .map(|(_, target)| target.source_key.clone())
             .collect();
-        if missing.is_empty() {
-            continue;
-        }
-        let path = lora.adapter.path();
-        if !lora.adapter.is_lenient() {
-            return Err(lora_error(path, "targets no tensor of the model", missing));
-        }
-        tracing::warn!(
-            "LoRA {}: {} targets match no tensor of the model and are ignored",
-            path.display(),
-            missing.len()
-        );
-        skipped += missing.len();
+        skipped += missing_targets(&lora.adapter, missing)?;
     }
     Ok(skipped)
 }
 
-/// Checks that one adapter's tensors fit the slot.
-fn check_shapes(slot: &Slot<'_>, c: &Contribution<'_>) -> Result<()> {
-    let dims = slot.weight_dims();
-    let key = &c.target.source_key;
+/// For a strict adapter, an error listing `missing` targets (if any); for a lenient one, a
+/// warning counting them, and their number.
+pub(crate) fn missing_targets(adapter: &LoraAdapter, missing: Vec<String>) -> Result<usize> {
+    if missing.is_empty() {
+        return Ok(0);
+    }
+    let path = adapter.path();
+    if !adapter.is_lenient() {
+        return Err(lora_error(path, "targets no tensor of the model", missing));
+    }
+    tracing::warn!(
+        "LoRA {}: {} targets match no tensor of the model and are ignored",
+        path.display(),
+        missing.len()
+    );
+    Ok(missing.len())
+}
+
+/// Checks that one adapter's tensors for a module (from the file `path`) fit its `shape`.
+pub(crate) fn check_shapes(shape: &SlotShape, target: &LoraTarget, path: &Path) -> Result<()> {
+    let dims = &shape.weight;
+    let key = &target.source_key;
     let mismatch = |what: &str, got: &[usize], expected: String| {
         lora_error(
-            c.path,
+            path,
             &format!("{what} has shape {got:?}, the model needs {expected}"),
             vec![key.clone()],
         )
     };
-    if let (Some(down), Some(up)) = (&c.target.down, &c.target.up) {
+    if let (Some(down), Some(up)) = (&target.down, &target.up) {
         let (up, down) = (up.dims(), down.dims());
         match dims[..] {
             [out_dim, in_dim] if up[0] == out_dim && down[1] == in_dim => {}
@@ -190,26 +212,26 @@ fn check_shapes(slot: &Slot<'_>, c: &Contribution<'_>) -> Result<()> {
             }
         }
     }
-    if let Some(diff) = &c.target.diff {
+    if let Some(diff) = &target.diff {
         if diff.dims() != dims.as_slice() {
             return Err(mismatch("diff", diff.dims(), format!("{dims:?}")));
         }
-        if matches!(slot, Slot::Block(l) if l.is_int8()) {
+        if shape.int8 {
             return Err(lora_error(
-                c.path,
+                path,
                 "a full weight difference cannot be added to a W8A8 int8 weight; load a float \
                  checkpoint to merge it",
                 vec![key.clone()],
             ));
         }
     }
-    if let Some(diff_bias) = &c.target.diff_bias {
-        match slot.bias_len() {
+    if let Some(diff_bias) = &target.diff_bias {
+        match shape.bias_len {
             Some(len) if diff_bias.dims() == [len] => {}
             Some(len) => return Err(mismatch("diff_b", diff_bias.dims(), format!("[{len}]"))),
             None => {
                 return Err(lora_error(
-                    c.path,
+                    path,
                     "a bias difference for a tensor without bias",
                     vec![key.clone()],
                 ))

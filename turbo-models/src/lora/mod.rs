@@ -31,6 +31,7 @@ use turbo_core::{Error, Result};
 
 pub use apply::LoraSummary;
 pub(crate) use apply::{apply_loras, Slot, Unadapted};
+use apply::{check_shapes, missing_targets, SlotShape};
 
 use keys::{parse_key, NameStyle, Part};
 
@@ -176,6 +177,41 @@ impl LoraAdapter {
     /// Tensor names skipped as unknown (lenient adapters).
     pub fn skipped_keys(&self) -> &[String] {
         &self.skipped_keys
+    }
+
+    /// Checks the adapter against a model's tensor list (`(key, shape)`, such as
+    /// [`crate::wan::expected_tensors`] gives) without loading the model: every target must be a
+    /// tensor of the list (`<key>.weight`, or `<key>` itself for a plain tensor) and every
+    /// factor and difference must fit it. Errors as [`crate::wan::WanModel::apply_loras`] (a
+    /// lenient adapter counts absent targets in a warning); W8A8 storage is not known here, so
+    /// a full difference for an int8 linear is only found at load.
+    pub fn check_fits(&self, tensors: &[(String, Vec<usize>)]) -> Result<()> {
+        let shapes: BTreeMap<&str, &Vec<usize>> =
+            tensors.iter().map(|(k, s)| (k.as_str(), s)).collect();
+        let mut missing = Vec::new();
+        for (key, target) in &self.targets {
+            let weight = shapes.get(format!("{key}.weight").as_str());
+            let shape = match (weight, shapes.get(key.as_str())) {
+                (Some(weight), _) => SlotShape {
+                    weight: weight.to_vec(),
+                    bias_len: shapes
+                        .contains_key(format!("{key}.bias").as_str())
+                        .then(|| weight[0]),
+                    int8: false,
+                },
+                (None, Some(tensor)) => SlotShape {
+                    weight: tensor.to_vec(),
+                    bias_len: None,
+                    int8: false,
+                },
+                (None, None) => {
+                    missing.push(target.source_key.clone());
+                    continue;
+                }
+            };
+            check_shapes(&shape, target, &self.path)?;
+        }
+        missing_targets(self, missing).map(drop)
     }
 
     /// This adapter at `strength`, ready to apply.
