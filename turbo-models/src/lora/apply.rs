@@ -113,9 +113,10 @@ pub(crate) fn apply_loras(
     let skipped = check_targets_exist(loras, &keys)?;
     let planned: Vec<(Slot<'_>, Vec<Contribution<'_>>)> = slots
         .into_iter()
-        .map(|(key, slot)| (contributions(loras, &key), slot))
-        .filter(|(contributions, _)| !contributions.is_empty())
-        .map(|(contributions, slot)| (slot, contributions))
+        .filter_map(|(key, slot)| {
+            let contributions = contributions(loras, &key);
+            (!contributions.is_empty()).then_some((slot, contributions))
+        })
         .collect();
     for (slot, contributions) in &planned {
         contributions
