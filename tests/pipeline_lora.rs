@@ -4,7 +4,10 @@ use candle_core::{Device, Tensor};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::Error;
 use turbodiffusion::models::lora::{LoraAdapter, ScaledLora};
-use turbodiffusion::pipeline::{demo_request, DitLoras, SamplerChoice, SAMPLER_PRESETS};
+use turbodiffusion::pipeline::{
+    demo_request, DitLoras, I2vRequest, SamplerChoice, SAMPLER_PRESETS,
+};
+use turbodiffusion::video::InputImage;
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
 fn demo() -> Pipeline {
@@ -145,4 +148,52 @@ fn sampler_presets_resolve_by_name_and_the_distill_preset_runs_unguided() {
     };
     let video = demo().text_to_video(&request).unwrap();
     assert_eq!(video.len(), 9);
+}
+
+/// Each expert of a two-expert model gets the shared adapters and its own only: an adapter on
+/// the high-noise expert alone, on the low-noise one alone and on both give three different
+/// videos, each different from the base one.
+#[test]
+fn per_expert_loras_reach_their_expert_only() {
+    let attention = AttentionConfig::new(AttentionKind::Original);
+    let base = Pipeline::demo_i2v(4, attention, Device::Cpu).unwrap();
+    let lora = random_lora(&base, 0, 1.0);
+    let (width, height) = (64u32, 64u32);
+    let rgb = (0..width * height)
+        .flat_map(|i| [(i % width * 4) as u8, (i / width * 4) as u8, 128])
+        .collect();
+    let mut request = I2vRequest::new(
+        InputImage::from_rgb(width, height, rgb).unwrap(),
+        "a slow pan",
+    );
+    request.video.size = Some((128, 128));
+    request.video.frames = 5;
+    let video = |loras: DitLoras| {
+        let pipeline = base.clone().with_loras(loras).unwrap();
+        let video = pipeline.image_to_video(&request).unwrap();
+        video
+            .frames()
+            .iter()
+            .map(|f| f.to_vec())
+            .collect::<Vec<_>>()
+    };
+    let none = video(DitLoras::default());
+    let high = video(DitLoras {
+        high_noise: vec![lora.clone()],
+        ..DitLoras::default()
+    });
+    let low = video(DitLoras {
+        low_noise: vec![lora.clone()],
+        ..DitLoras::default()
+    });
+    let all = video(DitLoras {
+        all: vec![lora],
+        ..DitLoras::default()
+    });
+    let videos = [&none, &high, &low, &all];
+    for (i, a) in videos.iter().enumerate() {
+        for b in &videos[i + 1..] {
+            assert_ne!(a, b, "two adapter placements gave the same video");
+        }
+    }
 }
