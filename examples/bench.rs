@@ -7,6 +7,7 @@
 //! bench --sections attention,linear,dit,vae,t2v --json bench.json --markdown bench.md
 //! bench --sections t2v --t2v-model 14b --t2v-size 1280x720
 //! bench --sections i2v --i2v-size 1280x720
+//! bench --sections lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32
 //! ```
 //!
 //! The `t2v` and `i2v` rows give each stage's measured peak device memory beside the
@@ -31,6 +32,7 @@ use turbodiffusion::attention::{
 use turbodiffusion::core::{
     memory_usage, reset_peak_memory, DeviceSpec, FrameCount, MemoryUsage, Stage, StageReport,
 };
+use turbodiffusion::models::lora::{LoraAdapter, LoraMode, ScaledLora};
 use turbodiffusion::models::wan::{
     expected_tensors, PatchLayout, QuantPolicy, WanConfig, WanModel,
 };
@@ -98,6 +100,10 @@ struct Args {
     /// Model of the DiT rows: 1.3b (480p) or 14b (720p), 81 frames.
     #[arg(long, default_value = "1.3b")]
     dit_model: ModelShape,
+    /// Rank of the random LoRA of the `lora` section (on every block linear of `--dit-model`,
+    /// with the first of `--dit-attention`).
+    #[arg(long, default_value_t = 32)]
+    lora_rank: usize,
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
@@ -112,6 +118,7 @@ enum Section {
     Vae,
     T2v,
     I2v,
+    Lora,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -218,6 +225,7 @@ fn main() -> Result<()> {
             Section::Vae => vae_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
             Section::T2v => t2v_rows(&device, &args, &mut rows)?,
             Section::I2v => i2v_rows(&device, &args, &mut rows)?,
+            Section::Lora => lora_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
         }
         for row in &rows[start..] {
             println!("{}", markdown_row(row));
@@ -482,6 +490,116 @@ fn dit_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A LoRA of `--lora-rank` on every block linear of `--dit-model`: the time to merge it into the
+/// bf16 weights (a switch on a resident model: put the base back, merge), and one DiT forward
+/// with it merged, run beside the bf16 weights, and run beside the W8A8 int8 GEMM (a `-quant`
+/// file's only option), each with the forward without LoRA for comparison.
+fn lora_rows(bench: &Bench, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let device = &bench.device;
+    let (cfg, model_name, latent, shape) = args.dit_model.dit();
+    let kind = *args
+        .dit_attention
+        .first()
+        .context("--dit-attention is empty")?;
+    let attention = AttentionConfig::new(kind);
+    let keys: Vec<(String, Vec<usize>)> =
+        expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Linear, &attention, DType::BF16)
+            .into_iter()
+            .map(|spec| (spec.name, spec.shape))
+            .collect();
+    let lora = [random_lora(&cfg, args.lora_rank, device)?];
+    let x = Tensor::randn(0f32, 1.0, latent.as_slice(), device)?;
+    let context = Tensor::randn(0f32, 1.0, (512, cfg.text_dim), device)?.to_dtype(DType::BF16)?;
+    let r = args.lora_rank;
+    let mut row = |what: String, ms: f64, peak: Option<u64>| {
+        rows.push(Row {
+            section: "lora",
+            what: format!("{model_name}, {kind}: {what}"),
+            shape: shape.into(),
+            ms,
+            note: format!("rank {r} on all {} block linears", 10 * cfg.num_layers),
+            peak,
+            estimate: None,
+        })
+    };
+    for quant in [QuantPolicy::KeepFloat, QuantPolicy::Quantize] {
+        let linears = if quant == QuantPolicy::Quantize {
+            "W8A8"
+        } else {
+            "bf16"
+        };
+        let vb = RandomCheckpoint::new(args.seed, keys.clone()).var_builder(DType::BF16, device);
+        let mut model =
+            WanModel::<Box<dyn Attention>>::load_with_quant(vb, &cfg, &attention, quant)?;
+        let forward = |model: &WanModel<Box<dyn Attention>>| -> Result<()> {
+            model.forward(&x, 500.0, &context, None)?;
+            Ok(())
+        };
+        row(
+            format!("forward, {linears} linears, no LoRA"),
+            bench.median_ms(|| forward(&model))?,
+            bench.peak_of(|| forward(&model))?,
+        );
+        let modes: &[LoraMode] = match quant {
+            QuantPolicy::KeepFloat => &[LoraMode::Merge, LoraMode::Branch],
+            QuantPolicy::Quantize => &[LoraMode::Merge],
+        };
+        for &mode in modes {
+            let how = match (quant, mode) {
+                (QuantPolicy::KeepFloat, LoraMode::Merge) => "merged",
+                _ => "run-time low-rank branch",
+            };
+            let set_ms = bench.median_ms(|| {
+                model.set_loras(&lora, mode)?;
+                Ok(())
+            })?;
+            row(
+                format!("set_loras ({how}) on {linears} linears"),
+                set_ms,
+                None,
+            );
+            let ms = bench.median_ms(|| forward(&model))?;
+            row(
+                format!("forward, {linears} linears, LoRA {how}"),
+                ms,
+                bench.peak_of(|| forward(&model))?,
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A random ComfyUI-layout LoRA of `rank` on every block linear of `cfg` (α = rank), in bf16 on
+/// `device`.
+fn random_lora(cfg: &WanConfig, rank: usize, device: &Device) -> Result<ScaledLora> {
+    let (d, f) = (cfg.dim, cfg.ffn_dim);
+    let linears = [
+        ("self_attn.q", d, d),
+        ("self_attn.k", d, d),
+        ("self_attn.v", d, d),
+        ("self_attn.o", d, d),
+        ("cross_attn.q", d, d),
+        ("cross_attn.k", d, d),
+        ("cross_attn.v", d, d),
+        ("cross_attn.o", d, d),
+        ("ffn.0", f, d),
+        ("ffn.2", d, f),
+    ];
+    let mut tensors = Vec::new();
+    for block in 0..cfg.num_layers {
+        for (name, out_dim, in_dim) in linears {
+            let key = format!("diffusion_model.blocks.{block}.{name}");
+            let factor = |dims: (usize, usize)| -> Result<Tensor> {
+                Ok(Tensor::randn(0f32, 0.01, dims, device)?.to_dtype(DType::BF16)?)
+            };
+            tensors.push((format!("{key}.lora_down.weight"), factor((rank, in_dim))?));
+            tensors.push((format!("{key}.lora_up.weight"), factor((out_dim, rank))?));
+            tensors.push((format!("{key}.alpha"), Tensor::new(rank as f32, device)?));
+        }
+    }
+    Ok(LoraAdapter::from_tensors("random-lora.safetensors", tensors, false)?.at(1.0))
 }
 
 /// The Wan VAE in bf16: the streaming decode of 81 frames at 480p and 720p, and the I2V image

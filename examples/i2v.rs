@@ -9,6 +9,9 @@
 //! # a top-k per expert, or per step; a teacher solver with guidance:
 //! cargo run --release --example i2v -- --sla-topk-experts 0.05,0.15
 //! cargo run --release --example i2v -- --solver euler --num-steps 4 --guidance 3.5
+//! # LoRAs per expert (FILE[:STRENGTH], repeatable; --lora for both):
+//! cargo run --release --example i2v -- --checkpoint-dir ckpts --image cat.jpg \
+//!     --lora-high high_noise.safetensors:1.0 --lora-low low_noise.safetensors:0.8
 //! ```
 
 use std::path::PathBuf;
@@ -46,6 +49,8 @@ struct Args {
     quant_linear: bool,
     #[command(flatten)]
     sampler: common::SamplerArgs,
+    #[command(flatten)]
+    lora: common::LoraArgs,
     /// SLA / SageSLA top-k of the high-noise and the low-noise expert, comma separated (for
     /// example `0.05,0.15`).
     #[arg(long, value_parser = parse_topk_pair)]
@@ -91,6 +96,7 @@ fn main() -> Result<()> {
             .dtype(args.run.dtype)
             .build()?,
     };
+    let pipeline = pipeline.with_loras(args.lora.loras()?)?;
     let image = match &args.image {
         Some(path) => InputImage::open(path)?,
         None => generated_image()?,

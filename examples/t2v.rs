@@ -9,6 +9,9 @@
 //! # a top-k per step, and a teacher solver for the undistilled checkpoints:
 //! cargo run --release --example t2v -- --sla-topk-schedule 0.05,0.1,0.1,0.15
 //! cargo run --release --example t2v -- --solver unipc --num-steps 8 --guidance 5
+//! # a base checkpoint with LoRAs (FILE[:STRENGTH], repeatable) and a distilled-LoRA preset:
+//! cargo run --release --example t2v -- --checkpoint-dir ckpts --model 14b \
+//!     --lora style.safetensors:0.8 --lora lightx2v_4step.safetensors --sampler-preset distill-4step
 //! ```
 
 use std::path::PathBuf;
@@ -54,6 +57,8 @@ struct Args {
     quant_linear: bool,
     #[command(flatten)]
     sampler: common::SamplerArgs,
+    #[command(flatten)]
+    lora: common::LoraArgs,
     /// 4n + 1 frames (default 81; 17 in the demo).
     #[arg(long)]
     num_frames: Option<usize>,
@@ -106,6 +111,7 @@ fn main() -> Result<()> {
             (pipeline, request, kind.short_name())
         }
     };
+    let pipeline = pipeline.with_loras(args.lora.loras()?)?;
     request.sampler = args.sampler.sampler()?;
     request.sla_topk_schedule = args.sampler.sla_topk_schedule.clone();
     request.seed = args.run.seed;

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use turbodiffusion::core::{Progress, Stage, StageReport, StepReport};
-use turbodiffusion::pipeline::SamplerChoice;
+use turbodiffusion::models::lora::LoraAdapter;
+use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::AttentionKind;
 
@@ -187,10 +188,58 @@ pub struct SamplerArgs {
     /// `0.05,0.1,0.1,0.15`); overrides `--sla-topk` step by step.
     #[arg(long, value_delimiter = ',')]
     pub sla_topk_schedule: Option<Vec<f64>>,
+    /// Named sampler settings, instead of the flags above: rcm, teacher, or distill-4step
+    /// (step- and CFG-distillation LoRAs: Euler, 4 steps, shift 5, no CFG).
+    #[arg(long)]
+    pub sampler_preset: Option<String>,
+}
+
+/// The LoRA flags both examples take.
+#[derive(clap::Args, Debug)]
+pub struct LoraArgs {
+    /// A LoRA for the DiT (both experts of A14B), as FILE or FILE:STRENGTH (default 1);
+    /// repeatable. ComfyUI, PEFT and diffusers layouts.
+    #[arg(long = "lora", value_name = "FILE[:STRENGTH]")]
+    pub all: Vec<String>,
+    /// A LoRA for the high-noise expert of Wan2.2 A14B only; repeatable.
+    #[arg(long = "lora-high", value_name = "FILE[:STRENGTH]")]
+    pub high_noise: Vec<String>,
+    /// A LoRA for the low-noise expert of Wan2.2 A14B only; repeatable.
+    #[arg(long = "lora-low", value_name = "FILE[:STRENGTH]")]
+    pub low_noise: Vec<String>,
+    /// Skip tensor names no LoRA layout knows and targets the model lacks, with a warning
+    /// that counts them, instead of failing.
+    #[arg(long)]
+    pub lora_lenient: bool,
+}
+
+impl LoraArgs {
+    /// Every LoRA file read, at its strength.
+    pub fn loras(&self) -> turbodiffusion::Result<DitLoras> {
+        let open = |args: &[String]| {
+            args.iter()
+                .map(|arg| {
+                    let (file, strength) = parse_lora_arg(arg)?;
+                    match self.lora_lenient {
+                        true => Ok(LoraAdapter::open_lenient(file)?.at(strength)),
+                        false => open_lora(file, strength),
+                    }
+                })
+                .collect::<turbodiffusion::Result<Vec<_>>>()
+        };
+        Ok(DitLoras {
+            all: open(&self.all)?,
+            high_noise: open(&self.high_noise)?,
+            low_noise: open(&self.low_noise)?,
+        })
+    }
 }
 
 impl SamplerArgs {
     pub fn sampler(&self) -> turbodiffusion::Result<SamplerChoice> {
+        if let Some(preset) = &self.sampler_preset {
+            return SamplerChoice::preset(preset);
+        }
         if self.solver == "rcm" {
             let mode = if self.ode { RcmMode::Ode } else { RcmMode::Sde };
             return Ok(SamplerChoice::Rcm {

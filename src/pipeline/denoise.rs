@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use candle_core::{Device, Tensor};
 use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, NoiseSource, Progress, Result, SeededNoise, Stage, StepReport, Timestep};
-use turbo_models::wan::{DitCondition, WanModel};
+use turbo_models::wan::{DitCondition, QuantPolicy, WanModel};
 use turbo_sampler::{
     Expert, ExpertBoundary, FlowRun, FlowSampler, GuidanceScale, Guided, RcmRun, RcmSampler,
 };
@@ -17,7 +17,7 @@ use super::memory::{StageMeter, WeightBytes};
 use super::{Pipeline, SamplerChoice, WeightSource};
 
 /// A DiT whose attention backend is chosen at run time.
-type Dit = WanModel<Box<dyn Attention>>;
+pub(super) type Dit = WanModel<Box<dyn Attention>>;
 
 /// The sampler of a validated request.
 pub(super) enum PlannedSampler {
@@ -64,6 +64,7 @@ impl PlannedSampler {
     pub(super) fn negative_prompt(&self) -> Option<&str> {
         match self {
             Self::Rcm(_) => None,
+            Self::Teacher { guidance, .. } if is_unguided(guidance) => None,
             Self::Teacher {
                 negative_prompt, ..
             } => Some(negative_prompt),
@@ -86,6 +87,11 @@ impl PlannedSampler {
 }
 
 /// A sampler run in progress.
+/// A constant guidance of 1: v_u + 1·(v_c − v_u) = v_c, classifier-free guidance off.
+fn is_unguided(guidance: &GuidanceScale) -> bool {
+    matches!(guidance, GuidanceScale::Constant(scale) if *scale == 1.0)
+}
+
 enum Run<'a> {
     Rcm(RcmRun<'a>),
     Teacher(FlowRun<'a>, GuidanceScale),
@@ -109,6 +115,9 @@ impl Run<'_> {
     ) -> Result<Option<StepReport>> {
         match self {
             Self::Rcm(run) => run.step(model, condition, noise),
+            // Guidance 1 is the conditional velocity alone: one pass, no negative prompt
+            // (the distilled-LoRA presets).
+            Self::Teacher(run, guidance) if is_unguided(guidance) => run.step(model, condition),
             Self::Teacher(run, guidance) => {
                 let negative = negative.expect("teachers are planned with a negative prompt");
                 run.step(&Guided::new(model, negative, *guidance)?, condition)
@@ -287,21 +296,22 @@ impl Pipeline {
         if let Some(expert) = expert {
             tracing::info!("loading the {} expert", expert.name());
         }
-        self.load_dit(source, &attention, bytes)
+        self.load_adapted_dit(source, &attention, bytes, expert)
     }
 
-    fn load_dit(
+    pub(super) fn load_dit(
         &self,
         weights: &WeightSource,
         attention: &AttentionConfig,
         bytes: &WeightBytes,
+        quant_linear: QuantPolicy,
     ) -> Result<Dit> {
         match weights {
             WeightSource::File(path) => WanModel::from_checkpoint_through(
                 path,
                 Some(&self.models.dit),
                 attention,
-                self.quant_linear,
+                quant_linear,
                 self.dtype,
                 &self.device,
                 |vb| bytes.counting(vb),
@@ -310,7 +320,7 @@ impl Pipeline {
                 bytes.counting(self.var_builder(source, self.dtype)?),
                 &self.models.dit,
                 attention,
-                self.quant_linear,
+                quant_linear,
             ),
         }
     }

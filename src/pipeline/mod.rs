@@ -8,6 +8,7 @@ mod denoise;
 mod estimate;
 mod files;
 mod i2v;
+mod lora;
 mod memory;
 mod random;
 mod request;
@@ -32,8 +33,9 @@ pub use files::{
     ModelFiles, ModelKind, WeightSource, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE_FILE,
 };
 pub use i2v::I2vRequest;
+pub use lora::{open_lora, parse_lora_arg, DitLoras};
 pub use random::RandomCheckpoint;
-pub use request::{SamplerChoice, T2vRequest};
+pub use request::{SamplerChoice, T2vRequest, SAMPLER_PRESETS};
 
 /// The shapes of the three models and where their weights come from.
 #[derive(Debug, Clone)]
@@ -65,6 +67,8 @@ pub struct Pipeline {
     vae_tiling: Option<VaeTiling>,
     device: Device,
     dtype: DType,
+    /// LoRA adapters merged into the DiT when it loads.
+    loras: DitLoras,
 }
 
 /// Where the umT5 text encoder runs.
@@ -92,9 +96,16 @@ pub struct PipelineBuilder {
     vae_tiling: Option<VaeTiling>,
     device: Device,
     dtype: DType,
+    loras: DitLoras,
 }
 
 impl PipelineBuilder {
+    /// LoRA adapters for the DiT (per expert for Wan2.2 A14B); see [`Pipeline::set_loras`].
+    pub fn loras(mut self, loras: DitLoras) -> Self {
+        self.loras = loras;
+        self
+    }
+
     /// A folder holding the upstream file names (see [`ModelFiles::find`]).
     pub fn checkpoint_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.checkpoint_dir = Some(dir.into());
@@ -176,7 +187,7 @@ impl PipelineBuilder {
             ModelKind::Wan21T2V14B => WanConfig::wan21_t2v_14b(),
             ModelKind::Wan22I2VA14B => WanConfig::wan22_i2v_a14b(),
         };
-        Ok(Pipeline {
+        Pipeline {
             tokenizer: PromptTokenizer::from_file(&files.tokenizer)?,
             models: ModelSet {
                 dit,
@@ -194,7 +205,9 @@ impl PipelineBuilder {
             vae_tiling: self.vae_tiling,
             device: self.device,
             dtype: self.dtype,
-        })
+            loras: DitLoras::default(),
+        }
+        .with_loras(self.loras)
     }
 }
 
@@ -230,6 +243,7 @@ impl Pipeline {
             vae_tiling: None,
             device: Device::Cpu,
             dtype: DType::BF16,
+            loras: DitLoras::default(),
         }
     }
 
@@ -252,6 +266,7 @@ impl Pipeline {
             vae_tiling: None,
             device,
             dtype,
+            loras: DitLoras::default(),
         })
     }
 

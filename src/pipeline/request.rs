@@ -1,7 +1,24 @@
 //! What a caller asks for: every upstream option with the upstream default.
 
-use turbo_core::{AspectRatio, FrameCount, FrameSize, Resolution, Result, VideoGeometry};
+use turbo_core::{AspectRatio, Error, FrameCount, FrameSize, Resolution, Result, VideoGeometry};
 use turbo_sampler::{FlowSolver, RcmConfig, RcmMode};
+
+/// Sampler settings selectable by name with [`SamplerChoice::preset`]: `(name, what it is)`.
+pub const SAMPLER_PRESETS: [(&str, &str); 3] = [
+    (
+        "rcm",
+        "TurboDiffusion's distilled rCM students: 4 steps, SDE, no guidance (the default)",
+    ),
+    (
+        "teacher",
+        "the undistilled Wan2.1 checkpoints: UniPC, 50 steps, shift 5, guidance 5",
+    ),
+    (
+        "distill-4step",
+        "a base checkpoint with a step- and CFG-distillation LoRA (lightx2v-style): Euler, \
+         4 steps, shift 5, guidance 1 (no CFG: one DiT pass per step)",
+    ),
+];
 
 /// How the latent is sampled.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +62,26 @@ impl SamplerChoice {
             shift: 5.0,
             guidance: 5.0,
             negative_prompt: turbo_sampler::WAN_NEGATIVE_PROMPT.to_owned(),
+        }
+    }
+
+    /// The sampler settings called `name` in [`SAMPLER_PRESETS`].
+    pub fn preset(name: &str) -> Result<Self> {
+        match name {
+            "rcm" => Ok(Self::default()),
+            "teacher" => Ok(Self::wan_teacher()),
+            "distill-4step" => Ok(Self::Teacher {
+                solver: FlowSolver::Euler,
+                steps: 4,
+                shift: 5.0,
+                guidance: 1.0,
+                negative_prompt: String::new(),
+            }),
+            _ => Err(Error::InvalidSamplerSetting {
+                setting: "sampler preset",
+                value: name.to_owned(),
+                expected: "one of rcm, teacher, distill-4step",
+            }),
         }
     }
 

@@ -107,6 +107,15 @@ pub enum Error {
         problems: Vec<KeyProblem>,
     },
 
+    /// A LoRA file that cannot be read, holds keys no layout names, targets weights the model
+    /// does not have, or has factors whose shapes do not fit: `keys` lists every key at fault.
+    #[error("LoRA {path}: {reason}{}", describe_keys(.keys))]
+    Lora {
+        path: PathBuf,
+        reason: String,
+        keys: Vec<String>,
+    },
+
     /// A tokenizer file that cannot be loaded, or a text it cannot encode.
     #[error("tokenizer {path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
@@ -213,6 +222,25 @@ fn describe_key_problems(problems: &[KeyProblem]) -> String {
             "; and {} more",
             problems.len() - KEY_PROBLEMS_SHOWN
         ));
+    }
+    text
+}
+
+/// `: key, key, …` (at most [`KEY_PROBLEMS_SHOWN`], the rest counted), or nothing.
+fn describe_keys(keys: &[String]) -> String {
+    if keys.is_empty() {
+        return String::new();
+    }
+    let mut text = format!(
+        ": `{}`",
+        keys.iter()
+            .take(KEY_PROBLEMS_SHOWN)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join("`, `")
+    );
+    if keys.len() > KEY_PROBLEMS_SHOWN {
+        text.push_str(&format!(" and {} more", keys.len() - KEY_PROBLEMS_SHOWN));
     }
     text
 }

@@ -4,6 +4,8 @@
 //!   and the TurboDiffusion key layouts, with any attention backend of `turbo-attention`;
 //! - [`vae`]: the Wan2.1 video VAE, streaming encode and decode;
 //! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
+//! - [`lora`]: LoRA adapters (ComfyUI, PEFT and diffusers layouts), merged or run beside the
+//!   weights, switched on a resident model;
 //! - [`convert`]: any checkpoint to safetensors, optionally quantising the DiT to W8A8;
 //! - [`checkpoint`]: one reader for `.safetensors` files, sharded safetensors folders and
 //!   PyTorch `.pth` state dicts, and the check that a file holds exactly the tensors a model
@@ -49,6 +51,7 @@
 
 pub mod checkpoint;
 pub mod convert;
+pub mod lora;
 pub mod pth;
 pub mod tokenizer;
 pub mod umt5;
@@ -56,6 +59,7 @@ pub mod vae;
 pub mod wan;
 
 pub use checkpoint::{Checkpoint, TensorMeta};
+pub use lora::{LoraAdapter, LoraLayout, LoraMode, LoraSummary, LoraTarget, ScaledLora};
 pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
 pub use umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder};
 pub use vae::{DecodedFrames, VaeConfig, VaeTiling, WanVae};

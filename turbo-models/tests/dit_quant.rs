@@ -72,14 +72,7 @@ impl QuantCase for DitCase {
 }
 
 fn assert_same(got: &Tensor, want: &Tensor, what: &str) {
-    let diff = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = common::max_abs_diff(got, want);
     assert_eq!(diff, 0.0, "{what}: max |difference| {diff}");
 }
 

@@ -70,7 +70,8 @@ mod tile;
 pub use candle_core::Module;
 pub use gemm::int8_gemm;
 pub use linear::{
-    int8_tensor, Int8Weight, Linear, QuantPolicy, BIAS_KEY, INT8_WEIGHT_KEY, SCALE_KEY, WEIGHT_KEY,
+    int8_tensor, Int8Weight, Linear, LowRank, QuantPolicy, BIAS_KEY, INT8_WEIGHT_KEY, SCALE_KEY,
+    WEIGHT_KEY,
 };
 pub use op::{add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Matmul};
 pub use tile::{quantize_tiles, tile_grid, TileMatrix, TileQuantized, TILE};

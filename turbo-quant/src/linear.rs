@@ -151,6 +151,60 @@ enum Weight {
 pub struct Linear {
     weight: Weight,
     bias: Option<Tensor>,
+    /// A low-rank term added at run time (LoRA adapters on int8 weights, or on float weights
+    /// that must stay unmerged): `y += (x·downᵀ)·upᵀ`.
+    low_rank: Option<LowRank>,
+}
+
+/// The factors of a run-time low-rank term `x·downᵀ·upᵀ`, `down` `[R, K]` and `up` `[N, R]`, the
+/// adapter's scale folded into `up`. Several adapters are concatenated along R, so that any
+/// number of them costs two thin matmuls per call.
+#[derive(Debug, Clone)]
+pub struct LowRank {
+    down: Tensor,
+    up: Tensor,
+}
+
+impl LowRank {
+    /// `down` `[R, K]`, `up` `[N, R]`, in the dtype the term is computed in.
+    pub fn new(down: Tensor, up: Tensor) -> Result<Self> {
+        let (rank, _) = matrix_dims("low-rank `down`", &down)?;
+        let (_, up_rank) = matrix_dims("low-rank `up`", &up)?;
+        if up_rank != rank || up.dtype() != down.dtype() {
+            return Err(Error::Shape {
+                what: format!(
+                    "low-rank `up` ({:?}) for `down` {:?}",
+                    up.dtype(),
+                    down.dims()
+                ),
+                expected: format!("[N, {rank}] in {:?}", down.dtype()),
+                got: up.dims().to_vec(),
+            });
+        }
+        Ok(Self { down, up })
+    }
+
+    /// R: the summed rank of the adapters in the term.
+    pub fn rank(&self) -> usize {
+        self.down.dims()[0]
+    }
+
+    /// Both terms in one, concatenated along the rank.
+    fn concat(&self, other: &Self) -> Result<Self> {
+        let dtype = self.down.dtype();
+        Self::new(
+            Tensor::cat(&[&self.down, &other.down.to_dtype(dtype)?], 0)?,
+            Tensor::cat(&[&self.up, &other.up.to_dtype(dtype)?], 1)?,
+        )
+    }
+
+    /// `(x·downᵀ)·upᵀ` of a `[rows, K]` matrix, in `dtype`.
+    fn forward(&self, x: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+        x.to_dtype(self.down.dtype())?
+            .matmul(&self.down.t()?)?
+            .matmul(&self.up.t()?)?
+            .to_dtype(dtype)
+    }
 }
 
 impl Linear {
@@ -167,6 +221,7 @@ impl Linear {
         Ok(Self {
             weight: Weight::Float(weight),
             bias,
+            low_rank: None,
         })
     }
 
@@ -187,6 +242,7 @@ impl Linear {
         Ok(Self {
             weight: Weight::Int8(weight),
             bias,
+            low_rank: None,
         })
     }
 
@@ -237,6 +293,14 @@ impl Linear {
         }
     }
 
+    /// The device the weights live on.
+    pub fn device(&self) -> &Device {
+        match &self.weight {
+            Weight::Float(weight) => weight.device(),
+            Weight::Int8(weight) => weight.values.device(),
+        }
+    }
+
     /// Whether the layer computes in W8A8 int8.
     pub fn is_int8(&self) -> bool {
         matches!(self.weight, Weight::Int8(_))
@@ -282,17 +346,104 @@ impl Linear {
             Weight::Float(weight) => weight.to_dtype(dtype)?,
             Weight::Int8(weight) => weight.dequantize()?.to_dtype(dtype)?,
         };
-        Self::from_float(weight, self.bias.clone())
+        Ok(Self {
+            low_rank: self.low_rank.clone(),
+            ..Self::from_float(weight, self.bias.clone())?
+        })
+    }
+
+    /// The same layer in W8A8 int8: a float weight is quantised (its bias and run-time
+    /// low-rank term kept); an int8 layer is returned as it is.
+    pub fn quantized(&self) -> Result<Self> {
+        match &self.weight {
+            Weight::Int8(_) => Ok(self.clone()),
+            Weight::Float(weight) => Ok(Self {
+                low_rank: self.low_rank.clone(),
+                ..Self::quantize(weight, self.bias.clone())?
+            }),
+        }
+    }
+
+    /// The run-time low-rank term, if any.
+    pub fn low_rank(&self) -> Option<&LowRank> {
+        self.low_rank.as_ref()
+    }
+
+    /// The layer with `term` added at run time (beside any term it already has). The layer's
+    /// own weight is shared, not copied.
+    pub fn with_low_rank(&self, term: LowRank) -> Result<Self> {
+        let (in_dim, out_dim) = self.dims();
+        let expected = format!("down [R, {in_dim}] and up [{out_dim}, R]");
+        if term.down.dims()[1] != in_dim || term.up.dims()[0] != out_dim {
+            return Err(Error::Shape {
+                what: "low-rank term of a linear".into(),
+                expected,
+                got: [term.down.dims(), term.up.dims()].concat(),
+            });
+        }
+        let low_rank = match &self.low_rank {
+            Some(existing) => existing.concat(&term)?,
+            None => term,
+        };
+        Ok(Self {
+            low_rank: Some(low_rank),
+            ..self.clone()
+        })
+    }
+
+    /// The float layer with `delta` (`[N, K]`, any float dtype) added to its weight, the sum
+    /// taken in f32 and stored in the weight's dtype. An int8 layer cannot be merged into
+    /// without requantising: that is an error (run the delta as a [`LowRank`] term instead).
+    pub fn with_weight_delta(&self, delta: &Tensor) -> Result<Self> {
+        let Weight::Float(weight) = &self.weight else {
+            return Err(Error::UnsupportedDType {
+                what: "a weight difference merged into a linear".into(),
+                dtype: DType::U8,
+                expected: "a float weight (int8 weights take low-rank terms at run time)",
+            });
+        };
+        check_shape(WEIGHT_KEY, delta, weight.dims())?;
+        let merged = (weight.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
+        Ok(Self {
+            weight: Weight::Float(merged.to_dtype(weight.dtype())?),
+            ..self.clone()
+        })
+    }
+
+    /// The layer with `delta` `[N]` added to its bias (a layer without bias gets `delta` as
+    /// its bias), in the bias's dtype (the float weight's, or f32 for an int8 layer without
+    /// one).
+    pub fn with_bias_delta(&self, delta: &Tensor) -> Result<Self> {
+        check_shape(BIAS_KEY, delta, &[self.dims().1])?;
+        let bias = match &self.bias {
+            Some(bias) => (bias.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?
+                .to_dtype(bias.dtype())?,
+            None => match &self.weight {
+                Weight::Float(weight) => delta.to_dtype(weight.dtype())?,
+                Weight::Int8(_) => delta.to_dtype(DType::F32)?,
+            },
+        };
+        Ok(Self {
+            bias: Some(bias),
+            ..self.clone()
+        })
     }
 
     /// `x·Wᵀ` of a `[rows, in]` matrix, in the dtype the bias is added in (the float weight's,
-    /// or x's for int8 weights).
+    /// or x's for int8 weights), plus the run-time low-rank term when there is one.
     fn matmul_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        match &self.weight {
-            Weight::Float(weight) => x.to_dtype(weight.dtype())?.matmul(&weight.t()?),
+        let y = match &self.weight {
+            Weight::Float(weight) => x.to_dtype(weight.dtype())?.matmul(&weight.t()?)?,
             Weight::Int8(weight) => {
-                int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())
+                int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())?
             }
+        };
+        match &self.low_rank {
+            Some(term) => {
+                let dtype = y.dtype();
+                y + term.forward(x, dtype)?
+            }
+            None => Ok(y),
         }
     }
 
@@ -366,6 +517,14 @@ fn check_shape(what: &str, tensor: &Tensor, expected: &[usize]) -> Result<()> {
         Ok(())
     } else {
         Err(shape_error(what, &format!("{expected:?}"), tensor.dims()))
+    }
+}
+
+/// `(rows, cols)` of a 2-D tensor.
+fn matrix_dims(what: &str, tensor: &Tensor) -> Result<(usize, usize)> {
+    match *tensor.dims() {
+        [rows, cols] => Ok((rows, cols)),
+        ref dims => Err(shape_error(what, "[rows, cols]", dims)),
     }
 }
 

@@ -9,6 +9,7 @@ use turbo_quant::Linear;
 use super::fused;
 use super::rope::Rope3d;
 use super::{block_linear, QuantPolicy, WanConfig};
+use crate::lora::Slot;
 
 /// RMSNorm over the whole hidden vector (all heads together), statistics in f32.
 #[derive(Debug, Clone)]
@@ -69,6 +70,29 @@ impl Projections {
 
     fn linears(&self) -> [&Linear; 4] {
         [&self.q, &self.k, &self.v, &self.o]
+    }
+
+    fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        [&mut self.q, &mut self.k, &mut self.v, &mut self.o]
+    }
+
+    /// The projections and norm weights a LoRA can change, under `prefix` (`blocks.N.self_attn`).
+    fn lora_slots(&mut self, prefix: &str) -> Vec<(String, Slot<'_>)> {
+        let linears = ["q", "k", "v", "o"]
+            .into_iter()
+            .zip([&mut self.q, &mut self.k, &mut self.v, &mut self.o])
+            .map(|(name, linear)| (format!("{prefix}.{name}"), Slot::Block(linear)));
+        let norms = [
+            (
+                format!("{prefix}.norm_q"),
+                Slot::Tensor(&mut self.norm_q.weight),
+            ),
+            (
+                format!("{prefix}.norm_k"),
+                Slot::Tensor(&mut self.norm_k.weight),
+            ),
+        ];
+        linears.chain(norms).collect()
     }
 
     /// `[1, L, D]` → `[1, L, H, D/H]`.
@@ -142,6 +166,14 @@ impl<A> SelfAttention<A> {
     pub(crate) fn linears(&self) -> [&Linear; 4] {
         self.proj.linears()
     }
+
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        self.proj.linears_mut()
+    }
+
+    pub(crate) fn lora_slots(&mut self, prefix: &str) -> Vec<(String, Slot<'_>)> {
+        self.proj.lora_slots(prefix)
+    }
 }
 
 impl<A: Attention> SelfAttention<A> {
@@ -182,6 +214,14 @@ impl CrossAttention {
 
     pub(crate) fn linears(&self) -> [&Linear; 4] {
         self.proj.linears()
+    }
+
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 4] {
+        self.proj.linears_mut()
+    }
+
+    pub(crate) fn lora_slots(&mut self, prefix: &str) -> Vec<(String, Slot<'_>)> {
+        self.proj.lora_slots(prefix)
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Unbiased<'_>> {

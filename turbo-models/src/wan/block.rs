@@ -8,6 +8,7 @@ use super::attention::{CrossAttention, SelfAttention, Unbiased};
 use super::fused;
 use super::rope::Rope3d;
 use super::{block_linear, QuantPolicy, WanConfig};
+use crate::lora::Slot;
 
 /// LayerNorm over the last dimension in f32, with an optional affine part.
 #[derive(Debug, Clone)]
@@ -141,6 +142,32 @@ impl<A> WanBlock<A> {
             .into_iter()
             .chain(self.cross_attn.linears())
             .chain(ffn)
+    }
+
+    /// The same ten linears, to change them.
+    pub(crate) fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        let ffn = [&mut self.ffn.up, &mut self.ffn.down];
+        self.self_attn
+            .linears_mut()
+            .into_iter()
+            .chain(self.cross_attn.linears_mut())
+            .chain(ffn)
+    }
+
+    /// Everything a LoRA can change in the block, under `prefix` (`blocks.N`).
+    pub(crate) fn lora_slots(&mut self, prefix: &str) -> Vec<(String, Slot<'_>)> {
+        let mut slots = vec![(
+            format!("{prefix}.modulation"),
+            Slot::Tensor(&mut self.modulation),
+        )];
+        if let Some((weight, bias)) = &mut self.norm3.affine {
+            slots.push((format!("{prefix}.norm3"), Slot::Affine { weight, bias }));
+        }
+        slots.extend(self.self_attn.lora_slots(&format!("{prefix}.self_attn")));
+        slots.extend(self.cross_attn.lora_slots(&format!("{prefix}.cross_attn")));
+        slots.push((format!("{prefix}.ffn.0"), Slot::Block(&mut self.ffn.up)));
+        slots.push((format!("{prefix}.ffn.2"), Slot::Block(&mut self.ffn.down)));
+        slots
     }
 }
 

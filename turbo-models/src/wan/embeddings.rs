@@ -2,6 +2,8 @@
 
 use candle_core::{Device, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
+
+use crate::lora::Slot;
 use turbo_core::{Error, Result, PATCH_SIZE};
 
 use super::{linear, WanConfig};
@@ -111,6 +113,24 @@ pub(crate) struct TimeEmbedding {
 }
 
 impl TimeEmbedding {
+    /// The linears a LoRA can change, by checkpoint key.
+    pub(crate) fn lora_slots(&mut self) -> Vec<(String, Slot<'_>)> {
+        vec![
+            (
+                "time_embedding.0".into(),
+                Slot::Plain(&mut self.embedding_in),
+            ),
+            (
+                "time_embedding.2".into(),
+                Slot::Plain(&mut self.embedding_out),
+            ),
+            (
+                "time_projection.1".into(),
+                Slot::Plain(&mut self.projection),
+            ),
+        ]
+    }
+
     /// `vb` is the model root, in f32.
     pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig) -> Result<Self> {
         Ok(Self {
@@ -146,6 +166,14 @@ pub(crate) struct TextEmbedding {
 }
 
 impl TextEmbedding {
+    /// The linears a LoRA can change, by checkpoint key.
+    pub(crate) fn lora_slots(&mut self) -> Vec<(String, Slot<'_>)> {
+        vec![
+            ("text_embedding.0".into(), Slot::Plain(&mut self.proj_in)),
+            ("text_embedding.2".into(), Slot::Plain(&mut self.proj_out)),
+        ]
+    }
+
     pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig) -> Result<Self> {
         Ok(Self {
             proj_in: linear(vb.pp("0"), cfg.text_dim, cfg.dim)?,

@@ -8,6 +8,7 @@ use super::embeddings::{PatchEmbedding, PatchLayout, TextEmbedding, TimeEmbeddin
 use super::keys::BLOCK_LINEARS;
 use super::rope::Rope3d;
 use super::{linear, ModelType, QuantPolicy, WanConfig};
+use crate::lora::{LoraMode, LoraSummary, ScaledLora, Slot, Unadapted};
 
 /// Where a block's self-attention backend keeps its weights (SLA's `proj_l`).
 pub(crate) const ATTENTION_WEIGHTS: &str = "self_attn.attn_op.local_attn";
@@ -37,6 +38,13 @@ impl Head {
             norm: LayerNorm::plain(cfg.eps),
             proj: linear(vb.pp("head"), cfg.dim, cfg.out_dim * PATCH_VOLUME)?,
         })
+    }
+
+    fn lora_slots(&mut self) -> Vec<(String, Slot<'_>)> {
+        vec![
+            ("head.modulation".into(), Slot::Tensor(&mut self.modulation)),
+            ("head.head".into(), Slot::Plain(&mut self.proj)),
+        ]
     }
 
     /// `x` `[1, L, D]` f32 and the raw time embedding `e` `[1, D]` (no SiLU) → `[1, L, 4·C]`.
@@ -69,6 +77,8 @@ pub struct WanModel<A> {
     text_embedding: TextEmbedding,
     blocks: Vec<WanBlock<A>>,
     head: Head,
+    /// The base values of the modules [`WanModel::set_loras`] has changed.
+    unadapted: Unadapted,
 }
 
 impl<A: LoadAttention> WanModel<A> {
@@ -123,6 +133,7 @@ impl<A: LoadAttention> WanModel<A> {
             text_embedding: TextEmbedding::load(vb.pp("text_embedding"), cfg)?,
             blocks,
             head: Head::load(f32_vb.pp("head"), cfg)?,
+            unadapted: Unadapted::default(),
         };
         let stored_int8 = (0..cfg.num_layers)
             .flat_map(|i| BLOCK_LINEARS.map(|linear| format!("blocks.{i}.{linear}.int8_weight")))
@@ -146,6 +157,61 @@ impl<A> WanModel<A> {
 
     fn block_linears(&self) -> impl Iterator<Item = &turbo_quant::Linear> {
         self.blocks.iter().flat_map(WanBlock::linears)
+    }
+
+    /// Quantises every float block linear to W8A8 int8 (as [`QuantPolicy::Quantize`] does at
+    /// load): after [`WanModel::apply_loras`] in [`LoraMode::Merge`], this merges adapters into
+    /// a float checkpoint *before* quantising it.
+    pub fn quantize_block_linears(&mut self) -> Result<()> {
+        for linear in self.blocks.iter_mut().flat_map(WanBlock::linears_mut) {
+            *linear = linear.quantized()?;
+        }
+        Ok(())
+    }
+
+    /// Applies `loras` (each at its strength) in place: float tensors merged, int8 block
+    /// linears given a run-time low-rank term (see [`crate::lora`]). Every adapter is checked
+    /// against the model before anything changes: a target the model does not have (for a
+    /// strict adapter) or a shape that does not fit is an [`Error::Lora`] naming the file and
+    /// the keys, and leaves the model as it was.
+    pub fn apply_loras(&mut self, loras: &[ScaledLora], mode: LoraMode) -> Result<LoraSummary> {
+        let summary = crate::lora::apply_loras(self.lora_slots(), loras, mode)?;
+        tracing::info!(
+            "{} LoRA(s): {} modules merged, {} linears with a run-time low-rank term",
+            loras.len(),
+            summary.merged,
+            summary.low_rank
+        );
+        Ok(summary)
+    }
+
+    /// Sets the adapters of a resident model, replacing those set before: the model starts from
+    /// its unadapted values (kept since the first call), so switching adapters or strengths
+    /// reads nothing from disk and gives exactly what a fresh load with `loras` applied gives.
+    /// An empty `loras` puts the base model back and frees the kept values. Errors as
+    /// [`WanModel::apply_loras`]; after one, the model is left without adapters.
+    pub fn set_loras(&mut self, loras: &[ScaledLora], mode: LoraMode) -> Result<LoraSummary> {
+        let mut unadapted = std::mem::take(&mut self.unadapted);
+        unadapted.restore(self.lora_slots());
+        unadapted.save_targets(self.lora_slots(), loras);
+        self.unadapted = unadapted;
+        self.apply_loras(loras, mode)
+    }
+
+    /// Whether adapters set by [`WanModel::set_loras`] are active.
+    pub fn has_loras(&self) -> bool {
+        !self.unadapted.is_empty()
+    }
+
+    /// Every tensor a LoRA can change, by checkpoint key (without `.weight` / `.bias`).
+    fn lora_slots(&mut self) -> Vec<(String, Slot<'_>)> {
+        let mut slots = self.text_embedding.lora_slots();
+        slots.extend(self.time_embedding.lora_slots());
+        slots.extend(self.head.lora_slots());
+        for (i, block) in self.blocks.iter_mut().enumerate() {
+            slots.extend(block.lora_slots(&format!("blocks.{i}")));
+        }
+        slots
     }
 
     /// One summary line for all block linears (`turbo_quant::Linear` logs each at debug level).

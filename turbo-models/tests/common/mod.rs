@@ -94,6 +94,18 @@ pub fn attention_config(file: &GoldenFile) -> AttentionConfig {
     }
 }
 
+/// The largest |a − b| (0 for bitwise-equal f32 tensors).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 pub fn relative_error(got: &Tensor, want: &Tensor) -> f64 {
     turbo_core::golden::relative_error(got, want).unwrap()
 }
