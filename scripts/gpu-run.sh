@@ -8,7 +8,8 @@
 # Usage: scripts/gpu-run.sh <step>...
 #   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-dit-14b (a 14B DiT
 #   forward at 720p), bench-t2v-14b (14B T2V at 720p), bench-i2v (Wan2.2 A14B I2V at 720p),
-#   t2v-demo
+#   bench-lora (a rank-32 LoRA on the 14B: merge time, forward merged / as a run-time branch),
+#   anchors-vae and torch-probes (the upstream references, see below), t2v-demo
 # Results go to $OUT (default /tmp/gpu-out). Each step has a time limit; a failing step is
 # reported and the others still run.
 set -uo pipefail
@@ -38,6 +39,7 @@ for step in "$@"; do
     bench-dit-14b) bench dit 500 dit_14b --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 ;;
     bench-t2v-14b) bench t2v 600 t2v_14b --t2v-model 14b --t2v-size 1280x720 --skip-cold-run ;;
     bench-i2v) bench i2v 600 i2v --i2v-size 1280x720 --skip-cold-run ;;
+    bench-lora) bench lora 500 lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32 ;;
     # The upstream reference (PyTorch, Wan2.1's VAE) in the same run: copy the Wan2.1
     # wan/modules folder to .upstream/wan21/modules and make .upstream/vae_anchor.py from the
     # VAE part of ../shared/bench/upstream_anchors.py (its README); torch_probes.py from there.
