@@ -134,10 +134,17 @@ impl PthArchive {
             Object::Dict(entries) => entries,
             _ => return Err(pth_error(&path, "the pickled object is not a state dict")),
         };
+        let file_length = std::fs::metadata(&path)
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         let mut tensors = BTreeMap::new();
         for (key, value) in entries {
             let Object::Unicode(name) = key else { continue };
             if let Some(tensor) = parse_tensor(&name, value, &data_dir)
+                .and_then(|tensor| check_extent(tensor, &mut archive, file_length))
                 .map_err(|reason| pth_error(&path, &format!("tensor `{name}`: {reason}")))?
             {
                 tensors.insert(name, tensor);
@@ -178,19 +185,71 @@ impl PthArchive {
 
     /// The tensor's bytes: its slice of the storage entry, from its offset on.
     fn read_bytes(&self, tensor: &PthTensor) -> std::result::Result<Vec<u8>, String> {
-        let element = tensor.stored.size_in_bytes();
+        let (skip, length) = tensor.byte_range()?;
         let mut archive = open_zip(&self.path).map_err(|e| e.to_string())?;
         let mut entry = archive
             .by_name(&tensor.entry)
             .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?;
-        let skip = (tensor.offset * element) as u64;
-        std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
+        let skipped = std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
             .map_err(|e| e.to_string())?;
-        let mut bytes = vec![0u8; tensor.shape.iter().product::<usize>() * element];
+        if skipped != skip {
+            return Err(format!(
+                "storage `{}` ends before the tensor's offset",
+                tensor.entry
+            ));
+        }
+        let mut bytes = vec![0u8; length as usize];
         entry
             .read_exact(&mut bytes)
             .map_err(|e| format!("storage `{}` is shorter than the tensor: {e}", tensor.entry))?;
         Ok(bytes)
+    }
+}
+
+impl PthTensor {
+    /// `(first byte, byte length)` of the tensor in its storage, `Err` when a size overflows.
+    fn byte_range(&self) -> std::result::Result<(u64, u64), String> {
+        let element = self.stored.size_in_bytes() as u64;
+        let overflow = || format!("the byte size of shape {:?} overflows", self.shape);
+        let count = crate::checkpoint::element_count(&self.shape).ok_or_else(overflow)?;
+        let length = (count as u64).checked_mul(element).ok_or_else(overflow)?;
+        let start = (self.offset as u64)
+            .checked_mul(element)
+            .ok_or_else(|| format!("the storage offset {} overflows", self.offset))?;
+        Ok((start, length))
+    }
+}
+
+/// The tensor, if its bytes lie inside its storage entry of the archive: a file whose sizes
+/// or offsets overflow, or that claims more bytes than it stores, is refused when opened.
+fn check_extent(
+    tensor: Option<PthTensor>,
+    archive: &mut zip::ZipArchive<BufReader<File>>,
+    file_length: u64,
+) -> std::result::Result<Option<PthTensor>, String> {
+    let Some(tensor) = tensor else {
+        return Ok(None);
+    };
+    let (start, length) = tensor.byte_range()?;
+    let stored = archive
+        .by_name(&tensor.entry)
+        .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?
+        .size();
+    // The zip entry's size is itself a claim: `torch.save` stores entries uncompressed, so
+    // no storage can be larger than the archive.
+    if stored > file_length {
+        return Err(format!(
+            "storage `{}` claims {stored} bytes but the archive holds {file_length}",
+            tensor.entry
+        ));
+    }
+    match start.checked_add(length) {
+        Some(end) if end <= stored => Ok(Some(tensor)),
+        _ => Err(format!(
+            "shape {:?} at element offset {} needs {length} bytes from byte {start}, but \
+             storage `{}` holds {stored}",
+            tensor.shape, tensor.offset, tensor.entry
+        )),
     }
 }
 
@@ -322,7 +381,8 @@ fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
         if size != 1 && step != expected {
             return false;
         }
-        expected *= size;
+        // An overflowing shape is refused later by its byte size; any stride then fails.
+        expected = expected.saturating_mul(size);
     }
     true
 }

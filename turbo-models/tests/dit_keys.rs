@@ -16,10 +16,7 @@ use turbo_models::wan::{
 type KeyShapes = BTreeMap<String, Vec<usize>>;
 
 fn tsv(name: &str) -> KeyShapes {
-    let path = format!(
-        "{}/../fixtures/keys/{name}.tsv",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/../fixtures/keys/{name}.tsv", env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     text.lines()
         .filter(|line| !line.trim().is_empty())
