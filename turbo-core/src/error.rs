@@ -282,6 +282,9 @@ fn describe_key_problems(problems: &[KeyProblem]) -> String {
     text
 }
 
+/// `Result` with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +310,3 @@ mod tests {
         assert!(debug.contains("blocks.0.self_attn.q.weight"), "{debug}");
     }
 }
-
-/// `Result` with [`Error`].
-pub type Result<T> = std::result::Result<T, Error>;

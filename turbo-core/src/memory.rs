@@ -76,31 +76,6 @@ fn parse_mem_available(meminfo: &str) -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mem_available_is_read_in_bytes() {
-        let text = "MemTotal:       16318412 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n";
-        assert_eq!(parse_mem_available(text), Some(8_000_000 * 1024));
-        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
-        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
-        assert_eq!(
-            parse_mem_available("MemAvailable: 99999999999999999999 kB\n"),
-            None
-        );
-    }
-
-    #[test]
-    fn the_cpu_has_a_budget_where_the_host_says_how_much_is_free() {
-        let budget = available_memory(&Device::Cpu).unwrap();
-        if std::path::Path::new("/proc/meminfo").exists() {
-            assert!(budget.is_some_and(|bytes| bytes > 0), "{budget:?}");
-        }
-    }
-}
-
 #[cfg(feature = "cuda")]
 mod cuda_pool {
     use candle_core::cuda_backend::cudarc::driver::sys;
@@ -183,5 +158,30 @@ mod cuda_pool {
 
     fn driver_error(call: &str, error: impl std::fmt::Display) -> Error {
         Error::Candle(candle_core::Error::Msg(format!("{call} failed: {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       16318412 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(8_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(
+            parse_mem_available("MemAvailable: 99999999999999999999 kB\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_cpu_has_a_budget_where_the_host_says_how_much_is_free() {
+        let budget = available_memory(&Device::Cpu).unwrap();
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(budget.is_some_and(|bytes| bytes > 0), "{budget:?}");
+        }
     }
 }

@@ -248,5 +248,5 @@ pub fn written_from(
         .tensors()
         .filter(|t| t.stored == StoredDType::F32 && !t.name.ends_with(".scale"))
         .all(|t| weights.contains_key(&t.name));
-    no_extra && float_keys.into_iter().all(|name| same(name))
+    no_extra && float_keys.into_iter().all(same)
 }
