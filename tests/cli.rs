@@ -119,6 +119,37 @@ fn two_runs_with_default_names_keep_both_videos() {
     assert_eq!(entries(dir.path()).len(), 3);
 }
 
+/// The library's warnings reach the user: a prompt longer than the demo DiT's 64 tokens is
+/// cut, and stderr says so.
+#[test]
+fn a_cut_prompt_is_announced() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "a red fox running through fresh snow at dawn, cinematic lighting ".repeat(3);
+    let output = run_in(
+        dir.path(),
+        &[
+            "--prompt",
+            &prompt,
+            "--num-frames",
+            "5",
+            "--num-steps",
+            "1",
+            "--output",
+            "fox.gif",
+        ],
+    );
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("its end is cut"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        &std::fs::read(dir.path().join("fox.gif")).unwrap()[..3],
+        b"GIF"
+    );
+}
+
 #[test]
 fn ctrl_c_cancels_the_run_and_leaves_no_file() {
     let dir = tempfile::tempdir().unwrap();

@@ -137,14 +137,15 @@ fn a_vae_missing_a_key_fails_before_the_text_encoder_runs() {
 }
 
 #[test]
-fn a_truncated_text_encoder_or_vae_fails_before_any_stage_naming_the_file() {
+fn a_truncated_weight_file_fails_before_any_stage_naming_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let demo = Pipeline::demo(1, attention(), Device::Cpu).unwrap();
-    for which in ["umt5", "vae"] {
+    for which in ["umt5", "vae", "dit"] {
         let (_, models) = pipeline_over_files(&demo, dir.path());
         let path = match which {
             "umt5" => file_of(&models.text_encoder_weights),
-            _ => file_of(&models.vae_weights),
+            "vae" => file_of(&models.vae_weights),
+            _ => file_of(&models.dit_weights),
         };
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 100]).unwrap();
