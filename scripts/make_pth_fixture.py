@@ -15,6 +15,8 @@ Outputs (run from the repository root: `python3 scripts/make_pth_fixture.py`):
 - fixtures/pth/noncontiguous.pth: one transposed tensor (the reader must refuse it by name).
 - fixtures/pth/damaged_{offset,shape,claim}.pth: a storage offset, a shape and a size that lie
   about the 4 bytes stored (the reader must refuse each when the file is opened).
+- fixtures/pth/damaged_pickle_length.pth: a `data.pkl` string claiming 2.8 GB (found by
+  fuzzing), refused before anything is allocated.
 - fixtures/pth/dit_t2v_sla-quant.pth: the weights of fixtures/golden/dit_t2v_sla.safetensors in
   the layout of a TurboDiffusion `-quant` release: every block linear except `proj_l` as
   `int8_weight` (int8) + `scale` (f32, one per 128x128 tile) + `bias`, quantised as
@@ -212,6 +214,19 @@ def damaged_fixtures():
     }
 
 
+def save_raw_pickle(pickle_bytes, path: Path):
+    """An archive whose `data.pkl` is `pickle_bytes` as given (with a correct CRC)."""
+    stem = path.stem
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in [(f"{stem}/data.pkl", pickle_bytes), (f"{stem}/version", b"3\n")]:
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
+# What `scripts/fuzz.sh` (pth_reader) found: a string claiming 0xA9000000 bytes (2.8 GB), which
+# candle's unpickler allocated before reading.
+PICKLE_LENGTH_LIE = b"\x80\x02}q\x00(X\x00\x00\x00\xa9abc"
+
+
 def read_safetensors(path: Path):
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
@@ -287,6 +302,7 @@ def main():
     save(quant_dit_fixture(), OUT / "dit_t2v_sla-quant.pth")
     for name, damaged in damaged_fixtures().items():
         save(damaged, OUT / name)
+    save_raw_pickle(PICKLE_LENGTH_LIE, OUT / "damaged_pickle_length.pth")
 
 
 if __name__ == "__main__":

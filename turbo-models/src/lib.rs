@@ -97,6 +97,7 @@
 
 pub mod checkpoint;
 pub mod convert;
+mod pickle_guard;
 pub mod pth;
 pub mod tokenizer;
 pub mod umt5;

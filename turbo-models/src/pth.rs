@@ -120,13 +120,20 @@ impl PthArchive {
             .map(|name| name.into_owned())
             .ok_or_else(|| pth_error(&path, "the archive holds no `data.pkl`"))?;
         let data_dir = pickle_entry.trim_end_matches(".pkl").to_owned();
+        let file_length = std::fs::metadata(&path)
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         let state_dict = {
-            let entry = archive
-                .by_name(&pickle_entry)
+            let pickle = read_entry(&mut archive, &pickle_entry, file_length)
                 .map_err(|e| pth_error(&path, &format!("cannot read `{pickle_entry}`: {e}")))?;
+            crate::pickle_guard::check_pickle(&pickle)
+                .map_err(|e| pth_error(&path, &format!("`{pickle_entry}`: {e}")))?;
             let mut stack = Stack::empty();
             stack
-                .read_loop(&mut BufReader::new(entry))
+                .read_loop(&mut std::io::Cursor::new(pickle))
                 .and_then(|()| stack.finalize())
                 .map_err(|e| pth_error(&path, &format!("`{pickle_entry}` is not a pickle: {e}")))?
         };
@@ -134,12 +141,6 @@ impl PthArchive {
             Object::Dict(entries) => entries,
             _ => return Err(pth_error(&path, "the pickled object is not a state dict")),
         };
-        let file_length = std::fs::metadata(&path)
-            .map_err(|source| Error::Io {
-                path: path.clone(),
-                source,
-            })?
-            .len();
         let mut tensors = BTreeMap::new();
         for (key, value) in entries {
             let Object::Unicode(name) = key else { continue };
@@ -251,6 +252,25 @@ fn check_extent(
             tensor.shape, tensor.offset, tensor.entry
         )),
     }
+}
+
+/// The bytes of archive entry `name`, refused when the entry claims more than the archive's
+/// `file_length` bytes (a zip header is a claim too).
+fn read_entry(
+    archive: &mut zip::ZipArchive<BufReader<File>>,
+    name: &str,
+    file_length: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut entry = archive.by_name(name).map_err(|e| e.to_string())?;
+    if entry.size() > file_length {
+        return Err(format!(
+            "it claims {} bytes but the archive holds {file_length}",
+            entry.size()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(entry.size() as usize);
+    entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// A state-dict value as a tensor: `Ok(None)` for values that are not tensors, an error for

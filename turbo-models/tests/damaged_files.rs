@@ -38,6 +38,19 @@ fn pth_sizes_that_lie_are_refused_naming_the_tensor() {
     }
 }
 
+/// The input `fuzz/`'s `pth_reader` found: a pickle string claiming 2.8 GB, which candle's
+/// unpickler allocated before reading. The pass before it refuses the length.
+#[test]
+fn a_pickle_length_past_the_stream_is_refused_before_allocating() {
+    let path = fixture("damaged_pickle_length.pth");
+    let (reported, reason) = checkpoint_reason(Checkpoint::open(&path));
+    assert_eq!(reported, path);
+    assert!(
+        reason.contains("data.pkl") && reason.contains("remain"),
+        "{reason}"
+    );
+}
+
 /// A safetensors file written by hand: `header` as JSON, then `data`.
 fn write_safetensors(path: &Path, header: &str, data: &[u8]) {
     let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
