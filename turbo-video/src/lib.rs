@@ -17,6 +17,7 @@
 mod h264;
 mod image_input;
 mod mp4;
+mod mp4_boxes;
 mod output;
 mod preview;
 mod target;

@@ -1,8 +1,7 @@
 //! MP4 files with H.264 video: a streaming [`Mp4Writer`], [`Video::write_mp4`] and
 //! [`Video::read_mp4`]. Muxing and demuxing use the pure-Rust `mp4` crate; see `docs/video.md`.
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufWriter, Cursor};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -282,10 +281,12 @@ impl Video {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_error)?;
-        let size = file.metadata().map_err(io_error)?.len();
+        let bytes = std::fs::read(path).map_err(io_error)?;
+        crate::mp4_boxes::check_boxes(&bytes)
+            .map_err(|reason| media_error(path, format!("malformed MP4: {reason}")))?;
+        let size = bytes.len() as u64;
         let mut reader = demuxing(path, "reading the header", || {
-            mp4::Mp4Reader::read_header(BufReader::new(file), size)
+            mp4::Mp4Reader::read_header(Cursor::new(bytes), size)
         })?;
         let track = H264Track::find(&reader, path)?;
         track.check_sample_sizes(&reader, size, path)?;
@@ -301,7 +302,7 @@ impl Video {
     }
 }
 
-type Mp4Reader = mp4::Mp4Reader<BufReader<File>>;
+type Mp4Reader = mp4::Mp4Reader<Cursor<Vec<u8>>>;
 
 /// What decoding needs from an MP4's H.264 track.
 struct H264Track {

@@ -44,6 +44,24 @@ fn a_sample_claiming_more_than_the_file_is_refused() {
     }
 }
 
+/// What `fuzz/`'s `mp4_reader` found: a box of size 0 inside a `moof`, on which the demuxer
+/// seeks back to the same header forever. The box tree is checked first.
+#[test]
+fn a_nested_box_of_size_zero_is_refused_not_looped_on() {
+    const FOUND_BY_FUZZING: [u8; 58] = [
+        0, 0, 0, 4, 0, 0, 0, 8, 162, 163, 163, 163, 0, 0, 0, 8, 163, 163, 162, 163, 0, 0, 0, 40,
+        109, 111, 111, 102, 0, 0, 0, 0, 162, 162, 0, 93, 92, 60, 161, 247, 163, 23, 0, 0, 8, 169,
+        110, 97, 109, 0, 0, 162, 0, 8, 169, 110, 97, 109,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("loop.mp4");
+    std::fs::write(&path, FOUND_BY_FUZZING).unwrap();
+    match Video::read_mp4(&path) {
+        Err(Error::Media { reason, .. }) => assert!(reason.contains("malformed MP4"), "{reason}"),
+        other => panic!("expected a media error, got {:?}", other.map(|v| v.len())),
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
 
