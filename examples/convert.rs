@@ -26,10 +26,24 @@ struct Args {
     /// W8A8: `int8_weight` (I8) + `scale` (F32 per 128×128 tile), as the `-quant` releases store.
     #[arg(long)]
     quantize: bool,
+    /// Replace `output` if it exists.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.overwrite || !args.output.exists(),
+        "{} exists: pass --overwrite to replace it",
+        args.output.display()
+    );
+    // Ctrl-C or SIGTERM while the (checkpoint-sized) temporary file is written removes it.
+    let temp = convert::temp_path(&args.output);
+    ctrlc::set_handler(move || {
+        let _ = std::fs::remove_file(&temp);
+        std::process::exit(130);
+    })?;
     let converted =
         convert::to_safetensors(&Checkpoint::open(&args.input)?, &args.output, args.quantize)?;
     println!(

@@ -65,9 +65,17 @@ fn main() -> Result<()> {
         .map(|s| s.shape.iter().product::<usize>() * s.dtype.size_in_bytes())
         .sum();
     let path = std::env::temp_dir().join(format!("dit_memory_{}.safetensors", std::process::id()));
-    RandomCheckpoint::new(0, specs.into_iter().map(|s| (s.name, s.shape)))
-        .save_safetensors(&path, DType::F32)?;
-    let result = measure(&path, &cfg, &attention, args.dtype, weight_bytes);
+    // The weights file is as large as the model: Ctrl-C or SIGTERM removes it too.
+    let on_signal = path.clone();
+    ctrlc::set_handler(move || {
+        let _ = std::fs::remove_file(&on_signal);
+        std::process::exit(130);
+    })?;
+    let result = RandomCheckpoint::new(0, specs.into_iter().map(|s| (s.name, s.shape)))
+        .save_safetensors(&path, DType::F32)
+        .map_err(anyhow::Error::from)
+        .and_then(|()| measure(&path, &cfg, &attention, args.dtype, weight_bytes));
+    // Removed on every exit path, a failed write included.
     std::fs::remove_file(&path).ok();
     result
 }

@@ -24,7 +24,7 @@ use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{AspectRatio, Resolution};
 use turbodiffusion::pipeline::{I2vRequest, ModelKind, DEMO_NOTICE};
 use turbodiffusion::sampler::I2V_A14B_BOUNDARY;
-use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
+use turbodiffusion::video::{ImageFit, InputImage};
 use turbodiffusion::Pipeline;
 
 #[derive(Parser, Debug)]
@@ -60,10 +60,12 @@ struct Args {
     boundary: f64,
     #[arg(long)]
     num_frames: Option<usize>,
-    #[arg(long, default_value = "720p")]
-    resolution: Resolution,
-    #[arg(long, default_value = "16:9")]
-    aspect_ratio: AspectRatio,
+    /// 720p (default) or 480p.
+    #[arg(long)]
+    resolution: Option<Resolution>,
+    /// 16:9 (default), 9:16, 1:1, 4:3 or 3:4.
+    #[arg(long)]
+    aspect_ratio: Option<AspectRatio>,
     /// Frame size from the image's aspect ratio instead of the table.
     #[arg(long)]
     adaptive_resolution: bool,
@@ -76,6 +78,17 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    common::show_warnings();
+    let interrupt = common::Interrupt::install()?;
+    if args.checkpoint_dir.is_none() {
+        common::reject_demo_flags(&[
+            ("--resolution", args.resolution.is_some()),
+            ("--aspect-ratio", args.aspect_ratio.is_some()),
+            ("--adaptive-resolution", args.adaptive_resolution),
+            ("--dtype", args.run.dtype.is_some()),
+            ("--quant-linear", args.quant_linear),
+        ])?;
+    }
     let kind = args.attention_type.kind(args.sla_topk)?;
     let device = args
         .run
@@ -93,7 +106,7 @@ fn main() -> Result<()> {
             .attention(kind)
             .quant_linear(args.quant_linear)
             .device(device)
-            .dtype(args.run.dtype)
+            .dtype(args.run.dtype())
             .build()?,
     };
     let pipeline = pipeline.with_loras(args.lora.loras()?)?;
@@ -105,8 +118,12 @@ fn main() -> Result<()> {
     request.video.sampler = args.sampler.sampler()?;
     request.video.sla_topk_schedule = args.sampler.sla_topk_schedule.clone();
     request.expert_topk = args.sla_topk_experts;
-    request.video.resolution = args.resolution;
-    request.video.aspect_ratio = args.aspect_ratio;
+    if let Some(resolution) = args.resolution {
+        request.video.resolution = resolution;
+    }
+    if let Some(aspect_ratio) = args.aspect_ratio {
+        request.video.aspect_ratio = aspect_ratio;
+    }
     request.video.seed = args.run.seed;
     request.video.fps = args.run.fps;
     request.adaptive_resolution = args.adaptive_resolution;
@@ -123,15 +140,16 @@ fn main() -> Result<()> {
     if let Some(frames) = args.num_frames {
         request.video.frames = frames;
     }
-    let mut progress = common::Console::new();
-    let video = pipeline.image_to_video_with_progress(&request, &mut progress)?;
     let model = if demo {
         "demo"
     } else {
         ModelKind::Wan22I2VA14B.short_name()
     };
-    let output = args.run.output_path("i2v", model);
-    video.write_mp4(&output, Mp4Options::default())?;
+    let output = args.run.output("i2v", model)?;
+    let mut progress = common::Console::new(interrupt.clone());
+    let video =
+        common::exit_if_cancelled(pipeline.image_to_video_with_progress(&request, &mut progress))?;
+    let output = output.write(&video, &interrupt)?;
     println!(
         "wrote {} ({} frames, {}x{}) in {:.2?}",
         output.display(),

@@ -23,7 +23,6 @@ use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
 use turbodiffusion::core::{AspectRatio, Resolution};
 use turbodiffusion::pipeline::{demo_request, ModelKind, DEMO_NOTICE};
-use turbodiffusion::video::Mp4Options;
 use turbodiffusion::{Pipeline, T2vRequest};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -45,8 +44,9 @@ struct Args {
     /// Folder with the checkpoint files; without it, the built-in demo runs (random weights).
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    #[arg(long, value_enum, default_value = "1.3b")]
-    model: Model,
+    /// 1.3b (default) or 14b.
+    #[arg(long, value_enum)]
+    model: Option<Model>,
     /// original, sla or sagesla.
     #[arg(long, default_value = "sagesla")]
     attention_type: common::AttentionName,
@@ -62,16 +62,29 @@ struct Args {
     /// 4n + 1 frames (default 81; 17 in the demo).
     #[arg(long)]
     num_frames: Option<usize>,
-    #[arg(long, default_value = "480p")]
-    resolution: Resolution,
-    #[arg(long, default_value = "16:9")]
-    aspect_ratio: AspectRatio,
+    /// 480p (default) or 720p.
+    #[arg(long)]
+    resolution: Option<Resolution>,
+    /// 16:9 (default), 9:16, 1:1, 4:3 or 3:4.
+    #[arg(long)]
+    aspect_ratio: Option<AspectRatio>,
     #[command(flatten)]
     run: common::RunArgs,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    common::show_warnings();
+    let interrupt = common::Interrupt::install()?;
+    if args.checkpoint_dir.is_none() {
+        common::reject_demo_flags(&[
+            ("--model", args.model.is_some()),
+            ("--resolution", args.resolution.is_some()),
+            ("--aspect-ratio", args.aspect_ratio.is_some()),
+            ("--dtype", args.run.dtype.is_some()),
+            ("--quant-linear", args.quant_linear),
+        ])?;
+    }
     let attention = AttentionConfig {
         kind: args.attention_type.kind(args.sla_topk)?,
         blocks: BlockSizes::default(),
@@ -92,7 +105,7 @@ fn main() -> Result<()> {
             )
         }
         Some(dir) => {
-            let kind = match args.model {
+            let kind = match args.model.unwrap_or(Model::Wan1_3B) {
                 Model::Wan1_3B => ModelKind::Wan21T2V1_3B,
                 Model::Wan14B => ModelKind::Wan21T2V14B,
             };
@@ -101,12 +114,13 @@ fn main() -> Result<()> {
                 .attention(attention.kind)
                 .quant_linear(args.quant_linear)
                 .device(device)
-                .dtype(args.run.dtype)
+                .dtype(args.run.dtype())
                 .build()?;
+            let defaults = T2vRequest::new(&args.prompt);
             let request = T2vRequest {
-                resolution: args.resolution,
-                aspect_ratio: args.aspect_ratio,
-                ..T2vRequest::new(&args.prompt)
+                resolution: args.resolution.unwrap_or(defaults.resolution),
+                aspect_ratio: args.aspect_ratio.unwrap_or(defaults.aspect_ratio),
+                ..defaults
             };
             (pipeline, request, kind.short_name())
         }
@@ -119,10 +133,11 @@ fn main() -> Result<()> {
     if let Some(frames) = args.num_frames {
         request.frames = frames;
     }
-    let mut progress = common::Console::new();
-    let video = pipeline.text_to_video_with_progress(&request, &mut progress)?;
-    let output = args.run.output_path("t2v", model_name);
-    video.write_mp4(&output, Mp4Options::default())?;
+    let output = args.run.output("t2v", model_name)?;
+    let mut progress = common::Console::new(interrupt.clone());
+    let video =
+        common::exit_if_cancelled(pipeline.text_to_video_with_progress(&request, &mut progress))?;
+    let output = output.write(&video, &interrupt)?;
     println!(
         "wrote {} ({} frames, {}x{}, {} fps) in {:.2?}",
         output.display(),

@@ -13,6 +13,10 @@ Outputs (run from the repository root: `python3 scripts/make_pth_fixture.py`):
 - fixtures/pth/tensors.pth: float32, bfloat16, int8, float64, int64 tensors, a parameter, two
   views into one storage (one at an offset), and the `_metadata` torch attaches to state dicts.
 - fixtures/pth/noncontiguous.pth: one transposed tensor (the reader must refuse it by name).
+- fixtures/pth/damaged_{offset,shape,claim}.pth: a storage offset, a shape and a size that lie
+  about the 4 bytes stored (the reader must refuse each when the file is opened).
+- fixtures/pth/damaged_pickle_length.pth: a `data.pkl` string claiming 2.8 GB (found by
+  fuzzing), refused before anything is allocated.
 - fixtures/pth/dit_t2v_sla-quant.pth: the weights of fixtures/golden/dit_t2v_sla.safetensors in
   the layout of a TurboDiffusion `-quant` release: every block linear except `proj_l` as
   `int8_weight` (int8) + `scale` (f32, one per 128x128 tile) + `bias`, quantised as
@@ -196,6 +200,33 @@ def noncontiguous_fixture():
     return state_dict([("transposed", Tensor(storage, (3, 2), stride=(1, 3)))])
 
 
+def damaged_fixtures():
+    """One file per way a header can lie about its sizes; the reader must refuse each when
+    opened (these used to read element 0, load an empty tensor, or abort on allocation)."""
+    four = Storage("FloatStorage", packed("f", [1.0]))
+    return {
+        # offset * 4 bytes wraps to 0 in 64 bits.
+        "damaged_offset.pth": state_dict([("far", Tensor(four, (1,), offset=2 ** 62))]),
+        # 2^32 * 2^32 elements wrap to 0.
+        "damaged_shape.pth": state_dict([("empty", Tensor(four, (2 ** 32, 2 ** 32)))]),
+        # 32 GiB claimed, 4 bytes stored.
+        "damaged_claim.pth": state_dict([("huge", Tensor(four, (2 ** 33,)))]),
+    }
+
+
+def save_raw_pickle(pickle_bytes, path: Path):
+    """An archive whose `data.pkl` is `pickle_bytes` as given (with a correct CRC)."""
+    stem = path.stem
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in [(f"{stem}/data.pkl", pickle_bytes), (f"{stem}/version", b"3\n")]:
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+
+
+# What `scripts/fuzz.sh` (pth_reader) found: a string claiming 0xA9000000 bytes (2.8 GB), which
+# candle's unpickler allocated before reading.
+PICKLE_LENGTH_LIE = b"\x80\x02}q\x00(X\x00\x00\x00\xa9abc"
+
+
 def read_safetensors(path: Path):
     data = path.read_bytes()
     (length,) = struct.unpack("<Q", data[:8])
@@ -269,6 +300,9 @@ def main():
     save(tensors_fixture(), OUT / "tensors.pth")
     save(noncontiguous_fixture(), OUT / "noncontiguous.pth")
     save(quant_dit_fixture(), OUT / "dit_t2v_sla-quant.pth")
+    for name, damaged in damaged_fixtures().items():
+        save(damaged, OUT / name)
+    save_raw_pickle(PICKLE_LENGTH_LIE, OUT / "damaged_pickle_length.pth")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ fn sagesla() -> AttentionConfig {
 
 /// A full-size model with random weights: nothing is drawn until a stage reads it, so
 /// estimating is cheap.
+/// A full-size model estimated as on a card with room for every stage: the CPU's default
+/// budget (the host's free memory) would otherwise pick VAE tiles on a small host.
 fn full_size(kind: ModelKind, quant: bool) -> Pipeline {
     Pipeline::random_weights(kind, 0, sagesla(), Device::Cpu, DType::BF16)
         .unwrap()
         .with_quant_linear(quant)
+        .with_memory_budget(u64::MAX)
 }
 
 fn sized(width: usize, height: usize, frames: usize) -> T2vRequest {

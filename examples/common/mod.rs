@@ -1,7 +1,10 @@
-//! What the `t2v` and `i2v` examples share: progress bars, the sampler flags and output names.
+//! What the `t2v` and `i2v` examples share: progress bars, the sampler flags, the output file,
+//! Ctrl-C and the library's warnings.
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
@@ -9,7 +12,65 @@ use turbodiffusion::core::{Progress, Stage, StageReport, StepReport};
 use turbodiffusion::models::lora::LoraAdapter;
 use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
-use turbodiffusion::AttentionKind;
+use turbodiffusion::video::{Existing, Fps, Mp4Options, OutputFile, Video};
+use turbodiffusion::{AttentionKind, Error};
+
+/// Shows the library's warnings (a prompt cut to the text encoder's limit, a failed prefetch)
+/// on stderr; `RUST_LOG`-style detail is not needed by these examples, warnings are.
+pub fn show_warnings() {
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Ctrl-C and SIGTERM, wired to the pipeline's cancellation: the first asks the run to stop
+/// after the step in progress (the pipeline then returns `Error::Cancelled` and nothing is
+/// written); a second one stops the program at once, unless the output is being written, which
+/// always finishes so that no partial or temporary file is left.
+#[derive(Clone)]
+pub struct Interrupt {
+    requested: Arc<AtomicUsize>,
+    writing: Arc<AtomicBool>,
+}
+
+/// The exit status of a program stopped by SIGINT, as shells report it.
+pub const INTERRUPTED_STATUS: i32 = 130;
+
+impl Interrupt {
+    pub fn install() -> anyhow::Result<Self> {
+        let interrupt = Self {
+            requested: Arc::new(AtomicUsize::new(0)),
+            writing: Arc::new(AtomicBool::new(false)),
+        };
+        let handler = interrupt.clone();
+        ctrlc::set_handler(move || {
+            let count = handler.requested.fetch_add(1, Ordering::SeqCst) + 1;
+            if count > 1 && !handler.writing.load(Ordering::SeqCst) {
+                eprintln!("interrupted");
+                std::process::exit(INTERRUPTED_STATUS);
+            }
+            eprintln!("stopping after the current step (Ctrl-C again to stop at once)");
+        })?;
+        Ok(interrupt)
+    }
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst) > 0
+    }
+}
+
+/// Ends the program with [`INTERRUPTED_STATUS`] when the run was cancelled by Ctrl-C.
+pub fn exit_if_cancelled<T>(result: turbodiffusion::Result<T>) -> anyhow::Result<T> {
+    match result {
+        Err(Error::Cancelled { completed, total }) => {
+            eprintln!("cancelled after step {completed} of {total}; nothing was written");
+            std::process::exit(INTERRUPTED_STATUS)
+        }
+        other => Ok(other?),
+    }
+}
 
 /// Draws the stages with `indicatif`: a spinner while a model loads or encodes, a bar over the
 /// denoising steps and one over the decoded frames, each with its elapsed time; prints what
@@ -18,13 +79,16 @@ pub struct Console {
     started: Instant,
     /// The bar or spinner of the stage in progress.
     bar: Option<ProgressBar>,
+    /// Ctrl-C: cancels the run at the next step.
+    interrupt: Interrupt,
 }
 
 impl Console {
-    pub fn new() -> Self {
+    pub fn new(interrupt: Interrupt) -> Self {
         Self {
             started: Instant::now(),
             bar: None,
+            interrupt,
         }
     }
 
@@ -74,6 +138,10 @@ impl Progress for Console {
         if let Some(bar) = &self.bar {
             bar.set_position(report.index as u64 + 1);
             bar.set_message(format!("s = {:.4}", report.s));
+        }
+        if self.interrupt.requested() {
+            self.finish_bar();
+            return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     }
@@ -143,22 +211,134 @@ pub struct RunArgs {
     pub seed: u64,
     #[arg(long, default_value_t = 16.0)]
     pub fps: f64,
-    /// Output file (default `{t2v|i2v}_{seed}_{model}_{timestamp}.mp4`).
+    /// Output file, `.mp4` or `.gif` (default `{t2v|i2v}_{seed}_{model}_{timestamp}.mp4`, with
+    /// `_2`, `_3`, … when that name is taken).
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Replace the `--output` file if it exists (never a read-only one).
+    #[arg(long)]
+    pub overwrite: bool,
     #[arg(long, default_value = "cpu")]
     pub device: turbodiffusion::core::DeviceSpec,
-    #[arg(long, default_value = "bf16", value_parser = turbodiffusion::core::parse_dtype)]
-    pub dtype: candle_core::DType,
+    /// Compute dtype of a checkpoint run: f32, bf16 (default) or f16 (the demo computes in f32).
+    #[arg(long, value_parser = turbodiffusion::core::parse_dtype)]
+    pub dtype: Option<candle_core::DType>,
 }
 
 impl RunArgs {
-    /// The output path: `--output`, or upstream's naming pattern for `task`.
-    pub fn output_path(&self, task: &str, model: &str) -> PathBuf {
-        self.output
-            .clone()
-            .unwrap_or_else(|| default_output(task, self.seed, model))
+    /// The output, checked before any work (format, folder, a file in the way, the frame rate
+    /// the format can store): `--output`, or upstream's naming pattern for `task`.
+    pub fn output(&self, task: &str, model: &str) -> anyhow::Result<Output> {
+        let fps = Fps::new(self.fps)?;
+        let output = match &self.output {
+            Some(path) => {
+                let existing = if self.overwrite {
+                    Existing::Replace
+                } else {
+                    Existing::Refuse
+                };
+                let file = match OutputFile::new(path, existing) {
+                    Err(error @ Error::OutputExists { .. }) => {
+                        anyhow::bail!("{error} (pass --overwrite to replace it)")
+                    }
+                    other => other?,
+                };
+                Output {
+                    file,
+                    default_name: None,
+                }
+            }
+            None => {
+                let name = DefaultName {
+                    stem: format!("{task}_{}_{model}_{}", self.seed, timestamp()),
+                };
+                Output {
+                    file: name.first_free()?,
+                    default_name: Some(name),
+                }
+            }
+        };
+        output.file.check_fps(fps)?;
+        Ok(output)
     }
+
+    /// `--dtype`, bf16 when not given.
+    pub fn dtype(&self) -> candle_core::DType {
+        self.dtype.unwrap_or(candle_core::DType::BF16)
+    }
+}
+
+/// Where the video goes: an output file checked before the run.
+pub struct Output {
+    file: OutputFile,
+    /// Set for a default name: another one is taken if a run beside this one takes it first.
+    default_name: Option<DefaultName>,
+}
+
+impl Output {
+    /// Writes `video`, never replacing a file a concurrent run wrote under the same default
+    /// name meanwhile (the next free name is taken). Ctrl-C waits for the write to end.
+    pub fn write(mut self, video: &Video, interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
+        interrupt.writing.store(true, Ordering::SeqCst);
+        let result = loop {
+            match (
+                self.file.write(video, Mp4Options::default()),
+                &self.default_name,
+            ) {
+                (Err(Error::OutputExists { .. }), Some(name)) => self.file = name.first_free()?,
+                (result, _) => break result,
+            }
+        };
+        interrupt.writing.store(false, Ordering::SeqCst);
+        result?;
+        Ok(self.file.path().to_owned())
+    }
+}
+
+/// Upstream's output name, `{task}_{seed}_{model}_{timestamp}`.
+struct DefaultName {
+    stem: String,
+}
+
+impl DefaultName {
+    /// `{stem}.mp4`, or the first of `{stem}_2.mp4`, `{stem}_3.mp4`, … not taken.
+    fn first_free(&self) -> anyhow::Result<OutputFile> {
+        const TRIES: usize = 10_000;
+        for n in 1..=TRIES {
+            let name = match n {
+                1 => format!("{}.mp4", self.stem),
+                n => format!("{}_{n}.mp4", self.stem),
+            };
+            match OutputFile::new(PathBuf::from(name), Existing::Refuse) {
+                Err(Error::OutputExists { .. }) => continue,
+                other => return Ok(other?),
+            }
+        }
+        anyhow::bail!("{}.mp4 and {TRIES} numbered variants are taken", self.stem)
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn timestamp() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Fails naming every flag in `given` (set on the command line) that the demo does not use.
+pub fn reject_demo_flags(given: &[(&str, bool)]) -> anyhow::Result<()> {
+    let ignored: Vec<&str> = given
+        .iter()
+        .filter(|(_, set)| *set)
+        .map(|(flag, _)| *flag)
+        .collect();
+    anyhow::ensure!(
+        ignored.is_empty(),
+        "the built-in demo (no --checkpoint-dir) has a fixed tiny model, size and dtype and \
+         would ignore {}: give --checkpoint-dir to use them, or leave them out",
+        ignored.join(", ")
+    );
+    Ok(())
 }
 
 /// The sampler flags both examples take, upstream's names where sensible.
@@ -256,14 +436,6 @@ impl SamplerArgs {
             negative_prompt: self.negative_prompt.clone(),
         })
     }
-}
-
-/// `{task}_{seed}_{model}_{timestamp}.mp4`, as upstream names its outputs.
-pub fn default_output(task: &str, seed: u64, model: &str) -> PathBuf {
-    let timestamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    PathBuf::from(format!("{task}_{seed}_{model}_{timestamp}.mp4"))
 }
 
 /// `--attention-type`, upstream's names.

@@ -110,6 +110,22 @@ fn random_models(seed: u64, dit: WanConfig, text_encoder: Umt5Config, vae: VaeCo
 impl Pipeline {
     /// The built-in demo pipeline: tiny models with weights drawn from `seed` (see
     /// [`DEMO_NOTICE`]), computing in f32 on `device`.
+    ///
+    /// ```
+    /// use candle_core::Device;
+    /// use turbodiffusion::attention::AttentionConfig;
+    /// use turbodiffusion::pipeline::demo_request;
+    /// use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+    ///
+    /// # fn main() -> turbodiffusion::Result<()> {
+    /// let attention = AttentionConfig::new(AttentionKind::Original);
+    /// let pipeline = Pipeline::demo(0, attention, Device::Cpu)?;
+    /// let request = T2vRequest { frames: 5, ..demo_request("a red fox") };
+    /// let video = pipeline.text_to_video(&request)?;
+    /// assert_eq!((video.len(), video.width(), video.height()), (5, 128, 128));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn demo(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
         Self::from_parts(
             demo_models(seed, ModelType::T2v),

@@ -44,11 +44,16 @@ impl PlannedSampler {
                 shift,
                 guidance,
                 negative_prompt,
-            } => Self::Teacher {
-                sampler: FlowSampler::wan(*solver, *steps, *shift)?,
-                guidance: GuidanceScale::Constant(*guidance),
-                negative_prompt: negative_prompt.clone(),
-            },
+            } => {
+                let guidance = GuidanceScale::Constant(*guidance);
+                // Checked here, before any stage, rather than at the first guided step.
+                guidance.validate()?;
+                Self::Teacher {
+                    sampler: FlowSampler::wan(*solver, *steps, *shift)?,
+                    guidance,
+                    negative_prompt: negative_prompt.clone(),
+                }
+            }
         })
     }
 

@@ -47,7 +47,7 @@ pub struct StageEstimate {
 impl StageEstimate {
     /// The estimated peak: weights and activations.
     pub fn peak(&self) -> u64 {
-        self.weights + self.activations
+        self.weights.saturating_add(self.activations)
     }
 }
 
@@ -253,7 +253,7 @@ impl Pipeline {
 }
 
 /// The name of a stage in messages.
-fn stage_name(stage: &Stage) -> &'static str {
+pub(super) fn stage_name(stage: &Stage) -> &'static str {
     match stage {
         Stage::EncodingText => "text encoding",
         Stage::EncodingImage => "image encoding",
@@ -262,16 +262,24 @@ fn stage_name(stage: &Stage) -> &'static str {
     }
 }
 
-/// Bytes of `elements` values of `dtype`.
+/// Bytes of `elements` values of `dtype`, saturating: a model configuration from a file can
+/// be arbitrarily large, and an estimate that wrapped around would pass any budget.
 fn bytes(elements: usize, dtype: DType) -> u64 {
-    (elements * dtype.size_in_bytes()) as u64
+    (elements as u64).saturating_mul(dtype.size_in_bytes() as u64)
+}
+
+/// The element count of a shape, saturating.
+fn elements(shape: &[usize]) -> usize {
+    shape
+        .iter()
+        .fold(1usize, |count, &side| count.saturating_mul(side))
 }
 
 /// Bytes of the tensors of a key list read in `dtype`.
 fn key_bytes<'k>(keys: impl IntoIterator<Item = &'k (String, Vec<usize>)>, dtype: DType) -> u64 {
     keys.into_iter()
-        .map(|(_, shape)| bytes(shape.iter().product(), dtype))
-        .sum()
+        .map(|(_, shape)| bytes(elements(shape), dtype))
+        .fold(0, u64::saturating_add)
 }
 
 /// The bytes of a stage's weights and activations.
@@ -289,7 +297,7 @@ impl Footprint {
     }
 
     fn peak(&self) -> u64 {
-        self.weights + self.activations
+        self.weights.saturating_add(self.activations)
     }
 
     fn of(self, stage: Stage) -> StageEstimate {
@@ -374,8 +382,8 @@ fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
     };
     let weights: u64 = specs
         .iter()
-        .map(|spec| bytes(spec.shape.iter().product(), spec.dtype))
-        .sum();
+        .map(|spec| bytes(elements(&spec.shape), spec.dtype))
+        .fold(0, u64::saturating_add);
     let latent = run.geometry.latent_shape();
     let latent_elements = latent.channels * latent.frames * latent.height * latent.width;
     let contexts = (1 + usize::from(run.guided)) * cfg.text_len * cfg.dim;

@@ -53,17 +53,31 @@ impl ModelKind {
     }
 }
 
-/// `<stem>.pth` and `<stem>-quant.pth` for every stem, in order of preference.
+/// `<stem>.pth` and `<stem>-quant.pth` for every stem, in order of preference, each preceded
+/// by its `.safetensors` twin (what `examples/convert` writes; memory-mapped, so preferred).
 fn release_names(stems: &[&str], quant: bool) -> Vec<String> {
-    let suffixes = if quant {
-        ["-quant.pth", ".pth"]
+    let variants = if quant {
+        ["-quant", ""]
     } else {
-        [".pth", "-quant.pth"]
+        ["", "-quant"]
     };
     stems
         .iter()
-        .flat_map(|stem| suffixes.iter().map(move |suffix| format!("{stem}{suffix}")))
+        .flat_map(|stem| {
+            variants
+                .iter()
+                .map(move |variant| format!("{stem}{variant}"))
+        })
+        .flat_map(|name| with_safetensors_twin(&format!("{name}.pth")))
         .collect()
+}
+
+/// `name` with its `.pth` extension replaced by `.safetensors`, then `name` itself.
+fn with_safetensors_twin(name: &str) -> Vec<String> {
+    match name.strip_suffix(".pth") {
+        Some(stem) => vec![format!("{stem}.safetensors"), name.to_owned()],
+        None => vec![name.to_owned()],
+    }
 }
 
 /// The files of a text-to-video model set.
@@ -87,8 +101,9 @@ pub const TOKENIZER_FILES: [&str; 2] = ["google/umt5-xxl/tokenizer.json", "token
 
 impl ModelFiles {
     /// Finds the upstream file names in `dir` (DiT, `models_t5_umt5-xxl-enc-bf16.pth`,
-    /// `Wan2.1_VAE.pth`, `google/umt5-xxl/tokenizer.json`); the error names the file looked
-    /// for and the folder.
+    /// `Wan2.1_VAE.pth`, `google/umt5-xxl/tokenizer.json`), each weight file also under its
+    /// `.safetensors` name (as `examples/convert` writes it, preferred when both exist); the
+    /// error names the file looked for and the folder.
     pub fn find(dir: &Path, kind: ModelKind, quant: bool) -> Result<Self> {
         let first = |names: &[String], what: &str| {
             names
@@ -100,7 +115,12 @@ impl ModelFiles {
                     reason: format!("no {what} here (looked for {})", names.join(", ")),
                 })
         };
-        let own = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let own = |names: &[&str]| {
+            names
+                .iter()
+                .flat_map(|&name| with_safetensors_twin(name))
+                .collect::<Vec<_>>()
+        };
         let dit_low_noise = match kind {
             ModelKind::Wan22I2VA14B => Some(first(
                 &kind.low_noise_file_names(quant),
@@ -115,5 +135,33 @@ impl ModelFiles {
             tokenizer: first(&own(&TOKENIZER_FILES), "umT5 tokenizer")?,
             vae: first(&own(&[VAE_FILE]), "Wan VAE")?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A folder of converted `.safetensors` files is found like the released `.pth` ones, and
+    /// the converted file wins when both are there.
+    #[test]
+    fn converted_safetensors_files_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [
+            "TurboWan2.1-T2V-1.3B-480P.safetensors",
+            "TurboWan2.1-T2V-1.3B-480P.pth",
+            "models_t5_umt5-xxl-enc-bf16.safetensors",
+            "Wan2.1_VAE.safetensors",
+            "tokenizer.json",
+        ];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let files = ModelFiles::find(dir.path(), ModelKind::Wan21T2V1_3B, false).unwrap();
+        assert_eq!(files.dit, dir.path().join(names[0]));
+        assert_eq!(files.text_encoder, dir.path().join(names[2]));
+        assert_eq!(files.vae, dir.path().join(names[3]));
+        let quant = ModelFiles::find(dir.path(), ModelKind::Wan21T2V1_3B, true).unwrap();
+        assert_eq!(quant.dit, dir.path().join(names[0]));
     }
 }

@@ -83,6 +83,7 @@ impl Pipeline {
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
         let memory = self.checked_memory(&plan, &request.video.prompt, true)?;
+        self.check_weight_files(&plan.denoise.dits)?;
         let (context, negative) = self.encode_prompts(
             &request.video.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -100,8 +101,7 @@ impl Pipeline {
             request.video.seed,
             progress,
         )?;
-        let frames = self.decode(&latent, memory.vae_tiling, progress)?;
-        Video::from_tensor(&frames, plan.fps)
+        self.latent_to_video(&plan, &latent, memory.vae_tiling, progress)
     }
 
     fn plan_i2v(&self, request: &I2vRequest) -> Result<Plan> {
@@ -176,6 +176,7 @@ impl Pipeline {
         let (_, latent_frames, h, w) = latent.dims4()?;
         let first = Tensor::ones((4, 1, h, w), DType::F32, latent.device())?;
         let mask = first.pad_with_zeros(1, 0, latent_frames - 1)?;
+        super::checks::ensure_finite(&latent, &Stage::EncodingImage, "the image latent")?;
         let condition = Tensor::cat(&[&mask, &latent], 0)?;
         meter.finish(Stage::EncodingImage, bytes, &self.device, progress)?;
         Ok(condition)

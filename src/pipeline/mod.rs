@@ -3,6 +3,7 @@
 //! Each stage's model is loaded when the stage starts and dropped when it ends, so only one of
 //! the text encoder, the DiT and the VAE is resident at a time.
 
+mod checks;
 mod demo;
 mod denoise;
 mod estimate;
@@ -188,7 +189,7 @@ impl PipelineBuilder {
             ModelKind::Wan22I2VA14B => WanConfig::wan22_i2v_a14b(),
         };
         Pipeline {
-            tokenizer: PromptTokenizer::from_file(&files.tokenizer)?,
+            tokenizer: fit_tokenizer(PromptTokenizer::from_file(&files.tokenizer)?, &dit),
             models: ModelSet {
                 dit,
                 dit_weights: WeightSource::File(files.dit),
@@ -211,6 +212,14 @@ impl PipelineBuilder {
     }
 }
 
+/// The tokenizer with its limit lowered to the DiT's text length when that is shorter (the
+/// demo's 64 tokens): a longer prompt is then cut, with a warning, as upstream cuts at 512,
+/// instead of failing in the DiT after the text encoder ran.
+fn fit_tokenizer(tokenizer: PromptTokenizer, dit: &WanConfig) -> PromptTokenizer {
+    let limit = tokenizer.max_tokens().min(dit.text_len);
+    tokenizer.with_max_tokens(limit)
+}
+
 fn text_encoder_device(on_cpu: bool) -> TextEncoderDevice {
     if on_cpu {
         TextEncoderDevice::Cpu
@@ -229,6 +238,30 @@ fn quant_policy(quant: bool) -> QuantPolicy {
 
 impl Pipeline {
     /// Starts building a pipeline for the released `kind`.
+    ///
+    /// With the released files in a folder (their upstream names, see [`ModelFiles::find`],
+    /// or the `.safetensors` files `examples/convert` writes), and an output checked before
+    /// any work is done:
+    ///
+    /// ```no_run
+    /// use turbodiffusion::pipeline::ModelKind;
+    /// use turbodiffusion::video::{Existing, Mp4Options, OutputFile};
+    /// use turbodiffusion::{Pipeline, T2vRequest};
+    ///
+    /// # fn main() -> turbodiffusion::Result<()> {
+    /// let pipeline = Pipeline::builder(ModelKind::Wan21T2V1_3B)
+    ///     .checkpoint_dir("ckpts")
+    ///     .attention("sagesla:0.1".parse()?)
+    ///     .quant_linear(true)
+    ///     .build()?;
+    /// let output = OutputFile::new("fox.mp4", Existing::Refuse)?;
+    /// // Every weight file is opened and key-checked, and every setting validated, before the
+    /// // text encoder runs.
+    /// let video = pipeline.text_to_video(&T2vRequest::new("a red fox running through snow"))?;
+    /// output.write(&video, Mp4Options::default())?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn builder(kind: ModelKind) -> PipelineBuilder {
         PipelineBuilder {
             kind,
@@ -257,8 +290,8 @@ impl Pipeline {
     ) -> Result<Self> {
         attention.kind.validate()?;
         Ok(Self {
+            tokenizer: fit_tokenizer(tokenizer, &models.dit),
             models,
-            tokenizer,
             attention,
             quant_linear: QuantPolicy::KeepFloat,
             text_encoder_device: TextEncoderDevice::Pipeline,
@@ -326,6 +359,7 @@ impl Pipeline {
     ) -> Result<Video> {
         let plan = self.plan(request)?;
         let memory = self.checked_memory(&plan, &request.prompt, false)?;
+        self.check_weight_files(&plan.denoise.dits)?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -338,7 +372,23 @@ impl Pipeline {
             request.seed,
             progress,
         )?;
-        let frames = self.decode(&latent, memory.vae_tiling, progress)?;
+        self.latent_to_video(&plan, &latent, memory.vae_tiling, progress)
+    }
+
+    /// Checks the sampled latent, decodes it and checks the frames.
+    fn latent_to_video(
+        &self,
+        plan: &Plan,
+        latent: &Tensor,
+        tiling: Option<VaeTiling>,
+        progress: &mut dyn Progress,
+    ) -> Result<Video> {
+        let steps = plan.denoise.sampler.timesteps().len();
+        checks::ensure_finite(latent, &Stage::Denoising { steps }, "the sampled latent")?;
+        let frames = self.decode(latent, tiling, progress)?;
+        let total = plan.geometry.frames.get();
+        let decoding = Stage::Decoding { done: total, total };
+        checks::ensure_finite(&frames, &decoding, "the decoded frames")?;
         Video::from_tensor(&frames, plan.fps)
     }
 
@@ -390,7 +440,11 @@ impl Pipeline {
         progress.stage(&Stage::EncodingText);
         let bytes = WeightBytes::default();
         let texts = std::iter::once(prompt).chain(negative);
-        let mut contexts = self.encode_texts(texts, &bytes)?.into_iter();
+        let contexts = self.encode_texts(texts, &bytes)?;
+        for context in &contexts {
+            checks::ensure_finite(context, &Stage::EncodingText, "the text context")?;
+        }
+        let mut contexts = contexts.into_iter();
         let contexts = (
             contexts.next().expect("one context per text"),
             contexts.next(),

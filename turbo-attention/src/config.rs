@@ -151,6 +151,63 @@ impl AttentionConfig {
     }
 }
 
+impl std::str::FromStr for BlockSizes {
+    type Err = Error;
+
+    /// `QxK`: the query and the key block size, as in `128x64`.
+    fn from_str(text: &str) -> Result<Self> {
+        let invalid = || Error::InvalidConfig {
+            field: "attention block sizes".into(),
+            reason: format!("`{text}`: expected query x key block sizes, as in `128x64`"),
+        };
+        let (query, key) = text.trim().split_once(['x', 'X']).ok_or_else(invalid)?;
+        let side = |part: &str| part.trim().parse::<usize>().map_err(|_| invalid());
+        Self::new(side(query)?, side(key)?)
+    }
+}
+
+impl std::fmt::Display for BlockSizes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}x{}", self.query, self.key)
+    }
+}
+
+impl std::str::FromStr for AttentionConfig {
+    type Err = Error;
+
+    /// `kind[:topk[:QxK]]`: `original`, `sla`, `sagesla:0.1`, `sla:0.2:128x64` (the block
+    /// sizes of the sparse kinds; default 128x64).
+    fn from_str(text: &str) -> Result<Self> {
+        let mut parts = text.trim().splitn(3, ':');
+        let name = parts.next().unwrap_or_default();
+        let topk = parts.next();
+        let kind: AttentionKind = match topk {
+            Some(topk) => format!("{name}:{topk}").parse()?,
+            None => name.parse()?,
+        };
+        let blocks = match parts.next() {
+            None => BlockSizes::default(),
+            Some(_) if kind.topk().is_none() => {
+                return Err(Error::InvalidConfig {
+                    field: "attention".into(),
+                    reason: format!("`{text}`: dense attention has no block sizes"),
+                })
+            }
+            Some(blocks) => blocks.parse()?,
+        };
+        Ok(Self { kind, blocks })
+    }
+}
+
+impl std::fmt::Display for AttentionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind.topk() {
+            None => write!(f, "{}", self.kind),
+            Some(_) => write!(f, "{}:{}", self.kind, self.blocks),
+        }
+    }
+}
+
 /// An attention operator that can be built for one layer of a model.
 ///
 /// `vb` points at the layer's attention operator in the checkpoint (in TurboDiffusion files
@@ -209,6 +266,40 @@ impl LoadAttention for Box<dyn Attention> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn configs_parse_with_block_sizes_and_print_back() {
+        use super::{AttentionConfig, BlockSizes};
+        use turbo_core::AttentionKind;
+        let config: AttentionConfig = "sla:0.2:64x128".parse().unwrap();
+        assert_eq!(config.kind, AttentionKind::sla(0.2).unwrap());
+        assert_eq!(config.blocks, BlockSizes::new(64, 128).unwrap());
+        assert_eq!(config.to_string(), "sla:0.2:64x128");
+        assert_eq!(
+            config.to_string().parse::<AttentionConfig>().unwrap(),
+            config
+        );
+        let default: AttentionConfig = "sagesla".parse().unwrap();
+        assert_eq!(default.blocks, BlockSizes::default());
+        assert_eq!(
+            "original".parse::<AttentionConfig>().unwrap().to_string(),
+            "original"
+        );
+        for bad in [
+            "sla:0.2:128",
+            "sla:0.2:0x64",
+            "original:0.1:128x64",
+            "sla:2:128x64",
+        ] {
+            assert!(bad.parse::<AttentionConfig>().is_err(), "{bad}");
+        }
+        // The kind alone names the form that carries block sizes.
+        let message = "sla:0.2:128x64"
+            .parse::<AttentionKind>()
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("AttentionConfig"), "{message}");
+    }
+
     use super::*;
 
     #[test]

@@ -82,6 +82,15 @@ impl FromStr for AttentionKind {
             Some((name, topk)) => (name, Some(topk.trim())),
             None => (s.trim(), None),
         };
+        if topk.is_some_and(|topk| topk.contains(':')) {
+            return Err(Error::InvalidConfig {
+                field: "attention".into(),
+                reason: format!(
+                    "`{s}` carries block sizes, which are part of an AttentionConfig, not of \
+                     the kind: parse it as `turbo_attention::AttentionConfig`"
+                ),
+            });
+        }
         let parse_topk = || match topk {
             None => Ok(DEFAULT_SLA_TOPK),
             Some(text) => text.parse::<f64>().map_err(|_| Error::InvalidTopk {

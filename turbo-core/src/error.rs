@@ -104,7 +104,7 @@ pub enum Error {
     #[error("checkpoint {path} does not fit the model: {}", describe_key_problems(.problems))]
     CheckpointKeys {
         path: PathBuf,
-        problems: Vec<KeyProblem>,
+        problems: KeyProblems,
     },
 
     /// A LoRA file that cannot be read, holds keys no layout names, targets weights the model
@@ -167,6 +167,28 @@ pub enum Error {
         available: u64,
         help: Vec<String>,
     },
+
+    /// A value outside the range the library supports (a frame count or side above the upper
+    /// bound, a timestep outside `[0, 1000]`, a prompt longer than the model's text length, a
+    /// degenerate aspect ratio); `expected` says what is accepted.
+    #[error("{what} = {value} is out of range: {expected}")]
+    OutOfRange {
+        what: String,
+        value: String,
+        expected: String,
+    },
+
+    /// A stage produced NaN or infinite values: the run stops there instead of writing a black
+    /// or gray video. Usually non-finite weights in a checkpoint or an extreme setting.
+    #[error(
+        "the {stage} stage produced non-finite values (NaN or infinity) in {what}: check the \
+         checkpoint's weights and extreme settings such as the guidance scale or sigma_max"
+    )]
+    NonFinite { stage: String, what: String },
+
+    /// An output file that exists and may not be replaced.
+    #[error("{path} already exists: choose another output name or allow overwriting")]
+    OutputExists { path: PathBuf },
 }
 
 /// Bytes in GiB or MiB with two decimals (plain bytes below 1 MiB), for messages.
@@ -204,6 +226,49 @@ impl std::fmt::Display for KeyProblem {
                 write!(f, "`{key}` has shape {got:?}, expected {expected:?}")
             }
         }
+    }
+}
+
+/// Every difference between a checkpoint and a model's key list ([`Error::CheckpointKeys`]):
+/// a list of [`KeyProblem`]s (it dereferences to a slice) whose `Debug` summarises, as its
+/// `Display` does, so that `fn main() -> Result<()>` does not print thousands of keys.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct KeyProblems(Vec<KeyProblem>);
+
+impl KeyProblems {
+    pub fn into_inner(self) -> Vec<KeyProblem> {
+        self.0
+    }
+}
+
+impl From<Vec<KeyProblem>> for KeyProblems {
+    fn from(problems: Vec<KeyProblem>) -> Self {
+        Self(problems)
+    }
+}
+
+impl std::ops::Deref for KeyProblems {
+    type Target = [KeyProblem];
+
+    fn deref(&self) -> &[KeyProblem] {
+        &self.0
+    }
+}
+
+impl PartialEq<Vec<KeyProblem>> for KeyProblems {
+    fn eq(&self, other: &Vec<KeyProblem>) -> bool {
+        &self.0 == other
+    }
+}
+
+impl std::fmt::Debug for KeyProblems {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{} problems: {}]",
+            self.0.len(),
+            describe_key_problems(&self.0)
+        )
     }
 }
 
@@ -247,3 +312,29 @@ fn describe_keys(keys: &[String]) -> String {
 
 /// `Result` with [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `fn main() -> Result<()>` prints for a checkpoint that misses every key of a big
+    /// model stays a few lines long.
+    #[test]
+    fn debug_of_many_key_problems_is_a_summary() {
+        let problems: Vec<KeyProblem> = (0..2000)
+            .map(|i| KeyProblem::Missing {
+                key: format!("blocks.{i}.self_attn.q.weight"),
+                expected: vec![5120, 5120],
+            })
+            .collect();
+        let error = Error::CheckpointKeys {
+            path: "model.safetensors".into(),
+            problems: problems.into(),
+        };
+        let debug = format!("{error:?}");
+        assert!(debug.len() < 1500, "{} bytes: {debug}", debug.len());
+        assert!(debug.contains("2000 problems"), "{debug}");
+        assert!(debug.contains("and 1992 more"), "{debug}");
+        assert!(debug.contains("blocks.0.self_attn.q.weight"), "{debug}");
+    }
+}

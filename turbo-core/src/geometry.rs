@@ -16,6 +16,13 @@ pub const PATCH_SIZE: (usize, usize, usize) = (1, 2, 2);
 /// Pixel stride a frame size must respect: VAE stride × patch size.
 const SIZE_STRIDE: usize = VAE_STRIDE.1 * PATCH_SIZE.1;
 
+/// The longest frame side accepted (4K and a little more): the Wan models are trained at 480p
+/// and 720p, and every size computed from a frame (latents, tokens, bytes) stays far from
+/// overflowing below it.
+pub const MAX_FRAME_SIDE: usize = 4096;
+/// The most frames accepted: 64 seconds at 16 fps (the models are trained on 81).
+pub const MAX_FRAMES: usize = 1025;
+
 /// The named resolutions of TurboDiffusion's size table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Resolution {
@@ -127,7 +134,15 @@ pub struct FrameSize {
 }
 
 impl FrameSize {
+    /// Both sides positive multiples of 16, at most [`MAX_FRAME_SIDE`].
     pub fn new(width: usize, height: usize) -> Result<Self> {
+        if width.max(height) > MAX_FRAME_SIDE {
+            return Err(Error::OutOfRange {
+                what: "frame size".into(),
+                value: format!("{width}x{height}"),
+                expected: format!("each side at most {MAX_FRAME_SIDE} pixels"),
+            });
+        }
         let valid = |side: usize| side > 0 && side % SIZE_STRIDE == 0;
         if valid(width) && valid(height) {
             Ok(Self { width, height })
@@ -159,7 +174,15 @@ impl FrameCount {
     /// TurboDiffusion's default: 81 frames, five seconds at 16 fps.
     pub const DEFAULT: Self = Self(81);
 
+    /// `4n + 1` frames, at most [`MAX_FRAMES`].
     pub fn new(frames: usize) -> Result<Self> {
+        if frames > MAX_FRAMES {
+            return Err(Error::OutOfRange {
+                what: "frame count".into(),
+                value: frames.to_string(),
+                expected: format!("at most {MAX_FRAMES} frames (4n + 1)"),
+            });
+        }
         if frames % VAE_STRIDE.0 == 1 {
             return Ok(Self(frames));
         }
@@ -336,6 +359,29 @@ mod tests {
             Err(Error::InvalidFrameSize { .. })
         ));
         assert!(FrameSize::new(0, 480).is_err());
+    }
+
+    /// Sizes past the bounds (the ones that used to overflow the size arithmetic among them)
+    /// are typed errors naming the value.
+    #[test]
+    fn sizes_and_lengths_past_the_bounds_are_refused() {
+        for (width, height) in [(1 << 34, 1 << 34), (100_000, 100_000), (4112, 480)] {
+            match FrameSize::new(width, height) {
+                Err(Error::OutOfRange { what, value, .. }) => {
+                    assert_eq!(what, "frame size");
+                    assert_eq!(value, format!("{width}x{height}"));
+                }
+                other => panic!("{width}x{height}: {other:?}"),
+            }
+        }
+        assert!(FrameSize::new(MAX_FRAME_SIDE, MAX_FRAME_SIDE).is_ok());
+        for frames in [MAX_FRAMES + 4, 100_001, usize::MAX] {
+            assert!(
+                matches!(FrameCount::new(frames), Err(Error::OutOfRange { .. })),
+                "{frames}"
+            );
+        }
+        assert_eq!(FrameCount::new(MAX_FRAMES).unwrap().get(), MAX_FRAMES);
     }
 
     proptest! {

@@ -24,10 +24,10 @@ mod sampling;
 
 pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};
 pub use device::{parse_dtype, DeviceSpec};
-pub use error::{Error, KeyProblem, Result};
+pub use error::{Error, KeyProblem, KeyProblems, Result};
 pub use geometry::{
     AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
-    PATCH_SIZE, VAE_STRIDE,
+    MAX_FRAMES, MAX_FRAME_SIDE, PATCH_SIZE, VAE_STRIDE,
 };
 pub use memory::{available_memory, memory_usage, reset_peak_memory, MemoryUsage};
 pub use sampling::{

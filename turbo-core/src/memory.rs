@@ -46,15 +46,34 @@ pub fn reset_peak_memory(device: &Device) -> Result<()> {
     }
 }
 
-/// Bytes a new stage can allocate on `device`: the device's free memory plus what the memory
-/// pool holds reserved but unused (freed tensors the pool keeps for reuse). `None` on the CPU,
-/// where no budget is read.
+/// Bytes a new stage can allocate on `device`: on CUDA the device's free memory plus what the
+/// memory pool holds reserved but unused (freed tensors the pool keeps for reuse); on the CPU
+/// the memory the operating system says is available (`MemAvailable` of `/proc/meminfo`), so
+/// that a request too large for the host fails with a typed error instead of an allocation
+/// abort. `None` where that figure cannot be read (other systems, other devices).
 pub fn available_memory(device: &Device) -> Result<Option<u64>> {
     match device {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => cuda_pool::available(cuda).map(Some),
+        Device::Cpu => Ok(host_available_memory()),
+        #[allow(unreachable_patterns)]
         _ => Ok(None),
     }
+}
+
+/// `MemAvailable` of `/proc/meminfo` in bytes; `None` where the file or the line is absent.
+fn host_available_memory() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    parse_mem_available(&meminfo)
+}
+
+/// The `MemAvailable:   123456 kB` line of a `/proc/meminfo` text, in bytes.
+fn parse_mem_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemAvailable:"))?;
+    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 #[cfg(feature = "cuda")]
@@ -139,5 +158,30 @@ mod cuda_pool {
 
     fn driver_error(call: &str, error: impl std::fmt::Display) -> Error {
         Error::Candle(candle_core::Error::Msg(format!("{call} failed: {error}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_available_is_read_in_bytes() {
+        let text = "MemTotal:       16318412 kB\nMemFree:  100 kB\nMemAvailable:    8000000 kB\n";
+        assert_eq!(parse_mem_available(text), Some(8_000_000 * 1024));
+        assert_eq!(parse_mem_available("MemTotal: 5 kB\n"), None);
+        assert_eq!(parse_mem_available("MemAvailable: lots kB\n"), None);
+        assert_eq!(
+            parse_mem_available("MemAvailable: 99999999999999999999 kB\n"),
+            None
+        );
+    }
+
+    #[test]
+    fn the_cpu_has_a_budget_where_the_host_says_how_much_is_free() {
+        let budget = available_memory(&Device::Cpu).unwrap();
+        if std::path::Path::new("/proc/meminfo").exists() {
+            assert!(budget.is_some_and(|bytes| bytes > 0), "{budget:?}");
+        }
     }
 }

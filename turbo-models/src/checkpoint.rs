@@ -119,7 +119,7 @@ impl Checkpoint {
         } else {
             Err(Error::CheckpointKeys {
                 path: self.path.clone(),
-                problems,
+                problems: problems.into(),
             })
         }
     }
@@ -331,8 +331,26 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<TensorMeta>> {
     file.read_exact(&mut header).map_err(io_error)?;
     let metadata: safetensors::tensor::Metadata = serde_json::from_slice(&header)
         .map_err(|e| checkpoint_error(path, &format!("bad safetensors header: {e}")))?;
-    Ok(metadata
-        .tensors()
+    let file_length = file.metadata().map_err(io_error)?.len();
+    let data_length = file_length.saturating_sub(8 + length);
+    let tensors = metadata.tensors();
+    for (name, info) in &tensors {
+        check_safetensors_extent(name, info, data_length)
+            .map_err(|reason| checkpoint_error(path, &reason))?;
+    }
+    // As the loader requires: the tensors fill the data exactly (no unread tail).
+    let used = tensors
+        .values()
+        .map(|info| info.data_offsets.1 as u64)
+        .max()
+        .unwrap_or(0);
+    if used != data_length {
+        return Err(checkpoint_error(
+            path,
+            &format!("the tensors end at byte {used} of the data, which holds {data_length}"),
+        ));
+    }
+    Ok(tensors
         .into_iter()
         .map(|(name, info)| TensorMeta {
             name,
@@ -340,6 +358,46 @@ fn read_safetensors_header(path: &Path) -> Result<Vec<TensorMeta>> {
             dtype: format!("{:?}", info.dtype),
         })
         .collect())
+}
+
+/// Checks that a tensor's byte range holds exactly its shape's bytes and lies inside the
+/// `data_length` bytes after the header: a truncated file, or a header whose sizes overflow,
+/// is refused when the checkpoint is opened instead of failing (or reading garbage) at load.
+fn check_safetensors_extent(
+    name: &str,
+    info: &safetensors::tensor::TensorInfo,
+    data_length: u64,
+) -> std::result::Result<(), String> {
+    let (start, end) = info.data_offsets;
+    let bits = element_count(&info.shape)
+        .and_then(|count| count.checked_mul(info.dtype.bitsize()))
+        .ok_or_else(|| {
+            format!(
+                "`{name}`: the byte size of shape {:?} overflows",
+                info.shape
+            )
+        })?;
+    let needed = bits.div_ceil(8);
+    if end < start || end - start != needed {
+        return Err(format!(
+            "`{name}`: offsets {start}..{end} do not hold the {needed} bytes of {:?} {:?}",
+            info.dtype, info.shape
+        ));
+    }
+    if end as u64 > data_length {
+        return Err(format!(
+            "`{name}` ends at byte {end} of the data but the file holds {data_length}: \
+             the file is truncated"
+        ));
+    }
+    Ok(())
+}
+
+/// The product of a shape's sides, `None` when it overflows.
+pub(crate) fn element_count(shape: &[usize]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |count, &side| count.checked_mul(side))
 }
 
 /// The differences between the tensors of a file and the `expected` list, sorted by key.

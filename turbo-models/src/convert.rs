@@ -56,6 +56,12 @@ pub struct Converted {
     pub quantized: usize,
 }
 
+/// The temporary file [`to_safetensors`] writes before renaming it to `output`: a program that
+/// is stopped by a signal removes it (an error or a return removes it already).
+pub fn temp_path(output: &Path) -> std::path::PathBuf {
+    output.with_extension("safetensors.tmp")
+}
+
 /// Writes every tensor of `checkpoint` to `output` in its stored dtype; with `quantize`, each
 /// float DiT block linear `weight` becomes `int8_weight` (I8) + `scale` (F32 per 128×128 tile),
 /// the `-quant` layout. Every tensor is read into memory first (the header needs all sizes);
@@ -92,7 +98,7 @@ pub fn to_safetensors(checkpoint: &Checkpoint, output: &Path, quantize: bool) ->
             entries.push((meta.name.clone(), Entry::Tensor(tensor)));
         }
     }
-    let tmp = output.with_extension("safetensors.tmp");
+    let tmp = temp_path(output);
     let views = entries.iter().map(|(name, entry)| (name.as_str(), entry));
     let written = safetensors::serialize_to_file(views, None, &tmp)
         .map_err(|e| Error::Checkpoint {

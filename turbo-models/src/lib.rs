@@ -48,10 +48,59 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! The same calls run anywhere on tiny models: here a two-layer umT5 and a narrow VAE with
+//! random weights, written to `.safetensors` files first (any file [`Checkpoint::open`] reads
+//! works: `.pth`, `.safetensors`, a sharded folder). The DiT's example is on
+//! [`wan::WanModel::from_checkpoint`].
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # fn write_random(keys: Vec<(String, Vec<usize>)>, path: &std::path::Path) -> candle_core::Result<()> {
+//! #     let tensors = keys
+//! #         .into_iter()
+//! #         .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 0.1)?)))
+//! #         .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()?;
+//! #     candle_core::safetensors::save(&tensors, path)
+//! # }
+//! let dir = std::env::temp_dir().join(format!("turbo-models-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let device = Device::Cpu;
+//!
+//! let t5_config = Umt5Config {
+//!     vocab: 100, dim: 32, dim_attn: 32, dim_ffn: 64, num_heads: 2, num_layers: 2,
+//!     ..Umt5Config::umt5_xxl()
+//! };
+//! let t5_file = dir.join("umt5.safetensors");
+//! write_random(Umt5Encoder::expected_keys(&t5_config), &t5_file)?;
+//! let t5 = Umt5Encoder::from_checkpoint(&t5_file, &t5_config, DType::F32, &device)?;
+//! let ids = Tensor::new(&[[5u32, 17, 42, 1]], &device)?; // `[batch, tokens]`
+//! assert_eq!(t5.forward(&ids, None)?.dims(), [1, 4, 32]);
+//!
+//! let vae_config = VaeConfig { dim: 8, num_res_blocks: 1, ..VaeConfig::wan21() };
+//! let vae_file = dir.join("vae.safetensors");
+//! write_random(WanVae::expected_keys(&vae_config), &vae_file)?;
+//! let vae = WanVae::from_checkpoint(&vae_file, &vae_config, DType::F32, &device)?;
+//! // `[batch, 16, T, h, w]` → `[batch, 3, 4(T − 1) + 1, 8h, 8w]` in [-1, 1].
+//! let latent = Tensor::randn(0f32, 1.0, (1, 16, 2, 4, 4), &device)?;
+//! assert_eq!(vae.decode(&latent)?.dims(), [1, 3, 5, 32, 32]);
+//!
+//! // A file that does not fit the model is refused before a weight is read, naming the file
+//! // and every key that differs.
+//! let wider = Umt5Config { dim_ffn: 128, ..t5_config };
+//! assert!(Umt5Encoder::from_checkpoint(&t5_file, &wider, DType::F32, &device).is_err());
+//! std::fs::remove_dir_all(&dir)?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod checkpoint;
 pub mod convert;
 pub mod lora;
+mod pickle_guard;
 pub mod pth;
 pub mod tokenizer;
 pub mod umt5;

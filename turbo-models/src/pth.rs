@@ -120,13 +120,20 @@ impl PthArchive {
             .map(|name| name.into_owned())
             .ok_or_else(|| pth_error(&path, "the archive holds no `data.pkl`"))?;
         let data_dir = pickle_entry.trim_end_matches(".pkl").to_owned();
+        let file_length = std::fs::metadata(&path)
+            .map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?
+            .len();
         let state_dict = {
-            let entry = archive
-                .by_name(&pickle_entry)
+            let pickle = read_entry(&mut archive, &pickle_entry, file_length)
                 .map_err(|e| pth_error(&path, &format!("cannot read `{pickle_entry}`: {e}")))?;
+            crate::pickle_guard::check_pickle(&pickle)
+                .map_err(|e| pth_error(&path, &format!("`{pickle_entry}`: {e}")))?;
             let mut stack = Stack::empty();
             stack
-                .read_loop(&mut BufReader::new(entry))
+                .read_loop(&mut std::io::Cursor::new(pickle))
                 .and_then(|()| stack.finalize())
                 .map_err(|e| pth_error(&path, &format!("`{pickle_entry}` is not a pickle: {e}")))?
         };
@@ -138,6 +145,7 @@ impl PthArchive {
         for (key, value) in entries {
             let Object::Unicode(name) = key else { continue };
             if let Some(tensor) = parse_tensor(&name, value, &data_dir)
+                .and_then(|tensor| check_extent(tensor, &mut archive, file_length))
                 .map_err(|reason| pth_error(&path, &format!("tensor `{name}`: {reason}")))?
             {
                 tensors.insert(name, tensor);
@@ -178,20 +186,91 @@ impl PthArchive {
 
     /// The tensor's bytes: its slice of the storage entry, from its offset on.
     fn read_bytes(&self, tensor: &PthTensor) -> std::result::Result<Vec<u8>, String> {
-        let element = tensor.stored.size_in_bytes();
+        let (skip, length) = tensor.byte_range()?;
         let mut archive = open_zip(&self.path).map_err(|e| e.to_string())?;
         let mut entry = archive
             .by_name(&tensor.entry)
             .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?;
-        let skip = (tensor.offset * element) as u64;
-        std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
+        let skipped = std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
             .map_err(|e| e.to_string())?;
-        let mut bytes = vec![0u8; tensor.shape.iter().product::<usize>() * element];
+        if skipped != skip {
+            return Err(format!(
+                "storage `{}` ends before the tensor's offset",
+                tensor.entry
+            ));
+        }
+        let mut bytes = vec![0u8; length as usize];
         entry
             .read_exact(&mut bytes)
             .map_err(|e| format!("storage `{}` is shorter than the tensor: {e}", tensor.entry))?;
         Ok(bytes)
     }
+}
+
+impl PthTensor {
+    /// `(first byte, byte length)` of the tensor in its storage, `Err` when a size overflows.
+    fn byte_range(&self) -> std::result::Result<(u64, u64), String> {
+        let element = self.stored.size_in_bytes() as u64;
+        let overflow = || format!("the byte size of shape {:?} overflows", self.shape);
+        let count = crate::checkpoint::element_count(&self.shape).ok_or_else(overflow)?;
+        let length = (count as u64).checked_mul(element).ok_or_else(overflow)?;
+        let start = (self.offset as u64)
+            .checked_mul(element)
+            .ok_or_else(|| format!("the storage offset {} overflows", self.offset))?;
+        Ok((start, length))
+    }
+}
+
+/// The tensor, if its bytes lie inside its storage entry of the archive: a file whose sizes
+/// or offsets overflow, or that claims more bytes than it stores, is refused when opened.
+fn check_extent(
+    tensor: Option<PthTensor>,
+    archive: &mut zip::ZipArchive<BufReader<File>>,
+    file_length: u64,
+) -> std::result::Result<Option<PthTensor>, String> {
+    let Some(tensor) = tensor else {
+        return Ok(None);
+    };
+    let (start, length) = tensor.byte_range()?;
+    let stored = archive
+        .by_name(&tensor.entry)
+        .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?
+        .size();
+    // The zip entry's size is itself a claim: `torch.save` stores entries uncompressed, so
+    // no storage can be larger than the archive.
+    if stored > file_length {
+        return Err(format!(
+            "storage `{}` claims {stored} bytes but the archive holds {file_length}",
+            tensor.entry
+        ));
+    }
+    match start.checked_add(length) {
+        Some(end) if end <= stored => Ok(Some(tensor)),
+        _ => Err(format!(
+            "shape {:?} at element offset {} needs {length} bytes from byte {start}, but \
+             storage `{}` holds {stored}",
+            tensor.shape, tensor.offset, tensor.entry
+        )),
+    }
+}
+
+/// The bytes of archive entry `name`, refused when the entry claims more than the archive's
+/// `file_length` bytes (a zip header is a claim too).
+fn read_entry(
+    archive: &mut zip::ZipArchive<BufReader<File>>,
+    name: &str,
+    file_length: u64,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut entry = archive.by_name(name).map_err(|e| e.to_string())?;
+    if entry.size() > file_length {
+        return Err(format!(
+            "it claims {} bytes but the archive holds {file_length}",
+            entry.size()
+        ));
+    }
+    let mut bytes = Vec::with_capacity(entry.size() as usize);
+    entry.read_to_end(&mut bytes).map_err(|e| e.to_string())?;
+    Ok(bytes)
 }
 
 /// A state-dict value as a tensor: `Ok(None)` for values that are not tensors, an error for
@@ -322,7 +401,8 @@ fn is_row_major(shape: &[usize], stride: &[usize]) -> bool {
         if size != 1 && step != expected {
             return false;
         }
-        expected *= size;
+        // An overflowing shape is refused later by its byte size; any stride then fails.
+        expected = expected.saturating_mul(size);
     }
     true
 }

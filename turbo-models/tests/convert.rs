@@ -2,6 +2,7 @@
 //! way both load back to the same model.
 
 mod common;
+mod pth_writer;
 
 use std::path::PathBuf;
 
@@ -34,10 +35,9 @@ fn load(case: &DitCase, path: &PathBuf, quant: QuantPolicy) -> WanModel<Box<dyn 
 #[test]
 fn int8_pth_converts_to_the_same_model() {
     let case = DitCase::open("dit_t2v_sla");
-    let pth = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../fixtures/pth/dit_t2v_sla-quant.pth"
-    ));
+    // The committed fixture, or one written from the golden file in use (TURBO_GOLDEN_DIR).
+    let scratch_pth = scratch("fixture").with_extension("pth");
+    let pth = pth_writer::quant_dit_fixture(&case.weights(), &scratch_pth);
     let out = scratch("pth");
     let converted = convert::to_safetensors(&Checkpoint::open(&pth).unwrap(), &out, false).unwrap();
     assert_eq!(converted.quantized, 0);
@@ -53,6 +53,7 @@ fn int8_pth_converts_to_the_same_model() {
         .unwrap();
     assert_eq!(diff.max_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
     std::fs::remove_file(out).ok();
+    std::fs::remove_file(scratch_pth).ok();
 }
 
 #[test]

@@ -184,6 +184,16 @@ fn bad_inputs_are_typed_errors() {
             .contains("text context")
     );
     assert!(shape_error(model.forward(&x, 500.0, &context, Some(&x))).contains("T2V"));
+    // A batch of one is still a batch: the contract is one unbatched latent.
+    let batched = x.unsqueeze(0).unwrap();
+    assert!(shape_error(model.forward(&batched, 500.0, &context, None)).contains("unbatched"));
+    for t in [-1.0, 1000.5, 1e9, f64::NAN] {
+        match model.forward(&x, t, &context, None) {
+            Err(turbo_core::Error::OutOfRange { what, .. }) => assert!(what.contains("timestep")),
+            other => panic!("t = {t}: {other:?}"),
+        }
+    }
+    model.forward(&x, 1000.0, &context, None).unwrap();
 
     let i2v = DitCase::open("dit_i2v_dense");
     let model = i2v.model(DType::F32);

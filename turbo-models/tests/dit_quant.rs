@@ -14,6 +14,7 @@ use turbo_models::Checkpoint;
 use turbo_quant::Int8Weight;
 
 mod common;
+mod pth_writer;
 
 use common::{relative_error, DitCase};
 
@@ -172,16 +173,24 @@ fn quant_safetensors_loads_as_is_whatever_the_setting() {
 #[test]
 fn quant_pth_fixture_loads_and_runs() {
     let case = DitCase::open("dit_t2v_sla");
-    let path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/pth/dit_t2v_sla-quant.pth");
+    let scratch = temp_file("fixture-quant.pth");
+    // The committed fixture, or one written from the golden file in use (TURBO_GOLDEN_DIR).
+    let path = pth_writer::quant_dit_fixture(&case.weights(), &scratch);
     let checkpoint = Checkpoint::open(&path).unwrap();
-    let scale = checkpoint.get("blocks.1.cross_attn.v.scale").unwrap();
+    let last = case.cfg.num_layers - 1;
+    let (rows, cols) = (case.cfg.dim.div_ceil(128), case.cfg.dim.div_ceil(128));
+    let scale = checkpoint
+        .get(&format!("blocks.{last}.cross_attn.v.scale"))
+        .unwrap();
     assert_eq!(
         (scale.dtype.as_str(), scale.shape.as_slice()),
-        ("F32", &[1, 1][..])
+        ("F32", &[rows, cols][..])
     );
     assert_eq!(
-        checkpoint.get("blocks.1.ffn.2.int8_weight").unwrap().dtype,
+        checkpoint
+            .get(&format!("blocks.{last}.ffn.2.int8_weight"))
+            .unwrap()
+            .dtype,
         "I8"
     );
 
@@ -204,6 +213,46 @@ fn quant_pth_fixture_loads_and_runs() {
     let err = relative_error(&got, &case.input("out.velocity"));
     println!("dit_t2v_sla-quant.pth in bf16: relative error {err:.3e}");
     assert!(err <= BF16_INT8_BOUND, "bf16 relative error {err:e}");
+    let _ = std::fs::remove_file(&scratch);
+}
+
+/// The Rust writer that builds the fixture for another golden file writes, from the shipped
+/// golden file, the tensors of the committed (Python-written) fixture bit for bit.
+#[test]
+fn the_fixture_writer_reproduces_the_committed_fixture() {
+    use turbo_models::pth::PthArchive;
+    let case = DitCase::open("dit_t2v_sla");
+    let fixture = pth_writer::committed_quant_fixture();
+    if !pth_writer::written_from(&fixture, &case.weights()) {
+        // Another golden file is in use: the committed fixture was not written from it (the
+        // tests that need a fixture then write one with this writer).
+        return;
+    }
+    let committed = PthArchive::open(&fixture).unwrap();
+    let path = temp_file("rewritten-quant.pth");
+    pth_writer::write_quant_dit(&case.weights(), &path);
+    let rewritten = PthArchive::open(&path).unwrap();
+    let names = |archive: &PthArchive| -> Vec<String> {
+        archive.tensors().map(|t| t.name.clone()).collect()
+    };
+    assert_eq!(names(&rewritten), names(&committed));
+    for tensor in committed.tensors() {
+        let bytes = |archive: &PthArchive| {
+            let t = archive.read(&tensor.name, &Device::Cpu).unwrap();
+            (
+                t.dims().to_vec(),
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        };
+        assert_eq!(bytes(&rewritten), bytes(&committed), "{}", tensor.name);
+        assert_eq!(rewritten.get(&tensor.name).unwrap().stored, tensor.stored);
+    }
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]

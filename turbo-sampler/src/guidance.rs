@@ -42,21 +42,28 @@ impl GuidanceScale {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Fails with [`Error::InvalidSamplerSetting`] for a scale that is not finite or whose
+    /// size passes [`MAX_GUIDANCE`] (such a scale only turns the video into flat noise).
+    pub fn validate(&self) -> Result<()> {
         let scales = match *self {
             Self::Constant(scale) => [scale, scale],
             Self::PerExpert { high, low, .. } => [high, low],
         };
-        match scales.into_iter().find(|scale| !scale.is_finite()) {
+        let usable = |scale: f64| scale.is_finite() && scale.abs() <= MAX_GUIDANCE;
+        match scales.into_iter().find(|&scale| !usable(scale)) {
             Some(scale) => Err(Error::InvalidSamplerSetting {
                 setting: "guidance scale",
                 value: scale.to_string(),
-                expected: "a finite number",
+                expected: "a finite number between -100 and 100",
             }),
             None => Ok(()),
         }
     }
 }
+
+/// The largest guidance scale accepted, in size: Wan uses 5, and far larger scales only
+/// amplify the difference of two velocities until the video is flat gray or non-finite.
+pub const MAX_GUIDANCE: f64 = 100.0;
 
 /// A [`Denoiser`] with classifier-free guidance: v = v_u + g·(v_c − v_u), where v_c is the
 /// model's velocity with the condition a sampler passes and v_u its velocity with `negative`

@@ -158,6 +158,7 @@ pub fn adaptive_frame_size(
             reason: format!("size {image_width}x{image_height}: both sides must be positive"),
         });
     }
+    check_adaptive_aspect(image_width, image_height)?;
     let table = resolution.frame_size(aspect);
     let area = (table.width() * table.height()) as f64;
     let image_aspect = f64::from(image_height) / f64::from(image_width);
@@ -166,6 +167,25 @@ pub fn adaptive_frame_size(
     let stride = SIZE_STRIDE as f64;
     let snap = |ideal: f64| (ideal / stride).round_ties_even() as usize * SIZE_STRIDE;
     FrameSize::new(snap(ideal_width), snap(ideal_height))
+}
+
+/// The most elongated image (long side over short side) adaptive resolution sizes a video
+/// for: past it the frame degenerates (a 1×4000 image would ask for 16×60720).
+pub const MAX_ADAPTIVE_ASPECT: u32 = 4;
+
+fn check_adaptive_aspect(width: u32, height: u32) -> Result<()> {
+    let (long, short) = (width.max(height), width.min(height));
+    if u64::from(long) <= u64::from(short) * u64::from(MAX_ADAPTIVE_ASPECT) {
+        return Ok(());
+    }
+    Err(Error::OutOfRange {
+        what: "input image aspect ratio".into(),
+        value: format!("{width}x{height}"),
+        expected: format!(
+            "at most {MAX_ADAPTIVE_ASPECT}:1 either way for adaptive resolution; crop the image \
+             or use the resolution table"
+        ),
+    })
 }
 
 /// The centred region `(x, y, width, height)` of a `width × height` image with the aspect ratio

@@ -11,16 +11,21 @@
 //!   [`adaptive_frame_size`] or of the resolution table, as a tensor in [−1, 1].
 //!
 //! Every file is written to a temporary file beside its target and renamed into place once
-//! complete: an error never leaves a partial file behind.
+//! complete: an error never leaves a partial file behind. [`OutputFile`] checks a program's
+//! output path (format, folder, a file in the way) before any work is done.
 
 mod h264;
 mod image_input;
 mod mp4;
+mod mp4_boxes;
 mod output;
 mod preview;
+mod target;
 mod video;
 
 pub use crate::h264::Quality;
-pub use crate::image_input::{adaptive_frame_size, ImageFit, InputImage};
+pub use crate::image_input::{adaptive_frame_size, ImageFit, InputImage, MAX_ADAPTIVE_ASPECT};
 pub use crate::mp4::{Mp4Options, Mp4Writer};
+pub use crate::output::Existing;
+pub use crate::target::{OutputFile, OutputFormat};
 pub use crate::video::{Fps, Video};

@@ -1,8 +1,7 @@
 //! MP4 files with H.264 video: a streaming [`Mp4Writer`], [`Video::write_mp4`] and
 //! [`Video::read_mp4`]. Muxing and demuxing use the pure-Rust `mp4` crate; see `docs/video.md`.
 
-use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::{BufWriter, Cursor};
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -11,7 +10,7 @@ use rayon::prelude::*;
 use turbo_core::{Error, Result};
 
 use crate::h264::{EncodedFrame, H264Decoder, H264Encoder, Quality};
-use crate::output::AtomicFile;
+use crate::output::{AtomicFile, Existing};
 use crate::video::{Fps, Video};
 
 /// Ticks per frame in the track's time base: the time scale is `1000 · fps`, so rates are
@@ -68,6 +67,19 @@ impl Mp4Writer {
         fps: Fps,
         options: Mp4Options,
     ) -> Result<Self> {
+        Self::create_with(path, width, height, fps, options, Existing::Replace)
+    }
+
+    /// [`Mp4Writer::create`], with `existing` saying what becomes of a file already at `path`
+    /// (checked again when [`finish`](Self::finish) renames the file into place).
+    pub fn create_with(
+        path: impl AsRef<Path>,
+        width: usize,
+        height: usize,
+        fps: Fps,
+        options: Mp4Options,
+        existing: Existing,
+    ) -> Result<Self> {
         let path = path.as_ref();
         let timescale = track_timescale(fps)?;
         let encoder = H264Encoder::new(
@@ -77,7 +89,7 @@ impl Mp4Writer {
             options.quality,
             options.keyframe_interval,
         )?;
-        let file = AtomicFile::create(path)?;
+        let file = AtomicFile::create_with(path, existing)?;
         let config = Mp4Config {
             major_brand: (*b"isom").into(),
             minor_version: 512,
@@ -218,7 +230,18 @@ impl Video {
     /// starts with a keyframe (an IDR picture, which references nothing before it), so the
     /// stream is the one a single encoder writes, several times faster on a multi-core host.
     pub fn write_mp4(&self, path: impl AsRef<Path>, options: Mp4Options) -> Result<()> {
-        let mut writer = Mp4Writer::create(path, self.width(), self.height(), self.fps(), options)?;
+        self.write_mp4_with(path, options, Existing::Replace)
+    }
+
+    /// [`Video::write_mp4`], with `existing` saying what becomes of a file already at `path`.
+    pub fn write_mp4_with(
+        &self,
+        path: impl AsRef<Path>,
+        options: Mp4Options,
+        existing: Existing,
+    ) -> Result<()> {
+        let (width, height, fps) = (self.width(), self.height(), self.fps());
+        let mut writer = Mp4Writer::create_with(path, width, height, fps, options, existing)?;
         let interval = match options.keyframe_interval {
             0 => self.frames().len().max(1),
             frames => frames as usize,
@@ -258,11 +281,15 @@ impl Video {
             path: path.to_owned(),
             source,
         };
-        let file = File::open(path).map_err(io_error)?;
-        let size = file.metadata().map_err(io_error)?.len();
-        let mut reader = mp4::Mp4Reader::read_header(BufReader::new(file), size)
-            .map_err(|e| mux_error(path, e))?;
+        let bytes = std::fs::read(path).map_err(io_error)?;
+        crate::mp4_boxes::check_boxes(&bytes)
+            .map_err(|reason| media_error(path, format!("malformed MP4: {reason}")))?;
+        let size = bytes.len() as u64;
+        let mut reader = demuxing(path, "reading the header", || {
+            mp4::Mp4Reader::read_header(Cursor::new(bytes), size)
+        })?;
         let track = H264Track::find(&reader, path)?;
+        track.check_sample_sizes(&reader, size, path)?;
         let (frames, frame_ticks) = track.decode(&mut reader, path)?;
         if frame_ticks == 0 {
             return Err(media_error(
@@ -275,7 +302,7 @@ impl Video {
     }
 }
 
-type Mp4Reader = mp4::Mp4Reader<BufReader<File>>;
+type Mp4Reader = mp4::Mp4Reader<Cursor<Vec<u8>>>;
 
 /// What decoding needs from an MP4's H.264 track.
 struct H264Track {
@@ -308,19 +335,49 @@ impl H264Track {
         })
     }
 
+    /// Fails when a sample claims more bytes than the file holds: the demuxer would allocate
+    /// the claimed size (up to 4 GiB a sample) before finding out.
+    fn check_sample_sizes(&self, reader: &Mp4Reader, file_size: u64, path: &Path) -> Result<()> {
+        let Some(track) = reader.tracks().get(&self.id) else {
+            return Ok(());
+        };
+        let stsz = &track.trak.mdia.minf.stbl.stsz;
+        let fragments = track
+            .trafs
+            .iter()
+            .filter_map(|traf| traf.trun.as_ref())
+            .flat_map(|trun| trun.sample_sizes.iter());
+        let largest = stsz
+            .sample_sizes
+            .iter()
+            .chain(fragments)
+            .chain([&stsz.sample_size])
+            .copied()
+            .max()
+            .unwrap_or(0);
+        if u64::from(largest) > file_size {
+            return Err(media_error(
+                path,
+                format!("a sample claims {largest} bytes but the file holds {file_size}"),
+            ));
+        }
+        Ok(())
+    }
+
     /// Every frame as RGB of the track's size, and the duration of the first in ticks.
     fn decode(&self, reader: &mut Mp4Reader, path: &Path) -> Result<(Vec<Vec<u8>>, u32)> {
         let mut decoder = H264Decoder::new(&self.sps, &self.pps)?;
-        let mut pictures = Vec::with_capacity(self.sample_count as usize);
+        // The count is the file's claim: grow as samples really arrive.
+        let mut pictures = Vec::new();
         let mut first_duration = 0;
         for sample_id in 1..=self.sample_count {
-            let sample = reader
-                .read_sample(self.id, sample_id)
-                .map_err(|e| mux_error(path, e))?
-                .ok_or_else(|| {
-                    let count = self.sample_count;
-                    media_error(path, format!("sample {sample_id} of {count} is missing"))
-                })?;
+            let sample = demuxing(path, "reading a sample", || {
+                reader.read_sample(self.id, sample_id)
+            })?
+            .ok_or_else(|| {
+                let count = self.sample_count;
+                media_error(path, format!("sample {sample_id} of {count} is missing"))
+            })?;
             if sample_id == 1 {
                 first_duration = sample.duration;
             }
@@ -350,7 +407,7 @@ impl H264Track {
 }
 
 /// The track time scale for `fps`, with [`TICKS_PER_FRAME`] ticks per frame.
-fn track_timescale(fps: Fps) -> Result<u32> {
+pub(crate) fn track_timescale(fps: Fps) -> Result<u32> {
     let timescale = (fps.get() * f64::from(TICKS_PER_FRAME)).round();
     if timescale >= 1.0 && timescale <= f64::from(u32::MAX) {
         Ok(timescale as u32)
@@ -362,6 +419,18 @@ fn track_timescale(fps: Fps) -> Result<u32> {
                 fps.get()
             ),
         })
+    }
+}
+
+/// Runs a call into the `mp4` demuxer, which panics (`expect`, `unwrap`, arithmetic overflow)
+/// on some malformed files: a panic becomes the same typed error as a demuxing failure.
+fn demuxing<T>(path: &Path, what: &str, call: impl FnOnce() -> mp4::Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(call)) {
+        Ok(result) => result.map_err(|e| mux_error(path, e)),
+        Err(_) => Err(media_error(
+            path,
+            format!("malformed MP4: the demuxer failed while {what}"),
+        )),
     }
 }
 

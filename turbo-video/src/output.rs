@@ -8,19 +8,35 @@ use std::path::{Path, PathBuf};
 use tempfile::NamedTempFile;
 use turbo_core::{Error, Result};
 
+/// What writing a file does to a file already at its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Existing {
+    /// Replace it (what `std::fs::write` does). A symbolic link is written through: the file
+    /// it points to is replaced and the link stays.
+    #[default]
+    Replace,
+    /// Fail with [`Error::OutputExists`], also when the file appears while the video is
+    /// being written (the final rename does not replace).
+    Refuse,
+}
+
 /// A file being written to a temporary path in the target's directory.
 ///
 /// [`commit`](Self::commit) syncs it and renames it to the target; dropping it without a commit
-/// deletes the temporary file.
+/// deletes the temporary file. The file's mode is `0666` less the process's umask (`0644`
+/// under the usual umask), as any other program's output, not the `0600` of a temporary file.
 #[derive(Debug)]
 pub(crate) struct AtomicFile {
     temp: NamedTempFile,
     target: PathBuf,
+    existing: Existing,
 }
 
 impl AtomicFile {
-    /// Starts writing `target`: creates a hidden temporary file beside it.
-    pub(crate) fn create(target: &Path) -> Result<Self> {
+    /// Starts writing `target` (through it, if it is a symbolic link), with `existing` saying
+    /// what becomes of a file already there.
+    pub(crate) fn create_with(target: &Path, existing: Existing) -> Result<Self> {
+        let target = &resolve_link(target)?;
         let io_error = |source| Error::Io {
             path: target.to_owned(),
             source,
@@ -38,14 +54,15 @@ impl AtomicFile {
         let mut prefix = std::ffi::OsString::from(".");
         prefix.push(file_name);
         prefix.push(".");
-        let temp = tempfile::Builder::new()
-            .prefix(&prefix)
-            .suffix(".part")
-            .tempfile_in(directory)
-            .map_err(io_error)?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(&prefix).suffix(".part");
+        #[cfg(unix)]
+        builder.permissions(umask_mode());
+        let temp = builder.tempfile_in(directory).map_err(io_error)?;
         Ok(Self {
             temp,
             target: target.to_owned(),
+            existing,
         })
     }
 
@@ -57,9 +74,16 @@ impl AtomicFile {
             source,
         };
         self.temp.as_file().sync_all().map_err(io_error)?;
-        self.temp
-            .persist(&target)
-            .map_err(|failure| io_error(failure.error))?;
+        let persisted = match self.existing {
+            Existing::Replace => self.temp.persist(&target),
+            Existing::Refuse => self.temp.persist_noclobber(&target),
+        };
+        persisted.map_err(|failure| match failure.error.kind() {
+            io::ErrorKind::AlreadyExists => Error::OutputExists {
+                path: target.clone(),
+            },
+            _ => io_error(failure.error),
+        })?;
         tracing::debug!(path = %target.display(), "wrote output file");
         Ok(())
     }
@@ -81,12 +105,56 @@ impl Seek for AtomicFile {
     }
 }
 
+/// The permissions a new file is created with: `0666`, which the kernel lowers by the umask.
+#[cfg(unix)]
+fn umask_mode() -> std::fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::Permissions::from_mode(0o666)
+}
+
+/// Links followed at most when resolving an output path (Linux's own limit is 40).
+const MAX_LINKS: usize = 40;
+
+/// `path`, or for a symbolic link the file it finally points to (relative links resolve
+/// against the link's folder), so that writing replaces that file and keeps the link.
+pub(crate) fn resolve_link(path: &Path) -> Result<PathBuf> {
+    let mut resolved = path.to_owned();
+    for _ in 0..MAX_LINKS {
+        let is_link =
+            std::fs::symlink_metadata(&resolved).is_ok_and(|m| m.file_type().is_symlink());
+        if !is_link {
+            return Ok(resolved);
+        }
+        let destination = std::fs::read_link(&resolved).map_err(|source| Error::Io {
+            path: resolved.clone(),
+            source,
+        })?;
+        resolved = match resolved.parent() {
+            Some(parent) if destination.is_relative() => parent.join(destination),
+            _ => destination,
+        };
+    }
+    Err(Error::Io {
+        path: path.to_owned(),
+        source: io::Error::other(format!("more than {MAX_LINKS} symbolic links in a chain")),
+    })
+}
+
 /// Writes `target` atomically with `write`, through a buffer; on any error no file is left.
 pub(crate) fn write_atomically(
     target: &Path,
     write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
 ) -> Result<()> {
-    let mut file = AtomicFile::create(target)?;
+    write_atomically_with(target, Existing::Replace, write)
+}
+
+/// [`write_atomically`], with `existing` saying what becomes of a file already at `target`.
+pub(crate) fn write_atomically_with(
+    target: &Path,
+    existing: Existing,
+    write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
+) -> Result<()> {
+    let mut file = AtomicFile::create_with(target, existing)?;
     {
         let mut buffered = BufWriter::new(file.temp.as_file_mut());
         write(&mut buffered)?;
@@ -116,7 +184,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("out.bin");
 
-        let mut dropped = AtomicFile::create(&target)?;
+        let mut dropped = AtomicFile::create_with(&target, Existing::Replace)?;
         dropped.write_all(b"partial").unwrap();
         assert_eq!(entries(dir.path()).len(), 1, "the temporary file exists");
         drop(dropped);

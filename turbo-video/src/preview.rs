@@ -6,7 +6,7 @@ use image::codecs::png::PngEncoder;
 use image::{ExtendedColorType, ImageEncoder, ImageError};
 use turbo_core::{Error, Result};
 
-use crate::output::write_atomically;
+use crate::output::{write_atomically, write_atomically_with, Existing};
 use crate::video::Video;
 
 /// NeuQuant sampling of the GIF palette search, from 1 (best, slowest) to 30 (fastest); 10 is the
@@ -47,6 +47,11 @@ impl Video {
     /// 256-colour palette (quantised on all cores), and the frame delay is rounded to the GIF's
     /// unit of 10 ms.
     pub fn write_gif(&self, path: impl AsRef<Path>) -> Result<()> {
+        self.write_gif_with(path, Existing::Replace)
+    }
+
+    /// [`Video::write_gif`], with `existing` saying what becomes of a file already at `path`.
+    pub fn write_gif_with(&self, path: impl AsRef<Path>, existing: Existing) -> Result<()> {
         let path = path.as_ref();
         let (width, height) = match (u16::try_from(self.width()), u16::try_from(self.height())) {
             (Ok(w), Ok(h)) => (w, h),
@@ -67,7 +72,7 @@ impl Video {
             what: path.display().to_string(),
             reason: format!("cannot encode GIF: {e}"),
         };
-        write_atomically(path, |out| {
+        write_atomically_with(path, existing, |out| {
             let mut encoder = gif::Encoder::new(out, width, height, &[]).map_err(gif_error)?;
             encoder
                 .set_repeat(gif::Repeat::Infinite)

@@ -91,6 +91,51 @@ impl<A: LoadAttention> WanModel<A> {
     /// A `-quant` file (block linears stored as `int8_weight` + `scale`) loads as is, its block
     /// linears running in W8A8 int8; float files keep float linears. See
     /// [`WanModel::from_checkpoint_with_quant`] to quantise float files at load.
+    ///
+    /// A tiny DiT with random weights, written as a TurboDiffusion file (with SLA's `proj_l`),
+    /// loaded with the attention chosen at run time and at compile time, and run:
+    ///
+    /// ```
+    /// use candle_core::{DType, Device, Tensor};
+    /// use turbo_attention::{AttentionConfig, SlaAttention, SlaConfig};
+    /// use turbo_models::wan::{expected_tensors, PatchLayout, WanConfig, WanModel};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # fn write_random(keys: Vec<(String, Vec<usize>)>, path: &std::path::Path) -> candle_core::Result<()> {
+    /// #     let tensors = keys
+    /// #         .into_iter()
+    /// #         .map(|(name, shape)| Ok((name, (Tensor::randn(0f32, 1.0, shape, &Device::Cpu)? * 0.05)?)))
+    /// #         .collect::<candle_core::Result<std::collections::HashMap<_, _>>>()?;
+    /// #     candle_core::safetensors::save(&tensors, path)
+    /// # }
+    /// let cfg = WanConfig {
+    ///     dim: 64, ffn_dim: 128, freq_dim: 64, text_dim: 32, text_len: 16, num_heads: 2,
+    ///     num_layers: 1, ..WanConfig::wan21_t2v_1_3b()
+    /// };
+    /// // "original", "sla", "sagesla", with a top-k and block sizes: "sla:0.5:128x64".
+    /// let attention: AttentionConfig = "sla:0.5".parse()?;
+    /// let path = std::env::temp_dir().join(format!("tiny-dit-{}.safetensors", std::process::id()));
+    /// let keys = expected_tensors::<SlaAttention>(&cfg, PatchLayout::Linear, &SlaConfig::new(0.5)?, DType::F32);
+    /// write_random(keys.into_iter().map(|spec| (spec.name, spec.shape)).collect(), &path)?;
+    ///
+    /// // Run time: `WanModel` is `WanModel<Box<dyn Attention>>`, built from an AttentionConfig.
+    /// let dit: WanModel = WanModel::from_checkpoint(&path, Some(&cfg), &attention, DType::F32, &Device::Cpu)?;
+    /// // `forward` takes ONE latent `[16, F, H, W]` (no batch dimension), the model time
+    /// // t ∈ [0, 1000] and the text context `[L ≤ text_len, text_dim]`.
+    /// let x = Tensor::randn(0f32, 1.0, (16, 1, 4, 4), &Device::Cpu)?;
+    /// let context = Tensor::randn(0f32, 1.0, (7, 32), &Device::Cpu)?;
+    /// let velocity = dit.forward(&x, 500.0, &context, None)?;
+    /// assert_eq!(velocity.dims(), x.dims());
+    /// assert!(dit.forward(&x.unsqueeze(0)?, 500.0, &context, None).is_err()); // batched
+    /// assert!(dit.forward(&x, 1500.0, &context, None).is_err()); // t out of range
+    ///
+    /// // Compile time: a concrete backend and its own config type.
+    /// let sla = WanModel::<SlaAttention>::from_checkpoint(&path, Some(&cfg), &SlaConfig::new(0.5)?, DType::F32, &Device::Cpu)?;
+    /// assert_eq!(sla.forward(&x, 500.0, &context, None)?.dims(), x.dims());
+    /// std::fs::remove_file(&path)?;
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn from_checkpoint(
         path: impl AsRef<Path>,
         cfg: Option<&WanConfig>,
@@ -135,18 +180,7 @@ impl<A: LoadAttention> WanModel<A> {
         device: &Device,
         adapt: impl FnOnce(VarBuilder<'static>) -> VarBuilder<'static>,
     ) -> Result<Self> {
-        let checkpoint = Checkpoint::open(path.as_ref())?;
-        let info = DitCheckpointInfo::inspect(&checkpoint)?;
-        let cfg = match cfg {
-            Some(cfg) => cfg.clone(),
-            None => WanConfig::from_json_file(&config_beside(path.as_ref()).ok_or_else(|| {
-                checkpoint_error(
-                    &checkpoint,
-                    "no model config given and no config.json beside the weights",
-                )
-            })?)?,
-        };
-        checkpoint.expect_keys(&expected_keys::<A>(&cfg, &info, attention))?;
+        let (checkpoint, info, cfg) = Self::open_checked(path.as_ref(), cfg, attention)?;
         let vb = adapt(checkpoint.var_builder(dtype, device)?);
         let vb = if info.prefix.is_empty() {
             vb
@@ -154,6 +188,42 @@ impl<A: LoadAttention> WanModel<A> {
             vb.pp(info.prefix.trim_end_matches('.'))
         };
         Self::load_with_quant(vb, &cfg, attention, quant_linear)
+    }
+}
+
+impl<A: LoadAttention> WanModel<A> {
+    /// Checks, reading only the file's tensor list, that `path` holds a DiT that
+    /// [`WanModel::from_checkpoint`] can load with `cfg` and `attention`: the same errors
+    /// (every missing key, unexpected key and wrong shape, with the file name; a truncated
+    /// file), without allocating a weight. A pipeline calls it for every DiT before its first
+    /// stage.
+    pub fn check_checkpoint(
+        path: impl AsRef<Path>,
+        cfg: Option<&WanConfig>,
+        attention: &A::Config,
+    ) -> Result<()> {
+        Self::open_checked(path.as_ref(), cfg, attention).map(drop)
+    }
+
+    /// The checkpoint, its layout and the configuration, with the tensor list checked.
+    fn open_checked(
+        path: &Path,
+        cfg: Option<&WanConfig>,
+        attention: &A::Config,
+    ) -> Result<(Checkpoint, DitCheckpointInfo, WanConfig)> {
+        let checkpoint = Checkpoint::open(path)?;
+        let info = DitCheckpointInfo::inspect(&checkpoint)?;
+        let cfg = match cfg {
+            Some(cfg) => cfg.clone(),
+            None => WanConfig::from_json_file(&config_beside(path).ok_or_else(|| {
+                checkpoint_error(
+                    &checkpoint,
+                    "no model config given and no config.json beside the weights",
+                )
+            })?)?,
+        };
+        checkpoint.expect_keys(&expected_keys::<A>(&cfg, &info, attention))?;
+        Ok((checkpoint, info, cfg))
     }
 }
 

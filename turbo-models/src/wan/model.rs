@@ -10,6 +10,9 @@ use super::rope::Rope3d;
 use super::{linear, ModelType, QuantPolicy, WanConfig};
 use crate::lora::{LoraMode, LoraSummary, ScaledLora, Slot, Unadapted};
 
+/// The largest model time (`1000 · s` at s = 1, pure noise).
+const MAX_MODEL_TIME: f64 = 1000.0;
+
 /// Where a block's self-attention backend keeps its weights (SLA's `proj_l`).
 pub(crate) const ATTENTION_WEIGHTS: &str = "self_attn.attn_op.local_attn";
 
@@ -61,15 +64,15 @@ impl Head {
 
 /// The Wan DiT (`WanModel`), generic over its self-attention backend.
 ///
-/// `WanModel<Box<dyn Attention>>` picks the backend at run time from an
-/// [`turbo_attention::AttentionConfig`]; `WanModel<SlaAttention>` (or any other
+/// `WanModel<Box<dyn Attention>>` (plain `WanModel`, the default) picks the backend at run
+/// time from an [`turbo_attention::AttentionConfig`]; `WanModel<SlaAttention>` (or any other
 /// [`LoadAttention`]) fixes it at compile time. Weights load from a `VarBuilder` whose dtype is
 /// the compute dtype of the block linears and embeddings; the time embedding, modulation, norms,
 /// residual stream and head stay f32, as upstream keeps them. The block linears are
 /// [`turbo_quant::Linear`]s: float, or W8A8 int8 when the checkpoint stores them so or
 /// [`WanModel::load_with_quant`] quantises them.
 #[derive(Debug, Clone)]
-pub struct WanModel<A> {
+pub struct WanModel<A = Box<dyn Attention>> {
     cfg: WanConfig,
     layout: CheckpointLayout,
     patch_embedding: PatchEmbedding,
@@ -259,6 +262,10 @@ impl<A: Attention> WanModel<A> {
     /// (0..1000), conditioned on `context` `[L_text ≤ text_len, text_dim]` and, for the I2V
     /// experts, on `condition` `[in_dim − C, F, H, W]` (mask and image latent). Returns f32
     /// `[C, F, H, W]`.
+    ///
+    /// A batched `x` (rank 5), `H` or `W` not even, `t` outside `[0, 1000]` (or not finite), or
+    /// a context of another width or longer than `text_len` is a typed error naming the input
+    /// ([`Error::Shape`], [`Error::OutOfRange`]).
     pub fn forward(
         &self,
         x: &Tensor,
@@ -266,6 +273,7 @@ impl<A: Attention> WanModel<A> {
         context: &Tensor,
         condition: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.check_forward_inputs(x, t, context)?;
         let (_, frames, height, width) = x.dims4()?;
         let input = self.model_input(x, condition)?;
         let (pt, ph, pw) = PATCH_SIZE;
@@ -279,6 +287,39 @@ impl<A: Attention> WanModel<A> {
             .iter()
             .try_fold(tokens, |h, block| block.forward(&h, &e0, &context, &rope))?;
         self.unpatchify(&self.head.forward(&hidden, &e)?, grid)
+    }
+
+    /// The contract of [`WanModel::forward`], checked before any work.
+    fn check_forward_inputs(&self, x: &Tensor, t: f64, context: &Tensor) -> Result<()> {
+        let (_, ph, pw) = PATCH_SIZE;
+        let unbatched = match x.dims() {
+            &[_, _, h, w] => h % ph == 0 && w % pw == 0 && h > 0 && w > 0,
+            _ => false,
+        };
+        if !unbatched {
+            return Err(Error::Shape {
+                what: "DiT input latent `x` (one unbatched latent; H and W even)".into(),
+                expected: format!("[{}, F, H, W]", self.cfg.out_dim),
+                got: x.dims().to_vec(),
+            });
+        }
+        if !(0.0..=MAX_MODEL_TIME).contains(&t) {
+            return Err(Error::OutOfRange {
+                what: "DiT timestep `t`".into(),
+                value: t.to_string(),
+                expected: format!("model time in [0, {MAX_MODEL_TIME}] (1000 · s)"),
+            });
+        }
+        match context.dims() {
+            &[len, dim] if (1..=self.cfg.text_len).contains(&len) && dim == self.cfg.text_dim => {
+                Ok(())
+            }
+            got => Err(Error::Shape {
+                what: "DiT text context".into(),
+                expected: format!("[1..={}, {}]", self.cfg.text_len, self.cfg.text_dim),
+                got: got.to_vec(),
+            }),
+        }
     }
 
     /// `x` alone for T2V, `cat[x, condition]` on channels for I2V.
