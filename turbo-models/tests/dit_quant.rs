@@ -108,17 +108,11 @@ fn write_quant_safetensors(weights: &HashMap<String, Tensor>, path: &Path) {
         }
         let layer = name.strip_suffix(".weight").unwrap();
         let int8 = Int8Weight::quantize(tensor).unwrap();
-        let bytes = int8
-            .int8_weight()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<u8>()
-            .unwrap();
         entries.push((
             format!("{layer}.int8_weight"),
             safetensors::Dtype::I8,
             tensor.dims().to_vec(),
-            bytes,
+            pth_writer::int8_bytes(&int8),
         ));
         entries.push(f32_entry(format!("{layer}.scale"), int8.scale()));
     }

@@ -195,16 +195,10 @@ pub fn write_quant_dit(
         match turbo_models::wan::block_linear_of(name) {
             Some(layer) => {
                 let int8 = turbo_quant::Int8Weight::quantize(tensor).unwrap();
-                let bytes = int8
-                    .int8_weight()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1::<u8>()
-                    .unwrap();
                 tensors.push(PthTensor::int8(
                     &format!("{layer}.int8_weight"),
                     tensor.dims(),
-                    bytes,
+                    int8_bytes(&int8),
                 ));
                 let scale = int8.scale();
                 tensors.push(PthTensor::f32(
@@ -217,6 +211,15 @@ pub fn write_quant_dit(
         }
     }
     write_pth(path, &tensors);
+}
+
+/// The raw two's-complement bytes of a quantised weight.
+pub fn int8_bytes(int8: &turbo_quant::Int8Weight) -> Vec<u8> {
+    int8.int8_weight()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u8>()
+        .unwrap()
 }
 
 /// Whether every float tensor of the `.pth` at `path` other than the int8 scales equals the
