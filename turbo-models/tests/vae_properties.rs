@@ -1,20 +1,12 @@
 //! The causal conv3d (one conv2d over stacked time windows) against its plain-loop twin, and
 //! the chunked form with remembered frames against a pass over the whole sequence.
 
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::max_abs_diff;
 use proptest::prelude::*;
 use turbo_models::vae::{causal_conv3d_reference, CausalConv3d, Conv3dSpec};
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn random(dims: &[usize], seed: u64) -> Tensor {
     // A small deterministic generator keeps proptest's shrinking meaningful.
