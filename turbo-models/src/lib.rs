@@ -4,6 +4,8 @@
 //!   and the TurboDiffusion key layouts, with any attention backend of `turbo-attention`;
 //! - [`vae`]: the Wan2.1 video VAE, streaming encode and decode;
 //! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
+//! - [`clip`]: the CLIP ViT-H/14 image encoder of Wan2.1 I2V / FLF2V, with its bicubic
+//!   preprocessing;
 //! - [`lora`]: LoRA adapters (ComfyUI, PEFT and diffusers layouts), merged or run beside the
 //!   weights, switched on a resident model;
 //! - [`convert`]: any checkpoint to safetensors, optionally quantising the DiT to W8A8;
@@ -98,6 +100,7 @@
 //! ```
 
 pub mod checkpoint;
+pub mod clip;
 pub mod convert;
 pub mod lora;
 mod pickle_guard;
@@ -108,6 +111,7 @@ pub mod vae;
 pub mod wan;
 
 pub use checkpoint::{Checkpoint, TensorMeta};
+pub use clip::{ClipConfig, ClipVisionEncoder};
 pub use lora::{LoraAdapter, LoraLayout, LoraMode, LoraSummary, LoraTarget, ScaledLora};
 pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
 pub use umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder};
