@@ -487,10 +487,13 @@ fn vae_coefficient() -> f64 {
 
 /// The image condition of I2V: the VAE's weights, `3·F·H·W·(4 + 4 + 2b)` bytes and the
 /// encoder's chunk, taken as the decoder's `K_vae · U` (not measured separately). The middle
-/// term was the input video built from the image; `WanVae::encode_image` no longer builds it,
-/// and it now stands for the output frames its steady-input shortcut keeps (one per steady
-/// convolution, ≈ 7.5 full-resolution base-width frames, `1 440·H·W` bytes in bf16, below the
-/// `2 916·H·W` of the term at 81 frames): kept so that the estimate stays an upper bound.
+/// term was the input video built from the image, which `WanVae::encode_image` no longer
+/// builds; it is kept for the output frames that `encode_image` holds for its steady
+/// convolutions, at most one per cached convolution of the encoder. Counted in full-resolution
+/// frames of the base width (derived from the released structure, not measured): 5 at level 0,
+/// 4 × 2·¼ at level 1, 4 × 4·¹⁄₁₆ at level 2, and ¼ each for level 3 and the middle, 8.5 in
+/// all, `1 632·H·W` bytes in bf16, under the term's `2 916·H·W` at 81 frames; shorter videos
+/// keep fewer, as fewer convolutions reach a steady input.
 fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
     let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
     let (height, width) = (geometry.size.height(), geometry.size.width());

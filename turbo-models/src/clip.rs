@@ -8,9 +8,9 @@
 //! f32 whatever the weight dtype.
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::ops::softmax_last_dim;
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
-use turbo_core::{Error, Result};
+use turbo_attention::DenseAttention;
+use turbo_core::{Attention, Error, Result};
 
 /// The MLP activation of the blocks (`activation` upstream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,25 +192,21 @@ impl ClipBlock {
         Ok(x)
     }
 
-    /// Full bidirectional attention; `to_qkv`'s output is q | k | v, each split into heads.
+    /// Full bidirectional attention (the project's dense operator: `softmax(q·kᵀ/√d)·v` in
+    /// f32); `to_qkv`'s output is q | k | v, each split into heads.
     fn attention(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, len, dim) = x.dims3()?;
-        let head_dim = dim / self.num_heads;
-        let qkv = self
-            .to_qkv
-            .forward(x)?
-            .reshape((batch, len, 3, self.num_heads, head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let part = |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.contiguous()?) };
-        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scale = 1.0 / (head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let weights = softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = weights
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch, len, dim))?;
-        Ok(self.proj.forward(&out)?)
+        let qkv = self.to_qkv.forward(x)?.reshape((
+            batch,
+            len,
+            3,
+            self.num_heads,
+            dim / self.num_heads,
+        ))?;
+        let part =
+            |i: usize| -> Result<Tensor> { Ok(qkv.narrow(2, i, 1)?.squeeze(2)?.contiguous()?) };
+        let out = DenseAttention::default().forward(&part(0)?, &part(1)?, &part(2)?)?;
+        Ok(self.proj.forward(&out.reshape((batch, len, dim))?)?)
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {

@@ -3,15 +3,14 @@
 //! and its key list against the golden file and the released checkpoint's
 //! (`fixtures/keys/clip.tsv`). Every dimension is read from the file's `config` and tensors.
 
-use std::collections::BTreeMap;
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::{key_list, KeyShapes};
 use turbo_core::golden::GoldenFile;
 use turbo_core::Error;
 use turbo_models::clip::{ClipActivation, ClipConfig, ClipVisionEncoder};
-
-type KeyShapes = BTreeMap<String, Vec<usize>>;
 
 fn golden_config(file: &GoldenFile) -> ClipConfig {
     let number = |key: &str| file.config_f64(&[key]).unwrap();
@@ -60,26 +59,6 @@ fn as_map(keys: Vec<(String, Vec<usize>)>) -> KeyShapes {
     keys.into_iter().collect()
 }
 
-/// `name<TAB>[d0, d1, …]` lines of `fixtures/keys/<name>.tsv`; `[]` is a scalar.
-fn tsv(name: &str) -> KeyShapes {
-    let path = format!("{}/../fixtures/keys/{name}.tsv", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let (key, shape) = line.split_once('\t').unwrap();
-            let dims = shape
-                .trim()
-                .trim_matches(|c| c == '[' || c == ']')
-                .split(',')
-                .filter(|d| !d.trim().is_empty())
-                .map(|d| d.trim().parse().unwrap())
-                .collect();
-            (key.to_owned(), dims)
-        })
-        .collect()
-}
-
 #[test]
 fn features_match_golden() {
     let (file, encoder) = load();
@@ -110,7 +89,7 @@ fn expected_keys_are_the_golden_weights() {
 
 #[test]
 fn released_keys_match_the_checkpoint_list() {
-    let visual: KeyShapes = tsv("clip")
+    let visual: KeyShapes = key_list("clip")
         .into_iter()
         .filter(|(name, _)| name.starts_with("visual."))
         .collect();

@@ -2,34 +2,19 @@
 //! list a config expects equals `fixtures/keys/*.tsv` (the upstream constructors' parameters),
 //! and the loader reads exactly that list.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod common;
+
+use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
+use common::{key_list, KeyShapes};
 use turbo_attention::{Attention, AttentionConfig, AttentionKind};
 use turbo_models::wan::{
     expected_tensors, int8_block_linears, PatchLayout, TensorSpec, WanConfig, WanModel,
 };
-
-type KeyShapes = BTreeMap<String, Vec<usize>>;
-
-fn tsv(name: &str) -> KeyShapes {
-    let path = format!("{}/../fixtures/keys/{name}.tsv", env!("CARGO_MANIFEST_DIR"));
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    text.lines()
-        .filter(|line| !line.trim().is_empty())
-        .map(|line| {
-            let (key, shape) = line.split_once('\t').unwrap();
-            let dims = shape.trim_matches(|c| c == '[' || c == ']').split(',');
-            (
-                key.to_owned(),
-                dims.map(|d| d.trim().parse().unwrap()).collect(),
-            )
-        })
-        .collect()
-}
 
 fn as_map(specs: &[TensorSpec]) -> KeyShapes {
     specs
@@ -76,8 +61,8 @@ fn official_layout_expects_exactly_the_upstream_keys() {
             &original,
             DType::BF16,
         );
-        assert_eq!(expected.len(), tsv(file).len(), "{file}");
-        assert_eq!(as_map(&expected), tsv(file), "{file}");
+        assert_eq!(expected.len(), key_list(file).len(), "{file}");
+        assert_eq!(as_map(&expected), key_list(file), "{file}");
     }
 }
 
@@ -88,7 +73,7 @@ fn turbodiffusion_layout_adds_proj_l_and_the_linear_patch_embedding() {
             expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Linear, &sla(), DType::BF16);
         assert_eq!(
             as_map(&expected),
-            turbodiffusion_keys(&tsv(file), &cfg),
+            turbodiffusion_keys(&key_list(file), &cfg),
             "{file}"
         );
     }
@@ -129,7 +114,7 @@ fn quant_layout_replaces_block_weights_with_int8_and_scale() {
         let specs =
             expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Linear, &sla(), DType::BF16);
         let quant = int8_block_linears(specs);
-        let expected = quant_keys(&turbodiffusion_keys(&tsv(file), &cfg));
+        let expected = quant_keys(&turbodiffusion_keys(&key_list(file), &cfg));
         assert_eq!(as_map(&quant), expected, "{file}");
         let int8 = quant.iter().filter(|s| s.name.ends_with(".int8_weight"));
         assert!(int8.clone().all(|s| s.dtype == DType::U8), "{file}");
@@ -195,7 +180,7 @@ fn keys_read(keys: &KeyShapes, cfg: &WanConfig, attention: &AttentionConfig) -> 
 #[test]
 fn loader_reads_every_upstream_key_and_nothing_else() {
     for (file, cfg) in released() {
-        let official = tsv(file);
+        let official = key_list(file);
         let read = keys_read(
             &official,
             &cfg,

@@ -232,7 +232,7 @@ mod cuda {
         let out_h = positions / out_w;
         let taps = channels * ksize * ksize;
         if x.dtype() == DType::BF16 && wgmma_applies(&x, ksize, channels, out_channels)? {
-            let windows = Windows::images(batch);
+            let windows = Windows::single_frames(batch);
             let out = wgmma_conv(&x, &windows, weight, bias, padding)?;
             return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
         }
@@ -387,8 +387,9 @@ mod cuda {
     }
 
     impl Windows {
-        /// A plain 2-D convolution of `count` images: one single-frame window each.
-        fn images(count: usize) -> Self {
+        /// A plain 2-D convolution of `count` images, taken as the frames of one image with a
+        /// single-frame window on each.
+        fn single_frames(count: usize) -> Self {
             Self {
                 images: 1,
                 frames_per_image: count,

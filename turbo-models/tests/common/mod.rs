@@ -3,7 +3,7 @@
 
 #![allow(dead_code)] // each test crate uses its own subset
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -121,4 +121,28 @@ pub fn assert_golden_holds_exactly(file: &GoldenFile, expected: &[(String, Vec<u
             other => panic!("{other}"),
         }
     }
+}
+
+/// Tensor name → shape.
+pub type KeyShapes = BTreeMap<String, Vec<usize>>;
+
+/// The `name<TAB>[d0, d1, …]` lines of `fixtures/keys/<name>.tsv` (the key lists of the released
+/// checkpoints); `[]` is a scalar.
+pub fn key_list(name: &str) -> KeyShapes {
+    let path = format!("{}/../fixtures/keys/{name}.tsv", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            let (key, shape) = line.split_once('\t').unwrap();
+            let dims = shape
+                .trim()
+                .trim_matches(|c| c == '[' || c == ']')
+                .split(',')
+                .filter(|d| !d.trim().is_empty())
+                .map(|d| d.trim().parse().unwrap())
+                .collect();
+            (key.to_owned(), dims)
+        })
+        .collect()
 }
