@@ -24,7 +24,7 @@ use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{AspectRatio, Resolution};
 use turbodiffusion::pipeline::{I2vRequest, ModelKind, DEMO_NOTICE};
 use turbodiffusion::sampler::I2V_A14B_BOUNDARY;
-use turbodiffusion::video::{ImageFit, InputImage};
+use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
 use turbodiffusion::Pipeline;
 
 #[derive(Parser, Debug)]
@@ -147,17 +147,14 @@ fn main() -> Result<()> {
     };
     let output = args.run.output("i2v", model)?;
     let mut progress = common::Console::new(interrupt.clone());
-    let video =
-        common::exit_if_cancelled(pipeline.image_to_video_with_progress(&request, &mut progress))?;
-    let output = output.write(&video, &interrupt)?;
-    println!(
-        "wrote {} ({} frames, {}x{}) in {:.2?}",
-        output.display(),
-        video.len(),
-        video.width(),
-        video.height(),
-        progress.elapsed()
-    );
+    let written = common::exit_if_cancelled(pipeline.image_to_video_file(
+        &request,
+        &output,
+        Mp4Options::default(),
+        &mut progress,
+    ))?;
+    let fps = request.video.fps;
+    common::report_written(&written, request.geometry()?, fps, progress.elapsed());
     Ok(())
 }
 

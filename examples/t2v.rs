@@ -23,6 +23,7 @@ use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
 use turbodiffusion::core::{AspectRatio, Resolution};
 use turbodiffusion::pipeline::{demo_request, ModelKind, DEMO_NOTICE};
+use turbodiffusion::video::Mp4Options;
 use turbodiffusion::{Pipeline, T2vRequest};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -135,17 +136,17 @@ fn main() -> Result<()> {
     }
     let output = args.run.output("t2v", model_name)?;
     let mut progress = common::Console::new(interrupt.clone());
-    let video =
-        common::exit_if_cancelled(pipeline.text_to_video_with_progress(&request, &mut progress))?;
-    let output = output.write(&video, &interrupt)?;
-    println!(
-        "wrote {} ({} frames, {}x{}, {} fps) in {:.2?}",
-        output.display(),
-        video.len(),
-        video.width(),
-        video.height(),
-        video.fps().get(),
-        progress.elapsed()
+    let written = common::exit_if_cancelled(pipeline.text_to_video_file(
+        &request,
+        &output,
+        Mp4Options::default(),
+        &mut progress,
+    ))?;
+    common::report_written(
+        &written,
+        request.geometry()?,
+        request.fps,
+        progress.elapsed(),
     );
     Ok(())
 }

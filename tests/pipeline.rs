@@ -9,7 +9,7 @@ use turbodiffusion::core::{Error, Progress, Resolution, Stage, StageReport, Step
 use turbodiffusion::models::{Umt5Config, Umt5Encoder};
 use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
-use turbodiffusion::video::{InputImage, Video};
+use turbodiffusion::video::{Existing, InputImage, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
 fn demo(kind: AttentionKind) -> Pipeline {
@@ -587,4 +587,79 @@ fn each_stage_reports_the_bytes_its_model_holds() {
         assert!(report.resident_bytes > 0);
         assert_eq!(report.device_memory, None, "the CPU has no device counter");
     }
+}
+
+/// Stops the run at its `n`-th poll between decoded chunks.
+struct CancelAtChunk {
+    polls: usize,
+    n: usize,
+}
+
+impl Progress for CancelAtChunk {
+    fn step_done(&mut self, _report: &StepReport) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn poll_cancel(&mut self) -> ControlFlow<()> {
+        self.polls += 1;
+        match self.polls >= self.n {
+            true => ControlFlow::Break(()),
+            false => ControlFlow::Continue(()),
+        }
+    }
+}
+
+/// Writing while decoding gives the file that writing the finished video gives, reports the
+/// write as a stage after the decode, and a run cancelled between decoded chunks leaves no file
+/// (not even the temporary one the first chunks went to).
+#[test]
+fn a_video_streamed_to_its_file_equals_the_video_written_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = demo(AttentionKind::Original);
+    let request = short("a heron", 4);
+    let options = Mp4Options::default();
+    let in_memory = dir.path().join("in_memory.mp4");
+    pipeline
+        .text_to_video(&request)
+        .unwrap()
+        .write_mp4(&in_memory, options)
+        .unwrap();
+    let output = OutputFile::new(dir.path().join("streamed.mp4"), Existing::Refuse).unwrap();
+    let mut recorder = Recorder::default();
+    let written = pipeline
+        .text_to_video_file(&request, &output, options, &mut recorder)
+        .unwrap();
+    assert_eq!(written, output.path());
+    let finished: Vec<Stage> = recorder.reports.iter().map(|r| r.stage).collect();
+    assert_eq!(
+        &finished[finished.len() - 2..],
+        &[Stage::Decoding { done: 9, total: 9 }, Stage::WritingVideo]
+    );
+    let (streamed, reference) = (
+        Video::read_mp4(&written).unwrap(),
+        Video::read_mp4(&in_memory).unwrap(),
+    );
+    assert_eq!(streamed.len(), 9);
+    assert_eq!(streamed.frames(), reference.frames());
+
+    let cancelled = OutputFile::new(dir.path().join("cancelled.mp4"), Existing::Refuse).unwrap();
+    let mut cancel = CancelAtChunk { polls: 0, n: 2 };
+    let result = pipeline.text_to_video_file(&request, &cancelled, options, &mut cancel);
+    assert!(
+        matches!(
+            result,
+            Err(Error::Cancelled {
+                completed: 4,
+                total: 4
+            })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(cancel.polls, 2);
+    let mut names: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["in_memory.mp4", "streamed.mp4"]);
 }

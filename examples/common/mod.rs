@@ -2,17 +2,17 @@
 //! Ctrl-C and the library's warnings.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use turbodiffusion::core::{Progress, Stage, StageReport, StepReport};
+use turbodiffusion::core::{Progress, Stage, StageReport, StepReport, VideoGeometry};
 use turbodiffusion::models::lora::LoraAdapter;
 use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
-use turbodiffusion::video::{Existing, Fps, Mp4Options, OutputFile, Video};
+use turbodiffusion::video::{Existing, Fps, OutputFile};
 use turbodiffusion::{AttentionKind, Error};
 
 /// Shows the library's warnings (a prompt cut to the text encoder's limit, a failed prefetch)
@@ -26,13 +26,14 @@ pub fn show_warnings() {
 }
 
 /// Ctrl-C and SIGTERM, wired to the pipeline's cancellation: the first asks the run to stop
-/// after the step in progress (the pipeline then returns `Error::Cancelled` and nothing is
-/// written); a second one stops the program at once, unless the output is being written, which
-/// always finishes so that no partial or temporary file is left.
+/// after the step or decoded chunk in progress (the pipeline then returns `Error::Cancelled`
+/// and nothing is written); a second one stops the program at once, unless the output file is
+/// open (from the first decoded frames on), whose temporary file the cancelled run removes
+/// within a chunk's time, so that no partial or temporary file is left.
 #[derive(Clone)]
 pub struct Interrupt {
     requested: Arc<AtomicUsize>,
-    writing: Arc<AtomicBool>,
+    file_open: Arc<AtomicBool>,
 }
 
 /// The exit status of a program stopped by SIGINT, as shells report it.
@@ -42,16 +43,16 @@ impl Interrupt {
     pub fn install() -> anyhow::Result<Self> {
         let interrupt = Self {
             requested: Arc::new(AtomicUsize::new(0)),
-            writing: Arc::new(AtomicBool::new(false)),
+            file_open: Arc::new(AtomicBool::new(false)),
         };
         let handler = interrupt.clone();
         ctrlc::set_handler(move || {
             let count = handler.requested.fetch_add(1, Ordering::SeqCst) + 1;
-            if count > 1 && !handler.writing.load(Ordering::SeqCst) {
+            if count > 1 && !handler.file_open.load(Ordering::SeqCst) {
                 eprintln!("interrupted");
                 std::process::exit(INTERRUPTED_STATUS);
             }
-            eprintln!("stopping after the current step (Ctrl-C again to stop at once)");
+            eprintln!("stopping after the current step or chunk (Ctrl-C again to stop at once)");
         })?;
         Ok(interrupt)
     }
@@ -139,6 +140,10 @@ impl Progress for Console {
             bar.set_position(report.index as u64 + 1);
             bar.set_message(format!("s = {:.4}", report.s));
         }
+        self.poll_cancel()
+    }
+
+    fn poll_cancel(&mut self) -> ControlFlow<()> {
         if self.interrupt.requested() {
             self.finish_bar();
             return ControlFlow::Break(());
@@ -164,10 +169,14 @@ impl Progress for Console {
                 steps,
                 "denoising [{elapsed_precise}] [{bar:30}] {pos}/{len} steps, eta {eta} {msg}",
             ),
-            Stage::Decoding { done: 0, total } => self.counter(
-                total,
-                "decoding  [{elapsed_precise}] [{bar:30}] {pos}/{len} frames {msg}",
-            ),
+            Stage::Decoding { done: 0, total } => {
+                // The output file opens with the first decoded frames.
+                self.interrupt.file_open.store(true, Ordering::SeqCst);
+                self.counter(
+                    total,
+                    "decoding  [{elapsed_precise}] [{bar:30}] {pos}/{len} frames {msg}",
+                )
+            }
             Stage::Decoding { done, .. } => {
                 if let Some(bar) = &self.bar {
                     bar.set_position(done as u64);
@@ -184,6 +193,14 @@ impl Progress for Console {
             Stage::EncodingImage => "image encoder (VAE)",
             Stage::Denoising { .. } => "DiT",
             Stage::Decoding { .. } => "decoder (VAE)",
+            Stage::WritingVideo => {
+                println!(
+                    "  video file: written from the first decoded frames on, in place \
+                     {:.2?} after them",
+                    report.elapsed
+                );
+                return;
+            }
             _ => "stage",
         };
         let device = report.device_memory.map_or_else(
@@ -227,8 +244,9 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The output, checked before any work (format, folder, a file in the way, the frame rate
-    /// the format can store): `--output`, or upstream's naming pattern for `task`.
-    pub fn output(&self, task: &str, model: &str) -> anyhow::Result<Output> {
+    /// the format can store): `--output`, or upstream's naming pattern for `task`, numbered
+    /// (`_2`, `_3`, …) when a file, or a run beside this one, takes that name first.
+    pub fn output(&self, task: &str, model: &str) -> anyhow::Result<OutputFile> {
         let fps = Fps::new(self.fps)?;
         let output = match &self.output {
             Some(path) => {
@@ -237,28 +255,19 @@ impl RunArgs {
                 } else {
                     Existing::Refuse
                 };
-                let file = match OutputFile::new(path, existing) {
+                match OutputFile::new(path, existing) {
                     Err(error @ Error::OutputExists { .. }) => {
                         anyhow::bail!("{error} (pass --overwrite to replace it)")
                     }
                     other => other?,
-                };
-                Output {
-                    file,
-                    default_name: None,
                 }
             }
             None => {
-                let name = DefaultName {
-                    stem: format!("{task}_{}_{model}_{}", self.seed, timestamp()),
-                };
-                Output {
-                    file: name.first_free()?,
-                    default_name: Some(name),
-                }
+                let name = format!("{task}_{}_{model}_{}.mp4", self.seed, timestamp());
+                OutputFile::new(name, Existing::NextFree)?
             }
         };
-        output.file.check_fps(fps)?;
+        output.check_fps(fps)?;
         Ok(output)
     }
 
@@ -268,54 +277,15 @@ impl RunArgs {
     }
 }
 
-/// Where the video goes: an output file checked before the run.
-pub struct Output {
-    file: OutputFile,
-    /// Set for a default name: another one is taken if a run beside this one takes it first.
-    default_name: Option<DefaultName>,
-}
-
-impl Output {
-    /// Writes `video`, never replacing a file a concurrent run wrote under the same default
-    /// name meanwhile (the next free name is taken). Ctrl-C waits for the write to end.
-    pub fn write(mut self, video: &Video, interrupt: &Interrupt) -> anyhow::Result<PathBuf> {
-        interrupt.writing.store(true, Ordering::SeqCst);
-        let result = loop {
-            match (
-                self.file.write(video, Mp4Options::default()),
-                &self.default_name,
-            ) {
-                (Err(Error::OutputExists { .. }), Some(name)) => self.file = name.first_free()?,
-                (result, _) => break result,
-            }
-        };
-        interrupt.writing.store(false, Ordering::SeqCst);
-        result?;
-        Ok(self.file.path().to_owned())
-    }
-}
-
-/// Upstream's output name, `{task}_{seed}_{model}_{timestamp}`.
-struct DefaultName {
-    stem: String,
-}
-
-impl DefaultName {
-    /// `{stem}.mp4`, or the first of `{stem}_2.mp4`, `{stem}_3.mp4`, … not taken.
-    fn first_free(&self) -> anyhow::Result<OutputFile> {
-        const TRIES: usize = 10_000;
-        for n in 1..=TRIES {
-            let name = match n {
-                1 => format!("{}.mp4", self.stem),
-                n => format!("{}_{n}.mp4", self.stem),
-            };
-            match OutputFile::new(PathBuf::from(name), Existing::Refuse) {
-                Err(Error::OutputExists { .. }) => continue,
-                other => return Ok(other?),
-            }
-        }
-        anyhow::bail!("{}.mp4 and {TRIES} numbered variants are taken", self.stem)
-    }
+/// The last line of the examples: what was written, and the whole run's time.
+pub fn report_written(path: &Path, geometry: VideoGeometry, fps: f64, elapsed: Duration) {
+    println!(
+        "wrote {} ({} frames, {}x{}, {fps} fps) in {elapsed:.2?}",
+        path.display(),
+        geometry.frames.get(),
+        geometry.size.width(),
+        geometry.size.height(),
+    );
 }
 
 /// Seconds since the Unix epoch.

@@ -1,13 +1,16 @@
 //! Image to video with the two Wan2.2 A14B experts, one resident at a time.
 
+use std::path::PathBuf;
+
 use candle_core::{DType, Tensor};
 use turbo_attention::AttentionConfig;
 use turbo_core::{Error, Progress, Result, Stage, VideoGeometry};
 use turbo_models::wan::{DitCondition, ModelType};
 use turbo_sampler::{ExpertBoundary, I2V_A14B_BOUNDARY, I2V_SIGMA_MAX};
-use turbo_video::{Fps, ImageFit, InputImage, Video};
+use turbo_video::{Fps, ImageFit, InputImage, Mp4Options, OutputFile, Video};
 
 use super::denoise::{DenoisePlan, DitPlan, PlannedSampler};
+use super::frames::FrameSink;
 use super::memory::StageMeter;
 use super::{MemoryEstimate, Pipeline, Plan, T2vRequest};
 
@@ -48,7 +51,9 @@ impl I2vRequest {
         }
     }
 
-    fn geometry(&self) -> Result<VideoGeometry> {
+    /// The size and length of the video: the request's size, or one the image's aspect
+    /// ratio gives at the request's resolution.
+    pub fn geometry(&self) -> Result<VideoGeometry> {
         let v = &self.video;
         let size = match v.size {
             Some(_) => v.geometry()?.size,
@@ -82,7 +87,36 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan_i2v(request)?;
-        let memory = self.checked_memory(&plan, &request.video.prompt, true)?;
+        let mut frames = plan.memory_frames();
+        self.generate_i2v(&plan, request, &mut frames, progress)?;
+        frames.into_video()
+    }
+
+    /// [`Pipeline::image_to_video_with_progress`], writing the video to `output` as it is
+    /// decoded (see [`Pipeline::text_to_video_file`]); returns the path written.
+    pub fn image_to_video_file(
+        &self,
+        request: &I2vRequest,
+        output: &OutputFile,
+        options: Mp4Options,
+        progress: &mut dyn Progress,
+    ) -> Result<PathBuf> {
+        let plan = self.plan_i2v(request)?;
+        output.check_fps(plan.fps)?;
+        let mut frames = plan.file_frames(output, options);
+        self.generate_i2v(&plan, request, &mut frames, progress)?;
+        frames.finish(progress)
+    }
+
+    /// Runs a planned image-to-video, handing the frames to `frames` as they are decoded.
+    fn generate_i2v(
+        &self,
+        plan: &Plan,
+        request: &I2vRequest,
+        frames: &mut dyn FrameSink,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let memory = self.checked_memory(plan, &request.video.prompt, true)?;
         self.check_weight_files(&plan.denoise.dits)?;
         let (context, negative) = self.encode_prompts(
             &request.video.prompt,
@@ -101,7 +135,7 @@ impl Pipeline {
             request.video.seed,
             progress,
         )?;
-        self.latent_to_video(&plan, &latent, memory.vae_tiling, progress)
+        self.latent_to_frames(plan, &latent, memory.vae_tiling, frames, progress)
     }
 
     fn plan_i2v(&self, request: &I2vRequest) -> Result<Plan> {

@@ -8,12 +8,14 @@ mod demo;
 mod denoise;
 mod estimate;
 mod files;
+mod frames;
 mod i2v;
 mod lora;
 mod memory;
 mod random;
 mod request;
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
@@ -23,9 +25,10 @@ use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
 use turbo_models::{StreamingUmt5Encoder, Umt5Config, VaeConfig, VaeTiling, WanVae};
 use turbo_sampler::T2V_SIGMA_MAX;
-use turbo_video::{Fps, Video};
+use turbo_video::{rgb_frames, Fps, Mp4Options, OutputFile, Video};
 
 use denoise::{DenoisePlan, DitPlan, PlannedSampler};
+use frames::{FileFrames, FrameSink, MemoryFrames};
 use memory::{StageMeter, WeightBytes};
 
 pub use demo::{demo_request, DEMO_NOTICE};
@@ -358,7 +361,39 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<Video> {
         let plan = self.plan(request)?;
-        let memory = self.checked_memory(&plan, &request.prompt, false)?;
+        let mut frames = plan.memory_frames();
+        self.generate(&plan, request, &mut frames, progress)?;
+        frames.into_video()
+    }
+
+    /// [`Pipeline::text_to_video_with_progress`], writing the video to `output` as it is
+    /// decoded: an MP4 encodes each finished keyframe interval on other threads while the VAE
+    /// decodes the next frames, so little of the encoding is left when the decode ends (the
+    /// [`Stage::WritingVideo`] report times it). Returns the path written (another one for
+    /// [`turbo_video::Existing::NextFree`]). Nothing is at the path unless the run succeeds.
+    pub fn text_to_video_file(
+        &self,
+        request: &T2vRequest,
+        output: &OutputFile,
+        options: Mp4Options,
+        progress: &mut dyn Progress,
+    ) -> Result<PathBuf> {
+        let plan = self.plan(request)?;
+        output.check_fps(plan.fps)?;
+        let mut frames = plan.file_frames(output, options);
+        self.generate(&plan, request, &mut frames, progress)?;
+        frames.finish(progress)
+    }
+
+    /// Runs a planned text-to-video, handing the frames to `frames` as they are decoded.
+    fn generate(
+        &self,
+        plan: &Plan,
+        request: &T2vRequest,
+        frames: &mut dyn FrameSink,
+        progress: &mut dyn Progress,
+    ) -> Result<()> {
+        let memory = self.checked_memory(plan, &request.prompt, false)?;
         self.check_weight_files(&plan.denoise.dits)?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
@@ -372,24 +407,21 @@ impl Pipeline {
             request.seed,
             progress,
         )?;
-        self.latent_to_video(&plan, &latent, memory.vae_tiling, progress)
+        self.latent_to_frames(plan, &latent, memory.vae_tiling, frames, progress)
     }
 
-    /// Checks the sampled latent, decodes it and checks the frames.
-    fn latent_to_video(
+    /// Checks the sampled latent and decodes it into `frames`.
+    fn latent_to_frames(
         &self,
         plan: &Plan,
         latent: &Tensor,
         tiling: Option<VaeTiling>,
+        frames: &mut dyn FrameSink,
         progress: &mut dyn Progress,
-    ) -> Result<Video> {
+    ) -> Result<()> {
         let steps = plan.denoise.sampler.timesteps().len();
         checks::ensure_finite(latent, &Stage::Denoising { steps }, "the sampled latent")?;
-        let frames = self.decode(latent, tiling, progress)?;
-        let total = plan.geometry.frames.get();
-        let decoding = Stage::Decoding { done: total, total };
-        checks::ensure_finite(&frames, &decoding, "the decoded frames")?;
-        Video::from_tensor(&frames, plan.fps)
+        self.decode(latent, tiling, steps, frames, progress)
     }
 
     /// Everything a request needs, validated.
@@ -485,42 +517,49 @@ impl Pipeline {
             .collect()
     }
 
-    /// Decodes a latent `[C, T, h, w]` to frames `[3, F, H, W]`, reporting the frames as they
-    /// come (tiled: all at the end); the VAE is dropped after.
+    /// Decodes a latent `[C, T, h, w]` (sampled in `steps` steps) into `frames` a chunk at a
+    /// time as the VAE makes them (tiled: all at the end), each chunk checked for values that
+    /// are not numbers and reported to `progress`, which may cancel between chunks. The VAE is
+    /// dropped after.
     fn decode(
         &self,
         latent: &Tensor,
         tiling: Option<VaeTiling>,
+        steps: usize,
+        frames: &mut dyn FrameSink,
         progress: &mut dyn Progress,
-    ) -> Result<Tensor> {
+    ) -> Result<()> {
         let meter = StageMeter::start(&self.device)?;
         let total = (latent.dim(1)? - 1) * turbo_core::VAE_STRIDE.0 + 1;
         progress.stage(&Stage::Decoding { done: 0, total });
         let (vae, bytes) = self.load_vae()?;
         let latent = latent.to_dtype(self.dtype)?.unsqueeze(0)?;
-        let video = match tiling {
-            Some(tiling) => {
-                tracing::info!(?tiling, "decoding in tiles");
-                let video = vae.decode_tiled(&latent, tiling)?;
-                progress.stage(&Stage::Decoding { done: total, total });
-                video
-            }
-            None => {
-                let mut chunks = Vec::new();
-                vae.decode_streaming(&latent, |decoded| {
-                    let done = decoded.first_frame + decoded.frames.dim(2)?;
-                    chunks.push(decoded.frames);
-                    progress.stage(&Stage::Decoding { done, total });
-                    Ok(())
-                })?;
-                Tensor::cat(&chunks, 2)?
+        let mut hand_over = |decoded: &Tensor, done: usize| -> Result<()> {
+            let stage = Stage::Decoding { done, total };
+            checks::ensure_finite(decoded, &stage, "the decoded frames")?;
+            frames.push(rgb_frames(&decoded.squeeze(0)?)?)?;
+            progress.stage(&stage);
+            match progress.poll_cancel() {
+                ControlFlow::Continue(()) => Ok(()),
+                ControlFlow::Break(()) => Err(Error::Cancelled {
+                    completed: steps,
+                    total: steps,
+                }),
             }
         };
+        match tiling {
+            Some(tiling) => {
+                tracing::info!(?tiling, "decoding in tiles");
+                hand_over(&vae.decode_tiled(&latent, tiling)?, total)?;
+            }
+            None => vae.decode_streaming(&latent, |decoded| {
+                let done = decoded.first_frame + decoded.frames.dim(2)?;
+                hand_over(&decoded.frames, done)
+            })?,
+        }
         drop(vae);
-        let frames = video.squeeze(0)?.to_dtype(DType::F32)?;
         let stage = Stage::Decoding { done: total, total };
-        meter.finish(stage, bytes, &self.device, progress)?;
-        Ok(frames)
+        meter.finish(stage, bytes, &self.device, progress)
     }
 
     /// The VAE and the bytes of its weights, in the pipeline's dtype: TurboDiffusion runs the
@@ -569,4 +608,18 @@ struct Plan {
     geometry: turbo_core::VideoGeometry,
     denoise: DenoisePlan,
     fps: Fps,
+}
+
+impl Plan {
+    /// A sink that keeps the run's frames for a [`Video`].
+    fn memory_frames(&self) -> MemoryFrames {
+        let size = self.geometry.size;
+        MemoryFrames::new(size.width(), size.height(), self.fps)
+    }
+
+    /// A sink that writes the run's frames to `output` as they are decoded.
+    fn file_frames<'o>(&self, output: &'o OutputFile, options: Mp4Options) -> FileFrames<'o> {
+        let size = self.geometry.size;
+        FileFrames::new(size.width(), size.height(), self.fps, output, options)
+    }
 }

@@ -138,8 +138,9 @@ pub enum Error {
     )]
     NoiseExhausted { draw: usize, available: usize },
 
-    /// Sampling stopped because the progress observer asked it to.
-    #[error("sampling cancelled by the caller after step {completed} of {total}")]
+    /// The run stopped because the progress observer asked it to (at a sampling step, or
+    /// between decoded chunks after the last step).
+    #[error("cancelled by the caller after sampling step {completed} of {total}")]
     Cancelled { completed: usize, total: usize },
 
     /// A two-expert model was asked for an expert that is not loaded.

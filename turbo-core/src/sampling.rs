@@ -150,6 +150,13 @@ pub trait Progress {
     /// Called when a stage that holds a model ends, with what it held in memory. Ignored by
     /// default.
     fn stage_done(&mut self, _report: &StageReport) {}
+
+    /// Asked between pieces of work that are not sampling steps (each decoded chunk of
+    /// frames): [`ControlFlow::Break`] stops the run there, which then fails with
+    /// [`Error::Cancelled`]. Never stops by default.
+    fn poll_cancel(&mut self) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
 }
 
 /// A stage of a generation, as reported to [`Progress::stage`].
@@ -166,6 +173,9 @@ pub enum Stage {
     Denoising { steps: usize },
     /// Decoding: `done` of `total` frames decoded so far.
     Decoding { done: usize, total: usize },
+    /// Writing the video file, from its first frame (while the later ones are still being
+    /// decoded) until the file is in place; reported by [`Progress::stage_done`] only.
+    WritingVideo,
 }
 
 /// The memory and time of a finished stage, as reported to [`Progress::stage_done`].

@@ -105,6 +105,7 @@ pub mod convert;
 pub mod lora;
 mod pickle_guard;
 pub mod pth;
+pub mod pth_writer;
 pub mod tokenizer;
 pub mod umt5;
 pub mod vae;

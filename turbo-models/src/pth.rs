@@ -36,20 +36,33 @@ pub enum StoredDType {
     I64,
 }
 
+/// Each stored type with its PyTorch storage class.
+const STORAGE_CLASSES: [(StoredDType, &str); 8] = [
+    (StoredDType::F32, "FloatStorage"),
+    (StoredDType::F64, "DoubleStorage"),
+    (StoredDType::F16, "HalfStorage"),
+    (StoredDType::BF16, "BFloat16Storage"),
+    (StoredDType::U8, "ByteStorage"),
+    (StoredDType::I8, "CharStorage"),
+    (StoredDType::I32, "IntStorage"),
+    (StoredDType::I64, "LongStorage"),
+];
+
 impl StoredDType {
-    /// The storage class named in the pickle (`FloatStorage`, `CharStorage`, …).
+    /// The type of a storage class named in the pickle (`FloatStorage`, `CharStorage`, …).
     fn from_storage_class(class: &str) -> Option<Self> {
-        Some(match class {
-            "FloatStorage" => Self::F32,
-            "DoubleStorage" => Self::F64,
-            "HalfStorage" => Self::F16,
-            "BFloat16Storage" => Self::BF16,
-            "ByteStorage" => Self::U8,
-            "CharStorage" => Self::I8,
-            "IntStorage" => Self::I32,
-            "LongStorage" => Self::I64,
-            _ => return None,
-        })
+        STORAGE_CLASSES
+            .iter()
+            .find(|(_, name)| *name == class)
+            .map(|(stored, _)| *stored)
+    }
+
+    /// Its PyTorch storage class (`FloatStorage`, `CharStorage`, …).
+    pub fn storage_class(self) -> &'static str {
+        STORAGE_CLASSES
+            .iter()
+            .find(|(stored, _)| *stored == self)
+            .map_or("FloatStorage", |(_, name)| name)
     }
 
     /// The candle dtype the tensor is read into: the same type, except int8, which arrives as

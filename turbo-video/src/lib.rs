@@ -25,7 +25,7 @@ mod video;
 
 pub use crate::h264::Quality;
 pub use crate::image_input::{adaptive_frame_size, ImageFit, InputImage, MAX_ADAPTIVE_ASPECT};
-pub use crate::mp4::{Mp4Options, Mp4Writer};
+pub use crate::mp4::{Mp4Options, Mp4Stream, Mp4Writer};
 pub use crate::output::Existing;
-pub use crate::target::{OutputFile, OutputFormat};
-pub use crate::video::{Fps, Video};
+pub use crate::target::{OutputFile, OutputFormat, VideoStream};
+pub use crate::video::{rgb_frames, Fps, Video};

@@ -1,17 +1,18 @@
 //! MP4 files with H.264 video: a streaming [`Mp4Writer`], [`Video::write_mp4`] and
 //! [`Video::read_mp4`]. Muxing and demuxing use the pure-Rust `mp4` crate; see `docs/video.md`.
 
+use std::collections::VecDeque;
 use std::io::{BufWriter, Cursor};
 use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 
 use bytes::Bytes;
 use mp4::{AvcConfig, MediaConfig, MediaType, Mp4Config, Mp4Sample, TrackConfig, TrackType};
-use rayon::prelude::*;
 use turbo_core::{Error, Result};
 
 use crate::h264::{EncodedFrame, H264Decoder, H264Encoder, Quality};
 use crate::output::{AtomicFile, Existing};
-use crate::video::{Fps, Video};
+use crate::video::{check_frame_len, Fps, Video};
 
 /// Ticks per frame in the track's time base: the time scale is `1000 · fps`, so rates are
 /// stored to a thousandth of a frame per second (16 fps → 16 000 ticks/s, 1000 per frame).
@@ -142,8 +143,9 @@ impl Mp4Writer {
         self.frames_written
     }
 
-    /// Writes the index, flushes the file to disk and moves it to its path.
-    pub fn finish(mut self) -> Result<()> {
+    /// Writes the index, flushes the file to disk and moves it to its path; returns that path
+    /// (another one under [`Existing::NextFree`]).
+    pub fn finish(mut self) -> Result<PathBuf> {
         if self.frames_written == 0 {
             return Err(self.error("no frame was written; an MP4 needs at least one"));
         }
@@ -223,6 +225,145 @@ impl std::fmt::Debug for Mp4Writer {
     }
 }
 
+/// An MP4 written from frames that arrive a few at a time, as a VAE decodes them: each keyframe
+/// interval is encoded on a thread of its own as soon as its last frame is in, while the caller
+/// makes the next frames, so little encoding is left when the last frame arrives.
+///
+/// An interval starts with a keyframe (an IDR picture, which references nothing before it), so
+/// the stream is the one a single encoder writes. At most one encoding thread per core runs at
+/// once. The guarantees of [`Mp4Writer`] hold: the file appears only when
+/// [`finish`](Self::finish) succeeds, and dropping the stream leaves nothing behind.
+pub struct Mp4Stream {
+    writer: Mp4Writer,
+    options: Mp4Options,
+    fps: Fps,
+    /// Frames per keyframe interval (all of them when the options ask for one keyframe).
+    interval: usize,
+    /// Frames of the interval not yet handed to an encoder.
+    pending: Vec<Vec<u8>>,
+    /// The intervals being encoded, oldest first.
+    encoding: VecDeque<JoinHandle<Result<Vec<EncodedFrame>>>>,
+    threads: usize,
+    pushed: u64,
+}
+
+impl Mp4Stream {
+    /// Starts an MP4 of `width × height` frames at `fps` (see [`Mp4Writer::create_with`]).
+    pub fn create_with(
+        path: impl AsRef<Path>,
+        width: usize,
+        height: usize,
+        fps: Fps,
+        options: Mp4Options,
+        existing: Existing,
+    ) -> Result<Self> {
+        let writer = Mp4Writer::create_with(path, width, height, fps, options, existing)?;
+        let interval = match options.keyframe_interval {
+            0 => usize::MAX,
+            frames => frames as usize,
+        };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Self {
+            writer,
+            options,
+            fps,
+            interval,
+            pending: Vec::new(),
+            encoding: VecDeque::new(),
+            threads,
+            pushed: 0,
+        })
+    }
+
+    /// Adds one frame of `width · height · 3` RGB bytes. A frame of the wrong length is
+    /// rejected at once, so the stream stays usable.
+    pub fn push_frame(&mut self, rgb: Vec<u8>) -> Result<()> {
+        let index = usize::try_from(self.pushed).unwrap_or(usize::MAX);
+        check_frame_len(&rgb, self.writer.width, self.writer.height, index)?;
+        self.pending.push(rgb);
+        self.pushed += 1;
+        if self.pending.len() == self.interval {
+            self.encode_pending()?;
+        }
+        Ok(())
+    }
+
+    /// Frames pushed so far.
+    pub fn frames_pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Encodes the last frames, appends every interval in order and moves the file into place;
+    /// returns its path (see [`Mp4Writer::finish`]).
+    pub fn finish(mut self) -> Result<PathBuf> {
+        if !self.pending.is_empty() {
+            self.encode_pending()?;
+        }
+        while !self.encoding.is_empty() {
+            self.append_oldest()?;
+        }
+        self.writer.finish()
+    }
+
+    /// Hands the pending frames to a new encoding thread, first appending the oldest interval
+    /// if every core is busy.
+    fn encode_pending(&mut self) -> Result<()> {
+        if self.encoding.len() >= self.threads {
+            self.append_oldest()?;
+        }
+        let frames = std::mem::take(&mut self.pending);
+        let (width, height, fps, options) = (
+            self.writer.width,
+            self.writer.height,
+            self.fps,
+            self.options,
+        );
+        self.encoding.push_back(std::thread::spawn(move || {
+            encode_interval(&frames, width, height, fps, options)
+        }));
+        Ok(())
+    }
+
+    fn append_oldest(&mut self) -> Result<()> {
+        let Some(oldest) = self.encoding.pop_front() else {
+            return Ok(());
+        };
+        let frames = oldest
+            .join()
+            .map_err(|_| self.writer.error("an H.264 encoding thread panicked"))??;
+        frames
+            .into_iter()
+            .try_for_each(|frame| self.writer.append(frame))
+    }
+}
+
+impl std::fmt::Debug for Mp4Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mp4Stream")
+            .field("writer", &self.writer)
+            .field("frames_pushed", &self.frames_pushed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Encodes a run of frames with a fresh encoder (its first frame becomes a keyframe).
+fn encode_interval(
+    frames: &[Vec<u8>],
+    width: usize,
+    height: usize,
+    fps: Fps,
+    options: Mp4Options,
+) -> Result<Vec<EncodedFrame>> {
+    let mut encoder = H264Encoder::new(
+        width,
+        height,
+        fps,
+        options.quality,
+        options.keyframe_interval,
+    )?;
+    frames.iter().map(|rgb| encoder.encode(rgb)).collect()
+}
+
 impl Video {
     /// Writes the video as an H.264 MP4 at `path` (see [`Mp4Writer`] for the guarantees).
     ///
@@ -231,46 +372,23 @@ impl Video {
     /// stream is the one a single encoder writes, several times faster on a multi-core host.
     pub fn write_mp4(&self, path: impl AsRef<Path>, options: Mp4Options) -> Result<()> {
         self.write_mp4_with(path, options, Existing::Replace)
+            .map(drop)
     }
 
-    /// [`Video::write_mp4`], with `existing` saying what becomes of a file already at `path`.
+    /// [`Video::write_mp4`], with `existing` saying what becomes of a file already at `path`;
+    /// returns the path written.
     pub fn write_mp4_with(
         &self,
         path: impl AsRef<Path>,
         options: Mp4Options,
         existing: Existing,
-    ) -> Result<()> {
+    ) -> Result<PathBuf> {
         let (width, height, fps) = (self.width(), self.height(), self.fps());
-        let mut writer = Mp4Writer::create_with(path, width, height, fps, options, existing)?;
-        let interval = match options.keyframe_interval {
-            0 => self.frames().len().max(1),
-            frames => frames as usize,
-        };
-        let intervals: Vec<Vec<EncodedFrame>> = self
-            .frames()
-            .par_chunks(interval)
-            .map(|frames| self.encode_interval(frames, options))
-            .collect::<Result<_>>()?;
-        for frame in intervals.into_iter().flatten() {
-            writer.append(frame)?;
+        let mut stream = Mp4Stream::create_with(path, width, height, fps, options, existing)?;
+        for frame in self.frames() {
+            stream.push_frame(frame.clone())?;
         }
-        writer.finish()
-    }
-
-    /// Encodes a run of frames with a fresh encoder.
-    fn encode_interval(
-        &self,
-        frames: &[Vec<u8>],
-        options: Mp4Options,
-    ) -> Result<Vec<EncodedFrame>> {
-        let mut encoder = H264Encoder::new(
-            self.width(),
-            self.height(),
-            self.fps(),
-            options.quality,
-            options.keyframe_interval,
-        )?;
-        frames.iter().map(|rgb| encoder.encode(rgb)).collect()
+        stream.finish()
     }
 
     /// Reads the first H.264 track of an MP4 file and decodes every frame to RGB. The frame rate

@@ -18,7 +18,13 @@ pub enum Existing {
     /// Fail with [`Error::OutputExists`], also when the file appears while the video is
     /// being written (the final rename does not replace).
     Refuse,
+    /// Keep it and write the first free name of `name_2.ext`, `name_3.ext`, …, chosen when the
+    /// finished file is renamed into place (so two runs given the same name both keep theirs).
+    NextFree,
 }
+
+/// Numbered names tried by [`Existing::NextFree`] before giving up.
+const NEXT_FREE_TRIES: usize = 10_000;
 
 /// A file being written to a temporary path in the target's directory.
 ///
@@ -66,26 +72,36 @@ impl AtomicFile {
         })
     }
 
-    /// Flushes the data to disk and moves the file to its target path.
-    pub(crate) fn commit(self) -> Result<()> {
+    /// Flushes the data to disk and moves the file to its target path (for
+    /// [`Existing::NextFree`], the first free name); returns the path it now has.
+    pub(crate) fn commit(self) -> Result<PathBuf> {
         let target = self.target;
-        let io_error = |source| Error::Io {
-            path: target.clone(),
+        let io_error = |path: &Path, source| Error::Io {
+            path: path.to_owned(),
             source,
         };
-        self.temp.as_file().sync_all().map_err(io_error)?;
-        let persisted = match self.existing {
-            Existing::Replace => self.temp.persist(&target),
-            Existing::Refuse => self.temp.persist_noclobber(&target),
-        };
-        persisted.map_err(|failure| match failure.error.kind() {
-            io::ErrorKind::AlreadyExists => Error::OutputExists {
-                path: target.clone(),
-            },
-            _ => io_error(failure.error),
-        })?;
-        tracing::debug!(path = %target.display(), "wrote output file");
-        Ok(())
+        self.temp
+            .as_file()
+            .sync_all()
+            .map_err(|e| io_error(&target, e))?;
+        let mut temp = self.temp;
+        for name in candidate_names(&target, self.existing) {
+            let persisted = match self.existing {
+                Existing::Replace => temp.persist(&name),
+                Existing::Refuse | Existing::NextFree => temp.persist_noclobber(&name),
+            };
+            match persisted {
+                Ok(_) => {
+                    tracing::debug!(path = %name.display(), "wrote output file");
+                    return Ok(name);
+                }
+                Err(failure) if failure.error.kind() == io::ErrorKind::AlreadyExists => {
+                    temp = failure.file;
+                }
+                Err(failure) => return Err(io_error(&name, failure.error)),
+            }
+        }
+        Err(Error::OutputExists { path: target })
     }
 }
 
@@ -103,6 +119,30 @@ impl Seek for AtomicFile {
     fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
         self.temp.as_file_mut().seek(pos)
     }
+}
+
+/// The names a file for `target` may take under `existing`: the target, then for
+/// [`Existing::NextFree`] `stem_2.ext`, `stem_3.ext`, ….
+fn candidate_names(target: &Path, existing: Existing) -> impl Iterator<Item = PathBuf> + '_ {
+    let tries = match existing {
+        Existing::NextFree => NEXT_FREE_TRIES,
+        Existing::Replace | Existing::Refuse => 1,
+    };
+    (1..=tries).map(move |n| match n {
+        1 => target.to_owned(),
+        n => numbered(target, n),
+    })
+}
+
+/// `dir/stem_n.ext` for `dir/stem.ext`.
+fn numbered(path: &Path, n: usize) -> PathBuf {
+    let mut name = path.file_stem().unwrap_or_default().to_owned();
+    name.push(format!("_{n}"));
+    if let Some(extension) = path.extension() {
+        name.push(".");
+        name.push(extension);
+    }
+    path.with_file_name(name)
 }
 
 /// The permissions a new file is created with: `0666`, which the kernel lowers by the umask.
@@ -145,7 +185,7 @@ pub(crate) fn write_atomically(
     target: &Path,
     write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
 ) -> Result<()> {
-    write_atomically_with(target, Existing::Replace, write)
+    write_atomically_with(target, Existing::Replace, write).map(drop)
 }
 
 /// [`write_atomically`], with `existing` saying what becomes of a file already at `target`.
@@ -153,7 +193,7 @@ pub(crate) fn write_atomically_with(
     target: &Path,
     existing: Existing,
     write: impl FnOnce(&mut BufWriter<&mut File>) -> Result<()>,
-) -> Result<()> {
+) -> Result<PathBuf> {
     let mut file = AtomicFile::create_with(target, existing)?;
     {
         let mut buffered = BufWriter::new(file.temp.as_file_mut());

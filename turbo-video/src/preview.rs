@@ -47,11 +47,12 @@ impl Video {
     /// 256-colour palette (quantised on all cores), and the frame delay is rounded to the GIF's
     /// unit of 10 ms.
     pub fn write_gif(&self, path: impl AsRef<Path>) -> Result<()> {
-        self.write_gif_with(path, Existing::Replace)
+        self.write_gif_with(path, Existing::Replace).map(drop)
     }
 
-    /// [`Video::write_gif`], with `existing` saying what becomes of a file already at `path`.
-    pub fn write_gif_with(&self, path: impl AsRef<Path>, existing: Existing) -> Result<()> {
+    /// [`Video::write_gif`], with `existing` saying what becomes of a file already at `path`;
+    /// returns the path written.
+    pub fn write_gif_with(&self, path: impl AsRef<Path>, existing: Existing) -> Result<PathBuf> {
         let path = path.as_ref();
         let (width, height) = match (u16::try_from(self.width()), u16::try_from(self.height())) {
             (Ok(w), Ok(h)) => (w, h),

@@ -7,7 +7,8 @@ use turbo_core::{Error, Result};
 
 use crate::mp4::track_timescale;
 use crate::output::{resolve_link, Existing};
-use crate::{Fps, Mp4Options, Video};
+use crate::video::check_frame_len;
+use crate::{Fps, Mp4Options, Mp4Stream, Video};
 
 /// The container a video is written in, chosen by the file's extension.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,11 +81,85 @@ impl OutputFile {
         }
     }
 
-    /// Writes `video` in the file's format (MP4 with `options`).
-    pub fn write(&self, video: &Video, options: Mp4Options) -> Result<()> {
+    /// Writes `video` in the file's format (MP4 with `options`); returns the path written
+    /// (another one under [`Existing::NextFree`]).
+    pub fn write(&self, video: &Video, options: Mp4Options) -> Result<PathBuf> {
         match self.format {
             OutputFormat::Mp4 => video.write_mp4_with(&self.path, options, self.existing),
             OutputFormat::Gif => video.write_gif_with(&self.path, self.existing),
+        }
+    }
+
+    /// Starts writing a video of `width × height` frames at `fps` that arrive a few at a time
+    /// (see [`VideoStream`]).
+    pub fn stream(
+        &self,
+        width: usize,
+        height: usize,
+        fps: Fps,
+        options: Mp4Options,
+    ) -> Result<VideoStream> {
+        let kind = match self.format {
+            OutputFormat::Mp4 => StreamKind::Mp4(Mp4Stream::create_with(
+                &self.path,
+                width,
+                height,
+                fps,
+                options,
+                self.existing,
+            )?),
+            OutputFormat::Gif => StreamKind::Gif(Vec::new()),
+        };
+        Ok(VideoStream {
+            output: self.clone(),
+            width,
+            height,
+            fps,
+            kind,
+        })
+    }
+}
+
+/// A video written to an [`OutputFile`] as its frames are made: an MP4 encodes them while the
+/// caller makes the next ones ([`Mp4Stream`]); a GIF, whose palettes are chosen over the whole
+/// clip, is written when finished. Nothing is at the path until [`finish`](Self::finish)
+/// succeeds, and dropping the stream leaves nothing behind.
+#[derive(Debug)]
+pub struct VideoStream {
+    output: OutputFile,
+    width: usize,
+    height: usize,
+    fps: Fps,
+    kind: StreamKind,
+}
+
+#[derive(Debug)]
+enum StreamKind {
+    Mp4(Mp4Stream),
+    Gif(Vec<Vec<u8>>),
+}
+
+impl VideoStream {
+    /// Adds one frame of `width · height · 3` RGB bytes.
+    pub fn push_frame(&mut self, rgb: Vec<u8>) -> Result<()> {
+        match &mut self.kind {
+            StreamKind::Mp4(stream) => stream.push_frame(rgb),
+            StreamKind::Gif(frames) => {
+                check_frame_len(&rgb, self.width, self.height, frames.len())?;
+                frames.push(rgb);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes what is left and moves the file into place; returns its path.
+    pub fn finish(self) -> Result<PathBuf> {
+        match self.kind {
+            StreamKind::Mp4(stream) => stream.finish(),
+            StreamKind::Gif(frames) => {
+                let video = Video::new(self.width, self.height, self.fps, frames)?;
+                video.write_gif_with(&self.output.path, self.output.existing)
+            }
         }
     }
 }
@@ -138,6 +213,6 @@ fn check_existing(path: &Path, existing: Existing) -> Result<()> {
         Existing::Replace if metadata.permissions().readonly() => {
             Err(refuse("is read-only: it is not replaced"))
         }
-        Existing::Replace => Ok(()),
+        Existing::Replace | Existing::NextFree => Ok(()),
     }
 }

@@ -73,37 +73,10 @@ impl Video {
     }
 
     /// A video from a decoded tensor `[3, T, H, W]` with values in [−1, 1], converted as
-    /// TurboDiffusion does: clamp to [−1, 1], map to [0, 1], then `floor(255 · v + 0.5)`.
-    ///
-    /// Any float dtype and device is accepted; NaN values become 0.
+    /// TurboDiffusion does (see [`rgb_frames`]).
     pub fn from_tensor(video: &Tensor, fps: Fps) -> Result<Self> {
-        let (frame_count, height, width) = match video.dims() {
-            &[3, t, h, w] if t > 0 && h > 0 && w > 0 => (t, h, w),
-            dims => {
-                return Err(Error::Shape {
-                    what: "decoded video tensor".into(),
-                    expected: "[3, T, H, W] with T, H, W > 0".into(),
-                    got: dims.to_vec(),
-                })
-            }
-        };
-        if !video.dtype().is_float() {
-            return Err(Error::UnsupportedDType {
-                what: "decoded video tensor".into(),
-                dtype: video.dtype(),
-                expected: "a float dtype",
-            });
-        }
-        let video = video.to_dtype(DType::F32)?;
-        let frames = (0..frame_count)
-            .map(|t| {
-                // [3, H, W] → [H, W, 3]: one frame of interleaved RGB.
-                let frame = video.narrow(1, t, 1)?.squeeze(1)?.permute((1, 2, 0))?;
-                let values = frame.flatten_all()?.to_vec1::<f32>()?;
-                Ok(values.into_iter().map(unit_to_u8).collect())
-            })
-            .collect::<Result<Vec<Vec<u8>>>>()?;
-        Self::new(width, height, fps, frames)
+        let (_, height, width) = decoded_dims(video)?;
+        Self::new(width, height, fps, rgb_frames(video)?)
     }
 
     /// Frame width in pixels.
@@ -169,6 +142,54 @@ pub(crate) fn check_frame_len(
 }
 
 /// One decoded value in [−1, 1] to a byte: `floor(255 · (clamp(x) + 1) / 2 + 0.5)`.
+/// The frames of a decoded tensor `[3, T, H, W]` with values in [−1, 1] as interleaved RGB
+/// bytes, converted as TurboDiffusion does: clamp to [−1, 1], map to [0, 1], then
+/// `floor(255 · v + 0.5)`; NaN becomes 0. Any float dtype and device is accepted.
+///
+/// The conversion runs where the tensor lies, with the roundings of [`unit_to_u8`] (its
+/// reference), so a decoded chunk crosses to the host as bytes rather than as floats.
+pub fn rgb_frames(video: &Tensor) -> Result<Vec<Vec<u8>>> {
+    let (_, height, width) = decoded_dims(video)?;
+    let x = video.to_dtype(DType::F32)?;
+    let unit = x.clamp(-1f32, 1f32)?.affine(1.0, 1.0)?.affine(0.5, 0.0)?;
+    // `255·v + 0.5` as two roundings, as on the host: one affine could fuse them into one.
+    let levels = unit.affine(255.0, 0.0)?.affine(1.0, 0.5)?.floor()?;
+    let levels = x.ne(&x)?.where_cond(&levels.zeros_like()?, &levels)?;
+    let bytes = levels
+        .to_dtype(DType::U8)?
+        .permute((1, 2, 3, 0))?
+        .flatten_all()?
+        .to_vec1::<u8>()?;
+    Ok(bytes
+        .chunks_exact(height * width * 3)
+        .map(<[u8]>::to_vec)
+        .collect())
+}
+
+/// `(T, H, W)` of a decoded video tensor `[3, T, H, W]` of a float dtype.
+fn decoded_dims(video: &Tensor) -> Result<(usize, usize, usize)> {
+    let dims = match video.dims() {
+        &[3, t, h, w] if t > 0 && h > 0 && w > 0 => (t, h, w),
+        dims => {
+            return Err(Error::Shape {
+                what: "decoded video tensor".into(),
+                expected: "[3, T, H, W] with T, H, W > 0".into(),
+                got: dims.to_vec(),
+            })
+        }
+    };
+    if !video.dtype().is_float() {
+        return Err(Error::UnsupportedDType {
+            what: "decoded video tensor".into(),
+            dtype: video.dtype(),
+            expected: "a float dtype",
+        });
+    }
+    Ok(dims)
+}
+
+/// One value of [`rgb_frames`], on the host: the reference it is tested against.
+#[cfg(test)]
 fn unit_to_u8(x: f32) -> u8 {
     let v = (x.clamp(-1.0, 1.0) + 1.0) / 2.0;
     // `as` saturates and sends NaN to 0.
@@ -187,6 +208,27 @@ mod tests {
         let bytes: Vec<u8> = values.iter().copied().map(unit_to_u8).collect();
         // 255·0.25 + 0.5 = 64.25 → 64; 255·0.5 + 0.5 = 128 → 128; 255·0.75 + 0.5 = 191.75 → 191.
         assert_eq!(bytes, [0, 0, 64, 128, 191, 255, 255, 0]);
+    }
+
+    #[test]
+    fn tensor_conversion_rounds_like_the_host_reference() -> Result<()> {
+        // A dense sweep across [−1.01, 1.01], every rounding boundary of the 256 levels and
+        // the floats on either side of it, and the values that are not numbers.
+        let mut values: Vec<f32> = (0..=202_000).map(|i| i as f32 * 1e-5 - 1.01).collect();
+        for level in 0..=256 {
+            let boundary = (level as f32 - 0.5) / 255.0 * 2.0 - 1.0;
+            let bits = boundary.to_bits();
+            let neighbours = [bits.wrapping_sub(1), bits.wrapping_add(1)].map(f32::from_bits);
+            values.extend([neighbours[0], boundary, neighbours[1]]);
+        }
+        values.extend([f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -0.0]);
+        let count = values.len();
+        let tensor = Tensor::from_vec(values.clone(), (1, count), &Device::Cpu)?
+            .broadcast_as((3, 1, 1, count))?;
+        let frames = rgb_frames(&tensor)?;
+        let expected: Vec<u8> = values.iter().flat_map(|&v| [unit_to_u8(v); 3]).collect();
+        assert_eq!(frames, [expected]);
+        Ok(())
     }
 
     #[test]

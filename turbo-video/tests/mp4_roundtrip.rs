@@ -5,7 +5,7 @@ mod common;
 
 use common::{entries, moving_video, psnr};
 use turbo_core::Error;
-use turbo_video::{Fps, Mp4Options, Mp4Writer, Quality, Video};
+use turbo_video::{Existing, Fps, Mp4Options, Mp4Stream, Mp4Writer, Quality, Video};
 
 const MIN_PSNR_DB: f64 = 30.0;
 
@@ -219,4 +219,55 @@ fn intervals_encoded_in_parallel_decode_as_one_encoder() {
     );
     assert_eq!(parallel.len(), 11);
     assert_eq!(parallel.frames(), sequential.frames());
+}
+
+/// `Mp4Stream` takes frames a few at a time, as a decoder makes them: a frame of the wrong size
+/// is refused without spoiling the stream, the file decodes to what one encoder writes, and a
+/// stream dropped before `finish` leaves nothing behind.
+#[test]
+fn a_stream_fed_in_chunks_writes_what_one_encoder_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let video = moving_video(64, 48, 13, 16.0);
+    let options = Mp4Options {
+        keyframe_interval: 4,
+        ..Mp4Options::default()
+    };
+    let open = |name: &str| {
+        let path = dir.path().join(name);
+        let stream =
+            Mp4Stream::create_with(&path, 64, 48, video.fps(), options, Existing::Refuse).unwrap();
+        (path, stream)
+    };
+    let (streamed, mut stream) = open("streamed.mp4");
+    for chunk in video.frames().chunks(3) {
+        for frame in chunk {
+            stream.push_frame(frame.clone()).unwrap();
+        }
+        assert!(matches!(
+            stream.push_frame(vec![0; 10]),
+            Err(Error::Media { .. })
+        ));
+    }
+    assert_eq!(stream.frames_pushed(), 13);
+    stream.finish().unwrap();
+    let decoded = Video::read_mp4(&streamed).unwrap();
+    assert_eq!(decoded.len(), 13);
+    let sequential = dir.path().join("sequential.mp4");
+    let mut writer = Mp4Writer::create(&sequential, 64, 48, video.fps(), options).unwrap();
+    for frame in video.frames() {
+        writer.write_frame(frame).unwrap();
+    }
+    writer.finish().unwrap();
+    assert_eq!(
+        decoded.frames(),
+        Video::read_mp4(&sequential).unwrap().frames()
+    );
+
+    let (dropped, mut stream) = open("dropped.mp4");
+    for frame in &video.frames()[..9] {
+        stream.push_frame(frame.clone()).unwrap();
+    }
+    drop(stream);
+    assert!(!dropped.exists());
+    assert_eq!(entries(dir.path()), [sequential, streamed]);
 }

@@ -166,3 +166,49 @@ fn outputs_get_the_mode_the_umask_gives() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, expected, "{mode:o} vs {expected:o}");
 }
+
+/// Runs given the same name under `Existing::NextFree` each keep their file: the name is taken
+/// when the finished file is renamed into place, so a file that appears meanwhile is kept too.
+#[test]
+fn next_free_names_keep_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("clip.mp4");
+    let first = OutputFile::new(&path, Existing::NextFree).unwrap();
+    let second = OutputFile::new(&path, Existing::NextFree).unwrap();
+    let video = tiny_video(16.0);
+    let mut stream = second
+        .stream(16, 16, video.fps(), Mp4Options::default())
+        .unwrap();
+    for frame in video.frames() {
+        stream.push_frame(frame.clone()).unwrap();
+    }
+    assert_eq!(first.write(&video, Mp4Options::default()).unwrap(), path);
+    let numbered = dir.path().join("clip_2.mp4");
+    assert_eq!(stream.finish().unwrap(), numbered);
+    assert_eq!(entries(dir.path()), ["clip.mp4", "clip_2.mp4"]);
+    assert_eq!(Video::read_mp4(&numbered).unwrap().len(), 2);
+}
+
+/// A GIF streamed frame by frame is written whole at the end; a frame of the wrong size is
+/// refused; a stream dropped unfinished leaves no file.
+#[test]
+fn a_gif_stream_writes_at_the_end_and_nothing_when_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = OutputFile::new(dir.path().join("clip.gif"), Existing::Refuse).unwrap();
+    let video = tiny_video(8.0);
+    let mut stream = output
+        .stream(16, 16, video.fps(), Mp4Options::default())
+        .unwrap();
+    assert!(stream.push_frame(vec![0; 5]).is_err());
+    stream.push_frame(video.frames()[0].clone()).unwrap();
+    drop(stream);
+    assert!(entries(dir.path()).is_empty());
+    let mut stream = output
+        .stream(16, 16, video.fps(), Mp4Options::default())
+        .unwrap();
+    for frame in video.frames() {
+        stream.push_frame(frame.clone()).unwrap();
+    }
+    assert_eq!(stream.finish().unwrap(), output.path());
+    assert_eq!(entries(dir.path()), ["clip.gif"]);
+}

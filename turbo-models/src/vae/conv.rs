@@ -21,6 +21,11 @@ pub struct CausalConv3d {
     /// Zero frames in front of the first frame (`2·p_t` upstream).
     time_padding: usize,
     spatial_padding: usize,
+    /// The weight as `conv_wgmma_bf16` reads it, made on the first call that runs that kernel
+    /// (only then are the device and its compute capability known) and kept: re-laying it out
+    /// at every chunk would cost a few kernels per convolution per latent frame.
+    #[cfg(feature = "cuda")]
+    wgmma_weight: std::sync::OnceLock<cuda::WgmmaWeight>,
 }
 
 /// The shape of a [`CausalConv3d`], as its upstream constructor takes it.
@@ -93,6 +98,8 @@ impl CausalConv3d {
             time_stride: spec.time_stride,
             time_padding: 2 * spec.padding.0,
             spatial_padding: spec.padding.1,
+            #[cfg(feature = "cuda")]
+            wgmma_weight: std::sync::OnceLock::new(),
         })
     }
 
@@ -116,8 +123,7 @@ impl CausalConv3d {
                 x,
                 remembered.as_ref(),
                 front_zeros,
-                &self.weight,
-                &self.bias,
+                (&self.weight, &self.bias, &self.wgmma_weight),
                 self.spatial_padding,
                 self.time_stride,
             )? {
@@ -234,6 +240,8 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
+    use std::sync::OnceLock;
+
     use candle_core::{DType, Tensor};
     use half::bf16;
     use turbo_core::cuda::{cuda_view, tensor_from_cuda, TensorMap};
@@ -264,7 +272,9 @@ mod cuda {
         let taps = channels * ksize * ksize;
         if x.dtype() == DType::BF16 && wgmma_applies(&x, ksize, channels, out_channels)? {
             let input = ChannelsLast::concat(&[&x.unsqueeze(0)?])?;
-            let out = wgmma_conv(&input, &Windows::single_frames(batch), weight, bias, padding)?;
+            let prepared = WgmmaWeight::new(weight, bias, 1, channels)?;
+            let windows = Windows::single_frames(batch);
+            let out = wgmma_conv(&input, &windows, &prepared, padding)?;
             return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
         }
         if x.dtype() == DType::BF16 && matches!(ksize, 1 | 3) {
@@ -389,17 +399,18 @@ mod cuda {
         Ok(dev.cuda_stream().context().compute_capability().w()? == (9, 0))
     }
 
+    /// The layer's `[O, kt·C, k, k]` weight, its bias, and the lazily made [`WgmmaWeight`].
+    pub(super) type LayerWeights<'a> = (&'a Tensor, &'a Tensor, &'a OnceLock<WgmmaWeight>);
+
     /// The causal conv3d of `x` `[B, T, C, H, W]` after `front_zeros` zero frames and the
-    /// `remembered` frames `[B, n, C, H, W]`, with its `[O, kt·C, k, k]` weight, on
-    /// `conv_wgmma_bf16`: `[B·T_out, O, H', W']`, or `None` where that kernel does not apply.
-    /// The zero frames are TMA's zero fill and the windows are read in place: nothing is
-    /// concatenated or padded.
+    /// `remembered` frames `[B, n, C, H, W]`, with the layer's weights, on `conv_wgmma_bf16`:
+    /// `[B·T_out, O, H', W']`, or `None` where that kernel does not apply. The zero frames are
+    /// TMA's zero fill and the windows are read in place: nothing is concatenated or padded.
     pub(super) fn causal_conv(
         x: &Tensor,
         remembered: Option<&Tensor>,
         front_zeros: usize,
-        weight: &Tensor,
-        bias: &Tensor,
+        (weight, bias, prepared): LayerWeights,
         padding: usize,
         time_stride: usize,
     ) -> Result<Option<Tensor>> {
@@ -429,7 +440,14 @@ mod cuda {
             window_frames,
             front_zeros,
         };
-        let out = wgmma_conv(&input, &windows, weight, bias, padding)?;
+        let prepared = match prepared.get() {
+            Some(prepared) => prepared,
+            None => {
+                let made = WgmmaWeight::new(weight, bias, window_frames, channels)?;
+                prepared.get_or_init(|| made)
+            }
+        };
+        let out = wgmma_conv(&input, &windows, prepared, padding)?;
         debug_assert_eq!(out.dim(0)?, batch * windows.per_image, "{frames} frames");
         Ok(Some(out))
     }
@@ -561,16 +579,15 @@ mod cuda {
         }
     }
 
-    /// The convolution of each window of `input` with `weight` `[O, window_frames·C, k, k]` and
-    /// `bias`, on `conv_wgmma_bf16`: `[images·windows, O, H', W']`.
+    /// The convolution of each window of `input` with `weight`, on `conv_wgmma_bf16`:
+    /// `[images·windows, O, H', W']`.
     fn wgmma_conv(
         input: &ChannelsLast,
         windows: &Windows,
-        weight: &Tensor,
-        bias: &Tensor,
+        weight: &WgmmaWeight,
         padding: usize,
     ) -> Result<Tensor> {
-        let (out_channels, _, ksize, _) = weight.dims4()?;
+        let (out_channels, ksize) = (weight.out_channels, weight.ksize);
         let shape = ConvShape::new(
             input.channels,
             input.height,
@@ -580,8 +597,7 @@ mod cuda {
             out_channels,
         )?;
         let (out_w, out_h) = (shape.out_w, shape.positions / shape.out_w);
-        let taps = tap_major_weight(weight, windows.window_frames, input.channels)?;
-        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+        let (taps, bias) = (&weight.taps, &weight.bias);
         let dev = &input.device;
         let count = input.images * windows.per_image;
         let out = unsafe { dev.alloc::<bf16>(count * out_channels * shape.positions) }?;
@@ -650,21 +666,43 @@ mod cuda {
         ))
     }
 
-    /// `[O, window_frames·C, k, k]` → `[O, window_frames·k·k·C_pad]` bf16: for each tap (frame
-    /// of the window, ky, kx) its channels, zero-padded to a multiple of 64, in the order of
-    /// `conv_wgmma_bf16`'s k steps.
-    fn tap_major_weight(weight: &Tensor, window_frames: usize, channels: usize) -> Result<Tensor> {
-        let (out_channels, _, ksize, _) = weight.dims4()?;
-        let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
-        let taps = weight
-            .reshape((out_channels, window_frames, channels, ksize, ksize))?
-            .permute((0, 1, 3, 4, 2))?
-            .pad_with_zeros(4, 0, padded_channels - channels)?
-            .reshape((
+    /// A convolution's weight and bias as `conv_wgmma_bf16` reads them.
+    #[derive(Debug, Clone)]
+    pub(super) struct WgmmaWeight {
+        /// `[O, window_frames·k·k·C_pad]` bf16: for each tap (frame of the window, ky, kx) its
+        /// channels, zero-padded to a multiple of 64, in the order of the kernel's k steps.
+        taps: Tensor,
+        /// `[O]` f32.
+        bias: Tensor,
+        out_channels: usize,
+        ksize: usize,
+    }
+
+    impl WgmmaWeight {
+        /// From a `[O, window_frames·C, k, k]` weight and its bias.
+        fn new(
+            weight: &Tensor,
+            bias: &Tensor,
+            window_frames: usize,
+            channels: usize,
+        ) -> Result<Self> {
+            let (out_channels, _, ksize, _) = weight.dims4()?;
+            let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
+            let taps = weight
+                .reshape((out_channels, window_frames, channels, ksize, ksize))?
+                .permute((0, 1, 3, 4, 2))?
+                .pad_with_zeros(4, 0, padded_channels - channels)?
+                .reshape((
+                    out_channels,
+                    window_frames * ksize * ksize * padded_channels,
+                ))?;
+            Ok(Self {
+                taps: taps.to_dtype(DType::BF16)?.contiguous()?,
+                bias: bias.to_dtype(DType::F32)?.contiguous()?,
                 out_channels,
-                window_frames * ksize * ksize * padded_channels,
-            ))?;
-        Ok(taps.to_dtype(DType::BF16)?.contiguous()?)
+                ksize,
+            })
+        }
     }
 
     /// The images an implicit-GEMM launch convolves: `count` images of `ConvShape::channels`

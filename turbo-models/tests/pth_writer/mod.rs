@@ -6,157 +6,50 @@
 
 #![allow(dead_code)] // each test crate uses its own subset
 
-use std::io::Write;
 use std::path::Path;
 
-/// One tensor to write: its storage class (`FloatStorage`, `CharStorage`, …), shape and
-/// little-endian bytes.
+use turbo_models::pth::StoredDType;
+use turbo_models::pth_writer::PthEntry;
+
+/// One tensor to write: its stored type, shape and little-endian bytes.
 pub struct PthTensor {
-    pub name: String,
-    pub storage_class: &'static str,
-    pub shape: Vec<usize>,
+    pub entry: PthEntry,
     pub bytes: Vec<u8>,
 }
 
 impl PthTensor {
     pub fn f32(name: &str, shape: &[usize], values: &[f32]) -> Self {
-        Self {
-            name: name.to_owned(),
-            storage_class: "FloatStorage",
-            shape: shape.to_vec(),
-            bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        }
+        Self::new(
+            name,
+            StoredDType::F32,
+            shape,
+            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
     }
 
     /// An int8 tensor from its raw two's-complement bytes.
     pub fn int8(name: &str, shape: &[usize], bytes: Vec<u8>) -> Self {
-        Self {
+        Self::new(name, StoredDType::I8, shape, bytes)
+    }
+
+    fn new(name: &str, stored: StoredDType, shape: &[usize], bytes: Vec<u8>) -> Self {
+        let entry = PthEntry {
             name: name.to_owned(),
-            storage_class: "CharStorage",
+            stored,
             shape: shape.to_vec(),
-            bytes,
-        }
-    }
-
-    fn element_size(&self) -> usize {
-        match self.storage_class {
-            "CharStorage" | "ByteStorage" => 1,
-            "HalfStorage" | "BFloat16Storage" => 2,
-            "DoubleStorage" | "LongStorage" => 8,
-            _ => 4,
-        }
+        };
+        Self { entry, bytes }
     }
 }
 
-/// The pickle opcodes used (protocol 2).
-mod op {
-    pub const PROTO: u8 = 0x80;
-    pub const GLOBAL: u8 = b'c';
-    pub const EMPTY_DICT: u8 = b'}';
-    pub const MARK: u8 = b'(';
-    pub const SETITEMS: u8 = b'u';
-    pub const TUPLE: u8 = b't';
-    pub const BINUNICODE: u8 = b'X';
-    pub const BININT: u8 = b'J';
-    pub const BINPERSID: u8 = b'Q';
-    pub const REDUCE: u8 = b'R';
-    pub const NEWFALSE: u8 = 0x89;
-    pub const STOP: u8 = b'.';
-}
-
-#[derive(Default)]
-struct Pickle(Vec<u8>);
-
-impl Pickle {
-    fn op(&mut self, op: u8) -> &mut Self {
-        self.0.push(op);
-        self
-    }
-
-    fn global(&mut self, module: &str, name: &str) -> &mut Self {
-        self.op(op::GLOBAL);
-        self.0
-            .extend_from_slice(format!("{module}\n{name}\n").as_bytes());
-        self
-    }
-
-    fn text(&mut self, text: &str) -> &mut Self {
-        self.op(op::BINUNICODE);
-        self.0.extend_from_slice(&(text.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(text.as_bytes());
-        self
-    }
-
-    fn int(&mut self, value: usize) -> &mut Self {
-        self.op(op::BININT);
-        let value = i32::try_from(value).expect("fixture sizes fit in an i32");
-        self.0.extend_from_slice(&value.to_le_bytes());
-        self
-    }
-
-    fn int_tuple(&mut self, values: &[usize]) -> &mut Self {
-        self.op(op::MARK);
-        values.iter().for_each(|&v| {
-            self.int(v);
-        });
-        self.op(op::TUPLE)
-    }
-
-    /// `_rebuild_tensor_v2(storage, 0, shape, stride, False, {})`.
-    fn tensor(&mut self, tensor: &PthTensor, key: &str) -> &mut Self {
-        let numel = tensor.bytes.len() / tensor.element_size();
-        self.global("torch._utils", "_rebuild_tensor_v2")
-            .op(op::MARK);
-        self.op(op::MARK)
-            .text("storage")
-            .global("torch", tensor.storage_class)
-            .text(key)
-            .text("cpu")
-            .int(numel)
-            .op(op::TUPLE)
-            .op(op::BINPERSID);
-        self.int(0)
-            .int_tuple(&tensor.shape)
-            .int_tuple(&row_major_stride(&tensor.shape))
-            .op(op::NEWFALSE)
-            .op(op::EMPTY_DICT)
-            .op(op::TUPLE)
-            .op(op::REDUCE)
-    }
-}
-
-fn row_major_stride(shape: &[usize]) -> Vec<usize> {
-    let mut stride = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        stride[i] = stride[i + 1] * shape[i + 1];
-    }
-    stride
-}
-
-/// Writes `tensors` as a `torch.save` state dict at `path`.
+/// Writes `tensors` as a `torch.save` state dict at `path` (the library's writer).
 pub fn write_pth(path: &Path, tensors: &[PthTensor]) {
-    let mut pickle = Pickle::default();
-    pickle.op(op::PROTO).op(2).op(op::EMPTY_DICT).op(op::MARK);
-    for (index, tensor) in tensors.iter().enumerate() {
-        pickle.text(&tensor.name).tensor(tensor, &index.to_string());
-    }
-    pickle.op(op::SETITEMS).op(op::STOP);
-
-    let file = std::fs::File::create(path).unwrap();
-    let mut zip = zip::ZipWriter::new(file);
-    let options =
-        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
-    let mut entry = |name: &str, bytes: &[u8]| {
-        zip.start_file(format!("archive/{name}"), options).unwrap();
-        zip.write_all(bytes).unwrap();
-    };
-    entry("data.pkl", &pickle.0);
-    entry("byteorder", b"little");
-    for (index, tensor) in tensors.iter().enumerate() {
-        entry(&format!("data/{index}"), &tensor.bytes);
-    }
-    entry("version", b"3\n");
-    zip.finish().unwrap();
+    let entries: Vec<PthEntry> = tensors.iter().map(|t| t.entry.clone()).collect();
+    let mut bytes = tensors.iter().map(|t| t.bytes.clone());
+    turbo_models::pth_writer::write_pth(path, &entries, |_| {
+        Ok(bytes.next().expect("one byte buffer per entry"))
+    })
+    .unwrap();
 }
 
 /// The committed `-quant` `.pth` fixture (written by `scripts/make_pth_fixture.py` from the
