@@ -124,6 +124,22 @@ impl Checkpoint {
         }
     }
 
+    /// [`Checkpoint::expect_keys`] for the part of a checkpoint under `prefix` (such as
+    /// `visual.` of the released CLIP file, which also holds the text encoder Wan does not
+    /// use): every `expected` key must be present with its shape, and every stored key under
+    /// `prefix` must be expected; keys outside `prefix` are ignored.
+    pub fn expect_keys_under(&self, prefix: &str, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        let problems = key_problems_under(self.tensors(), prefix, expected);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::CheckpointKeys {
+                path: self.path.clone(),
+                problems: problems.into(),
+            })
+        }
+    }
+
     /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as
     /// they are read. Safetensors files are memory-mapped; `.pth` tensors are read one by one
     /// from the archive. Int8 tensors can only be read as `U8` (their raw bytes); asking for
@@ -437,6 +453,21 @@ pub fn key_problems<'a>(
         }
     }
     problems
+}
+
+/// [`key_problems`] restricted to the stored keys under `prefix`: a stored key outside it is
+/// never a problem.
+pub fn key_problems_under<'a>(
+    stored: impl IntoIterator<Item = &'a TensorMeta>,
+    prefix: &str,
+    expected: &[(String, Vec<usize>)],
+) -> Vec<KeyProblem> {
+    key_problems(
+        stored
+            .into_iter()
+            .filter(|meta| meta.name.starts_with(prefix)),
+        expected,
+    )
 }
 
 fn checkpoint_error(path: &Path, reason: &str) -> Error {

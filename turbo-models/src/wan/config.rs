@@ -249,12 +249,14 @@ impl WanConfig {
             Some("i2v") => ModelType::I2v,
             Some("flf2v") => ModelType::Flf2v,
             Some("ti2v") => ModelType::Ti2v,
-            other => return Err(Error::InvalidConfig {
-                field: "model_type".into(),
-                reason: format!(
+            other => {
+                return Err(Error::InvalidConfig {
+                    field: "model_type".into(),
+                    reason: format!(
                     "{other:?} is not supported (expected \"t2v\", \"i2v\", \"flf2v\" or \"ti2v\")"
                 ),
-            }),
+                })
+            }
         };
         Ok(Self {
             model_type,
