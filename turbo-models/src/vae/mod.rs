@@ -1,4 +1,5 @@
-//! The Wan2.1 video VAE (`Wan2.1_VAE.pth`; `spec/wan-model.md` §6.1).
+//! The Wan2.1 video VAE (`Wan2.1_VAE.pth`; `spec/wan-model.md` §6.1), and the Wan2.2 VAE of
+//! TI2V-5B ([`Wan22Vae`], §6.2) built from the same blocks.
 //!
 //! A causal 3-D convolutional autoencoder compressing ×4 in time and ×8 in space: a video
 //! `[B, 3, 4n+1, H, W]` in [-1, 1] maps to a normalised latent `[B, 16, n+1, H/8, W/8]`.
@@ -16,8 +17,11 @@
 mod blocks;
 mod cache;
 mod coder;
+mod coder22;
 mod conv;
+mod patch;
 mod tiling;
+mod wan22;
 
 use crate::checkpoint::Checkpoint;
 use candle_core::{DType, Device, Tensor};
@@ -30,6 +34,7 @@ pub use conv::{
 };
 
 pub use tiling::VaeTiling;
+pub use wan22::{Vae22Config, Wan22Vae, WAN22_LATENT_MEAN, WAN22_LATENT_STD};
 
 use cache::FeatureCache;
 use coder::Coder;
