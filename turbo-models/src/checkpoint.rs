@@ -113,7 +113,11 @@ impl Checkpoint {
     /// shapes. Otherwise returns [`Error::CheckpointKeys`] listing every missing key, every
     /// unexpected key and every shape mismatch (with both shapes).
     pub fn expect_keys(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
-        let problems = key_problems(self.tensors(), expected);
+        self.no_key_problems(key_problems(self.tensors(), expected))
+    }
+
+    /// `Ok` when `problems` is empty, else [`Error::CheckpointKeys`] naming the file.
+    fn no_key_problems(&self, problems: Vec<KeyProblem>) -> Result<()> {
         if problems.is_empty() {
             Ok(())
         } else {
@@ -129,15 +133,7 @@ impl Checkpoint {
     /// use): every `expected` key must be present with its shape, and every stored key under
     /// `prefix` must be expected; keys outside `prefix` are ignored.
     pub fn expect_keys_under(&self, prefix: &str, expected: &[(String, Vec<usize>)]) -> Result<()> {
-        let problems = key_problems_under(self.tensors(), prefix, expected);
-        if problems.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::CheckpointKeys {
-                path: self.path.clone(),
-                problems: problems.into(),
-            })
-        }
+        self.no_key_problems(key_problems_under(self.tensors(), prefix, expected))
     }
 
     /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as

@@ -14,9 +14,9 @@ use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
 
 use super::cache::FeatureCache;
 use super::coder22::Coder22;
-use super::conv::{CausalConv3d, Conv3dSpec};
+use super::latent::{collect_frames, stream_decode, LatentSide};
 use super::patch::{patchify, unpatchify, PATCH};
-use super::{to_channel_major, to_time_major, DecodedFrames};
+use super::{to_channel_major, DecodedFrames, VaeConfig};
 use crate::checkpoint::Checkpoint;
 
 /// The per-channel latent mean of the released Wan2.2 VAE (`Wan2_2_VAE.mean` upstream).
@@ -78,40 +78,26 @@ impl Vae22Config {
         PATCH << (self.dim_mult.len() - 1)
     }
 
-    /// Checks that the parameters describe a VAE this implementation runs: the ×4 temporal
-    /// compression that 4n+1 frame counts assume, and one mean and std per latent channel.
+    /// Checks that the parameters describe a VAE this implementation runs: the checks of
+    /// [`VaeConfig::validate`] on the shared parameters (×4 temporal compression, one mean and
+    /// std per latent channel, positive widths) and a positive decoder width.
     pub fn validate(&self) -> Result<()> {
-        let invalid = |expected: String, got: Vec<usize>| {
-            Err(Error::Shape {
+        VaeConfig {
+            dim: self.dim,
+            z_dim: self.z_dim,
+            dim_mult: self.dim_mult.clone(),
+            num_res_blocks: self.num_res_blocks,
+            temporal_downsample: self.temporal_downsample.clone(),
+            latent_mean: self.latent_mean.clone(),
+            latent_std: self.latent_std.clone(),
+        }
+        .validate()?;
+        if self.dec_dim == 0 || self.num_res_blocks == 0 {
+            return Err(Error::Shape {
                 what: "Wan2.2 VAE configuration".into(),
-                expected,
-                got,
-            })
-        };
-        let levels = self.dim_mult.len();
-        if levels < 2 || self.temporal_downsample.len() != levels - 1 {
-            return invalid(
-                "dim_mult with at least 2 levels and one temporal_downsample flag per downsampler"
-                    .into(),
-                vec![levels, self.temporal_downsample.len()],
-            );
-        }
-        let temporal = self.temporal_downsample.iter().filter(|&&t| t).count();
-        if 1 << temporal != VAE_STRIDE.0 {
-            return invalid(
-                format!("temporal compression ×{}", VAE_STRIDE.0),
-                vec![1 << temporal],
-            );
-        }
-        if self.latent_mean.len() != self.z_dim || self.latent_std.len() != self.z_dim {
-            return invalid(
-                format!("{} latent means and stds", self.z_dim),
-                vec![self.latent_mean.len(), self.latent_std.len()],
-            );
-        }
-        let widths = [self.dim, self.dec_dim, self.z_dim];
-        if widths.contains(&0) || self.dim_mult.contains(&0) || self.num_res_blocks == 0 {
-            return invalid("positive widths and block counts".into(), widths.to_vec());
+                expected: "positive dec_dim and num_res_blocks".into(),
+                got: vec![self.dec_dim, self.num_res_blocks],
+            });
         }
         Ok(())
     }
@@ -123,15 +109,8 @@ pub struct Wan22Vae {
     cfg: Vae22Config,
     encoder: Coder22,
     decoder: Coder22,
-    /// `conv1` upstream: encoder output → (μ, log σ²).
-    quant_conv: CausalConv3d,
-    /// `conv2` upstream: latent → decoder input.
-    post_quant_conv: CausalConv3d,
-    /// `[1, 1, z, 1, 1]`, broadcasting over time-major latents.
-    latent_mean: Tensor,
-    latent_std: Tensor,
-    dtype: DType,
-    device: Device,
+    /// `conv1`, `conv2` and the latent statistics.
+    latent: LatentSide,
 }
 
 impl Wan22Vae {
@@ -139,22 +118,10 @@ impl Wan22Vae {
     /// `conv1.*`, `conv2.*`). The model computes in `vb`'s dtype and device.
     pub fn load(vb: VarBuilder, cfg: &Vae22Config) -> Result<Self> {
         cfg.validate()?;
-        let (quant, post_quant) = Self::latent_convs(cfg);
-        let channel_vector = |values: &[f32]| -> Result<Tensor> {
-            Ok(
-                Tensor::from_slice(values, (1, 1, cfg.z_dim, 1, 1), vb.device())?
-                    .to_dtype(vb.dtype())?,
-            )
-        };
         Ok(Self {
             encoder: Coder22::load_encoder(vb.pp("encoder"), cfg)?,
             decoder: Coder22::load_decoder(vb.pp("decoder"), cfg)?,
-            quant_conv: CausalConv3d::load(vb.pp("conv1"), quant)?,
-            post_quant_conv: CausalConv3d::load(vb.pp("conv2"), post_quant)?,
-            latent_mean: channel_vector(&cfg.latent_mean)?,
-            latent_std: channel_vector(&cfg.latent_std)?,
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+            latent: LatentSide::load(&vb, cfg.z_dim, &cfg.latent_mean, &cfg.latent_std)?,
             cfg: cfg.clone(),
         })
     }
@@ -175,18 +142,9 @@ impl Wan22Vae {
 
     /// Every checkpoint tensor the model reads, with its shape, in a fixed order.
     pub fn expected_keys(cfg: &Vae22Config) -> Vec<(String, Vec<usize>)> {
-        let (quant, post_quant) = Self::latent_convs(cfg);
         let mut keys = Coder22::keys(cfg);
-        keys.extend(quant.keys("conv1"));
-        keys.extend(post_quant.keys("conv2"));
+        keys.extend(LatentSide::keys(cfg.z_dim));
         keys
-    }
-
-    fn latent_convs(cfg: &Vae22Config) -> (Conv3dSpec, Conv3dSpec) {
-        (
-            Conv3dSpec::cube(2 * cfg.z_dim, 2 * cfg.z_dim, 1, 0),
-            Conv3dSpec::cube(cfg.z_dim, cfg.z_dim, 1, 0),
-        )
     }
 
     /// The configuration the model was built with.
@@ -205,7 +163,7 @@ impl Wan22Vae {
             let chunk = x.narrow(1, start, VAE_STRIDE.0)?;
             features.push(self.encoder.encode_chunk(&chunk, &mut cache)?);
         }
-        self.normalised_mean(&Tensor::cat(&features, 1)?)
+        self.latent.normalised_mean(&Tensor::cat(&features, 1)?)
     }
 
     /// The reference twin of [`Wan22Vae::encode`]: the whole video in one pass through the
@@ -215,7 +173,7 @@ impl Wan22Vae {
         let features = self
             .encoder
             .encode_chunk(&x, &mut FeatureCache::whole_sequence())?;
-        self.normalised_mean(&features)
+        self.latent.normalised_mean(&features)
     }
 
     /// Checks `video` and patchifies it, time-major: `[B, T, 12, H/2, W/2]`.
@@ -237,19 +195,7 @@ impl Wan22Vae {
             });
         }
         FrameCount::new(video.dim(2)?)?;
-        let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        patchify(&x)
-    }
-
-    /// The encoder output `[B, T, 2z, h, w]` → normalised μ `[B, z, T, h, w]`.
-    fn normalised_mean(&self, features: &Tensor) -> Result<Tensor> {
-        let moments = self.quant_conv.forward(features, None)?;
-        let mean = moments.narrow(2, 0, self.cfg.z_dim)?;
-        // Upstream multiplies by 1/std rather than dividing by std.
-        let normalised = mean
-            .broadcast_sub(&self.latent_mean)?
-            .broadcast_mul(&self.latent_std.recip()?)?;
-        to_channel_major(&normalised)
+        patchify(&self.latent.time_major_input(video)?)
     }
 
     /// Decodes a normalised latent `[B, z, T, h, w]` to a video `[B, 3, 4(T−1)+1, 16h, 16w]`
@@ -277,7 +223,7 @@ impl Wan22Vae {
     /// The reference twin of [`Wan22Vae::decode_unclamped`]: all latent frames in one pass
     /// through the sequence-equivalent form of every streaming rule. For tests.
     pub fn decode_reference(&self, latent: &Tensor) -> Result<Tensor> {
-        let x = self.decoder_input(latent)?;
+        let x = self.latent.decoder_input(latent)?;
         let frames = self
             .decoder
             .decode_chunk(&x, &mut FeatureCache::whole_sequence(), true)?;
@@ -285,57 +231,20 @@ impl Wan22Vae {
     }
 
     fn collect_chunks(&self, latent: &Tensor, clamp: bool) -> Result<Tensor> {
-        let mut chunks = Vec::new();
-        self.decode_chunks(latent, clamp, |decoded| {
-            chunks.push(decoded.frames);
-            Ok(())
-        })?;
-        Ok(Tensor::cat(&chunks, 2)?)
+        collect_frames(|on_frames| self.decode_chunks(latent, clamp, on_frames))
     }
 
+    /// Streams the decode; the first latent frame is the decoder's first chunk.
     fn decode_chunks(
         &self,
         latent: &Tensor,
         clamp: bool,
-        mut on_frames: impl FnMut(DecodedFrames) -> Result<()>,
+        on_frames: impl FnMut(DecodedFrames) -> Result<()>,
     ) -> Result<()> {
-        let x = self.decoder_input(latent)?;
         let mut cache = FeatureCache::default();
-        let mut first_frame = 0;
-        for t in 0..x.dim(1)? {
-            let patches = self
-                .decoder
-                .decode_chunk(&x.narrow(1, t, 1)?, &mut cache, t == 0)?;
-            let mut frames = unpatchify(&patches)?;
-            if clamp {
-                frames = frames.clamp(-1f32, 1f32)?;
-            }
-            let count = frames.dim(1)?;
-            on_frames(DecodedFrames {
-                first_frame,
-                frames: to_channel_major(&frames)?,
-            })?;
-            first_frame += count;
-        }
-        Ok(())
-    }
-
-    /// Denormalises a latent `[B, z, T, h, w]` and applies `conv2`: `[B, T, z, h, w]`.
-    fn decoder_input(&self, latent: &Tensor) -> Result<Tensor> {
-        let z_dim = self.cfg.z_dim;
-        let valid = matches!(latent.dims5(), Ok((b, c, t, h, w)) if b > 0 && c == z_dim && t > 0 && h > 0 && w > 0);
-        if !valid {
-            return Err(Error::Shape {
-                what: "Wan2.2 VAE latent".into(),
-                expected: format!("[B, {z_dim}, T, h, w], all positive"),
-                got: latent.dims().to_vec(),
-            });
-        }
-        let z = to_time_major(&latent.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        // Upstream divides by 1/std rather than multiplying by std.
-        let z = z
-            .broadcast_div(&self.latent_std.recip()?)?
-            .broadcast_add(&self.latent_mean)?;
-        self.post_quant_conv.forward(&z, None)
+        let decode_frame = |frame: &Tensor, t: usize| {
+            unpatchify(&self.decoder.decode_chunk(frame, &mut cache, t == 0)?)
+        };
+        stream_decode(&self.latent, latent, clamp, decode_frame, on_frames)
     }
 }
