@@ -61,10 +61,7 @@ fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
         freq_dim: 64,
         text_dim: text_encoder.dim,
         text_len: 64,
-        in_dim: match model_type {
-            ModelType::T2v => 16,
-            ModelType::I2v => 36,
-        },
+        in_dim: model_type.in_dim(16),
         out_dim: 16,
         num_heads: 2,
         num_layers: 2,

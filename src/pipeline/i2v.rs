@@ -125,8 +125,8 @@ impl Pipeline {
         )?;
         let image = self.image_condition(request, plan.geometry, progress)?;
         let condition = |context| DitCondition {
-            context,
             image: Some(image.clone()),
+            ..DitCondition::text(context)
         };
         let latent = self.denoise(
             &plan.denoise,

@@ -113,7 +113,11 @@ impl Checkpoint {
     /// shapes. Otherwise returns [`Error::CheckpointKeys`] listing every missing key, every
     /// unexpected key and every shape mismatch (with both shapes).
     pub fn expect_keys(&self, expected: &[(String, Vec<usize>)]) -> Result<()> {
-        let problems = key_problems(self.tensors(), expected);
+        self.no_key_problems(key_problems(self.tensors(), expected))
+    }
+
+    /// `Ok` when `problems` is empty, else [`Error::CheckpointKeys`] naming the file.
+    fn no_key_problems(&self, problems: Vec<KeyProblem>) -> Result<()> {
         if problems.is_empty() {
             Ok(())
         } else {
@@ -122,6 +126,14 @@ impl Checkpoint {
                 problems: problems.into(),
             })
         }
+    }
+
+    /// [`Checkpoint::expect_keys`] for the part of a checkpoint under `prefix` (such as
+    /// `visual.` of the released CLIP file, which also holds the text encoder Wan does not
+    /// use): every `expected` key must be present with its shape, and every stored key under
+    /// `prefix` must be expected; keys outside `prefix` are ignored.
+    pub fn expect_keys_under(&self, prefix: &str, expected: &[(String, Vec<usize>)]) -> Result<()> {
+        self.no_key_problems(key_problems_under(self.tensors(), prefix, expected))
     }
 
     /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as
@@ -437,6 +449,21 @@ pub fn key_problems<'a>(
         }
     }
     problems
+}
+
+/// [`key_problems`] restricted to the stored keys under `prefix`: a stored key outside it is
+/// never a problem.
+pub fn key_problems_under<'a>(
+    stored: impl IntoIterator<Item = &'a TensorMeta>,
+    prefix: &str,
+    expected: &[(String, Vec<usize>)],
+) -> Vec<KeyProblem> {
+    key_problems(
+        stored
+            .into_iter()
+            .filter(|meta| meta.name.starts_with(prefix)),
+        expected,
+    )
 }
 
 fn checkpoint_error(path: &Path, reason: &str) -> Error {

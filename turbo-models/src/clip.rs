@@ -12,6 +12,12 @@ use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
 use turbo_attention::DenseAttention;
 use turbo_core::{Attention, Error, Result};
 
+use crate::checkpoint::Checkpoint;
+
+/// Where the vision encoder's tensors sit in the released CLIP checkpoint (beside the text
+/// encoder's `textual.*`).
+const VISUAL_PREFIX: &str = "visual.";
+
 /// The MLP activation of the blocks (`activation` upstream).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClipActivation {
@@ -262,6 +268,22 @@ impl ClipVisionEncoder {
             blocks,
             cfg: cfg.clone(),
         })
+    }
+
+    /// Opens a checkpoint (any container [`Checkpoint::open`] reads: the released
+    /// `models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth`, or a conversion), checks that
+    /// its `visual.*` tensors are exactly those of `cfg` (the text encoder's `textual.*` and
+    /// `log_scale`, which Wan does not use, are neither checked nor read), and loads the vision
+    /// encoder to compute in `dtype` on `device`. Only the visual tensors are read.
+    pub fn from_checkpoint(
+        path: impl AsRef<std::path::Path>,
+        cfg: &ClipConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let checkpoint = Checkpoint::open(path)?;
+        checkpoint.expect_keys_under(VISUAL_PREFIX, &Self::expected_keys(cfg))?;
+        Self::load(checkpoint.var_builder(dtype, device)?, cfg)
     }
 
     /// Every `visual.*` tensor of the checkpoint, with its shape, in module order.

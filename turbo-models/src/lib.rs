@@ -1,8 +1,9 @@
 //! The models of turbodiffusion-rs, loaded from the released checkpoints:
 //!
-//! - [`wan`]: the Wan DiT (Wan2.1 T2V 1.3B / 14B, the Wan2.2 I2V A14B experts), in the official
+//! - [`wan`]: the Wan DiT (Wan2.1 T2V 1.3B / 14B, I2V-14B and FLF2V-14B with CLIP tokens, the
+//!   Wan2.2 T2V / I2V A14B experts, Wan2.2 TI2V-5B), in the official
 //!   and the TurboDiffusion key layouts, with any attention backend of `turbo-attention`;
-//! - [`vae`]: the Wan2.1 video VAE, streaming encode and decode;
+//! - [`vae`]: the Wan2.1 video VAE and the Wan2.2 VAE of TI2V-5B, streaming encode and decode;
 //! - [`umt5`]: the umT5-XXL text encoder; [`tokenizer`]: its prompt cleaning and tokenizer;
 //! - [`clip`]: the CLIP ViT-H/14 image encoder of Wan2.1 I2V / FLF2V, with its bicubic
 //!   preprocessing;
@@ -116,4 +117,4 @@ pub use clip::{ClipConfig, ClipVisionEncoder};
 pub use lora::{LoraAdapter, LoraLayout, LoraMode, LoraSummary, LoraTarget, ScaledLora};
 pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
 pub use umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder};
-pub use vae::{DecodedFrames, VaeConfig, VaeTiling, WanVae};
+pub use vae::{DecodedFrames, Vae22Config, VaeConfig, VaeTiling, Wan22Vae, WanVae};

@@ -8,7 +8,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionConfig, AttentionKind};
-use turbo_models::wan::{PatchLayout, WanModel};
+use turbo_models::wan::{ModelType, PatchLayout, TokenTimesteps, WanModel};
 
 use common::{relative_error, DitCase};
 
@@ -39,10 +39,161 @@ fn i2v_expert_matches_upstream() {
     check_parity("dit_i2v_dense", PatchLayout::Conv3d);
 }
 
+/// Wan2.1 I2V: `img_emb` over the CLIP tokens and a `k_img` / `v_img` branch in every
+/// cross-attention.
+#[test]
+fn i2v_clip_matches_upstream() {
+    let case = DitCase::open("dit_i2v_clip");
+    assert_eq!(case.cfg.model_type, ModelType::I2vClip);
+    check_parity("dit_i2v_clip", PatchLayout::Conv3d);
+}
+
+/// Wan2.2 TI2V: per-token timesteps (the image's latent frame at t = 0).
+#[test]
+fn ti2v_per_token_timesteps_match_upstream() {
+    let case = DitCase::open("dit_ti2v");
+    assert_eq!(case.cfg.model_type, ModelType::Ti2v);
+    assert!(matches!(case.timesteps(), TokenTimesteps::PerToken(_)));
+    check_parity("dit_ti2v", PatchLayout::Conv3d);
+}
+
+/// The schema's per-token times are 0 on latent frame 0 and the config's `timestep` elsewhere:
+/// [`TokenTimesteps::HeldFrames`] (what a sampler hands the model through `DitCondition`) is
+/// that same input, and gives the same velocity bit for bit.
+#[test]
+fn held_first_frame_is_the_per_token_input_of_the_file() {
+    let case = DitCase::open("dit_ti2v");
+    let model = case.model(DType::F32);
+    let t = case.file.config_f64(&["timestep"]).unwrap();
+    let held = TokenTimesteps::HeldFrames { frames: 1, t };
+    let per_token = case.velocity(&model);
+    assert_eq!(
+        relative_error(&case.velocity_at(&model, &held), &per_token),
+        0.0
+    );
+    // One time for every token differs from the held frame (the frame-0 modulation matters),
+    // and equals per-token times that are all that one time.
+    let uniform = case.velocity_at(&model, &TokenTimesteps::Uniform(t));
+    assert!(relative_error(&uniform, &per_token) > 1e-4);
+    let tokens = case.input("in.t").elem_count();
+    let all_t = TokenTimesteps::PerToken(vec![t; tokens]);
+    assert_eq!(
+        relative_error(&case.velocity_at(&model, &all_t), &uniform),
+        0.0
+    );
+    // Per-token times that do not cover the tokens, or leave [0, 1000], are typed errors.
+    let forward = |timesteps: &TokenTimesteps| {
+        model.forward_with(
+            &case.input("in.x"),
+            timesteps,
+            &case.input("in.context"),
+            None,
+            None,
+        )
+    };
+    assert!(matches!(
+        forward(&TokenTimesteps::PerToken(vec![t; tokens + 1])),
+        Err(turbo_core::Error::Shape { .. })
+    ));
+    let mut out_of_range = vec![t; tokens];
+    out_of_range[tokens - 1] = 1000.5;
+    assert!(matches!(
+        forward(&TokenTimesteps::PerToken(out_of_range)),
+        Err(turbo_core::Error::OutOfRange { .. })
+    ));
+}
+
+/// FLF2V is the I2V model with `img_emb.emb_pos` added to the two frames' CLIP tokens, read as
+/// one sequence: checked against the I2V model of the same weights fed those sums.
+#[test]
+fn flf2v_adds_emb_pos_over_both_frames() {
+    let case = DitCase::open("dit_i2v_clip");
+    let clip = case.input("in.clip");
+    let (_, tokens, width) = clip.dims3().unwrap();
+    // The two frames: the file's tokens and a scaled copy.
+    let frames = Tensor::cat(&[&clip, &(&clip * 0.5).unwrap()], 0).unwrap();
+    let emb_pos =
+        (Tensor::randn(0f32, 1.0, (1, 2 * tokens, width), &Device::Cpu).unwrap() * 0.1).unwrap();
+    let mut weights = case.weights();
+    weights.insert("img_emb.emb_pos".into(), emb_pos.clone());
+    let mut cfg = case.cfg.clone();
+    cfg.model_type = ModelType::Flf2v;
+    let flf2v = WanModel::<Box<dyn Attention>>::load(
+        VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu),
+        &cfg,
+        &case.attention,
+    )
+    .unwrap();
+    let i2v = case.model(DType::F32);
+    let t = TokenTimesteps::Uniform(case.timestep());
+    let run = |model: &WanModel<Box<dyn Attention>>, clip: &Tensor| {
+        model
+            .forward_with(
+                &case.input("in.x"),
+                &t,
+                &case.input("in.context"),
+                case.condition().as_ref(),
+                Some(clip),
+            )
+            .unwrap()
+    };
+    let summed = frames
+        .reshape((1, 2 * tokens, width))
+        .unwrap()
+        .broadcast_add(&emb_pos)
+        .unwrap();
+    let err = relative_error(&run(&flf2v, &frames), &run(&i2v, &summed));
+    assert!(err <= 1e-6, "relative error {err:e}");
+    // One frame's tokens do not fit `emb_pos`.
+    let one_frame = flf2v.forward_with(
+        &case.input("in.x"),
+        &t,
+        &case.input("in.context"),
+        case.condition().as_ref(),
+        Some(&clip),
+    );
+    assert!(matches!(one_frame, Err(turbo_core::Error::Shape { .. })));
+}
+
+/// CLIP tokens are required by the Wan2.1 I2V model and refused by the others.
+#[test]
+fn clip_tokens_only_go_to_a_clip_model() {
+    let case = DitCase::open("dit_i2v_clip");
+    let model = case.model(DType::F32);
+    let missing = model.forward(
+        &case.input("in.x"),
+        case.timestep(),
+        &case.input("in.context"),
+        case.condition().as_ref(),
+    );
+    assert!(
+        matches!(&missing, Err(turbo_core::Error::Shape { what, .. }) if what.contains("CLIP")),
+        "{missing:?}"
+    );
+    let expert = DitCase::open("dit_i2v_dense");
+    let unexpected = expert.model(DType::F32).forward_with(
+        &expert.input("in.x"),
+        &TokenTimesteps::Uniform(expert.timestep()),
+        &expert.input("in.context"),
+        expert.condition().as_ref(),
+        Some(&case.input("in.clip")),
+    );
+    assert!(
+        matches!(&unexpected, Err(turbo_core::Error::Shape { what, .. }) if what.contains("CLIP")),
+        "{unexpected:?}"
+    );
+}
+
 /// bf16 weights and activations with the f32 islands stay close to the f32 reference.
 #[test]
 fn bf16_forward_stays_close() {
-    for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_dense"] {
+    for name in [
+        "dit_t2v_dense",
+        "dit_t2v_sla",
+        "dit_i2v_dense",
+        "dit_i2v_clip",
+        "dit_ti2v",
+    ] {
         let case = DitCase::open(name);
         let err = relative_error(
             &case.velocity(&case.model(DType::BF16)),

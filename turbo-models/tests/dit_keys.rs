@@ -23,12 +23,26 @@ fn as_map(specs: &[TensorSpec]) -> KeyShapes {
         .collect()
 }
 
-fn released() -> [(&'static str, WanConfig); 3] {
+fn released() -> [(&'static str, WanConfig); 7] {
     [
         ("wan21_t2v_1.3B", WanConfig::wan21_t2v_1_3b()),
         ("wan21_t2v_14B", WanConfig::wan21_t2v_14b()),
         ("wan22_i2v_A14B_expert", WanConfig::wan22_i2v_a14b()),
+        ("wan21_i2v_14B", WanConfig::wan21_i2v_14b()),
+        ("wan21_flf2v_14B", WanConfig::wan21_flf2v_14b()),
+        ("wan22_t2v_A14B_expert", WanConfig::wan22_t2v_a14b()),
+        ("wan22_ti2v_5B", WanConfig::wan22_ti2v_5b()),
     ]
+}
+
+/// The block linears W8A8 applies to: q, k, v, o of both attentions and the FFN's two, plus
+/// `k_img` / `v_img` in the Wan2.1 I2V / FLF2V cross-attention.
+fn block_linears(cfg: &WanConfig) -> usize {
+    if cfg.model_type.uses_clip() {
+        12
+    } else {
+        10
+    }
 }
 
 fn sla() -> AttentionConfig {
@@ -92,7 +106,7 @@ fn quant_keys(turbo: &KeyShapes) -> KeyShapes {
                 "blocks",
                 _,
                 "self_attn" | "cross_attn",
-                "q" | "k" | "v" | "o",
+                "q" | "k" | "v" | "o" | "k_img" | "v_img",
                 "weight"
             ] | ["blocks", _, "ffn", "0" | "2", "weight"]
         );
@@ -118,7 +132,7 @@ fn quant_layout_replaces_block_weights_with_int8_and_scale() {
         assert_eq!(as_map(&quant), expected, "{file}");
         let int8 = quant.iter().filter(|s| s.name.ends_with(".int8_weight"));
         assert!(int8.clone().all(|s| s.dtype == DType::U8), "{file}");
-        assert_eq!(int8.count(), 10 * cfg.num_layers, "{file}");
+        assert_eq!(int8.count(), block_linears(&cfg) * cfg.num_layers, "{file}");
     }
 }
 
@@ -191,6 +205,26 @@ fn loader_reads_every_upstream_key_and_nothing_else() {
         let turbo = turbodiffusion_keys(&official, &cfg);
         let read = keys_read(&turbo, &cfg, &sla());
         assert_eq!(read, turbo.keys().cloned().collect(), "{file}, sla");
+    }
+}
+
+/// A Wan2.1 I2V `config.json` says `"i2v"`; loading from the file's tensor list alone finds
+/// the CLIP modules and loads the Wan2.1 model, and the key list of the file must then match.
+#[test]
+fn the_released_i2v_config_is_told_apart_by_img_emb() {
+    let wan21 = key_list("wan21_i2v_14B");
+    let wan22 = key_list("wan22_i2v_A14B_expert");
+    let parsed = WanConfig::wan22_i2v_a14b();
+    for (keys, want) in [
+        (&wan21, WanConfig::wan21_i2v_14b()),
+        (&wan22, WanConfig::wan22_i2v_a14b()),
+    ] {
+        let cfg = parsed
+            .clone()
+            .with_image_embedding(keys.contains_key("img_emb.proj.0.weight"));
+        assert_eq!(cfg, want);
+        let read = keys_read(keys, &cfg, &AttentionConfig::new(AttentionKind::Original));
+        assert_eq!(&read, &keys.keys().cloned().collect::<BTreeSet<_>>());
     }
 }
 

@@ -51,6 +51,7 @@ mod guidance;
 mod rcm;
 mod schedule;
 mod solver;
+mod tasks;
 mod unipc;
 
 pub use experts::{Expert, ExpertBoundary, TwoExperts, I2V_A14B_BOUNDARY, T2V_A14B_BOUNDARY};
@@ -61,6 +62,7 @@ pub use rcm::{
     I2V_SIGMA_MAX, RCM_STEPS, T2V_SIGMA_MAX,
 };
 pub use schedule::{FlowSchedule, NUM_TRAIN_TIMESTEPS, WAN_TRAIN_SIGMA_MAX};
+pub use tasks::{TeacherDefaults, WanTask};
 pub use turbo_core::{
     Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, StepReport, Timestep,
 };

@@ -325,7 +325,19 @@ pub struct Resample {
 }
 
 impl Resample {
+    /// The Wan2.1 layer: upsamplers halve the channels in their spatial convolution.
     pub fn load(vb: VarBuilder, channels: usize, mode: ResampleMode) -> Result<Self> {
+        Self::load_to(vb, channels, mode.spatial_out(channels), mode)
+    }
+
+    /// A layer whose spatial convolution gives `out_channels` (the Wan2.2 VAE's upsamplers keep
+    /// the width: `channels`).
+    pub fn load_to(
+        vb: VarBuilder,
+        channels: usize,
+        out_channels: usize,
+        mode: ResampleMode,
+    ) -> Result<Self> {
         // Downsampling pads asymmetrically itself (see `spatial`), then strides by 2.
         let stride = match mode {
             ResampleMode::Downsample2d | ResampleMode::Downsample3d => 2,
@@ -337,13 +349,8 @@ impl Resample {
             stride,
             ..Default::default()
         };
-        let spatial = candle_nn::conv2d(
-            channels,
-            mode.spatial_out(channels),
-            3,
-            config,
-            vb.pp("resample").pp("1"),
-        )?;
+        let spatial =
+            candle_nn::conv2d(channels, out_channels, 3, config, vb.pp("resample").pp("1"))?;
         let time_conv = mode
             .time_conv(channels)
             .map(|spec| CausalConv3d::load(vb.pp("time_conv"), spec))
@@ -356,7 +363,11 @@ impl Resample {
     }
 
     pub fn keys(prefix: &str, channels: usize, mode: ResampleMode) -> Keys {
-        let out = mode.spatial_out(channels);
+        Self::keys_to(prefix, channels, mode.spatial_out(channels), mode)
+    }
+
+    /// The keys of [`Resample::load_to`].
+    pub fn keys_to(prefix: &str, channels: usize, out: usize, mode: ResampleMode) -> Keys {
         let mut keys = vec![
             (
                 format!("{prefix}.resample.1.weight"),

@@ -217,28 +217,12 @@ impl CoderPlan {
         for (i, layer) in self.layers.iter().enumerate() {
             keys.extend(layer.keys(&format!("{prefix}.{}.{i}", self.direction.sequence())));
         }
-        let middle = self.middle_channels;
-        keys.extend(ResidualBlock::keys(
-            &format!("{prefix}.middle.0"),
-            middle,
-            middle,
-        ));
-        keys.extend(AttentionBlock::keys(&format!("{prefix}.middle.1"), middle));
-        keys.extend(ResidualBlock::keys(
-            &format!("{prefix}.middle.2"),
-            middle,
-            middle,
-        ));
-        keys.push((
-            format!("{prefix}.head.0.gamma"),
-            vec![self.head.in_channels, 1, 1, 1],
-        ));
-        keys.extend(self.head.keys(&format!("{prefix}.head.2")));
+        keys.extend(Middle::keys(prefix, self.middle_channels));
+        keys.extend(Head::keys(prefix, self.head));
         keys
     }
 
     fn load(&self, vb: VarBuilder) -> Result<Coder> {
-        let middle = self.middle_channels;
         let layers = self
             .layers
             .iter()
@@ -249,11 +233,8 @@ impl CoderPlan {
             direction: self.direction,
             conv_in: CausalConv3d::load(vb.pp("conv1"), self.conv_in)?,
             layers,
-            middle_in: ResidualBlock::load(vb.pp("middle").pp("0"), middle, middle)?,
-            middle_attention: AttentionBlock::load(vb.pp("middle").pp("1"), middle)?,
-            middle_out: ResidualBlock::load(vb.pp("middle").pp("2"), middle, middle)?,
-            head_norm: ChannelRmsNorm::load(vb.pp("head").pp("0"), self.head.in_channels, 4)?,
-            head_conv: CausalConv3d::load(vb.pp("head").pp("2"), self.head)?,
+            middle: Middle::load(vb.pp("middle"), self.middle_channels)?,
+            head: Head::load(vb.pp("head"), self.head)?,
         })
     }
 }
@@ -264,11 +245,77 @@ pub struct Coder {
     direction: Direction,
     conv_in: CausalConv3d,
     layers: Vec<Layer>,
-    middle_in: ResidualBlock,
-    middle_attention: AttentionBlock,
-    middle_out: ResidualBlock,
-    head_norm: ChannelRmsNorm,
-    head_conv: CausalConv3d,
+    middle: Middle,
+    head: Head,
+}
+
+/// `middle`: residual block, attention, residual block at the lowest resolution (both VAEs).
+#[derive(Debug, Clone)]
+pub(super) struct Middle {
+    residual_in: ResidualBlock,
+    attention: AttentionBlock,
+    residual_out: ResidualBlock,
+}
+
+impl Middle {
+    /// `vb` is `{encoder,decoder}.middle`.
+    pub(super) fn load(vb: VarBuilder, channels: usize) -> Result<Self> {
+        Ok(Self {
+            residual_in: ResidualBlock::load(vb.pp("0"), channels, channels)?,
+            attention: AttentionBlock::load(vb.pp("1"), channels)?,
+            residual_out: ResidualBlock::load(vb.pp("2"), channels, channels)?,
+        })
+    }
+
+    /// The keys under `{coder}.middle`.
+    pub(super) fn keys(coder: &str, channels: usize) -> Keys {
+        let mut keys = ResidualBlock::keys(&format!("{coder}.middle.0"), channels, channels);
+        keys.extend(AttentionBlock::keys(&format!("{coder}.middle.1"), channels));
+        keys.extend(ResidualBlock::keys(
+            &format!("{coder}.middle.2"),
+            channels,
+            channels,
+        ));
+        keys
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let x = self.residual_in.forward(x, cache)?;
+        let x = self.attention.forward(&x)?;
+        self.residual_out.forward(&x, cache)
+    }
+}
+
+/// `head`: RMS norm, SiLU (`head.1`, no weights) and the output convolution (both VAEs).
+#[derive(Debug, Clone)]
+pub(super) struct Head {
+    norm: ChannelRmsNorm,
+    conv: CausalConv3d,
+}
+
+impl Head {
+    /// `vb` is `{encoder,decoder}.head`.
+    pub(super) fn load(vb: VarBuilder, spec: Conv3dSpec) -> Result<Self> {
+        Ok(Self {
+            norm: ChannelRmsNorm::load(vb.pp("0"), spec.in_channels, 4)?,
+            conv: CausalConv3d::load(vb.pp("2"), spec)?,
+        })
+    }
+
+    /// The keys under `{coder}.head`.
+    pub(super) fn keys(coder: &str, spec: Conv3dSpec) -> Keys {
+        let mut keys = vec![(
+            format!("{coder}.head.0.gamma"),
+            vec![spec.in_channels, 1, 1, 1],
+        )];
+        keys.extend(spec.keys(&format!("{coder}.head.2")));
+        keys
+    }
+
+    pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        let x = self.norm.forward_silu(x)?;
+        cached_conv(&self.conv, &x, cache)
+    }
 }
 
 impl Coder {
@@ -339,14 +386,11 @@ impl Coder {
 
     /// Norm, SiLU and the output convolution.
     fn head(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
-        let x = self.head_norm.forward_silu(x)?;
-        cached_conv(&self.head_conv, &x, cache)
+        self.head.forward(x, cache)
     }
 
     /// Residual block, attention, residual block at the lowest resolution.
     fn middle(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
-        let x = self.middle_in.forward(x, cache)?;
-        let x = self.middle_attention.forward(&x)?;
-        self.middle_out.forward(&x, cache)
+        self.middle.forward(x, cache)
     }
 }

@@ -1,4 +1,5 @@
-//! The Wan2.1 video VAE (`Wan2.1_VAE.pth`; `spec/wan-model.md` §6.1).
+//! The Wan2.1 video VAE (`Wan2.1_VAE.pth`; `spec/wan-model.md` §6.1), and the Wan2.2 VAE of
+//! TI2V-5B ([`Wan22Vae`], §6.2) built from the same blocks.
 //!
 //! A causal 3-D convolutional autoencoder compressing ×4 in time and ×8 in space: a video
 //! `[B, 3, 4n+1, H, W]` in [-1, 1] maps to a normalised latent `[B, 16, n+1, H/8, W/8]`.
@@ -16,8 +17,12 @@
 mod blocks;
 mod cache;
 mod coder;
+mod coder22;
 mod conv;
+mod latent;
+mod patch;
 mod tiling;
+mod wan22;
 
 use crate::checkpoint::Checkpoint;
 use candle_core::{DType, Device, Tensor};
@@ -30,9 +35,11 @@ pub use conv::{
 };
 
 pub use tiling::VaeTiling;
+pub use wan22::{Vae22Config, Wan22Vae, WAN22_LATENT_MEAN, WAN22_LATENT_STD};
 
 use cache::FeatureCache;
 use coder::Coder;
+use latent::{collect_frames, stream_decode, LatentSide};
 
 /// The per-channel latent mean of the released Wan2.1 VAE (`WanVAE.mean` upstream).
 pub const WAN21_LATENT_MEAN: [f32; 16] = [
@@ -145,15 +152,8 @@ pub struct WanVae {
     cfg: VaeConfig,
     encoder: Coder,
     decoder: Coder,
-    /// `conv1` upstream: encoder output → (μ, log σ²).
-    quant_conv: CausalConv3d,
-    /// `conv2` upstream: latent → decoder input.
-    post_quant_conv: CausalConv3d,
-    /// `[1, 1, z, 1, 1]`, broadcasting over time-major latents.
-    latent_mean: Tensor,
-    latent_std: Tensor,
-    dtype: DType,
-    device: Device,
+    /// `conv1`, `conv2` and the latent statistics.
+    latent: LatentSide,
 }
 
 impl WanVae {
@@ -161,22 +161,10 @@ impl WanVae {
     /// `conv1.*`, `conv2.*`). The model computes in `vb`'s dtype and device.
     pub fn load(vb: VarBuilder, cfg: &VaeConfig) -> Result<Self> {
         cfg.validate()?;
-        let (quant, post_quant) = Self::latent_convs(cfg);
-        let channel_vector = |values: &[f32]| -> Result<Tensor> {
-            Ok(
-                Tensor::from_slice(values, (1, 1, cfg.z_dim, 1, 1), vb.device())?
-                    .to_dtype(vb.dtype())?,
-            )
-        };
         Ok(Self {
             encoder: Coder::load_encoder(vb.pp("encoder"), cfg)?,
             decoder: Coder::load_decoder(vb.pp("decoder"), cfg)?,
-            quant_conv: CausalConv3d::load(vb.pp("conv1"), quant)?,
-            post_quant_conv: CausalConv3d::load(vb.pp("conv2"), post_quant)?,
-            latent_mean: channel_vector(&cfg.latent_mean)?,
-            latent_std: channel_vector(&cfg.latent_std)?,
-            dtype: vb.dtype(),
-            device: vb.device().clone(),
+            latent: LatentSide::load(&vb, cfg.z_dim, &cfg.latent_mean, &cfg.latent_std)?,
             cfg: cfg.clone(),
         })
     }
@@ -196,18 +184,9 @@ impl WanVae {
 
     /// Every checkpoint tensor the model reads, with its shape, in a fixed order.
     pub fn expected_keys(cfg: &VaeConfig) -> Vec<(String, Vec<usize>)> {
-        let (quant, post_quant) = Self::latent_convs(cfg);
-        let mut keys = quant.keys("conv1");
-        keys.extend(post_quant.keys("conv2"));
+        let mut keys = LatentSide::keys(cfg.z_dim);
         keys.extend(Coder::keys(cfg));
         keys
-    }
-
-    fn latent_convs(cfg: &VaeConfig) -> (Conv3dSpec, Conv3dSpec) {
-        (
-            Conv3dSpec::cube(2 * cfg.z_dim, 2 * cfg.z_dim, 1, 0),
-            Conv3dSpec::cube(cfg.z_dim, cfg.z_dim, 1, 0),
-        )
     }
 
     /// The configuration the model was built with.
@@ -219,12 +198,12 @@ impl WanVae {
     /// spatial stride) to its normalised latent mean `[B, z, n+1, H/8, W/8]`.
     pub fn encode(&self, video: &Tensor) -> Result<Tensor> {
         let (_, _, frames, _, _) = self.check_video(video)?;
-        let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let x = self.latent.time_major_input(video)?;
         let chunks = (1..frames)
             .step_by(VAE_STRIDE.0)
             .map(|start| x.narrow(1, start, VAE_STRIDE.0));
         let features = self.encode_chunks(&x.narrow(1, 0, 1)?, chunks, FeatureCache::default())?;
-        self.normalised_mean(&features.0)
+        self.latent.normalised_mean(&features.0)
     }
 
     /// Encodes `image` `[B, 3, 1, H, W]` in [-1, 1] followed by `frames − 1` zero frames, the
@@ -246,18 +225,18 @@ impl WanVae {
                 got: image.dims().to_vec(),
             });
         }
-        let x = to_time_major(&image.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let x = self.latent.time_major_input(image)?;
         let zeros = Tensor::zeros(
             (batch, VAE_STRIDE.0, channels, height, width),
-            self.dtype,
-            &self.device,
+            self.latent.dtype(),
+            self.latent.device(),
         )?;
         let chunks = (1..frames.get())
             .step_by(VAE_STRIDE.0)
             .map(|_| Ok(zeros.clone()));
         let cache = FeatureCache::reusing_steady_frames();
         let (features, reused) = self.encode_chunks(&x, chunks, cache)?;
-        Ok((self.normalised_mean(&features)?, reused))
+        Ok((self.latent.normalised_mean(&features)?, reused))
     }
 
     /// Streams `first` (one frame) and then each chunk of `rest` through the encoder:
@@ -280,22 +259,11 @@ impl WanVae {
     /// length. For tests.
     pub fn encode_reference(&self, video: &Tensor) -> Result<Tensor> {
         self.check_video(video)?;
-        let x = to_time_major(&video.to_device(&self.device)?.to_dtype(self.dtype)?)?;
+        let x = self.latent.time_major_input(video)?;
         let features = self
             .encoder
             .forward_chunk(&x, &mut FeatureCache::whole_sequence())?;
-        self.normalised_mean(&features)
-    }
-
-    /// The encoder output `[B, T, 2z, h, w]` → normalised μ `[B, z, T, h, w]`.
-    fn normalised_mean(&self, features: &Tensor) -> Result<Tensor> {
-        let moments = self.quant_conv.forward(features, None)?;
-        let mean = moments.narrow(2, 0, self.cfg.z_dim)?;
-        // Upstream multiplies by 1/std rather than dividing by std.
-        let normalised = mean
-            .broadcast_sub(&self.latent_mean)?
-            .broadcast_mul(&self.latent_std.recip()?)?;
-        to_channel_major(&normalised)
+        self.latent.normalised_mean(&features)
     }
 
     /// Decodes a normalised latent `[B, z, T, h, w]` to a video `[B, 3, 4(T−1)+1, 8h, 8w]`
@@ -324,60 +292,29 @@ impl WanVae {
     }
 
     fn collect_chunks(&self, latent: &Tensor, clamp: bool) -> Result<Tensor> {
-        let mut chunks = Vec::new();
-        self.decode_chunks(latent, clamp, |decoded| {
-            chunks.push(decoded.frames);
-            Ok(())
-        })?;
-        Ok(Tensor::cat(&chunks, 2)?)
+        collect_frames(|on_frames| self.decode_chunks(latent, clamp, on_frames))
     }
 
     /// The reference twin of [`WanVae::decode_unclamped`]: all latent frames in one pass
     /// through the sequence-equivalent form of every streaming rule. Same result; memory grows
     /// with the length. For tests.
     pub fn decode_reference(&self, latent: &Tensor) -> Result<Tensor> {
-        let x = self.decoder_input(latent)?;
+        let x = self.latent.decoder_input(latent)?;
         let video = self
             .decoder
             .forward_chunk(&x, &mut FeatureCache::whole_sequence())?;
         to_channel_major(&video)
     }
 
-    /// Denormalises a latent `[B, z, T, h, w]` and applies `conv2`: `[B, T, z, h, w]`.
-    fn decoder_input(&self, latent: &Tensor) -> Result<Tensor> {
-        self.check_latent(latent)?;
-        let z = to_time_major(&latent.to_device(&self.device)?.to_dtype(self.dtype)?)?;
-        // Upstream divides by 1/std rather than multiplying by std.
-        let z = z
-            .broadcast_div(&self.latent_std.recip()?)?
-            .broadcast_add(&self.latent_mean)?;
-        self.post_quant_conv.forward(&z, None)
-    }
-
     fn decode_chunks(
         &self,
         latent: &Tensor,
         clamp: bool,
-        mut on_frames: impl FnMut(DecodedFrames) -> Result<()>,
+        on_frames: impl FnMut(DecodedFrames) -> Result<()>,
     ) -> Result<()> {
-        let x = self.decoder_input(latent)?;
         let mut cache = FeatureCache::default();
-        let mut first_frame = 0;
-        for t in 0..x.dim(1)? {
-            let mut frames = self
-                .decoder
-                .forward_chunk(&x.narrow(1, t, 1)?, &mut cache)?;
-            if clamp {
-                frames = frames.clamp(-1f32, 1f32)?;
-            }
-            let count = frames.dim(1)?;
-            on_frames(DecodedFrames {
-                first_frame,
-                frames: to_channel_major(&frames)?,
-            })?;
-            first_frame += count;
-        }
-        Ok(())
+        let decode_frame = |frame: &Tensor, _| self.decoder.forward_chunk(frame, &mut cache);
+        stream_decode(&self.latent, latent, clamp, decode_frame, on_frames)
     }
 
     fn check_video(&self, video: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
@@ -400,20 +337,6 @@ impl WanVae {
         }
         FrameCount::new(frames)?;
         Ok(dims)
-    }
-
-    fn check_latent(&self, latent: &Tensor) -> Result<()> {
-        let z_dim = self.cfg.z_dim;
-        let valid = matches!(latent.dims5(), Ok((b, c, t, h, w)) if b > 0 && c == z_dim && t > 0 && h > 0 && w > 0);
-        if valid {
-            Ok(())
-        } else {
-            Err(Error::Shape {
-                what: "VAE latent".into(),
-                expected: format!("[B, {z_dim}, T, h, w], all positive"),
-                got: latent.dims().to_vec(),
-            })
-        }
     }
 }
 

@@ -124,7 +124,7 @@ impl WanVae {
         halo: usize,
     ) -> Result<Tensor> {
         let tiling = VaeTiling::new(tiling.height, tiling.width)?;
-        let x = self.decoder_input(latent)?;
+        let x = self.latent.decoder_input(latent)?;
         let middle = self.decode_middle(&x)?;
         let (_, _, _, height, width) = x.dims5()?;
         let scale = self.cfg.spatial_stride();

@@ -197,37 +197,115 @@ impl<A: Attention> SelfAttention<A> {
     }
 }
 
-/// `cross_attn`: dense attention of the video tokens over the (padded, unmasked) text tokens.
+/// What the cross-attention attends to: the embedded text (`[1, text_len, D]`) and, for the
+/// Wan2.1 I2V / FLF2V models, the embedded CLIP tokens (`[1, N, D]`). Upstream prepends the
+/// image tokens to the text and splits them again in every block; keeping them apart is the
+/// same computation.
+#[derive(Debug, Clone)]
+pub(crate) struct CrossContext {
+    pub(crate) text: Tensor,
+    pub(crate) image: Option<Tensor>,
+}
+
+/// `k_img`, `v_img` and `norm_k_img` of a Wan2.1 I2V / FLF2V cross-attention.
+#[derive(Debug, Clone)]
+struct ImageKeyValue {
+    k_img: Linear,
+    v_img: Linear,
+    norm_k_img: RmsNorm,
+}
+
+/// `cross_attn`: dense attention of the video tokens over the (padded, unmasked) text tokens,
+/// plus, for Wan2.1 I2V / FLF2V, a second attention of the same queries over the image tokens,
+/// summed with the first before the output projection.
 #[derive(Debug, Clone)]
 pub(crate) struct CrossAttention {
     proj: Projections,
+    image: Option<ImageKeyValue>,
     attention: DenseAttention,
 }
 
 impl CrossAttention {
     pub(crate) fn load(vb: VarBuilder, cfg: &WanConfig, quant_linear: QuantPolicy) -> Result<Self> {
+        let d = cfg.dim;
+        let image = if cfg.model_type.uses_clip() {
+            Some(ImageKeyValue {
+                k_img: block_linear(vb.pp("k_img"), d, d, quant_linear)?,
+                v_img: block_linear(vb.pp("v_img"), d, d, quant_linear)?,
+                norm_k_img: RmsNorm::load(vb.pp("norm_k_img"), d, cfg.eps)?,
+            })
+        } else {
+            None
+        };
         Ok(Self {
             proj: Projections::load(&vb, cfg, quant_linear)?,
+            image,
             attention: DenseAttention::default(),
         })
     }
 
-    pub(crate) fn linears(&self) -> [&Linear; 4] {
-        self.proj.linears()
+    /// q, k, v, o, then `k_img` and `v_img` when present.
+    pub(crate) fn linears(&self) -> Vec<&Linear> {
+        let mut linears = self.proj.linears().to_vec();
+        if let Some(image) = &self.image {
+            linears.extend([&image.k_img, &image.v_img]);
+        }
+        linears
     }
 
-    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 4] {
-        self.proj.linears_mut()
+    pub(crate) fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut linears: Vec<&mut Linear> = self.proj.linears_mut().into_iter().collect();
+        if let Some(image) = &mut self.image {
+            linears.extend([&mut image.k_img, &mut image.v_img]);
+        }
+        linears
     }
 
     pub(crate) fn lora_slots(&mut self, prefix: &str) -> Vec<(String, Slot<'_>)> {
-        self.proj.lora_slots(prefix)
+        let mut slots = self.proj.lora_slots(prefix);
+        if let Some(image) = &mut self.image {
+            slots.extend([
+                (format!("{prefix}.k_img"), Slot::Block(&mut image.k_img)),
+                (format!("{prefix}.v_img"), Slot::Block(&mut image.v_img)),
+                (
+                    format!("{prefix}.norm_k_img"),
+                    Slot::Tensor(&mut image.norm_k_img.weight),
+                ),
+            ]);
+        }
+        slots
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Unbiased<'_>> {
+    pub(crate) fn forward(&self, x: &Tensor, context: &CrossContext) -> Result<Unbiased<'_>> {
         let q = self.proj.query(x, None)?;
-        let k = self.proj.key(context, None)?;
-        let v = self.proj.value(context)?;
-        self.proj.output(&self.attention.forward(&q, &k, &v)?)
+        let k = self.proj.key(&context.text, None)?;
+        let v = self.proj.value(&context.text)?;
+        let mut attended = self.attention.forward(&q, &k, &v)?;
+        drop((k, v));
+        match (&self.image, &context.image) {
+            (Some(branch), Some(image)) => {
+                let k = self
+                    .proj
+                    .normed(&branch.k_img, &branch.norm_k_img, image, None)?;
+                let v = self.proj.split_heads(&branch.v_img.forward(image)?)?;
+                attended = (attended + self.attention.forward(&q, &k, &v)?)?;
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(turbo_core::Error::Shape {
+                    what: "CLIP image context of a Wan2.1 I2V / FLF2V cross-attention".into(),
+                    expected: "embedded image tokens".into(),
+                    got: vec![],
+                })
+            }
+            (None, Some(image)) => {
+                return Err(turbo_core::Error::Shape {
+                    what: "CLIP image context given to a model without `k_img` / `v_img`".into(),
+                    expected: "no image tokens".into(),
+                    got: image.dims().to_vec(),
+                })
+            }
+        }
+        self.proj.output(&attended)
     }
 }

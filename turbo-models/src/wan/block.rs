@@ -4,7 +4,7 @@ use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::Result;
 use turbo_quant::Linear;
 
-use super::attention::{CrossAttention, SelfAttention, Unbiased};
+use super::attention::{CrossAttention, CrossContext, SelfAttention, Unbiased};
 use super::fused;
 use super::rope::Rope3d;
 use super::{block_linear, QuantPolicy, WanConfig};
@@ -55,6 +55,52 @@ pub(crate) fn modulate(
         "modulation follows a plain LayerNorm"
     );
     fused::layer_norm_affine(x, Some(&(scale + 1.0)?), Some(shift), norm.eps, out_dtype)
+}
+
+/// Consecutive tokens that share one timestep, with its time embedding.
+#[derive(Debug, Clone)]
+pub(crate) struct TimeRun {
+    pub(crate) tokens: usize,
+    /// `[1, D]` f32: the raw time embedding (the head's modulation input).
+    pub(crate) e: Tensor,
+    /// `[1, 6, D]` f32: the time projection (the blocks' modulation input).
+    pub(crate) e0: Tensor,
+}
+
+/// The time embeddings of a forward, as runs of consecutive tokens in token order.
+///
+/// Wan2.2's per-token timesteps (`spec/wan-model.md` §2.6) give every token its own modulation;
+/// upstream materialises `e0` as `[L, 6, D]` (2 GB in f32 for TI2V-5B at 720p). The timesteps
+/// of every released use are constant over long runs (TI2V holds the image's latent frame, a
+/// prefix of the tokens, at 0), so each run is modulated with its own `[1, 1, D]` vectors:
+/// one run is exactly the Wan2.1 computation, two cost one extra copy of the rows.
+#[derive(Debug, Clone)]
+pub(crate) struct TimeRuns(pub(crate) Vec<TimeRun>);
+
+impl TimeRuns {
+    /// `f(i, rows)` on the rows `[1, tokens, ..]` of each run `i` taken from every tensor of
+    /// `xs` (all `[1, L, ..]`), the results joined along the tokens.
+    pub(crate) fn per_run(
+        &self,
+        xs: &[&Tensor],
+        f: impl Fn(usize, &[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if self.0.len() == 1 {
+            let whole: Vec<Tensor> = xs.iter().map(|x| (*x).clone()).collect();
+            return f(0, &whole);
+        }
+        let mut start = 0;
+        let mut parts = Vec::with_capacity(self.0.len());
+        for (i, run) in self.0.iter().enumerate() {
+            let rows = xs
+                .iter()
+                .map(|x| Ok(x.narrow(1, start, run.tokens)?))
+                .collect::<Result<Vec<_>>>()?;
+            parts.push(f(i, &rows)?);
+            start += run.tokens;
+        }
+        Ok(Tensor::cat(&parts, 1)?)
+    }
 }
 
 /// Tokens per pass of the FFN: at 16 384 the 14B's hidden state of a pass is 0.45 GB in bf16
@@ -180,31 +226,45 @@ impl<A: Attention> WanBlock<A> {
         self.self_attn.set_topk(topk)
     }
 
-    /// `x` `[1, L, D]` f32 residual stream; `e0` `[1, 6, D]`; `context` `[1, text_len, D]`.
+    /// `x` `[1, L, D]` f32 residual stream; `time` the runs of its timesteps; `context` the
+    /// embedded text `[1, text_len, D]` (and CLIP tokens).
     pub(crate) fn forward(
         &self,
         x: &Tensor,
-        e0: &Tensor,
-        context: &Tensor,
+        time: &TimeRuns,
+        context: &CrossContext,
         rope: &Rope3d,
     ) -> Result<Tensor> {
         // Each temporary is dropped as soon as it is used (a shadowed binding would live to
         // the end of the function): at 720p a residual stream is 1.5 GB, a bf16 copy 0.8 GB.
-        let dtype = context.dtype();
-        let m = (self.modulation.broadcast_add(e0))?.chunk(6, 1)?;
-        let attended = self
-            .self_attn
-            .forward(modulate(&self.norm, x, &m[0], &m[1], dtype)?, rope)?;
-        let after_self = fused::gated_residual(x, &attended.y, attended.bias, Some(&m[2]))?;
+        let dtype = context.text.dtype();
+        // The six modulation chunks `[1, 1, D]` of each run, in run order.
+        let m = time
+            .0
+            .iter()
+            .map(|run| Ok(self.modulation.broadcast_add(&run.e0)?.chunk(6, 1)?))
+            .collect::<Result<Vec<_>>>()?;
+        let modulated = |x: &Tensor, shift: usize, scale: usize| {
+            time.per_run(&[x], |i, rows| {
+                let m = &m[i];
+                modulate(&self.norm, &rows[0], &m[shift], &m[scale], dtype)
+            })
+        };
+        let gated = |x: &Tensor, branch: &Unbiased<'_>, gate: usize| {
+            time.per_run(&[x, &branch.y], |i, rows| {
+                let m = &m[i];
+                fused::gated_residual(&rows[0], &rows[1], branch.bias, Some(&m[gate]))
+            })
+        };
+        let attended = self.self_attn.forward(modulated(x, 0, 1)?, rope)?;
+        let after_self = gated(x, &attended, 2)?;
         drop(attended);
         let attended = self
             .cross_attn
             .forward(&self.norm3.forward(&after_self, dtype)?, context)?;
         let after_cross = fused::gated_residual(&after_self, &attended.y, attended.bias, None)?;
         drop((attended, after_self));
-        let ffn = self
-            .ffn
-            .forward(&modulate(&self.norm, &after_cross, &m[3], &m[4], dtype)?)?;
-        fused::gated_residual(&after_cross, &ffn.y, ffn.bias, Some(&m[5]))
+        let ffn = self.ffn.forward(&modulated(&after_cross, 3, 4)?)?;
+        gated(&after_cross, &ffn, 5)
     }
 }

@@ -29,6 +29,8 @@ pub struct DitCheckpointInfo {
     pub quantized_linears: usize,
     /// Prefix before every key (`model.diffusion_model.` in ComfyUI repacks), or empty.
     pub prefix: String,
+    /// The CLIP image projection `img_emb` is present (Wan2.1 I2V / FLF2V).
+    pub has_img_emb: bool,
 }
 
 impl DitCheckpointInfo {
@@ -74,6 +76,9 @@ impl DitCheckpointInfo {
                 .tensors()
                 .filter(|t| t.name.ends_with(".int8_weight"))
                 .count(),
+            has_img_emb: checkpoint
+                .get(&format!("{prefix}img_emb.proj.0.weight"))
+                .is_some(),
             prefix,
         })
     }
@@ -83,8 +88,9 @@ impl<A: LoadAttention> WanModel<A> {
     /// Loads a DiT from `path` (a `.pth`, a `.safetensors` file, a sharded folder or its
     /// `*.index.json`), with weights in `dtype` on `device`.
     ///
-    /// The configuration is `cfg` when given, else the `config.json` beside the weights. The
-    /// layout is detected from the keys. Before anything is allocated, the file's tensor list
+    /// The configuration is `cfg` when given, else the `config.json` beside the weights (whose
+    /// `"i2v"` is Wan2.1's CLIP model when the file holds `img_emb`, see
+    /// [`WanConfig::with_image_embedding`]). The layout is detected from the keys. Before anything is allocated, the file's tensor list
     /// is checked against what `cfg` and `attention` need: every missing key, unexpected key and
     /// wrong shape is reported at once, with the file name.
     ///
@@ -220,7 +226,8 @@ impl<A: LoadAttention> WanModel<A> {
                     &checkpoint,
                     "no model config given and no config.json beside the weights",
                 )
-            })?)?,
+            })?)?
+            .with_image_embedding(info.has_img_emb),
         };
         checkpoint.expect_keys(&expected_keys::<A>(&cfg, &info, attention))?;
         Ok((checkpoint, info, cfg))

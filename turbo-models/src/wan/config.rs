@@ -3,13 +3,54 @@ use std::path::Path;
 use serde_json::Value;
 use turbo_core::{Error, Result};
 
-/// What a Wan DiT is conditioned on, which fixes its input channels.
+/// Width of the CLIP ViT-H/14 tokens the Wan2.1 I2V / FLF2V models embed (`img_emb`): upstream
+/// builds `MLPProj(1280, dim)` whatever the model size.
+pub const CLIP_DIM: usize = 1280;
+
+/// Mask channels of the image-to-video condition (`spec/wan-model.md` §5.1): latent frame 0
+/// (and for FLF2V the last) marked in four channels, one per folded pixel frame.
+pub const MASK_CHANNELS: usize = 4;
+
+/// What a Wan DiT is conditioned on, which fixes its input channels and its extra modules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ModelType {
     /// Text to video: the input is the noisy latent alone.
     T2v,
     /// Wan2.2 image to video (no CLIP): the input is `cat[x, mask(4), image latent(16)]`.
     I2v,
+    /// Wan2.1 image to video: the input of [`ModelType::I2v`], plus the CLIP tokens of the image
+    /// embedded by `img_emb` and attended by a `k_img` / `v_img` branch of every cross-attention.
+    /// Its `config.json` says `"i2v"` as Wan2.2's does: the checkpoint's `img_emb` tells them
+    /// apart ([`WanConfig::with_image_embedding`]).
+    I2vClip,
+    /// Wan2.1 first-last-frame to video: [`ModelType::I2vClip`] over the CLIP tokens of both
+    /// frames, with the learned position embedding `img_emb.emb_pos` added before `img_emb`.
+    Flf2v,
+    /// Wan2.2 TI2V-5B, text or text + image: the input is the latent alone (48 channels, the
+    /// Wan2.2 VAE's); in image mode the image's latent frame is held at t = 0 by per-token
+    /// timesteps instead of a mask.
+    Ti2v,
+}
+
+impl ModelType {
+    /// Whether the model embeds CLIP image tokens (`img_emb`, `k_img` / `v_img`).
+    pub fn uses_clip(self) -> bool {
+        matches!(self, Self::I2vClip | Self::Flf2v)
+    }
+
+    /// Whether the input carries the mask + image latent channels after the noisy latent.
+    pub fn has_image_channels(self) -> bool {
+        matches!(self, Self::I2v | Self::I2vClip | Self::Flf2v)
+    }
+
+    /// `in_dim` for a model of this type whose latent has `out_dim` channels.
+    pub fn in_dim(self, out_dim: usize) -> usize {
+        if self.has_image_channels() {
+            out_dim + MASK_CHANNELS + out_dim
+        } else {
+            out_dim
+        }
+    }
 }
 
 /// The shape of a Wan DiT (`spec/wan-model.md` §2–3). Every dimension is a field, so the tiny
@@ -42,6 +83,11 @@ impl WanConfig {
         num_layers: usize,
         model_type: ModelType,
     ) -> Self {
+        // The Wan2.1 VAE's 16 latent channels, or the Wan2.2 VAE's 48 for TI2V-5B.
+        let out_dim = match model_type {
+            ModelType::Ti2v => 48,
+            _ => 16,
+        };
         Self {
             model_type,
             dim,
@@ -49,11 +95,8 @@ impl WanConfig {
             freq_dim: 256,
             text_dim: 4096,
             text_len: 512,
-            in_dim: match model_type {
-                ModelType::T2v => 16,
-                ModelType::I2v => 36,
-            },
-            out_dim: 16,
+            in_dim: model_type.in_dim(out_dim),
+            out_dim,
             num_heads,
             num_layers,
             eps: 1e-6,
@@ -73,6 +116,37 @@ impl WanConfig {
     /// One expert of Wan2.2 I2V-A14B (both experts share it).
     pub fn wan22_i2v_a14b() -> Self {
         Self::released(5120, 13824, 40, 40, ModelType::I2v)
+    }
+
+    /// Wan2.1 I2V-14B, 480P and 720P (same architecture, different weights): CLIP + mask and
+    /// image latent.
+    pub fn wan21_i2v_14b() -> Self {
+        Self::released(5120, 13824, 40, 40, ModelType::I2vClip)
+    }
+
+    /// Wan2.1 FLF2V-14B-720P: CLIP tokens of the first and last frames.
+    pub fn wan21_flf2v_14b() -> Self {
+        Self::released(5120, 13824, 40, 40, ModelType::Flf2v)
+    }
+
+    /// One expert of Wan2.2 T2V-A14B (`high_noise_model/` and `low_noise_model/` share it).
+    pub fn wan22_t2v_a14b() -> Self {
+        Self::released(5120, 13824, 40, 40, ModelType::T2v)
+    }
+
+    /// Wan2.2 TI2V-5B: 48 latent channels in and out, per-token timesteps in image mode.
+    pub fn wan22_ti2v_5b() -> Self {
+        Self::released(3072, 14336, 24, 30, ModelType::Ti2v)
+    }
+
+    /// The configuration a checkpoint calls `"i2v"` in its `config.json`, told apart by its
+    /// tensors: with `img_emb` it is Wan2.1 I2V ([`ModelType::I2vClip`]), without it Wan2.2's
+    /// I2V expert. Other types are returned unchanged.
+    pub fn with_image_embedding(mut self, has_img_emb: bool) -> Self {
+        if self.model_type == ModelType::I2v && has_img_emb {
+            self.model_type = ModelType::I2vClip;
+        }
+        self
     }
 
     pub fn head_dim(&self) -> usize {
@@ -118,10 +192,7 @@ impl WanConfig {
                 format!("{} must be even (cos and sin halves)", self.freq_dim),
             );
         }
-        let expected_in = match self.model_type {
-            ModelType::T2v => self.out_dim,
-            ModelType::I2v => self.out_dim + 4 + self.out_dim,
-        };
+        let expected_in = self.model_type.in_dim(self.out_dim);
         if self.in_dim != expected_in {
             return invalid(
                 "in_dim",
@@ -176,10 +247,14 @@ impl WanConfig {
         let model_type = match field("model_type")?.as_str() {
             Some("t2v") => ModelType::T2v,
             Some("i2v") => ModelType::I2v,
+            Some("flf2v") => ModelType::Flf2v,
+            Some("ti2v") => ModelType::Ti2v,
             other => {
                 return Err(Error::InvalidConfig {
                     field: "model_type".into(),
-                    reason: format!("{other:?} is not supported (expected \"t2v\" or \"i2v\")"),
+                    reason: format!(
+                    "{other:?} is not supported (expected \"t2v\", \"i2v\", \"flf2v\" or \"ti2v\")"
+                ),
                 })
             }
         };
@@ -216,6 +291,10 @@ mod tests {
             WanConfig::wan21_t2v_1_3b(),
             WanConfig::wan21_t2v_14b(),
             WanConfig::wan22_i2v_a14b(),
+            WanConfig::wan21_i2v_14b(),
+            WanConfig::wan21_flf2v_14b(),
+            WanConfig::wan22_t2v_a14b(),
+            WanConfig::wan22_ti2v_5b(),
         ] {
             cfg.validate().unwrap();
             assert_eq!(cfg.head_dim(), 128);
@@ -230,6 +309,35 @@ mod tests {
         assert_eq!(
             WanConfig::from_json(text).unwrap(),
             WanConfig::wan21_t2v_1_3b()
+        );
+    }
+
+    #[test]
+    fn parses_the_wan22_ti2v_and_wan21_image_configs() {
+        let ti2v = r#"{"_class_name":"WanModel","model_type":"ti2v","dim":3072,"eps":1e-06,
+            "ffn_dim":14336,"freq_dim":256,"in_dim":48,"num_heads":24,"num_layers":30,
+            "out_dim":48,"text_len":512}"#;
+        assert_eq!(
+            WanConfig::from_json(ti2v).unwrap(),
+            WanConfig::wan22_ti2v_5b()
+        );
+        let i2v = r#"{"model_type":"i2v","dim":5120,"eps":1e-06,"ffn_dim":13824,
+            "freq_dim":256,"in_dim":36,"num_heads":40,"num_layers":40,"out_dim":16,
+            "text_len":512}"#;
+        let parsed = WanConfig::from_json(i2v).unwrap();
+        assert_eq!(parsed, WanConfig::wan22_i2v_a14b());
+        assert_eq!(
+            parsed.clone().with_image_embedding(true),
+            WanConfig::wan21_i2v_14b()
+        );
+        assert_eq!(
+            parsed.clone().with_image_embedding(false),
+            WanConfig::wan22_i2v_a14b()
+        );
+        let flf2v = i2v.replace("\"i2v\"", "\"flf2v\"");
+        assert_eq!(
+            WanConfig::from_json(&flf2v).unwrap(),
+            WanConfig::wan21_flf2v_14b()
         );
     }
 

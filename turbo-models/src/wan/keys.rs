@@ -4,13 +4,17 @@ use candle_core::DType;
 use turbo_attention::LoadAttention;
 use turbo_core::PATCH_SIZE;
 
+use super::config::CLIP_DIM;
 use super::embeddings::{PatchLayout, PATCH_VOLUME};
 use super::model::ATTENTION_WEIGHTS;
 use super::WanConfig;
 
+/// FLF2V's `img_emb.emb_pos` tokens in the release: 257 CLIP tokens of each of two frames.
+pub const FLF2V_CLIP_TOKENS: usize = 2 * 257;
+
 /// The linears of each block, under `blocks.N.`: those `quant_linear` quantises (never
-/// `proj_l`).
-pub(crate) const BLOCK_LINEARS: [&str; 10] = [
+/// `proj_l`). `k_img` / `v_img` exist only in the Wan2.1 I2V / FLF2V models.
+pub(crate) const BLOCK_LINEARS: [&str; 12] = [
     "self_attn.q",
     "self_attn.k",
     "self_attn.v",
@@ -19,6 +23,8 @@ pub(crate) const BLOCK_LINEARS: [&str; 10] = [
     "cross_attn.k",
     "cross_attn.v",
     "cross_attn.o",
+    "cross_attn.k_img",
+    "cross_attn.v_img",
     "ffn.0",
     "ffn.2",
 ];
@@ -35,7 +41,8 @@ pub struct TensorSpec {
 /// `patch` and the self-attention backend `A` configured by `attention`, given the compute dtype
 /// of the block linears. Float32 islands (time embedding, modulation, norms, head, `proj_l`)
 /// are listed as `F32`. The block linears are listed in float; [`int8_block_linears`] turns the
-/// list into that of a `-quant` checkpoint.
+/// list into that of a `-quant` checkpoint. FLF2V's `img_emb.emb_pos` is listed with the
+/// release's [`FLF2V_CLIP_TOKENS`] (the loader takes the file's count).
 pub fn expected_tensors<A: LoadAttention>(
     cfg: &WanConfig,
     patch: PatchLayout,
@@ -70,6 +77,15 @@ pub fn expected_tensors<A: LoadAttention>(
                 );
             }
         }
+        if cfg.model_type.uses_clip() {
+            specs.linear(&format!("{block}.cross_attn.k_img"), d, d, compute);
+            specs.linear(&format!("{block}.cross_attn.v_img"), d, d, compute);
+            specs.push(
+                &format!("{block}.cross_attn.norm_k_img.weight"),
+                vec![d],
+                DType::F32,
+            );
+        }
         for (name, shape) in A::weights(cfg.head_dim(), attention) {
             specs.push(
                 &format!("{block}.{ATTENTION_WEIGHTS}.{name}"),
@@ -84,6 +100,21 @@ pub fn expected_tensors<A: LoadAttention>(
     }
     specs.push("head.modulation", vec![1, 2, d], DType::F32);
     specs.linear("head.head", d, cfg.out_dim * PATCH_VOLUME, DType::F32);
+    if cfg.model_type.uses_clip() {
+        specs.push("img_emb.proj.0.weight", vec![CLIP_DIM], DType::F32);
+        specs.push("img_emb.proj.0.bias", vec![CLIP_DIM], DType::F32);
+        specs.linear("img_emb.proj.1", CLIP_DIM, CLIP_DIM, compute);
+        specs.linear("img_emb.proj.3", CLIP_DIM, d, compute);
+        specs.push("img_emb.proj.4.weight", vec![d], DType::F32);
+        specs.push("img_emb.proj.4.bias", vec![d], DType::F32);
+        if cfg.model_type == super::ModelType::Flf2v {
+            specs.push(
+                "img_emb.emb_pos",
+                vec![1, FLF2V_CLIP_TOKENS, CLIP_DIM],
+                DType::F32,
+            );
+        }
+    }
     specs.0
 }
 

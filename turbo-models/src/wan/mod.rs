@@ -1,4 +1,5 @@
-//! The Wan DiT (`WanModel`): Wan2.1 T2V 1.3B / 14B and the Wan2.2 I2V A14B experts
+//! The Wan DiT (`WanModel`): Wan2.1 T2V 1.3B / 14B, Wan2.1 I2V-14B and FLF2V-14B (with CLIP
+//! image tokens), the Wan2.2 T2V / I2V A14B experts and Wan2.2 TI2V-5B (per-token timesteps)
 //! (`spec/wan-model.md` §2, `spec/turbodiffusion.md` §4 and §9).
 
 mod attention;
@@ -7,6 +8,7 @@ mod checkpoint;
 mod config;
 mod embeddings;
 pub mod fused;
+mod image_embedding;
 mod keys;
 mod model;
 mod rope;
@@ -17,10 +19,12 @@ pub use turbo_quant::QuantPolicy;
 
 pub use block::FFN_TOKENS_PER_PASS;
 pub use checkpoint::DitCheckpointInfo;
-pub use config::{ModelType, WanConfig};
+pub use config::{ModelType, WanConfig, CLIP_DIM, MASK_CHANNELS};
 pub use embeddings::PatchLayout;
-pub use keys::{block_linear_of, expected_tensors, int8_block_linears, TensorSpec};
-pub use model::{CheckpointLayout, DitCondition, WanModel};
+pub use keys::{
+    block_linear_of, expected_tensors, int8_block_linears, TensorSpec, FLF2V_CLIP_TOKENS,
+};
+pub use model::{CheckpointLayout, DitCondition, TokenTimesteps, WanModel};
 
 /// A Linear with bias, `[out, in]` weight, read from `vb` in `vb`'s dtype.
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {

@@ -3,11 +3,13 @@ use candle_nn::{Linear, Module, VarBuilder};
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::{Denoiser, Error, Result, Timestep, PATCH_SIZE};
 
-use super::block::{modulate, LayerNorm, WanBlock};
+use super::attention::CrossContext;
+use super::block::{modulate, LayerNorm, TimeRun, TimeRuns, WanBlock};
 use super::embeddings::{PatchEmbedding, PatchLayout, TextEmbedding, TimeEmbedding, PATCH_VOLUME};
+use super::image_embedding::ImageEmbedding;
 use super::keys::BLOCK_LINEARS;
 use super::rope::Rope3d;
-use super::{linear, ModelType, QuantPolicy, WanConfig};
+use super::{linear, QuantPolicy, WanConfig};
 use crate::lora::{LoraMode, LoraSummary, ScaledLora, Slot, Unadapted};
 
 /// The largest model time (`1000 · s` at s = 1, pure noise).
@@ -50,15 +52,17 @@ impl Head {
         ]
     }
 
-    /// `x` `[1, L, D]` f32 and the raw time embedding `e` `[1, D]` (no SiLU) → `[1, L, 4·C]`.
-    fn forward(&self, x: &Tensor, e: &Tensor) -> Result<Tensor> {
-        let m = self
-            .modulation
-            .broadcast_add(&e.unsqueeze(1)?)?
-            .chunk(2, 1)?;
-        Ok(self
-            .proj
-            .forward(&modulate(&self.norm, x, &m[0], &m[1], DType::F32)?)?)
+    /// `x` `[1, L, D]` f32 and each run's raw time embedding `e` `[1, D]` (no SiLU) →
+    /// `[1, L, 4·C]`.
+    fn forward(&self, x: &Tensor, time: &TimeRuns) -> Result<Tensor> {
+        let modulated = time.per_run(&[x], |i, rows| {
+            let m = self
+                .modulation
+                .broadcast_add(&time.0[i].e.unsqueeze(1)?)?
+                .chunk(2, 1)?;
+            modulate(&self.norm, &rows[0], &m[0], &m[1], DType::F32)
+        })?;
+        Ok(self.proj.forward(&modulated)?)
     }
 }
 
@@ -78,6 +82,8 @@ pub struct WanModel<A = Box<dyn Attention>> {
     patch_embedding: PatchEmbedding,
     time_embedding: TimeEmbedding,
     text_embedding: TextEmbedding,
+    /// `img_emb` of the Wan2.1 I2V / FLF2V models.
+    image_embedding: Option<ImageEmbedding>,
     blocks: Vec<WanBlock<A>>,
     head: Head,
     /// The base values of the modules [`WanModel::set_loras`] has changed.
@@ -134,6 +140,11 @@ impl<A: LoadAttention> WanModel<A> {
             patch_embedding,
             time_embedding: TimeEmbedding::load(f32_vb.clone(), cfg)?,
             text_embedding: TextEmbedding::load(vb.pp("text_embedding"), cfg)?,
+            image_embedding: cfg
+                .model_type
+                .uses_clip()
+                .then(|| ImageEmbedding::load(vb.pp("img_emb"), cfg))
+                .transpose()?,
             blocks,
             head: Head::load(f32_vb.pp("head"), cfg)?,
             unadapted: Unadapted::default(),
@@ -211,6 +222,9 @@ impl<A> WanModel<A> {
         let mut slots = self.text_embedding.lora_slots();
         slots.extend(self.time_embedding.lora_slots());
         slots.extend(self.head.lora_slots());
+        if let Some(image_embedding) = &mut self.image_embedding {
+            slots.extend(image_embedding.lora_slots());
+        }
         for (i, block) in self.blocks.iter_mut().enumerate() {
             slots.extend(block.lora_slots(&format!("blocks.{i}")));
         }
@@ -259,9 +273,10 @@ impl<A: Attention> WanModel<A> {
     }
 
     /// The flow-matching velocity for latent `x` `[C, F, H, W]` (C = `out_dim`) at model time `t`
-    /// (0..1000), conditioned on `context` `[L_text ≤ text_len, text_dim]` and, for the I2V
-    /// experts, on `condition` `[in_dim − C, F, H, W]` (mask and image latent). Returns f32
-    /// `[C, F, H, W]`.
+    /// (0..1000) for every token, conditioned on `context` `[L_text ≤ text_len, text_dim]` and,
+    /// for the I2V models, on `condition` `[in_dim − C, F, H, W]` (mask and image latent).
+    /// Returns f32 `[C, F, H, W]`. The Wan2.1 I2V / FLF2V models also need CLIP tokens: see
+    /// [`WanModel::forward_with`].
     ///
     /// A batched `x` (rank 5), `H` or `W` not even, `t` outside `[0, 1000]` (or not finite), or
     /// a context of another width or longer than `text_len` is a typed error naming the input
@@ -273,24 +288,72 @@ impl<A: Attention> WanModel<A> {
         context: &Tensor,
         condition: Option<&Tensor>,
     ) -> Result<Tensor> {
-        self.check_forward_inputs(x, t, context)?;
+        self.forward_with(x, &TokenTimesteps::Uniform(t), context, condition, None)
+    }
+
+    /// [`WanModel::forward`] with a timestep per token and the CLIP tokens of the Wan2.1 I2V /
+    /// FLF2V models: `clip` is `[1, N, 1280]` (I2V: 257 tokens of the image) or `[2, N, 1280]`
+    /// (FLF2V: the first and the last frame's), as [`crate::ClipVisionEncoder`] returns them.
+    /// Upstream's per-token timesteps (Wan2.2, `spec/wan-model.md` §2.6) are `timesteps`:
+    /// TI2V's image mode is [`TokenTimesteps::HeldFrames`].
+    ///
+    /// CLIP tokens for a model without `img_emb`, none for one with it, or per-token timesteps
+    /// that do not cover the tokens are typed errors, as are the inputs
+    /// [`WanModel::forward`] rejects.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        timesteps: &TokenTimesteps,
+        context: &Tensor,
+        condition: Option<&Tensor>,
+        clip: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        self.check_forward_inputs(x, context)?;
         let (_, frames, height, width) = x.dims4()?;
-        let input = self.model_input(x, condition)?;
         let (pt, ph, pw) = PATCH_SIZE;
         let grid = (frames / pt, height / ph, width / pw);
+        let runs = timesteps.runs(grid)?;
+        let input = self.model_input(x, condition)?;
         let tokens = self.patch_embedding.forward(&input)?.to_dtype(DType::F32)?;
-        let (e, e0) = self.time_embedding.forward(t, x.device())?;
-        let context = self.text_embedding.forward(context)?;
+        let time = TimeRuns(
+            runs.into_iter()
+                .map(|(tokens, t)| {
+                    let (e, e0) = self.time_embedding.forward(t, x.device())?;
+                    Ok(TimeRun { tokens, e, e0 })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        );
+        let text = self.text_embedding.forward(context)?;
+        let image = match (&self.image_embedding, clip) {
+            (Some(embedding), Some(clip)) => Some(embedding.forward(clip, text.dtype())?),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(Error::Shape {
+                    what: "CLIP image tokens of a Wan2.1 I2V / FLF2V model (`clip`)".into(),
+                    expected: format!("[1 or 2, N, {}]", super::CLIP_DIM),
+                    got: vec![],
+                })
+            }
+            (None, Some(clip)) => {
+                return Err(Error::Shape {
+                    what: "CLIP image tokens given to a model without `img_emb`".into(),
+                    expected: "no CLIP tokens".into(),
+                    got: clip.dims().to_vec(),
+                })
+            }
+        };
+        let context = CrossContext { text, image };
         let rope = Rope3d::new(grid, self.cfg.head_dim(), x.device())?;
         let hidden = self
             .blocks
             .iter()
-            .try_fold(tokens, |h, block| block.forward(&h, &e0, &context, &rope))?;
-        self.unpatchify(&self.head.forward(&hidden, &e)?, grid)
+            .try_fold(tokens, |h, block| block.forward(&h, &time, &context, &rope))?;
+        self.unpatchify(&self.head.forward(&hidden, &time)?, grid)
     }
 
-    /// The contract of [`WanModel::forward`], checked before any work.
-    fn check_forward_inputs(&self, x: &Tensor, t: f64, context: &Tensor) -> Result<()> {
+    /// The contract of [`WanModel::forward_with`] on `x` and `context`, checked before any
+    /// work.
+    fn check_forward_inputs(&self, x: &Tensor, context: &Tensor) -> Result<()> {
         let (_, ph, pw) = PATCH_SIZE;
         let unbatched = match x.dims() {
             &[_, _, h, w] => h % ph == 0 && w % pw == 0 && h > 0 && w > 0,
@@ -301,13 +364,6 @@ impl<A: Attention> WanModel<A> {
                 what: "DiT input latent `x` (one unbatched latent; H and W even)".into(),
                 expected: format!("[{}, F, H, W]", self.cfg.out_dim),
                 got: x.dims().to_vec(),
-            });
-        }
-        if !(0.0..=MAX_MODEL_TIME).contains(&t) {
-            return Err(Error::OutOfRange {
-                what: "DiT timestep `t`".into(),
-                value: t.to_string(),
-                expected: format!("model time in [0, {MAX_MODEL_TIME}] (1000 · s)"),
             });
         }
         match context.dims() {
@@ -332,17 +388,19 @@ impl<A: Attention> WanModel<A> {
                 got: x.dims().to_vec(),
             });
         }
-        match (self.cfg.model_type, condition) {
-            (ModelType::T2v, None) => Ok(x.clone()),
-            (ModelType::I2v, Some(y)) if y.dims() == [self.cfg.condition_channels(), f, h, w] => {
+        let image_channels = self.cfg.model_type.has_image_channels();
+        match (image_channels, condition) {
+            (false, None) => Ok(x.clone()),
+            (true, Some(y)) if y.dims() == [self.cfg.condition_channels(), f, h, w] => {
                 Ok(Tensor::cat(&[x, &y.to_dtype(x.dtype())?], 0)?)
             }
-            (ModelType::T2v, Some(y)) => Err(Error::Shape {
-                what: "I2V condition `y` given to a T2V model".into(),
+            (false, Some(y)) => Err(Error::Shape {
+                what: "I2V condition `y` given to a T2V / TI2V model (no mask or image channels)"
+                    .into(),
                 expected: "no condition".into(),
                 got: y.dims().to_vec(),
             }),
-            (ModelType::I2v, y) => Err(Error::Shape {
+            (true, y) => Err(Error::Shape {
                 what: "I2V condition `y` (mask and image latent)".into(),
                 expected: format!("[{}, {f}, {h}, {w}]", self.cfg.condition_channels()),
                 got: y.map(|y| y.dims().to_vec()).unwrap_or_default(),
@@ -362,14 +420,84 @@ impl<A: Attention> WanModel<A> {
     }
 }
 
-/// What a Wan DiT is conditioned on: the text encoder's output, and for the I2V experts the
-/// mask and image latent.
+/// The model time of each token of a forward (`spec/wan-model.md` §2.6), every value in
+/// `[0, 1000]`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenTimesteps {
+    /// Every token at one model time (Wan2.1, the A14B experts, TI2V text mode).
+    Uniform(f64),
+    /// TI2V image mode: the tokens of the first `frames` latent frames (the image's) at 0,
+    /// every other token at `t`: upstream's token mask, frame 0 held at t = 0.
+    HeldFrames { frames: usize, t: f64 },
+    /// One model time per token, in token order (f, h, w) of the patch grid
+    /// (`F · H/2 · W/2` values).
+    PerToken(Vec<f64>),
+}
+
+impl TokenTimesteps {
+    /// Per-token times from a tensor of `L` values (`[L]` or `[1, L]`, as upstream's `t`).
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let values = t.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        Ok(Self::PerToken(values))
+    }
+
+    /// Runs of consecutive tokens sharing a time, `(tokens, t)`, over the patch grid `grid`.
+    fn runs(&self, grid: (usize, usize, usize)) -> Result<Vec<(usize, f64)>> {
+        let (frames, h, w) = grid;
+        let tokens = frames * h * w;
+        let mut runs: Vec<(usize, f64)> = match self {
+            Self::Uniform(t) => vec![(tokens, *t)],
+            Self::HeldFrames { frames: held, t } => {
+                let held = (*held).min(frames) * h * w;
+                vec![(held, 0.0), (tokens - held, *t)]
+            }
+            Self::PerToken(values) => {
+                if values.len() != tokens {
+                    return Err(Error::Shape {
+                        what: "per-token DiT timesteps".into(),
+                        expected: format!("[{tokens}] (one per patch token, grid {grid:?})"),
+                        got: vec![values.len()],
+                    });
+                }
+                values.iter().map(|&t| (1, t)).collect()
+            }
+        };
+        if let Some(&(_, t)) = runs
+            .iter()
+            .find(|(_, t)| !(0.0..=MAX_MODEL_TIME).contains(t))
+        {
+            return Err(Error::OutOfRange {
+                what: "DiT timestep `t`".into(),
+                value: t.to_string(),
+                expected: format!("model time in [0, {MAX_MODEL_TIME}] (1000 · s)"),
+            });
+        }
+        runs.retain(|&(n, _)| n > 0);
+        runs.dedup_by(|next, run| {
+            let same = next.1 == run.1;
+            if same {
+                run.0 += next.0;
+            }
+            same
+        });
+        Ok(runs)
+    }
+}
+
+/// What a Wan DiT is conditioned on: the text encoder's output, for the I2V models the mask and
+/// image latent, for the Wan2.1 I2V / FLF2V models the CLIP tokens, and for TI2V's image mode
+/// the latent frames held at t = 0.
 #[derive(Debug, Clone)]
 pub struct DitCondition {
     /// `[L_text ≤ text_len, text_dim]`, trimmed to the real tokens.
     pub context: Tensor,
-    /// `[in_dim − out_dim, F, H, W]` for the I2V experts (mask(4) and image latent(16)).
+    /// `[in_dim − out_dim, F, H, W]` for the I2V models (mask(4) and image latent(16)).
     pub image: Option<Tensor>,
+    /// CLIP tokens `[1, N, 1280]` (Wan2.1 I2V) or `[2, N, 1280]` (FLF2V: first and last frame).
+    pub clip: Option<Tensor>,
+    /// Leading latent frames whose tokens run at t = 0 (TI2V image mode: 1; else 0). The
+    /// sampler re-imposes those frames' latent after every step.
+    pub held_frames: usize,
 }
 
 impl DitCondition {
@@ -378,6 +506,16 @@ impl DitCondition {
         Self {
             context,
             image: None,
+            clip: None,
+            held_frames: 0,
+        }
+    }
+
+    /// The timesteps of the tokens at model time `t`.
+    pub fn timesteps(&self, t: f64) -> TokenTimesteps {
+        match self.held_frames {
+            0 => TokenTimesteps::Uniform(t),
+            frames => TokenTimesteps::HeldFrames { frames, t },
         }
     }
 }
@@ -387,6 +525,12 @@ impl<A: Attention> Denoiser for WanModel<A> {
 
     /// Feeds the network `t.model_time` (the sampler decides its rounding).
     fn velocity(&self, x: &Tensor, t: Timestep, cond: &DitCondition) -> Result<Tensor> {
-        self.forward(x, t.model_time, &cond.context, cond.image.as_ref())
+        self.forward_with(
+            x,
+            &cond.timesteps(t.model_time),
+            &cond.context,
+            cond.image.as_ref(),
+            cond.clip.as_ref(),
+        )
     }
 }

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::golden::GoldenFile;
-use turbo_models::wan::{WanConfig, WanModel};
+use turbo_models::wan::{TokenTimesteps, WanConfig, WanModel};
 
 pub struct DitCase {
     pub file: GoldenFile,
@@ -20,7 +20,11 @@ pub struct DitCase {
 impl DitCase {
     pub fn open(name: &str) -> Self {
         let file = GoldenFile::open(name).unwrap();
-        let cfg = WanConfig::from_value(file.config()).unwrap();
+        // A Wan2.1 I2V file says "i2v" as a Wan2.2 expert does; its `img_emb` tells them apart.
+        let has_img_emb = file.names().iter().any(|n| n == "img_emb.proj.0.weight");
+        let cfg = WanConfig::from_value(file.config())
+            .unwrap()
+            .with_image_embedding(has_img_emb);
         let attention = attention_config(&file);
         Self {
             file,
@@ -46,28 +50,54 @@ impl DitCase {
         self.file.tensor(name).unwrap()
     }
 
-    /// The file's model time `in.t`.
+    /// The file's model time `in.t` (`[1]`).
     pub fn timestep(&self) -> f64 {
         self.input("in.t").to_vec1::<f32>().unwrap()[0] as f64
     }
 
-    /// The I2V condition `in.y`, when the file has one.
-    pub fn condition(&self) -> Option<Tensor> {
+    /// The file's `in.t`: one time for every token (`[1]`), or one per token (`[1, L]`).
+    pub fn timesteps(&self) -> TokenTimesteps {
+        let t = self.input("in.t");
+        if t.elem_count() == 1 {
+            TokenTimesteps::Uniform(self.timestep())
+        } else {
+            TokenTimesteps::from_tensor(&t).unwrap()
+        }
+    }
+
+    /// An optional input of the file (`in.y`, `in.clip`).
+    pub fn optional_input(&self, name: &str) -> Option<Tensor> {
         self.file
             .names()
             .iter()
-            .any(|n| n == "in.y")
-            .then(|| self.input("in.y"))
+            .any(|n| n == name)
+            .then(|| self.input(name))
     }
 
+    /// The I2V condition `in.y`, when the file has one.
+    pub fn condition(&self) -> Option<Tensor> {
+        self.optional_input("in.y")
+    }
+
+    /// The model's velocity on the file's inputs: `in.x`, `in.t` (one or per token),
+    /// `in.context`, and `in.y` and `in.clip` when present.
     pub fn velocity(&self, model: &WanModel<Box<dyn Attention>>) -> Tensor {
-        let condition = self.condition();
+        self.velocity_at(model, &self.timesteps())
+    }
+
+    /// [`DitCase::velocity`] at `timesteps` instead of the file's.
+    pub fn velocity_at(
+        &self,
+        model: &WanModel<Box<dyn Attention>>,
+        timesteps: &TokenTimesteps,
+    ) -> Tensor {
         model
-            .forward(
+            .forward_with(
                 &self.input("in.x"),
-                self.timestep(),
+                timesteps,
                 &self.input("in.context"),
-                condition.as_ref(),
+                self.condition().as_ref(),
+                self.optional_input("in.clip").as_ref(),
             )
             .unwrap()
     }
