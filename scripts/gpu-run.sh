@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs the CUDA build of the check and bench programs on the GPU machine. The binaries travel
-# gzipped in gpu-bin/ (git-ignored); build them here with
+# compressed in gpu-bin/ (git-ignored); build them here with
 #   . ~/.cache/turbodiffusion-rs/cuda-13.0/env.sh
 #   cargo build --release --features cuda --target-dir target-cuda \
 #       --example gpu_check --example bench --example t2v
-# then `strip -o /tmp/<name> target-cuda/release/examples/<name>; gzip -9c /tmp/<name> > gpu-bin/<name>.gz`.
+# then `strip -o /tmp/<name> target-cuda/release/examples/<name>; xz -9e -c /tmp/<name> > gpu-bin/<name>.xz`
+# (a quarter of the size; the working tree and the binaries must stay under 64 MiB; .gz also works).
 # Usage: scripts/gpu-run.sh <step>...
 #   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-dit-14b (a 14B DiT
 #   forward at 720p), bench-t2v-14b (14B T2V at 720p), bench-i2v (Wan2.2 A14B I2V at 720p),
@@ -20,6 +21,10 @@ trap 'rm -rf "$BIN"' EXIT
 export LD_LIBRARY_PATH="/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for name in gpu_check bench t2v; do
   [ -f "gpu-bin/$name.gz" ] && gunzip -c "gpu-bin/$name.gz" > "$BIN/$name" && chmod 755 "$BIN/$name"
+  # xz where the machine has it, else Python's lzma module.
+  [ -f "gpu-bin/$name.xz" ] && { xz -dc "gpu-bin/$name.xz" 2>/dev/null \
+    || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "gpu-bin/$name.xz"; } \
+    > "$BIN/$name" && chmod 755 "$BIN/$name"
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
 bench() { # <section> <time limit, s> [<output name> <bench arguments>...]

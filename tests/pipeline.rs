@@ -1,13 +1,16 @@
 //! The pipeline end to end on the CPU, through the public API only, as a downstream app uses it.
 
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{Error, Progress, Resolution, Stage, StageReport, StepReport};
+use turbodiffusion::models::tokenizer::PromptTokenizer;
 use turbodiffusion::models::{Umt5Config, Umt5Encoder};
-use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice, WeightSource};
+use turbodiffusion::pipeline::{
+    demo_request, I2vRequest, ModelSet, RandomCheckpoint, SamplerChoice, WeightSource,
+};
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
 use turbodiffusion::video::{Existing, InputImage, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
@@ -193,22 +196,15 @@ fn bad_requests_fail_before_any_work() {
     ));
 }
 
-/// A folder under the system temp dir, removed when dropped.
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-#[test]
-fn tiny_models_written_as_safetensors_files_give_the_same_video() {
-    let dir = TempDir(std::env::temp_dir().join(format!("turbo-pipeline-{}", std::process::id())));
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let reference = demo(AttentionKind::Original);
+/// The demo's models written to files in `dir` by `write` (given the weights, the model's role
+/// and the path without extension; it returns the path written), as a pipeline reading them.
+fn demo_from_files(
+    reference: &Pipeline,
+    dir: &Path,
+    write: impl Fn(&RandomCheckpoint, &str, PathBuf) -> PathBuf,
+) -> Pipeline {
     let mut models: ModelSet = reference.models().clone();
-    for (name, source) in [
+    for (role, source) in [
         ("dit", &mut models.dit_weights),
         ("umt5", &mut models.text_encoder_weights),
         ("vae", &mut models.vae_weights),
@@ -216,18 +212,49 @@ fn tiny_models_written_as_safetensors_files_give_the_same_video() {
         let WeightSource::Random(random) = &*source else {
             panic!("the demo has random weights")
         };
-        let path = dir.0.join(format!("{name}.safetensors"));
-        random.save_safetensors(&path, DType::F32).unwrap();
-        *source = WeightSource::File(path);
+        *source = WeightSource::File(write(random, role, dir.join(role)));
     }
-    let from_files = Pipeline::from_parts(
+    let tokenizer_file = dir.join("tokenizer.json");
+    reference.tokenizer().save(&tokenizer_file).unwrap();
+    Pipeline::from_parts(
         models,
-        reference.tokenizer().clone(),
+        PromptTokenizer::from_file(&tokenizer_file).unwrap(),
         AttentionConfig::new(AttentionKind::Original),
         Device::Cpu,
         DType::F32,
     )
-    .unwrap();
+    .unwrap()
+}
+
+#[test]
+fn tiny_models_written_as_safetensors_files_give_the_same_video() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = demo(AttentionKind::Original);
+    let from_files = demo_from_files(&reference, dir.path(), |random, _, path| {
+        let path = path.with_extension("safetensors");
+        random.save_safetensors(&path, DType::F32).unwrap();
+        path
+    });
+    let request = short("a fish", 9);
+    let video = |p: &Pipeline| -> Video { p.text_to_video(&request).unwrap() };
+    assert_eq!(video(&from_files).frames(), video(&reference).frames());
+}
+
+/// The released formats: `.pth` state dicts, the DiT as a TurboDiffusion `-quant` file (int8
+/// block linears with their tile scales), give the video of the same weights quantised at load.
+#[test]
+fn tiny_models_written_as_released_pth_files_give_the_same_video() {
+    let dir = tempfile::tempdir().unwrap();
+    let reference = demo(AttentionKind::Original).with_quant_linear(true);
+    let from_files = demo_from_files(&reference, dir.path(), |random, role, path| {
+        let path = path.with_extension("pth");
+        match role {
+            "dit" => random.save_quant_dit_pth(&path, DType::F32, &Device::Cpu),
+            _ => random.save_pth(&path, DType::F32, &Device::Cpu),
+        }
+        .unwrap();
+        path
+    });
     let request = short("a fish", 9);
     let video = |p: &Pipeline| -> Video { p.text_to_video(&request).unwrap() };
     assert_eq!(video(&from_files).frames(), video(&reference).frames());

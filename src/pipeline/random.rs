@@ -12,6 +12,8 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use rayon::prelude::*;
 use turbo_core::{Error, Result};
+use turbo_models::pth::StoredDType;
+use turbo_models::pth_writer::{write_pth, PthEntry};
 
 /// Every tensor of a checkpoint, drawn on demand from `seed` and the tensor's name, so a tensor
 /// has the same values whichever order it is read in.
@@ -101,6 +103,69 @@ impl RandomCheckpoint {
         VarBuilder::from_backend(Box::new(self), dtype, device.clone())
     }
 
+    /// Writes every tensor as a `.pth` state dict (what `torch.save` writes; the released Wan
+    /// files' format) in `dtype`, each drawn on `device` as [`Self::tensor_on`] draws it, one
+    /// tensor in memory at a time.
+    pub fn save_pth(&self, path: &Path, dtype: DType, device: &Device) -> Result<()> {
+        let stored = stored_dtype(dtype)?;
+        let entries: Vec<PthEntry> = self
+            .shapes
+            .iter()
+            .map(|(name, shape)| PthEntry {
+                name: name.clone(),
+                stored,
+                shape: shape.clone(),
+            })
+            .collect();
+        write_pth(path, &entries, |entry| {
+            le_bytes(&self.tensor_on(&entry.name, dtype, device)?)
+        })
+    }
+
+    /// Writes a Wan DiT as a TurboDiffusion `-quant` release does: each block linear's weight
+    /// as `<layer>.int8_weight` (int8) and `<layer>.scale` (f32, one per 128×128 tile),
+    /// quantised as at load; every other tensor in `dtype`. Drawn on `device`.
+    pub fn save_quant_dit_pth(&self, path: &Path, dtype: DType, device: &Device) -> Result<()> {
+        let stored = stored_dtype(dtype)?;
+        let mut entries = Vec::new();
+        for (name, shape) in &self.shapes {
+            let entry = |name: String, stored, shape: Vec<usize>| PthEntry {
+                name,
+                stored,
+                shape,
+            };
+            match (turbo_models::wan::block_linear_of(name), shape.as_slice()) {
+                (Some(layer), &[rows, cols]) => {
+                    let scales = turbo_quant::tile_grid(rows, cols).to_vec();
+                    entries.push(entry(
+                        format!("{layer}.int8_weight"),
+                        StoredDType::I8,
+                        shape.clone(),
+                    ));
+                    entries.push(entry(format!("{layer}.scale"), StoredDType::F32, scales));
+                }
+                _ => entries.push(entry(name.clone(), stored, shape.clone())),
+            }
+        }
+        // Each weight is quantised once: its scales wait here for the entry after it.
+        let mut scales = None;
+        write_pth(path, &entries, |entry| {
+            if let Some(layer) = entry.name.strip_suffix(".int8_weight") {
+                let weight = self.tensor_on(&format!("{layer}.weight"), DType::F32, device)?;
+                let int8 = turbo_quant::Int8Weight::quantize(&weight)?;
+                scales = Some(le_bytes(int8.scale())?);
+                return le_bytes(int8.int8_weight());
+            }
+            match entry.name.ends_with(".scale") {
+                true => scales.take().ok_or_else(|| Error::Checkpoint {
+                    path: path.to_owned(),
+                    reason: format!("{} was not preceded by its weight", entry.name),
+                }),
+                false => le_bytes(&self.tensor_on(&entry.name, dtype, device)?),
+            }
+        })
+    }
+
     /// Writes every tensor to a `.safetensors` file in `dtype`.
     pub fn save_safetensors(&self, path: &Path, dtype: DType) -> Result<()> {
         let tensors = self
@@ -110,6 +175,51 @@ impl RandomCheckpoint {
             .collect::<Result<std::collections::HashMap<_, _>>>()?;
         Ok(candle_core::safetensors::save(&tensors, path)?)
     }
+}
+
+/// The `.pth` storage type of `dtype`.
+fn stored_dtype(dtype: DType) -> Result<StoredDType> {
+    match dtype {
+        DType::F32 => Ok(StoredDType::F32),
+        DType::BF16 => Ok(StoredDType::BF16),
+        DType::F16 => Ok(StoredDType::F16),
+        other => Err(Error::UnsupportedDType {
+            what: "random checkpoint written as .pth".into(),
+            dtype: other,
+            expected: "f32, bf16 or f16",
+        }),
+    }
+}
+
+/// The little-endian bytes of a tensor (any device) of a float or `U8` dtype, in row-major
+/// order.
+fn le_bytes(tensor: &Tensor) -> Result<Vec<u8>> {
+    let flat = tensor.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match flat.dtype() {
+        DType::U8 => flat.to_vec1::<u8>()?,
+        DType::F32 => flat
+            .to_vec1::<f32>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::BF16 => flat
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        DType::F16 => flat
+            .to_vec1::<half::f16>()?
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect(),
+        other => {
+            return Err(Error::UnsupportedDType {
+                what: "tensor written as .pth".into(),
+                dtype: other,
+                expected: "f32, bf16, f16 or u8",
+            })
+        }
+    })
 }
 
 /// FNV-1a: a name hash that, unlike std's `DefaultHasher`, is the same in every Rust release.

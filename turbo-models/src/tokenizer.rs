@@ -97,6 +97,17 @@ impl PromptTokenizer {
         self
     }
 
+    /// Writes the tokenizer as a `tokenizer.json` that [`PromptTokenizer::from_file`] reads.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        self.tokenizer
+            .save(path, false)
+            .map_err(|e| Error::Tokenizer {
+                path: path.to_owned(),
+                reason: format!("cannot write: {e}"),
+            })
+    }
+
     /// The id of `</s>`.
     pub fn eos_id(&self) -> u32 {
         self.eos_id
