@@ -8,6 +8,7 @@
 //! bench --sections t2v --t2v-model 14b --t2v-size 1280x720
 //! bench --sections i2v --i2v-size 1280x720
 //! bench --sections lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32
+//! bench --sections e2e --e2e-model 1.3b --e2e-dir /tmp/turbo-e2e
 //! ```
 //!
 //! The `t2v` and `i2v` rows give each stage's measured peak device memory beside the
@@ -17,6 +18,8 @@
 //! "TFLOPS" counts the work actually done: for attention 4·B·H·L·(keys attended)·D (the
 //! sparse branch's keys for sla / sagesla; the linear branch is not counted), for linears
 //! 2·M·N·K.
+
+mod e2e;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -100,6 +103,23 @@ struct Args {
     /// Model of the DiT rows: 1.3b (480p) or 14b (720p), 81 frames.
     #[arg(long, default_value = "1.3b")]
     dit_model: ModelShape,
+    /// Model of the `e2e` section: 1.3b (text to video at `--t2v-size`) or a14b-i2v (image to
+    /// video at `--i2v-size`), `--video-frames` frames.
+    #[arg(long, default_value = "1.3b")]
+    e2e_model: e2e::E2eModel,
+    /// Where the `e2e` section writes its random weights in the released formats (kept, and
+    /// reused by a later run with the same model and seed) and its videos.
+    #[arg(long, default_value = "/tmp/turbo-e2e")]
+    e2e_dir: PathBuf,
+    /// New processes the `e2e` section starts, one after the other.
+    #[arg(long, default_value_t = 2)]
+    e2e_processes: usize,
+    /// Videos each `e2e` process makes on its one pipeline.
+    #[arg(long, default_value_t = 2)]
+    e2e_requests: usize,
+    /// Run as the `e2e` section's child process.
+    #[arg(long, hide = true)]
+    e2e_child: bool,
     /// Rank of the random LoRA of the `lora` section (on every block linear of `--dit-model`,
     /// with the first of `--dit-attention`).
     #[arg(long, default_value_t = 32)]
@@ -119,6 +139,7 @@ enum Section {
     T2v,
     I2v,
     Lora,
+    E2e,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -196,6 +217,9 @@ struct Row {
 fn main() -> Result<()> {
     let args = Args::parse();
     let device = args.device.open()?;
+    if args.e2e_child {
+        return e2e::e2e_child(&device, &args);
+    }
     let bench = Bench {
         device: device.clone(),
         warmup: args.warmup,
@@ -226,6 +250,7 @@ fn main() -> Result<()> {
             Section::T2v => t2v_rows(&device, &args, &mut rows)?,
             Section::I2v => i2v_rows(&device, &args, &mut rows)?,
             Section::Lora => lora_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
+            Section::E2e => e2e::e2e_rows(&device, &args, &mut rows)?,
         }
         for row in &rows[start..] {
             println!("{}", markdown_row(row));
@@ -827,6 +852,17 @@ struct StageClock {
     /// (stage, row name, ms, peak bytes).
     stages: Vec<(Stage, String, f64, Option<u64>)>,
     overall_peak: u64,
+    /// The weights come from files, not drawn at random (the rows say which).
+    from_files: bool,
+}
+
+impl StageClock {
+    fn reading_files() -> Self {
+        Self {
+            from_files: true,
+            ..Self::default()
+        }
+    }
 }
 
 impl turbodiffusion::core::Progress for StageClock {
@@ -839,14 +875,23 @@ impl turbodiffusion::core::Progress for StageClock {
 
     fn stage_done(&mut self, report: &StageReport) {
         let name = match report.stage {
+            Stage::EncodingText if self.from_files => {
+                "text encode (umT5-XXL streamed by block from its .pth)".to_owned()
+            }
             Stage::EncodingText => {
                 "text encode (umT5-XXL streamed by block, incl. drawing its weights)".to_owned()
             }
             Stage::EncodingImage => "image encode (VAE, bf16)".to_owned(),
+            Stage::Denoising { steps } if self.from_files => {
+                format!("denoise, {steps} DiT steps (incl. reading the -quant .pth)")
+            }
             Stage::Denoising { steps } => {
                 format!("denoise, {steps} DiT steps (incl. drawing and quantising the weights)")
             }
             Stage::Decoding { .. } => "VAE decode (bf16, as TurboDiffusion)".to_owned(),
+            Stage::WritingVideo => {
+                "MP4 written as decoded (first frame → file in place)".to_owned()
+            }
             other => format!("{other:?}"),
         };
         let peak = report.device_memory.map(|m| m.peak);

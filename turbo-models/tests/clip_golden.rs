@@ -211,7 +211,7 @@ fn from_checkpoint_reads_the_visual_half_of_a_full_clip_file() {
     assert_eq!(common::max_abs_diff(&a, &b), 0.0);
 
     let missing = "visual.pre_norm.weight";
-    tensors.retain(|t| t.name != missing);
+    tensors.retain(|t| t.entry.name != missing);
     write_pth(&path, &tensors);
     let err = ClipVisionEncoder::from_checkpoint(&path, &cfg, DType::F32, &Device::Cpu)
         .unwrap_err()

@@ -100,14 +100,14 @@ impl OutputFile {
         options: Mp4Options,
     ) -> Result<VideoStream> {
         let kind = match self.format {
-            OutputFormat::Mp4 => StreamKind::Mp4(Mp4Stream::create_with(
+            OutputFormat::Mp4 => StreamKind::Mp4(Box::new(Mp4Stream::create_with(
                 &self.path,
                 width,
                 height,
                 fps,
                 options,
                 self.existing,
-            )?),
+            )?)),
             OutputFormat::Gif => StreamKind::Gif(Vec::new()),
         };
         Ok(VideoStream {
@@ -135,7 +135,8 @@ pub struct VideoStream {
 
 #[derive(Debug)]
 enum StreamKind {
-    Mp4(Mp4Stream),
+    // Boxed: the encoder state is kilobytes, the GIF variant a vector.
+    Mp4(Box<Mp4Stream>),
     Gif(Vec<Vec<u8>>),
 }
 

@@ -1,0 +1,300 @@
+//! The `e2e` section: time to video as a user lives it. Random weights are written once to
+//! disk in the released formats and sizes (the TurboDiffusion `-quant.pth` DiT or experts,
+//! umT5-XXL's and the VAE's `.pth`, a `tokenizer.json`) and read back through the real loaders,
+//! so no stage draws random numbers. A new process of this program (a child) then builds a
+//! `Pipeline` from that folder and makes two videos, each written to an MP4 as it decodes:
+//!
+//! - **cold**: from the child's start (`spawn`) to the first MP4 on disk, the files in the page
+//!   cache (they were just written): process start, CUDA start-up, loading and the whole video;
+//! - **warm**: the second request on the same `Pipeline`.
+//!
+//! The first child of a machine also pays the driver's JIT compilation of every PTX module it
+//! touches; later processes find it in the driver's cache. With `--e2e-processes 2` (the
+//! default) both are measured, each on its own row.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::ValueEnum;
+use serde_json::json;
+use turbodiffusion::attention::AttentionConfig;
+use turbodiffusion::pipeline::{
+    I2vRequest, ModelKind, RandomCheckpoint, WeightSource, TEXT_ENCODER_FILE, VAE_FILE,
+};
+use turbodiffusion::video::{Existing, Mp4Options, OutputFile};
+use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+use super::{random_image, video_shape, Args, Row, StageClock};
+
+/// The models the `e2e` section runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum E2eModel {
+    /// Wan2.1 T2V 1.3B, text to video.
+    #[value(name = "1.3b")]
+    Wan1_3B,
+    /// Wan2.2 I2V A14B (two experts, one resident at a time), image to video.
+    #[value(name = "a14b-i2v")]
+    A14bI2v,
+}
+
+impl E2eModel {
+    fn kind(self) -> ModelKind {
+        match self {
+            Self::Wan1_3B => ModelKind::Wan21T2V1_3B,
+            Self::A14bI2v => ModelKind::Wan22I2VA14B,
+        }
+    }
+
+    /// The released `-quant` names of its DiT files, high-noise expert first.
+    fn dit_files(self) -> &'static [&'static str] {
+        match self {
+            Self::Wan1_3B => &["TurboWan2.1-T2V-1.3B-480P-quant.pth"],
+            Self::A14bI2v => &[
+                "TurboWan2.2-I2V-A14B-high-720P-quant.pth",
+                "TurboWan2.2-I2V-A14B-low-720P-quant.pth",
+            ],
+        }
+    }
+
+    fn size(self, args: &Args) -> (usize, usize) {
+        match self {
+            Self::Wan1_3B => args.t2v_size,
+            Self::A14bI2v => args.i2v_size,
+        }
+    }
+}
+
+/// Marks a folder whose files were all written, with the model and seed they hold.
+const WRITTEN_MARKER: &str = "e2e-written.json";
+
+/// Writes the files (unless the folder has them), runs the children and adds their rows.
+pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    let dir = &args.e2e_dir;
+    let shape = video_shape(
+        args.e2e_model.kind().short_name(),
+        args.e2e_model.size(args),
+        args.video_frames,
+    );
+    let row = |what: String, ms: f64, note: String| Row {
+        section: "e2e",
+        what,
+        shape: shape.clone(),
+        ms,
+        note,
+        peak: None,
+        estimate: None,
+    };
+    if let Some((ms, bytes)) = write_released_files(args.e2e_model, args.seed, dir, device)? {
+        let note = format!(
+            "{:.1} GB in {}; not part of any video",
+            bytes as f64 / 1e9,
+            dir.display()
+        );
+        rows.push(row(
+            "writing the random weights as released files (once)".into(),
+            ms,
+            note,
+        ));
+    }
+    for process in 1..=args.e2e_processes {
+        let runs = run_child(args)?;
+        let jit = match process {
+            1 => "first process here: PTX JIT included",
+            _ => "driver JIT cache warm",
+        };
+        for run in runs {
+            let what = match run.index {
+                1 => format!("cold: process start → MP4 on disk (process {process})"),
+                _ => format!(
+                    "warm: request {} on the same Pipeline (process {process})",
+                    run.index
+                ),
+            };
+            let note = format!("{jit}; files in the page cache; sagesla 0.1, W8A8 -quant files");
+            rows.push(row(what, run.wall_ms, note));
+            for (stage, ms, peak) in run.stages {
+                rows.push(Row {
+                    peak,
+                    ..row(format!("  {stage}"), ms, format!("request {}", run.index))
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes the model's files in their released formats into `dir`, drawn on `device`, unless
+/// the marker says they are there: `(ms, bytes)` when written.
+fn write_released_files(
+    model: E2eModel,
+    seed: u64,
+    dir: &Path,
+    device: &Device,
+) -> Result<Option<(f64, u64)>> {
+    let marker = json!({ "model": format!("{model:?}"), "seed": seed }).to_string();
+    let marker_path = dir.join(WRITTEN_MARKER);
+    if std::fs::read_to_string(&marker_path).is_ok_and(|m| m == marker) {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let start = Instant::now();
+    let attention = AttentionConfig::new(AttentionKind::Original);
+    let random =
+        Pipeline::random_weights(model.kind(), seed, attention, device.clone(), DType::BF16)?;
+    let models = random.models();
+    let dits = std::iter::once(&models.dit_weights).chain(&models.dit_low_noise_weights);
+    for (source, name) in dits.zip(model.dit_files()) {
+        random_of(source)?.save_quant_dit_pth(&dir.join(name), DType::BF16, device)?;
+    }
+    random_of(&models.text_encoder_weights)?.save_pth(
+        &dir.join(TEXT_ENCODER_FILE),
+        DType::BF16,
+        device,
+    )?;
+    // Wan's VAE file holds f32 weights.
+    random_of(&models.vae_weights)?.save_pth(&dir.join(VAE_FILE), DType::F32, device)?;
+    random.tokenizer().save(dir.join("tokenizer.json"))?;
+    std::fs::write(&marker_path, marker)?;
+    let bytes = std::fs::read_dir(dir)?
+        .map(|entry| Ok(entry?.metadata()?.len()))
+        .sum::<std::io::Result<u64>>()?;
+    Ok(Some((start.elapsed().as_secs_f64() * 1e3, bytes)))
+}
+
+fn random_of(source: &WeightSource) -> Result<&RandomCheckpoint> {
+    match source {
+        WeightSource::Random(random) => Ok(random),
+        WeightSource::File(path) => bail!("{} is a file, not random weights", path.display()),
+    }
+}
+
+/// One request of a child, as it reports it.
+struct ChildRun {
+    index: usize,
+    /// For the first request, from the spawn; for later ones, the request's own time.
+    wall_ms: f64,
+    /// (stage, ms, peak bytes).
+    stages: Vec<(String, f64, Option<u64>)>,
+}
+
+/// The prefix of the lines a child reports its requests on.
+const REPORT_PREFIX: &str = "E2E-REQUEST ";
+
+/// Starts this program again as an `e2e` child and reads its reports; the first request is
+/// timed from the spawn to its report, which the child prints once the MP4 is in place.
+fn run_child(args: &Args) -> Result<Vec<ChildRun>> {
+    let exe = std::env::current_exe()?;
+    let spawned = Instant::now();
+    let mut child = Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .arg("--e2e-child")
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("starting the e2e child")?;
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    let mut runs = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        let Some(report) = line.strip_prefix(REPORT_PREFIX) else {
+            continue;
+        };
+        let since_spawn = spawned.elapsed().as_secs_f64() * 1e3;
+        let report: serde_json::Value = serde_json::from_str(report)?;
+        runs.push(child_run(&report, since_spawn)?);
+    }
+    let status = child.wait()?;
+    if !status.success() || runs.len() != args.e2e_requests {
+        bail!(
+            "the e2e child ended with {status} after {} of {} requests",
+            runs.len(),
+            args.e2e_requests
+        );
+    }
+    Ok(runs)
+}
+
+fn child_run(report: &serde_json::Value, since_spawn: f64) -> Result<ChildRun> {
+    let index = report["request"].as_u64().context("request index")? as usize;
+    let own_ms = report["ms"].as_f64().context("request time")?;
+    let stages = report["stages"]
+        .as_array()
+        .context("stages")?
+        .iter()
+        .map(|stage| {
+            let name = stage[0].as_str().unwrap_or_default().to_owned();
+            (
+                name,
+                stage[1].as_f64().unwrap_or(f64::NAN),
+                stage[2].as_u64(),
+            )
+        })
+        .collect();
+    Ok(ChildRun {
+        index,
+        wall_ms: if index == 1 { since_spawn } else { own_ms },
+        stages,
+    })
+}
+
+/// The child: builds the pipeline from the written files and makes `--e2e-requests` videos,
+/// reporting each once its MP4 is in place.
+pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
+    let pipeline = Pipeline::builder(args.e2e_model.kind())
+        .checkpoint_dir(&args.e2e_dir)
+        .attention(AttentionKind::sagesla(0.1)?)
+        .quant_linear(true)
+        .device(device.clone())
+        .dtype(DType::BF16)
+        .build()?;
+    for index in 1..=args.e2e_requests {
+        let output = OutputFile::new(
+            args.e2e_dir.join(format!("e2e_{index}.mp4")),
+            Existing::Replace,
+        )?;
+        let mut stages = StageClock::reading_files();
+        let start = Instant::now();
+        generate(&pipeline, args, &output, &mut stages)?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let stages: Vec<_> = stages
+            .stages
+            .iter()
+            .map(|(_, name, ms, peak)| json!([name, ms, peak]))
+            .collect();
+        println!(
+            "{REPORT_PREFIX}{}",
+            json!({ "request": index, "ms": ms, "stages": stages })
+        );
+    }
+    Ok(())
+}
+
+fn generate(
+    pipeline: &Pipeline,
+    args: &Args,
+    output: &OutputFile,
+    stages: &mut StageClock,
+) -> Result<PathBuf> {
+    let size = args.e2e_model.size(args);
+    let options = Mp4Options::default();
+    Ok(match args.e2e_model {
+        E2eModel::Wan1_3B => {
+            let request = T2vRequest {
+                size: Some(size),
+                frames: args.video_frames,
+                ..T2vRequest::new("a red fox runs through fresh snow at dawn")
+            };
+            pipeline.text_to_video_file(&request, output, options, stages)?
+        }
+        E2eModel::A14bI2v => {
+            let image = random_image(size.0, size.1, args.seed)?;
+            let mut request = I2vRequest::new(image, "a paper boat drifts down a rainy street");
+            request.video.size = Some(size);
+            request.video.frames = args.video_frames;
+            pipeline.image_to_video_file(&request, output, options, stages)?
+        }
+    })
+}
