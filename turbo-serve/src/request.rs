@@ -119,11 +119,17 @@ impl VideoRequest {
     pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
         let deserializer = &mut serde_json::Deserializer::from_slice(body);
         serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let field = match e.path().to_string() {
-                path if path == "." => "body".to_owned(),
-                path => path,
+            let message = e.inner().to_string();
+            let missing = message
+                .strip_prefix("missing field `")
+                .and_then(|rest| rest.split_once('`'))
+                .map(|(name, _)| name.to_owned());
+            let field = match (e.path().to_string(), missing) {
+                (path, Some(name)) if path == "." => name,
+                (path, None) if path == "." => "body".to_owned(),
+                (path, _) => path,
             };
-            ApiError::field(field, e.inner().to_string())
+            ApiError::field(field, message)
         })
     }
 
@@ -446,7 +452,7 @@ mod tests {
             (r#"{"prompt": "  "}"#, "prompt"),
             (r#"{"prompt": 3}"#, "prompt"),
             (r#"{"prompt": "a", "seed": -1}"#, "seed"),
-            (r#"{"prompt": "a", "colour": "red"}"#, "body"),
+            (r#"{"prompt": "a", "colour": "red"}"#, "colour"),
             (r#"not json"#, "body"),
         ];
         for (body, field) in cases {

@@ -58,12 +58,15 @@ impl Worker {
             .spawn(move || {
                 while let Some((id, stop)) = self.queue.next() {
                     self.run(&id, &stop);
+                    // Off the queue before the end is announced: a cancel that follows the
+                    // announcement finds the job over.
                     self.queue.finish_running();
+                    self.publish(&id);
                 }
             })
     }
 
-    /// Runs one job to its end and records the outcome; a panic in the pipeline fails the job
+    /// Runs one job to its end and records the outcome (not yet announced); a panic in the pipeline fails the job
     /// instead of the server.
     fn run(&self, id: &JobId, stop: &StopFlag) {
         let mut timings = Timings::default();
@@ -83,7 +86,6 @@ impl Worker {
         if let Err(e) = recorded {
             tracing::error!(job = %id, "cannot record the job's end: {e}");
         }
-        self.publish(id);
     }
 
     fn generate(&self, id: &JobId, stop: &StopFlag, timings: &mut Timings) -> Result<(), Stopped> {
@@ -110,6 +112,7 @@ impl Worker {
                 id,
                 stop,
                 timings: &mut *timings,
+                denoised: (0, 0),
             };
             run_pipeline(&pipeline, &generation.work, &mut reporter)
         };
@@ -227,11 +230,14 @@ struct Reporter<'a> {
     id: &'a JobId,
     stop: &'a StopFlag,
     timings: &'a mut Timings,
+    /// Denoising steps done, of how many.
+    denoised: (usize, usize),
 }
 
 impl Progress for Reporter<'_> {
     fn step_done(&mut self, report: &StepReport) -> ControlFlow<()> {
         let done = report.index + 1;
+        self.denoised = (done, report.total);
         let share = done as f64 / report.total.max(1) as f64;
         self.worker.update(
             self.id,
@@ -257,10 +263,15 @@ impl Progress for Reporter<'_> {
                 steps,
                 ..JobProgress::at("denoising", DENOISE_START)
             },
-            Stage::Decoding { done, total } => JobProgress::at(
-                "decoding",
-                DENOISE_END + (DECODE_END - DENOISE_END) * done as f64 / total.max(1) as f64,
-            ),
+            Stage::Decoding { done, total } => JobProgress {
+                // The steps stay on show while the frames are decoded.
+                step: self.denoised.0,
+                steps: self.denoised.1,
+                ..JobProgress::at(
+                    "decoding",
+                    DENOISE_END + (DECODE_END - DENOISE_END) * done as f64 / total.max(1) as f64,
+                )
+            },
             _ => return,
         };
         self.worker.update(self.id, progress);
