@@ -169,7 +169,10 @@ impl Server {
     /// Serves until `shutdown` completes; then takes no new connection or job, ends the event
     /// streams, stops the running job at its next step (it is queued again for the next
     /// start) and returns once the generation thread has ended.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let queue = self.state.queue.clone();
         let stopping = self.shutdown;
         let app = routes::router(self.state);
@@ -196,7 +199,10 @@ fn remove_partial_files(outputs: &Path) {
         return;
     };
     for path in entries.flatten().map(|e| e.path()) {
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
         if name.starts_with('.') && name.ends_with(".part") {
             if let Err(e) = std::fs::remove_file(&path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());

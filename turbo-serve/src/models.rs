@@ -127,7 +127,11 @@ impl ModelCatalog {
         Self {
             entries: vec![
                 entry("demo", Task::T2v, "tiny random-weight text-to-video demo"),
-                entry("demo-i2v", Task::I2v, "tiny random-weight image-to-video demo"),
+                entry(
+                    "demo-i2v",
+                    Task::I2v,
+                    "tiny random-weight image-to-video demo",
+                ),
             ],
             checkpoint_dir: None,
             loras: BTreeMap::new(),
@@ -244,12 +248,13 @@ impl ModelCatalog {
         let all = chosen
             .iter()
             .map(|(name, strength)| {
-                let path = self.loras.get(name).ok_or_else(|| {
-                    turbodiffusion::Error::InvalidConfig {
-                        field: "lora".into(),
-                        reason: format!("no adapter named `{name}`"),
-                    }
-                })?;
+                let path =
+                    self.loras
+                        .get(name)
+                        .ok_or_else(|| turbodiffusion::Error::InvalidConfig {
+                            field: "lora".into(),
+                            reason: format!("no adapter named `{name}`"),
+                        })?;
                 open_lora(path, *strength)
             })
             .collect::<turbodiffusion::Result<_>>()?;
@@ -395,7 +400,11 @@ mod tests {
         cache.insert(1, (), 0);
         cache.insert(2, (), 0);
         assert_eq!(cache.insert(3, (), 0), vec![1]);
-        assert_eq!(cache.insert(3, (), 0), Vec::<i32>::new(), "a key is held once");
+        assert_eq!(
+            cache.insert(3, (), 0),
+            Vec::<i32>::new(),
+            "a key is held once"
+        );
     }
 
     #[test]

@@ -209,7 +209,11 @@ mod tests {
         assert_eq!(queue.cancel(&a, || ()), Cancel::Stopping);
         assert_eq!(flag.requested(), Some(StopReason::Canceled));
         queue.close();
-        assert_eq!(flag.requested(), Some(StopReason::Canceled), "first reason kept");
+        assert_eq!(
+            flag.requested(),
+            Some(StopReason::Canceled),
+            "first reason kept"
+        );
         queue.finish_running();
         assert_eq!(queue.cancel(&a, || ()), Cancel::NotActive);
         assert!(queue.next().is_none());

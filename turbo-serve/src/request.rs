@@ -233,9 +233,9 @@ impl VideoRequest {
                     format!("unknown model `{id}` (known: {})", known.join(", ")),
                 )
             })?,
-            None => catalog.default_for(task).ok_or_else(|| {
-                ApiError::field("task", format!("no model here does {task:?}"))
-            })?,
+            None => catalog
+                .default_for(task)
+                .ok_or_else(|| ApiError::field("task", format!("no model here does {task:?}")))?,
         };
         if self.task.is_some_and(|task| task != model.task) {
             return Err(ApiError::field(
@@ -254,8 +254,8 @@ impl VideoRequest {
 
     fn sampler(&self) -> Result<SamplerChoice, ApiError> {
         let preset = self.sampler.as_deref().unwrap_or("rcm");
-        let mut sampler = SamplerChoice::preset(preset)
-            .map_err(|e| ApiError::field("sampler", e.to_string()))?;
+        let mut sampler =
+            SamplerChoice::preset(preset).map_err(|e| ApiError::field("sampler", e.to_string()))?;
         match &mut sampler {
             SamplerChoice::Rcm { steps, .. } => {
                 *steps = checked_steps(self.steps, *steps, MAX_RCM_STEPS)?;
@@ -319,7 +319,10 @@ impl VideoRequest {
         if geometry.size.width().max(geometry.size.height()) > limits.max_side {
             return Err(ApiError::field(
                 "resolution",
-                format!("{} exceeds this server's {} pixels a side", geometry.size, limits.max_side),
+                format!(
+                    "{} exceeds this server's {} pixels a side",
+                    geometry.size, limits.max_side
+                ),
             ));
         }
         Ok(request)
@@ -334,7 +337,11 @@ impl VideoRequest {
                     let known: Vec<_> = catalog.lora_names().collect();
                     return Err(ApiError::field(
                         "lora",
-                        format!("no adapter `{}` (offered: {})", choice.name, known.join(", ")),
+                        format!(
+                            "no adapter `{}` (offered: {})",
+                            choice.name,
+                            known.join(", ")
+                        ),
                     ));
                 }
                 if !(choice.strength.abs() <= MAX_LORA_STRENGTH) {
@@ -378,7 +385,11 @@ fn checked_steps(asked: Option<usize>, default: usize, max: usize) -> Result<usi
     }
 }
 
-fn checked_size(width: usize, height: usize, limits: &RequestLimits) -> Result<(usize, usize), ApiError> {
+fn checked_size(
+    width: usize,
+    height: usize,
+    limits: &RequestLimits,
+) -> Result<(usize, usize), ApiError> {
     for (field, side) in [("width", width), ("height", height)] {
         if side == 0 || side > limits.max_side {
             return Err(ApiError::field(
@@ -445,7 +456,10 @@ mod tests {
             (r#"{"prompt": "a", "attention": "sla:1.5"}"#, "attention"),
             (r#"{"prompt": "a", "steps": 9}"#, "steps"),
             (r#"{"prompt": "a", "sampler": "magic"}"#, "sampler"),
-            (r#"{"prompt": "a", "negative_prompt": "ugly"}"#, "negative_prompt"),
+            (
+                r#"{"prompt": "a", "negative_prompt": "ugly"}"#,
+                "negative_prompt",
+            ),
             (r#"{"prompt": "a", "lora": [{"name": "x"}]}"#, "lora"),
             (r#"{"prompt": "a", "aspect_ratio": "2:1"}"#, "aspect_ratio"),
             (r#"{"prompt": "a", "resolution": "1080p"}"#, "resolution"),
@@ -473,7 +487,10 @@ mod tests {
         let Work::TextToVideo(video) = generation.work else {
             panic!("text to video expected");
         };
-        assert_eq!((video.size, video.frames, video.seed), (Some((128, 128)), 17, 3));
+        assert_eq!(
+            (video.size, video.frames, video.seed),
+            (Some((128, 128)), 17, 3)
+        );
         assert_eq!(video.sla_topk, Some(0.1));
     }
 

@@ -94,8 +94,10 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 async fn submit_video(
     State(state): State<AppState>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
+    require_json(&headers)?;
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
             limit: state.max_body_bytes,
@@ -113,13 +115,35 @@ async fn submit_video(
         request: &stored,
         image: image.as_deref(),
     };
-    match state.queue.push(id.clone(), || state.store.insert(&new_job)) {
+    match state
+        .queue
+        .push(id.clone(), || state.store.insert(&new_job))
+    {
         Ok(recorded) => recorded?,
         Err(PushError::Full { capacity }) => return Err(ApiError::QueueFull { capacity }),
         Err(PushError::Closed) => return Err(ApiError::ShuttingDown),
     }
     tracing::info!(job = %id, "queued");
     Ok((StatusCode::ACCEPTED, Json(job_view(&state, &id)?)))
+}
+
+/// Only JSON bodies: a browser sends those across sites only after a CORS preflight, which
+/// this server does not grant, so another site's page cannot submit jobs to it (a form's
+/// `text/plain` or `multipart` body could be sent without one).
+fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        Ok(())
+    } else {
+        Err(ApiError::field(
+            "content-type",
+            format!("`{content_type}`: the body must be `application/json`"),
+        ))
+    }
 }
 
 fn job_view(state: &AppState, id: &JobId) -> Result<JobView, ApiError> {

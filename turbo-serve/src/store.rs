@@ -233,8 +233,7 @@ fn job_view(row: &Row<'_>) -> rusqlite::Result<JobView> {
     let status = status.parse::<JobStatus>().map_err(|reason| {
         rusqlite::Error::FromSqlConversionFailure(1, rusqlite::types::Type::Text, reason.into())
     })?;
-    let content_url =
-        (status == JobStatus::Succeeded).then(|| format!("/v1/videos/{id}/content"));
+    let content_url = (status == JobStatus::Succeeded).then(|| format!("/v1/videos/{id}/content"));
     Ok(JobView {
         status,
         request: from_json(row, 2)?,

@@ -76,7 +76,9 @@ impl Worker {
         .unwrap_or_else(|panic| Err(Stopped::Failed(panic_message(&panic))));
         let recorded = match outcome {
             Ok(()) => self.finish(id, JobStatus::Succeeded, "done", &timings, None),
-            Err(Stopped::Canceled) => self.finish(id, JobStatus::Canceled, "canceled", &timings, None),
+            Err(Stopped::Canceled) => {
+                self.finish(id, JobStatus::Canceled, "canceled", &timings, None)
+            }
             Err(Stopped::Failed(reason)) => {
                 tracing::warn!(job = %id, "failed: {reason}");
                 self.finish(id, JobStatus::Failed, "failed", &timings, Some(&reason))

@@ -36,13 +36,21 @@ fn a_job_streams_its_progress_and_serves_its_mp4() {
     let id = server.submit(&tiny_job("a red fox"));
 
     let events = server.wait_until_over(&id);
-    let statuses: Vec<&str> = events.iter().map(|e| e["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = events
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
     assert_eq!(statuses.last(), Some(&"succeeded"), "{statuses:?}");
     assert!(statuses.contains(&"running"), "{statuses:?}");
     let steps: Vec<(u64, u64)> = events
         .iter()
         .filter(|e| e["progress"]["stage"] == "denoising")
-        .map(|e| (e["progress"]["step"].as_u64().unwrap(), e["progress"]["steps"].as_u64().unwrap()))
+        .map(|e| {
+            (
+                e["progress"]["step"].as_u64().unwrap(),
+                e["progress"]["steps"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert!(steps.contains(&(2, 2)), "every step is reported: {steps:?}");
 
@@ -50,7 +58,14 @@ fn a_job_streams_its_progress_and_serves_its_mp4() {
     assert_eq!(job["status"], "succeeded");
     assert_eq!(job["progress"]["fraction"], 1.0);
     assert_eq!(job["request"]["prompt"], "a red fox");
-    for timing in ["queued_ms", "encode_text_ms", "denoise_ms", "decode_ms", "write_ms", "run_ms"] {
+    for timing in [
+        "queued_ms",
+        "encode_text_ms",
+        "denoise_ms",
+        "decode_ms",
+        "write_ms",
+        "run_ms",
+    ] {
         assert!(job["timings"][timing].is_u64(), "{timing}: {job}");
     }
 
@@ -62,7 +77,10 @@ fn a_job_streams_its_progress_and_serves_its_mp4() {
     std::fs::write(&downloaded, &content.body).unwrap();
     let video = Video::read_mp4(&downloaded).expect("an H.264 MP4 the reader decodes");
     assert_eq!((video.len(), video.width(), video.height()), (9, 48, 32));
-    let mode = std::fs::metadata(server.video_path(&id)).unwrap().permissions().mode();
+    let mode = std::fs::metadata(server.video_path(&id))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o644);
 
     check_ranges(&server, &id, &content.body);
@@ -70,7 +88,12 @@ fn a_job_streams_its_progress_and_serves_its_mp4() {
     let list = server.get("/v1/videos").json();
     assert_eq!(list["data"][0]["id"], id.as_str());
     let models = server.get("/v1/models").json();
-    let ids: Vec<&str> = models["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, ["demo", "demo-i2v"]);
     assert_eq!(models["data"][0]["resident"], true);
 }
@@ -81,7 +104,10 @@ fn check_ranges(server: &ServerProcess, id: &str, whole: &[u8]) {
     let ranged = |range: &str| request(&server.addr, "GET", &path, &[("Range", range)], None);
     let first = ranged("bytes=0-99");
     assert_eq!(first.status, 206);
-    assert_eq!(first.header("content-range"), Some(&*format!("bytes 0-99/{size}")));
+    assert_eq!(
+        first.header("content-range"),
+        Some(&*format!("bytes 0-99/{size}"))
+    );
     assert_eq!(first.body, &whole[..100]);
     let tail = ranged("bytes=-10");
     assert_eq!(tail.status, 206);
@@ -90,7 +116,10 @@ fn check_ranges(server: &ServerProcess, id: &str, whole: &[u8]) {
     assert_eq!(middle.body, &whole[100..]);
     let outside = ranged(&format!("bytes={size}-"));
     assert_eq!(outside.status, 416);
-    assert_eq!(outside.header("content-range"), Some(&*format!("bytes */{size}")));
+    assert_eq!(
+        outside.header("content-range"),
+        Some(&*format!("bytes */{size}"))
+    );
 }
 
 #[test]
@@ -105,29 +134,46 @@ fn an_image_to_video_job_runs_from_an_uploaded_image() {
     }));
     let events = server.wait_until_over(&id);
     assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
-    assert!(events.iter().any(|e| e["progress"]["stage"] == "encoding_image"));
+    assert!(events
+        .iter()
+        .any(|e| e["progress"]["stage"] == "encoding_image"));
     let video = Video::read_mp4(server.video_path(&id)).unwrap();
     assert_eq!((video.len(), video.width(), video.height()), (5, 32, 32));
     let job = server.job(&id);
-    assert!(job["request"].get("image").is_none(), "the image bytes are not echoed");
+    assert!(
+        job["request"].get("image").is_none(),
+        "the image bytes are not echoed"
+    );
 }
 
 #[test]
 fn bad_requests_are_refused_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let server = ServerProcess::start(dir.path(), &["--max-body-mib", "1", "--queue-capacity", "1"]);
+    let server = ServerProcess::start(
+        dir.path(),
+        &["--max-body-mib", "1", "--queue-capacity", "1"],
+    );
     let garbage_image = base64::engine::general_purpose::STANDARD.encode(b"not a picture");
     let cases = [
         (json!({"prompt": "a", "num_frames": 8}), "num_frames"),
         (json!({"prompt": "a", "width": 100, "height": 64}), "width"),
-        (json!({"prompt": "a", "width": 64, "height": 2048}), "height"),
+        (
+            json!({"prompt": "a", "width": 64, "height": 2048}),
+            "height",
+        ),
         (json!({"prompt": "a", "model": "wan9"}), "model"),
         (json!({"prompt": "a".repeat(2001)}), "prompt"),
         (json!({"prompt": "a", "image": garbage_image}), "image"),
         (json!({"prompt": "a", "steps": 0}), "steps"),
-        (json!({"prompt": "a", "attention": "sagesla:0"}), "attention"),
+        (
+            json!({"prompt": "a", "attention": "sagesla:0"}),
+            "attention",
+        ),
         (json!({"prompt": "a", "task": "ti2v"}), "task"),
-        (json!({"prompt": "a", "aspect_ratio": "21:9"}), "aspect_ratio"),
+        (
+            json!({"prompt": "a", "aspect_ratio": "21:9"}),
+            "aspect_ratio",
+        ),
         (json!({"prompt": "a", "seed": "seven"}), "seed"),
         (json!({"prompt": "a", "lora": [{"name": "style"}]}), "lora"),
         (json!({"negative_prompt": "a"}), "prompt"),
@@ -139,12 +185,28 @@ fn bad_requests_are_refused_naming_the_field() {
         assert_eq!(response.json()["error"]["code"], "invalid_field");
     }
 
+    let form = br#"{"prompt": "from another site's form"}"#;
+    let response = request(
+        &server.addr,
+        "POST",
+        "/v1/videos",
+        &[("Content-Type", "text/plain")],
+        Some(form),
+    );
+    assert_eq!(response.status, 400, "{}", response.text());
+    assert_eq!(response.error_field(), "content-type");
+
     let too_large = vec![b' '; (1 << 20) + 1024];
-    let response = request(&server.addr, "POST", "/v1/videos", &[], Some(&too_large));
+    let json = [("Content-Type", "application/json")];
+    let response = request(&server.addr, "POST", "/v1/videos", &json, Some(&too_large));
     assert_eq!(response.status, 413, "{}", response.text());
     assert_eq!(response.error_field(), "body");
 
-    for path in ["/v1/videos/vid_00000000000000000000000000000000", "/v1/videos/..%2Fjobs.sqlite3/content", "/v1/nothing"] {
+    for path in [
+        "/v1/videos/vid_00000000000000000000000000000000",
+        "/v1/videos/..%2Fjobs.sqlite3/content",
+        "/v1/nothing",
+    ] {
         let response = server.get(path);
         assert_eq!(response.status, 404, "{path}");
         assert!(response.json()["error"]["message"].is_string());
@@ -185,9 +247,15 @@ fn cancel_stops_running_and_queued_jobs_leaving_no_file() {
     for id in [&running, &queued] {
         assert!(!server.video_path(id).exists(), "{id} left a video");
         assert_eq!(server.get(&format!("/v1/videos/{id}/content")).status, 409);
-        assert_eq!(server.delete(&format!("/v1/videos/{id}")).status, 409, "already over");
+        assert_eq!(
+            server.delete(&format!("/v1/videos/{id}")).status,
+            409,
+            "already over"
+        );
     }
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("outputs")).unwrap().collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join("outputs"))
+        .unwrap()
+        .collect();
     assert!(leftovers.is_empty(), "no partial file: {leftovers:?}");
 }
 
@@ -208,7 +276,10 @@ fn concurrent_submissions_run_one_at_a_time_in_order() {
         server.wait_until_over(id);
     }
     // Newest first: reversed, the submission (queue) order.
-    let mut jobs = server.get("/v1/videos").json()["data"].as_array().unwrap().clone();
+    let mut jobs = server.get("/v1/videos").json()["data"]
+        .as_array()
+        .unwrap()
+        .clone();
     jobs.reverse();
     assert_eq!(jobs.len(), 4);
     for pair in jobs.windows(2) {
@@ -249,15 +320,30 @@ fn the_token_guards_every_route_but_the_page() {
             assert_eq!(response.json()["error"]["code"], "unauthorized");
         }
     }
-    let bearer = [("Authorization", "Bearer s3cret")];
-    assert_eq!(request(&server.addr, "GET", "/v1/models", &bearer, None).status, 200);
+    let bearer = [
+        ("Authorization", "Bearer s3cret"),
+        ("Content-Type", "application/json"),
+    ];
+    assert_eq!(
+        request(&server.addr, "GET", "/v1/models", &bearer, None).status,
+        200
+    );
     let body = tiny_job("with a token").to_string();
-    let submitted = request(&server.addr, "POST", "/v1/videos", &bearer, Some(body.as_bytes()));
+    let submitted = request(
+        &server.addr,
+        "POST",
+        "/v1/videos",
+        &bearer,
+        Some(body.as_bytes()),
+    );
     assert_eq!(submitted.status, 202, "{}", submitted.text());
     let id = submitted.json()["id"].as_str().unwrap().to_owned();
-    let events = common::read_events(&server.addr, &format!("/v1/videos/{id}/events"), &bearer, |e| {
-        e["status"] == "succeeded"
-    });
+    let events = common::read_events(
+        &server.addr,
+        &format!("/v1/videos/{id}/events"),
+        &bearer,
+        |e| e["status"] == "succeeded",
+    );
     assert_eq!(events.last().unwrap()["status"], "succeeded");
 }
 
@@ -287,5 +373,11 @@ fn restarts_keep_finished_jobs_and_rerun_interrupted_ones() {
     assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
     let video = Video::read_mp4(server.video_path(&interrupted)).unwrap();
     assert_eq!(video.len(), 5);
-    assert_eq!(server.get("/v1/videos").json()["data"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        server.get("/v1/videos").json()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
