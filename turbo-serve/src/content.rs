@@ -20,7 +20,8 @@ pub struct ByteRange {
 }
 
 impl ByteRange {
-    pub fn len(self) -> u64 {
+    /// Bytes in the range (never 0: both ends are included).
+    pub fn length(self) -> u64 {
         self.last - self.first + 1
     }
 }
@@ -76,7 +77,7 @@ pub async fn serve_video(
             file.seek(SeekFrom::Start(range.first))
                 .await
                 .map_err(missing)?;
-            (StatusCode::PARTIAL_CONTENT, range.len())
+            (StatusCode::PARTIAL_CONTENT, range.length())
         }
         None => (StatusCode::OK, size),
     };

@@ -344,7 +344,8 @@ impl VideoRequest {
                         ),
                     ));
                 }
-                if !(choice.strength.abs() <= MAX_LORA_STRENGTH) {
+                let in_range = choice.strength.abs() <= MAX_LORA_STRENGTH;
+                if !in_range {
                     return Err(ApiError::field(
                         "lora",
                         format!("strength must be within ±{MAX_LORA_STRENGTH}"),

@@ -261,7 +261,7 @@ async fn video_events(
 /// Where an event stream is.
 enum Feed {
     /// The first event: the job as read.
-    First(JobView, broadcast::Receiver<JobView>),
+    First(Box<JobView>, broadcast::Receiver<JobView>),
     Following(broadcast::Receiver<JobView>),
     Over,
 }
@@ -273,11 +273,11 @@ fn job_events(
     receiver: broadcast::Receiver<JobView>,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
     stream::unfold(
-        (Feed::First(current, receiver), state, id),
+        (Feed::First(Box::new(current), receiver), state, id),
         |(feed, mut state, id)| async move {
             let (view, receiver) = match feed {
                 Feed::Over => return None,
-                Feed::First(view, receiver) => (view, receiver),
+                Feed::First(view, receiver) => (*view, receiver),
                 Feed::Following(mut receiver) => {
                     let view = next_change(&mut state, &id, &mut receiver).await?;
                     (view, receiver)

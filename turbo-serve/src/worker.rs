@@ -108,7 +108,7 @@ impl Worker {
             .models
             .pipeline(&generation.key, |p| weight_bytes(p, &generation.work))?;
         timings.load_ms = Some(millis(load.elapsed()));
-        let video = {
+        let (video, (step, steps)) = {
             let mut reporter = Reporter {
                 worker: self,
                 id,
@@ -116,14 +116,20 @@ impl Worker {
                 timings: &mut *timings,
                 denoised: (0, 0),
             };
-            run_pipeline(&pipeline, &generation.work, &mut reporter)
+            let video = run_pipeline(&pipeline, &generation.work, &mut reporter);
+            (video, reporter.denoised)
         };
         let video = match (video, stop.requested()) {
             (_, Some(StopReason::Canceled)) => return Err(Stopped::Canceled),
             (_, Some(StopReason::Shutdown)) => return Err(Stopped::Shutdown),
             (result, None) => result?,
         };
-        self.update(id, JobProgress::at("writing", DECODE_END));
+        let writing = JobProgress {
+            step,
+            steps,
+            ..JobProgress::at("writing", DECODE_END)
+        };
+        self.update(id, writing);
         let write = Instant::now();
         write_video(&video, &self.outputs.join(id.video_file_name()))?;
         timings.write_ms = Some(millis(write.elapsed()));

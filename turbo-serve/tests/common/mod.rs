@@ -199,10 +199,41 @@ pub fn request(
     stream.write_all(head.as_bytes()).unwrap();
     // The server may answer (413) before reading a large body, and close.
     let _ = stream.write_all(body);
+    parse_response(&read_response(&mut stream))
+}
+
+/// The raw response: up to its `Content-Length`, else to the end of the connection (some
+/// servers keep it open despite `Connection: close`).
+fn read_response(stream: &mut TcpStream) -> Vec<u8> {
     let mut raw = Vec::new();
-    // A server refusing a body it did not read may reset the connection after its answer.
-    let _ = stream.read_to_end(&mut raw);
-    parse_response(&raw)
+    let mut buffer = [0u8; 64 * 1024];
+    loop {
+        if let Some(expected) = expected_length(&raw) {
+            if raw.len() >= expected {
+                return raw;
+            }
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) => return raw,
+            Ok(n) => raw.extend_from_slice(&buffer[..n]),
+            // A server refusing a body it did not read may reset the connection after its
+            // answer.
+            Err(_) => return raw,
+        }
+    }
+}
+
+/// Head plus body length, once the head is in and gives a `Content-Length`.
+fn expected_length(raw: &[u8]) -> Option<usize> {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))?
+        .trim()
+        .parse::<usize>()
+        .ok()?;
+    Some(split + 4 + length)
 }
 
 fn parse_response(raw: &[u8]) -> Response {
