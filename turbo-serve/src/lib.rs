@@ -81,6 +81,8 @@ pub enum ServeError {
     },
     #[error("job store: {0}")]
     Store(#[from] rusqlite::Error),
+    #[error("cannot start the generation thread: {0}")]
+    Thread(std::io::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -132,10 +134,7 @@ impl Server {
             limits: config.limits,
         }
         .spawn()
-        .map_err(|source| ServeError::Io {
-            path: "generation thread".into(),
-            source,
-        })?;
+        .map_err(ServeError::Thread)?;
         let listener = TcpListener::bind(config.addr)
             .await
             .map_err(|source| ServeError::Bind {
@@ -208,5 +207,26 @@ fn remove_partial_files(outputs: &Path) {
                 tracing::warn!("cannot remove {}: {e}", path.display());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_temporary_files_of_interrupted_writes_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let names = [".vid_1.mp4.a1B2c3.part", "vid_2.mp4", ".keep", "notes.part"];
+        for name in names {
+            std::fs::write(dir.path().join(name), b"x").unwrap();
+        }
+        remove_partial_files(dir.path());
+        let mut left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".keep", "notes.part", "vid_2.mp4"]);
     }
 }

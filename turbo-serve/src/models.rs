@@ -139,7 +139,8 @@ impl ModelCatalog {
         }
     }
 
-    /// The released models whose files are in `dir`: those of `only` (ids of [`RELEASES`]),
+    /// The released models whose files are in `dir`: those of `only` (`wan2.1-t2v-1.3b`,
+    /// `wan2.1-t2v-14b`, `wan2.2-i2v-a14b`),
     /// or every one found when `only` is empty.
     pub fn from_checkpoint_dir(
         dir: &Path,
@@ -405,6 +406,29 @@ mod tests {
             Vec::<i32>::new(),
             "a key is held once"
         );
+    }
+
+    #[test]
+    fn the_models_of_a_checkpoint_folder_are_those_whose_files_are_there() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "TurboWan2.1-T2V-1.3B-480P.pth",
+            "models_t5_umt5-xxl-enc-bf16.pth",
+            "Wan2.1_VAE.pth",
+            "tokenizer.json",
+        ] {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        let catalog = ModelCatalog::from_checkpoint_dir(dir.path(), &[], Device::Cpu).unwrap();
+        let ids: Vec<_> = catalog.entries().iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["wan2.1-t2v-1.3b"]);
+        assert_eq!(
+            catalog.default_for(Task::T2v).unwrap().defaults.num_frames,
+            81
+        );
+        let missing =
+            ModelCatalog::from_checkpoint_dir(dir.path(), &["wan2.1-t2v-14b".into()], Device::Cpu);
+        assert!(matches!(missing, Err(CatalogError::MissingFiles { .. })));
     }
 
     #[test]

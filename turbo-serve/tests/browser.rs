@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -25,10 +25,13 @@ const DEFAULT_CHROMIUM: &str = "/usr/bin/chromium";
 fn the_page_submits_a_job_and_plays_its_video() {
     let chromium = std::env::var("CHROMIUM").unwrap_or_else(|_| DEFAULT_CHROMIUM.to_owned());
     if !std::path::Path::new(&chromium).exists() {
-        eprintln!(
+        // Written to the process's stderr, past the test harness's capture, so that the skip
+        // shows in a normal `cargo test` run.
+        let reason = format!(
             "SKIPPED the_page_submits_a_job_and_plays_its_video: no Chromium at {chromium} \
-             (install the Debian package `chromium`, or set CHROMIUM to its binary)"
+             (install the Debian package `chromium`, or set CHROMIUM to its binary)\n"
         );
+        let _ = std::io::stderr().write_all(reason.as_bytes());
         return;
     }
     let data = tempfile::tempdir().unwrap();
