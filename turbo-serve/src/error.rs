@@ -27,6 +27,9 @@ pub enum ApiError {
     /// The bearer token is missing or wrong.
     #[error("this server needs `Authorization: Bearer <token>`; the token is missing or wrong")]
     Unauthorized,
+    /// A page of another origin sent a request that changes something.
+    #[error("requests from pages of another origin ({origin}) are refused")]
+    CrossOrigin { origin: String },
     /// The job is not in a state that allows the request (no video yet, already finished).
     #[error("{0}")]
     Conflict(String),
@@ -57,6 +60,7 @@ impl ApiError {
             Self::JobNotFound { .. } | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::CrossOrigin { .. } => StatusCode::FORBIDDEN,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::RangeNotSatisfiable { .. } => StatusCode::RANGE_NOT_SATISFIABLE,
             Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -73,6 +77,7 @@ impl ApiError {
             Self::RouteNotFound => "route_not_found",
             Self::QueueFull { .. } => "queue_full",
             Self::Unauthorized => "unauthorized",
+            Self::CrossOrigin { .. } => "cross_origin",
             Self::Conflict(_) => "conflict",
             Self::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             Self::ShuttingDown => "shutting_down",

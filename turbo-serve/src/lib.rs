@@ -17,6 +17,7 @@ pub mod queue;
 pub mod request;
 pub mod routes;
 pub mod store;
+pub mod upload;
 pub mod worker;
 
 use std::future::Future;

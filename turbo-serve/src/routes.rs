@@ -4,10 +4,8 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
@@ -23,8 +21,9 @@ use crate::error::ApiError;
 use crate::job::{JobId, JobProgress, JobStatus, JobView};
 use crate::models::Models;
 use crate::queue::{Cancel, JobQueue, PushError};
-use crate::request::{RequestLimits, VideoRequest};
+use crate::request::RequestLimits;
 use crate::store::{JobStore, NewJob};
+use crate::upload::read_submission;
 use crate::worker::Events;
 
 /// The page: one file, no build step, nothing fetched from elsewhere.
@@ -64,7 +63,31 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(|| async { Html(PAGE) }))
         .merge(api)
         .layer(DefaultBodyLimit::max(state.max_body_bytes))
+        .layer(middleware::from_fn(require_same_origin))
         .with_state(state)
+}
+
+/// Refuses a request that changes something (any method but GET and HEAD) sent by a page of
+/// another origin: browsers name the page's origin in `Origin`, so another site cannot make a
+/// visitor's browser submit or cancel jobs here (a form post needs no CORS preflight).
+async fn require_same_origin(request: Request, next: Next) -> Result<Response, ApiError> {
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD);
+    match foreign_origin(request.headers()) {
+        Some(origin) if !safe => Err(ApiError::CrossOrigin { origin }),
+        _ => Ok(next.run(request).await),
+    }
+}
+
+/// The `Origin` of the request when it is not the server's own (its `Host`).
+fn foreign_origin(headers: &HeaderMap) -> Option<String> {
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    let origin = text(header::ORIGIN)?;
+    let host = text(header::HOST).unwrap_or_default();
+    let same = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|authority| authority.eq_ignore_ascii_case(host));
+    (!same).then(|| origin.to_owned())
 }
 
 /// Refuses a request without the server's bearer token (when it has one).
@@ -94,18 +117,9 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 
 async fn submit_video(
     State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    body: Request,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    require_json(&headers)?;
-    let body = body.map_err(|rejection| match rejection.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge {
-            limit: state.max_body_bytes,
-        },
-        _ => ApiError::field("body", rejection.body_text()),
-    })?;
-    let mut request = VideoRequest::parse(&body)?;
-    let image = request.take_image(&state.limits)?;
+    let (request, image) = read_submission(body, &state.limits, state.max_body_bytes).await?;
     let request = request.with_seed();
     request.validate(&state.models.catalog, &state.limits, image.as_deref())?;
     let id = JobId::generate();
@@ -125,25 +139,6 @@ async fn submit_video(
     }
     tracing::info!(job = %id, "queued");
     Ok((StatusCode::ACCEPTED, Json(job_view(&state, &id)?)))
-}
-
-/// Only JSON bodies: a browser sends those across sites only after a CORS preflight, which
-/// this server does not grant, so another site's page cannot submit jobs to it (a form's
-/// `text/plain` or `multipart` body could be sent without one).
-fn require_json(headers: &HeaderMap) -> Result<(), ApiError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    let essence = content_type.split(';').next().unwrap_or_default().trim();
-    if essence.eq_ignore_ascii_case("application/json") {
-        Ok(())
-    } else {
-        Err(ApiError::field(
-            "content-type",
-            format!("`{content_type}`: the body must be `application/json`"),
-        ))
-    }
 }
 
 fn job_view(state: &AppState, id: &JobId) -> Result<JobView, ApiError> {
@@ -323,6 +318,25 @@ fn sse_event(view: &JobView) -> Event {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_another_origin_than_the_host_is_foreign() {
+        let headers = |origin: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::HOST, "127.0.0.1:8080".parse().unwrap());
+            headers.insert(header::ORIGIN, origin.parse().unwrap());
+            headers
+        };
+        assert_eq!(foreign_origin(&headers("http://127.0.0.1:8080")), None);
+        for foreign in ["http://evil.example", "null", "http://127.0.0.1:9090"] {
+            assert_eq!(foreign_origin(&headers(foreign)).as_deref(), Some(foreign));
+        }
+        assert_eq!(
+            foreign_origin(&HeaderMap::new()),
+            None,
+            "no Origin: not a browser page"
+        );
+    }
 
     #[test]
     fn secrets_match_only_when_equal() {

@@ -144,6 +144,43 @@ fn an_image_to_video_job_runs_from_an_uploaded_image() {
         job["request"].get("image").is_none(),
         "the image bytes are not echoed"
     );
+
+    // The same as a file upload: `curl -F request=… -F image=@picture.png`.
+    let request = json!({"prompt": "uploaded", "width": 32, "height": 48, "num_frames": 5,
+                         "steps": 1, "attention": "original"});
+    let body = multipart(&[
+        ("request", None, request.to_string().as_bytes()),
+        ("image", Some("picture.png"), &png(24, 40)),
+    ]);
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let headers = [("Content-Type", content_type.as_str())];
+    let response = common::request(&server.addr, "POST", "/v1/videos", &headers, Some(&body));
+    assert_eq!(response.status, 202, "{}", response.text());
+    let id = response.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        server.wait_until_over(&id).last().unwrap()["status"],
+        "succeeded"
+    );
+    let video = Video::read_mp4(server.video_path(&id)).unwrap();
+    assert_eq!((video.len(), video.width(), video.height()), (5, 32, 48));
+}
+
+const BOUNDARY: &str = "turbo-serve-test-boundary";
+
+/// A `multipart/form-data` body of `(name, file name, content)` parts.
+fn multipart(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, file_name, content) in parts {
+        let file = file_name.map_or(String::new(), |f| format!("; filename=\"{f}\""));
+        let head = format!(
+            "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n"
+        );
+        body.extend_from_slice(head.as_bytes());
+        body.extend_from_slice(content);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
 }
 
 #[test]
@@ -195,6 +232,22 @@ fn bad_requests_are_refused_naming_the_field() {
     );
     assert_eq!(response.status, 400, "{}", response.text());
     assert_eq!(response.error_field(), "content-type");
+
+    // A page of another site cannot submit or cancel.
+    let foreign = [
+        ("Content-Type", "application/json"),
+        ("Origin", "http://evil.example"),
+    ];
+    let body = tiny_job("cross-site").to_string();
+    let response = request(
+        &server.addr,
+        "POST",
+        "/v1/videos",
+        &foreign,
+        Some(body.as_bytes()),
+    );
+    assert_eq!(response.status, 403, "{}", response.text());
+    assert_eq!(response.json()["error"]["code"], "cross_origin");
 
     let too_large = vec![b' '; (1 << 20) + 1024];
     let json = [("Content-Type", "application/json")];
