@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use clap::Parser;
 use turbo_serve::models::ModelCatalog;
 use turbo_serve::request::RequestLimits;
 use turbo_serve::{Server, ServerConfig};
+use turbodiffusion::core::DeviceSpec;
 use turbodiffusion::pipeline::DEMO_NOTICE;
 
 #[derive(Parser, Debug)]
@@ -39,7 +39,7 @@ struct Args {
     lora_dir: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
-    device: String,
+    device: DeviceSpec,
     /// Bearer token required on every route but the page (also read from
     /// TURBO_SERVE_TOKEN).
     #[arg(long, env = "TURBO_SERVE_TOKEN", hide_env_values = true)]
@@ -90,7 +90,7 @@ fn main() -> Result<()> {
 }
 
 fn catalog(args: &Args) -> Result<ModelCatalog> {
-    let device = parse_device(&args.device)?;
+    let device = args.device.open().context("--device")?;
     let catalog = match &args.checkpoint_dir {
         Some(dir) => ModelCatalog::from_checkpoint_dir(dir, &args.models, device)?,
         None if !args.models.is_empty() => bail!("--model needs --checkpoint-dir"),
@@ -127,17 +127,6 @@ fn config(args: &Args) -> Result<ServerConfig> {
         memory_budget,
         ..ServerConfig::new(&args.data_dir)
     })
-}
-
-fn parse_device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => Ok(Device::new_cuda(0)?),
-        _ => match name.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => Ok(Device::new_cuda(ordinal)?),
-            _ => bail!("--device {name}: expected cpu, cuda or cuda:N"),
-        },
-    }
 }
 
 /// Completes on Ctrl-C or SIGTERM.

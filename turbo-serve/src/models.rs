@@ -351,21 +351,21 @@ impl Models {
     }
 
     /// The pipeline of `key`: the resident one, or a new one whose cost `weight_bytes` says
-    /// (evicting others when it would not fit). The bool says whether it was built now.
+    /// (evicting others when it would not fit).
     pub fn pipeline(
         &self,
         key: &PipelineKey,
         weight_bytes: impl FnOnce(&Pipeline) -> turbodiffusion::Result<u64>,
-    ) -> turbodiffusion::Result<(Arc<Pipeline>, bool)> {
+    ) -> turbodiffusion::Result<Arc<Pipeline>> {
         if let Some(pipeline) = self.lock().get(key) {
-            return Ok((pipeline, false));
+            return Ok(pipeline);
         }
         let pipeline = Arc::new(self.catalog.build(key)?);
         let bytes = weight_bytes(&pipeline)?;
         for evicted in self.lock().insert(key.clone(), pipeline.clone(), bytes) {
             tracing::info!(model = %evicted.model, "evicted a resident pipeline");
         }
-        Ok((pipeline, true))
+        Ok(pipeline)
     }
 
     /// The models with a resident pipeline.

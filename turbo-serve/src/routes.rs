@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -121,7 +122,14 @@ async fn submit_video(
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
     let (request, image) = read_submission(body, &state.limits, state.max_body_bytes).await?;
     let request = request.with_seed();
-    request.validate(&state.models.catalog, &state.limits, image.as_deref())?;
+    // Decoding the image is CPU work: off the threads that serve connections.
+    let (models, limits) = (state.models.clone(), state.limits);
+    let (request, image) = tokio::task::spawn_blocking(move || {
+        request.validate(&models.catalog, &limits, image.as_deref())?;
+        Ok::<_, ApiError>((request, image))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
     let id = JobId::generate();
     let stored = serde_json::to_value(&request).map_err(|e| ApiError::Internal(e.to_string()))?;
     let new_job = NewJob {
@@ -162,8 +170,9 @@ struct ListQuery {
 
 async fn list_videos(
     State(state): State<AppState>,
-    Query(query): Query<ListQuery>,
+    query: Result<Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::field("limit", e.body_text()))?;
     let limit = query
         .limit
         .unwrap_or(DEFAULT_LIST_LIMIT)

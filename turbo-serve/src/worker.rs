@@ -50,6 +50,12 @@ impl From<Error> for Stopped {
     }
 }
 
+impl From<rusqlite::Error> for Stopped {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Failed(format!("job store: {error}"))
+    }
+}
+
 impl Worker {
     /// Starts the thread; it ends when the queue is closed and the running job has stopped.
     pub fn spawn(self) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -66,8 +72,8 @@ impl Worker {
             })
     }
 
-    /// Runs one job to its end and records the outcome (not yet announced); a panic in the pipeline fails the job
-    /// instead of the server.
+    /// Runs one job to its end and records the outcome (not yet announced); a panic in the
+    /// pipeline fails the job instead of the server.
     fn run(&self, id: &JobId, stop: &StopFlag) {
         let mut timings = Timings::default();
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -92,19 +98,9 @@ impl Worker {
 
     fn generate(&self, id: &JobId, stop: &StopFlag, timings: &mut Timings) -> Result<(), Stopped> {
         let started = Instant::now();
-        let view = self
-            .store
-            .get(id)
-            .map_err(|e| Stopped::Failed(e.to_string()))?
-            .ok_or_else(|| Stopped::Failed("the job is not in the store".into()))?;
-        timings.queued_ms = Some(u64::try_from(now_ms() - view.created_at).unwrap_or(0));
-        self.store
-            .mark_running(id, timings)
-            .map_err(|e| Stopped::Failed(e.to_string()))?;
-        self.update(id, JobProgress::at("loading_model", 0.0));
-        let generation = self.validate(id, &view.request)?;
+        let generation = self.start(id, timings)?;
         let load = Instant::now();
-        let (pipeline, _) = self
+        let pipeline = self
             .models
             .pipeline(&generation.key, |p| weight_bytes(p, &generation.work))?;
         timings.load_ms = Some(millis(load.elapsed()));
@@ -137,14 +133,19 @@ impl Worker {
         Ok(())
     }
 
-    /// The stored request, validated again (the same checks as at submission).
-    fn validate(&self, id: &JobId, request: &serde_json::Value) -> Result<Generation, Stopped> {
-        let request: VideoRequest = serde_json::from_value(request.clone())
-            .map_err(|e| Stopped::Failed(format!("stored request: {e}")))?;
-        let image = self
+    /// Marks the job running and returns its stored request, validated again (the same
+    /// checks as at submission).
+    fn start(&self, id: &JobId, timings: &mut Timings) -> Result<Generation, Stopped> {
+        let view = self
             .store
-            .image(id)
-            .map_err(|e| Stopped::Failed(e.to_string()))?;
+            .get(id)?
+            .ok_or_else(|| Stopped::Failed("the job is not in the store".into()))?;
+        timings.queued_ms = Some(u64::try_from(now_ms() - view.created_at).unwrap_or(0));
+        self.store.mark_running(id, timings)?;
+        self.update(id, JobProgress::at("loading_model", 0.0));
+        let request: VideoRequest = serde_json::from_value(view.request)
+            .map_err(|e| Stopped::Failed(format!("stored request: {e}")))?;
+        let image = self.store.image(id)?;
         request
             .validate(&self.models.catalog, &self.limits, image.as_deref())
             .map_err(|e| Stopped::Failed(e.to_string()))

@@ -85,6 +85,11 @@ fn a_job_streams_its_progress_and_serves_its_mp4() {
 
     check_ranges(&server, &id, &content.body);
 
+    let bad_limit = server.get("/v1/videos?limit=many");
+    assert_eq!(
+        (bad_limit.status, bad_limit.error_field()),
+        (400, "limit".into())
+    );
     let list = server.get("/v1/videos").json();
     assert_eq!(list["data"][0]["id"], id.as_str());
     let models = server.get("/v1/models").json();
