@@ -264,13 +264,7 @@ mod cuda {
         let taps = channels * ksize * ksize;
         if x.dtype() == DType::BF16 && wgmma_applies(&x, ksize, channels, out_channels)? {
             let input = ChannelsLast::concat(&[&x.unsqueeze(0)?])?;
-            let out = wgmma_conv(
-                &input,
-                &Windows::single_frames(batch),
-                weight,
-                bias,
-                padding,
-            )?;
+            let out = wgmma_conv(&input, &Windows::single_frames(batch), weight, bias, padding)?;
             return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
         }
         if x.dtype() == DType::BF16 && matches!(ksize, 1 | 3) {
