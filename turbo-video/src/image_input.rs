@@ -52,6 +52,29 @@ impl InputImage {
         })
     }
 
+    /// Decodes a PNG, JPEG or WebP image held in memory (an upload), the format read from the
+    /// content, refusing one whose width or height exceeds `max_side` pixels before its pixels
+    /// are decoded (so a small file that claims a huge image allocates nothing).
+    pub fn decode(bytes: &[u8], max_side: u32) -> Result<Self> {
+        let decode_error = |reason: String| Error::Media {
+            what: "the image".into(),
+            reason,
+        };
+        let mut reader = ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| decode_error(e.to_string()))?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(max_side);
+        limits.max_image_height = Some(max_side);
+        reader.limits(limits);
+        let image = reader
+            .decode()
+            .map_err(|e| decode_error(format!("cannot decode image (PNG, JPEG or WebP): {e}")))?;
+        Ok(Self {
+            image: image.into_rgb8(),
+        })
+    }
+
     /// An image from interleaved RGB bytes, row-major.
     pub fn from_rgb(width: u32, height: u32, rgb: Vec<u8>) -> Result<Self> {
         let len = rgb.len();
@@ -222,6 +245,33 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+
+    fn png_bytes(width: u32, height: u32) -> Vec<u8> {
+        let image = RgbImage::from_fn(width, height, |x, y| image::Rgb([x as u8, y as u8, 7]));
+        let mut bytes = Vec::new();
+        image
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
+            .unwrap();
+        bytes
+    }
+
+    #[test]
+    fn decode_reads_an_image_from_memory() {
+        let image = InputImage::decode(&png_bytes(5, 3), 16).unwrap();
+        assert_eq!((image.width(), image.height()), (5, 3));
+        assert_eq!(&image.rgb()[..3], &[0, 0, 7]);
+    }
+
+    #[test]
+    fn decode_refuses_an_oversized_image_and_garbage() {
+        let too_wide = InputImage::decode(&png_bytes(20, 3), 16).unwrap_err();
+        assert!(matches!(too_wide, Error::Media { .. }), "{too_wide}");
+        let garbage = InputImage::decode(b"not an image at all", 16).unwrap_err();
+        assert!(garbage.to_string().contains("cannot decode"), "{garbage}");
+    }
 
     proptest! {
         /// The crop lies inside the image, is centred, spans one full side, and has the target's
