@@ -264,13 +264,7 @@ impl Pipeline {
             report_step(progress, &report)?;
         }
         drop(resident);
-        if let Some(reader) = prefetch {
-            // Done long before (the read overlaps the first expert's steps); a failed read
-            // only costs speed, the load reports real errors.
-            if let Ok(Err(error)) = reader.join() {
-                tracing::warn!("prefetching the second expert failed: {error}");
-            }
-        }
+        finish_prefetch(prefetch, "the second expert");
         let stage = Stage::Denoising {
             steps: timesteps.len(),
         };
@@ -331,10 +325,9 @@ impl Pipeline {
     }
 }
 
-/// Hands a finished step to `progress`; a cancel there ends the run.
 /// Reads a weight file once on a background thread (its pages stay in the OS page cache for
 /// the memory-mapped load that follows), returning the bytes read; `None` for random weights.
-fn prefetch_file(source: &WeightSource) -> Option<JoinHandle<std::io::Result<u64>>> {
+pub(super) fn prefetch_file(source: &WeightSource) -> Option<JoinHandle<std::io::Result<u64>>> {
     let WeightSource::File(path) = source else {
         return None;
     };
@@ -355,6 +348,18 @@ fn read_through(path: &Path) -> std::io::Result<u64> {
     }
 }
 
+/// Waits for a [`prefetch_file`] read of `what`: usually done long before (it overlaps other
+/// work). A failed read only costs speed (the load that follows reports real errors), so it is
+/// a warning.
+pub(super) fn finish_prefetch(read: Option<JoinHandle<std::io::Result<u64>>>, what: &str) {
+    match read.map(JoinHandle::join) {
+        Some(Ok(Err(error))) => tracing::warn!("prefetching {what} failed: {error}"),
+        Some(Err(_)) => tracing::warn!("prefetching {what} panicked"),
+        _ => {}
+    }
+}
+
+/// Hands a finished step to `progress`; a cancel there ends the run.
 fn report_step(progress: &mut dyn Progress, report: &StepReport) -> Result<()> {
     match progress.step_done(report) {
         std::ops::ControlFlow::Continue(()) => Ok(()),

@@ -461,7 +461,9 @@ impl Pipeline {
 
     /// The text contexts of the prompt and, for guided sampling, of the negative prompt, on the
     /// pipeline's device. The encoder reads one block of weights at a time (on the device the
-    /// pipeline says), runs both prompts through it, and holds none after.
+    /// pipeline says), runs both prompts through it, and holds none after. Meanwhile another
+    /// thread reads the first DiT's file into the page cache, so that the load that follows
+    /// the encoder copies from memory, not from the disk.
     fn encode_prompts(
         &self,
         prompt: &str,
@@ -470,6 +472,7 @@ impl Pipeline {
     ) -> Result<(Tensor, Option<Tensor>)> {
         let meter = StageMeter::start(&self.device)?;
         progress.stage(&Stage::EncodingText);
+        let dit_read = denoise::prefetch_file(&self.models.dit_weights);
         let bytes = WeightBytes::default();
         let texts = std::iter::once(prompt).chain(negative);
         let contexts = self.encode_texts(texts, &bytes)?;
@@ -482,6 +485,7 @@ impl Pipeline {
             contexts.next(),
         );
         meter.finish(Stage::EncodingText, bytes.get(), &self.device, progress)?;
+        denoise::finish_prefetch(dit_read, "the DiT");
         Ok(contexts)
     }
 
