@@ -9,6 +9,10 @@
 //! # a top-k per step, and a teacher solver for the undistilled checkpoints:
 //! cargo run --release --example t2v -- --sla-topk-schedule 0.05,0.1,0.1,0.15
 //! cargo run --release --example t2v -- --solver unipc --num-steps 8 --guidance 5
+//! # Wan2.2 T2V-A14B (official `Wan-AI/Wan2.2-T2V-A14B` folder; the teacher with its published
+//! # 40 steps, shift 12, guidance 4 / 3 per expert; `--model a14b` alone runs its tiny demo):
+//! cargo run --release --features cuda --example t2v -- --checkpoint-dir Wan2.2-T2V-A14B \
+//!     --model a14b --prompt "a cat surfing" --quant-linear --device cuda
 //! # a base checkpoint with LoRAs (FILE[:STRENGTH], repeatable) and a distilled-LoRA preset:
 //! cargo run --release --example t2v -- --checkpoint-dir ckpts --model 14b \
 //!     --lora style.safetensors:0.8 --lora lightx2v_4step.safetensors --sampler-preset distill-4step
@@ -22,7 +26,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
 use turbodiffusion::core::{AspectRatio, Resolution};
-use turbodiffusion::pipeline::{demo_request, ModelKind, DEMO_NOTICE};
+use turbodiffusion::pipeline::{ModelKind, DEMO_NOTICE};
 use turbodiffusion::video::Mp4Options;
 use turbodiffusion::{Pipeline, T2vRequest};
 
@@ -32,6 +36,19 @@ enum Model {
     Wan1_3B,
     #[value(name = "14b")]
     Wan14B,
+    /// Wan2.2 T2V-A14B, two experts.
+    #[value(name = "a14b")]
+    WanA14B,
+}
+
+impl Model {
+    fn kind(self) -> ModelKind {
+        match self {
+            Self::Wan1_3B => ModelKind::Wan21T2V1_3B,
+            Self::Wan14B => ModelKind::Wan21T2V14B,
+            Self::WanA14B => ModelKind::Wan22T2VA14B,
+        }
+    }
 }
 
 #[derive(Parser, Debug)]
@@ -45,7 +62,7 @@ struct Args {
     /// Folder with the checkpoint files; without it, the built-in demo runs (random weights).
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
-    /// 1.3b (default) or 14b.
+    /// 1.3b (default), 14b or a14b (Wan2.2 T2V-A14B).
     #[arg(long, value_enum)]
     model: Option<Model>,
     /// original, sla or sagesla.
@@ -60,10 +77,10 @@ struct Args {
     sampler: common::SamplerArgs,
     #[command(flatten)]
     lora: common::LoraArgs,
-    /// 4n + 1 frames (default 81; 17 in the demo).
+    /// 4n + 1 frames (default: the model's, 81; 17 in the demo).
     #[arg(long)]
     num_frames: Option<usize>,
-    /// 480p (default) or 720p.
+    /// 480p or 720p (default: the model's, 480p for Wan2.1, 720p for A14B).
     #[arg(long)]
     resolution: Option<Resolution>,
     /// 16:9 (default), 9:16, 1:1, 4:3 or 3:4.
@@ -79,7 +96,6 @@ fn main() -> Result<()> {
     let interrupt = common::Interrupt::install()?;
     if args.checkpoint_dir.is_none() {
         common::reject_demo_flags(&[
-            ("--model", args.model.is_some()),
             ("--resolution", args.resolution.is_some()),
             ("--aspect-ratio", args.aspect_ratio.is_some()),
             ("--dtype", args.run.dtype.is_some()),
@@ -95,21 +111,19 @@ fn main() -> Result<()> {
         .device
         .open()
         .with_context(|| format!("opening {}", args.run.device))?;
+    let kind = args.model.unwrap_or(Model::Wan1_3B).kind();
     let (pipeline, mut request, model_name) = match &args.checkpoint_dir {
         None => {
             println!("{DEMO_NOTICE}");
-            let request = demo_request(&args.prompt);
-            (
-                Pipeline::demo(args.run.seed, attention, device)?,
-                request,
-                "demo",
-            )
+            let request = T2vRequest {
+                size: Some((128, 128)),
+                frames: 17,
+                ..T2vRequest::for_model(kind, &args.prompt)
+            };
+            let pipeline = Pipeline::demo_of(kind, args.run.seed, attention, device)?;
+            (pipeline, request, "demo")
         }
         Some(dir) => {
-            let kind = match args.model.unwrap_or(Model::Wan1_3B) {
-                Model::Wan1_3B => ModelKind::Wan21T2V1_3B,
-                Model::Wan14B => ModelKind::Wan21T2V14B,
-            };
             let pipeline = Pipeline::builder(kind)
                 .checkpoint_dir(dir)
                 .attention(attention.kind)
@@ -117,7 +131,7 @@ fn main() -> Result<()> {
                 .device(device)
                 .dtype(args.run.dtype())
                 .build()?;
-            let defaults = T2vRequest::new(&args.prompt);
+            let defaults = T2vRequest::for_model(kind, &args.prompt);
             let request = T2vRequest {
                 resolution: args.resolution.unwrap_or(defaults.resolution),
                 aspect_ratio: args.aspect_ratio.unwrap_or(defaults.aspect_ratio),
@@ -127,14 +141,13 @@ fn main() -> Result<()> {
         }
     };
     let pipeline = pipeline.with_loras(args.lora.loras()?)?;
-    request.sampler = args.sampler.sampler()?;
-    request.sla_topk_schedule = args.sampler.sla_topk_schedule.clone();
+    args.sampler.apply(&mut request)?;
     request.seed = args.run.seed;
-    request.fps = args.run.fps;
+    request.fps = args.run.fps.unwrap_or(request.fps);
     if let Some(frames) = args.num_frames {
         request.frames = frames;
     }
-    let output = args.run.output("t2v", model_name)?;
+    let output = args.run.output("t2v", model_name, request.fps)?;
     let mut progress = common::Console::new(interrupt.clone());
     let written = common::exit_if_cancelled(pipeline.text_to_video_file(
         &request,

@@ -13,6 +13,7 @@ use turbodiffusion::models::lora::LoraAdapter;
 use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::video::{Existing, Fps, OutputFile};
+use turbodiffusion::T2vRequest;
 use turbodiffusion::{AttentionKind, Error};
 
 /// Shows the library's warnings (a prompt cut to the text encoder's limit, a failed prefetch)
@@ -226,8 +227,9 @@ impl Progress for Console {
 pub struct RunArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    #[arg(long, default_value_t = 16.0)]
-    pub fps: f64,
+    /// Frames per second (default: the model's, 16; TI2V-5B 24).
+    #[arg(long)]
+    pub fps: Option<f64>,
     /// Output file, `.mp4` or `.gif` (default `{t2v|i2v}_{seed}_{model}_{timestamp}.mp4`, with
     /// `_2`, `_3`, … when that name is taken).
     #[arg(long)]
@@ -246,8 +248,8 @@ impl RunArgs {
     /// The output, checked before any work (format, folder, a file in the way, the frame rate
     /// the format can store): `--output`, or upstream's naming pattern for `task`, numbered
     /// (`_2`, `_3`, …) when a file, or a run beside this one, takes that name first.
-    pub fn output(&self, task: &str, model: &str) -> anyhow::Result<OutputFile> {
-        let fps = Fps::new(self.fps)?;
+    pub fn output(&self, task: &str, model: &str, fps: f64) -> anyhow::Result<OutputFile> {
+        let fps = Fps::new(fps)?;
         let output = match &self.output {
             Some(path) => {
                 let existing = if self.overwrite {
@@ -311,29 +313,33 @@ pub fn reject_demo_flags(given: &[(&str, bool)]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The sampler flags both examples take, upstream's names where sensible.
+/// The sampler flags the examples take, upstream's names where sensible. Each flag left out
+/// keeps the model's published setting (`T2vRequest::for_model`).
 #[derive(clap::Args, Debug)]
 pub struct SamplerArgs {
-    /// rcm (the distilled 1–4 step sampler), or a teacher: unipc, dpm++, euler.
-    #[arg(long, default_value = "rcm")]
-    pub solver: String,
-    #[arg(long, default_value_t = 4)]
-    pub num_steps: usize,
+    /// rcm (the distilled 1–4 step sampler), or a teacher: unipc, dpm++, euler (default: rcm
+    /// for the TurboDiffusion models, unipc for the others).
+    #[arg(long)]
+    pub solver: Option<String>,
+    /// Steps (default: 4 for rCM, the model's published count for a teacher).
+    #[arg(long)]
+    pub num_steps: Option<usize>,
     /// rCM: σ of the first step (default 80 for T2V, 200 for I2V).
     #[arg(long)]
     pub sigma_max: Option<f64>,
     /// rCM: deterministic ODE steps instead of the SDE.
     #[arg(long)]
     pub ode: bool,
-    /// Teachers: timestep shift.
-    #[arg(long, default_value_t = 5.0)]
-    pub shift: f64,
-    /// Teachers: classifier-free guidance scale.
-    #[arg(long, default_value_t = 5.0)]
-    pub guidance: f64,
-    /// Teachers: the prompt guidance steers away from.
-    #[arg(long, default_value = WAN_NEGATIVE_PROMPT)]
-    pub negative_prompt: String,
+    /// Teachers: timestep shift (default: the model's, 5 for Wan2.1 T2V).
+    #[arg(long)]
+    pub shift: Option<f64>,
+    /// Teachers: classifier-free guidance scale, for both experts of A14B (default: the
+    /// model's, 5 for Wan2.1 T2V; A14B: one per expert).
+    #[arg(long)]
+    pub guidance: Option<f64>,
+    /// Teachers: the prompt guidance steers away from (default: upstream's).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
     /// SLA / SageSLA top-k of each step, comma separated, one per step (for example
     /// `0.05,0.1,0.1,0.15`); overrides `--sla-topk` step by step.
     #[arg(long, value_delimiter = ',')]
@@ -386,24 +392,56 @@ impl LoraArgs {
 }
 
 impl SamplerArgs {
-    pub fn sampler(&self) -> turbodiffusion::Result<SamplerChoice> {
+    /// The sampler of the flags, each flag left out taken from `defaults` (the model's
+    /// published request); sets `defaults.sampler` and, when `--guidance` is given, drops the
+    /// per-expert guidance for that one scale.
+    pub fn apply(&self, defaults: &mut T2vRequest) -> turbodiffusion::Result<()> {
+        if self.guidance.is_some() {
+            defaults.expert_guidance = None;
+        }
+        defaults.sla_topk_schedule = self.sla_topk_schedule.clone();
+        defaults.sampler = self.sampler(&defaults.sampler)?;
+        Ok(())
+    }
+
+    fn sampler(&self, default: &SamplerChoice) -> turbodiffusion::Result<SamplerChoice> {
         if let Some(preset) = &self.sampler_preset {
             return SamplerChoice::preset(preset);
         }
-        if self.solver == "rcm" {
+        // A teacher asked for over an rCM default keeps these flags' former defaults.
+        let (default_solver, steps, shift, guidance, negative_prompt) = match default {
+            SamplerChoice::Rcm { .. } => {
+                ("rcm".to_owned(), 4, 5.0, 5.0, WAN_NEGATIVE_PROMPT.into())
+            }
+            SamplerChoice::Teacher {
+                solver,
+                steps,
+                shift,
+                guidance,
+                negative_prompt,
+            } => (
+                solver.to_string(),
+                *steps,
+                *shift,
+                *guidance,
+                negative_prompt.clone(),
+            ),
+        };
+        let solver = self.solver.clone().unwrap_or(default_solver);
+        if solver == "rcm" {
             let mode = if self.ode { RcmMode::Ode } else { RcmMode::Sde };
             return Ok(SamplerChoice::Rcm {
-                steps: self.num_steps,
+                steps: self.num_steps.unwrap_or(4),
                 sigma_max: self.sigma_max,
                 mode,
             });
         }
         Ok(SamplerChoice::Teacher {
-            solver: self.solver.parse::<FlowSolver>()?,
-            steps: self.num_steps,
-            shift: self.shift,
-            guidance: self.guidance,
-            negative_prompt: self.negative_prompt.clone(),
+            solver: solver.parse::<FlowSolver>()?,
+            steps: self.num_steps.unwrap_or(steps),
+            shift: self.shift.unwrap_or(shift),
+            guidance: self.guidance.unwrap_or(guidance),
+            negative_prompt: self.negative_prompt.clone().unwrap_or(negative_prompt),
         })
     }
 }

@@ -6,13 +6,16 @@ use candle_core::{DType, Tensor};
 use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, Result, Stage};
 use turbo_models::wan::WanModel;
-use turbo_models::{Checkpoint, Umt5Encoder, WanVae};
+use turbo_models::{Checkpoint, ClipVisionEncoder, Umt5Encoder};
 
 use super::denoise::DitPlan;
+
+/// The CLIP file holds a text tower too; only its `visual.*` tensors are checked and read.
+const CLIP_PREFIX: &str = "visual.";
 use super::{Pipeline, WeightSource};
 
 impl Pipeline {
-    /// Opens every weight file `dits` and the other stages will read and checks its tensor
+    /// Opens every weight file `dits` and the other stages (the CLIP encoder included) will read and checks its tensor
     /// list (names, shapes, byte extents) against its model, reading no weight: a missing key,
     /// a wrong shape or a truncated file in the VAE or the low-noise expert fails here, not
     /// after minutes of work. Random weights need no check.
@@ -23,7 +26,17 @@ impl Pipeline {
                 .expect_keys(&Umt5Encoder::expected_keys(&models.text_encoder))?;
         }
         if let WeightSource::File(path) = &models.vae_weights {
-            Checkpoint::open(path)?.expect_keys(&WanVae::expected_keys(&models.vae))?;
+            Checkpoint::open(path)?.expect_keys(&models.vae.expected_keys())?;
+        }
+        if let Some(clip) = models
+            .clip
+            .as_ref()
+            .filter(|_| models.dit.model_type.uses_clip())
+        {
+            if let WeightSource::File(path) = &clip.weights {
+                let keys = ClipVisionEncoder::expected_keys(&clip.config);
+                Checkpoint::open(path)?.expect_keys_under(CLIP_PREFIX, &keys)?;
+            }
         }
         for (source, attention) in self.dit_sources(dits) {
             if let WeightSource::File(path) = source {

@@ -8,10 +8,14 @@ use tokenizers::Tokenizer;
 use turbo_attention::{Attention, AttentionConfig};
 use turbo_core::{Error, Result};
 use turbo_models::tokenizer::{PromptTokenizer, EOS_TOKEN};
-use turbo_models::wan::{expected_tensors, ModelType, PatchLayout, WanConfig};
-use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, WanVae};
+use turbo_models::wan::{expected_tensors, PatchLayout, WanConfig, CLIP_DIM};
+use turbo_models::{
+    ClipConfig, ClipVisionEncoder, Umt5Config, Umt5Encoder, Vae22Config, VaeConfig,
+};
 
-use super::{ModelKind, ModelSet, Pipeline, RandomCheckpoint, T2vRequest, WeightSource};
+use super::{
+    ClipModel, ModelKind, ModelSet, Pipeline, RandomCheckpoint, T2vRequest, VaeSpec, WeightSource,
+};
 
 /// What the demo's output is, for the caller to show the user.
 pub const DEMO_NOTICE: &str = "demo mode: a tiny Wan model with seeded RANDOM weights (the video \
@@ -44,7 +48,10 @@ fn demo_tokenizer() -> Result<PromptTokenizer> {
     PromptTokenizer::new(tokenizer)
 }
 
-fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
+/// Tiny models of the structure of `kind`: its DiT type (two experts for A14B), its VAE
+/// (the Wan2.2 one for TI2V) and, for Wan2.1 I2V / FLF2V, a CLIP encoder of the real token width
+/// with one block on a 28-pixel image.
+fn demo_models(seed: u64, kind: ModelKind) -> ModelSet {
     let text_encoder = Umt5Config {
         vocab: demo_vocab().len(),
         dim: 32,
@@ -54,6 +61,21 @@ fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
         num_layers: 2,
         ..Umt5Config::umt5_xxl()
     };
+    let vae = match ModelSet::released_vae(kind) {
+        VaeSpec::Wan21(cfg) => VaeSpec::Wan21(VaeConfig {
+            dim: 8,
+            num_res_blocks: 1,
+            ..cfg
+        }),
+        VaeSpec::Wan22(cfg) => VaeSpec::Wan22(Vae22Config {
+            dim: 8,
+            dec_dim: 8,
+            num_res_blocks: 1,
+            ..cfg
+        }),
+    };
+    let model_type = kind.dit_config().model_type;
+    let out_dim = vae.latent_channels();
     let dit = WanConfig {
         model_type,
         dim: 64,
@@ -61,31 +83,46 @@ fn demo_models(seed: u64, model_type: ModelType) -> ModelSet {
         freq_dim: 64,
         text_dim: text_encoder.dim,
         text_len: 64,
-        in_dim: model_type.in_dim(16),
-        out_dim: 16,
+        in_dim: model_type.in_dim(out_dim),
+        out_dim,
         num_heads: 2,
         num_layers: 2,
         eps: 1e-6,
     };
-    let vae = VaeConfig {
-        dim: 8,
-        num_res_blocks: 1,
-        ..VaeConfig::wan21()
-    };
-    random_models(seed, dit, text_encoder, vae)
+    let clip = model_type.uses_clip().then(|| ClipConfig {
+        image_size: 28,
+        mlp_ratio: 1,
+        out_dim: 8,
+        num_heads: 2,
+        num_layers: 2,
+        ..ClipConfig::vit_h14()
+    });
+    random_models(seed, kind, dit, text_encoder, vae, clip)
 }
 
-/// Seeded random weights for the three models of these shapes; for I2V two experts that differ
-/// only by their seed.
-fn random_models(seed: u64, dit: WanConfig, text_encoder: Umt5Config, vae: VaeConfig) -> ModelSet {
+/// Seeded random weights for the models of these shapes; for A14B two experts that differ
+/// only by their seed. FLF2V's `img_emb.emb_pos` covers the CLIP tokens of two images.
+fn random_models(
+    seed: u64,
+    kind: ModelKind,
+    dit: WanConfig,
+    text_encoder: Umt5Config,
+    vae: VaeSpec,
+    clip: Option<ClipConfig>,
+) -> ModelSet {
     // Listing the SLA `proj_l` keys lets every attention kind run on the same weights.
     let sla = AttentionConfig::new(turbo_core::AttentionKind::sla(0.1).expect("valid top-k"));
+    let clip_tokens = clip.as_ref().map_or(0, ClipConfig::num_tokens);
     let dit_keys =
         expected_tensors::<Box<dyn Attention>>(&dit, PatchLayout::Linear, &sla, DType::F32)
             .into_iter()
-            .map(|spec| (spec.name, spec.shape))
+            .map(|spec| match spec.name.as_str() {
+                "img_emb.emb_pos" => (spec.name, vec![1, 2 * clip_tokens, CLIP_DIM]),
+                _ => (spec.name, spec.shape),
+            })
             .collect::<Vec<_>>();
-    let low_noise = (dit.model_type == ModelType::I2v)
+    let low_noise = kind
+        .has_experts()
         .then(|| WeightSource::Random(RandomCheckpoint::new(seed + 3, dit_keys.clone())));
     ModelSet {
         dit_weights: WeightSource::Random(RandomCheckpoint::new(seed, dit_keys)),
@@ -94,10 +131,14 @@ fn random_models(seed: u64, dit: WanConfig, text_encoder: Umt5Config, vae: VaeCo
             seed + 1,
             Umt5Encoder::expected_keys(&text_encoder),
         )),
-        vae_weights: WeightSource::Random(RandomCheckpoint::new(
-            seed + 2,
-            WanVae::expected_keys(&vae),
-        )),
+        vae_weights: WeightSource::Random(RandomCheckpoint::new(seed + 2, vae.expected_keys())),
+        clip: clip.map(|config| ClipModel {
+            weights: WeightSource::Random(RandomCheckpoint::new(
+                seed + 4,
+                ClipVisionEncoder::expected_keys(&config),
+            )),
+            config,
+        }),
         dit,
         text_encoder,
         vae,
@@ -124,19 +165,25 @@ impl Pipeline {
     /// # }
     /// ```
     pub fn demo(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
-        Self::from_parts(
-            demo_models(seed, ModelType::T2v),
-            demo_tokenizer()?,
-            attention,
-            device,
-            DType::F32,
-        )
+        Self::demo_of(ModelKind::Wan21T2V1_3B, seed, attention, device)
     }
 
     /// The image-to-video demo: like [`Pipeline::demo`], with two tiny random I2V experts.
     pub fn demo_i2v(seed: u64, attention: AttentionConfig, device: Device) -> Result<Self> {
+        Self::demo_of(ModelKind::Wan22I2VA14B, seed, attention, device)
+    }
+
+    /// The demo of `kind`: tiny models of its structure (its DiT type, two experts for
+    /// A14B, the Wan2.2 VAE for TI2V, a CLIP encoder for Wan2.1 I2V / FLF2V) with weights
+    /// drawn from `seed`, computing in f32 on `device` (see [`DEMO_NOTICE`]).
+    pub fn demo_of(
+        kind: ModelKind,
+        seed: u64,
+        attention: AttentionConfig,
+        device: Device,
+    ) -> Result<Self> {
         Self::from_parts(
-            demo_models(seed, ModelType::I2v),
+            demo_models(seed, kind),
             demo_tokenizer()?,
             attention,
             device,
@@ -155,12 +202,10 @@ impl Pipeline {
         device: Device,
         dtype: DType,
     ) -> Result<Self> {
-        let dit = match kind {
-            ModelKind::Wan21T2V1_3B => WanConfig::wan21_t2v_1_3b(),
-            ModelKind::Wan21T2V14B => WanConfig::wan21_t2v_14b(),
-            ModelKind::Wan22I2VA14B => WanConfig::wan22_i2v_a14b(),
-        };
-        let models = random_models(seed, dit, Umt5Config::umt5_xxl(), VaeConfig::wan21());
+        let dit = kind.dit_config();
+        let clip = dit.model_type.uses_clip().then(ClipConfig::vit_h14);
+        let vae = ModelSet::released_vae(kind);
+        let models = random_models(seed, kind, dit, Umt5Config::umt5_xxl(), vae, clip);
         Self::from_parts(models, demo_tokenizer()?, attention, device, dtype)
     }
 }

@@ -31,9 +31,18 @@ pub(super) enum PlannedSampler {
 }
 
 impl PlannedSampler {
-    /// The sampler `choice` names; rCM's σ_max defaults to `default_sigma_max`.
-    pub(super) fn new(choice: &SamplerChoice, default_sigma_max: f64) -> Result<Self> {
+    /// The sampler `choice` names; rCM's σ_max defaults to `default_sigma_max`. A teacher's
+    /// `expert_guidance` (high-noise, low-noise) needs the two experts of `dits`.
+    pub(super) fn new(
+        choice: &SamplerChoice,
+        default_sigma_max: f64,
+        dits: &DitPlan,
+        expert_guidance: Option<[f64; 2]>,
+    ) -> Result<Self> {
         Ok(match choice {
+            SamplerChoice::Rcm { .. } if expert_guidance.is_some() => {
+                return Err(expert_guidance_error("rCM, which has no guidance"))
+            }
             SamplerChoice::Rcm { .. } => {
                 let cfg = choice.rcm_config(default_sigma_max).expect("an rCM choice");
                 Self::Rcm(RcmSampler::new(cfg)?)
@@ -45,7 +54,19 @@ impl PlannedSampler {
                 guidance,
                 negative_prompt,
             } => {
-                let guidance = GuidanceScale::Constant(*guidance);
+                let guidance = match (expert_guidance, dits) {
+                    (None, _) => GuidanceScale::Constant(*guidance),
+                    (Some([high, low]), DitPlan::Experts { boundary, .. }) => {
+                        GuidanceScale::PerExpert {
+                            boundary: *boundary,
+                            high,
+                            low,
+                        }
+                    }
+                    (Some(_), DitPlan::Single(_)) => {
+                        return Err(expert_guidance_error("a model with one DiT"))
+                    }
+                };
                 // Checked here, before any stage, rather than at the first guided step.
                 guidance.validate()?;
                 Self::Teacher {
@@ -91,12 +112,21 @@ impl PlannedSampler {
     }
 }
 
-/// A sampler run in progress.
+/// A guidance per expert given where it cannot apply (`where_given`).
+fn expert_guidance_error(where_given: &str) -> Error {
+    Error::InvalidSamplerSetting {
+        setting: "guidance per expert",
+        value: format!("given for {where_given}"),
+        expected: "a teacher solver on a two-expert model (Wan2.2 A14B)",
+    }
+}
+
 /// A constant guidance of 1: v_u + 1·(v_c − v_u) = v_c, classifier-free guidance off.
 fn is_unguided(guidance: &GuidanceScale) -> bool {
     matches!(guidance, GuidanceScale::Constant(scale) if *scale == 1.0)
 }
 
+/// A sampler run in progress.
 enum Run<'a> {
     Rcm(RcmRun<'a>),
     Teacher(FlowRun<'a>, GuidanceScale),
@@ -134,6 +164,23 @@ impl Run<'_> {
         match self {
             Self::Rcm(run) => run.finish(),
             Self::Teacher(run, _) => Ok(run.finish()),
+        }
+    }
+
+    /// Writes `held` `[C, k, h, w]` over the first `k` latent frames of the state (TI2V's
+    /// image frame, held at t = 0 through the run).
+    fn hold(&mut self, held: &Tensor) -> Result<()> {
+        let state = match self {
+            Self::Rcm(run) => run.state(),
+            Self::Teacher(run, _) => run.state(),
+        };
+        let frames = held.dim(1)?;
+        let rest = state.narrow(1, frames, state.dim(1)? - frames)?;
+        let held = held.to_dtype(state.dtype())?.to_device(state.device())?;
+        let state = Tensor::cat(&[&held, &rest], 1)?;
+        match self {
+            Self::Rcm(run) => run.set_state(&state),
+            Self::Teacher(run, _) => run.set_state(&state),
         }
     }
 }
@@ -213,12 +260,14 @@ fn check_topk_schedule(schedule: &[f64], steps: usize) -> Result<()> {
 impl Pipeline {
     /// Samples the latent. Each DiT is loaded when its first step comes and dropped before the
     /// next one is read (with two experts only one is resident); the last is dropped before
-    /// returning.
+    /// returning. `held` (TI2V's image latent) replaces the leading latent frames of the
+    /// starting noise and of the state after every step.
     pub(super) fn denoise(
         &self,
         plan: &DenoisePlan,
         condition: &DitCondition,
         negative: Option<&DitCondition>,
+        held: Option<&Tensor>,
         seed: u64,
         progress: &mut dyn Progress,
     ) -> Result<Tensor> {
@@ -228,6 +277,8 @@ impl Pipeline {
         let mut run = plan
             .sampler
             .start(&mut noise, &plan.latent_shape, &self.device)?;
+        let hold = |run: &mut Run| held.map_or(Ok(()), |held| run.hold(held));
+        hold(&mut run)?;
         let mut resident: Option<(Option<Expert>, Dit)> = None;
         let mut largest_model = 0;
         // The second expert's file is read into the page cache while the first one samples,
@@ -261,6 +312,7 @@ impl Pipeline {
             let report = run
                 .step(model, condition, negative, &mut noise)?
                 .expect("a step was pending");
+            hold(&mut run)?;
             report_step(progress, &report)?;
         }
         drop(resident);

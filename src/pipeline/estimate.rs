@@ -25,13 +25,19 @@
 
 use candle_core::DType;
 use turbo_attention::{Attention, AttentionConfig};
-use turbo_core::{Error, FrameCount, FrameSize, Result, Stage, VideoGeometry, VAE_STRIDE};
+use turbo_core::{
+    Error, FrameCount, FrameSize, LatentShape, Result, Stage, VideoGeometry, VAE_STRIDE,
+};
+use turbo_models::wan::ModelType;
 use turbo_models::wan::{
     expected_tensors, int8_block_linears, PatchLayout, QuantPolicy, WanConfig, FFN_TOKENS_PER_PASS,
 };
-use turbo_models::{Umt5Config, Umt5Encoder, VaeConfig, VaeTiling, WanVae};
+use turbo_models::{
+    ClipConfig, ClipVisionEncoder, Umt5Config, Umt5Encoder, Vae22Config, VaeConfig, VaeTiling,
+    Wan22Vae, WanVae,
+};
 
-use super::{Pipeline, Plan, TextEncoderDevice};
+use super::{Pipeline, Plan, TextEncoderDevice, VaeSpec};
 
 /// The estimated peak device memory of one stage.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,15 +157,14 @@ impl Pipeline {
         );
         let mut stages = vec![text.of(Stage::EncodingText)];
         if input.image {
-            let image = vae_encode_estimate(&models.vae, dtype, input.geometry);
-            stages.push(image.of(Stage::EncodingImage));
+            stages.push(self.image_estimate(input.geometry).of(Stage::EncodingImage));
         }
         let dit = dit_estimate(&DitRun {
             cfg: &models.dit,
             attention: &input.attention,
             quant: self.quant_linear,
             dtype,
-            geometry: input.geometry,
+            latent: models.vae.latent_shape(input.geometry),
             guided: input.guided,
         });
         stages.push(dit.of(Stage::Denoising { steps: input.steps }));
@@ -181,7 +186,11 @@ impl Pipeline {
         geometry: VideoGeometry,
         budget: Option<u64>,
     ) -> Result<(Footprint, Option<VaeTiling>)> {
-        let (cfg, dtype) = (&self.models.vae, self.dtype);
+        let dtype = self.dtype;
+        let cfg = match &self.models.vae {
+            VaeSpec::Wan21(cfg) => cfg,
+            VaeSpec::Wan22(cfg) => return Ok((vae22_decode_estimate(cfg, dtype, geometry), None)),
+        };
         if let Some(tiling) = self.vae_tiling {
             return Ok((
                 vae_decode_estimate(cfg, dtype, geometry, Some(tiling)),
@@ -229,6 +238,32 @@ impl Pipeline {
                 tracing::debug!(peak = estimate.peak(), budget, "memory estimate fits");
                 Ok(())
             }
+        }
+    }
+
+    /// The image stage: the CLIP encoder (Wan2.1 I2V / FLF2V) and the VAE run one after the
+    /// other, so its peak is the larger of theirs.
+    fn image_estimate(&self, geometry: VideoGeometry) -> Footprint {
+        let models = &self.models;
+        let vae = match &models.vae {
+            VaeSpec::Wan21(cfg) => vae_encode_estimate(cfg, self.dtype, geometry),
+            VaeSpec::Wan22(cfg) => vae22_encode_estimate(cfg, self.dtype, geometry),
+        };
+        let images = 1 + usize::from(models.dit.model_type == ModelType::Flf2v);
+        match models
+            .clip
+            .as_ref()
+            .filter(|_| models.dit.model_type.uses_clip())
+        {
+            Some(clip) => {
+                let clip = clip_estimate(&clip.config, self.dtype, images);
+                if clip.peak() > vae.peak() {
+                    clip
+                } else {
+                    vae
+                }
+            }
+            None => vae,
         }
     }
 
@@ -346,7 +381,8 @@ struct DitRun<'a> {
     attention: &'a AttentionConfig,
     quant: QuantPolicy,
     dtype: DType,
-    geometry: VideoGeometry,
+    /// The sampled latent (its channels and the token grid depend on the VAE).
+    latent: LatentShape,
     guided: bool,
 }
 
@@ -384,11 +420,11 @@ fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
         .iter()
         .map(|spec| bytes(elements(&spec.shape), spec.dtype))
         .fold(0, u64::saturating_add);
-    let latent = run.geometry.latent_shape();
+    let latent = run.latent;
     let latent_elements = latent.channels * latent.frames * latent.height * latent.width;
     let contexts = (1 + usize::from(run.guided)) * cfg.text_len * cfg.dim;
     let fixed = bytes(6 * latent_elements + contexts, DType::F32);
-    let tokens = run.geometry.token_count();
+    let tokens = latent.token_count();
     let ffn_tokens = tokens.min(FFN_TOKENS_PER_PASS);
     let unit = tokens * 4 * cfg.dim + ffn_tokens * run.dtype.size_in_bytes() * cfg.ffn_dim;
     ((weights + in_flight, fixed), unit as u64)
@@ -413,7 +449,7 @@ fn dit_coefficient() -> f64 {
         attention: &attention,
         quant: QuantPolicy::Quantize,
         dtype: DType::BF16,
-        geometry,
+        latent: geometry.latent_shape(),
         guided: false,
     });
     (MEASURED - (weights + fixed) as f64) / unit as f64
@@ -501,6 +537,47 @@ fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -
     let input = (3 * pixels * (8 + 2 * dtype.size_in_bytes())) as u64;
     let chunk = vae_coefficient() * vae_chunk_unit(cfg, dtype, height, width) as f64;
     Footprint::new(weights, input + chunk as u64)
+}
+
+/// The Wan2.2 VAE's decode, derived from the Wan2.1 calibration rather than measured: its
+/// weights, the output video as for Wan2.1, and `K_vae · U₂₂` with `U₂₂ = 4·(H/2)·(W/2)·dec_dim·b`,
+/// the chunk of four frames of its last decoder level (full width `dec_dim` at half the
+/// resolution, before the 2×2 unpatchify).
+fn vae22_decode_estimate(cfg: &Vae22Config, dtype: DType, geometry: VideoGeometry) -> Footprint {
+    let weights = key_bytes(&Wan22Vae::expected_keys(cfg), dtype);
+    let (height, width) = (geometry.size.height(), geometry.size.width());
+    let pixels = geometry.frames.get() * height * width;
+    let output = (3 * pixels * (2 * dtype.size_in_bytes() + 4)) as u64;
+    let chunk = vae_coefficient() * vae22_chunk_unit(cfg, dtype, height, width) as f64;
+    Footprint::new(weights, output + chunk as u64)
+}
+
+/// `U₂₂` of [`vae22_decode_estimate`].
+fn vae22_chunk_unit(cfg: &Vae22Config, dtype: DType, height: usize, width: usize) -> u64 {
+    bytes(
+        VAE_STRIDE.0 * (height / 2) * (width / 2) * cfg.dec_dim,
+        dtype,
+    )
+}
+
+/// TI2V's image encode: one frame through the Wan2.2 encoder, its weights plus a quarter of
+/// the decoder's chunk term (one frame, not four; the encoder is narrower than the decoder).
+fn vae22_encode_estimate(cfg: &Vae22Config, dtype: DType, geometry: VideoGeometry) -> Footprint {
+    let weights = key_bytes(&Wan22Vae::expected_keys(cfg), dtype);
+    let (height, width) = (geometry.size.height(), geometry.size.width());
+    let chunk = vae_coefficient() * vae22_chunk_unit(cfg, dtype, height, width) as f64 / 4.0;
+    Footprint::new(weights, chunk as u64)
+}
+
+/// The CLIP encoder on `images` images: its `visual.*` weights, and per image the f32 residual
+/// stream, the MLP hidden state and the attention scores of one block
+/// (`4·N·(dim·(2 + mlp_ratio)) + 4·heads·N²` bytes for `N` tokens), a small fraction of a
+/// 14B run's memory.
+fn clip_estimate(cfg: &ClipConfig, dtype: DType, images: usize) -> Footprint {
+    let weights = key_bytes(&ClipVisionEncoder::expected_keys(cfg), dtype);
+    let tokens = cfg.num_tokens();
+    let per_image = tokens * cfg.dim * (2 + cfg.mlp_ratio) + cfg.num_heads * tokens * tokens;
+    Footprint::new(weights, bytes(images * per_image, DType::F32))
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ mod lora;
 mod memory;
 mod random;
 mod request;
+mod vae;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -23,8 +24,10 @@ use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::{Error, NoProgress, Progress, Result, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
-use turbo_models::{StreamingUmt5Encoder, Umt5Config, VaeConfig, VaeTiling, WanVae};
-use turbo_sampler::T2V_SIGMA_MAX;
+use turbo_models::{
+    ClipConfig, StreamingUmt5Encoder, Umt5Config, Vae22Config, VaeConfig, VaeTiling,
+};
+use turbo_sampler::{ExpertBoundary, T2V_A14B_BOUNDARY, T2V_SIGMA_MAX};
 use turbo_video::{rgb_frames, Fps, Mp4Options, OutputFile, Video};
 
 use denoise::{DenoisePlan, DitPlan, PlannedSampler};
@@ -34,12 +37,14 @@ use memory::{StageMeter, WeightBytes};
 pub use demo::{demo_request, DEMO_NOTICE};
 pub use estimate::{MemoryEstimate, StageEstimate};
 pub use files::{
-    ModelFiles, ModelKind, WeightSource, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE_FILE,
+    ModelFiles, ModelKind, WeightSource, CLIP_FILE, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE22_FILE,
+    VAE_FILE,
 };
 pub use i2v::I2vRequest;
 pub use lora::{open_lora, parse_lora_arg, DitLoras};
 pub use random::RandomCheckpoint;
 pub use request::{SamplerChoice, T2vRequest, SAMPLER_PRESETS};
+pub use vae::VaeSpec;
 
 /// The shapes of the three models and where their weights come from.
 #[derive(Debug, Clone)]
@@ -51,8 +56,28 @@ pub struct ModelSet {
     pub dit_low_noise_weights: Option<WeightSource>,
     pub text_encoder: Umt5Config,
     pub text_encoder_weights: WeightSource,
-    pub vae: VaeConfig,
+    pub vae: VaeSpec,
     pub vae_weights: WeightSource,
+    /// The CLIP image encoder of Wan2.1 I2V and FLF2V (`None` for the other models).
+    pub clip: Option<ClipModel>,
+}
+
+/// The CLIP image encoder's shape and weights.
+#[derive(Debug, Clone)]
+pub struct ClipModel {
+    pub config: ClipConfig,
+    pub weights: WeightSource,
+}
+
+impl ModelSet {
+    /// The VAE of `kind`'s release.
+    pub fn released_vae(kind: ModelKind) -> VaeSpec {
+        if kind.uses_wan22_vae() {
+            VaeSpec::Wan22(Vae22Config::wan22())
+        } else {
+            VaeSpec::Wan21(VaeConfig::wan21())
+        }
+    }
 }
 
 /// Text-to-video generation with a Wan model.
@@ -186,11 +211,7 @@ impl PipelineBuilder {
                 })
             }
         };
-        let dit = match self.kind {
-            ModelKind::Wan21T2V1_3B => WanConfig::wan21_t2v_1_3b(),
-            ModelKind::Wan21T2V14B => WanConfig::wan21_t2v_14b(),
-            ModelKind::Wan22I2VA14B => WanConfig::wan22_i2v_a14b(),
-        };
+        let dit = self.kind.dit_config();
         Pipeline {
             tokenizer: fit_tokenizer(PromptTokenizer::from_file(&files.tokenizer)?, &dit),
             models: ModelSet {
@@ -199,8 +220,12 @@ impl PipelineBuilder {
                 dit_low_noise_weights: files.dit_low_noise.map(WeightSource::File),
                 text_encoder: Umt5Config::umt5_xxl(),
                 text_encoder_weights: WeightSource::File(files.text_encoder),
-                vae: VaeConfig::wan21(),
+                vae: ModelSet::released_vae(self.kind),
                 vae_weights: WeightSource::File(files.vae),
+                clip: files.clip.map(|path| ClipModel {
+                    config: ClipConfig::vit_h14(),
+                    weights: WeightSource::File(path),
+                }),
             },
             attention: self.attention,
             quant_linear: quant_policy(self.quant_linear),
@@ -404,6 +429,7 @@ impl Pipeline {
             &plan.denoise,
             &DitCondition::text(context),
             negative.map(DitCondition::text).as_ref(),
+            None,
             request.seed,
             progress,
         )?;
@@ -424,29 +450,55 @@ impl Pipeline {
         self.decode(latent, tiling, steps, frames, progress)
     }
 
-    /// Everything a request needs, validated.
+    /// Everything a text-to-video request needs, validated: one DiT, or the two Wan2.2
+    /// T2V-A14B experts switched at their boundary.
     fn plan(&self, request: &T2vRequest) -> Result<Plan> {
-        if self.models.dit.model_type != ModelType::T2v {
+        if !matches!(self.models.dit.model_type, ModelType::T2v | ModelType::Ti2v) {
             return Err(Error::InvalidConfig {
                 field: "model".into(),
-                reason:
-                    "this pipeline holds an image-to-video model; text_to_video needs a T2V model"
-                        .into(),
+                reason: "this pipeline holds an image-to-video model; text_to_video needs a T2V \
+                         or TI2V model"
+                    .into(),
             });
         }
         if request.prompt.trim().is_empty() {
             return Err(Error::EmptyPrompt);
         }
-        let geometry = request.geometry()?;
+        let attention = self.request_attention(request)?;
+        let dits = match self.models.dit_low_noise_weights {
+            Some(_) => DitPlan::Experts {
+                boundary: ExpertBoundary::new(T2V_A14B_BOUNDARY)?,
+                attention: [attention; 2],
+            },
+            None => DitPlan::Single(attention),
+        };
+        self.plan_video(request, request.geometry()?, dits, T2V_SIGMA_MAX)
+    }
+
+    /// The plan of `video`'s sampler and size over `dits` (rCM's σ_max defaulting to
+    /// `sigma_max`), with the size checked against the VAE.
+    fn plan_video(
+        &self,
+        video: &T2vRequest,
+        geometry: turbo_core::VideoGeometry,
+        dits: DitPlan,
+        sigma_max: f64,
+    ) -> Result<Plan> {
+        let vae = &self.models.vae;
+        vae.check_frame_size(geometry.size)?;
+        if matches!(vae, VaeSpec::Wan22(_)) && self.vae_tiling.is_some() {
+            return Err(vae::tiling_unsupported());
+        }
+        let sampler = PlannedSampler::new(&video.sampler, sigma_max, &dits, video.expert_guidance)?;
         Ok(Plan {
             geometry,
             denoise: DenoisePlan::new(
-                PlannedSampler::new(&request.sampler, T2V_SIGMA_MAX)?,
-                DitPlan::Single(self.request_attention(request)?),
-                request.sla_topk_schedule.as_deref(),
-                geometry.latent_shape().dims().to_vec(),
+                sampler,
+                dits,
+                video.sla_topk_schedule.as_deref(),
+                vae.latent_shape(geometry).dims().to_vec(),
             )?,
-            fps: Fps::new(request.fps)?,
+            fps: Fps::new(video.fps)?,
         })
     }
 
@@ -568,10 +620,10 @@ impl Pipeline {
 
     /// The VAE and the bytes of its weights, in the pipeline's dtype: TurboDiffusion runs the
     /// VAE in bf16 (the official Wan code in f32; an f32 pipeline does that).
-    fn load_vae(&self) -> Result<(WanVae, u64)> {
+    fn load_vae(&self) -> Result<(vae::LoadedVae, u64)> {
         let bytes = WeightBytes::default();
         let vb = self.var_builder(&self.models.vae_weights, self.dtype)?;
-        let vae = WanVae::load(bytes.counting(vb), &self.models.vae)?;
+        let vae = self.models.vae.load(bytes.counting(vb))?;
         Ok((vae, bytes.get()))
     }
 

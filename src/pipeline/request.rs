@@ -1,7 +1,9 @@
 //! What a caller asks for: every upstream option with the upstream default.
 
 use turbo_core::{AspectRatio, Error, FrameCount, FrameSize, Resolution, Result, VideoGeometry};
-use turbo_sampler::{FlowSolver, RcmConfig, RcmMode};
+use turbo_sampler::{FlowSolver, GuidanceScale, RcmConfig, RcmMode, WAN_NEGATIVE_PROMPT};
+
+use super::ModelKind;
 
 /// Sampler settings selectable by name with [`SamplerChoice::preset`]: `(name, what it is)`.
 pub const SAMPLER_PRESETS: [(&str, &str); 3] = [
@@ -122,6 +124,10 @@ pub struct T2vRequest {
     /// Dense attention has no top-k and ignores it.
     pub sla_topk_schedule: Option<Vec<f64>>,
     pub fps: f64,
+    /// Teachers on the two-expert models (Wan2.2 A14B): the guidance scale while the
+    /// high-noise expert runs, then while the low-noise one does (T2V-A14B publishes
+    /// `[4, 3]`), instead of the sampler's one scale.
+    pub expert_guidance: Option<[f64; 2]>,
 }
 
 impl Default for T2vRequest {
@@ -137,6 +143,7 @@ impl Default for T2vRequest {
             sla_topk: None,
             sla_topk_schedule: None,
             fps: 16.0,
+            expert_guidance: None,
         }
     }
 }
@@ -147,6 +154,49 @@ impl T2vRequest {
             prompt: prompt.into(),
             ..Self::default()
         }
+    }
+
+    /// The published settings of `kind` for `prompt`. The models TurboDiffusion distils keep
+    /// its rCM defaults ([`T2vRequest::new`]; 720p for Wan2.2 I2V-A14B). The others run the Wan
+    /// teacher (UniPC) with their task's steps, shift, guidance (per expert for A14B), negative
+    /// prompt, frames and fps ([`turbo_sampler::WanTask::teacher`]), at 720p (Wan2.1
+    /// I2V-14B-480P: 480p; TI2V-5B: 1280×704).
+    pub fn for_model(kind: ModelKind, prompt: impl Into<String>) -> Self {
+        let mut request = Self {
+            resolution: match kind {
+                ModelKind::Wan21T2V1_3B | ModelKind::Wan21T2V14B => Resolution::P480,
+                ModelKind::Wan21I2V14B480P => Resolution::P480,
+                _ => Resolution::P720,
+            },
+            size: (kind == ModelKind::Wan22Ti2v5B).then_some((1280, 704)),
+            ..Self::new(prompt)
+        };
+        if kind.has_rcm_students() {
+            return request;
+        }
+        let size = match request.size {
+            Some(size) => size,
+            None => {
+                let size = request.resolution.frame_size(request.aspect_ratio);
+                (size.width(), size.height())
+            }
+        };
+        let teacher = kind.task().teacher(size.0, size.1);
+        let (guidance, expert_guidance) = match teacher.guidance {
+            GuidanceScale::Constant(scale) => (scale, None),
+            GuidanceScale::PerExpert { high, low, .. } => (high, Some([high, low])),
+        };
+        request.sampler = SamplerChoice::Teacher {
+            solver: FlowSolver::UniPc,
+            steps: teacher.steps,
+            shift: teacher.shift,
+            guidance,
+            negative_prompt: format!("{}{WAN_NEGATIVE_PROMPT}", teacher.negative_prefix),
+        };
+        request.expert_guidance = expert_guidance;
+        request.frames = teacher.frames;
+        request.fps = f64::from(teacher.fps);
+        request
     }
 
     /// The video geometry, checked (4n + 1 frames, sizes multiples of 16).

@@ -10,7 +10,7 @@ use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionConfig, AttentionKind};
 use turbo_models::wan::{ModelType, PatchLayout, TokenTimesteps, WanModel};
 
-use common::{relative_error, DitCase};
+use common::{max_abs_diff, relative_error, DitCase};
 
 fn check_parity(name: &str, expected_layout: PatchLayout) {
     let case = DitCase::open(name);
@@ -242,24 +242,29 @@ fn original_attention_runs_a_checkpoint_with_proj_l() {
     assert!(max.is_finite() && max > 0.0);
 }
 
+/// SLA on an official checkpoint (no `proj_l`) runs with a zero linear branch: exactly the
+/// model whose file stores zero `proj_l` weights, and not the dense model.
 #[test]
-fn sla_on_a_checkpoint_without_proj_l_says_so() {
+fn sla_on_a_checkpoint_without_proj_l_has_a_zero_linear_branch() {
     let mut case = DitCase::open("dit_t2v_dense");
-    case.attention = AttentionConfig::new(AttentionKind::sla(0.1).unwrap());
-    let err = WanModel::<Box<dyn Attention>>::load(
-        case.var_builder(DType::F32),
-        &case.cfg,
-        &case.attention,
-    )
-    .unwrap_err();
+    case.attention = AttentionConfig::new(AttentionKind::sla(0.5).unwrap());
+    let without = case.velocity(&case.model(DType::F32));
+    let mut weights = case.weights();
+    let head_dim = case.cfg.head_dim();
+    for i in 0..case.cfg.num_layers {
+        let prefix = format!("blocks.{i}.self_attn.attn_op.local_attn.proj_l");
+        let zeros = |shape: &[usize]| Tensor::zeros(shape, DType::F32, &Device::Cpu).unwrap();
+        weights.insert(format!("{prefix}.weight"), zeros(&[head_dim, head_dim]));
+        weights.insert(format!("{prefix}.bias"), zeros(&[head_dim]));
+    }
+    let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+    let zero_proj_l = WanModel::<Box<dyn Attention>>::load(vb, &case.cfg, &case.attention).unwrap();
+    let with_zeros = case.velocity(&zero_proj_l);
+    assert_eq!(max_abs_diff(&without, &with_zeros), 0.0);
+    let dense = case.input("out.velocity");
     assert!(
-        matches!(err, turbo_core::Error::MissingProjL { .. }),
-        "{err}"
-    );
-    assert!(
-        err.to_string()
-            .contains("blocks.0.self_attn.attn_op.local_attn.proj_l.weight"),
-        "{err}"
+        relative_error(&without, &dense) > 1e-3,
+        "top-k 0.5 must drop blocks"
     );
 }
 

@@ -186,6 +186,18 @@ impl FlowRun<'_> {
         }))
     }
 
+    /// The f32 state: the noisy latent at the next step's time.
+    pub fn state(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// Replaces the state between steps (TI2V writes its image latent back into frame 0 after
+    /// every step); `x` must have the state's shape.
+    pub fn set_state(&mut self, x: &Tensor) -> Result<()> {
+        self.x = checked_state(&self.x, x)?.to_dtype(DType::F32)?;
+        Ok(())
+    }
+
     /// The f32 state: the sample once every step has run.
     pub fn finish(self) -> Tensor {
         self.x
@@ -199,5 +211,18 @@ impl fmt::Debug for FlowRun<'_> {
             .field("next", &self.next)
             .field("x", &self.x)
             .finish()
+    }
+}
+
+/// `new`, when it has the shape of the state `current`.
+pub(crate) fn checked_state<'a>(current: &Tensor, new: &'a Tensor) -> Result<&'a Tensor> {
+    if new.dims() == current.dims() {
+        Ok(new)
+    } else {
+        Err(Error::Shape {
+            what: "sampler state".into(),
+            expected: format!("{:?}", current.dims()),
+            got: new.dims().to_vec(),
+        })
     }
 }

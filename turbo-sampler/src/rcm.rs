@@ -244,6 +244,18 @@ impl RcmRun<'_> {
         }))
     }
 
+    /// The state (f64): the noisy latent at the next step's time.
+    pub fn state(&self) -> &Tensor {
+        &self.x
+    }
+
+    /// Replaces the state between steps (see [`crate::FlowRun::set_state`]); `x` must have the
+    /// state's shape.
+    pub fn set_state(&mut self, x: &Tensor) -> Result<()> {
+        self.x = crate::flow::checked_state(&self.x, x)?.to_dtype(DType::F64)?;
+        Ok(())
+    }
+
     /// The state in f32: the clean latent once every step has run.
     pub fn finish(self) -> Result<Tensor> {
         Ok(self.x.to_dtype(DType::F32)?)

@@ -148,16 +148,26 @@ pub(crate) struct SelfAttention<A> {
 
 impl<A: LoadAttention> SelfAttention<A> {
     /// `vb` is `blocks.N.self_attn`; the backend reads its weights (`proj_l`) from
-    /// `attn_op.local_attn`.
+    /// `attn_op.local_attn`. A checkpoint without them (the official Wan releases) gives the
+    /// backend zeros: SLA's linear branch is then zero and SLA is its sparse branch alone.
     pub(crate) fn load(
         vb: VarBuilder,
         cfg: &WanConfig,
         attention: &A::Config,
         quant_linear: QuantPolicy,
     ) -> Result<Self> {
+        let weights = vb.pp("attn_op.local_attn");
+        let stored = A::weights(cfg.head_dim(), attention)
+            .iter()
+            .all(|(name, _)| weights.contains_tensor(name));
+        let weights = if stored {
+            weights
+        } else {
+            VarBuilder::zeros(DType::F32, vb.device())
+        };
         Ok(Self {
             proj: Projections::load(&vb, cfg, quant_linear)?,
-            attention: A::load(vb.pp("attn_op.local_attn"), cfg.head_dim(), attention)?,
+            attention: A::load(weights, cfg.head_dim(), attention)?,
         })
     }
 }

@@ -235,7 +235,8 @@ impl<A: LoadAttention> WanModel<A> {
 }
 
 /// The keys (with the file's prefix) a checkpoint of this layout must hold for `cfg`. A file's
-/// `proj_l` weights are expected whenever present: a dense backend loads and ignores them. A
+/// `proj_l` weights are expected whenever present: a dense backend loads and ignores them; a
+/// file without any is loaded with a zero linear branch by SLA. A
 /// file with any int8 block linear must store all of them as int8.
 fn expected_keys<A: LoadAttention>(
     cfg: &WanConfig,
@@ -244,7 +245,10 @@ fn expected_keys<A: LoadAttention>(
 ) -> Vec<(String, Vec<usize>)> {
     let mut specs = expected_tensors::<A>(cfg, info.patch, attention, DType::F32);
     let proj_l = |spec: &super::TensorSpec| spec.name.contains(".proj_l.");
-    if info.has_proj_l && !specs.iter().any(proj_l) {
+    if !info.has_proj_l {
+        // SLA on a file without `proj_l` runs with a zero linear branch.
+        specs.retain(|spec| !proj_l(spec));
+    } else if !specs.iter().any(proj_l) {
         let with_sla = expected_tensors::<turbo_attention::SlaAttention>(
             cfg,
             info.patch,

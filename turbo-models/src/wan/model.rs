@@ -96,7 +96,8 @@ impl<A: LoadAttention> WanModel<A> {
     /// `attention`.
     ///
     /// `original` attention on a checkpoint with `proj_l` ignores those weights (logged once);
-    /// `sla` / `sagesla` on a checkpoint without them fails with [`Error::MissingProjL`].
+    /// `sla` / `sagesla` on a checkpoint without them (the official Wan releases) run with a
+    /// zero `proj_l`: the linear branch is zero and each layer is SLA's sparse branch alone.
     ///
     /// Block linears stored in float stay in float; those stored as W8A8 int8 (`-quant` files)
     /// run in int8. [`WanModel::load_with_quant`] can also quantise float ones.
@@ -124,12 +125,14 @@ impl<A: LoadAttention> WanModel<A> {
             patch,
             has_proj_l: vb.contains_tensor(&format!("blocks.0.{ATTENTION_WEIGHTS}.proj_l.weight")),
         };
-        let missing_attention_weight = A::weights(cfg.head_dim(), attention)
+        let zero_linear_branch = A::weights(cfg.head_dim(), attention)
             .into_iter()
             .map(|(name, _)| format!("blocks.0.{ATTENTION_WEIGHTS}.{name}"))
-            .find(|key| !vb.contains_tensor(key));
-        if let Some(key) = missing_attention_weight {
-            return Err(Error::MissingProjL { key });
+            .any(|key| !vb.contains_tensor(&key));
+        if zero_linear_branch {
+            tracing::info!(
+                "checkpoint has no SLA proj_l weights: the linear branch is zero (sparse branch only)"
+            );
         }
         let blocks = (0..cfg.num_layers)
             .map(|i| WanBlock::load(vb.pp("blocks").pp(i), cfg, attention, quant_linear))
