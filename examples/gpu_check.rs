@@ -16,8 +16,10 @@
 //!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes; the fused
 //!   DiT ops (LayerNorm + modulation, gated residual, bias add) against their references; the
 //!   VAE convolution against candle's, and a small random VAE's decode against the CPU;
-//! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the three DiT files and
-//!   the whole rCM sample.
+//! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the DiT files (T2V
+//!   dense and SLA, the Wan2.2 I2V expert, Wan2.1 I2V with CLIP, TI2V-5B with per-token
+//!   timesteps), the whole rCM sample, the CLIP image encoder and the Wan2.2 VAE's decode and
+//!   encode.
 
 use std::process::ExitCode;
 
@@ -35,6 +37,7 @@ use turbodiffusion::attention::{
     SageSlaAttention, SlaAttention, SlaConfig,
 };
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
+use turbodiffusion::models::clip::{ClipConfig, ClipVisionEncoder};
 use turbodiffusion::models::vae::{
     conv2d_biased, conv2d_biased_reference, CausalConv3d, Conv3dSpec, VaeConfig, WanVae,
 };
@@ -42,7 +45,8 @@ use turbodiffusion::models::wan::fused::{
     bias_gelu, bias_gelu_reference, gated_residual, gated_residual_reference, layer_norm_affine,
     layer_norm_affine_reference, rms_norm_rope, rms_norm_rope_reference, RopeTables,
 };
-use turbodiffusion::models::wan::{DitCondition, WanConfig, WanModel};
+use turbodiffusion::models::wan::{DitCondition, TokenTimesteps, WanConfig, WanModel};
+use turbodiffusion::models::{Vae22Config, Wan22Vae};
 use turbodiffusion::pipeline::RandomCheckpoint;
 use turbodiffusion::quant::{
     add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Weight,
@@ -636,21 +640,34 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
             },
         );
     }
-    for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_dense"] {
+    for name in [
+        "dit_t2v_dense",
+        "dit_t2v_sla",
+        "dit_i2v_dense",
+        "dit_i2v_clip",
+        "dit_ti2v",
+    ] {
         let file = GoldenFile::open(name)?;
         let dit = load_dit(&file, device, dtype)?;
         let input = |key: &str| -> Result<Tensor> { Ok(file.tensor(key)?.to_device(device)?) };
-        let condition = if file.names().iter().any(|n| n == "in.y") {
-            Some(input("in.y")?)
-        } else {
-            None
+        let optional = |key: &str| -> Result<Option<Tensor>> {
+            match file.names().iter().any(|n| n == key) {
+                true => Ok(Some(input(key)?)),
+                false => Ok(None),
+            }
         };
-        let t = file.tensor("in.t")?.to_vec1::<f32>()?[0] as f64;
-        let out = dit.forward(
+        // One time for every token (`[1]`) or one per token (TI2V, `[1, L]`).
+        let t = file.tensor("in.t")?;
+        let timesteps = match t.elem_count() {
+            1 => TokenTimesteps::Uniform(t.flatten_all()?.to_vec1::<f32>()?[0] as f64),
+            _ => TokenTimesteps::from_tensor(&t)?,
+        };
+        let out = dit.forward_with(
             &input("in.x")?,
-            t,
+            &timesteps,
             &input("in.context")?,
-            condition.as_ref(),
+            optional("in.y")?.as_ref(),
+            optional("in.clip")?.as_ref(),
         )?;
         push(
             &mut checks,
@@ -676,6 +693,54 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
             threshold,
         },
     );
+    checks.extend(clip_and_vae22_checks(device, dtype, threshold)?);
+    Ok(checks)
+}
+
+/// The CLIP image encoder (preprocessing included) and the Wan2.2 VAE's decode and encode
+/// against their golden files.
+fn clip_and_vae22_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    let tag = format!("{dtype:?}").to_lowercase();
+    let clip = GoldenFile::open("clip")?;
+    let vb = VarBuilder::from_tensors(clip.weights()?, dtype, device);
+    let encoder = ClipVisionEncoder::load(vb, &ClipConfig::from_value(clip.config())?)?;
+    let features = encoder.encode_image(&clip.tensor("in.image")?.to_device(device)?)?;
+    push(
+        &mut checks,
+        Check {
+            name: format!("golden clip (ViT image encoder) {tag}"),
+            error: relative_error(&features, &clip.tensor("out.features")?)?,
+            threshold,
+        },
+    );
+    let file = GoldenFile::open("vae22")?;
+    let stats = |name: &str| -> Result<Vec<f32>> { Ok(file.tensor(name)?.to_vec1::<f32>()?) };
+    let cfg = Vae22Config::from_value(
+        file.config(),
+        stats("in.latent_mean")?,
+        stats("in.latent_std")?,
+    )?;
+    let vae = Wan22Vae::load(
+        VarBuilder::from_tensors(file.weights()?, dtype, device),
+        &cfg,
+    )?;
+    let input = |key: &str| -> Result<Tensor> { Ok(file.tensor(key)?.to_device(device)?) };
+    let decoded = vae.decode_unclamped(&input("in.latent")?)?;
+    let encoded = vae.encode(&input("in.video")?)?;
+    for (what, got, want) in [
+        ("decode", decoded, "out.video"),
+        ("encode", encoded, "out.latent"),
+    ] {
+        push(
+            &mut checks,
+            Check {
+                name: format!("golden vae22 {what} {tag}"),
+                error: relative_error(&got, &file.tensor(want)?)?,
+                threshold,
+            },
+        );
+    }
     Ok(checks)
 }
 
@@ -684,7 +749,9 @@ fn load_dit(
     device: &Device,
     dtype: DType,
 ) -> Result<WanModel<Box<dyn Attention>>> {
-    let cfg = WanConfig::from_value(file.config())?;
+    // A Wan2.1 I2V file says "i2v" as a Wan2.2 expert does; its `img_emb` tells them apart.
+    let has_img_emb = file.names().iter().any(|n| n == "img_emb.proj.0.weight");
+    let cfg = WanConfig::from_value(file.config())?.with_image_embedding(has_img_emb);
     let kind = match file.config_value(&["attention"])?.as_str() {
         Some("sla") => AttentionKind::sla(file.config_f64(&["sla_topk"])?)?,
         _ => AttentionKind::Original,

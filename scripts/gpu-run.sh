@@ -10,6 +10,7 @@
 #   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-dit-14b (a 14B DiT
 #   forward at 720p), bench-t2v-14b (14B T2V at 720p), bench-i2v (Wan2.2 A14B I2V at 720p),
 #   bench-lora (a rank-32 LoRA on the 14B: merge time, forward merged / as a run-time branch),
+#   bench-ti2v (TI2V-5B 1280x704, 121 frames, bf16 and W8A8),
 #   bench-e2e / bench-e2e-a14b (time to video from released-format files, cold and warm),
 #   anchors-vae and torch-probes (the upstream references, see below), t2v-demo
 # Results go to $OUT (default /tmp/gpu-out). Each step has a time limit; a failing step is
@@ -45,6 +46,7 @@ for step in "$@"; do
     bench-dit-14b) bench dit 500 dit_14b --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 ;;
     bench-t2v-14b) bench t2v 600 t2v_14b --t2v-model 14b --t2v-size 1280x720 --skip-cold-run ;;
     bench-i2v) bench i2v 600 i2v --i2v-size 1280x720 --skip-cold-run ;;
+    bench-ti2v) bench ti2v 400 ti2v --skip-cold-run ;;
     bench-lora) bench lora 500 lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32 ;;
     # Time to video from files in the released formats (written under /tmp first, once).
     bench-e2e) bench e2e 400 e2e --e2e-model 1.3b ;;

@@ -39,8 +39,10 @@ use turbodiffusion::models::lora::{LoraAdapter, LoraMode, ScaledLora};
 use turbodiffusion::models::wan::{
     expected_tensors, PatchLayout, QuantPolicy, WanConfig, WanModel,
 };
-use turbodiffusion::models::{VaeConfig, WanVae};
-use turbodiffusion::pipeline::{I2vRequest, MemoryEstimate, ModelKind, RandomCheckpoint};
+use turbodiffusion::models::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
+use turbodiffusion::pipeline::{
+    I2vRequest, MemoryEstimate, ModelKind, RandomCheckpoint, SamplerChoice,
+};
 use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight};
 use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
@@ -103,6 +105,9 @@ struct Args {
     /// Model of the DiT rows: 1.3b (480p) or 14b (720p), 81 frames.
     #[arg(long, default_value = "1.3b")]
     dit_model: ModelShape,
+    /// Denoising steps of the `ti2v` section's teacher (published: 50).
+    #[arg(long, default_value_t = 4)]
+    ti2v_steps: usize,
     /// Model of the `e2e` section: 1.3b (text to video at `--t2v-size`) or a14b-i2v (image to
     /// video at `--i2v-size`), `--video-frames` frames.
     #[arg(long, default_value = "1.3b")]
@@ -138,6 +143,7 @@ enum Section {
     Vae,
     T2v,
     I2v,
+    Ti2v,
     Lora,
     E2e,
 }
@@ -249,6 +255,7 @@ fn main() -> Result<()> {
             Section::Vae => vae_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
             Section::T2v => t2v_rows(&device, &args, &mut rows)?,
             Section::I2v => i2v_rows(&device, &args, &mut rows)?,
+            Section::Ti2v => ti2v_rows(&device, &args, &mut rows)?,
             Section::Lora => lora_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
             Section::E2e => e2e::e2e_rows(&device, &args, &mut rows)?,
         }
@@ -662,6 +669,7 @@ fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
             bench.peak_of(decode)?,
         );
     }
+    vae22_decode_row(bench, seed, &mut push)?;
     let frames = FrameCount::new(81)?;
     let image = Tensor::rand(-1f32, 1.0, (1, 3, 1, 720, 1280), device)?.to_dtype(DType::BF16)?;
     let encode_image = || -> Result<()> {
@@ -691,6 +699,65 @@ fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
     Ok(())
 }
 
+/// The Wan2.2 VAE (TI2V-5B's) decoding 121 frames at 1280×704 with random weights.
+fn vae22_decode_row(
+    bench: &Bench,
+    seed: u64,
+    push: &mut impl FnMut(&str, String, f64, Option<u64>),
+) -> Result<()> {
+    let cfg = Vae22Config::wan22();
+    let vb = RandomCheckpoint::new(seed, Wan22Vae::expected_keys(&cfg))
+        .var_builder(DType::BF16, &bench.device);
+    let vae = Wan22Vae::load(vb, &cfg)?;
+    let (h, w) = (704 / cfg.spatial_stride(), 1280 / cfg.spatial_stride());
+    let latent =
+        Tensor::randn(0f32, 1.0, (1, cfg.z_dim, 31, h, w), &bench.device)?.to_dtype(DType::BF16)?;
+    let decode = || -> Result<()> {
+        vae.decode_streaming(&latent, |_| Ok(()))?;
+        Ok(())
+    };
+    let shape = format!(
+        "1280x704, 121 frames (latent [1, {}, 31, {h}, {w}])",
+        cfg.z_dim
+    );
+    let (ms, peak) = (bench.median_ms(decode)?, bench.peak_of(decode)?);
+    push("Wan2.2 VAE decode (streaming, bf16)", shape, ms, peak);
+    Ok(())
+}
+
+/// TI2V-5B text-to-video at 1280×704, 121 frames, with random weights, in bf16 and W8A8: the
+/// published UniPC teacher with guidance, cut to `--ti2v-steps` steps (the rows give the
+/// denoise stage's time for those steps), per stage, with each stage's estimate.
+fn ti2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
+    for quant in [false, true] {
+        let pipeline =
+            random_pipeline(ModelKind::Wan22Ti2v5B, device, args)?.with_quant_linear(quant);
+        let mut request = T2vRequest::for_model(
+            ModelKind::Wan22Ti2v5B,
+            "a red fox runs through fresh snow at dawn",
+        );
+        if let SamplerChoice::Teacher { steps, .. } = &mut request.sampler {
+            *steps = args.ti2v_steps;
+        }
+        let estimate = pipeline.estimate_memory(&request)?;
+        let linears = if quant { "W8A8" } else { "bf16 linears" };
+        let video = VideoRun {
+            section: "ti2v",
+            shape: format!(
+                "Wan2.2-TI2V-5B, 1280x704, 121 frames, UniPC {} steps with CFG, {linears}",
+                args.ti2v_steps
+            ),
+            estimate,
+            cold_run: !args.skip_cold_run,
+            linears,
+        };
+        video.rows(device, rows, |progress| {
+            Ok(pipeline.text_to_video_with_progress(&request, progress)?)
+        })?;
+    }
+    Ok(())
+}
+
 /// A whole 4-step text-to-video with random weights (the model and size of the arguments),
 /// per stage, with each stage's estimate.
 fn t2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
@@ -710,6 +777,7 @@ fn t2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
         shape: video_shape(name, args.t2v_size, args.video_frames),
         estimate,
         cold_run: !args.skip_cold_run,
+        linears: "W8A8",
     };
     video.rows(device, rows, |progress| {
         Ok(pipeline.text_to_video_with_progress(&request, progress)?)
@@ -731,6 +799,7 @@ fn i2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
         shape: video_shape("Wan2.2-A14B", args.i2v_size, args.video_frames),
         estimate,
         cold_run: !args.skip_cold_run,
+        linears: "W8A8",
     };
     video.rows(device, rows, |progress| {
         Ok(pipeline.image_to_video_with_progress(&request, progress)?)
@@ -775,6 +844,8 @@ struct VideoRun {
     estimate: MemoryEstimate,
     /// Run once untimed first.
     cold_run: bool,
+    /// How the DiT's linears run (`W8A8`, `bf16 linears`).
+    linears: &'static str,
 }
 
 impl VideoRun {
@@ -824,7 +895,7 @@ impl VideoRun {
                 ..row(
                     what,
                     ms,
-                    &format!("random weights, sagesla 0.1, W8A8, {tiling}"),
+                    &format!("random weights, sagesla 0.1, {}, {tiling}", self.linears),
                 )
             });
         }

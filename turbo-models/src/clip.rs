@@ -50,6 +50,50 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
+    /// From a JSON config with upstream's `VisionTransformer` arguments (`image_size`,
+    /// `patch_size`, `dim`, `mlp_ratio`, `out_dim`, `num_heads`, `num_layers`, `activation`,
+    /// `norm_eps`, `mean`, `std`); the tower must be the released kind (class-token pooling,
+    /// pre-norm, no post-norm), else an error naming the field.
+    pub fn from_value(value: &serde_json::Value) -> Result<Self> {
+        let fields = crate::config_fields::ConfigFields(value);
+        let require = |field: &str, ok: bool, expected: &str| {
+            ok.then_some(()).ok_or_else(|| Error::InvalidConfig {
+                field: field.into(),
+                reason: format!("only {expected} is implemented"),
+            })
+        };
+        require(
+            "pool_type",
+            fields.str("pool_type")? == "token",
+            "\"token\"",
+        )?;
+        require("pre_norm", fields.bool("pre_norm")?, "true")?;
+        require("post_norm", !fields.bool("post_norm")?, "false")?;
+        let activation = match fields.str("activation")? {
+            "gelu" => ClipActivation::Gelu,
+            "quick_gelu" => ClipActivation::QuickGelu,
+            other => {
+                return Err(Error::InvalidConfig {
+                    field: "activation".into(),
+                    reason: format!("{other:?}: expected \"gelu\" or \"quick_gelu\""),
+                })
+            }
+        };
+        Ok(Self {
+            image_size: fields.usize("image_size")?,
+            patch_size: fields.usize("patch_size")?,
+            dim: fields.usize("dim")?,
+            mlp_ratio: fields.usize("mlp_ratio")?,
+            out_dim: fields.usize("out_dim")?,
+            num_heads: fields.usize("num_heads")?,
+            num_layers: fields.usize("num_layers")?,
+            activation,
+            norm_eps: fields.f64("norm_eps")?,
+            mean: fields.rgb("mean")?,
+            std: fields.rgb("std")?,
+        })
+    }
+
     /// The released open-clip XLM-RoBERTa-large ViT-H/14 vision tower.
     pub fn vit_h14() -> Self {
         Self {

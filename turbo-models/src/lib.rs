@@ -102,6 +102,7 @@
 
 pub mod checkpoint;
 pub mod clip;
+mod config_fields;
 pub mod convert;
 pub mod lora;
 mod pickle_guard;

@@ -12,41 +12,10 @@ use common::{key_list, KeyShapes};
 use pth_writer::{write_pth, PthTensor};
 use turbo_core::golden::GoldenFile;
 use turbo_core::Error;
-use turbo_models::clip::{ClipActivation, ClipConfig, ClipVisionEncoder};
+use turbo_models::clip::{ClipConfig, ClipVisionEncoder};
 
 fn golden_config(file: &GoldenFile) -> ClipConfig {
-    let number = |key: &str| file.config_f64(&[key]).unwrap();
-    let text = |key: &str| file.config()[key].as_str().unwrap().to_owned();
-    // The encoder implements the released tower: class token, pre-norm blocks.
-    assert_eq!(text("pool_type"), "token");
-    assert_eq!(file.config()["pre_norm"], serde_json::Value::Bool(true));
-    assert_eq!(file.config()["post_norm"], serde_json::Value::Bool(false));
-    let channels = |key: &str| -> [f64; 3] {
-        let values: Vec<f64> = file.config()[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
-        values.try_into().unwrap()
-    };
-    ClipConfig {
-        image_size: number("image_size") as usize,
-        patch_size: number("patch_size") as usize,
-        dim: number("dim") as usize,
-        mlp_ratio: number("mlp_ratio") as usize,
-        out_dim: number("out_dim") as usize,
-        num_heads: number("num_heads") as usize,
-        num_layers: number("num_layers") as usize,
-        activation: match text("activation").as_str() {
-            "gelu" => ClipActivation::Gelu,
-            "quick_gelu" => ClipActivation::QuickGelu,
-            other => panic!("activation {other} is not implemented"),
-        },
-        norm_eps: number("norm_eps"),
-        mean: channels("mean"),
-        std: channels("std"),
-    }
+    ClipConfig::from_value(file.config()).unwrap()
 }
 
 fn load() -> (GoldenFile, ClipVisionEncoder) {

@@ -12,31 +12,13 @@ use turbo_core::golden::GoldenFile;
 use turbo_models::vae::{Vae22Config, Wan22Vae};
 
 fn config(file: &GoldenFile) -> Vae22Config {
-    let cfg = file.config();
-    let usize_of = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
-    let list = |name: &str| file.tensor(name).unwrap().to_vec1::<f32>().unwrap();
     // Attention sits only in the middle blocks, as in the release.
-    assert_eq!(cfg["attn_scales"].as_array().map(Vec::len), Some(0));
-    Vae22Config {
-        dim: usize_of(&cfg["dim"]),
-        dec_dim: usize_of(&cfg["dec_dim"]),
-        z_dim: usize_of(&cfg["z_dim"]),
-        dim_mult: cfg["dim_mult"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(usize_of)
-            .collect(),
-        num_res_blocks: usize_of(&cfg["num_res_blocks"]),
-        temporal_downsample: cfg["temperal_downsample"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_bool().unwrap())
-            .collect(),
-        latent_mean: list("in.latent_mean"),
-        latent_std: list("in.latent_std"),
-    }
+    assert_eq!(
+        file.config()["attn_scales"].as_array().map(Vec::len),
+        Some(0)
+    );
+    let list = |name: &str| file.tensor(name).unwrap().to_vec1::<f32>().unwrap();
+    Vae22Config::from_value(file.config(), list("in.latent_mean"), list("in.latent_std")).unwrap()
 }
 
 fn load() -> (GoldenFile, Wan22Vae) {

@@ -59,6 +59,27 @@ pub struct Vae22Config {
 }
 
 impl Vae22Config {
+    /// From a JSON config with upstream's `WanVAE_` arguments (`dim`, `dec_dim`, `z_dim`,
+    /// `dim_mult`, `num_res_blocks`, `temperal_downsample`, as upstream spells it) and the
+    /// latent statistics, which upstream keeps beside the model rather than in its arguments.
+    pub fn from_value(
+        value: &serde_json::Value,
+        latent_mean: Vec<f32>,
+        latent_std: Vec<f32>,
+    ) -> Result<Self> {
+        let fields = crate::config_fields::ConfigFields(value);
+        Ok(Self {
+            dim: fields.usize("dim")?,
+            dec_dim: fields.usize("dec_dim")?,
+            z_dim: fields.usize("z_dim")?,
+            dim_mult: fields.usize_list("dim_mult")?,
+            num_res_blocks: fields.usize("num_res_blocks")?,
+            temporal_downsample: fields.bool_list("temperal_downsample")?,
+            latent_mean,
+            latent_std,
+        })
+    }
+
     /// The released `Wan2.2_VAE.pth`.
     pub fn wan22() -> Self {
         Self {
