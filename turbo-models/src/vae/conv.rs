@@ -103,16 +103,6 @@ impl CausalConv3d {
         })
     }
 
-    /// Frames of history (or front zeros) each chunk reads before its first frame.
-    pub(crate) fn time_padding(&self) -> usize {
-        self.time_padding
-    }
-
-    /// The stride in time (1 but in the temporal downsamplers).
-    pub(crate) fn time_stride(&self) -> usize {
-        self.time_stride
-    }
-
     /// Convolves `x` `[B, T, C, H, W]`, with `history` (`[B, n, C, H, W]`, the last frames of
     /// the previous chunk) standing in for the last `n` of the front zero frames.
     pub fn forward(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
