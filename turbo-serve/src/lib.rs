@@ -11,6 +11,7 @@
 
 pub mod content;
 pub mod error;
+pub mod images;
 pub mod job;
 pub mod models;
 pub mod queue;

@@ -31,7 +31,9 @@ struct Args {
     #[arg(long)]
     checkpoint_dir: Option<PathBuf>,
     /// Offer only these models of the checkpoint folder (wan2.1-t2v-1.3b, wan2.1-t2v-14b,
-    /// wan2.2-i2v-a14b); repeatable. Default: every one whose files are there.
+    /// wan2.2-i2v-a14b, wan2.2-t2v-a14b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p,
+    /// wan2.1-flf2v-14b, wan2.2-ti2v-5b); repeatable. Default: every one whose files are
+    /// there (files that fit several models, as official Wan folders do, need a choice).
     #[arg(long = "model")]
     models: Vec<String>,
     /// Folder of LoRA adapters (`NAME.safetensors`), offered by name.

@@ -14,8 +14,10 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::Resolution;
-use turbodiffusion::pipeline::{open_lora, DitLoras, ModelFiles, ModelKind};
-use turbodiffusion::{AttentionKind, Pipeline};
+use turbodiffusion::pipeline::{open_lora, DitLoras, ModelFiles, ModelKind, SamplerChoice};
+use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+use crate::images::{ImageField, ImageUse};
 
 /// What a model generates from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,20 +27,68 @@ pub enum Task {
     T2v,
     /// Image (and text) to video.
     I2v,
-    /// Text or image to video with one model (Wan2.2 TI2V-5B), which the library does not run.
+    /// Text, or text and an image, to video with one model (Wan2.2 TI2V-5B).
     Ti2v,
+    /// A first and a last frame (and text) to video (Wan2.1 FLF2V-14B).
+    Flf2v,
+}
+
+impl Task {
+    /// The task `kind` does.
+    pub fn of(kind: ModelKind) -> Self {
+        match kind {
+            ModelKind::Wan21T2V1_3B | ModelKind::Wan21T2V14B | ModelKind::Wan22T2VA14B => Self::T2v,
+            ModelKind::Wan22I2VA14B | ModelKind::Wan21I2V14B480P | ModelKind::Wan21I2V14B720P => {
+                Self::I2v
+            }
+            ModelKind::Wan22Ti2v5B => Self::Ti2v,
+            ModelKind::Wan21Flf2v14B => Self::Flf2v,
+        }
+    }
+
+    /// The task a request without `task` or `model` asks for, by the images it carries.
+    pub fn implied(has_image: bool, has_end_image: bool) -> Self {
+        match (has_image, has_end_image) {
+            (_, true) => Self::Flf2v,
+            (true, false) => Self::I2v,
+            (false, false) => Self::T2v,
+        }
+    }
+
+    /// Whether this task takes `field`.
+    pub fn image_use(self, field: ImageField) -> ImageUse {
+        match (self, field) {
+            (Self::I2v | Self::Flf2v, ImageField::Image) => ImageUse::Required,
+            (Self::Flf2v, ImageField::EndImage) => ImageUse::Required,
+            (Self::Ti2v, ImageField::Image) => ImageUse::Optional,
+            _ => ImageUse::Refused,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::T2v => "t2v",
+            Self::I2v => "i2v",
+            Self::Ti2v => "ti2v",
+            Self::Flf2v => "flf2v",
+        }
+    }
 }
 
 /// Where a model's weights come from.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ModelSource {
-    /// The library's tiny random-weight demo ([`Pipeline::demo`] / [`Pipeline::demo_i2v`]).
+    /// The library's tiny random-weight demo of the model's structure ([`Pipeline::demo_of`]).
     Demo,
-    /// A released model family, read from the checkpoint folder.
-    Release(ModelKind),
+    /// The released files, read from the checkpoint folder.
+    Checkpoint,
 }
 
-/// The settings a request gets for what it leaves out.
+/// The frame size and length of the demo models' requests.
+const DEMO_SIZE: (usize, usize) = (128, 128);
+const DEMO_FRAMES: usize = 17;
+
+/// The settings a request gets for what it leaves out: the model's published defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct ModelDefaults {
     /// An explicit frame size; `None`: the resolution table with the aspect ratio.
@@ -46,6 +96,43 @@ pub struct ModelDefaults {
     #[serde(serialize_with = "serialize_display")]
     pub resolution: Resolution,
     pub num_frames: usize,
+    pub fps: f64,
+    /// `rcm` (the distilled students) or `teacher`.
+    pub sampler: &'static str,
+    pub steps: usize,
+    /// The teacher's guidance scale and shift.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shift: Option<f64>,
+    /// The teacher's guidance while the high-noise expert runs, then the low-noise one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expert_guidance: Option<[f64; 2]>,
+}
+
+impl ModelDefaults {
+    fn of(request: &T2vRequest) -> Self {
+        let (sampler, steps, guidance, shift) = match request.sampler {
+            SamplerChoice::Rcm { steps, .. } => ("rcm", steps, None, None),
+            SamplerChoice::Teacher {
+                steps,
+                guidance,
+                shift,
+                ..
+            } => ("teacher", steps, Some(guidance), Some(shift)),
+        };
+        Self {
+            size: request.size,
+            resolution: request.resolution,
+            num_frames: request.frames,
+            fps: request.fps,
+            sampler,
+            steps,
+            guidance,
+            shift,
+            expert_guidance: request.expert_guidance,
+        }
+    }
 }
 
 fn serialize_display<S: serde::Serializer>(
@@ -55,22 +142,76 @@ fn serialize_display<S: serde::Serializer>(
     serializer.collect_str(value)
 }
 
+/// Which image fields a model takes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct ModelInputs {
+    pub image: ImageUse,
+    pub end_image: ImageUse,
+}
+
 /// A model `GET /v1/models` lists and requests name.
 #[derive(Debug, Clone, Serialize)]
 pub struct ModelEntry {
     pub id: String,
     pub task: Task,
     pub description: String,
+    pub inputs: ModelInputs,
     pub defaults: ModelDefaults,
+    #[serde(skip)]
+    pub kind: ModelKind,
     #[serde(skip)]
     pub source: ModelSource,
 }
 
-/// The released families a checkpoint folder may hold, by the id requests use.
-const RELEASES: [(&str, ModelKind, Task); 3] = [
-    ("wan2.1-t2v-1.3b", ModelKind::Wan21T2V1_3B, Task::T2v),
-    ("wan2.1-t2v-14b", ModelKind::Wan21T2V14B, Task::T2v),
-    ("wan2.2-i2v-a14b", ModelKind::Wan22I2VA14B, Task::I2v),
+impl ModelEntry {
+    fn new(id: String, kind: ModelKind, source: ModelSource, description: String) -> Self {
+        let task = Task::of(kind);
+        Self {
+            id,
+            task,
+            description,
+            inputs: ModelInputs {
+                image: task.image_use(ImageField::Image),
+                end_image: task.image_use(ImageField::EndImage),
+            },
+            defaults: ModelDefaults::of(&published_request(kind, source, String::new())),
+            kind,
+            source,
+        }
+    }
+
+    /// The model's settings for `prompt`, before the request's own.
+    pub fn base_request(&self, prompt: String) -> T2vRequest {
+        published_request(self.kind, self.source, prompt)
+    }
+}
+
+/// The published settings of `kind` for `prompt` ([`T2vRequest::for_model`]); the demos keep
+/// them but make a small video.
+fn published_request(kind: ModelKind, source: ModelSource, prompt: String) -> T2vRequest {
+    let published = T2vRequest::for_model(kind, prompt);
+    match source {
+        ModelSource::Checkpoint => published,
+        ModelSource::Demo => T2vRequest {
+            size: Some(DEMO_SIZE),
+            frames: DEMO_FRAMES,
+            ..published
+        },
+    }
+}
+
+/// The id requests use for a released model: its short name in lower case
+/// (`wan2.1-t2v-1.3b`, `wan2.2-ti2v-5b`, …).
+pub fn release_id(kind: ModelKind) -> String {
+    kind.short_name().to_ascii_lowercase()
+}
+
+/// The demo models: one per task family, by id.
+const DEMOS: [(&str, ModelKind); 4] = [
+    ("demo", ModelKind::Wan21T2V1_3B),
+    ("demo-i2v", ModelKind::Wan22I2VA14B),
+    ("demo-ti2v", ModelKind::Wan22Ti2v5B),
+    ("demo-flf2v", ModelKind::Wan21Flf2v14B),
 ];
 
 /// Why the models could not be set up at start.
@@ -82,6 +223,12 @@ pub enum CatalogError {
     MissingFiles { id: String, reason: String },
     #[error("{}: no released model's files are in this folder", .0.display())]
     EmptyCheckpointDir(PathBuf),
+    #[error(
+        "{}: its files fit several models ({}); choose with --model",
+        dir.display(),
+        ids.join(", ")
+    )]
+    AmbiguousCheckpointDir { dir: PathBuf, ids: Vec<String> },
     #[error("--lora-dir {}: {source}", path.display())]
     LoraDir {
         path: PathBuf,
@@ -110,69 +257,52 @@ pub struct ModelCatalog {
 }
 
 impl ModelCatalog {
-    /// The built-in demo models: `demo` (text to video) and `demo-i2v`.
+    /// The built-in demo models, one per task family: `demo` (text to video), `demo-i2v`,
+    /// `demo-ti2v` and `demo-flf2v`.
     pub fn demo(device: Device) -> Self {
-        let demo_defaults = ModelDefaults {
-            size: Some((128, 128)),
-            resolution: Resolution::P480,
-            num_frames: 17,
-        };
-        let entry = |id: &str, task, description: &str| ModelEntry {
-            id: id.to_owned(),
-            task,
-            description: description.to_owned(),
-            defaults: demo_defaults,
-            source: ModelSource::Demo,
-        };
+        let entries = DEMOS
+            .into_iter()
+            .map(|(id, kind)| {
+                let description = format!(
+                    "tiny random-weight {} demo ({} structure)",
+                    Task::of(kind).name(),
+                    kind.short_name()
+                );
+                ModelEntry::new(id.to_owned(), kind, ModelSource::Demo, description)
+            })
+            .collect();
         Self {
-            entries: vec![
-                entry("demo", Task::T2v, "tiny random-weight text-to-video demo"),
-                entry(
-                    "demo-i2v",
-                    Task::I2v,
-                    "tiny random-weight image-to-video demo",
-                ),
-            ],
+            entries,
             checkpoint_dir: None,
             loras: BTreeMap::new(),
             device,
         }
     }
 
-    /// The released models whose files are in `dir`: those of `only` (`wan2.1-t2v-1.3b`,
-    /// `wan2.1-t2v-14b`, `wan2.2-i2v-a14b`),
-    /// or every one found when `only` is empty.
+    /// The released models whose files are in `dir`: those of `only` (ids as
+    /// [`release_id`] gives them), or every one found when `only` is empty. Official Wan
+    /// folders name their DiT alike whatever the model, so files that fit several models
+    /// offer none of them unless `only` chooses.
     pub fn from_checkpoint_dir(
         dir: &Path,
         only: &[String],
         device: Device,
     ) -> Result<Self, CatalogError> {
-        for id in only {
-            if !RELEASES.iter().any(|(known, ..)| known == id) {
-                let known = RELEASES.map(|(id, ..)| id).join(", ");
-                return Err(CatalogError::UnknownModel {
-                    id: id.clone(),
-                    known,
-                });
-            }
-        }
-        let mut entries = Vec::new();
-        for (id, kind, task) in RELEASES {
-            let wanted = only.is_empty() || only.iter().any(|o| o == id);
+        let wanted = wanted_kinds(only)?;
+        let mut found = Vec::new();
+        for kind in wanted {
             match ModelFiles::find(dir, kind, false) {
-                Ok(_) if wanted => entries.push(release_entry(id, kind, task)),
-                Err(e) if !only.is_empty() && wanted => {
+                Ok(files) => found.push((kind, files.dit)),
+                Err(e) if !only.is_empty() => {
                     return Err(CatalogError::MissingFiles {
-                        id: id.to_owned(),
+                        id: release_id(kind),
                         reason: e.to_string(),
                     })
                 }
-                _ => {}
+                Err(_) => {}
             }
         }
-        if entries.is_empty() {
-            return Err(CatalogError::EmptyCheckpointDir(dir.to_owned()));
-        }
+        let entries = unambiguous_entries(dir, &found)?;
         Ok(Self {
             entries,
             checkpoint_dir: Some(dir.to_owned()),
@@ -228,20 +358,18 @@ impl ModelCatalog {
         match (entry.source, &self.checkpoint_dir) {
             (ModelSource::Demo, _) => {
                 let attention = AttentionConfig::new(kind);
-                let demo = match entry.task {
-                    Task::I2v => Pipeline::demo_i2v(0, attention, self.device.clone())?,
-                    _ => Pipeline::demo(0, attention, self.device.clone())?,
-                };
-                demo.with_quant_linear(key.quant).with_loras(loras)
+                Pipeline::demo_of(entry.kind, 0, attention, self.device.clone())?
+                    .with_quant_linear(key.quant)
+                    .with_loras(loras)
             }
-            (ModelSource::Release(model), Some(dir)) => Pipeline::builder(model)
+            (ModelSource::Checkpoint, Some(dir)) => Pipeline::builder(entry.kind)
                 .checkpoint_dir(dir)
                 .attention(kind)
                 .quant_linear(key.quant)
                 .device(self.device.clone())
                 .loras(loras)
                 .build(),
-            (ModelSource::Release(_), None) => Err(unknown()),
+            (ModelSource::Checkpoint, None) => Err(unknown()),
         }
     }
 
@@ -266,22 +394,71 @@ impl ModelCatalog {
     }
 }
 
-fn release_entry(id: &str, kind: ModelKind, task: Task) -> ModelEntry {
-    let resolution = match task {
-        Task::I2v => Resolution::P720,
-        _ => Resolution::P480,
-    };
-    ModelEntry {
-        id: id.to_owned(),
-        task,
-        description: format!("TurboDiffusion {}", kind.short_name()),
-        defaults: ModelDefaults {
-            size: None,
-            resolution,
-            num_frames: 81,
-        },
-        source: ModelSource::Release(kind),
+/// The kinds `only` names (every kind when empty).
+fn wanted_kinds(only: &[String]) -> Result<Vec<ModelKind>, CatalogError> {
+    if only.is_empty() {
+        return Ok(ModelKind::ALL.to_vec());
     }
+    only.iter()
+        .map(|id| {
+            ModelKind::ALL
+                .into_iter()
+                .find(|&kind| release_id(kind) == *id)
+                .ok_or_else(|| CatalogError::UnknownModel {
+                    id: id.clone(),
+                    known: ModelKind::ALL.map(release_id).join(", "),
+                })
+        })
+        .collect()
+}
+
+/// The entries of the models `found` (with their DiT files), leaving out those whose DiT
+/// file another model found too.
+fn unambiguous_entries(
+    dir: &Path,
+    found: &[(ModelKind, PathBuf)],
+) -> Result<Vec<ModelEntry>, CatalogError> {
+    let shared = |dit: &PathBuf| found.iter().filter(|(_, other)| other == dit).count() > 1;
+    let (ambiguous, clear): (Vec<_>, Vec<_>) = found.iter().partition(|(_, dit)| shared(dit));
+    let entries: Vec<_> = clear
+        .into_iter()
+        .map(|&(kind, _)| checkpoint_entry(kind))
+        .collect();
+    let ambiguous_ids: Vec<_> = ambiguous
+        .iter()
+        .map(|(kind, _)| release_id(*kind))
+        .collect();
+    if entries.is_empty() {
+        return Err(match ambiguous_ids.is_empty() {
+            true => CatalogError::EmptyCheckpointDir(dir.to_owned()),
+            false => CatalogError::AmbiguousCheckpointDir {
+                dir: dir.to_owned(),
+                ids: ambiguous_ids,
+            },
+        });
+    }
+    if !ambiguous_ids.is_empty() {
+        tracing::warn!(
+            "{}: not offering {} (their files fit several models; choose with --model)",
+            dir.display(),
+            ambiguous_ids.join(", ")
+        );
+    }
+    Ok(entries)
+}
+
+fn checkpoint_entry(kind: ModelKind) -> ModelEntry {
+    let students = if kind.has_rcm_students() {
+        "TurboDiffusion rCM students"
+    } else {
+        "Wan teacher"
+    };
+    ModelEntry::new(
+        release_id(kind),
+        kind,
+        ModelSource::Checkpoint,
+        format!("{} ({students})", kind.short_name()),
+    )
 }
 
 /// Recently used values with their memory cost, least recently used first.
@@ -429,6 +606,68 @@ mod tests {
         let missing =
             ModelCatalog::from_checkpoint_dir(dir.path(), &["wan2.1-t2v-14b".into()], Device::Cpu);
         assert!(matches!(missing, Err(CatalogError::MissingFiles { .. })));
+    }
+
+    fn folder_of(names: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in names {
+            std::fs::write(dir.path().join(name), b"").unwrap();
+        }
+        dir
+    }
+
+    const OFFICIAL_DIT: &str = "diffusion_pytorch_model.safetensors";
+    const TEXT_FILES: [&str; 2] = ["models_t5_umt5-xxl-enc-bf16.pth", "tokenizer.json"];
+
+    #[test]
+    fn an_official_ti2v_folder_offers_ti2v_with_its_published_defaults() {
+        let dir = folder_of(&[OFFICIAL_DIT, TEXT_FILES[0], TEXT_FILES[1], "Wan2.2_VAE.pth"]);
+        let catalog = ModelCatalog::from_checkpoint_dir(dir.path(), &[], Device::Cpu).unwrap();
+        let [entry] = catalog.entries() else {
+            panic!("one model expected: {:?}", catalog.entries());
+        };
+        assert_eq!(
+            (entry.id.as_str(), entry.task),
+            ("wan2.2-ti2v-5b", Task::Ti2v)
+        );
+        let published = T2vRequest::for_model(ModelKind::Wan22Ti2v5B, "");
+        assert_eq!(entry.defaults, ModelDefaults::of(&published));
+        assert_eq!(entry.defaults.sampler, "teacher");
+        assert_eq!(entry.inputs.image, ImageUse::Optional);
+    }
+
+    #[test]
+    fn files_that_fit_several_models_need_a_choice() {
+        let clip = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth";
+        let names = [
+            OFFICIAL_DIT,
+            TEXT_FILES[0],
+            TEXT_FILES[1],
+            "Wan2.1_VAE.pth",
+            clip,
+        ];
+        let dir = folder_of(&names);
+        let all = ModelCatalog::from_checkpoint_dir(dir.path(), &[], Device::Cpu);
+        let Err(CatalogError::AmbiguousCheckpointDir { ids, .. }) = all else {
+            panic!("ambiguous expected");
+        };
+        assert!(ids.contains(&"wan2.1-flf2v-14b".to_owned()), "{ids:?}");
+        let chosen = ["wan2.1-flf2v-14b".to_owned()];
+        let catalog = ModelCatalog::from_checkpoint_dir(dir.path(), &chosen, Device::Cpu).unwrap();
+        let entry = &catalog.entries()[0];
+        assert_eq!(
+            (entry.task, entry.inputs.end_image),
+            (Task::Flf2v, ImageUse::Required)
+        );
+    }
+
+    #[test]
+    fn the_demo_catalog_has_a_model_per_task() {
+        let catalog = ModelCatalog::demo(Device::Cpu);
+        for task in [Task::T2v, Task::I2v, Task::Ti2v, Task::Flf2v] {
+            let entry = catalog.default_for(task).unwrap();
+            assert_eq!(entry.defaults.size, Some(DEMO_SIZE), "{}", entry.id);
+        }
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! The body of `POST /v1/videos` and its validation into what the pipeline runs. Every refusal
 //! names the field at fault.
 
-use base64::Engine;
 use serde::{Deserialize, Serialize};
 use turbodiffusion::core::{AspectRatio, FrameCount, FrameSize, Resolution};
 use turbodiffusion::pipeline::{I2vRequest, SamplerChoice};
@@ -9,6 +8,7 @@ use turbodiffusion::video::InputImage;
 use turbodiffusion::{AttentionKind, T2vRequest};
 
 use crate::error::ApiError;
+use crate::images::{decode_base64_image, ImageField, ImageUse, InputImages};
 use crate::models::{ModelCatalog, ModelEntry, PipelineKey, Task};
 
 /// Limits on what one request may ask for.
@@ -70,6 +70,9 @@ pub struct VideoRequest {
     /// A PNG, JPEG or WebP image in base64, bare or as a `data:` URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// The last frame (FLF2V), as `image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub width: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,7 +87,7 @@ pub struct VideoRequest {
     pub num_frames: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub steps: Option<usize>,
-    /// `rcm` (default), `teacher` or `distill-4step`.
+    /// `rcm`, `teacher` or `distill-4step` (default: the model's, `rcm` or its teacher).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sampler: Option<String>,
     /// `original`, `sla[:topk]` or `sagesla[:topk]` (default `sagesla:0.1`).
@@ -133,27 +136,23 @@ impl VideoRequest {
         })
     }
 
-    /// Takes the image out of the request, decoded from base64 (the request is then stored
-    /// without it, and the bytes beside it).
-    pub fn take_image(&mut self, limits: &RequestLimits) -> Result<Option<Vec<u8>>, ApiError> {
-        let Some(text) = self.image.take() else {
-            return Ok(None);
-        };
-        let base64 = match text.split_once(";base64,") {
-            Some((prefix, data)) if prefix.starts_with("data:") => data,
-            _ => &text,
-        };
-        // Base64 takes four characters per three bytes: refuse before decoding.
-        if base64.len() / 4 * 3 > limits.max_image_bytes + 3 {
-            return Err(image_too_large(limits));
+    /// Takes the images out of the request, decoded from base64 (the request is then stored
+    /// without them, and the bytes beside it).
+    pub fn take_images(&mut self, limits: &RequestLimits) -> Result<InputImages, ApiError> {
+        let mut images = InputImages::default();
+        for field in ImageField::ALL {
+            if let Some(text) = self.image_text_mut(field).take() {
+                images.set_once(field, decode_base64_image(field, &text, limits)?)?;
+            }
         }
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(base64.trim())
-            .map_err(|e| ApiError::field("image", format!("not valid base64: {e}")))?;
-        if bytes.len() > limits.max_image_bytes {
-            return Err(image_too_large(limits));
+        Ok(images)
+    }
+
+    fn image_text_mut(&mut self, field: ImageField) -> &mut Option<String> {
+        match field {
+            ImageField::Image => &mut self.image,
+            ImageField::EndImage => &mut self.end_image,
         }
-        Ok(Some(bytes))
     }
 
     /// Fills in the seed, so that the recorded request repeats the video.
@@ -162,18 +161,19 @@ impl VideoRequest {
         self
     }
 
-    /// Checks every field against the models and the limits; `image` is the uploaded image.
+    /// Checks every field against the models and the limits; `images` are those uploaded.
     pub fn validate(
         &self,
         catalog: &ModelCatalog,
         limits: &RequestLimits,
-        image: Option<&[u8]>,
+        images: &InputImages,
     ) -> Result<Generation, ApiError> {
         check_text("prompt", &self.prompt, limits)?;
         if self.prompt.trim().is_empty() {
             return Err(ApiError::field("prompt", "must not be empty"));
         }
-        let model = self.model(catalog, image.is_some())?;
+        let model = self.model(catalog, images)?;
+        check_image_fields(model, images)?;
         let attention = self.attention()?;
         let key = PipelineKey {
             model: model.id.clone(),
@@ -183,48 +183,29 @@ impl VideoRequest {
         };
         let video = T2vRequest {
             sla_topk: attention.topk(),
-            sampler: self.sampler()?,
             seed: self.seed.unwrap_or(0),
-            ..self.geometry(model, limits)?
+            ..self.video_settings(model, limits)?
         };
-        let work = match (model.task, image) {
-            (Task::I2v, Some(bytes)) => {
-                let image = InputImage::decode(bytes, limits.max_image_side)
-                    .map_err(|e| ApiError::field("image", e.to_string()))?;
-                Work::ImageToVideo(Box::new(I2vRequest {
-                    video,
-                    ..I2vRequest::new(image, self.prompt.clone())
-                }))
-            }
-            (Task::I2v, None) => {
-                return Err(ApiError::field("image", "image to video needs an image"))
-            }
-            (_, Some(_)) => {
-                return Err(ApiError::field(
-                    "image",
-                    format!("model `{}` makes video from text only", model.id),
-                ))
-            }
-            (_, None) => Work::TextToVideo(video),
+        let work = match decode_image(ImageField::Image, images, limits)? {
+            Some(image) => Work::ImageToVideo(Box::new(I2vRequest {
+                video,
+                end_image: decode_image(ImageField::EndImage, images, limits)?,
+                ..I2vRequest::for_model(model.kind, image, String::new())
+            })),
+            None => Work::TextToVideo(video),
         };
         Ok(Generation { key, work })
     }
 
-    /// The model named, or the first for the task.
+    /// The model named, or the first for the task (given, or implied by the images).
     fn model<'c>(
         &self,
         catalog: &'c ModelCatalog,
-        has_image: bool,
+        images: &InputImages,
     ) -> Result<&'c ModelEntry, ApiError> {
         let task = self
             .task
-            .unwrap_or(if has_image { Task::I2v } else { Task::T2v });
-        if task == Task::Ti2v {
-            return Err(ApiError::field(
-                "task",
-                "ti2v (the Wan2.2 TI2V-5B model) is not supported; use t2v or i2v",
-            ));
-        }
+            .unwrap_or_else(|| Task::implied(images.image.is_some(), images.end_image.is_some()));
         let model = match &self.model {
             Some(id) => catalog.find(id).ok_or_else(|| {
                 let known: Vec<_> = catalog.entries().iter().map(|e| e.id.as_str()).collect();
@@ -233,14 +214,19 @@ impl VideoRequest {
                     format!("unknown model `{id}` (known: {})", known.join(", ")),
                 )
             })?,
-            None => catalog
-                .default_for(task)
-                .ok_or_else(|| ApiError::field("task", format!("no model here does {task:?}")))?,
+            None => catalog.default_for(task).ok_or_else(|| {
+                ApiError::field("task", format!("no model here does {}", task.name()))
+            })?,
         };
         if self.task.is_some_and(|task| task != model.task) {
             return Err(ApiError::field(
                 "task",
-                format!("model `{}` does {:?}, not {task:?}", model.id, model.task),
+                format!(
+                    "model `{}` does {}, not {}",
+                    model.id,
+                    model.task.name(),
+                    task.name()
+                ),
             ));
         }
         Ok(model)
@@ -252,11 +238,28 @@ impl VideoRequest {
             .map_err(|e: turbodiffusion::Error| ApiError::field("attention", e.to_string()))
     }
 
-    fn sampler(&self) -> Result<SamplerChoice, ApiError> {
-        let preset = self.sampler.as_deref().unwrap_or("rcm");
-        let mut sampler =
-            SamplerChoice::preset(preset).map_err(|e| ApiError::field("sampler", e.to_string()))?;
+    /// The sampler asked for, or the model's; `teacher` on a model that defaults to its
+    /// teacher is that teacher (its steps, shift and guidance).
+    fn sampler(
+        &self,
+        model: &ModelEntry,
+        default: &SamplerChoice,
+    ) -> Result<SamplerChoice, ApiError> {
+        let mut sampler = match self.sampler.as_deref() {
+            _ if self.takes_model_sampler(default) => default.clone(),
+            preset => SamplerChoice::preset(preset.unwrap_or("rcm"))
+                .map_err(|e| ApiError::field("sampler", e.to_string()))?,
+        };
         match &mut sampler {
+            SamplerChoice::Rcm { .. } if !model.kind.has_rcm_students() => {
+                return Err(ApiError::field(
+                    "sampler",
+                    format!(
+                        "model `{}` has no rCM students; use `teacher` (its default)",
+                        model.id
+                    ),
+                ))
+            }
             SamplerChoice::Rcm { steps, .. } => {
                 *steps = checked_steps(self.steps, *steps, MAX_RCM_STEPS)?;
                 if self.negative_prompt.is_some() {
@@ -280,52 +283,75 @@ impl VideoRequest {
         Ok(sampler)
     }
 
-    /// The size and length, checked against the limits, with the model's defaults.
-    fn geometry(&self, model: &ModelEntry, limits: &RequestLimits) -> Result<T2vRequest, ApiError> {
+    /// Whether the request keeps the model's own sampler: it names none, or names the
+    /// teacher of a model that samples with its teacher.
+    fn takes_model_sampler(&self, default: &SamplerChoice) -> bool {
+        match self.sampler.as_deref() {
+            None => true,
+            Some("teacher") => matches!(default, SamplerChoice::Teacher { .. }),
+            Some(_) => false,
+        }
+    }
+
+    /// The model's settings with the request's sampler, size and length, checked against the
+    /// limits.
+    fn video_settings(
+        &self,
+        model: &ModelEntry,
+        limits: &RequestLimits,
+    ) -> Result<T2vRequest, ApiError> {
         if let Some(negative) = &self.negative_prompt {
             check_text("negative_prompt", negative, limits)?;
         }
-        let defaults = model.defaults;
-        let resolution = match &self.resolution {
+        let base = model.base_request(self.prompt.clone());
+        let request = T2vRequest {
+            sampler: self.sampler(model, &base.sampler)?,
+            // The per-expert guidance belongs to the model's teacher.
+            expert_guidance: base
+                .expert_guidance
+                .filter(|_| self.takes_model_sampler(&base.sampler)),
+            frames: checked_frames(self.num_frames.unwrap_or(base.frames), limits)?,
+            resolution: self.resolution(base.resolution)?,
+            aspect_ratio: self.aspect_ratio(base.aspect_ratio)?,
+            size: self.size(base.size, limits)?,
+            ..base
+        };
+        check_geometry(&request, limits)?;
+        Ok(request)
+    }
+
+    fn resolution(&self, default: Resolution) -> Result<Resolution, ApiError> {
+        match &self.resolution {
             Some(text) => text
                 .parse::<Resolution>()
-                .map_err(|e| ApiError::field("resolution", e.to_string()))?,
-            None => defaults.resolution,
-        };
-        let aspect_ratio = match &self.aspect_ratio {
+                .map_err(|e| ApiError::field("resolution", e.to_string())),
+            None => Ok(default),
+        }
+    }
+
+    fn aspect_ratio(&self, default: AspectRatio) -> Result<AspectRatio, ApiError> {
+        match &self.aspect_ratio {
             Some(text) => text
                 .parse::<AspectRatio>()
-                .map_err(|e| ApiError::field("aspect_ratio", e.to_string()))?,
-            None => AspectRatio::default(),
-        };
-        let size = match (self.width, self.height) {
-            (Some(width), Some(height)) => Some(checked_size(width, height, limits)?),
-            (None, None) if self.resolution.is_some() || self.aspect_ratio.is_some() => None,
-            (None, None) => defaults.size,
-            (Some(_), None) => return Err(ApiError::field("height", "give it with width")),
-            (None, Some(_)) => return Err(ApiError::field("width", "give it with height")),
-        };
-        let frames = checked_frames(self.num_frames.unwrap_or(defaults.num_frames), limits)?;
-        let request = T2vRequest {
-            frames,
-            resolution,
-            aspect_ratio,
-            size,
-            ..T2vRequest::new(self.prompt.clone())
-        };
-        let geometry = request
-            .geometry()
-            .map_err(|e| ApiError::field("width", e.to_string()))?;
-        if geometry.size.width().max(geometry.size.height()) > limits.max_side {
-            return Err(ApiError::field(
-                "resolution",
-                format!(
-                    "{} exceeds this server's {} pixels a side",
-                    geometry.size, limits.max_side
-                ),
-            ));
+                .map_err(|e| ApiError::field("aspect_ratio", e.to_string())),
+            None => Ok(default),
         }
-        Ok(request)
+    }
+
+    /// The explicit frame size: the request's, none when it asks for a resolution or an
+    /// aspect ratio instead, else the model's.
+    fn size(
+        &self,
+        default: Option<(usize, usize)>,
+        limits: &RequestLimits,
+    ) -> Result<Option<(usize, usize)>, ApiError> {
+        match (self.width, self.height) {
+            (Some(width), Some(height)) => Ok(Some(checked_size(width, height, limits)?)),
+            (None, None) if self.resolution.is_some() || self.aspect_ratio.is_some() => Ok(None),
+            (None, None) => Ok(default),
+            (Some(_), None) => Err(ApiError::field("height", "give it with width")),
+            (None, Some(_)) => Err(ApiError::field("width", "give it with height")),
+        }
     }
 
     fn loras(&self, catalog: &ModelCatalog) -> Result<Vec<(String, f64)>, ApiError> {
@@ -357,11 +383,58 @@ impl VideoRequest {
     }
 }
 
-fn image_too_large(limits: &RequestLimits) -> ApiError {
-    ApiError::field(
-        "image",
-        format!("larger than {} bytes", limits.max_image_bytes),
-    )
+/// Refuses an image `model` does not take, and a missing one it needs, before any is decoded.
+fn check_image_fields(model: &ModelEntry, images: &InputImages) -> Result<(), ApiError> {
+    for field in ImageField::ALL {
+        let given = images.get(field).is_some();
+        let reason = match (model.task.image_use(field), given) {
+            (ImageUse::Required, false) => "needs",
+            (ImageUse::Refused, true) => "takes no",
+            _ => continue,
+        };
+        return Err(ApiError::field(
+            field.name(),
+            format!(
+                "model `{}` ({}) {reason} {}",
+                model.id,
+                model.task.name(),
+                field.name()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The image of `field`, decoded, if the request has one.
+fn decode_image(
+    field: ImageField,
+    images: &InputImages,
+    limits: &RequestLimits,
+) -> Result<Option<InputImage>, ApiError> {
+    images
+        .get(field)
+        .map(|bytes| {
+            InputImage::decode(bytes, limits.max_image_side)
+                .map_err(|e| ApiError::field(field.name(), e.to_string()))
+        })
+        .transpose()
+}
+
+/// Checks the frame size `request` comes to against the limits.
+fn check_geometry(request: &T2vRequest, limits: &RequestLimits) -> Result<(), ApiError> {
+    let geometry = request
+        .geometry()
+        .map_err(|e| ApiError::field("width", e.to_string()))?;
+    if geometry.size.width().max(geometry.size.height()) > limits.max_side {
+        return Err(ApiError::field(
+            "resolution",
+            format!(
+                "{} exceeds this server's {} pixels a side",
+                geometry.size, limits.max_side
+            ),
+        ));
+    }
+    Ok(())
 }
 
 fn check_text(field: &str, text: &str, limits: &RequestLimits) -> Result<(), ApiError> {
@@ -420,6 +493,8 @@ fn checked_frames(frames: usize, limits: &RequestLimits) -> Result<usize, ApiErr
 
 #[cfg(test)]
 mod tests {
+    use turbodiffusion::pipeline::ModelKind;
+
     use super::*;
 
     fn catalog() -> ModelCatalog {
@@ -430,8 +505,8 @@ mod tests {
         let limits = RequestLimits::default();
         let error = VideoRequest::parse(body.as_bytes())
             .and_then(|mut request| {
-                let image = request.take_image(&limits)?;
-                request.validate(&catalog(), &limits, image.as_deref())
+                let images = request.take_images(&limits)?;
+                request.validate(&catalog(), &limits, &images)
             })
             .expect_err(body);
         match error {
@@ -449,7 +524,35 @@ mod tests {
             (r#"{"prompt": "a", "width": 4000, "height": 64}"#, "width"),
             (r#"{"prompt": "a", "width": 64}"#, "height"),
             (r#"{"prompt": "a", "model": "nope"}"#, "model"),
-            (r#"{"prompt": "a", "task": "ti2v"}"#, "task"),
+            (
+                r#"{"prompt": "a", "task": "ti2v", "model": "demo"}"#,
+                "task",
+            ),
+            (
+                r#"{"prompt": "a", "task": "flf2v", "image": "aGVsbG8="}"#,
+                "end_image",
+            ),
+            (r#"{"prompt": "a", "end_image": "aGVsbG8="}"#, "image"),
+            (
+                r#"{"prompt": "a", "model": "demo", "end_image": "aGVsbG8="}"#,
+                "end_image",
+            ),
+            (
+                r#"{"prompt": "a", "model": "demo-ti2v", "end_image": "aGVsbG8="}"#,
+                "end_image",
+            ),
+            (
+                r#"{"prompt": "a", "model": "demo-i2v", "end_image": "aGVsbG8="}"#,
+                "image",
+            ),
+            (
+                r#"{"prompt": "a", "model": "demo-ti2v", "sampler": "rcm"}"#,
+                "sampler",
+            ),
+            (
+                r#"{"prompt": "a", "task": "t2v", "end_image": "%%%"}"#,
+                "end_image",
+            ),
             (r#"{"prompt": "a", "task": "i2v"}"#, "image"),
             (r#"{"prompt": "a", "image": "%%%"}"#, "image"),
             (r#"{"prompt": "a", "image": "aGVsbG8="}"#, "image"),
@@ -477,17 +580,23 @@ mod tests {
         assert_eq!(field_of(&long), "prompt");
     }
 
+    /// The pipeline and the text-to-video request a body without images validates to.
+    fn text_to_video(body: &[u8]) -> (PipelineKey, T2vRequest) {
+        let limits = RequestLimits::default();
+        let generation = VideoRequest::parse(body)
+            .and_then(|request| request.validate(&catalog(), &limits, &InputImages::default()))
+            .unwrap();
+        match generation.work {
+            Work::TextToVideo(video) => (generation.key, video),
+            Work::ImageToVideo(_) => panic!("text to video expected"),
+        }
+    }
+
     #[test]
     fn a_minimal_request_gets_the_demo_defaults() {
-        let request = VideoRequest::parse(br#"{"prompt": "a fox", "seed": 3}"#).unwrap();
-        let generation = request
-            .validate(&catalog(), &RequestLimits::default(), None)
-            .unwrap();
-        assert_eq!(generation.key.model, "demo");
-        assert_eq!(generation.key.attention, "sagesla");
-        let Work::TextToVideo(video) = generation.work else {
-            panic!("text to video expected");
-        };
+        let (key, video) = text_to_video(br#"{"prompt": "a fox", "seed": 3}"#);
+        assert_eq!(key.model, "demo");
+        assert_eq!(key.attention, "sagesla");
         assert_eq!(
             (video.size, video.frames, video.seed),
             (Some((128, 128)), 17, 3)
@@ -496,22 +605,47 @@ mod tests {
     }
 
     #[test]
+    fn a_text_only_ti2v_request_runs_the_models_teacher() {
+        let (key, video) = text_to_video(br#"{"prompt": "a fox", "task": "ti2v", "steps": 3}"#);
+        assert_eq!(key.model, "demo-ti2v");
+        let published = T2vRequest::for_model(ModelKind::Wan22Ti2v5B, "a fox");
+        assert_eq!(video.fps, published.fps);
+        let SamplerChoice::Teacher {
+            steps, guidance, ..
+        } = video.sampler
+        else {
+            panic!("the teacher expected: {:?}", video.sampler);
+        };
+        let SamplerChoice::Teacher {
+            guidance: published_guidance,
+            ..
+        } = published.sampler
+        else {
+            panic!("TI2V-5B publishes a teacher");
+        };
+        assert_eq!((steps, guidance), (3, published_guidance));
+    }
+
+    #[test]
     fn a_data_url_image_is_taken_out_of_the_request() {
         let mut request = VideoRequest {
             image: Some("data:image/png;base64,aGVsbG8=".into()),
+            end_image: Some("aGk=".into()),
             ..VideoRequest::default()
         };
-        let bytes = request.take_image(&RequestLimits::default()).unwrap();
-        assert_eq!(bytes.as_deref(), Some(&b"hello"[..]));
-        assert!(request.image.is_none());
+        let images = request.take_images(&RequestLimits::default()).unwrap();
+        assert_eq!(images.image.as_deref(), Some(&b"hello"[..]));
+        assert_eq!(images.end_image.as_deref(), Some(&b"hi"[..]));
+        assert!(request.image.is_none() && request.end_image.is_none());
         let limits = RequestLimits {
             max_image_bytes: 2,
             ..RequestLimits::default()
         };
         let mut request = VideoRequest {
-            image: Some("aGVsbG8=".into()),
+            end_image: Some("aGVsbG8=".into()),
             ..VideoRequest::default()
         };
-        assert!(request.take_image(&limits).is_err());
+        let error = request.take_images(&limits).unwrap_err();
+        assert!(matches!(error, ApiError::InvalidField { field, .. } if field == "end_image"));
     }
 }

@@ -120,13 +120,13 @@ async fn submit_video(
     State(state): State<AppState>,
     body: Request,
 ) -> Result<(StatusCode, Json<JobView>), ApiError> {
-    let (request, image) = read_submission(body, &state.limits, state.max_body_bytes).await?;
+    let (request, images) = read_submission(body, &state.limits, state.max_body_bytes).await?;
     let request = request.with_seed();
-    // Decoding the image is CPU work: off the threads that serve connections.
+    // Decoding the images is CPU work: off the threads that serve connections.
     let (models, limits) = (state.models.clone(), state.limits);
-    let (request, image) = tokio::task::spawn_blocking(move || {
-        request.validate(&models.catalog, &limits, image.as_deref())?;
-        Ok::<_, ApiError>((request, image))
+    let (request, images) = tokio::task::spawn_blocking(move || {
+        request.validate(&models.catalog, &limits, &images)?;
+        Ok::<_, ApiError>((request, images))
     })
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))??;
@@ -135,7 +135,7 @@ async fn submit_video(
     let new_job = NewJob {
         id: &id,
         request: &stored,
-        image: image.as_deref(),
+        images: &images,
     };
     match state
         .queue

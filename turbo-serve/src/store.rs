@@ -7,6 +7,7 @@ use std::sync::Mutex;
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
+use crate::images::InputImages;
 use crate::job::{now_ms, JobId, JobProgress, JobStatus, JobView, Timings};
 
 /// Times a job may be interrupted by the server stopping before it is failed instead of being
@@ -20,6 +21,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     status TEXT NOT NULL,
     request TEXT NOT NULL,
     image BLOB,
+    end_image BLOB,
     progress TEXT NOT NULL,
     timings TEXT NOT NULL,
     error TEXT,
@@ -29,6 +31,19 @@ CREATE TABLE IF NOT EXISTS jobs (
     finished_at INTEGER
 );
 ";
+
+/// Adds `end_image` to a database written before FLF2V was offered.
+fn add_end_image_column(connection: &Connection) -> StoreResult<()> {
+    let present: bool = connection.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('jobs') WHERE name = 'end_image'",
+        [],
+        |row| row.get(0),
+    )?;
+    if !present {
+        connection.execute_batch("ALTER TABLE jobs ADD COLUMN end_image BLOB")?;
+    }
+    Ok(())
+}
 
 /// The jobs database. SQLite calls are short (one row), so the async handlers make them
 /// directly under the lock rather than on a blocking thread.
@@ -41,8 +56,8 @@ pub struct NewJob<'a> {
     pub id: &'a JobId,
     /// The request as the API shows it (no image bytes).
     pub request: &'a serde_json::Value,
-    /// The uploaded image, decoded again when the job runs.
-    pub image: Option<&'a [u8]>,
+    /// The uploaded images, decoded again when the job runs.
+    pub images: &'a InputImages,
 }
 
 /// What [`JobStore::recover`] did with the jobs a previous run left unfinished.
@@ -65,6 +80,7 @@ impl JobStore {
         connection.pragma_update(None, "synchronous", "FULL")?;
         connection.busy_timeout(std::time::Duration::from_secs(5))?;
         connection.execute_batch(SCHEMA)?;
+        add_end_image_column(&connection)?;
         Ok(Self {
             connection: Mutex::new(connection),
         })
@@ -85,13 +101,15 @@ impl JobStore {
         let timings = to_json(&Timings::default());
         self.with(|c| {
             c.execute(
-                "INSERT INTO jobs (id, status, request, image, progress, timings, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO jobs
+                     (id, status, request, image, end_image, progress, timings, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     job.id.as_str(),
                     JobStatus::Queued.as_str(),
                     job.request.to_string(),
-                    job.image,
+                    job.images.image,
+                    job.images.end_image,
                     progress,
                     timings,
                     now_ms()
@@ -123,16 +141,21 @@ impl JobStore {
         })
     }
 
-    /// The image uploaded with the job, if any.
-    pub fn image(&self, id: &JobId) -> StoreResult<Option<Vec<u8>>> {
+    /// The images uploaded with the job (none for an unknown job).
+    pub fn images(&self, id: &JobId) -> StoreResult<InputImages> {
         self.with(|c| {
             c.query_row(
-                "SELECT image FROM jobs WHERE id = ?1",
+                "SELECT image, end_image FROM jobs WHERE id = ?1",
                 [id.as_str()],
-                |row| row.get(0),
+                |row| {
+                    Ok(InputImages {
+                        image: row.get(0)?,
+                        end_image: row.get(1)?,
+                    })
+                },
             )
             .optional()
-            .map(Option::flatten)
+            .map(Option::unwrap_or_default)
         })
     }
 
@@ -309,10 +332,26 @@ mod tests {
             .insert(&NewJob {
                 id: &id,
                 request: &request,
-                image: Some(b"png bytes"),
+                images: &InputImages {
+                    image: Some(b"png bytes".to_vec()),
+                    end_image: Some(b"last frame".to_vec()),
+                },
             })
             .unwrap();
         id
+    }
+
+    #[test]
+    fn a_database_without_end_images_gains_the_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let old_schema = SCHEMA.replace("    end_image BLOB,\n", "");
+        Connection::open(dir.path().join("jobs.sqlite3"))
+            .unwrap()
+            .execute_batch(&old_schema)
+            .unwrap();
+        let store = JobStore::open(dir.path()).unwrap();
+        let id = submit(&store);
+        assert!(store.images(&id).unwrap().end_image.is_some());
     }
 
     #[test]
@@ -323,7 +362,9 @@ mod tests {
         let view = store.get(&id).unwrap().unwrap();
         assert_eq!(view.status, JobStatus::Queued);
         assert_eq!(view.request["prompt"], "a fox");
-        assert_eq!(store.image(&id).unwrap().unwrap(), b"png bytes");
+        let images = store.images(&id).unwrap();
+        assert_eq!(images.image.as_deref(), Some(&b"png bytes"[..]));
+        assert_eq!(images.end_image.as_deref(), Some(&b"last frame"[..]));
         let timings = Timings {
             run_ms: Some(5),
             ..Timings::default()

@@ -1,12 +1,13 @@
-//! Reading a submission: a JSON body (the image, if any, in base64), or a
-//! `multipart/form-data` body with the JSON in a `request` part and the image file in an
-//! `image` part (`curl -F request='{…}' -F image=@cat.png`).
+//! Reading a submission: a JSON body (the images, if any, in base64), or a
+//! `multipart/form-data` body with the JSON in a `request` part and the image files in
+//! `image` and `end_image` parts (`curl -F request='{…}' -F image=@cat.png`).
 
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Multipart, Request};
 use axum::http::{header, StatusCode};
 
 use crate::error::ApiError;
+use crate::images::{check_image_size, ImageField, InputImages};
 use crate::request::{RequestLimits, VideoRequest};
 
 /// The request and the image bytes of a `POST /v1/videos` body of at most `max_body` bytes.
@@ -14,7 +15,7 @@ pub async fn read_submission(
     request: Request,
     limits: &RequestLimits,
     max_body: usize,
-) -> Result<(VideoRequest, Option<Vec<u8>>), ApiError> {
+) -> Result<(VideoRequest, InputImages), ApiError> {
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -27,8 +28,8 @@ pub async fn read_submission(
             .await
             .map_err(|rejection| body_error(rejection.status(), rejection.body_text(), max_body))?;
         let mut video = VideoRequest::parse(&body)?;
-        let image = video.take_image(limits)?;
-        Ok((video, image))
+        let images = video.take_images(limits)?;
+        Ok((video, images))
     } else if essence.eq_ignore_ascii_case("multipart/form-data") {
         let multipart = Multipart::from_request(request, &())
             .await
@@ -42,14 +43,14 @@ pub async fn read_submission(
     }
 }
 
-/// The `request` and `image` parts of a multipart body.
+/// The `request`, `image` and `end_image` parts of a multipart body.
 async fn read_parts(
     mut multipart: Multipart,
     limits: &RequestLimits,
     max_body: usize,
-) -> Result<(VideoRequest, Option<Vec<u8>>), ApiError> {
+) -> Result<(VideoRequest, InputImages), ApiError> {
     let mut video = None;
-    let mut image = None;
+    let mut files = InputImages::default();
     while let Some(part) = multipart
         .next_field()
         .await
@@ -60,28 +61,28 @@ async fn read_parts(
             .bytes()
             .await
             .map_err(|e| body_error(e.status(), e.body_text(), max_body))?;
-        match name.as_str() {
-            "request" => video = Some(VideoRequest::parse(&bytes)?),
-            "image" if bytes.len() > limits.max_image_bytes => {
-                return Err(ApiError::field(
-                    "image",
-                    format!("larger than {} bytes", limits.max_image_bytes),
-                ))
+        match (name.as_str(), ImageField::from_part_name(&name)) {
+            ("request", _) => video = Some(VideoRequest::parse(&bytes)?),
+            (_, Some(field)) => {
+                check_image_size(field, &bytes, limits)?;
+                files.set_once(field, bytes.to_vec())?;
             }
-            "image" => image = Some(bytes.to_vec()),
-            other => {
+            (other, None) => {
                 return Err(ApiError::field(
                     other,
-                    "unknown part: send `request` (JSON) and `image` (a file)",
+                    "unknown part: send `request` (JSON), `image` and `end_image` (files)",
                 ))
             }
         }
     }
     let mut video = video.ok_or_else(|| ApiError::field("request", "the JSON part is missing"))?;
-    match (video.take_image(limits)?, image) {
-        (Some(_), Some(_)) => Err(ApiError::field("image", "give the image once, not twice")),
-        (in_json, as_file) => Ok((video, in_json.or(as_file))),
+    let mut images = video.take_images(limits)?;
+    for field in ImageField::ALL {
+        if let Some(bytes) = files.get(field) {
+            images.set_once(field, bytes.to_vec())?;
+        }
     }
+    Ok((video, images))
 }
 
 fn body_error(status: StatusCode, text: String, max_body: usize) -> ApiError {

@@ -145,9 +145,9 @@ impl Worker {
         self.update(id, JobProgress::at("loading_model", 0.0));
         let request: VideoRequest = serde_json::from_value(view.request)
             .map_err(|e| Stopped::Failed(format!("stored request: {e}")))?;
-        let image = self.store.image(id)?;
+        let images = self.store.images(id)?;
         request
-            .validate(&self.models.catalog, &self.limits, image.as_deref())
+            .validate(&self.models.catalog, &self.limits, &images)
             .map_err(|e| Stopped::Failed(e.to_string()))
     }
 

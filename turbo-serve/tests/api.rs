@@ -93,14 +93,23 @@ fn a_job_streams_its_progress_and_serves_its_mp4() {
     let list = server.get("/v1/videos").json();
     assert_eq!(list["data"][0]["id"], id.as_str());
     let models = server.get("/v1/models").json();
-    let ids: Vec<&str> = models["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["demo", "demo-i2v"]);
+    let column = |key: &str| -> Vec<String> {
+        let entries = models["data"].as_array().unwrap();
+        entries
+            .iter()
+            .map(|m| m[key].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        column("id"),
+        ["demo", "demo-i2v", "demo-ti2v", "demo-flf2v"]
+    );
+    assert_eq!(column("task"), ["t2v", "i2v", "ti2v", "flf2v"]);
     assert_eq!(models["data"][0]["resident"], true);
+    let flf2v = &models["data"][3];
+    assert_eq!(flf2v["inputs"]["end_image"], "required");
+    assert_eq!(flf2v["defaults"]["sampler"], "teacher");
+    assert_eq!(models["data"][2]["inputs"]["image"], "optional");
 }
 
 fn check_ranges(server: &ServerProcess, id: &str, whole: &[u8]) {
@@ -170,6 +179,79 @@ fn an_image_to_video_job_runs_from_an_uploaded_image() {
     assert_eq!((video.len(), video.width(), video.height()), (5, 32, 48));
 }
 
+fn png_base64(width: u32, height: u32) -> String {
+    base64::engine::general_purpose::STANDARD.encode(png(width, height))
+}
+
+/// A TI2V job at 64×32, 5 frames, 2 teacher steps.
+fn tiny_ti2v_job(prompt: &str) -> Value {
+    json!({"prompt": prompt, "task": "ti2v", "width": 64, "height": 32, "num_frames": 5,
+           "steps": 2, "attention": "original", "seed": 3})
+}
+
+fn assert_video_of(
+    server: &ServerProcess,
+    id: &str,
+    (frames, width, height): (usize, usize, usize),
+) {
+    let events = server.wait_until_over(id);
+    assert_eq!(events.last().unwrap()["status"], "succeeded", "{events:?}");
+    let video = Video::read_mp4(server.video_path(id)).unwrap();
+    assert_eq!(
+        (video.len(), video.width(), video.height()),
+        (frames, width, height)
+    );
+}
+
+#[test]
+fn a_ti2v_job_runs_from_text_alone_and_from_text_and_an_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let text_only = server.submit(&tiny_ti2v_job("a lighthouse at dusk"));
+    assert_video_of(&server, &text_only, (5, 64, 32));
+    assert_eq!(server.job(&text_only)["request"]["task"], "ti2v");
+
+    let mut with_image = tiny_ti2v_job("the lighthouse beam turns");
+    with_image["image"] = json!(png_base64(40, 24));
+    let id = server.submit(&with_image);
+    assert_video_of(&server, &id, (5, 64, 32));
+    let job = server.job(&id);
+    assert!(job["request"].get("image").is_none(), "{job}");
+    assert!(job["timings"]["encode_image_ms"].is_u64(), "{job}");
+}
+
+#[test]
+fn a_flf2v_job_runs_from_uploaded_first_and_last_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(dir.path(), &[]);
+    let request = json!({"prompt": "day turns to night", "model": "demo-flf2v", "width": 32,
+                         "height": 32, "num_frames": 5, "steps": 2, "attention": "original"});
+    let body = multipart(&[
+        ("request", None, request.to_string().as_bytes()),
+        ("image", Some("first.png"), &png(24, 24)),
+        ("end_image", Some("last.png"), &png(24, 24)),
+    ]);
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let headers = [("Content-Type", content_type.as_str())];
+    let response = common::request(&server.addr, "POST", "/v1/videos", &headers, Some(&body));
+    assert_eq!(response.status, 202, "{}", response.text());
+    let id = response.json()["id"].as_str().unwrap().to_owned();
+    assert_video_of(&server, &id, (5, 32, 32));
+
+    // The end image in the JSON as well as a file part is one too many.
+    let twice = json!({"prompt": "twice", "model": "demo-flf2v", "end_image": png_base64(8, 8)});
+    let body = multipart(&[
+        ("request", None, twice.to_string().as_bytes()),
+        ("image", Some("first.png"), &png(8, 8)),
+        ("end_image", Some("last.png"), &png(8, 8)),
+    ]);
+    let response = common::request(&server.addr, "POST", "/v1/videos", &headers, Some(&body));
+    assert_eq!(
+        (response.status, response.error_field()),
+        (400, "end_image".into())
+    );
+}
+
 const BOUNDARY: &str = "turbo-serve-test-boundary";
 
 /// A `multipart/form-data` body of `(name, file name, content)` parts.
@@ -211,7 +293,22 @@ fn bad_requests_are_refused_naming_the_field() {
             json!({"prompt": "a", "attention": "sagesla:0"}),
             "attention",
         ),
-        (json!({"prompt": "a", "task": "ti2v"}), "task"),
+        (
+            json!({"prompt": "a", "model": "demo", "task": "ti2v"}),
+            "task",
+        ),
+        (
+            json!({"prompt": "a", "task": "flf2v", "image": png_base64(16, 16)}),
+            "end_image",
+        ),
+        (
+            json!({"prompt": "a", "model": "demo", "end_image": png_base64(16, 16)}),
+            "end_image",
+        ),
+        (
+            json!({"prompt": "a", "model": "demo-ti2v", "sampler": "rcm"}),
+            "sampler",
+        ),
         (
             json!({"prompt": "a", "aspect_ratio": "21:9"}),
             "aspect_ratio",
