@@ -32,8 +32,9 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
   local section="$1" limit="$2" name="${3:-$1}"
   shift $(($# < 3 ? $# : 3))
+  # One JSON per step and one shared log (its tables included): few files come back.
   timeout "$limit" "$BIN/bench" --sections "$section" "$@" --json "$OUT/bench_$name.json" \
-    --markdown "$OUT/bench_$name.md" 2>&1 | tee "$OUT/bench_$name.txt"
+    2>&1 | tee -a "$OUT/bench.log"
 }
 for step in "$@"; do
   case "$step" in
@@ -50,6 +51,7 @@ for step in "$@"; do
     bench-lora) bench lora 500 lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32 ;;
     # Time to video from files in the released formats (written under /tmp first, once).
     bench-e2e) bench e2e 400 e2e --e2e-model 1.3b ;;
+    bench-e2e-resident) bench e2e 300 e2e_resident --e2e-model 1.3b --e2e-processes 1 --e2e-resident-text-encoder ;;
     bench-e2e-a14b) bench e2e 590 e2e_a14b --e2e-model a14b-i2v --e2e-processes 1 ;;
     # The upstream reference (PyTorch, Wan2.1's VAE) in the same run: copy the Wan2.1
     # wan/modules folder to .upstream/wan21/modules and make .upstream/vae_anchor.py from the

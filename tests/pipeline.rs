@@ -690,3 +690,55 @@ fn a_video_streamed_to_its_file_equals_the_video_written_after() {
     names.sort();
     assert_eq!(names, ["in_memory.mp4", "streamed.mp4"]);
 }
+
+/// Counts the weight bytes each stage reports having read.
+#[derive(Default)]
+struct ReadBytes(Vec<(Stage, u64)>);
+
+impl Progress for ReadBytes {
+    fn step_done(&mut self, _report: &StepReport) -> ControlFlow<()> {
+        ControlFlow::Continue(())
+    }
+
+    fn stage_done(&mut self, report: &StageReport) {
+        self.0.push((report.stage, report.resident_bytes));
+    }
+}
+
+/// A resident text encoder gives the video the streamed one gives; it reads its weights for
+/// the first request only, and every later stage's estimate counts it.
+#[test]
+fn a_resident_text_encoder_gives_the_same_video_and_loads_once() {
+    let streamed = demo(AttentionKind::Original);
+    let resident = demo(AttentionKind::Original).with_text_encoder_resident(true);
+    let request = short("a lynx", 5);
+    let reference = streamed.text_to_video(&request).unwrap();
+    let text_bytes = |pipeline: &Pipeline| {
+        let mut reads = ReadBytes::default();
+        let video = pipeline
+            .text_to_video_with_progress(&request, &mut reads)
+            .unwrap();
+        assert_eq!(video.frames(), reference.frames());
+        reads
+            .0
+            .iter()
+            .find(|(s, _)| *s == Stage::EncodingText)
+            .unwrap()
+            .1
+    };
+    let first = text_bytes(&resident);
+    assert!(first > 0, "the first request loads the encoder");
+    assert_eq!(text_bytes(&resident), 0, "a later request reads nothing");
+    let denoise_weights = |pipeline: &Pipeline| {
+        let estimate = pipeline.estimate_memory(&request).unwrap();
+        estimate
+            .stage(&Stage::Denoising { steps: 4 })
+            .unwrap()
+            .weights
+    };
+    assert_eq!(
+        denoise_weights(&resident) - denoise_weights(&streamed),
+        first,
+        "the denoise stage's estimate counts the resident encoder"
+    );
+}

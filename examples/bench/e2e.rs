@@ -114,7 +114,12 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
                     run.index
                 ),
             };
-            let note = format!("{jit}; files in the page cache; sagesla 0.1, W8A8 -quant files");
+            let text = match args.e2e_resident_text_encoder {
+                true => "umT5 kept on the device between requests",
+                false => "umT5 streamed from its file at every request",
+            };
+            let note =
+                format!("{jit}; files in the page cache; sagesla 0.1, W8A8 -quant files; {text}");
             rows.push(row(what, run.wall_ms, note));
             for (stage, ms, peak) in run.stages {
                 rows.push(Row {
@@ -247,6 +252,7 @@ pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
         .checkpoint_dir(&args.e2e_dir)
         .attention(AttentionKind::sagesla(0.1)?)
         .quant_linear(true)
+        .text_encoder_resident(args.e2e_resident_text_encoder)
         .device(device.clone())
         .dtype(DType::BF16)
         .build()?;

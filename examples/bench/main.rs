@@ -122,6 +122,9 @@ struct Args {
     /// Videos each `e2e` process makes on its one pipeline.
     #[arg(long, default_value_t = 2)]
     e2e_requests: usize,
+    /// The `e2e` pipeline keeps its text encoder on the device between requests.
+    #[arg(long)]
+    e2e_resident_text_encoder: bool,
     /// Run as the `e2e` section's child process.
     #[arg(long, hide = true)]
     e2e_child: bool,

@@ -174,6 +174,13 @@ impl Pipeline {
             done: frames,
             total: frames,
         }));
+        if self.text_encoder_device == TextEncoderDevice::Resident {
+            // The resident encoder stays on the device through every later stage.
+            let encoder = umt5_bytes(&models.text_encoder, dtype);
+            for stage in stages.iter_mut().filter(|s| s.stage != Stage::EncodingText) {
+                stage.weights = stage.weights.saturating_add(encoder);
+            }
+        }
         Ok(MemoryEstimate { stages, vae_tiling })
     }
 
@@ -359,20 +366,26 @@ fn text_estimate(
     guided: bool,
 ) -> Footprint {
     let contexts = (1 + usize::from(guided)) as u64 * bytes(len * cfg.dim, DType::F32);
-    if device == TextEncoderDevice::Cpu {
-        return Footprint::new(0, contexts);
-    }
     let keys = Umt5Encoder::expected_keys(cfg);
-    let block = key_bytes(
-        keys.iter().filter(|(k, _)| k.starts_with("blocks.0.")),
-        dtype,
-    );
+    let held = match device {
+        TextEncoderDevice::Cpu => return Footprint::new(0, contexts),
+        TextEncoderDevice::Resident => umt5_bytes(cfg, dtype),
+        TextEncoderDevice::Pipeline => key_bytes(
+            keys.iter().filter(|(k, _)| k.starts_with("blocks.0.")),
+            dtype,
+        ),
+    };
     let rows = bytes(len * cfg.dim, dtype);
     let size = dtype.size_in_bytes();
     let scores = cfg.num_heads * len * len * (3 * 4 + size);
     let ffn = 3 * len * cfg.dim_ffn * size;
     let norms = 4 * 4 * len * cfg.dim;
-    Footprint::new(block + rows, (scores + ffn + norms) as u64 + contexts)
+    Footprint::new(held + rows, (scores + ffn + norms) as u64 + contexts)
+}
+
+/// Bytes of the whole umT5 encoder's weights in `dtype`.
+fn umt5_bytes(cfg: &Umt5Config, dtype: DType) -> u64 {
+    key_bytes(Umt5Encoder::expected_keys(cfg).iter(), dtype)
 }
 
 /// One denoising run, as the estimate sees it.

@@ -18,6 +18,7 @@ mod vae;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Tensor};
 use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
@@ -25,7 +26,7 @@ use turbo_core::{Error, NoProgress, Progress, Result, Stage};
 use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
 use turbo_models::{
-    ClipConfig, StreamingUmt5Encoder, Umt5Config, Vae22Config, VaeConfig, VaeTiling,
+    ClipConfig, StreamingUmt5Encoder, Umt5Config, Umt5Encoder, Vae22Config, VaeConfig, VaeTiling,
 };
 use turbo_sampler::{ExpertBoundary, T2V_A14B_BOUNDARY, T2V_SIGMA_MAX};
 use turbo_video::{rgb_frames, Fps, Mp4Options, OutputFile, Video};
@@ -98,6 +99,9 @@ pub struct Pipeline {
     dtype: DType,
     /// LoRA adapters merged into the DiT when it loads.
     loras: DitLoras,
+    /// The whole umT5 encoder once loaded, for [`TextEncoderDevice::Resident`]; shared by the
+    /// pipeline's clones.
+    resident_text_encoder: Arc<Mutex<Option<Arc<Umt5Encoder>>>>,
 }
 
 /// Where the umT5 text encoder runs.
@@ -110,6 +114,10 @@ enum TextEncoderDevice {
     /// On the CPU: the device holds no text-encoder weight; the context is moved to the device
     /// after. Slower (seconds to a minute per prompt), for cards where even a block is too much.
     Cpu,
+    /// On the pipeline's device, loaded whole by the first request and kept there for the
+    /// next ones (11 GB of umT5-XXL in bf16, counted in every stage's memory estimate): a
+    /// request then encodes its prompt without reading the file again.
+    Resident,
 }
 
 /// Builds a [`Pipeline`] over the released files.
@@ -169,6 +177,14 @@ impl PipelineBuilder {
     /// default, streaming its blocks).
     pub fn text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
         self.text_encoder_device = text_encoder_device(on_cpu);
+        self
+    }
+
+    /// Keeps the whole text encoder on the pipeline's device from the first request on
+    /// (`true`), instead of streaming its blocks from the file at every request: later
+    /// requests skip reading 11 GB, and every stage's memory estimate counts the encoder.
+    pub fn text_encoder_resident(mut self, resident: bool) -> Self {
+        self.text_encoder_device = resident_text_encoder_device(resident);
         self
     }
 
@@ -235,6 +251,7 @@ impl PipelineBuilder {
             device: self.device,
             dtype: self.dtype,
             loras: DitLoras::default(),
+            resident_text_encoder: Arc::default(),
         }
         .with_loras(self.loras)
     }
@@ -251,6 +268,14 @@ fn fit_tokenizer(tokenizer: PromptTokenizer, dit: &WanConfig) -> PromptTokenizer
 fn text_encoder_device(on_cpu: bool) -> TextEncoderDevice {
     if on_cpu {
         TextEncoderDevice::Cpu
+    } else {
+        TextEncoderDevice::Pipeline
+    }
+}
+
+fn resident_text_encoder_device(resident: bool) -> TextEncoderDevice {
+    if resident {
+        TextEncoderDevice::Resident
     } else {
         TextEncoderDevice::Pipeline
     }
@@ -328,6 +353,7 @@ impl Pipeline {
             device,
             dtype,
             loras: DitLoras::default(),
+            resident_text_encoder: Arc::default(),
         })
     }
 
@@ -346,6 +372,12 @@ impl Pipeline {
     /// Runs the text encoder on the CPU (`true`) or on the pipeline's device (`false`).
     pub fn with_text_encoder_on_cpu(mut self, on_cpu: bool) -> Self {
         self.text_encoder_device = text_encoder_device(on_cpu);
+        self
+    }
+
+    /// See [`PipelineBuilder::text_encoder_resident`].
+    pub fn with_text_encoder_resident(mut self, resident: bool) -> Self {
+        self.text_encoder_device = resident_text_encoder_device(resident);
         self
     }
 
@@ -541,28 +573,40 @@ impl Pipeline {
         Ok(contexts)
     }
 
-    /// The f32 context `[L, dim]` of each text on the pipeline's device, from one pass of the
-    /// streamed encoder over its weights (counted into `bytes`).
+    /// The f32 context `[L, dim]` of each text on the pipeline's device: from one pass of the
+    /// streamed encoder over its weights (counted into `bytes`), or from the resident encoder.
     fn encode_texts<'t>(
         &self,
         texts: impl Iterator<Item = &'t str>,
         bytes: &WeightBytes,
     ) -> Result<Vec<Tensor>> {
         let device = match self.text_encoder_device {
-            TextEncoderDevice::Pipeline => &self.device,
+            TextEncoderDevice::Pipeline | TextEncoderDevice::Resident => &self.device,
             TextEncoderDevice::Cpu => &Device::Cpu,
         };
-        let vb = self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
-        let encoder = StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
         let ids = texts
             .map(|text| {
                 let ids = self.tokenizer.encode(text)?.ids;
                 Ok(Tensor::from_slice(&ids, (1, ids.len()), device)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
-        encoder
-            .forward_many_observed(&batches, &mut || bytes.release())?
+        let contexts = match self.text_encoder_device {
+            TextEncoderDevice::Resident => {
+                let encoder = self.resident_text_encoder(bytes)?;
+                ids.iter()
+                    .map(|ids| encoder.forward(ids, None))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            TextEncoderDevice::Pipeline | TextEncoderDevice::Cpu => {
+                let vb =
+                    self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
+                let encoder =
+                    StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
+                let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
+                encoder.forward_many_observed(&batches, &mut || bytes.release())?
+            }
+        };
+        contexts
             .into_iter()
             .map(|context| {
                 Ok(context
@@ -571,6 +615,25 @@ impl Pipeline {
                     .to_device(&self.device)?)
             })
             .collect()
+    }
+
+    /// The resident text encoder, loaded whole by the first call (its weights counted into
+    /// `bytes` then; a later call reads nothing).
+    fn resident_text_encoder(&self, bytes: &WeightBytes) -> Result<Arc<Umt5Encoder>> {
+        let mut resident = self
+            .resident_text_encoder
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(encoder) = resident.as_ref() {
+            return Ok(Arc::clone(encoder));
+        }
+        let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
+        let encoder = Arc::new(Umt5Encoder::load(
+            bytes.counting(vb),
+            &self.models.text_encoder,
+        )?);
+        *resident = Some(Arc::clone(&encoder));
+        Ok(encoder)
     }
 
     /// Decodes a latent `[C, T, h, w]` (sampled in `steps` steps) into `frames` a chunk at a
