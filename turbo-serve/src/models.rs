@@ -254,6 +254,8 @@ pub struct ModelCatalog {
     checkpoint_dir: Option<PathBuf>,
     loras: BTreeMap<String, PathBuf>,
     device: Device,
+    /// Pipelines keep their text encoder on the device between jobs.
+    resident_text_encoder: bool,
 }
 
 impl ModelCatalog {
@@ -275,6 +277,7 @@ impl ModelCatalog {
             entries,
             checkpoint_dir: None,
             loras: BTreeMap::new(),
+            resident_text_encoder: false,
             device,
         }
     }
@@ -307,6 +310,7 @@ impl ModelCatalog {
             entries,
             checkpoint_dir: Some(dir.to_owned()),
             loras: BTreeMap::new(),
+            resident_text_encoder: false,
             device,
         })
     }
@@ -341,6 +345,15 @@ impl ModelCatalog {
         self.entries.iter().find(|entry| entry.task == task)
     }
 
+    /// Pipelines built from now on keep their whole umT5 text encoder on the device from their
+    /// first job on (`Pipeline::with_text_encoder_resident`): a job then skips reading the
+    /// encoder's 11 GB file, and the pipeline's memory estimate, which the cache's eviction
+    /// reads, counts the encoder.
+    pub fn with_resident_text_encoder(mut self, resident: bool) -> Self {
+        self.resident_text_encoder = resident;
+        self
+    }
+
     /// The names of the LoRA adapters on offer.
     pub fn lora_names(&self) -> impl Iterator<Item = &str> {
         self.loras.keys().map(String::as_str)
@@ -360,12 +373,14 @@ impl ModelCatalog {
                 let attention = AttentionConfig::new(kind);
                 Pipeline::demo_of(entry.kind, 0, attention, self.device.clone())?
                     .with_quant_linear(key.quant)
+                    .with_text_encoder_resident(self.resident_text_encoder)
                     .with_loras(loras)
             }
             (ModelSource::Checkpoint, Some(dir)) => Pipeline::builder(entry.kind)
                 .checkpoint_dir(dir)
                 .attention(kind)
                 .quant_linear(key.quant)
+                .text_encoder_resident(self.resident_text_encoder)
                 .device(self.device.clone())
                 .loras(loras)
                 .build(),
@@ -570,6 +585,30 @@ mod tests {
         // Larger than the whole budget: everything else goes, the value stays.
         assert_eq!(cache.insert("d", 4, 500), vec!["a", "c"]);
         assert_eq!(cache.get(&"d"), Some(4));
+    }
+
+    /// With a resident text encoder, a built pipeline's estimate (what eviction reads) counts
+    /// the encoder in the stages after the text encoding.
+    #[test]
+    fn a_resident_text_encoder_is_in_the_pipelines_estimate() {
+        let key = PipelineKey {
+            model: "demo".into(),
+            attention: "original",
+            quant: false,
+            loras: Vec::new(),
+        };
+        let request = turbodiffusion::pipeline::demo_request("a heron");
+        let denoise_weights = |resident: bool| {
+            let catalog = ModelCatalog::demo(Device::Cpu).with_resident_text_encoder(resident);
+            let estimate = catalog
+                .build(&key)
+                .unwrap()
+                .estimate_memory(&request)
+                .unwrap();
+            let denoise = turbodiffusion::core::Stage::Denoising { steps: 4 };
+            estimate.stage(&denoise).unwrap().weights
+        };
+        assert!(denoise_weights(true) > denoise_weights(false));
     }
 
     #[test]
