@@ -10,7 +10,12 @@ set -euo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 mkdir -p "$OUT" /tmp/gpu-profile
 export LD_LIBRARY_PATH="/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib"
-gunzip -c gpu-bin/bench.gz > /tmp/gpu-profile/bench && chmod +x /tmp/gpu-profile/bench
+if [ -f gpu-bin/bench.xz ]; then
+  xz -dc gpu-bin/bench.xz > /tmp/gpu-profile/bench
+else
+  gunzip -c gpu-bin/bench.gz > /tmp/gpu-profile/bench
+fi
+chmod +x /tmp/gpu-profile/bench
 skip="$1" count="$2"; shift 2
 NCU="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
 timeout 480 "$NCU" --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count "$count" \
