@@ -40,6 +40,13 @@ impl Default for Mp4Options {
     }
 }
 
+impl Mp4Options {
+    /// An H.264 encoder of `width × height` frames at `fps` with these settings.
+    fn encoder(&self, width: usize, height: usize, fps: Fps) -> Result<H264Encoder> {
+        H264Encoder::new(width, height, fps, self.quality, self.keyframe_interval)
+    }
+}
+
 type Muxer = mp4::Mp4Writer<BufWriter<AtomicFile>>;
 
 /// Writes an MP4 one RGB frame at a time, so a caller can encode frames as they are decoded.
@@ -83,13 +90,7 @@ impl Mp4Writer {
     ) -> Result<Self> {
         let path = path.as_ref();
         let timescale = track_timescale(fps)?;
-        let encoder = H264Encoder::new(
-            width,
-            height,
-            fps,
-            options.quality,
-            options.keyframe_interval,
-        )?;
+        let encoder = options.encoder(width, height, fps)?;
         let file = AtomicFile::create_with(path, existing)?;
         let config = Mp4Config {
             major_brand: (*b"isom").into(),
@@ -354,13 +355,7 @@ fn encode_interval(
     fps: Fps,
     options: Mp4Options,
 ) -> Result<Vec<EncodedFrame>> {
-    let mut encoder = H264Encoder::new(
-        width,
-        height,
-        fps,
-        options.quality,
-        options.keyframe_interval,
-    )?;
+    let mut encoder = options.encoder(width, height, fps)?;
     frames.iter().map(|rgb| encoder.encode(rgb)).collect()
 }
 

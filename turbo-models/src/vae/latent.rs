@@ -4,8 +4,9 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use turbo_core::{Error, Result};
+use turbo_core::{Error, Result, VAE_STRIDE};
 
+use super::cache::FeatureCache;
 use super::conv::{CausalConv3d, Conv3dSpec};
 use super::{to_channel_major, to_time_major, DecodedFrames};
 
@@ -131,6 +132,29 @@ pub fn stream_decode(
         first_frame += count;
     }
     Ok(())
+}
+
+/// Streams `first` (one time-major frame) and then each chunk of `rest` through an encoder's
+/// `encode_chunk`, with one feature cache for the whole run: the features `[B, T, 2z, h, w]`.
+pub fn stream_encode(
+    first: &Tensor,
+    rest: impl Iterator<Item = candle_core::Result<Tensor>>,
+    mut encode_chunk: impl FnMut(&Tensor, &mut FeatureCache) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let mut cache = FeatureCache::default();
+    let mut features = vec![encode_chunk(first, &mut cache)?];
+    for chunk in rest {
+        features.push(encode_chunk(&chunk?, &mut cache)?);
+    }
+    Ok(Tensor::cat(&features, 1)?)
+}
+
+/// The chunks a video's encode streams after its first frame: `VAE_STRIDE.0` frames each of
+/// the time-major `x` `[B, T, C, H, W]`.
+pub fn later_chunks(x: &Tensor) -> Result<impl Iterator<Item = candle_core::Result<Tensor>> + '_> {
+    Ok((1..x.dim(1)?)
+        .step_by(VAE_STRIDE.0)
+        .map(move |start| x.narrow(1, start, VAE_STRIDE.0)))
 }
 
 /// Every chunk [`stream_decode`] hands out, joined along time.

@@ -39,7 +39,7 @@ pub use wan22::{Vae22Config, Wan22Vae, WAN22_LATENT_MEAN, WAN22_LATENT_STD};
 
 use cache::FeatureCache;
 use coder::Coder;
-use latent::{collect_frames, stream_decode, LatentSide};
+use latent::{collect_frames, later_chunks, stream_decode, stream_encode, LatentSide};
 
 /// The per-channel latent mean of the released Wan2.1 VAE (`WanVAE.mean` upstream).
 pub const WAN21_LATENT_MEAN: [f32; 16] = [
@@ -197,12 +197,9 @@ impl WanVae {
     /// Encodes a video `[B, 3, T, H, W]` in [-1, 1] (T = 4n+1, H and W multiples of the
     /// spatial stride) to its normalised latent mean `[B, z, n+1, H/8, W/8]`.
     pub fn encode(&self, video: &Tensor) -> Result<Tensor> {
-        let (_, _, frames, _, _) = self.check_video(video)?;
+        self.check_video(video)?;
         let x = self.latent.time_major_input(video)?;
-        let chunks = (1..frames)
-            .step_by(VAE_STRIDE.0)
-            .map(|start| x.narrow(1, start, VAE_STRIDE.0));
-        let features = self.encode_chunks(&x.narrow(1, 0, 1)?, chunks)?;
+        let features = self.encode_chunks(&x.narrow(1, 0, 1)?, later_chunks(&x)?)?;
         self.latent.normalised_mean(&features)
     }
 
@@ -211,11 +208,10 @@ impl WanVae {
     /// latent as [`WanVae::encode`] of that video, bit for bit. The zero frames are never
     /// materialised: each chunk is one shared zero tensor.
     ///
-    /// No work is skipped. Repeating the output of each convolution once its input had become
+    /// No work is skipped: repeating the output of each convolution once its input had become
     /// one repeated frame (v9) cost more in bitwise checks and device-to-host reads than it
-    /// saved (4.1 s against 2.2 s for this plain encode at 720p on an H100), and the whole
-    /// encoder's cache is no fixed point after ten zero chunks even in a small test encoder:
-    /// at the latent rate each causal 3-tap convolution reaches two latent frames further back.
+    /// saved (4.1 s against 2.2 s for this plain encode at 720p on an H100, `bench --sections
+    /// vae`).
     pub fn encode_image(&self, image: &Tensor, frames: FrameCount) -> Result<Tensor> {
         let (batch, channels, _, height, width) = self.check_video(image)?;
         if image.dim(2)? != 1 {
@@ -238,19 +234,15 @@ impl WanVae {
         self.latent.normalised_mean(&features)
     }
 
-    /// Streams `first` (one frame) and then each chunk of `rest` through the encoder:
-    /// `[B, T, 2z, h, w]` features.
+    /// [`stream_encode`] through this VAE's encoder.
     fn encode_chunks(
         &self,
         first: &Tensor,
         rest: impl Iterator<Item = candle_core::Result<Tensor>>,
     ) -> Result<Tensor> {
-        let mut cache = FeatureCache::default();
-        let mut features = vec![self.encoder.forward_chunk(first, &mut cache)?];
-        for chunk in rest {
-            features.push(self.encoder.forward_chunk(&chunk?, &mut cache)?);
-        }
-        Ok(Tensor::cat(&features, 1)?)
+        stream_encode(first, rest, |chunk, cache| {
+            self.encoder.forward_chunk(chunk, cache)
+        })
     }
 
     /// The reference twin of [`WanVae::encode`]: the whole video in one pass through the

@@ -10,11 +10,11 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
+use turbo_core::{Error, FrameCount, Result};
 
 use super::cache::FeatureCache;
 use super::coder22::Coder22;
-use super::latent::{collect_frames, stream_decode, LatentSide};
+use super::latent::{collect_frames, later_chunks, stream_decode, stream_encode, LatentSide};
 use super::patch::{patchify, unpatchify, PATCH};
 use super::{to_channel_major, DecodedFrames, VaeConfig};
 use crate::checkpoint::Checkpoint;
@@ -178,13 +178,10 @@ impl Wan22Vae {
     /// TI2V's image condition is the encode of the image as a one-frame video.
     pub fn encode(&self, video: &Tensor) -> Result<Tensor> {
         let x = self.encoder_input(video)?;
-        let mut cache = FeatureCache::default();
-        let mut features = vec![self.encoder.encode_chunk(&x.narrow(1, 0, 1)?, &mut cache)?];
-        for start in (1..x.dim(1)?).step_by(VAE_STRIDE.0) {
-            let chunk = x.narrow(1, start, VAE_STRIDE.0)?;
-            features.push(self.encoder.encode_chunk(&chunk, &mut cache)?);
-        }
-        self.latent.normalised_mean(&Tensor::cat(&features, 1)?)
+        let features = stream_encode(&x.narrow(1, 0, 1)?, later_chunks(&x)?, |chunk, cache| {
+            self.encoder.encode_chunk(chunk, cache)
+        })?;
+        self.latent.normalised_mean(&features)
     }
 
     /// The reference twin of [`Wan22Vae::encode`]: the whole video in one pass through the

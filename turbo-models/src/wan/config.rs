@@ -229,27 +229,14 @@ impl WanConfig {
 
     /// Reads the fields from a JSON object (an upstream `config.json` or a golden file's config).
     pub fn from_value(value: &Value) -> Result<Self> {
-        let field = |name: &str| -> Result<&Value> {
-            value.get(name).ok_or_else(|| Error::InvalidConfig {
-                field: name.into(),
-                reason: "missing".into(),
-            })
-        };
-        let usize_field = |name: &str| -> Result<usize> {
-            let v = field(name)?;
-            v.as_u64()
-                .map(|n| n as usize)
-                .ok_or_else(|| Error::InvalidConfig {
-                    field: name.into(),
-                    reason: format!("{v} is not a non-negative integer"),
-                })
-        };
-        let model_type = match field("model_type")?.as_str() {
-            Some("t2v") => ModelType::T2v,
-            Some("i2v") => ModelType::I2v,
-            Some("flf2v") => ModelType::Flf2v,
-            Some("ti2v") => ModelType::Ti2v,
-            other => {
+        let fields = crate::config_fields::ConfigFields(value);
+        let model_type = match fields.str("model_type") {
+            Ok("t2v") => ModelType::T2v,
+            Ok("i2v") => ModelType::I2v,
+            Ok("flf2v") => ModelType::Flf2v,
+            Ok("ti2v") => ModelType::Ti2v,
+            Err(error) => return Err(error),
+            Ok(other) => {
                 return Err(Error::InvalidConfig {
                     field: "model_type".into(),
                     reason: format!(
@@ -260,23 +247,20 @@ impl WanConfig {
         };
         Ok(Self {
             model_type,
-            dim: usize_field("dim")?,
-            ffn_dim: usize_field("ffn_dim")?,
-            freq_dim: usize_field("freq_dim")?,
+            dim: fields.usize("dim")?,
+            ffn_dim: fields.usize("ffn_dim")?,
+            freq_dim: fields.usize("freq_dim")?,
             text_dim: if value.get("text_dim").is_some() {
-                usize_field("text_dim")?
+                fields.usize("text_dim")?
             } else {
                 4096
             },
-            text_len: usize_field("text_len")?,
-            in_dim: usize_field("in_dim")?,
-            out_dim: usize_field("out_dim")?,
-            num_heads: usize_field("num_heads")?,
-            num_layers: usize_field("num_layers")?,
-            eps: field("eps")?.as_f64().ok_or_else(|| Error::InvalidConfig {
-                field: "eps".into(),
-                reason: "not a number".into(),
-            })?,
+            text_len: fields.usize("text_len")?,
+            in_dim: fields.usize("in_dim")?,
+            out_dim: fields.usize("out_dim")?,
+            num_heads: fields.usize("num_heads")?,
+            num_layers: fields.usize("num_layers")?,
+            eps: fields.f64("eps")?,
         })
     }
 }
