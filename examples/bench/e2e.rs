@@ -23,7 +23,7 @@ use clap::ValueEnum;
 use serde_json::json;
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::pipeline::{
-    I2vRequest, ModelKind, RandomCheckpoint, WeightSource, TEXT_ENCODER_FILE, VAE_FILE,
+    I2vRequest, ModelKind, RandomCheckpoint, Residency, WeightSource, TEXT_ENCODER_FILE, VAE_FILE,
 };
 use turbodiffusion::video::{Existing, Mp4Options, OutputFile};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
@@ -252,7 +252,10 @@ pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
         .checkpoint_dir(&args.e2e_dir)
         .attention(AttentionKind::sagesla(0.1)?)
         .quant_linear(true)
-        .text_encoder_resident(args.e2e_resident_text_encoder)
+        .residency(Residency {
+            text_encoder: args.e2e_resident_text_encoder,
+            ..Residency::NONE
+        })
         .device(device.clone())
         .dtype(DType::BF16)
         .build()?;

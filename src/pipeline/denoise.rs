@@ -14,6 +14,7 @@ use turbo_sampler::{
 };
 
 use super::memory::{StageMeter, WeightBytes};
+use super::resident::{DitLoadSettings, ResidentDit, ResidentDits};
 use super::{Pipeline, SamplerChoice, WeightSource};
 
 /// A DiT whose attention backend is chosen at run time.
@@ -257,10 +258,35 @@ fn check_topk_schedule(schedule: &[f64], steps: usize) -> Result<()> {
         .try_for_each(|&topk| turbo_core::AttentionKind::sla(topk).map(drop))
 }
 
+/// The DiTs of one denoising run.
+enum RunDits<'p> {
+    /// Each loaded when its expert's first step comes, the previous one dropped first.
+    Streamed(Option<Dit>),
+    /// The pipeline's resident DiTs, locked for the stage; `current` is the expert in use.
+    Resident {
+        dits: ResidentDits<'p>,
+        current: Option<Expert>,
+    },
+}
+
+impl RunDits<'_> {
+    /// The DiT of the expert switched to last.
+    fn current(&mut self) -> &mut Dit {
+        match self {
+            Self::Streamed(dit) => dit.as_mut().expect("switched to before the first step"),
+            Self::Resident { dits, current } => {
+                let slot = dits.slot(*current);
+                &mut slot.as_mut().expect("loaded at the switch").model
+            }
+        }
+    }
+}
+
 impl Pipeline {
     /// Samples the latent. Each DiT is loaded when its first step comes and dropped before the
     /// next one is read (with two experts only one is resident); the last is dropped before
-    /// returning. `held` (TI2V's image latent) replaces the leading latent frames of the
+    /// returning. Resident DiTs ([`super::Residency::dit`]) are loaded by the first run that
+    /// needs them and kept. `held` (TI2V's image latent) replaces the leading latent frames of the
     /// starting noise and of the state after every step.
     pub(super) fn denoise(
         &self,
@@ -279,7 +305,8 @@ impl Pipeline {
             .start(&mut noise, &plan.latent_shape, &self.device)?;
         let hold = |run: &mut Run| held.map_or(Ok(()), |held| run.hold(held));
         hold(&mut run)?;
-        let mut resident: Option<(Option<Expert>, Dit)> = None;
+        let mut dits = self.run_dits(plan.dits);
+        let mut current_expert = None;
         let mut largest_model = 0;
         // The second expert's file is read into the page cache while the first one samples,
         // so that loading it after the switch copies from memory instead of the disk.
@@ -290,22 +317,20 @@ impl Pipeline {
         .and_then(prefetch_file);
         while let Some(step) = run.next_step() {
             let expert = plan.dits.expert_at(timesteps[step]);
-            if resident.as_ref().map(|(e, _)| *e) != Some(expert) {
-                // Free the resident expert before the next one is read.
-                drop(resident.take());
+            if current_expert != Some(expert) {
                 progress.stage(&Stage::LoadingDit {
                     expert: expert.map(Expert::name),
                 });
-                let bytes = WeightBytes::default();
-                resident = Some((expert, self.load_planned_dit(plan.dits, expert, &bytes)?));
-                largest_model = largest_model.max(bytes.get());
+                let read = self.switch_dit(&mut dits, plan.dits, expert)?;
+                current_expert = Some(expert);
+                largest_model = largest_model.max(read);
                 if step == 0 {
                     progress.stage(&Stage::Denoising {
                         steps: timesteps.len(),
                     });
                 }
             }
-            let (_, model) = resident.as_mut().expect("loaded above");
+            let model = dits.current();
             if let Some(schedule) = &plan.topk_schedule {
                 model.set_attention_topk(schedule[step])?;
             }
@@ -315,13 +340,76 @@ impl Pipeline {
             hold(&mut run)?;
             report_step(progress, &report)?;
         }
-        drop(resident);
+        drop(dits);
         finish_prefetch(prefetch, "the second expert");
         let stage = Stage::Denoising {
             steps: timesteps.len(),
         };
         meter.finish(stage, largest_model, &self.device, progress)?;
         run.finish()
+    }
+
+    /// The DiTs of a run over `dits`: the resident ones (emptied of DiTs loaded with other
+    /// settings), or none yet.
+    fn run_dits(&self, dits: DitPlan) -> RunDits<'_> {
+        match self.residency.dit {
+            true => RunDits::Resident {
+                dits: self
+                    .residents
+                    .dits(self.dit_settings(dits.first_attention())),
+                current: None,
+            },
+            false => RunDits::Streamed(None),
+        }
+    }
+
+    /// What a DiT with `attention` is loaded with.
+    fn dit_settings(&self, attention: AttentionConfig) -> DitLoadSettings {
+        DitLoadSettings::new(attention, self.quant_linear, self.dtype)
+    }
+
+    /// Makes the DiT of `expert` (`None`: the only one) current in `dits`, returning the bytes
+    /// of the weights read for it (0 for a resident one).
+    fn switch_dit(&self, dits: &mut RunDits, plan: DitPlan, expert: Option<Expert>) -> Result<u64> {
+        let bytes = WeightBytes::default();
+        match dits {
+            RunDits::Streamed(dit) => {
+                // Free the previous expert before the next one is read.
+                *dit = None;
+                *dit = Some(self.load_planned_dit(plan, expert, &bytes)?);
+            }
+            RunDits::Resident { dits, current } => {
+                self.prepare_resident_dit(dits, plan, expert, &bytes)?;
+                *current = expert;
+            }
+        }
+        Ok(bytes.get())
+    }
+
+    /// Loads the resident DiT of `expert` if its slot is empty (its base weights, counted into
+    /// `bytes`), then gives it the pipeline's adapters and the plan's top-k.
+    fn prepare_resident_dit(
+        &self,
+        dits: &mut ResidentDits,
+        plan: DitPlan,
+        expert: Option<Expert>,
+        bytes: &WeightBytes,
+    ) -> Result<()> {
+        let (source, attention) = self.planned_dit(plan, expert);
+        if dits.slot(expert).is_none() {
+            log_expert_load(expert);
+            let model = self.load_dit(source, &attention, bytes, self.quant_linear)?;
+            let settings = self.dit_settings(attention);
+            *dits.slot(expert) = Some(ResidentDit::new(model, settings, bytes.get()));
+            dits.count_bytes();
+        }
+        let resident = dits.slot(expert).as_mut().expect("loaded above");
+        resident.switch_loras(&self.loras.for_expert(expert))?;
+        // The model keeps the top-k of the last step it ran (a schedule's last value).
+        match attention.kind.topk() {
+            Some(topk) => resident.model.set_attention_topk(topk),
+            None => Ok(()),
+        }
     }
 
     /// The DiT that runs `expert` (`None`: the only one), counting its weights into `bytes`.
@@ -331,7 +419,18 @@ impl Pipeline {
         expert: Option<Expert>,
         bytes: &WeightBytes,
     ) -> Result<Dit> {
-        let (source, attention) = match (dits, expert) {
+        let (source, attention) = self.planned_dit(dits, expert);
+        log_expert_load(expert);
+        self.load_adapted_dit(source, &attention, bytes, expert)
+    }
+
+    /// The weights and the attention of the DiT that runs `expert`.
+    fn planned_dit(
+        &self,
+        dits: DitPlan,
+        expert: Option<Expert>,
+    ) -> (&WeightSource, AttentionConfig) {
+        match (dits, expert) {
             (DitPlan::Single(attention), _) => (&self.models.dit_weights, attention),
             (DitPlan::Experts { attention, .. }, Some(Expert::HighNoise) | None) => {
                 (&self.models.dit_weights, attention[0])
@@ -343,11 +442,7 @@ impl Pipeline {
                     .expect("checked when planning"),
                 attention[1],
             ),
-        };
-        if let Some(expert) = expert {
-            tracing::info!("loading the {} expert", expert.name());
         }
-        self.load_adapted_dit(source, &attention, bytes, expert)
     }
 
     pub(super) fn load_dit(
@@ -374,6 +469,12 @@ impl Pipeline {
                 quant_linear,
             ),
         }
+    }
+}
+
+fn log_expert_load(expert: Option<Expert>) {
+    if let Some(expert) = expert {
+        tracing::info!("loading the {} expert", expert.name());
     }
 }
 

@@ -22,6 +22,12 @@
 //! run equals its measurement. The text stage needs no coefficient: its formula is a term-by-term
 //! count, and for the whole model it gives 10.58 GiB of weights plus at most 0.28 GiB of
 //! activations at 512 tokens, which brackets the measured 10.74 GiB.
+//!
+//! Models kept loaded between requests ([`super::Residency`]) are on the device through every
+//! stage, so each stage's weights add those of the resident models other than its own (both
+//! experts of A14B count in the denoising stage when the DiT is resident). The estimate is of
+//! a request after the first, when every resident model is loaded; the first request holds
+//! fewer.
 
 use candle_core::DType;
 use turbo_attention::{Attention, AttentionConfig};
@@ -37,15 +43,18 @@ use turbo_models::{
     Wan22Vae, WanVae,
 };
 
-use super::{Pipeline, Plan, TextEncoderDevice, VaeSpec};
+use super::{Pipeline, Plan, Residency, TextEncoderDevice, VaeSpec};
 
 /// The estimated peak device memory of one stage.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StageEstimate {
     /// The stage, as its [`turbo_core::StageReport`] names it.
     pub stage: Stage,
-    /// Bytes of the weights resident at once.
+    /// Bytes of the weights resident at once, `resident_weights` included.
     pub weights: u64,
+    /// Of `weights`, the bytes of the models kept loaded between requests besides the stage's
+    /// own ([`super::Residency`]); 0 by default.
+    pub resident_weights: u64,
     /// Bytes of everything else at the stage's peak.
     pub activations: u64,
 }
@@ -67,7 +76,8 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
-    /// The largest stage peak: the run's peak, since each stage frees its model.
+    /// The largest stage peak: the run's peak, since each stage frees its model (or keeps it
+    /// resident, counted in every stage).
     pub fn peak(&self) -> u64 {
         self.stages
             .iter()
@@ -135,13 +145,18 @@ impl Pipeline {
         Ok(estimate)
     }
 
-    /// The memory budget of a stage: the one given to the builder, else on CUDA the memory the
-    /// device has available now; `None` on the CPU without a given budget.
+    /// The memory budget of a stage: the one given to the builder, else what the device has
+    /// available now plus what this pipeline's resident models hold (the estimate counts them,
+    /// and the free memory measured does not include them); `None` where nothing can be read.
     fn memory_budget(&self) -> Result<Option<u64>> {
-        match self.memory_budget {
-            Some(budget) => Ok(Some(budget)),
-            None => turbo_core::available_memory(&self.device),
+        if let Some(budget) = self.memory_budget {
+            return Ok(Some(budget));
         }
+        let text_encoder_on_device =
+            self.text_encoder_device == TextEncoderDevice::Pipeline || self.device.is_cpu();
+        let resident = self.residents.bytes_on_device(text_encoder_on_device);
+        Ok(turbo_core::available_memory(&self.device)?
+            .map(|available| available.saturating_add(resident)))
     }
 
     /// Per-stage estimates for `input`, with the VAE tiling chosen for `budget`.
@@ -150,38 +165,70 @@ impl Pipeline {
         let dtype = self.dtype;
         let text = text_estimate(
             &models.text_encoder,
-            self.text_encoder_device,
+            self.text_encoder_placement(),
             dtype,
             input.text_tokens,
             input.guided,
         );
-        let mut stages = vec![text.of(Stage::EncodingText)];
+        let mut stages = vec![(StageModel::TextEncoder, text.of(Stage::EncodingText))];
         if input.image {
-            stages.push(self.image_estimate(input.geometry).of(Stage::EncodingImage));
+            let (model, image) = self.image_estimate(input.geometry);
+            stages.push((model, image.of(Stage::EncodingImage)));
         }
-        let dit = dit_estimate(&DitRun {
+        let run = DitRun {
             cfg: &models.dit,
             attention: &input.attention,
             quant: self.quant_linear,
             dtype,
             latent: models.vae.latent_shape(input.geometry),
             guided: input.guided,
-        });
-        stages.push(dit.of(Stage::Denoising { steps: input.steps }));
+        };
+        let dit = dit_estimate(&run).of(Stage::Denoising { steps: input.steps });
+        stages.push((StageModel::Dit, dit));
         let frames = input.geometry.frames.get();
         let (decode, vae_tiling) = self.plan_decode(input.geometry, budget)?;
-        stages.push(decode.of(Stage::Decoding {
+        let decode = decode.of(Stage::Decoding {
             done: frames,
             total: frames,
-        }));
-        if self.text_encoder_device == TextEncoderDevice::Resident {
-            // The resident encoder stays on the device through every later stage.
-            let encoder = umt5_bytes(&models.text_encoder, dtype);
-            for stage in stages.iter_mut().filter(|s| s.stage != Stage::EncodingText) {
-                stage.weights = stage.weights.saturating_add(encoder);
-            }
-        }
+        });
+        stages.push((StageModel::Vae, decode));
+        let resident = self.resident_weights(&run);
+        let stages = stages
+            .into_iter()
+            .map(|(model, stage)| resident.add_to(stage, model))
+            .collect();
         Ok(MemoryEstimate { stages, vae_tiling })
+    }
+
+    /// Where the text encoder runs and whether it stays loaded.
+    fn text_encoder_placement(&self) -> TextPlacement {
+        match (self.text_encoder_device, self.residency.text_encoder) {
+            (TextEncoderDevice::Cpu, _) => TextPlacement::Cpu,
+            (TextEncoderDevice::Pipeline, true) => TextPlacement::Whole,
+            (TextEncoderDevice::Pipeline, false) => TextPlacement::Streamed,
+        }
+    }
+
+    /// The device bytes of the models kept loaded between requests, `run` being the DiT's.
+    fn resident_weights(&self, run: &DitRun) -> ResidentWeights {
+        let Residency {
+            text_encoder,
+            dit,
+            vae,
+        } = self.residency;
+        let on_device = |resident: bool, bytes: u64| if resident { bytes } else { 0 };
+        let text_on_device =
+            text_encoder && self.text_encoder_device == TextEncoderDevice::Pipeline;
+        let experts = 1 + u64::from(self.models.dit_low_noise_weights.is_some());
+        ResidentWeights {
+            text_encoder: on_device(
+                text_on_device,
+                umt5_bytes(&self.models.text_encoder, self.dtype),
+            ),
+            dit: on_device(dit, dit_weights(run).0),
+            experts,
+            vae: on_device(vae, key_bytes(&self.models.vae.expected_keys(), self.dtype)),
+        }
     }
 
     /// The decode's estimate and tiling: the pipeline's tiling if it has one; else untiled if
@@ -239,7 +286,7 @@ impl Pipeline {
                 stage: stage_name(&over.stage).to_owned(),
                 needed: over.peak(),
                 available: budget,
-                help: self.memory_help(&over.stage),
+                help: self.memory_help(over),
             }),
             None => {
                 tracing::debug!(peak = estimate.peak(), budget, "memory estimate fits");
@@ -249,8 +296,8 @@ impl Pipeline {
     }
 
     /// The image stage: the CLIP encoder (Wan2.1 I2V / FLF2V) and the VAE run one after the
-    /// other, so its peak is the larger of theirs.
-    fn image_estimate(&self, geometry: VideoGeometry) -> Footprint {
+    /// other, so its peak is the larger of theirs; with the model whose it is.
+    fn image_estimate(&self, geometry: VideoGeometry) -> (StageModel, Footprint) {
         let models = &self.models;
         let vae = match &models.vae {
             VaeSpec::Wan21(cfg) => vae_encode_estimate(cfg, self.dtype, geometry),
@@ -264,18 +311,39 @@ impl Pipeline {
         {
             Some(clip) => {
                 let clip = clip_estimate(&clip.config, self.dtype, images);
-                if clip.peak() > vae.peak() {
-                    clip
+                // A resident VAE stays beside CLIP while it runs.
+                let vae_beside = match self.residency.vae {
+                    true => vae.weights,
+                    false => 0,
+                };
+                if clip.peak() + vae_beside > vae.peak() {
+                    (StageModel::Clip, clip)
                 } else {
-                    vae
+                    (StageModel::Vae, vae)
                 }
             }
-            None => vae,
+            None => (StageModel::Vae, vae),
         }
     }
 
-    /// What would lower the memory of `stage` (finer VAE tiles are chosen automatically).
-    fn memory_help(&self, stage: &Stage) -> Vec<String> {
+    /// What would lower the memory of `over` (finer VAE tiles are chosen automatically).
+    fn memory_help(&self, over: &StageEstimate) -> Vec<String> {
+        let mut help = self.stage_help(&over.stage);
+        if over.resident_weights > 0 {
+            help.insert(
+                0,
+                format!(
+                    "fewer models kept loaded between requests (`Residency`; {:.2} GiB of this \
+                     stage's estimate are the other stages' resident models)",
+                    over.resident_weights as f64 / GIB
+                ),
+            );
+        }
+        help
+    }
+
+    /// What would lower the memory of `stage` itself.
+    fn stage_help(&self, stage: &Stage) -> Vec<String> {
         let smaller = "a lower resolution or fewer frames".to_owned();
         match stage {
             Stage::EncodingText if self.text_encoder_device == TextEncoderDevice::Pipeline => {
@@ -346,9 +414,55 @@ impl Footprint {
         StageEstimate {
             stage,
             weights: self.weights,
+            resident_weights: 0,
             activations: self.activations,
         }
     }
+}
+
+/// The model a stage's estimate holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StageModel {
+    TextEncoder,
+    Clip,
+    Dit,
+    Vae,
+}
+
+/// The device bytes of each model kept loaded between requests (0: not kept).
+struct ResidentWeights {
+    text_encoder: u64,
+    /// One DiT or expert.
+    dit: u64,
+    /// DiTs kept: 2 for the experts of A14B.
+    experts: u64,
+    vae: u64,
+}
+
+impl ResidentWeights {
+    /// `stage`, of `model`, with the resident models besides that one added to its weights.
+    fn add_to(&self, mut stage: StageEstimate, model: StageModel) -> StageEstimate {
+        let unless = |own: StageModel, bytes: u64| if model == own { 0 } else { bytes };
+        // The denoising stage's own footprint counts one expert; the other stays loaded.
+        let dits = self.dit * (self.experts - u64::from(model == StageModel::Dit));
+        let besides = unless(StageModel::TextEncoder, self.text_encoder)
+            .saturating_add(dits)
+            .saturating_add(unless(StageModel::Vae, self.vae));
+        stage.weights = stage.weights.saturating_add(besides);
+        stage.resident_weights = besides;
+        stage
+    }
+}
+
+/// Where the text encoder's weights are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TextPlacement {
+    /// Read on the device one block at a time.
+    Streamed,
+    /// Whole on the device, kept between requests.
+    Whole,
+    /// On the CPU (streamed or kept): none on the device.
+    Cpu,
 }
 
 /// The streamed umT5 encoder on the device: the largest weight group read at once (a block;
@@ -360,17 +474,17 @@ impl Footprint {
 /// the contexts.
 fn text_estimate(
     cfg: &Umt5Config,
-    device: TextEncoderDevice,
+    placement: TextPlacement,
     dtype: DType,
     len: usize,
     guided: bool,
 ) -> Footprint {
     let contexts = (1 + usize::from(guided)) as u64 * bytes(len * cfg.dim, DType::F32);
     let keys = Umt5Encoder::expected_keys(cfg);
-    let held = match device {
-        TextEncoderDevice::Cpu => return Footprint::new(0, contexts),
-        TextEncoderDevice::Resident => umt5_bytes(cfg, dtype),
-        TextEncoderDevice::Pipeline => key_bytes(
+    let held = match placement {
+        TextPlacement::Cpu => return Footprint::new(0, contexts),
+        TextPlacement::Whole => umt5_bytes(cfg, dtype),
+        TextPlacement::Streamed => key_bytes(
             keys.iter().filter(|(k, _)| k.starts_with("blocks.0.")),
             dtype,
         ),
@@ -413,8 +527,8 @@ fn dit_estimate(run: &DitRun) -> Footprint {
     Footprint::new(fixed.0, activations)
 }
 
-/// `((weights, activations outside the calibrated term), the calibrated term's unit)`.
-fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
+/// `(the DiT's weights as held, the float FFN weight in flight while quantising at load)`.
+fn dit_weights(run: &DitRun) -> (u64, u64) {
     let cfg = run.cfg;
     let specs =
         expected_tensors::<Box<dyn Attention>>(cfg, PatchLayout::Linear, run.attention, run.dtype);
@@ -433,6 +547,13 @@ fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
         .iter()
         .map(|spec| bytes(elements(&spec.shape), spec.dtype))
         .fold(0, u64::saturating_add);
+    (weights, in_flight)
+}
+
+/// `((weights, activations outside the calibrated term), the calibrated term's unit)`.
+fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
+    let cfg = run.cfg;
+    let (weights, in_flight) = dit_weights(run);
     let latent = run.latent;
     let latent_elements = latent.channels * latent.frames * latent.height * latent.width;
     let contexts = (1 + usize::from(run.guided)) * cfg.text_len * cfg.dim;

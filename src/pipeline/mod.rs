@@ -1,7 +1,8 @@
 //! The end-to-end pipeline: prompt → umT5 → rCM (or a teacher) with the Wan DiT → VAE → video.
 //!
-//! Each stage's model is loaded when the stage starts and dropped when it ends, so only one of
-//! the text encoder, the DiT and the VAE is resident at a time.
+//! By default each stage's model is loaded when the stage starts and dropped when it ends, so
+//! only one of the text encoder, the DiT and the VAE is resident at a time; a [`Residency`]
+//! keeps some of them loaded between requests instead.
 
 mod checks;
 mod demo;
@@ -14,11 +15,12 @@ mod lora;
 mod memory;
 mod random;
 mod request;
+mod resident;
 mod vae;
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use turbo_attention::{AttentionConfig, AttentionKind, BlockSizes};
@@ -34,6 +36,7 @@ use turbo_video::{rgb_frames, Fps, Mp4Options, OutputFile, Video};
 use denoise::{DenoisePlan, DitPlan, PlannedSampler};
 use frames::{FileFrames, FrameSink, MemoryFrames};
 use memory::{StageMeter, WeightBytes};
+use resident::{resident_or_load, Residents};
 
 pub use demo::{demo_request, DEMO_NOTICE};
 pub use estimate::{MemoryEstimate, StageEstimate};
@@ -45,6 +48,7 @@ pub use i2v::I2vRequest;
 pub use lora::{open_lora, parse_lora_arg, DitLoras};
 pub use random::RandomCheckpoint;
 pub use request::{SamplerChoice, T2vRequest, SAMPLER_PRESETS};
+pub use resident::Residency;
 pub use vae::VaeSpec;
 
 /// The shapes of the three models and where their weights come from.
@@ -99,25 +103,24 @@ pub struct Pipeline {
     dtype: DType,
     /// LoRA adapters merged into the DiT when it loads.
     loras: DitLoras,
-    /// The whole umT5 encoder once loaded, for [`TextEncoderDevice::Resident`]; shared by the
-    /// pipeline's clones.
-    resident_text_encoder: Arc<Mutex<Option<Arc<Umt5Encoder>>>>,
+    /// Which models stay loaded between requests.
+    residency: Residency,
+    /// The models kept loaded, shared by the pipeline's clones (a clone with other settings
+    /// reloads a DiT that no longer fits them).
+    residents: Arc<Residents>,
 }
 
 /// Where the umT5 text encoder runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 enum TextEncoderDevice {
-    /// On the pipeline's device, reading one block of weights at a time (about 0.4 GB of
-    /// umT5-XXL in bf16 resident, not 11 GB).
+    /// On the pipeline's device: reading one block of weights at a time (about 0.4 GB of
+    /// umT5-XXL in bf16 resident, not 11 GB), or whole and kept there with
+    /// [`Residency::text_encoder`] (11 GB, counted in every stage's memory estimate).
     #[default]
     Pipeline,
     /// On the CPU: the device holds no text-encoder weight; the context is moved to the device
     /// after. Slower (seconds to a minute per prompt), for cards where even a block is too much.
     Cpu,
-    /// On the pipeline's device, loaded whole by the first request and kept there for the
-    /// next ones (11 GB of umT5-XXL in bf16, counted in every stage's memory estimate): a
-    /// request then encodes its prompt without reading the file again.
-    Resident,
 }
 
 /// Builds a [`Pipeline`] over the released files.
@@ -129,6 +132,7 @@ pub struct PipelineBuilder {
     attention: AttentionConfig,
     quant_linear: bool,
     text_encoder_device: TextEncoderDevice,
+    residency: Residency,
     memory_budget: Option<u64>,
     vae_tiling: Option<VaeTiling>,
     device: Device,
@@ -180,11 +184,11 @@ impl PipelineBuilder {
         self
     }
 
-    /// Keeps the whole text encoder on the pipeline's device from the first request on
-    /// (`true`), instead of streaming its blocks from the file at every request: later
-    /// requests skip reading 11 GB, and every stage's memory estimate counts the encoder.
-    pub fn text_encoder_resident(mut self, resident: bool) -> Self {
-        self.text_encoder_device = resident_text_encoder_device(resident);
+    /// Keeps the models `residency` names loaded from the first request that needs them on
+    /// (default [`Residency::NONE`]): later requests read none of their weights, and every
+    /// stage's memory estimate counts them (see [`Pipeline::with_residency`]).
+    pub fn residency(mut self, residency: Residency) -> Self {
+        self.residency = residency;
         self
     }
 
@@ -246,12 +250,13 @@ impl PipelineBuilder {
             attention: self.attention,
             quant_linear: quant_policy(self.quant_linear),
             text_encoder_device: self.text_encoder_device,
+            residency: self.residency,
             memory_budget: self.memory_budget,
             vae_tiling: self.vae_tiling,
             device: self.device,
             dtype: self.dtype,
             loras: DitLoras::default(),
-            resident_text_encoder: Arc::default(),
+            residents: Arc::default(),
         }
         .with_loras(self.loras)
     }
@@ -268,14 +273,6 @@ fn fit_tokenizer(tokenizer: PromptTokenizer, dit: &WanConfig) -> PromptTokenizer
 fn text_encoder_device(on_cpu: bool) -> TextEncoderDevice {
     if on_cpu {
         TextEncoderDevice::Cpu
-    } else {
-        TextEncoderDevice::Pipeline
-    }
-}
-
-fn resident_text_encoder_device(resident: bool) -> TextEncoderDevice {
-    if resident {
-        TextEncoderDevice::Resident
     } else {
         TextEncoderDevice::Pipeline
     }
@@ -325,6 +322,7 @@ impl Pipeline {
             }),
             quant_linear: false,
             text_encoder_device: TextEncoderDevice::Pipeline,
+            residency: Residency::NONE,
             memory_budget: None,
             vae_tiling: None,
             device: Device::Cpu,
@@ -348,12 +346,13 @@ impl Pipeline {
             attention,
             quant_linear: QuantPolicy::KeepFloat,
             text_encoder_device: TextEncoderDevice::Pipeline,
+            residency: Residency::NONE,
             memory_budget: None,
             vae_tiling: None,
             device,
             dtype,
             loras: DitLoras::default(),
-            resident_text_encoder: Arc::default(),
+            residents: Arc::default(),
         })
     }
 
@@ -375,10 +374,36 @@ impl Pipeline {
         self
     }
 
-    /// See [`PipelineBuilder::text_encoder_resident`].
-    pub fn with_text_encoder_resident(mut self, resident: bool) -> Self {
-        self.text_encoder_device = resident_text_encoder_device(resident);
+    /// Keeps the models `residency` names loaded between requests, from the first request
+    /// that needs each on. The pipeline's clones share them: a clone whose DiT settings differ
+    /// (another attention backend, W8A8, dtype) drops the resident DiT and loads its own in
+    /// its place, and one with other LoRA adapters switches them in the resident weights.
+    ///
+    /// Every stage's memory estimate counts the resident models besides the stage's own, and
+    /// a run whose stage would not fit the budget with them fails before any work with
+    /// [`Error::MemoryBudgetExceeded`] (its help names the residency); residents are never
+    /// dropped to make room. Dropping the pipeline and its clones frees them.
+    ///
+    /// With W8A8 on a float checkpoint, a resident DiT is quantised once without adapters and
+    /// runs LoRAs as a low-rank term beside the int8 GEMM (as a `-quant` checkpoint does),
+    /// where a streamed load merges them before quantising: the videos differ within W8A8's
+    /// error, and a full weight difference (`diff`) cannot apply to it.
+    pub fn with_residency(mut self, residency: Residency) -> Self {
+        self.residency = residency;
         self
+    }
+
+    /// The models kept loaded between requests.
+    pub fn residency(&self) -> Residency {
+        self.residency
+    }
+
+    /// The self-attention backend of the DiT (a resident DiT loaded with another backend is
+    /// loaded again by the next run).
+    pub fn with_attention(mut self, kind: AttentionKind) -> Result<Self> {
+        kind.validate()?;
+        self.attention.kind = kind;
+        Ok(self)
     }
 
     /// Runs the DiT's block linears in W8A8 (quantising float checkpoints at load) or not.
@@ -581,7 +606,7 @@ impl Pipeline {
         bytes: &WeightBytes,
     ) -> Result<Vec<Tensor>> {
         let device = match self.text_encoder_device {
-            TextEncoderDevice::Pipeline | TextEncoderDevice::Resident => &self.device,
+            TextEncoderDevice::Pipeline => &self.device,
             TextEncoderDevice::Cpu => &Device::Cpu,
         };
         let ids = texts
@@ -590,14 +615,14 @@ impl Pipeline {
                 Ok(Tensor::from_slice(&ids, (1, ids.len()), device)?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let contexts = match self.text_encoder_device {
-            TextEncoderDevice::Resident => {
-                let encoder = self.resident_text_encoder(bytes)?;
+        let contexts = match self.residency.text_encoder {
+            true => {
+                let encoder = self.resident_text_encoder(device, bytes)?;
                 ids.iter()
                     .map(|ids| encoder.forward(ids, None))
                     .collect::<Result<Vec<_>>>()?
             }
-            TextEncoderDevice::Pipeline | TextEncoderDevice::Cpu => {
+            false => {
                 let vb =
                     self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
                 let encoder =
@@ -617,29 +642,25 @@ impl Pipeline {
             .collect()
     }
 
-    /// The resident text encoder, loaded whole by the first call (its weights counted into
-    /// `bytes` then; a later call reads nothing).
-    fn resident_text_encoder(&self, bytes: &WeightBytes) -> Result<Arc<Umt5Encoder>> {
-        let mut resident = self
-            .resident_text_encoder
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(encoder) = resident.as_ref() {
-            return Ok(Arc::clone(encoder));
-        }
-        let vb = self.var_builder(&self.models.text_encoder_weights, self.dtype)?;
-        let encoder = Arc::new(Umt5Encoder::load(
-            bytes.counting(vb),
-            &self.models.text_encoder,
-        )?);
-        *resident = Some(Arc::clone(&encoder));
-        Ok(encoder)
+    /// The resident text encoder on `device`, loaded whole by the first call (its weights
+    /// counted into `bytes` then; a later call reads nothing).
+    fn resident_text_encoder(
+        &self,
+        device: &Device,
+        bytes: &WeightBytes,
+    ) -> Result<Arc<Umt5Encoder>> {
+        let load = || {
+            let vb = self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
+            let encoder = Umt5Encoder::load(bytes.counting(vb), &self.models.text_encoder)?;
+            Ok((encoder, bytes.get()))
+        };
+        Ok(resident_or_load(&self.residents.text_encoder, load)?.0)
     }
 
     /// Decodes a latent `[C, T, h, w]` (sampled in `steps` steps) into `frames` a chunk at a
     /// time as the VAE makes them (tiled: all at the end), each chunk checked for values that
     /// are not numbers and reported to `progress`, which may cancel between chunks. The VAE is
-    /// dropped after.
+    /// dropped after, unless it is resident.
     fn decode(
         &self,
         latent: &Tensor,
@@ -681,13 +702,20 @@ impl Pipeline {
         meter.finish(stage, bytes, &self.device, progress)
     }
 
-    /// The VAE and the bytes of its weights, in the pipeline's dtype: TurboDiffusion runs the
-    /// VAE in bf16 (the official Wan code in f32; an f32 pipeline does that).
-    fn load_vae(&self) -> Result<(vae::LoadedVae, u64)> {
-        let bytes = WeightBytes::default();
-        let vb = self.var_builder(&self.models.vae_weights, self.dtype)?;
-        let vae = self.models.vae.load(bytes.counting(vb))?;
-        Ok((vae, bytes.get()))
+    /// The VAE and the bytes of the weights read for it (0 when it was resident), in the
+    /// pipeline's dtype: TurboDiffusion runs the VAE in bf16 (the official Wan code in f32;
+    /// an f32 pipeline does that).
+    fn load_vae(&self) -> Result<(Arc<vae::LoadedVae>, u64)> {
+        let load = || {
+            let bytes = WeightBytes::default();
+            let vb = self.var_builder(&self.models.vae_weights, self.dtype)?;
+            let vae = self.models.vae.load(bytes.counting(vb))?;
+            Ok((vae, bytes.get()))
+        };
+        match self.residency.vae {
+            true => resident_or_load(&self.residents.vae, load),
+            false => load().map(|(vae, bytes)| (Arc::new(vae), bytes)),
+        }
     }
 
     fn var_builder(
