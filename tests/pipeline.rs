@@ -9,7 +9,7 @@ use turbodiffusion::core::{Error, Progress, Resolution, Stage, StageReport, Step
 use turbodiffusion::models::tokenizer::PromptTokenizer;
 use turbodiffusion::models::{Umt5Config, Umt5Encoder};
 use turbodiffusion::pipeline::{
-    demo_request, I2vRequest, ModelSet, RandomCheckpoint, SamplerChoice, WeightSource,
+    demo_request, I2vRequest, ModelSet, RandomCheckpoint, Residency, SamplerChoice, WeightSource,
 };
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
 use turbodiffusion::video::{Existing, InputImage, Mp4Options, OutputFile, Video};
@@ -710,7 +710,10 @@ impl Progress for ReadBytes {
 #[test]
 fn a_resident_text_encoder_gives_the_same_video_and_loads_once() {
     let streamed = demo(AttentionKind::Original);
-    let resident = demo(AttentionKind::Original).with_text_encoder_resident(true);
+    let resident = demo(AttentionKind::Original).with_residency(Residency {
+        text_encoder: true,
+        ..Residency::NONE
+    });
     let request = short("a lynx", 5);
     let reference = streamed.text_to_video(&request).unwrap();
     let text_bytes = |pipeline: &Pipeline| {
