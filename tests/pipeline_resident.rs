@@ -268,10 +268,9 @@ fn the_estimate_counts_the_resident_weights_in_every_stage() {
         assert!(own >= alone.weights, "{stage:?}");
         assert_eq!(kept.activations, alone.activations, "{stage:?}");
     }
-    assert_eq!(
-        weights(&resident, Stage::EncodingText).weights,
-        text + dit + vae
-    );
+    let text_stage = weights(&resident, Stage::EncodingText);
+    let whole_encoder = text_stage.weights - text_stage.resident_weights;
+    assert!(whole_encoder >= text, "{whole_encoder} < {text}");
 }
 
 /// A budget the streamed stages fit but the resident models do not is refused before any
