@@ -15,7 +15,7 @@ use turbo_serve::models::ModelCatalog;
 use turbo_serve::request::RequestLimits;
 use turbo_serve::{Server, ServerConfig};
 use turbodiffusion::core::DeviceSpec;
-use turbodiffusion::pipeline::DEMO_NOTICE;
+use turbodiffusion::pipeline::{Residency, DEMO_NOTICE};
 
 #[derive(Parser, Debug)]
 #[command(about = "Serve Wan video generation over HTTP, with a web page")]
@@ -69,6 +69,11 @@ struct Args {
     /// otherwise takes most of a short job's time.
     #[arg(long)]
     resident_text_encoder: bool,
+    /// Load each model's DiT and VAE per job and drop them after, as the library does by
+    /// default, instead of keeping them on the device between jobs (the default here: a job
+    /// of a kept model then reads none of their weights; the eviction counts them).
+    #[arg(long)]
+    stream_models: bool,
     /// GiB of model weights (by the library's estimate) the resident models may add up to.
     #[arg(long)]
     memory_budget_gib: Option<f64>,
@@ -106,7 +111,11 @@ fn catalog(args: &Args) -> Result<ModelCatalog> {
             ModelCatalog::demo(device)
         }
     };
-    let catalog = catalog.with_resident_text_encoder(args.resident_text_encoder);
+    let catalog = catalog.with_residency(Residency {
+        text_encoder: args.resident_text_encoder,
+        dit: !args.stream_models,
+        vae: !args.stream_models,
+    });
     Ok(match &args.lora_dir {
         Some(dir) => catalog.with_lora_dir(dir)?,
         None => catalog,

@@ -1,10 +1,13 @@
 //! The models the server offers and the pipelines built for them.
 //!
-//! The library loads each model's weights when its stage starts and drops them when it ends, so
-//! what stays resident between jobs is the built [`Pipeline`]: the checked file set, the
-//! tokenizer and the LoRA adapters. The [`ModelCache`] keeps the pipelines of recent settings
-//! and evicts the least recently used one when the memory estimate of the next model says it
-//! would not fit beside them.
+//! A built [`Pipeline`] holds the checked file set and the tokenizer, and by default keeps its
+//! DiT (both experts of A14B) and VAE on the device from its first job on
+//! ([`Residency::DIT_AND_VAE`]; the text encoder too with `--resident-text-encoder`), so a job
+//! of a kept pipeline reads none of those weights. The [`ModelCache`] keeps the pipelines of
+//! recent settings (model, attention backend, W8A8; LoRAs are switched in a kept pipeline's
+//! resident DiT, not built apart) and evicts the least recently used one when the memory
+//! estimate of the next one, which counts the resident models, says it would not fit beside
+//! them.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +17,8 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::Resolution;
-use turbodiffusion::pipeline::{open_lora, DitLoras, ModelFiles, ModelKind, SamplerChoice};
+use turbodiffusion::models::lora::{LoraAdapter, ScaledLora};
+use turbodiffusion::pipeline::{DitLoras, ModelFiles, ModelKind, Residency, SamplerChoice};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
 use crate::images::{ImageField, ImageUse};
@@ -236,8 +240,8 @@ pub enum CatalogError {
     },
 }
 
-/// Everything that selects one built pipeline. The top-k, steps and size are per request and
-/// need no pipeline of their own.
+/// Everything that selects one pipeline. The top-k, steps and size are per request and need no
+/// pipeline of their own; the LoRAs are set on a clone of the kept pipeline of the rest.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PipelineKey {
     pub model: String,
@@ -253,9 +257,12 @@ pub struct ModelCatalog {
     entries: Vec<ModelEntry>,
     checkpoint_dir: Option<PathBuf>,
     loras: BTreeMap<String, PathBuf>,
+    /// The adapters of `loras` read so far, each once: a kept DiT recognises an adapter it
+    /// has merged by its allocation, so a job with the same LoRAs merges nothing again.
+    opened_loras: Mutex<BTreeMap<String, Arc<LoraAdapter>>>,
     device: Device,
-    /// Pipelines keep their text encoder on the device between jobs.
-    resident_text_encoder: bool,
+    /// The models pipelines keep on the device between jobs.
+    residency: Residency,
 }
 
 impl ModelCatalog {
@@ -277,7 +284,8 @@ impl ModelCatalog {
             entries,
             checkpoint_dir: None,
             loras: BTreeMap::new(),
-            resident_text_encoder: false,
+            opened_loras: Mutex::default(),
+            residency: Residency::DIT_AND_VAE,
             device,
         }
     }
@@ -310,7 +318,8 @@ impl ModelCatalog {
             entries,
             checkpoint_dir: Some(dir.to_owned()),
             loras: BTreeMap::new(),
-            resident_text_encoder: false,
+            opened_loras: Mutex::default(),
+            residency: Residency::DIT_AND_VAE,
             device,
         })
     }
@@ -345,13 +354,17 @@ impl ModelCatalog {
         self.entries.iter().find(|entry| entry.task == task)
     }
 
-    /// Pipelines built from now on keep their whole umT5 text encoder on the device from their
-    /// first job on (`Pipeline::with_text_encoder_resident`): a job then skips reading the
-    /// encoder's 11 GB file, and the pipeline's memory estimate, which the cache's eviction
-    /// reads, counts the encoder.
-    pub fn with_resident_text_encoder(mut self, resident: bool) -> Self {
-        self.resident_text_encoder = resident;
+    /// The models pipelines built from now on keep on the device from their first job on
+    /// (`Pipeline::with_residency`; default [`Residency::DIT_AND_VAE`]): a job then reads none
+    /// of their weights, and the pipeline's memory estimate, which the cache's eviction reads,
+    /// counts them. [`Residency::NONE`] loads every model per job and drops it after.
+    pub fn with_residency(mut self, residency: Residency) -> Self {
+        self.residency = residency;
         self
+    }
+
+    pub fn residency(&self) -> Residency {
+        self.residency
     }
 
     /// The names of the LoRA adapters on offer.
@@ -359,7 +372,8 @@ impl ModelCatalog {
         self.loras.keys().map(String::as_str)
     }
 
-    /// Builds the pipeline `key` selects (the model must be in the catalog).
+    /// Builds the pipeline `key` selects (the model must be in the catalog), its LoRAs
+    /// included.
     pub fn build(&self, key: &PipelineKey) -> turbodiffusion::Result<Pipeline> {
         let unknown = || turbodiffusion::Error::InvalidConfig {
             field: "model".into(),
@@ -373,14 +387,14 @@ impl ModelCatalog {
                 let attention = AttentionConfig::new(kind);
                 Pipeline::demo_of(entry.kind, 0, attention, self.device.clone())?
                     .with_quant_linear(key.quant)
-                    .with_text_encoder_resident(self.resident_text_encoder)
+                    .with_residency(self.residency)
                     .with_loras(loras)
             }
             (ModelSource::Checkpoint, Some(dir)) => Pipeline::builder(entry.kind)
                 .checkpoint_dir(dir)
                 .attention(kind)
                 .quant_linear(key.quant)
-                .text_encoder_resident(self.resident_text_encoder)
+                .residency(self.residency)
                 .device(self.device.clone())
                 .loras(loras)
                 .build(),
@@ -388,24 +402,39 @@ impl ModelCatalog {
         }
     }
 
-    fn loras(&self, chosen: &[(String, f64)]) -> turbodiffusion::Result<DitLoras> {
+    /// The adapters `chosen` names, at their strengths.
+    pub fn loras(&self, chosen: &[(String, f64)]) -> turbodiffusion::Result<DitLoras> {
         let all = chosen
             .iter()
             .map(|(name, strength)| {
-                let path =
-                    self.loras
-                        .get(name)
-                        .ok_or_else(|| turbodiffusion::Error::InvalidConfig {
-                            field: "lora".into(),
-                            reason: format!("no adapter named `{name}`"),
-                        })?;
-                open_lora(path, *strength)
+                Ok(ScaledLora {
+                    adapter: self.opened_lora(name)?,
+                    strength: *strength,
+                })
             })
             .collect::<turbodiffusion::Result<_>>()?;
         Ok(DitLoras {
             all,
             ..DitLoras::default()
         })
+    }
+
+    /// The adapter `name`, read from its file the first time.
+    fn opened_lora(&self, name: &str) -> turbodiffusion::Result<Arc<LoraAdapter>> {
+        let path = self
+            .loras
+            .get(name)
+            .ok_or_else(|| turbodiffusion::Error::InvalidConfig {
+                field: "lora".into(),
+                reason: format!("no adapter named `{name}`"),
+            })?;
+        let mut opened = self.opened_loras.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(adapter) = opened.get(name) {
+            return Ok(Arc::clone(adapter));
+        }
+        let adapter = Arc::new(LoraAdapter::open(path)?);
+        opened.insert(name.to_owned(), Arc::clone(&adapter));
+        Ok(adapter)
     }
 }
 
@@ -542,9 +571,29 @@ impl Models {
         }
     }
 
-    /// The pipeline of `key`: the resident one, or a new one whose cost `weight_bytes` says
-    /// (evicting others when it would not fit).
+    /// The pipeline of `key`: the kept pipeline of its model, attention and W8A8, or a clone
+    /// of it (sharing its resident models) with `key`'s LoRAs set, which the resident DiT
+    /// switches to without reading its base weights again. A pipeline not kept yet is built
+    /// and kept at the cost `weight_bytes` says, evicting others when it would not fit.
     pub fn pipeline(
+        &self,
+        key: &PipelineKey,
+        weight_bytes: impl FnOnce(&Pipeline) -> turbodiffusion::Result<u64>,
+    ) -> turbodiffusion::Result<Arc<Pipeline>> {
+        let base_key = PipelineKey {
+            loras: Vec::new(),
+            ..key.clone()
+        };
+        let base = self.kept_pipeline(&base_key, weight_bytes)?;
+        if key.loras.is_empty() {
+            return Ok(base);
+        }
+        let loras = self.catalog.loras(&key.loras)?;
+        Ok(Arc::new(base.as_ref().clone().with_loras(loras)?))
+    }
+
+    /// The kept pipeline of `key`, built and kept if there is none.
+    fn kept_pipeline(
         &self,
         key: &PipelineKey,
         weight_bytes: impl FnOnce(&Pipeline) -> turbodiffusion::Result<u64>,
@@ -587,10 +636,10 @@ mod tests {
         assert_eq!(cache.get(&"d"), Some(4));
     }
 
-    /// With a resident text encoder, a built pipeline's estimate (what eviction reads) counts
-    /// the encoder in the stages after the text encoding.
+    /// A built pipeline's estimate (what eviction reads) counts the models it keeps resident:
+    /// the DiT and the VAE by default, the text encoder too when asked.
     #[test]
-    fn a_resident_text_encoder_is_in_the_pipelines_estimate() {
+    fn the_resident_models_are_in_the_pipelines_estimate() {
         let key = PipelineKey {
             model: "demo".into(),
             attention: "original",
@@ -598,8 +647,8 @@ mod tests {
             loras: Vec::new(),
         };
         let request = turbodiffusion::pipeline::demo_request("a heron");
-        let denoise_weights = |resident: bool| {
-            let catalog = ModelCatalog::demo(Device::Cpu).with_resident_text_encoder(resident);
+        let denoise_weights = |residency: Residency| {
+            let catalog = ModelCatalog::demo(Device::Cpu).with_residency(residency);
             let estimate = catalog
                 .build(&key)
                 .unwrap()
@@ -608,7 +657,14 @@ mod tests {
             let denoise = turbodiffusion::core::Stage::Denoising { steps: 4 };
             estimate.stage(&denoise).unwrap().weights
         };
-        assert!(denoise_weights(true) > denoise_weights(false));
+        let default = ModelCatalog::demo(Device::Cpu).residency();
+        assert_eq!(default, Residency::DIT_AND_VAE);
+        let with_text_encoder = Residency {
+            text_encoder: true,
+            ..default
+        };
+        assert!(denoise_weights(with_text_encoder) > denoise_weights(default));
+        assert!(denoise_weights(default) > denoise_weights(Residency::NONE));
     }
 
     #[test]
