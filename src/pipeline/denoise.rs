@@ -260,8 +260,9 @@ fn check_topk_schedule(schedule: &[f64], steps: usize) -> Result<()> {
 
 /// The DiTs of one denoising run.
 enum RunDits<'p> {
-    /// Each loaded when its expert's first step comes, the previous one dropped first.
-    Streamed(Option<Dit>),
+    /// Each loaded when its expert's first step comes, the previous one dropped first (boxed:
+    /// the model is large beside the other variant, which only locks).
+    Streamed(Option<Box<Dit>>),
     /// The pipeline's resident DiTs, locked for the stage; `current` is the expert in use.
     Resident {
         dits: ResidentDits<'p>,
@@ -376,7 +377,7 @@ impl Pipeline {
             RunDits::Streamed(dit) => {
                 // Free the previous expert before the next one is read.
                 *dit = None;
-                *dit = Some(self.load_planned_dit(plan, expert, &bytes)?);
+                *dit = Some(Box::new(self.load_planned_dit(plan, expert, &bytes)?));
             }
             RunDits::Resident { dits, current } => {
                 self.prepare_resident_dit(dits, plan, expert, &bytes)?;
