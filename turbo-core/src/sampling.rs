@@ -191,7 +191,8 @@ pub struct StageReport {
     /// is resident at a time; this is the larger. The text encoder, which reads one block at
     /// a time, counts the largest block (its embedding table is read on the CPU). A float DiT
     /// quantised to W8A8 at load is counted as read (in float), which is more than the int8
-    /// copies it keeps.
+    /// copies it keeps. A model kept loaded by an earlier request (the pipeline's residency)
+    /// reads nothing: 0.
     pub resident_bytes: u64,
     /// Device memory held by tensors at the end of the stage, and the most held at once
     /// during it (see [`crate::memory`]); `None` on the CPU, which has no such counter.
