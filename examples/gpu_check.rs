@@ -120,7 +120,7 @@ fn report(checks: &[Check]) -> ExitCode {
         "check", "rel. error", "threshold"
     );
     let mut failed = 0;
-    for check in &checks {
+    for check in checks {
         let pass = check.error <= check.threshold;
         failed += usize::from(!pass);
         let verdict = if pass { "pass" } else { "FAIL" };
@@ -178,9 +178,9 @@ fn multi_gpu_main(args: &Args) -> Result<ExitCode> {
 mod multi_gpu {
     use super::*;
     use turbodiffusion::core::parallel::{Communicator, NcclCommunicator};
+    use turbodiffusion::core::{Denoiser, Timestep};
     use turbodiffusion::models::wan::{expected_tensors, ModelType, PatchLayout};
     use turbodiffusion::sampler::{CfgParallel, GuidanceScale, Guided};
-    use turbodiffusion::core::{Denoiser, Timestep};
 
     pub(super) fn checks(
         comm: &NcclCommunicator,
@@ -209,19 +209,47 @@ mod multi_gpu {
             let x = file.tensor("in.x")?.to_device(device)?;
             let error = sequence_parallel_error(&dit, &x, &timesteps, &condition, comm)?;
             let check = format!("{name} sequence parallel x{world} {tag}");
-            push(&mut checks, Check { name: check, error, threshold });
+            push(
+                &mut checks,
+                Check {
+                    name: check,
+                    error,
+                    threshold,
+                },
+            );
             if name == "dit_t2v_dense" && world == 2 {
                 let error = cfg_parallel_error(&dit, &x, &condition, comm)?;
                 let name = format!("dit_t2v_dense CFG parallel x2 {tag}");
-                push(&mut checks, Check { name, error, threshold });
+                push(
+                    &mut checks,
+                    Check {
+                        name,
+                        error,
+                        threshold,
+                    },
+                );
             }
         }
         let error = wide_dit_error(comm, dtype, seed)?;
         let name = format!("40-head DiT (14B blocks) sequence parallel x{world} {tag}");
-        push(&mut checks, Check { name, error, threshold });
+        push(
+            &mut checks,
+            Check {
+                name,
+                error,
+                threshold,
+            },
+        );
         let error = vae_error(comm, dtype, seed)?;
         let name = format!("VAE decode split over x{world} {tag}");
-        push(&mut checks, Check { name, error, threshold });
+        push(
+            &mut checks,
+            Check {
+                name,
+                error,
+                threshold,
+            },
+        );
         Ok(checks)
     }
 
@@ -279,7 +307,8 @@ mod multi_gpu {
         };
         debug_assert_eq!(cfg.model_type, ModelType::T2v);
         let attention = AttentionConfig::new(AttentionKind::sla(0.1)?);
-        let specs = expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Conv3d, &attention, dtype);
+        let specs =
+            expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Conv3d, &attention, dtype);
         let weights = RandomCheckpoint::new(seed, specs.into_iter().map(|s| (s.name, s.shape)));
         let dit: WanModel<Box<dyn Attention>> =
             WanModel::load(weights.var_builder(dtype, device), &cfg, &attention)?;
@@ -302,7 +331,10 @@ mod multi_gpu {
             num_res_blocks: file.config_f64(&["num_res_blocks"])? as usize,
             ..VaeConfig::wan21()
         };
-        let vae = WanVae::load(VarBuilder::from_tensors(file.weights()?, dtype, device), &cfg)?;
+        let vae = WanVae::load(
+            VarBuilder::from_tensors(file.weights()?, dtype, device),
+            &cfg,
+        )?;
         let mut rng = StdRng::seed_from_u64(seed);
         let latent = gaussian((cfg.z_dim, 3, 64, 40), 0.0, &mut rng)?
             .unsqueeze(0)?
