@@ -95,10 +95,10 @@ impl NcclCommunicator {
                     continue;
                 }
                 let nccl = |e| communication_error(self, "all_to_all", format!("{e:?}"));
-                if view.len() > 0 {
+                if !view.is_empty() {
                     group.send(view, peer as i32).map_err(nccl)?;
                 }
-                if buffer.len() > 0 {
+                if !buffer.is_empty() {
                     group
                         .recv(buffer.slice_mut(..), peer as i32)
                         .map_err(nccl)?;
