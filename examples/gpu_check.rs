@@ -21,6 +21,17 @@
 //!   dense and SLA, the Wan2.2 I2V expert, Wan2.1 I2V with CLIP, TI2V-5B with per-token
 //!   timesteps), the whole rCM sample, the CLIP image encoder and the Wan2.2 VAE's decode and
 //!   encode.
+//!
+//! `--world-size N` (N > 1, build with `--features nccl`, one process per GPU as
+//! `scripts/multi-gpu.sh` starts them) checks the multi-GPU paths instead: on every rank, the
+//! Ulysses sequence-parallel DiT forward (every golden DiT file, and a 40-head DiT shaped like
+//! the 14B's blocks) against the same forward on this rank's GPU alone, the VAE decode split
+//! over the ranks against the whole decode, and with two ranks the CFG-parallel guided
+//! velocity against the one-GPU guided one.
+//!
+//! ```text
+//! scripts/multi-gpu.sh 4 target/release/examples/gpu_check --world-size 4
+//! ```
 
 use std::process::ExitCode;
 
@@ -64,6 +75,11 @@ struct Args {
     dtypes: Vec<DType>,
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Check the multi-GPU paths on this many ranks (one process per GPU, `RANK` /
+    /// `WORLD_SIZE` / `LOCAL_RANK` and `MASTER_ADDR` / `MASTER_PORT` or `TURBO_NCCL_ID_FILE`
+    /// set); needs the `nccl` feature. `--device` is then each rank's `LOCAL_RANK` GPU.
+    #[arg(long, default_value_t = 1)]
+    world_size: usize,
 }
 
 /// SageSLA on two devices: the float sums before each int8 / E4M3 rounding differ in their last
@@ -79,6 +95,9 @@ struct Check {
 
 fn main() -> Result<ExitCode> {
     let args = Args::parse();
+    if args.world_size > 1 {
+        return multi_gpu_main(&args);
+    }
     let device = args.device.open()?;
     println!("gpu_check on {} ({:?})", args.device, device);
     let mut checks = attention_checks(&device, args.seed)?;
@@ -94,12 +113,17 @@ fn main() -> Result<ExitCode> {
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
         checks.extend(golden_checks(&device, dtype, threshold)?);
     }
+    Ok(report(&checks))
+}
+
+/// Prints the table of `checks`; failure if any check misses its threshold.
+fn report(checks: &[Check]) -> ExitCode {
     println!(
         "{:<58} {:>11} {:>10}  result",
         "check", "rel. error", "threshold"
     );
     let mut failed = 0;
-    for check in &checks {
+    for check in checks {
         let pass = check.error <= check.threshold;
         failed += usize::from(!pass);
         let verdict = if pass { "pass" } else { "FAIL" };
@@ -109,11 +133,220 @@ fn main() -> Result<ExitCode> {
         );
     }
     println!("{} checks, {failed} failed", checks.len());
-    Ok(if failed == 0 {
+    if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
+}
+
+#[cfg(not(feature = "nccl"))]
+fn multi_gpu_main(args: &Args) -> Result<ExitCode> {
+    anyhow::bail!(
+        "--world-size {} needs the NCCL communicator: build with `--features nccl`",
+        args.world_size
+    )
+}
+
+#[cfg(feature = "nccl")]
+fn multi_gpu_main(args: &Args) -> Result<ExitCode> {
+    use turbodiffusion::core::parallel::{Communicator, LaunchEnv, NcclCommunicator};
+    let env = LaunchEnv::from_env()?;
+    anyhow::ensure!(
+        env.world_size == args.world_size,
+        "--world-size {} but WORLD_SIZE = {}: start one process per GPU (scripts/multi-gpu.sh)",
+        args.world_size,
+        env.world_size
+    );
+    let comm = NcclCommunicator::from_launch(&env)?;
+    println!(
+        "gpu_check rank {} of {} on {:?}",
+        comm.rank(),
+        comm.world_size(),
+        comm.device()
+    );
+    let mut checks = Vec::new();
+    for &dtype in &args.dtypes {
+        // The shards' projections see fewer rows, so sums round differently; bf16 rounds
+        // each layer's output, which carries such differences further.
+        let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
+        checks.extend(multi_gpu::checks(&comm, dtype, threshold, args.seed)?);
+    }
+    let code = report(&checks);
+    Ok(code)
+}
+
+/// The multi-GPU checks of `--world-size`: every parallel path against one GPU.
+#[cfg(feature = "nccl")]
+mod multi_gpu {
+    use super::*;
+    use turbodiffusion::core::parallel::{Communicator, NcclCommunicator};
+    use turbodiffusion::core::{Denoiser, Timestep};
+    use turbodiffusion::models::wan::{expected_tensors, ModelType, PatchLayout};
+    use turbodiffusion::sampler::{CfgParallel, GuidanceScale, Guided};
+
+    pub(super) fn checks(
+        comm: &NcclCommunicator,
+        dtype: DType,
+        threshold: f64,
+        seed: u64,
+    ) -> Result<Vec<Check>> {
+        let device = comm.device();
+        let tag = format!("{dtype:?}").to_lowercase();
+        let world = comm.world_size();
+        let mut checks = Vec::new();
+        for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_clip", "dit_ti2v"] {
+            let file = GoldenFile::open(name)?;
+            let dit = load_dit(&file, device, dtype)?;
+            let condition = DitCondition {
+                context: file.tensor("in.context")?.to_device(device)?,
+                image: optional(&file, "in.y", device)?,
+                clip: optional(&file, "in.clip", device)?,
+                held_frames: 0,
+            };
+            let t = file.tensor("in.t")?;
+            let timesteps = match t.elem_count() {
+                1 => TokenTimesteps::Uniform(t.flatten_all()?.to_vec1::<f32>()?[0] as f64),
+                _ => TokenTimesteps::from_tensor(&t)?,
+            };
+            let x = file.tensor("in.x")?.to_device(device)?;
+            let error = sequence_parallel_error(&dit, &x, &timesteps, &condition, comm)?;
+            let check = format!("{name} sequence parallel x{world} {tag}");
+            push(
+                &mut checks,
+                Check {
+                    name: check,
+                    error,
+                    threshold,
+                },
+            );
+            if name == "dit_t2v_dense" && world == 2 {
+                let error = cfg_parallel_error(&dit, &x, &condition, comm)?;
+                let name = format!("dit_t2v_dense CFG parallel x2 {tag}");
+                push(
+                    &mut checks,
+                    Check {
+                        name,
+                        error,
+                        threshold,
+                    },
+                );
+            }
+        }
+        let error = wide_dit_error(comm, dtype, seed)?;
+        let name = format!("40-head DiT (14B blocks) sequence parallel x{world} {tag}");
+        push(
+            &mut checks,
+            Check {
+                name,
+                error,
+                threshold,
+            },
+        );
+        let error = vae_error(comm, dtype, seed)?;
+        let name = format!("VAE decode split over x{world} {tag}");
+        push(
+            &mut checks,
+            Check {
+                name,
+                error,
+                threshold,
+            },
+        );
+        Ok(checks)
+    }
+
+    fn optional(file: &GoldenFile, key: &str, device: &Device) -> Result<Option<Tensor>> {
+        match file.names().iter().any(|n| n == key) {
+            true => Ok(Some(file.tensor(key)?.to_device(device)?)),
+            false => Ok(None),
+        }
+    }
+
+    /// The sequence-parallel forward against the forward on this rank's GPU alone.
+    fn sequence_parallel_error(
+        dit: &WanModel<Box<dyn Attention>>,
+        x: &Tensor,
+        timesteps: &TokenTimesteps,
+        condition: &DitCondition,
+        comm: &NcclCommunicator,
+    ) -> Result<f64> {
+        let one_gpu = dit.forward_with(
+            x,
+            timesteps,
+            &condition.context,
+            condition.image.as_ref(),
+            condition.clip.as_ref(),
+        )?;
+        let parallel = dit.forward_sequence_parallel(x, timesteps, condition, comm)?;
+        Ok(relative_error(&parallel, &one_gpu)?)
+    }
+
+    /// Guided velocity, both passes on two GPUs against both on this one.
+    fn cfg_parallel_error(
+        dit: &WanModel<Box<dyn Attention>>,
+        x: &Tensor,
+        condition: &DitCondition,
+        comm: &NcclCommunicator,
+    ) -> Result<f64> {
+        let negative = DitCondition::text(condition.context.zeros_like()?);
+        let scale = GuidanceScale::Constant(5.0);
+        let t = Timestep {
+            s: 0.9,
+            model_time: 900.0,
+        };
+        let one_gpu = Guided::new(dit, &negative, scale)?.velocity(x, t, condition)?;
+        let parallel = CfgParallel::new(dit, &negative, scale, comm)?.velocity(x, t, condition)?;
+        Ok(relative_error(&parallel, &one_gpu)?)
+    }
+
+    /// Two blocks shaped like Wan2.1-14B's (40 heads of 128, SLA 0.1), random weights, on a
+    /// 9360-token latent: 40 heads do not split evenly over 3, 6 or 7 ranks.
+    fn wide_dit_error(comm: &NcclCommunicator, dtype: DType, seed: u64) -> Result<f64> {
+        let device = comm.device();
+        let cfg = WanConfig {
+            num_layers: 2,
+            ..WanConfig::wan21_t2v_14b()
+        };
+        debug_assert_eq!(cfg.model_type, ModelType::T2v);
+        let attention = AttentionConfig::new(AttentionKind::sla(0.1)?);
+        let specs =
+            expected_tensors::<Box<dyn Attention>>(&cfg, PatchLayout::Conv3d, &attention, dtype);
+        let weights = RandomCheckpoint::new(seed, specs.into_iter().map(|s| (s.name, s.shape)));
+        let dit: WanModel<Box<dyn Attention>> =
+            WanModel::load(weights.var_builder(dtype, device), &cfg, &attention)?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x = gaussian((16, 6, 60, 104), 0.0, &mut rng)?.to_device(device)?;
+        let context = gaussian((1, 1, 64, cfg.text_dim), 0.0, &mut rng)?
+            .reshape((64, cfg.text_dim))?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let condition = DitCondition::text(context);
+        sequence_parallel_error(&dit, &x, &TokenTimesteps::Uniform(900.0), &condition, comm)
+    }
+
+    /// The golden file's small VAE on a random latent of 64 × 40 latent pixels, 3 frames.
+    fn vae_error(comm: &NcclCommunicator, dtype: DType, seed: u64) -> Result<f64> {
+        let device = comm.device();
+        let file = GoldenFile::open("vae")?;
+        let cfg = VaeConfig {
+            dim: file.config_f64(&["dim"])? as usize,
+            num_res_blocks: file.config_f64(&["num_res_blocks"])? as usize,
+            ..VaeConfig::wan21()
+        };
+        let vae = WanVae::load(
+            VarBuilder::from_tensors(file.weights()?, dtype, device),
+            &cfg,
+        )?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let latent = gaussian((cfg.z_dim, 3, 64, 40), 0.0, &mut rng)?
+            .unsqueeze(0)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let whole = vae.decode(&latent)?;
+        let parallel = vae.decode_parallel(&latent, comm)?;
+        Ok(relative_error(&parallel, &whole)?)
+    }
 }
 
 /// Records a finished check, saying so at once so that a later failure shows how far it got.

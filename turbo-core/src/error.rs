@@ -187,6 +187,25 @@ pub enum Error {
     )]
     NonFinite { stage: String, what: String },
 
+    /// A multi-GPU launch setting (an environment variable such as `RANK` or `WORLD_SIZE`)
+    /// that is missing, malformed or inconsistent with the others.
+    #[error("multi-GPU launch: {var} = {value:?}: {reason}")]
+    Launch {
+        var: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    /// A collective operation between the ranks of a multi-GPU run that failed, or whose data
+    /// did not have the shape the sharding plan expects.
+    #[error("rank {rank} of {world_size}, {op}: {reason}")]
+    Communication {
+        op: &'static str,
+        rank: usize,
+        world_size: usize,
+        reason: String,
+    },
+
     /// An output file that exists and may not be replaced.
     #[error("{path} already exists: choose another output name or allow overwriting")]
     OutputExists { path: PathBuf },

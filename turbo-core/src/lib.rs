@@ -9,7 +9,9 @@
 //! - small device and dtype helpers ([`DeviceSpec`], [`parse_dtype`]);
 //! - the sampling contracts: the [`Denoiser`] a sampler drives (fed a [`Timestep`]), the
 //!   [`NoiseSource`] it draws from ([`SeededNoise`], [`ReplayNoise`]) and the [`Progress`]
-//!   observer it reports each [`StepReport`] to.
+//!   observer it reports each [`StepReport`] to;
+//! - multi-GPU work sharing ([`parallel`]): the [`parallel::Communicator`] and the sharding
+//!   plans of the DiT, the VAE decode and the guided samplers.
 
 mod attention;
 #[cfg(feature = "cuda")]
@@ -20,6 +22,7 @@ mod geometry;
 #[cfg(feature = "golden")]
 pub mod golden;
 pub mod memory;
+pub mod parallel;
 mod sampling;
 
 pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};

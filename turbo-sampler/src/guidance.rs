@@ -2,6 +2,7 @@
 //! are guidance-distilled and take no guidance.
 
 use candle_core::Tensor;
+use turbo_core::parallel::Communicator;
 use turbo_core::{Denoiser, Error, Result, Timestep};
 
 use crate::experts::{Expert, ExpertBoundary};
@@ -104,7 +105,105 @@ impl<D: Denoiser + ?Sized> Denoiser for Guided<'_, D> {
     fn velocity(&self, x: &Tensor, t: Timestep, cond: &Self::Condition) -> Result<Tensor> {
         let conditional = self.model.velocity(x, t, cond)?;
         let unconditional = self.model.velocity(x, t, self.negative)?;
-        let guidance = (conditional - &unconditional)?.affine(self.scale.at(t), 0.0)?;
-        Ok((unconditional + guidance)?)
+        guide(conditional, unconditional, self.scale.at(t))
+    }
+}
+
+/// v_u + g·(v_c − v_u), in the one order both guided denoisers use.
+fn guide(conditional: Tensor, unconditional: Tensor, scale: f64) -> Result<Tensor> {
+    let guidance = (conditional - &unconditional)?.affine(scale, 0.0)?;
+    Ok((unconditional + guidance)?)
+}
+
+/// [`Guided`] with its two model passes on the two ranks of `comm` (CFG parallelism): rank 0
+/// computes the conditional velocity, rank 1 the unconditional one, the two are exchanged and
+/// both ranks combine them with the same arithmetic as [`Guided`]. Every rank gets the
+/// bit-identical guided velocity, so ranks that drive the same sampler from the same noise
+/// stay in step without further exchange.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use turbo_core::parallel::simulate;
+/// use turbo_sampler::{CfgParallel, Denoiser, GuidanceScale, Guided, Timestep};
+///
+/// /// A toy model: the velocity is the condition times x.
+/// struct Scale;
+/// impl Denoiser for Scale {
+///     type Condition = f64;
+///     fn velocity(&self, x: &Tensor, _: Timestep, c: &f64) -> turbo_core::Result<Tensor> {
+///         Ok(x.affine(*c, 0.0)?)
+///     }
+/// }
+///
+/// let x = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+/// let t = Timestep { s: 0.5, model_time: 500.0 };
+/// let scale = GuidanceScale::Constant(5.0);
+/// let one_device = Guided::new(&Scale, &0.5, scale)?.velocity(&x, t, &2.0)?;
+/// let per_rank = simulate(2, |comm| CfgParallel::new(&Scale, &0.5, scale, comm)?.velocity(&x, t, &2.0))?;
+/// for v in per_rank {
+///     assert_eq!(v.to_vec1::<f32>()?, one_device.to_vec1::<f32>()?);
+/// }
+/// # Ok::<(), turbo_core::Error>(())
+/// ```
+pub struct CfgParallel<'a, D: Denoiser + ?Sized> {
+    model: &'a D,
+    negative: &'a D::Condition,
+    scale: GuidanceScale,
+    comm: &'a dyn Communicator,
+}
+
+impl<'a, D: Denoiser + ?Sized> CfgParallel<'a, D> {
+    /// Fails with [`Error::InvalidSamplerSetting`] for a scale that is not finite, and with
+    /// [`Error::InvalidConfig`] for a communicator of other than two ranks.
+    pub fn new(
+        model: &'a D,
+        negative: &'a D::Condition,
+        scale: GuidanceScale,
+        comm: &'a dyn Communicator,
+    ) -> Result<Self> {
+        scale.validate()?;
+        if comm.world_size() != CFG_RANKS {
+            return Err(Error::InvalidConfig {
+                field: "CFG-parallel world size".into(),
+                reason: format!(
+                    "{} ranks: the conditional and unconditional passes take exactly {CFG_RANKS}",
+                    comm.world_size()
+                ),
+            });
+        }
+        Ok(Self {
+            model,
+            negative,
+            scale,
+            comm,
+        })
+    }
+}
+
+/// The ranks of CFG parallelism: one per pass.
+const CFG_RANKS: usize = 2;
+
+impl<D: Denoiser + ?Sized> std::fmt::Debug for CfgParallel<'_, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CfgParallel")
+            .field("rank", &self.comm.rank())
+            .field("scale", &self.scale)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Denoiser + ?Sized> Denoiser for CfgParallel<'_, D> {
+    type Condition = D::Condition;
+
+    fn velocity(&self, x: &Tensor, t: Timestep, cond: &Self::Condition) -> Result<Tensor> {
+        let mine = match self.comm.rank() {
+            0 => self.model.velocity(x, t, cond)?,
+            _ => self.model.velocity(x, t, self.negative)?,
+        };
+        let shapes = vec![mine.shape().clone(); CFG_RANKS];
+        let mut both = self.comm.all_gather(&mine, &shapes)?;
+        let unconditional = both.pop().expect("two velocities");
+        let conditional = both.pop().expect("two velocities");
+        guide(conditional, unconditional, self.scale.at(t))
     }
 }

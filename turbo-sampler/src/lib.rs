@@ -56,7 +56,9 @@ mod unipc;
 
 pub use experts::{Expert, ExpertBoundary, TwoExperts, I2V_A14B_BOUNDARY, T2V_A14B_BOUNDARY};
 pub use flow::{FlowRun, FlowSampler, FlowSolver};
-pub use guidance::{GuidanceScale, Guided, MAX_GUIDANCE, WAN_GUIDANCE, WAN_NEGATIVE_PROMPT};
+pub use guidance::{
+    CfgParallel, GuidanceScale, Guided, MAX_GUIDANCE, WAN_GUIDANCE, WAN_NEGATIVE_PROMPT,
+};
 pub use rcm::{
     rcm_model_time, trigflow_to_rf, RcmConfig, RcmMode, RcmRun, RcmSampler, DEFAULT_MID_T,
     I2V_SIGMA_MAX, RCM_STEPS, T2V_SIGMA_MAX,

@@ -9,7 +9,8 @@
 //! upsampling path, so every kept pixel sees exactly the inputs it sees untiled: the result
 //! equals [`WanVae::decode`] up to float rounding.
 
-use candle_core::Tensor;
+use candle_core::{Shape, Tensor};
+use turbo_core::parallel::{Communicator, Partition};
 use turbo_core::{Error, Result};
 
 use super::cache::FeatureCache;
@@ -90,6 +91,14 @@ impl Span {
             .collect()
     }
 
+    /// The kept range `kept` of an axis of `len`, widened by `halo` within `0..len`.
+    fn band(kept: std::ops::Range<usize>, len: usize, halo: usize) -> Self {
+        Self {
+            kept: (kept.start, kept.end),
+            decoded: (kept.start.saturating_sub(halo), (kept.end + halo).min(len)),
+        }
+    }
+
     /// `x` narrowed to the decoded range along `dim`.
     fn decoded_part(self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let (start, end) = self.decoded;
@@ -140,6 +149,43 @@ impl WanVae {
             })
             .collect::<Result<Vec<_>>>()?;
         let video = Tensor::cat(&rows, HEIGHT)?.clamp(-1f32, 1f32)?;
+        to_channel_major(&video)
+    }
+
+    /// [`WanVae::decode`] spread over the ranks of `comm`, each rank decoding one band of
+    /// latent rows (split as evenly as they go) with the halo of [`WanVae::decode_tiled`], the
+    /// bands gathered on every rank: every rank returns the whole video, equal to the one-device
+    /// decode up to float rounding. `conv1` and the middle blocks (small, at latent resolution,
+    /// with the frame-wide attention) run whole on every rank; the upsampling path, where the
+    /// time and memory go, runs on the band alone. A latent with fewer rows than ranks is an
+    /// [`Error::InvalidConfig`].
+    pub fn decode_parallel(&self, latent: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+        let x = self.latent.decoder_input(latent)?;
+        let (_, _, _, height, width) = x.dims5()?;
+        let bands = Partition::balanced(height, comm.world_size())?;
+        if height < comm.world_size() {
+            return Err(Error::InvalidConfig {
+                field: "parallel VAE decode".into(),
+                reason: format!(
+                    "{height} latent rows cannot give each of {} ranks a band",
+                    comm.world_size()
+                ),
+            });
+        }
+        let scale = self.cfg.spatial_stride();
+        let middle = self.decode_middle(&x)?;
+        let row = Span::band(bands.range(comm.rank()), height, self.cfg.decode_halo());
+        let column = Span::band(0..width, width, 0);
+        let mine = self.decode_tile(&middle, row, column, scale)?;
+        drop(middle);
+        let shapes: Vec<Shape> = (0..bands.parts())
+            .map(|rank| {
+                let mut dims = mine.dims().to_vec();
+                dims[HEIGHT] = bands.len(rank) * scale;
+                Shape::from(dims)
+            })
+            .collect();
+        let video = Tensor::cat(&comm.all_gather(&mine, &shapes)?, HEIGHT)?.clamp(-1f32, 1f32)?;
         to_channel_major(&video)
     }
 

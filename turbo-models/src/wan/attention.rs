@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Module, VarBuilder};
 use turbo_attention::{Attention, DenseAttention, LoadAttention};
+use turbo_core::parallel::SequenceParallel;
 use turbo_core::Result;
 use turbo_quant::Linear;
 
@@ -196,14 +197,54 @@ impl<A: Attention> SelfAttention<A> {
     }
 
     /// Takes `x` by value to free it once q, k and v are projected, before the attention.
-    pub(crate) fn forward(&self, x: Tensor, rope: &Rope3d) -> Result<Unbiased<'_>> {
+    ///
+    /// With `sp` (Ulysses sequence parallelism), `x` holds this rank's tokens and `rope` their
+    /// global positions: q, k and v go through an all-to-all that gives this rank every token of
+    /// its share of the heads, the backend attends over all tokens as on one device, and a
+    /// second all-to-all returns this rank's tokens of every head.
+    pub(crate) fn forward(
+        &self,
+        x: Tensor,
+        rope: &Rope3d,
+        sp: Option<&SequenceParallel<'_>>,
+    ) -> Result<Unbiased<'_>> {
         let q = self.proj.query(&x, Some(rope))?;
         let k = self.proj.key(&x, Some(rope))?;
         let v = self.proj.value(&x)?;
         drop(x);
-        let attended = self.attention.forward(&q, &k, &v)?;
-        drop((q, k, v));
+        let attended = match sp {
+            None => {
+                let attended = self.attention.forward(&q, &k, &v)?;
+                drop((q, k, v));
+                attended
+            }
+            Some(sp) => self.attend_by_heads(sp, q, k, v)?,
+        };
         self.proj.output(&attended)
+    }
+
+    /// The attention of this rank's heads over all tokens, back in this rank's tokens.
+    fn attend_by_heads(
+        &self,
+        sp: &SequenceParallel<'_>,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+    ) -> Result<Tensor> {
+        let heads = self.proj.heads;
+        let (q, k, v) = (
+            sp.scatter_heads(&q)?,
+            sp.scatter_heads(&k)?,
+            sp.scatter_heads(&v)?,
+        );
+        // More ranks than heads leaves a rank none: it only takes part in the exchanges.
+        let attended = if q.dim(2)? == 0 {
+            q.clone()
+        } else {
+            self.attention.forward(&q, &k, &v)?
+        };
+        drop((q, k, v));
+        sp.gather_heads(&attended, heads)
     }
 }
 

@@ -1,6 +1,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
+use turbo_core::parallel::SequenceParallel;
 use turbo_core::Result;
 use turbo_quant::Linear;
 
@@ -78,6 +79,24 @@ pub(crate) struct TimeRun {
 pub(crate) struct TimeRuns(pub(crate) Vec<TimeRun>);
 
 impl TimeRuns {
+    /// The runs of the tokens `range` alone (a sequence-parallel rank's shard), in order.
+    pub(crate) fn shard(&self, range: std::ops::Range<usize>) -> Self {
+        let mut start = 0;
+        let mut runs = Vec::with_capacity(self.0.len());
+        for run in &self.0 {
+            let end = start + run.tokens;
+            let overlap = end.min(range.end).saturating_sub(start.max(range.start));
+            if overlap > 0 {
+                runs.push(TimeRun {
+                    tokens: overlap,
+                    ..run.clone()
+                });
+            }
+            start = end;
+        }
+        Self(runs)
+    }
+
     /// `f(i, rows)` on the rows `[1, tokens, ..]` of each run `i` taken from every tensor of
     /// `xs` (all `[1, L, ..]`), the results joined along the tokens.
     pub(crate) fn per_run(
@@ -227,13 +246,16 @@ impl<A: Attention> WanBlock<A> {
     }
 
     /// `x` `[1, L, D]` f32 residual stream; `time` the runs of its timesteps; `context` the
-    /// embedded text `[1, text_len, D]` (and CLIP tokens).
+    /// embedded text `[1, text_len, D]` (and CLIP tokens). Under sequence parallelism (`sp`),
+    /// `x`, `time` and `rope` are this rank's token shard: only the self-attention exchanges
+    /// data; the modulation, cross-attention and FFN act on each token alone.
     pub(crate) fn forward(
         &self,
         x: &Tensor,
         time: &TimeRuns,
         context: &CrossContext,
         rope: &Rope3d,
+        sp: Option<&SequenceParallel<'_>>,
     ) -> Result<Tensor> {
         // Each temporary is dropped as soon as it is used (a shadowed binding would live to
         // the end of the function): at 720p a residual stream is 1.5 GB, a bf16 copy 0.8 GB.
@@ -256,7 +278,7 @@ impl<A: Attention> WanBlock<A> {
                 fused::gated_residual(&rows[0], &rows[1], branch.bias, Some(&m[gate]))
             })
         };
-        let attended = self.self_attn.forward(modulated(x, 0, 1)?, rope)?;
+        let attended = self.self_attn.forward(modulated(x, 0, 1)?, rope, sp)?;
         let after_self = gated(x, &attended, 2)?;
         drop(attended);
         let attended = self

@@ -24,7 +24,7 @@ pub use embeddings::PatchLayout;
 pub use keys::{
     block_linear_of, expected_tensors, int8_block_linears, TensorSpec, FLF2V_CLIP_TOKENS,
 };
-pub use model::{CheckpointLayout, DitCondition, TokenTimesteps, WanModel};
+pub use model::{CheckpointLayout, DitCondition, SequenceParallelDit, TokenTimesteps, WanModel};
 
 /// A Linear with bias, `[out, in]` weight, read from `vb` in `vb`'s dtype.
 fn linear(vb: VarBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {

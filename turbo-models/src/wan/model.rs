@@ -1,6 +1,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{Linear, Module, VarBuilder};
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
+use turbo_core::parallel::{Communicator, SequenceParallel};
 use turbo_core::{Denoiser, Error, Result, Timestep, PATCH_SIZE};
 
 use super::attention::CrossContext;
@@ -14,6 +15,9 @@ use crate::lora::{LoraMode, LoraSummary, ScaledLora, Slot, Unadapted};
 
 /// The largest model time (`1000 · s` at s = 1, pure noise).
 const MAX_MODEL_TIME: f64 = 1000.0;
+
+/// W8A8 quantises activations in tiles of this many rows (tokens).
+const W8A8_TILE_ROWS: usize = 128;
 
 /// Where a block's self-attention backend keeps its weights (SLA's `proj_l`).
 pub(crate) const ATTENTION_WEIGHTS: &str = "self_attn.attn_op.local_attn";
@@ -311,6 +315,74 @@ impl<A: Attention> WanModel<A> {
         condition: Option<&Tensor>,
         clip: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_sharded(x, timesteps, context, condition, clip, None)
+    }
+
+    /// [`WanModel::forward_with`] on the ranks of `comm`, Ulysses sequence parallel: every
+    /// rank is given the same inputs and returns the same whole velocity, computing the blocks
+    /// for its shard of the tokens only (see [`turbo_core::parallel::SequenceParallel`]). The
+    /// result equals the one-device forward up to float rounding; SLA and SageSLA stay exact
+    /// because each rank attends over all tokens of its heads.
+    ///
+    /// Shards start at multiples of 128 tokens for a model with W8A8 linears (the activation
+    /// tiles are then those of one device), anywhere otherwise. A video with fewer token
+    /// shards than ranks is an [`Error::InvalidConfig`].
+    pub fn forward_sequence_parallel(
+        &self,
+        x: &Tensor,
+        timesteps: &TokenTimesteps,
+        condition: &DitCondition,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        self.forward_sharded(
+            x,
+            timesteps,
+            &condition.context,
+            condition.image.as_ref(),
+            condition.clip.as_ref(),
+            Some(comm),
+        )
+    }
+
+    /// Token shards of an int8 model start on W8A8's 128-row activation tiles.
+    fn token_alignment(&self) -> usize {
+        if self.int8_linears() > 0 {
+            W8A8_TILE_ROWS
+        } else {
+            1
+        }
+    }
+
+    /// The sequence-parallel plan of `tokens` tokens over `comm`, every rank given some.
+    fn sequence_plan<'c>(
+        &self,
+        comm: &'c dyn Communicator,
+        tokens: usize,
+    ) -> Result<SequenceParallel<'c>> {
+        let sp = SequenceParallel::new(comm, tokens, self.token_alignment())?;
+        if (0..comm.world_size()).any(|rank| sp.tokens().is_empty(rank)) {
+            return Err(Error::InvalidConfig {
+                field: "sequence parallel world size".into(),
+                reason: format!(
+                    "{tokens} DiT tokens in shards of {} leave some of the {} ranks none: \
+                     use fewer GPUs for this video size",
+                    self.token_alignment(),
+                    comm.world_size()
+                ),
+            });
+        }
+        Ok(sp)
+    }
+
+    fn forward_sharded(
+        &self,
+        x: &Tensor,
+        timesteps: &TokenTimesteps,
+        context: &Tensor,
+        condition: Option<&Tensor>,
+        clip: Option<&Tensor>,
+        comm: Option<&dyn Communicator>,
+    ) -> Result<Tensor> {
         self.check_forward_inputs(x, context)?;
         let (_, frames, height, width) = x.dims4()?;
         let (pt, ph, pw) = PATCH_SIZE;
@@ -347,11 +419,26 @@ impl<A: Attention> WanModel<A> {
         };
         let context = CrossContext { text, image };
         let rope = Rope3d::new(grid, self.cfg.head_dim(), x.device())?;
-        let hidden = self
-            .blocks
-            .iter()
-            .try_fold(tokens, |h, block| block.forward(&h, &time, &context, &rope))?;
-        self.unpatchify(&self.head.forward(&hidden, &time)?, grid)
+        let sp = comm
+            .map(|comm| self.sequence_plan(comm, tokens.dim(1)?))
+            .transpose()?;
+        let (tokens, time, rope) = match &sp {
+            None => (tokens, time, rope),
+            Some(sp) => (
+                sp.shard_tokens(&tokens, 1)?,
+                time.shard(sp.local_tokens()),
+                rope.rows(sp.local_tokens())?,
+            ),
+        };
+        let hidden = self.blocks.iter().try_fold(tokens, |h, block| {
+            block.forward(&h, &time, &context, &rope, sp.as_ref())
+        })?;
+        let patches = self.head.forward(&hidden, &time)?;
+        let patches = match &sp {
+            None => patches,
+            Some(sp) => sp.gather_tokens(&patches, 1)?,
+        };
+        self.unpatchify(&patches, grid)
     }
 
     /// The contract of [`WanModel::forward_with`] on `x` and `context`, checked before any
@@ -535,5 +622,22 @@ impl<A: Attention> Denoiser for WanModel<A> {
             cond.image.as_ref(),
             cond.clip.as_ref(),
         )
+    }
+}
+
+/// A DiT run sequence parallel over the ranks of a communicator, as a [`Denoiser`]: every rank
+/// drives the same sampler with the same inputs, and each velocity is computed by all ranks
+/// together ([`WanModel::forward_sequence_parallel`]), so every rank's sample stays the same.
+pub struct SequenceParallelDit<'a, A = Box<dyn Attention>> {
+    pub model: &'a WanModel<A>,
+    pub comm: &'a dyn Communicator,
+}
+
+impl<A: Attention> Denoiser for SequenceParallelDit<'_, A> {
+    type Condition = DitCondition;
+
+    fn velocity(&self, x: &Tensor, t: Timestep, cond: &DitCondition) -> Result<Tensor> {
+        self.model
+            .forward_sequence_parallel(x, &cond.timesteps(t.model_time), cond, self.comm)
     }
 }

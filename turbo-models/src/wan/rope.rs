@@ -58,6 +58,18 @@ impl Rope3d {
         })
     }
 
+    /// The tables of the tokens `rows` (global positions) alone: a sequence-parallel rank's
+    /// shard rotates by the positions its tokens have in the whole grid. Copied, so that the
+    /// fused kernels read tables that start at offset 0.
+    pub(crate) fn rows(&self, rows: std::ops::Range<usize>) -> Result<Self> {
+        let narrow =
+            |t: &Tensor| -> Result<Tensor> { Ok(t.narrow(0, rows.start, rows.len())?.copy()?) };
+        Ok(Self {
+            cos: narrow(&self.cos)?,
+            sin: narrow(&self.sin)?,
+        })
+    }
+
     /// The angles' cosines and sines, `[L, 1, head_dim/2]` each.
     pub(crate) fn tables(&self) -> RopeTables<'_> {
         RopeTables {

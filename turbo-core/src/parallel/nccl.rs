@@ -1,0 +1,177 @@
+//! NCCL between processes, one per GPU (feature `nccl`): candle's re-export of cudarc's
+//! `nccl` module, on the candle device's own stream so that transfers are ordered with the
+//! kernels around them.
+
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
+use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, NcclType};
+use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use candle_core::{DType, Device, Shape, Storage, Tensor};
+use half::{bf16, f16};
+
+use super::launch::{LaunchEnv, UNIQUE_ID_BYTES};
+use super::{check_lists, check_received, communication_error, Communicator};
+use crate::cuda::tensor_from_cuda;
+use crate::Result;
+
+/// One rank of an NCCL communicator, on GPU `LOCAL_RANK` of its host.
+///
+/// ```no_run
+/// use turbo_core::parallel::{Communicator, LaunchEnv, NcclCommunicator};
+///
+/// // Started once per GPU with RANK, WORLD_SIZE, LOCAL_RANK and MASTER_ADDR / MASTER_PORT
+/// // (or TURBO_NCCL_ID_FILE) set, as scripts/multi-gpu.sh does.
+/// let comm = NcclCommunicator::from_launch(&LaunchEnv::from_env()?)?;
+/// println!("rank {} of {} on {:?}", comm.rank(), comm.world_size(), comm.device());
+/// # Ok::<(), turbo_core::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct NcclCommunicator {
+    comm: Comm,
+    device: Device,
+}
+
+impl NcclCommunicator {
+    /// Opens GPU `env.local_rank`, shares rank 0's unique id through `env.rendezvous` and
+    /// joins the communicator (blocking until every rank has joined).
+    pub fn from_launch(env: &LaunchEnv) -> Result<Self> {
+        let device = Device::new_cuda(env.local_rank)?;
+        let fail = |reason: String| crate::Error::Communication {
+            op: "init",
+            rank: env.rank,
+            world_size: env.world_size,
+            reason,
+        };
+        let id = env.share_unique_id(|| {
+            let id = Id::new().map_err(|e| fail(format!("ncclGetUniqueId: {e:?}")))?;
+            Ok(id.internal().map(|c| c as u8))
+        })?;
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let comm = Comm::from_rank(stream, env.rank, env.world_size, Id::uninit(id_chars(&id)))
+            .map_err(|e| fail(format!("ncclCommInitRank: {e:?}")))?;
+        Ok(Self { comm, device })
+    }
+
+    /// The GPU this rank computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn cuda(&self) -> Result<&CudaDevice> {
+        Ok(self.device.as_cuda_device()?)
+    }
+
+    /// The exchange of [`Communicator::all_to_all`] for element type `T`: one NCCL group of a
+    /// send and a receive per peer (none for empty parts; this rank's own part is kept as is).
+    fn exchange<T>(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>>
+    where
+        T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
+    {
+        let me = self.rank();
+        let sends = sends
+            .iter()
+            .map(|t| Ok(t.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
+        let storages: Vec<_> = sends.iter().map(Tensor::storage_and_layout).collect();
+        let mut received = recv_shapes
+            .iter()
+            .enumerate()
+            .map(|(peer, shape)| {
+                let len = if peer == me { 0 } else { shape.elem_count() };
+                Ok(self.cuda()?.alloc_zeros::<T>(len)?)
+            })
+            .collect::<Result<Vec<CudaSlice<T>>>>()?;
+        {
+            let views = storages
+                .iter()
+                .map(|(storage, layout)| {
+                    let offset = layout.start_offset();
+                    let len = layout.shape().elem_count();
+                    device_elements::<T>(storage, offset, len, self)
+                })
+                .collect::<Result<Vec<CudaView<'_, T>>>>()?;
+            let mut group = self.comm.group();
+            for (peer, (view, buffer)) in views.into_iter().zip(received.iter_mut()).enumerate() {
+                if peer == me {
+                    continue;
+                }
+                let nccl = |e| communication_error(self, "all_to_all", format!("{e:?}"));
+                if !view.is_empty() {
+                    group.send(view, peer as i32).map_err(nccl)?;
+                }
+                if !buffer.is_empty() {
+                    group
+                        .recv(buffer.slice_mut(..), peer as i32)
+                        .map_err(nccl)?;
+                }
+            }
+            // Dropping the group ends it: the transfers are queued on the device's stream.
+        }
+        let cuda = self.cuda()?.clone();
+        received
+            .into_iter()
+            .zip(recv_shapes)
+            .enumerate()
+            .map(|(peer, (buffer, shape))| {
+                if peer == me {
+                    check_received(self, "all_to_all", me, &sends[me], shape)?;
+                    return Ok(sends[me].clone());
+                }
+                Ok(tensor_from_cuda(buffer, &cuda, shape.clone()))
+            })
+            .collect()
+    }
+}
+
+/// `len` elements from `offset` of a CUDA storage of `T`.
+fn device_elements<'a, T: CudaDType>(
+    storage: &'a Storage,
+    offset: usize,
+    len: usize,
+    comm: &NcclCommunicator,
+) -> Result<CudaView<'a, T>> {
+    match storage {
+        Storage::Cuda(cuda) => Ok(cuda.as_cuda_slice::<T>()?.slice(offset..offset + len)),
+        _ => Err(communication_error(
+            comm,
+            "all_to_all",
+            "a tensor to send is not on the GPU".into(),
+        )),
+    }
+}
+
+/// The id's bytes as NCCL's `char` array.
+fn id_chars(id: &[u8; UNIQUE_ID_BYTES]) -> [std::ffi::c_char; UNIQUE_ID_BYTES] {
+    id.map(|b| b as std::ffi::c_char)
+}
+
+impl Communicator for NcclCommunicator {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn all_to_all(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>> {
+        check_lists(self, "all_to_all", sends.len(), recv_shapes.len())?;
+        let dtype = sends[self.rank()].dtype();
+        if let Some(other) = sends.iter().find(|t| t.dtype() != dtype) {
+            return Err(communication_error(
+                self,
+                "all_to_all",
+                format!("parts of dtypes {dtype:?} and {:?}", other.dtype()),
+            ));
+        }
+        match dtype {
+            DType::F32 => self.exchange::<f32>(sends, recv_shapes),
+            DType::BF16 => self.exchange::<bf16>(sends, recv_shapes),
+            DType::F16 => self.exchange::<f16>(sends, recv_shapes),
+            other => Err(communication_error(
+                self,
+                "all_to_all",
+                format!("dtype {other:?}: NCCL transfers here take f32, bf16 or f16"),
+            )),
+        }
+    }
+}
