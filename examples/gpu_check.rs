@@ -195,6 +195,16 @@ mod multi_gpu {
         let tag = format!("{dtype:?}").to_lowercase();
         let world = comm.world_size();
         let mut checks = Vec::new();
+        let mut record = |name: String, error: f64| {
+            push(
+                &mut checks,
+                Check {
+                    name,
+                    error,
+                    threshold,
+                },
+            )
+        };
         for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_clip", "dit_ti2v"] {
             let file = GoldenFile::open(name)?;
             let dit = load_dit(&file, device, dtype)?;
@@ -211,48 +221,19 @@ mod multi_gpu {
             };
             let x = file.tensor("in.x")?.to_device(device)?;
             let error = sequence_parallel_error(&dit, &x, &timesteps, &condition, comm)?;
-            let check = format!("{name} sequence parallel x{world} {tag}");
-            push(
-                &mut checks,
-                Check {
-                    name: check,
-                    error,
-                    threshold,
-                },
-            );
+            record(format!("{name} sequence parallel x{world} {tag}"), error);
             if name == "dit_t2v_dense" && world == 2 {
                 let error = cfg_parallel_error(&dit, &x, &condition, comm)?;
-                let name = format!("dit_t2v_dense CFG parallel x2 {tag}");
-                push(
-                    &mut checks,
-                    Check {
-                        name,
-                        error,
-                        threshold,
-                    },
-                );
+                record(format!("dit_t2v_dense CFG parallel x2 {tag}"), error);
             }
         }
         let error = wide_dit_error(comm, dtype, seed)?;
-        let name = format!("40-head DiT (14B blocks) sequence parallel x{world} {tag}");
-        push(
-            &mut checks,
-            Check {
-                name,
-                error,
-                threshold,
-            },
+        record(
+            format!("40-head DiT (14B blocks) sequence parallel x{world} {tag}"),
+            error,
         );
         let error = vae_error(comm, dtype, seed)?;
-        let name = format!("VAE decode split over x{world} {tag}");
-        push(
-            &mut checks,
-            Check {
-                name,
-                error,
-                threshold,
-            },
-        );
+        record(format!("VAE decode split over x{world} {tag}"), error);
         Ok(checks)
     }
 
