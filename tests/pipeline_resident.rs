@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{Error, Progress, Stage, StageReport, StepReport};
 use turbodiffusion::models::lora::{LoraAdapter, ScaledLora};
-use turbodiffusion::pipeline::{demo_request, DitLoras, I2vRequest, Residency};
+use turbodiffusion::pipeline::{demo_request, DitLoras, I2vRequest, ModelKind, Residency};
 use turbodiffusion::video::InputImage;
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
@@ -89,7 +89,7 @@ fn resident_models_give_the_same_video_and_are_read_once() {
 #[test]
 fn a_resident_dit_takes_each_requests_topk() {
     let sla = AttentionKind::sla(0.5).unwrap();
-    let resident = demo(sla).with_residency(Residency::DIT_AND_VAE);
+    let resident = demo(sla).with_residency(Residency::ALL_BUT_TEXT_ENCODER);
     let scheduled = T2vRequest {
         sla_topk_schedule: Some(vec![0.25, 0.5, 0.75, 1.0]),
         ..short("a kite", 2)
@@ -111,7 +111,7 @@ fn a_resident_dit_takes_each_requests_topk() {
 fn a_change_of_load_settings_reloads_the_resident_dit() {
     let request = short("a heron", 4);
     let sla = AttentionKind::sla(0.5).unwrap();
-    let resident = demo(sla).with_residency(Residency::DIT_AND_VAE);
+    let resident = demo(sla).with_residency(Residency::ALL_BUT_TEXT_ENCODER);
     let reference = frames(&demo(sla), &request);
     assert_eq!(frames(&resident, &request), reference);
 
@@ -164,7 +164,8 @@ fn all(lora: ScaledLora) -> DitLoras {
 #[test]
 fn loras_switch_in_the_resident_dit_without_reloading_it() {
     let request = short("a lighthouse", 6);
-    let mut resident = demo(AttentionKind::Original).with_residency(Residency::DIT_AND_VAE);
+    let mut resident =
+        demo(AttentionKind::Original).with_residency(Residency::ALL_BUT_TEXT_ENCODER);
     let base = frames(&resident, &request);
     let lora = random_lora(&resident, 1.0);
     for strength in [1.0, 0.5] {
@@ -205,7 +206,7 @@ fn both_resident_experts_serve_the_next_request() {
         let attention = AttentionConfig::new(AttentionKind::sagesla(0.5).unwrap());
         Pipeline::demo_i2v(4, attention, Device::Cpu).unwrap()
     };
-    let resident = demo_i2v().with_residency(Residency::DIT_AND_VAE);
+    let resident = demo_i2v().with_residency(Residency::ALL_BUT_TEXT_ENCODER);
     let mut request = I2vRequest::new(gradient_image(96, 64), "a moving gradient");
     request.video.size = Some((128, 96));
     request.video.frames = 9;
@@ -235,6 +236,39 @@ fn both_resident_experts_serve_the_next_request() {
     for stage in [Stage::EncodingImage, DENOISING, DECODING] {
         assert_eq!(reads.of(stage), 0, "{stage:?} read its weights again");
     }
+}
+
+/// Wan2.1 I2V's CLIP encoder is kept with `clip` (a second request's image stage reads
+/// nothing, the video unchanged) and read again at every request without it.
+#[test]
+fn a_resident_clip_encoder_is_read_once() {
+    let demo_clip = || {
+        let attention = AttentionConfig::new(AttentionKind::Original);
+        Pipeline::demo_of(ModelKind::Wan21I2V14B480P, 3, attention, Device::Cpu).unwrap()
+    };
+    let mut request = I2vRequest::new(gradient_image(96, 64), "a moving gradient");
+    request.video.size = Some((128, 96));
+    request.video.frames = 9;
+    let image_reads = |pipeline: &Pipeline| {
+        let mut reads = Reads::default();
+        let video = pipeline
+            .image_to_video_with_progress(&request, &mut reads)
+            .unwrap();
+        let frames: Vec<Vec<u8>> = video.frames().iter().map(|f| f.to_vec()).collect();
+        (frames, reads.of(Stage::EncodingImage))
+    };
+    let reference = image_reads(&demo_clip()).0;
+    let kept = demo_clip().with_residency(Residency::ALL_BUT_TEXT_ENCODER);
+    assert!(image_reads(&kept).1 > 0, "the first request loads");
+    assert_eq!(image_reads(&kept), (reference.clone(), 0));
+    let without_clip = demo_clip().with_residency(Residency {
+        clip: false,
+        ..Residency::ALL_BUT_TEXT_ENCODER
+    });
+    image_reads(&without_clip);
+    let (video, read) = image_reads(&without_clip);
+    assert_eq!(video, reference);
+    assert!(read > 0, "CLIP is read again when it is not kept");
 }
 
 /// Every stage's estimate grows by the weights of the resident models other than its own,

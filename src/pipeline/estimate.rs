@@ -215,6 +215,7 @@ impl Pipeline {
             text_encoder,
             dit,
             vae,
+            clip,
         } = self.residency;
         let on_device = |resident: bool, bytes: u64| if resident { bytes } else { 0 };
         let text_on_device =
@@ -228,6 +229,17 @@ impl Pipeline {
             dit: on_device(dit, dit_weights(run).0),
             experts,
             vae: on_device(vae, key_bytes(&self.models.vae.expected_keys(), self.dtype)),
+            clip: on_device(clip, self.clip_weights()),
+        }
+    }
+
+    /// The bytes of the CLIP encoder's weights, for a model that runs one (else 0).
+    fn clip_weights(&self) -> u64 {
+        match &self.models.clip {
+            Some(clip) if self.models.dit.model_type.uses_clip() => {
+                key_bytes(&ClipVisionEncoder::expected_keys(&clip.config), self.dtype)
+            }
+            _ => 0,
         }
     }
 
@@ -311,12 +323,12 @@ impl Pipeline {
         {
             Some(clip) => {
                 let clip = clip_estimate(&clip.config, self.dtype, images);
-                // A resident VAE stays beside CLIP while it runs.
-                let vae_beside = match self.residency.vae {
-                    true => vae.weights,
-                    false => 0,
-                };
-                if clip.peak() + vae_beside > vae.peak() {
+                // A resident VAE stays beside CLIP while it runs, and a resident CLIP beside
+                // the VAE.
+                let beside = |resident: bool, weights: u64| if resident { weights } else { 0 };
+                let vae_beside = beside(self.residency.vae, vae.weights);
+                let clip_beside = beside(self.residency.clip, clip.weights);
+                if clip.peak() + vae_beside > vae.peak() + clip_beside {
                     (StageModel::Clip, clip)
                 } else {
                     (StageModel::Vae, vae)
@@ -437,6 +449,7 @@ struct ResidentWeights {
     /// DiTs kept: 2 for the experts of A14B.
     experts: u64,
     vae: u64,
+    clip: u64,
 }
 
 impl ResidentWeights {
@@ -447,7 +460,8 @@ impl ResidentWeights {
         let dits = self.dit * (self.experts - u64::from(model == StageModel::Dit));
         let besides = unless(StageModel::TextEncoder, self.text_encoder)
             .saturating_add(dits)
-            .saturating_add(unless(StageModel::Vae, self.vae));
+            .saturating_add(unless(StageModel::Vae, self.vae))
+            .saturating_add(unless(StageModel::Clip, self.clip));
         stage.weights = stage.weights.saturating_add(besides);
         stage.resident_weights = besides;
         stage

@@ -3,6 +3,7 @@
 //! frame held at t = 0).
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use turbo_attention::AttentionConfig;
@@ -15,6 +16,7 @@ use turbo_video::{ImageFit, InputImage, Mp4Options, OutputFile, Video};
 use super::denoise::DitPlan;
 use super::frames::FrameSink;
 use super::memory::{StageMeter, WeightBytes};
+use super::resident::resident_or_load;
 use super::{ClipModel, MemoryEstimate, ModelKind, Pipeline, Plan, T2vRequest};
 
 /// An image-to-video request: the text-to-video settings (whose defaults differ: 720p,
@@ -296,14 +298,21 @@ impl Pipeline {
     /// The CLIP tokens of `images` as given (upstream encodes the image it was handed, not the
     /// frame-sized one), `[images, N, 1280]` in f32, and the bytes of the encoder's weights.
     fn clip_tokens(&self, clip: &ClipModel, images: &[&InputImage]) -> Result<(Tensor, u64)> {
-        let bytes = WeightBytes::default();
-        let vb = self.var_builder(&clip.weights, self.dtype)?;
-        let encoder = ClipVisionEncoder::load(bytes.counting(vb), &clip.config)?;
+        let load = || {
+            let bytes = WeightBytes::default();
+            let vb = self.var_builder(&clip.weights, self.dtype)?;
+            let encoder = ClipVisionEncoder::load(bytes.counting(vb), &clip.config)?;
+            Ok((encoder, bytes.get()))
+        };
+        let (encoder, bytes) = match self.residency.clip {
+            true => resident_or_load(&self.residents.clip, load)?,
+            false => load().map(|(encoder, bytes)| (Arc::new(encoder), bytes))?,
+        };
         let tokens = images
             .iter()
             .map(|image| encoder.encode_image(&image.to_tensor(&self.device)?))
             .collect::<Result<Vec<_>>>()?;
-        Ok((Tensor::cat(&tokens, 0)?.to_dtype(DType::F32)?, bytes.get()))
+        Ok((Tensor::cat(&tokens, 0)?.to_dtype(DType::F32)?, bytes))
     }
 }
 

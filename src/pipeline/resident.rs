@@ -16,7 +16,7 @@ use turbo_attention::AttentionConfig;
 use turbo_core::Result;
 use turbo_models::lora::{LoraMode, ScaledLora};
 use turbo_models::wan::QuantPolicy;
-use turbo_models::Umt5Encoder;
+use turbo_models::{ClipVisionEncoder, Umt5Encoder};
 use turbo_sampler::Expert;
 
 use super::denoise::Dit;
@@ -37,6 +37,8 @@ pub struct Residency {
     pub dit: bool,
     /// The VAE, for the image encode and the decode.
     pub vae: bool,
+    /// The CLIP image encoder of Wan2.1 I2V / FLF2V (1.3 GB in bf16); other models have none.
+    pub clip: bool,
 }
 
 impl Residency {
@@ -45,24 +47,25 @@ impl Residency {
         text_encoder: false,
         dit: false,
         vae: false,
+        clip: false,
     };
-    /// Every model kept: the text encoder, the DiT (both experts) and the VAE.
+    /// Every model kept: the text encoder, the DiT (both experts), the VAE and CLIP.
     pub const ALL: Self = Self {
         text_encoder: true,
         dit: true,
         vae: true,
+        clip: true,
     };
-    /// The DiT and the VAE, the text encoder streamed: what a card that cannot also hold the
-    /// 11 GB text encoder keeps.
-    pub const DIT_AND_VAE: Self = Self {
+    /// Every model but the text encoder, which is streamed: what a card that cannot also hold
+    /// the 11 GB text encoder keeps.
+    pub const ALL_BUT_TEXT_ENCODER: Self = Self {
         text_encoder: false,
-        dit: true,
-        vae: true,
+        ..Self::ALL
     };
 
     /// Whether any model is kept.
     pub fn any(self) -> bool {
-        self.text_encoder || self.dit || self.vae
+        self.text_encoder || self.dit || self.vae || self.clip
     }
 }
 
@@ -168,6 +171,7 @@ pub(super) struct Residents {
     /// The bytes the DiT slots hold, readable while a run holds `dits` for its whole stage.
     dit_bytes: AtomicU64,
     pub(super) vae: Mutex<Option<Loaded<LoadedVae>>>,
+    pub(super) clip: Mutex<Option<Loaded<ClipVisionEncoder>>>,
 }
 
 impl std::fmt::Debug for Residents {
@@ -176,6 +180,7 @@ impl std::fmt::Debug for Residents {
             .field("text_encoder_bytes", &loaded_bytes(&self.text_encoder))
             .field("dit_bytes", &self.dit_bytes.load(Ordering::Relaxed))
             .field("vae_bytes", &loaded_bytes(&self.vae))
+            .field("clip_bytes", &loaded_bytes(&self.clip))
             .finish()
     }
 }
@@ -214,13 +219,15 @@ impl Residents {
     }
 
     /// Bytes of the weights held now: the text encoder (when `text_encoder_on_device`), the
-    /// DiTs and the VAE.
+    /// DiTs, the VAE and CLIP.
     pub(super) fn bytes_on_device(&self, text_encoder_on_device: bool) -> u64 {
         let text = match text_encoder_on_device {
             true => loaded_bytes(&self.text_encoder),
             false => 0,
         };
-        text + self.dit_bytes.load(Ordering::Relaxed) + loaded_bytes(&self.vae)
+        text + self.dit_bytes.load(Ordering::Relaxed)
+            + loaded_bytes(&self.vae)
+            + loaded_bytes(&self.clip)
     }
 }
 

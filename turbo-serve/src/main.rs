@@ -69,7 +69,7 @@ struct Args {
     /// otherwise takes most of a short job's time.
     #[arg(long)]
     resident_text_encoder: bool,
-    /// Load each model's DiT and VAE per job and drop them after, as the library does by
+    /// Load each model's DiT, VAE and CLIP encoder per job and drop them after, as the library does by
     /// default, instead of keeping them on the device between jobs (the default here: a job
     /// of a kept model then reads none of their weights; the eviction counts them).
     #[arg(long)]
@@ -115,6 +115,7 @@ fn catalog(args: &Args) -> Result<ModelCatalog> {
         text_encoder: args.resident_text_encoder,
         dit: !args.stream_models,
         vae: !args.stream_models,
+        clip: !args.stream_models,
     });
     Ok(match &args.lora_dir {
         Some(dir) => catalog.with_lora_dir(dir)?,

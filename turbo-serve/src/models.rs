@@ -1,8 +1,8 @@
 //! The models the server offers and the pipelines built for them.
 //!
 //! A built [`Pipeline`] holds the checked file set and the tokenizer, and by default keeps its
-//! DiT (both experts of A14B) and VAE on the device from its first job on
-//! ([`Residency::DIT_AND_VAE`]; the text encoder too with `--resident-text-encoder`), so a job
+//! DiT (both experts of A14B), VAE and CLIP image encoder on the device from its first job on
+//! ([`Residency::ALL_BUT_TEXT_ENCODER`]; the text encoder too with `--resident-text-encoder`), so a job
 //! of a kept pipeline reads none of those weights. The [`ModelCache`] keeps the pipelines of
 //! recent settings (model, attention backend, W8A8; LoRAs are switched in a kept pipeline's
 //! resident DiT, not built apart) and evicts the least recently used one when the memory
@@ -285,7 +285,7 @@ impl ModelCatalog {
             checkpoint_dir: None,
             loras: BTreeMap::new(),
             opened_loras: Mutex::default(),
-            residency: Residency::DIT_AND_VAE,
+            residency: Residency::ALL_BUT_TEXT_ENCODER,
             device,
         }
     }
@@ -319,7 +319,7 @@ impl ModelCatalog {
             checkpoint_dir: Some(dir.to_owned()),
             loras: BTreeMap::new(),
             opened_loras: Mutex::default(),
-            residency: Residency::DIT_AND_VAE,
+            residency: Residency::ALL_BUT_TEXT_ENCODER,
             device,
         })
     }
@@ -355,7 +355,7 @@ impl ModelCatalog {
     }
 
     /// The models pipelines built from now on keep on the device from their first job on
-    /// (`Pipeline::with_residency`; default [`Residency::DIT_AND_VAE`]): a job then reads none
+    /// (`Pipeline::with_residency`; default [`Residency::ALL_BUT_TEXT_ENCODER`]): a job then reads none
     /// of their weights, and the pipeline's memory estimate, which the cache's eviction reads,
     /// counts them. [`Residency::NONE`] loads every model per job and drops it after.
     pub fn with_residency(mut self, residency: Residency) -> Self {
@@ -658,7 +658,7 @@ mod tests {
             estimate.stage(&denoise).unwrap().weights
         };
         let default = ModelCatalog::demo(Device::Cpu).residency();
-        assert_eq!(default, Residency::DIT_AND_VAE);
+        assert_eq!(default, Residency::ALL_BUT_TEXT_ENCODER);
         let with_text_encoder = Residency {
             text_encoder: true,
             ..default
