@@ -56,7 +56,10 @@ fn assert_same_video(parallel: &Video, one_device: &Video, what: &str) {
     }
     println!("{what}: {differing} of {total} bytes differ, by at most {largest}");
     assert!(largest <= 1, "{what}: a byte differs by {largest}");
-    assert!(differing * 1000 <= total, "{what}: {differing} bytes differ");
+    assert!(
+        differing * 1000 <= total,
+        "{what}: {differing} bytes differ"
+    );
 }
 
 /// 64×64, 5 frames: 32 DiT tokens and 8 latent rows, enough for three ranks.
@@ -215,7 +218,10 @@ fn each_rank_estimates_its_share_of_the_dit_activations() {
         one_device.stage(&denoising).unwrap(),
         per_rank.stage(&denoising).unwrap(),
     );
-    assert_eq!(shared.weights, one.weights, "every rank holds the whole DiT");
+    assert_eq!(
+        shared.weights, one.weights,
+        "every rank holds the whole DiT"
+    );
     assert!(
         shared.activations < one.activations,
         "{} !< {}",

@@ -48,7 +48,7 @@ pub use files::{
 };
 pub use i2v::I2vRequest;
 pub use lora::{open_lora, parse_lora_arg, DitLoras};
-pub use parallel::{DitSplit, SharedCommunicator};
+pub use parallel::{DitSplit, Launched, SharedCommunicator};
 pub use random::RandomCheckpoint;
 pub use request::{SamplerChoice, T2vRequest, SAMPLER_PRESETS};
 pub use resident::Residency;

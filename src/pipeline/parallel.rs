@@ -11,7 +11,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use turbo_core::parallel::{Communicator, Partition};
+use turbo_core::parallel::{Communicator, LaunchEnv, Partition};
 use turbo_core::{Error, Result, VideoGeometry};
 use turbo_models::wan::QuantPolicy;
 
@@ -21,6 +21,69 @@ use super::{Pipeline, VaeSpec, WeightSource};
 /// `turbo_core::parallel::NcclCommunicator` (one process per GPU) or one rank of a
 /// `turbo_core::parallel::simulated_group` (ranks as threads, for tests).
 pub type SharedCommunicator = Arc<dyn Communicator + Send + Sync>;
+
+/// This process's place in a multi-GPU launch, joined: the communicator of all ranks and this
+/// rank's GPU, `cuda:LOCAL_RANK`.
+#[derive(Clone)]
+pub struct Launched {
+    pub comm: SharedCommunicator,
+    pub device: Device,
+}
+
+impl fmt::Debug for Launched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Launched")
+            .field("rank", &self.comm.rank())
+            .field("world_size", &self.comm.world_size())
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+impl Launched {
+    /// Joins the multi-GPU launch the environment describes (`RANK`, `WORLD_SIZE`,
+    /// `LOCAL_RANK`, `MASTER_ADDR` / `MASTER_PORT` or `TURBO_NCCL_ID_FILE`, as
+    /// `scripts/multi-gpu.sh` sets them; see [`LaunchEnv`]), blocking until every rank has
+    /// joined; `None` for one process (`WORLD_SIZE` unset or 1). Several processes need the
+    /// `nccl` feature: without it this is an [`Error::Launch`] that says so.
+    pub fn from_env() -> Result<Option<Self>> {
+        let env = LaunchEnv::from_env()?;
+        if env.world_size == 1 {
+            return Ok(None);
+        }
+        join_nccl(&env).map(Some)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+}
+
+#[cfg(feature = "nccl")]
+fn join_nccl(env: &LaunchEnv) -> Result<Launched> {
+    let comm = turbo_core::parallel::NcclCommunicator::from_launch(env)?;
+    let device = comm.device().clone();
+    Ok(Launched {
+        comm: Arc::new(comm),
+        device,
+    })
+}
+
+#[cfg(not(feature = "nccl"))]
+fn join_nccl(env: &LaunchEnv) -> Result<Launched> {
+    Err(Error::Launch {
+        var: "WORLD_SIZE",
+        value: env.world_size.to_string(),
+        reason: "several processes need NCCL, and this program was built without it: build \
+                 it with `--features nccl` (libnccl.so on LIBRARY_PATH; docs/usage.md, Several \
+                 GPUs), or unset WORLD_SIZE"
+            .into(),
+    })
+}
 
 /// The ranks a pipeline runs on: one device, or those of a communicator.
 #[derive(Clone, Default)]
