@@ -23,7 +23,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use turbodiffusion::core::parallel::Communicator;
 use turbodiffusion::core::{Progress, Stage, StageReport, StepReport};
 use turbodiffusion::pipeline::{I2vRequest, Launched, ModelKind};
 use turbodiffusion::video::Video;

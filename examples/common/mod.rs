@@ -9,15 +9,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
-use turbodiffusion::core::parallel::{Communicator, LaunchEnv};
 use turbodiffusion::core::{Progress, Stage, StageReport, StepReport, VideoGeometry};
 use turbodiffusion::models::lora::LoraAdapter;
-use turbodiffusion::pipeline::SharedCommunicator;
-use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
+use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, Launched, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::video::{Existing, Fps, OutputFile};
-use turbodiffusion::{AttentionKind, Error};
-use turbodiffusion::{Pipeline, T2vRequest};
+use turbodiffusion::{AttentionKind, Error, Pipeline, T2vRequest};
 
 /// Shows the library's warnings (a prompt cut to the text encoder's limit, a failed prefetch)
 /// on stderr; `RUST_LOG`-style detail is not needed by these examples, warnings are.
