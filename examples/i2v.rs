@@ -25,11 +25,11 @@ use std::path::PathBuf;
 
 mod common;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{AspectRatio, Resolution};
-use turbodiffusion::pipeline::{I2vRequest, ModelKind, DEMO_NOTICE};
+use turbodiffusion::pipeline::{I2vRequest, Launched, ModelKind, DEMO_NOTICE};
 use turbodiffusion::sampler::I2V_A14B_BOUNDARY;
 use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
 use turbodiffusion::Pipeline;
@@ -126,11 +126,10 @@ fn main() -> Result<()> {
         ])?;
     }
     let kind = args.attention_type.kind(args.sla_topk)?;
-    let device = args
-        .run
-        .device
-        .open()
-        .with_context(|| format!("opening {}", args.run.device))?;
+    // Under scripts/multi-gpu.sh (WORLD_SIZE > 1): join the other ranks, on cuda:LOCAL_RANK.
+    let launch = Launched::from_env()?;
+    let rank = launch.as_ref().map_or(0, Launched::rank);
+    let device = common::run_device(&args.run, launch.as_ref())?;
     let demo = args.checkpoint_dir.is_none();
     let model = args.model.kind();
     let pipeline = match &args.checkpoint_dir {
@@ -146,7 +145,7 @@ fn main() -> Result<()> {
             .dtype(args.run.dtype())
             .build()?,
     };
-    let pipeline = pipeline.with_loras(args.lora.loras()?)?;
+    let pipeline = common::on_ranks(pipeline.with_loras(args.lora.loras()?)?, launch.as_ref());
     let image = match &args.image {
         Some(path) => InputImage::open(path)?,
         None => generated_image(96)?,
@@ -183,7 +182,7 @@ fn main() -> Result<()> {
     }
     let model = if demo { "demo" } else { model.short_name() };
     let output = args.run.output("i2v", model, request.video.fps)?;
-    let mut progress = common::Console::new(interrupt.clone());
+    let mut progress = common::Console::for_rank(interrupt.clone(), rank);
     let written = common::exit_if_cancelled(pipeline.image_to_video_file(
         &request,
         &output,
@@ -191,7 +190,9 @@ fn main() -> Result<()> {
         &mut progress,
     ))?;
     let fps = request.video.fps;
-    common::report_written(&written, request.geometry()?, fps, progress.elapsed());
+    if rank == 0 {
+        common::report_written(&written, request.geometry()?, fps, progress.elapsed());
+    }
     Ok(())
 }
 

@@ -22,11 +22,11 @@ use std::path::PathBuf;
 
 mod common;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::{Parser, ValueEnum};
 use turbodiffusion::attention::{AttentionConfig, BlockSizes};
 use turbodiffusion::core::{AspectRatio, Resolution};
-use turbodiffusion::pipeline::{ModelKind, DEMO_NOTICE};
+use turbodiffusion::pipeline::{Launched, ModelKind, DEMO_NOTICE};
 use turbodiffusion::video::Mp4Options;
 use turbodiffusion::{Pipeline, T2vRequest};
 
@@ -106,11 +106,10 @@ fn main() -> Result<()> {
         kind: args.attention_type.kind(args.sla_topk)?,
         blocks: BlockSizes::default(),
     };
-    let device = args
-        .run
-        .device
-        .open()
-        .with_context(|| format!("opening {}", args.run.device))?;
+    // Under scripts/multi-gpu.sh (WORLD_SIZE > 1): join the other ranks, on cuda:LOCAL_RANK.
+    let launch = Launched::from_env()?;
+    let rank = launch.as_ref().map_or(0, Launched::rank);
+    let device = common::run_device(&args.run, launch.as_ref())?;
     let kind = args.model.unwrap_or(Model::Wan1_3B).kind();
     let (pipeline, mut request, model_name) = match &args.checkpoint_dir {
         None => {
@@ -140,7 +139,7 @@ fn main() -> Result<()> {
             (pipeline, request, kind.short_name())
         }
     };
-    let pipeline = pipeline.with_loras(args.lora.loras()?)?;
+    let pipeline = common::on_ranks(pipeline.with_loras(args.lora.loras()?)?, launch.as_ref());
     args.sampler.apply(&mut request)?;
     request.seed = args.run.seed;
     request.fps = args.run.fps.unwrap_or(request.fps);
@@ -148,18 +147,20 @@ fn main() -> Result<()> {
         request.frames = frames;
     }
     let output = args.run.output("t2v", model_name, request.fps)?;
-    let mut progress = common::Console::new(interrupt.clone());
+    let mut progress = common::Console::for_rank(interrupt.clone(), rank);
     let written = common::exit_if_cancelled(pipeline.text_to_video_file(
         &request,
         &output,
         Mp4Options::default(),
         &mut progress,
     ))?;
-    common::report_written(
-        &written,
-        request.geometry()?,
-        request.fps,
-        progress.elapsed(),
-    );
+    if rank == 0 {
+        common::report_written(
+            &written,
+            request.geometry()?,
+            request.fps,
+            progress.elapsed(),
+        );
+    }
     Ok(())
 }

@@ -17,10 +17,10 @@ use std::path::PathBuf;
 
 mod common;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Parser;
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::pipeline::{I2vRequest, ModelKind, DEMO_NOTICE};
+use turbodiffusion::pipeline::{I2vRequest, Launched, ModelKind, DEMO_NOTICE};
 use turbodiffusion::video::{ImageFit, InputImage, Mp4Options};
 use turbodiffusion::{Pipeline, T2vRequest};
 
@@ -81,11 +81,10 @@ fn main() -> Result<()> {
         ])?;
     }
     let attention = AttentionConfig::new(args.attention_type.kind(args.sla_topk)?);
-    let device = args
-        .run
-        .device
-        .open()
-        .with_context(|| format!("opening {}", args.run.device))?;
+    // Under scripts/multi-gpu.sh (WORLD_SIZE > 1): join the other ranks, on cuda:LOCAL_RANK.
+    let launch = Launched::from_env()?;
+    let rank = launch.as_ref().map_or(0, Launched::rank);
+    let device = common::run_device(&args.run, launch.as_ref())?;
     let pipeline = match &args.checkpoint_dir {
         None => {
             println!("{DEMO_NOTICE}");
@@ -99,7 +98,7 @@ fn main() -> Result<()> {
             .dtype(args.run.dtype())
             .build()?,
     };
-    let pipeline = pipeline.with_loras(args.lora.loras()?)?;
+    let pipeline = common::on_ranks(pipeline.with_loras(args.lora.loras()?)?, launch.as_ref());
     let mut video = T2vRequest::for_model(MODEL, &args.prompt);
     args.sampler.apply(&mut video)?;
     video.seed = args.run.seed;
@@ -114,7 +113,7 @@ fn main() -> Result<()> {
         .unwrap_or(if demo { 17 } else { video.frames });
     let model = if demo { "demo" } else { MODEL.short_name() };
     let output = args.run.output("ti2v", model, video.fps)?;
-    let mut progress = common::Console::new(interrupt.clone());
+    let mut progress = common::Console::for_rank(interrupt.clone(), rank);
     let geometry = video.geometry()?;
     let fps = video.fps;
     let written = match &args.image {
@@ -133,7 +132,9 @@ fn main() -> Result<()> {
         }
     };
     let written = common::exit_if_cancelled(written)?;
-    common::report_written(&written, geometry, fps, progress.elapsed());
+    if rank == 0 {
+        common::report_written(&written, geometry, fps, progress.elapsed());
+    }
     Ok(())
 }
 

@@ -12,7 +12,11 @@
 #   bench-lora (a rank-32 LoRA on the 14B: merge time, forward merged / as a run-time branch),
 #   bench-ti2v (TI2V-5B 1280x704, 121 frames, bf16 and W8A8),
 #   bench-e2e / bench-e2e-a14b (time to video from released-format files, cold and warm),
-#   anchors-vae and torch-probes (the upstream references, see below), t2v-demo
+#   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
+#   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
+#   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
+#   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
+#   these need the binaries built with --features nccl and libnccl.so, see docs/usage.md)
 # Results go to $OUT (default /tmp/gpu-out). Each step has a time limit; a failing step is
 # reported and the others still run.
 set -uo pipefail
@@ -58,6 +62,13 @@ for step in "$@"; do
     # VAE part of ../shared/bench/upstream_anchors.py (its README); torch_probes.py from there.
     anchors-vae) UPSTREAM="$PWD/.upstream" OUT="$OUT" timeout 300 python3 .upstream/vae_anchor.py 2>&1 | tee "$OUT/anchors_vae.txt" ;;
     torch-probes) OUT="$OUT" timeout 200 python3 .upstream/torch_probes.py 2>&1 | tee "$OUT/torch_probes.txt" ;;
+    bench-multi-gpu-1) bench multi-gpu 590 multi_gpu_1 --skip-cold-run ;;
+    bench-multi-gpu-[248])
+      n="${step##*-}"
+      baseline=()
+      [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
+      timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
+        "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac

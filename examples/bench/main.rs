@@ -9,7 +9,13 @@
 //! bench --sections i2v --i2v-size 1280x720
 //! bench --sections lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32
 //! bench --sections e2e --e2e-model 1.3b --e2e-dir /tmp/turbo-e2e
+//! bench --sections multi-gpu --json bench_1gpu.json     # then, built with --features nccl:
+//! scripts/multi-gpu.sh 4 bench --sections multi-gpu --multi-gpu-baseline bench_1gpu.json
 //! ```
+//!
+//! Under a multi-GPU launch (`WORLD_SIZE` > 1) every rank runs the sections on its own GPU,
+//! `cuda:LOCAL_RANK`, and rank 0 alone prints the table and writes the files; the
+//! `multi-gpu` section runs its videos on all ranks together (`multi_gpu.rs`).
 //!
 //! The `t2v` and `i2v` rows give each stage's measured peak device memory beside the
 //! pipeline's estimate for it (`Pipeline::estimate_memory`).
@@ -20,6 +26,7 @@
 //! 2·M·N·K.
 
 mod e2e;
+mod multi_gpu;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -41,7 +48,7 @@ use turbodiffusion::models::wan::{
 };
 use turbodiffusion::models::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
 use turbodiffusion::pipeline::{
-    I2vRequest, MemoryEstimate, ModelKind, RandomCheckpoint, SamplerChoice,
+    I2vRequest, Launched, MemoryEstimate, ModelKind, RandomCheckpoint, SamplerChoice,
 };
 use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight, Linear, Module};
 use turbodiffusion::video::{InputImage, Video};
@@ -132,6 +139,14 @@ struct Args {
     /// with the first of `--dit-attention`).
     #[arg(long, default_value_t = 32)]
     lora_rank: usize,
+    /// Frame size of the `multi-gpu` section's videos (Wan2.1 14B T2V, Wan2.2 A14B I2V),
+    /// WIDTHxHEIGHT.
+    #[arg(long, default_value = "1280x720", value_parser = parse_size)]
+    multi_gpu_size: (usize, usize),
+    /// The `--json` of a 1-GPU `multi-gpu` run: the rows then give the speedup over it and
+    /// the scaling efficiency.
+    #[arg(long)]
+    multi_gpu_baseline: Option<PathBuf>,
     #[arg(long)]
     json: Option<PathBuf>,
     #[arg(long)]
@@ -149,6 +164,7 @@ enum Section {
     Ti2v,
     Lora,
     E2e,
+    MultiGpu,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -225,7 +241,13 @@ struct Row {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let device = args.device.open()?;
+    let launch = Launched::from_env()?;
+    // Only rank 0 of a multi-GPU launch prints and writes files.
+    let reporting = launch.as_ref().is_none_or(|launch| launch.rank() == 0);
+    let device = match &launch {
+        Some(launch) => launch.device.clone(),
+        None => args.device.open()?,
+    };
     if args.e2e_child {
         return e2e::e2e_child(&device, &args);
     }
@@ -235,11 +257,13 @@ fn main() -> Result<()> {
         iters: args.iters,
     };
     let header = device_header(&device)?;
-    println!("{header}");
-    println!(
-        "timing: CUDA events, {} warm-up + median of {} runs ({} for DiT/VAE); bf16; seed {}",
-        args.warmup, args.iters, args.slow_iters, args.seed
-    );
+    if reporting {
+        println!("{header}");
+        println!(
+            "timing: CUDA events, {} warm-up + median of {} runs ({} for DiT/VAE); bf16; seed {}",
+            args.warmup, args.iters, args.slow_iters, args.seed
+        );
+    }
     let mut rows = Vec::new();
     for section in &args.sections {
         let start = rows.len();
@@ -261,10 +285,16 @@ fn main() -> Result<()> {
             Section::Ti2v => ti2v_rows(&device, &args, &mut rows)?,
             Section::Lora => lora_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
             Section::E2e => e2e::e2e_rows(&device, &args, &mut rows)?,
+            Section::MultiGpu => {
+                multi_gpu::multi_gpu_rows(&device, launch.as_ref(), &args, &mut rows)?
+            }
         }
-        for row in &rows[start..] {
+        for row in rows[start..].iter().filter(|_| reporting) {
             println!("{}", markdown_row(row));
         }
+    }
+    if !reporting {
+        return Ok(());
     }
     let table = markdown_table(&header, &rows);
     println!("\n{table}");

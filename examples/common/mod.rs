@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use anyhow::Context;
 use indicatif::{HumanBytes, ProgressBar, ProgressStyle};
 use turbodiffusion::core::{Progress, Stage, StageReport, StepReport, VideoGeometry};
 use turbodiffusion::models::lora::LoraAdapter;
-use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, SamplerChoice};
+use turbodiffusion::pipeline::{open_lora, parse_lora_arg, DitLoras, Launched, SamplerChoice};
 use turbodiffusion::sampler::{FlowSolver, RcmMode, WAN_NEGATIVE_PROMPT};
 use turbodiffusion::video::{Existing, Fps, OutputFile};
-use turbodiffusion::T2vRequest;
-use turbodiffusion::{AttentionKind, Error};
+use turbodiffusion::{AttentionKind, Error, Pipeline, T2vRequest};
 
 /// Shows the library's warnings (a prompt cut to the text encoder's limit, a failed prefetch)
 /// on stderr; `RUST_LOG`-style detail is not needed by these examples, warnings are.
@@ -79,6 +79,8 @@ pub fn exit_if_cancelled<T>(result: turbodiffusion::Result<T>) -> anyhow::Result
 /// each stage held in memory when it ends.
 pub struct Console {
     started: Instant,
+    /// A rank other than 0 of a multi-GPU run: draws nothing (rank 0 does), only cancels.
+    quiet: bool,
     /// The bar or spinner of the stage in progress.
     bar: Option<ProgressBar>,
     /// Ctrl-C: cancels the run at the next step.
@@ -89,8 +91,18 @@ impl Console {
     pub fn new(interrupt: Interrupt) -> Self {
         Self {
             started: Instant::now(),
+            quiet: false,
             bar: None,
             interrupt,
+        }
+    }
+
+    /// The console of `rank`: rank 0 draws, the others only cancel on Ctrl-C (the pipeline
+    /// cancels every rank when one does).
+    pub fn for_rank(interrupt: Interrupt, rank: usize) -> Self {
+        Self {
+            quiet: rank != 0,
+            ..Self::new(interrupt)
         }
     }
 
@@ -153,6 +165,9 @@ impl Progress for Console {
     }
 
     fn stage(&mut self, stage: &Stage) {
+        if self.quiet {
+            return;
+        }
         match *stage {
             Stage::EncodingText => self.spinner("encoding the prompt".into()),
             Stage::EncodingImage => self.spinner("encoding the image".into()),
@@ -188,6 +203,9 @@ impl Progress for Console {
     }
 
     fn stage_done(&mut self, report: &StageReport) {
+        if self.quiet {
+            return;
+        }
         self.finish_bar();
         let what = match report.stage {
             Stage::EncodingText => "text encoder",
@@ -276,6 +294,26 @@ impl RunArgs {
     /// `--dtype`, bf16 when not given.
     pub fn dtype(&self) -> candle_core::DType {
         self.dtype.unwrap_or(candle_core::DType::BF16)
+    }
+}
+
+/// The device of the run: this rank's GPU under a multi-GPU launch (`--device` is then not
+/// used), else `--device`.
+pub fn run_device(run: &RunArgs, launch: Option<&Launched>) -> anyhow::Result<candle_core::Device> {
+    match launch {
+        Some(launch) => Ok(launch.device.clone()),
+        None => run
+            .device
+            .open()
+            .with_context(|| format!("opening {}", run.device)),
+    }
+}
+
+/// `pipeline` on the ranks of `launch`, if there is one.
+pub fn on_ranks(pipeline: Pipeline, launch: Option<&Launched>) -> Pipeline {
+    match launch {
+        Some(launch) => pipeline.with_communicator(launch.comm.clone()),
+        None => pipeline,
     }
 }
 

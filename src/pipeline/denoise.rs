@@ -7,13 +7,18 @@ use std::thread::JoinHandle;
 
 use candle_core::{Device, Tensor};
 use turbo_attention::{Attention, AttentionConfig};
-use turbo_core::{Error, NoiseSource, Progress, Result, SeededNoise, Stage, StepReport, Timestep};
-use turbo_models::wan::{DitCondition, QuantPolicy, WanModel};
+use turbo_core::parallel::Communicator;
+use turbo_core::{
+    Denoiser, Error, NoiseSource, Progress, Result, SeededNoise, Stage, StepReport, Timestep,
+};
+use turbo_models::wan::{DitCondition, QuantPolicy, SequenceParallelDit, WanModel};
 use turbo_sampler::{
-    Expert, ExpertBoundary, FlowRun, FlowSampler, GuidanceScale, Guided, RcmRun, RcmSampler,
+    CfgParallel, Expert, ExpertBoundary, FlowRun, FlowSampler, GuidanceScale, Guided, RcmRun,
+    RcmSampler,
 };
 
 use super::memory::{StageMeter, WeightBytes};
+use super::parallel::DitSplit;
 use super::resident::{DitLoadSettings, ResidentDit, ResidentDits};
 use super::{Pipeline, SamplerChoice, WeightSource};
 
@@ -141,10 +146,50 @@ impl Run<'_> {
         }
     }
 
-    /// Runs the next step with `model`; `negative` is the guidance condition of the teachers.
+    /// Runs the next step with `model` on `ranks`; `negative` is the guidance condition of the
+    /// teachers.
     fn step(
         &mut self,
         model: &Dit,
+        ranks: StepRanks,
+        condition: &DitCondition,
+        negative: Option<&DitCondition>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Option<StepReport>> {
+        match ranks {
+            StepRanks::One => self.step_with(model, condition, negative, noise),
+            StepRanks::Sequence(comm) => {
+                let model = SequenceParallelDit { model, comm };
+                self.step_with(&model, condition, negative, noise)
+            }
+            StepRanks::CfgPair(comm) => self.cfg_pair_step(model, comm, condition, negative, noise),
+        }
+    }
+
+    /// A guided teacher's step with its conditional and unconditional passes on the two ranks
+    /// of `comm`. Runs without a second pass are never planned so; one would run whole on
+    /// each rank (the same result, nothing shared).
+    fn cfg_pair_step(
+        &mut self,
+        model: &Dit,
+        comm: &dyn Communicator,
+        condition: &DitCondition,
+        negative: Option<&DitCondition>,
+        noise: &mut dyn NoiseSource,
+    ) -> Result<Option<StepReport>> {
+        match (self, negative) {
+            (Self::Teacher(run, guidance), Some(negative)) if !is_unguided(guidance) => run.step(
+                &CfgParallel::new(model, negative, *guidance, comm)?,
+                condition,
+            ),
+            (run, negative) => run.step_with(model, condition, negative, noise),
+        }
+    }
+
+    /// Runs the next step with the velocities of `model`.
+    fn step_with<D: Denoiser<Condition = DitCondition>>(
+        &mut self,
+        model: &D,
         condition: &DitCondition,
         negative: Option<&DitCondition>,
         noise: &mut dyn NoiseSource,
@@ -186,6 +231,26 @@ impl Run<'_> {
     }
 }
 
+/// Where a step's velocities are computed (see [`DitSplit`]).
+#[derive(Clone, Copy)]
+enum StepRanks<'c> {
+    One,
+    /// Every rank, each over its shard of the tokens.
+    Sequence(&'c dyn Communicator),
+    /// The conditional pass on rank 0, the unconditional one on rank 1.
+    CfgPair(&'c dyn Communicator),
+}
+
+impl<'c> StepRanks<'c> {
+    fn new(split: DitSplit, comm: Option<&'c dyn Communicator>) -> Self {
+        match (split, comm) {
+            (DitSplit::Sequence, Some(comm)) => Self::Sequence(comm),
+            (DitSplit::CfgPair, Some(comm)) => Self::CfgPair(comm),
+            _ => Self::One,
+        }
+    }
+}
+
 /// Which DiT evaluates each step.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum DitPlan {
@@ -222,6 +287,8 @@ pub(super) struct DenoisePlan {
     /// The SLA top-k of each step, overriding the attention's.
     topk_schedule: Option<Vec<f64>>,
     latent_shape: Vec<usize>,
+    /// How the ranks of a multi-GPU run share the DiT.
+    pub(super) split: DitSplit,
 }
 
 impl DenoisePlan {
@@ -231,6 +298,7 @@ impl DenoisePlan {
         dits: DitPlan,
         schedule: Option<&[f64]>,
         latent_shape: Vec<usize>,
+        split: DitSplit,
     ) -> Result<Self> {
         if let Some(schedule) = schedule {
             check_topk_schedule(schedule, sampler.timesteps().len())?;
@@ -240,6 +308,7 @@ impl DenoisePlan {
             dits,
             topk_schedule: schedule.map(<[f64]>::to_vec),
             latent_shape,
+            split,
         })
     }
 }
@@ -309,6 +378,10 @@ impl Pipeline {
         let mut dits = self.run_dits(plan.dits);
         let mut current_expert = None;
         let mut largest_model = 0;
+        let ranks = StepRanks::new(plan.split, self.ranks.several());
+        if plan.split != DitSplit::OneDevice {
+            tracing::info!(split = ?plan.split, world_size = self.ranks.world_size(), "DiT split");
+        }
         // The second expert's file is read into the page cache while the first one samples,
         // so that loading it after the switch copies from memory instead of the disk.
         let prefetch = match plan.dits {
@@ -336,10 +409,10 @@ impl Pipeline {
                 model.set_attention_topk(schedule[step])?;
             }
             let report = run
-                .step(model, condition, negative, &mut noise)?
+                .step(model, ranks, condition, negative, &mut noise)?
                 .expect("a step was pending");
             hold(&mut run)?;
-            report_step(progress, &report)?;
+            self.report_step(progress, &report)?;
         }
         drop(dits);
         finish_prefetch(prefetch, "the second expert");
@@ -513,14 +586,18 @@ pub(super) fn finish_prefetch(read: Option<JoinHandle<std::io::Result<u64>>>, wh
     }
 }
 
-/// Hands a finished step to `progress`; a cancel there ends the run.
-fn report_step(progress: &mut dyn Progress, report: &StepReport) -> Result<()> {
-    match progress.step_done(report) {
-        std::ops::ControlFlow::Continue(()) => Ok(()),
-        std::ops::ControlFlow::Break(()) => Err(Error::Cancelled {
-            completed: report.index + 1,
-            total: report.total,
-        }),
+impl Pipeline {
+    /// Hands a finished step to `progress`; a cancel there ends the run, on every rank of a
+    /// multi-GPU run (a rank that went on alone would wait for the others forever).
+    fn report_step(&self, progress: &mut dyn Progress, report: &StepReport) -> Result<()> {
+        let cancel = progress.step_done(report).is_break();
+        match self.ranks.any(&self.device, cancel)? {
+            false => Ok(()),
+            true => Err(Error::Cancelled {
+                completed: report.index + 1,
+                total: report.total,
+            }),
+        }
     }
 }
 

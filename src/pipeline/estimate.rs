@@ -43,6 +43,7 @@ use turbo_models::{
     Wan22Vae, WanVae,
 };
 
+use super::parallel::DitSplit;
 use super::{Pipeline, Plan, Residency, TextEncoderDevice, VaeSpec};
 
 /// The estimated peak device memory of one stage.
@@ -104,6 +105,8 @@ struct EstimateInput {
     /// Image to video: the VAE encodes the image first.
     image: bool,
     steps: usize,
+    /// How the ranks of a multi-GPU run share the DiT.
+    split: DitSplit,
 }
 
 impl Pipeline {
@@ -127,6 +130,7 @@ impl Pipeline {
             guided: negative.is_some(),
             image,
             steps: plan.denoise.sampler.timesteps().len(),
+            split: plan.denoise.split,
         };
         let budget = self.memory_budget()?;
         Ok((self.estimate(&input, budget)?, budget))
@@ -175,12 +179,18 @@ impl Pipeline {
             let (model, image) = self.image_estimate(input.geometry);
             stages.push((model, image.of(Stage::EncodingImage)));
         }
+        let latent = models.vae.latent_shape(input.geometry);
         let run = DitRun {
             cfg: &models.dit,
             attention: &input.attention,
             quant: self.quant_linear,
             dtype,
-            latent: models.vae.latent_shape(input.geometry),
+            latent,
+            tokens: input.split.tokens_per_rank(
+                latent.token_count(),
+                self.ranks.world_size(),
+                self.token_alignment(),
+            ),
             guided: input.guided,
         };
         let dit = dit_estimate(&run).of(Stage::Denoising { steps: input.steps });
@@ -257,6 +267,9 @@ impl Pipeline {
             VaeSpec::Wan21(cfg) => cfg,
             VaeSpec::Wan22(cfg) => return Ok((vae22_decode_estimate(cfg, dtype, geometry), None)),
         };
+        if self.ranks.several().is_some() {
+            return Ok((self.band_decode_estimate(cfg, geometry)?, None));
+        }
         if let Some(tiling) = self.vae_tiling {
             return Ok((
                 vae_decode_estimate(cfg, dtype, geometry, Some(tiling)),
@@ -285,6 +298,17 @@ impl Pipeline {
             }
         }
         Ok(planned)
+    }
+
+    /// One rank's parallel decode (`WanVae::decode_parallel`): a tile of the tallest band of
+    /// latent rows and the whole width, with its halo and every latent frame's middle-block
+    /// output, as the tiled decode holds them; plus the gathered video, whole on every rank.
+    fn band_decode_estimate(&self, cfg: &VaeConfig, geometry: VideoGeometry) -> Result<Footprint> {
+        let latent = geometry.latent_shape();
+        let bands =
+            turbo_core::parallel::Partition::balanced(latent.height, self.ranks.world_size())?;
+        let band = VaeTiling::new(bands.len(0).max(1), latent.width)?;
+        Ok(vae_decode_estimate(cfg, self.dtype, geometry, Some(band)))
     }
 
     /// Fails with [`Error::MemoryBudgetExceeded`] naming the first stage whose estimate
@@ -524,6 +548,10 @@ struct DitRun<'a> {
     dtype: DType,
     /// The sampled latent (its channels and the token grid depend on the VAE).
     latent: LatentShape,
+    /// The tokens this rank's blocks hold: all of the latent's, or under sequence parallelism
+    /// the largest shard (the activations shrink with it; the weights, the latents of the
+    /// sampler and the gathered velocity do not).
+    tokens: usize,
     guided: bool,
 }
 
@@ -572,7 +600,7 @@ fn dit_terms(run: &DitRun) -> ((u64, u64), u64) {
     let latent_elements = latent.channels * latent.frames * latent.height * latent.width;
     let contexts = (1 + usize::from(run.guided)) * cfg.text_len * cfg.dim;
     let fixed = bytes(6 * latent_elements + contexts, DType::F32);
-    let tokens = latent.token_count();
+    let tokens = run.tokens;
     let ffn_tokens = tokens.min(FFN_TOKENS_PER_PASS);
     let unit = tokens * 4 * cfg.dim + ffn_tokens * run.dtype.size_in_bytes() * cfg.ffn_dim;
     ((weights + in_flight, fixed), unit as u64)
@@ -598,6 +626,7 @@ fn dit_coefficient() -> f64 {
         quant: QuantPolicy::Quantize,
         dtype: DType::BF16,
         latent: geometry.latent_shape(),
+        tokens: geometry.latent_shape().token_count(),
         guided: false,
     });
     (MEASURED - (weights + fixed) as f64) / unit as f64

@@ -42,6 +42,16 @@ impl FrameSink for MemoryFrames {
     }
 }
 
+/// Frames dropped as they come: a rank other than 0 of a multi-GPU run, which takes part in
+/// the decode but leaves the file to rank 0.
+pub(super) struct DiscardedFrames;
+
+impl FrameSink for DiscardedFrames {
+    fn push(&mut self, _frames: Vec<Vec<u8>>) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// Frames written to a file as they come: an MP4 encodes them on other threads while the
 /// decoder makes the next ones (see [`VideoStream`]). The stream opens at the first frames, so
 /// a run that fails before its decode never has a temporary file beside the output.

@@ -120,6 +120,11 @@ impl Pipeline {
     ) -> Result<PathBuf> {
         let plan = self.plan_i2v(request)?;
         output.check_fps(plan.fps)?;
+        if !self.ranks.writes_output() {
+            let mut discarded = super::frames::DiscardedFrames;
+            self.generate_i2v(&plan, request, &mut discarded, progress)?;
+            return Ok(output.path().to_path_buf());
+        }
         let mut frames = plan.file_frames(output, options);
         self.generate_i2v(&plan, request, &mut frames, progress)?;
         frames.finish(progress)
@@ -133,8 +138,7 @@ impl Pipeline {
         frames: &mut dyn FrameSink,
         progress: &mut dyn Progress,
     ) -> Result<()> {
-        let memory = self.checked_memory(plan, &request.video.prompt, true)?;
-        self.check_weight_files(&plan.denoise.dits)?;
+        let memory = self.preflight(plan, &request.video.prompt, true)?;
         let (context, negative) = self.encode_prompts(
             &request.video.prompt,
             plan.denoise.sampler.negative_prompt(),

@@ -13,6 +13,7 @@ mod frames;
 mod i2v;
 mod lora;
 mod memory;
+mod parallel;
 mod random;
 mod request;
 mod resident;
@@ -34,8 +35,9 @@ use turbo_sampler::{ExpertBoundary, T2V_A14B_BOUNDARY, T2V_SIGMA_MAX};
 use turbo_video::{rgb_frames, Fps, Mp4Options, OutputFile, Video};
 
 use denoise::{DenoisePlan, DitPlan, PlannedSampler};
-use frames::{FileFrames, FrameSink, MemoryFrames};
+use frames::{DiscardedFrames, FileFrames, FrameSink, MemoryFrames};
 use memory::{StageMeter, WeightBytes};
+use parallel::Ranks;
 use resident::{resident_or_load, Residents};
 
 pub use demo::{demo_request, DEMO_NOTICE};
@@ -46,6 +48,7 @@ pub use files::{
 };
 pub use i2v::I2vRequest;
 pub use lora::{open_lora, parse_lora_arg, DitLoras};
+pub use parallel::{DitSplit, Launched, SharedCommunicator};
 pub use random::RandomCheckpoint;
 pub use request::{SamplerChoice, T2vRequest, SAMPLER_PRESETS};
 pub use resident::Residency;
@@ -108,6 +111,8 @@ pub struct Pipeline {
     /// The models kept loaded, shared by the pipeline's clones (a clone with other settings
     /// reloads a DiT that no longer fits them).
     residents: Arc<Residents>,
+    /// The ranks of a multi-GPU run (one device by default).
+    ranks: Ranks,
 }
 
 /// Where the umT5 text encoder runs.
@@ -138,6 +143,7 @@ pub struct PipelineBuilder {
     device: Device,
     dtype: DType,
     loras: DitLoras,
+    ranks: Ranks,
 }
 
 impl PipelineBuilder {
@@ -213,6 +219,14 @@ impl PipelineBuilder {
         self
     }
 
+    /// Runs on the ranks of `comm`, this process (or thread) being `comm.rank()`; see
+    /// [`Pipeline::with_communicator`]. The device should be this rank's own GPU (`cuda:LOCAL_RANK`,
+    /// `NcclCommunicator::device`).
+    pub fn communicator(mut self, comm: SharedCommunicator) -> Self {
+        self.ranks = Ranks::new(comm);
+        self
+    }
+
     /// Compute dtype of the DiT's linears and the text encoder (default bf16).
     pub fn dtype(mut self, dtype: DType) -> Self {
         self.dtype = dtype;
@@ -257,6 +271,7 @@ impl PipelineBuilder {
             dtype: self.dtype,
             loras: DitLoras::default(),
             residents: Arc::default(),
+            ranks: self.ranks,
         }
         .with_loras(self.loras)
     }
@@ -328,6 +343,7 @@ impl Pipeline {
             device: Device::Cpu,
             dtype: DType::BF16,
             loras: DitLoras::default(),
+            ranks: Ranks::default(),
         }
     }
 
@@ -353,6 +369,7 @@ impl Pipeline {
             dtype,
             loras: DitLoras::default(),
             residents: Arc::default(),
+            ranks: Ranks::default(),
         })
     }
 
@@ -391,6 +408,42 @@ impl Pipeline {
     pub fn with_residency(mut self, residency: Residency) -> Self {
         self.residency = residency;
         self
+    }
+
+    /// Runs every request on the ranks of `comm` together, this pipeline being rank
+    /// `comm.rank()` (every rank builds its pipeline on its own device and calls the same
+    /// methods with the same request, in the same order):
+    ///
+    /// - each rank encodes the prompts (and the image) itself: the text encoder streams its
+    ///   blocks, so this costs each GPU about 0.4 GB, and it needs no exchange;
+    /// - the DiT runs split as [`DitSplit`] says: a guided teacher on two ranks CFG-parallel
+    ///   (conditional pass on rank 0, unconditional on rank 1), everything else sequence
+    ///   parallel (each rank holds a shard of the tokens; its activation memory shrinks with the
+    ///   shard, its weights do not);
+    /// - the Wan2.1 VAE decodes one band of latent rows per rank and gathers the frames on every
+    ///   rank (the Wan2.2 VAE of TI2V-5B has no parallel decode and decodes whole on each);
+    /// - every rank returns the same [`Video`]; the `*_to_video_file` methods write the file on
+    ///   rank 0 only, and on the other ranks write nothing and return the path asked for.
+    ///
+    /// The result equals the one-device run up to float rounding. A world size that leaves a
+    /// rank without DiT tokens or latent rows fails with [`Error::TooManyRanks`] before any
+    /// stage, and a check that fails on one rank only (its device's free memory) fails every
+    /// rank before any work instead of leaving them waiting. [`Pipeline::estimate_memory`]
+    /// gives one rank's peaks. A cancel from any rank's `Progress` after a step cancels all
+    /// of them. A communicator of one rank is the one-device run.
+    pub fn with_communicator(mut self, comm: SharedCommunicator) -> Self {
+        self.ranks = Ranks::new(comm);
+        self
+    }
+
+    /// This pipeline's rank (0 on one device).
+    pub fn rank(&self) -> usize {
+        self.ranks.rank()
+    }
+
+    /// The number of ranks the pipeline runs on (1 on one device).
+    pub fn world_size(&self) -> usize {
+        self.ranks.world_size()
     }
 
     /// The models kept loaded between requests.
@@ -462,6 +515,10 @@ impl Pipeline {
     ) -> Result<PathBuf> {
         let plan = self.plan(request)?;
         output.check_fps(plan.fps)?;
+        if !self.ranks.writes_output() {
+            self.generate(&plan, request, &mut DiscardedFrames, progress)?;
+            return Ok(output.path().to_path_buf());
+        }
         let mut frames = plan.file_frames(output, options);
         self.generate(&plan, request, &mut frames, progress)?;
         frames.finish(progress)
@@ -475,8 +532,7 @@ impl Pipeline {
         frames: &mut dyn FrameSink,
         progress: &mut dyn Progress,
     ) -> Result<()> {
-        let memory = self.checked_memory(plan, &request.prompt, false)?;
-        self.check_weight_files(&plan.denoise.dits)?;
+        let memory = self.preflight(plan, &request.prompt, false)?;
         let (context, negative) = self.encode_prompts(
             &request.prompt,
             plan.denoise.sampler.negative_prompt(),
@@ -491,6 +547,16 @@ impl Pipeline {
             progress,
         )?;
         self.latent_to_frames(plan, &latent, memory.vae_tiling, frames, progress)
+    }
+
+    /// The checks before any work: the memory estimate against the budget and every weight
+    /// file's tensor list, on every rank (see [`Ranks::agree`]).
+    fn preflight(&self, plan: &Plan, prompt: &str, image: bool) -> Result<MemoryEstimate> {
+        let local = self.checked_memory(plan, prompt, image).and_then(|memory| {
+            self.check_weight_files(&plan.denoise.dits)?;
+            Ok(memory)
+        });
+        self.ranks.agree(&self.device, local)
     }
 
     /// Checks the sampled latent and decodes it into `frames`.
@@ -547,6 +613,8 @@ impl Pipeline {
             return Err(vae::tiling_unsupported());
         }
         let sampler = PlannedSampler::new(&video.sampler, sigma_max, &dits, video.expert_guidance)?;
+        let split = DitSplit::choose(self.ranks.world_size(), sampler.negative_prompt().is_some());
+        self.check_split(split, geometry)?;
         Ok(Plan {
             geometry,
             denoise: DenoisePlan::new(
@@ -554,6 +622,7 @@ impl Pipeline {
                 dits,
                 video.sla_topk_schedule.as_deref(),
                 vae.latent_shape(geometry).dims().to_vec(),
+                split,
             )?,
             fps: Fps::new(video.fps)?,
         })
@@ -687,12 +756,14 @@ impl Pipeline {
                 }),
             }
         };
-        match tiling {
-            Some(tiling) => {
+        let parallel = self.ranks.several().filter(|_| vae.decodes_in_parallel());
+        match (parallel, tiling) {
+            (Some(comm), _) => hand_over(&vae.decode_parallel(&latent, comm)?, total)?,
+            (None, Some(tiling)) => {
                 tracing::info!(?tiling, "decoding in tiles");
                 hand_over(&vae.decode_tiled(&latent, tiling)?, total)?;
             }
-            None => vae.decode_streaming(&latent, |decoded| {
+            (None, None) => vae.decode_streaming(&latent, |decoded| {
                 let done = decoded.first_frame + decoded.frames.dim(2)?;
                 hand_over(&decoded.frames, done)
             })?,

@@ -3,6 +3,7 @@
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
+use turbo_core::parallel::Communicator;
 use turbo_core::{Error, FrameSize, LatentShape, Result, VideoGeometry, PATCH_SIZE};
 use turbo_models::{DecodedFrames, Vae22Config, VaeConfig, VaeTiling, Wan22Vae, WanVae};
 
@@ -94,6 +95,27 @@ impl LoadedVae {
         match self {
             Self::Wan21(vae) => vae.decode_streaming(latent, on_frames),
             Self::Wan22(vae) => vae.decode_streaming(latent, on_frames),
+        }
+    }
+
+    /// Whether [`LoadedVae::decode_parallel`] splits the decode (the Wan2.1 VAE).
+    pub(super) fn decodes_in_parallel(&self) -> bool {
+        matches!(self, Self::Wan21(_))
+    }
+
+    /// One band of latent rows per rank of `comm`, the frames gathered on every rank (see
+    /// [`WanVae::decode_parallel`]); the Wan2.2 VAE has no parallel decode.
+    pub(super) fn decode_parallel(
+        &self,
+        latent: &Tensor,
+        comm: &dyn Communicator,
+    ) -> Result<Tensor> {
+        match self {
+            Self::Wan21(vae) => vae.decode_parallel(latent, comm),
+            Self::Wan22(_) => Err(Error::InvalidConfig {
+                field: "parallel VAE decode".into(),
+                reason: "the Wan2.2 VAE (TI2V-5B) decodes whole on every rank".into(),
+            }),
         }
     }
 

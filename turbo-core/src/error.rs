@@ -206,6 +206,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// A multi-GPU run with more ranks than a split of the work has parts (DiT tokens, latent
+    /// rows): some rank would be left without work. Found before any stage runs.
+    #[error("{world_size} ranks, but {what} splits into at most {parts}: {help}")]
+    TooManyRanks {
+        world_size: usize,
+        what: String,
+        parts: usize,
+        help: String,
+    },
+
     /// An output file that exists and may not be replaced.
     #[error("{path} already exists: choose another output name or allow overwriting")]
     OutputExists { path: PathBuf },

@@ -5,6 +5,8 @@
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, ValidAsZeroBits};
 use candle_core::cuda_backend::cudarc::nccl::{Comm, Id, NcclType};
 use candle_core::cuda_backend::{CudaDType, CudaDevice};
+use std::sync::Mutex;
+
 use candle_core::{DType, Device, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
@@ -26,9 +28,22 @@ use crate::Result;
 /// ```
 #[derive(Debug)]
 pub struct NcclCommunicator {
-    comm: Comm,
+    /// Behind a mutex so that the communicator is `Sync` (a pipeline shared between threads
+    /// holds it) while NCCL sees one caller at a time, as it requires of a communicator.
+    comm: Mutex<MovableComm>,
+    rank: usize,
+    world_size: usize,
     device: Device,
 }
+
+/// cudarc's `Comm`, which is not `Send` only because it holds NCCL's raw handle. NCCL does not
+/// tie a communicator to the thread that created it (it may be used from any thread, one at a
+/// time: the mutex above sees to that), and the stream it enqueues on is `Send` and `Sync`.
+#[derive(Debug)]
+struct MovableComm(Comm);
+
+// SAFETY: see `MovableComm`; every use goes through `NcclCommunicator::comm`'s mutex.
+unsafe impl Send for MovableComm {}
 
 impl NcclCommunicator {
     /// Opens GPU `env.local_rank`, shares rank 0's unique id through `env.rendezvous` and
@@ -48,7 +63,12 @@ impl NcclCommunicator {
         let stream = device.as_cuda_device()?.cuda_stream();
         let comm = Comm::from_rank(stream, env.rank, env.world_size, Id::uninit(id_chars(&id)))
             .map_err(|e| fail(format!("ncclCommInitRank: {e:?}")))?;
-        Ok(Self { comm, device })
+        Ok(Self {
+            rank: comm.rank(),
+            world_size: comm.world_size(),
+            comm: Mutex::new(MovableComm(comm)),
+            device,
+        })
     }
 
     /// The GPU this rank computes on.
@@ -89,7 +109,10 @@ impl NcclCommunicator {
                     device_elements::<T>(storage, offset, len, self)
                 })
                 .collect::<Result<Vec<CudaView<'_, T>>>>()?;
-            let mut group = self.comm.group();
+            let comm = self.comm.lock().map_err(|_| {
+                communication_error(self, "all_to_all", "an earlier exchange panicked".into())
+            })?;
+            let mut group = comm.0.group();
             for (peer, (view, buffer)) in views.into_iter().zip(received.iter_mut()).enumerate() {
                 if peer == me {
                     continue;
@@ -146,11 +169,11 @@ fn id_chars(id: &[u8; UNIQUE_ID_BYTES]) -> [std::ffi::c_char; UNIQUE_ID_BYTES] {
 
 impl Communicator for NcclCommunicator {
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
 
     fn world_size(&self) -> usize {
-        self.comm.world_size()
+        self.world_size
     }
 
     fn all_to_all(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>> {
@@ -175,3 +198,9 @@ impl Communicator for NcclCommunicator {
         }
     }
 }
+
+/// A pipeline shared between threads holds its communicator, which must therefore be both.
+const _: fn() = || {
+    fn send_and_sync<T: Send + Sync>() {}
+    send_and_sync::<NcclCommunicator>();
+};
