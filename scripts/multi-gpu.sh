@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Starts one process per GPU with the launch convention turbodiffusion-rs reads
 # (turbo_core::parallel::LaunchEnv): RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT.
-# Waits for all of them; the exit status is the first non-zero one. Each rank's output goes to
+# Waits for all of them; the exit status is the first non-zero one to come. Each rank's output goes to
 # the terminal with a "[rank N]" prefix.
 #
 #   scripts/multi-gpu.sh N PROGRAM [ARGS...]
@@ -30,14 +30,20 @@ for ((rank = 0; rank < world; rank++)); do
   pids+=($!)
 done
 
-# A rank that fails leaves the others blocked in a collective: stop them.
+# A rank that fails leaves the others blocked in a collective: as soon as any rank exits
+# non-zero (whichever it is), stop the rest.
 status=0
-for pid in "${pids[@]}"; do
+running=("${pids[@]}")
+while ((${#running[@]} > 0)); do
   code=0
-  wait "$pid" || code=$?
+  finished=
+  wait -n -p finished "${running[@]}" || code=$?
+  still=()
+  for pid in "${running[@]}"; do [[ $pid == "$finished" ]] || still+=("$pid"); done
+  running=("${still[@]}")
   if [[ $code -ne 0 && $status -eq 0 ]]; then
     status=$code
-    for other in "${pids[@]}"; do kill "$other" 2>/dev/null || true; done
+    for other in "${running[@]}"; do kill "$other" 2>/dev/null || true; done
   fi
 done
 exit "$status"
