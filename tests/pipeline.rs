@@ -1,5 +1,7 @@
 //! The pipeline end to end on the CPU, through the public API only, as a downstream app uses it.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -12,8 +14,10 @@ use turbodiffusion::pipeline::{
     demo_request, I2vRequest, ModelSet, RandomCheckpoint, Residency, SamplerChoice, WeightSource,
 };
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
-use turbodiffusion::video::{Existing, InputImage, Mp4Options, OutputFile, Video};
+use turbodiffusion::video::{Existing, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+use common::gradient_image;
 
 fn demo(kind: AttentionKind) -> Pipeline {
     Pipeline::demo(3, AttentionConfig::new(kind), Device::Cpu).unwrap()
@@ -258,15 +262,6 @@ fn tiny_models_written_as_released_pth_files_give_the_same_video() {
     let request = short("a fish", 9);
     let video = |p: &Pipeline| -> Video { p.text_to_video(&request).unwrap() };
     assert_eq!(video(&from_files).frames(), video(&reference).frames());
-}
-
-fn gradient_image(width: u32, height: u32) -> InputImage {
-    let rgb = (0..height)
-        .flat_map(|y| {
-            (0..width).flat_map(move |x| [(x * 255 / width) as u8, (y * 255 / height) as u8, 128])
-        })
-        .collect();
-    InputImage::from_rgb(width, height, rgb).unwrap()
 }
 
 #[test]

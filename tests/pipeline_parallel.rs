@@ -3,6 +3,8 @@
 //! a guided teacher (CFG-parallel on two ranks, sequence parallel on three); only rank 0 writes
 //! the file; too many ranks fail before any stage.
 
+mod common;
+
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -12,8 +14,10 @@ use turbodiffusion::core::parallel::simulated_group;
 use turbodiffusion::core::{Error, Progress, Stage, StepReport};
 use turbodiffusion::pipeline::{demo_request, I2vRequest, SamplerChoice};
 use turbodiffusion::sampler::FlowSolver;
-use turbodiffusion::video::{Existing, InputImage, Mp4Options, OutputFile, Video};
+use turbodiffusion::video::{Existing, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, Result, T2vRequest};
+
+use common::gradient_image;
 
 /// `run` on `world_size` simulated ranks, each with a clone of `pipeline` holding its rank:
 /// every rank's result, in rank order.
@@ -98,21 +102,11 @@ fn text_to_video_on_two_and_three_ranks_equals_one_device() {
     check_every_rank(&t2v_demo(), |pipeline| pipeline.text_to_video(&request));
 }
 
-fn gradient_image() -> InputImage {
-    let (width, height) = (48u32, 32u32);
-    let rgb = (0..height)
-        .flat_map(|y| {
-            (0..width).flat_map(move |x| [(x * 255 / width) as u8, (y * 255 / height) as u8, 90])
-        })
-        .collect();
-    InputImage::from_rgb(width, height, rgb).unwrap()
-}
-
 #[test]
 fn image_to_video_across_both_experts_on_two_and_three_ranks_equals_one_device() {
     let attention = AttentionConfig::new(AttentionKind::sagesla(0.5).unwrap());
     let pipeline = Pipeline::demo_i2v(12, attention, Device::Cpu).unwrap();
-    let mut request = I2vRequest::new(gradient_image(), "a moving gradient");
+    let mut request = I2vRequest::new(gradient_image(48, 32), "a moving gradient");
     request.video = small(request.video);
     check_every_rank(&pipeline, |pipeline| pipeline.image_to_video(&request));
 }

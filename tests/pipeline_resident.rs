@@ -2,6 +2,8 @@
 //! as the streamed stages, no weight read twice, a reload when the DiT's load settings change,
 //! LoRAs switched in the resident base, and an estimate that counts the resident weights.
 
+mod common;
+
 use std::ops::ControlFlow;
 
 use candle_core::{Device, Tensor};
@@ -9,8 +11,9 @@ use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::{Error, Progress, Stage, StageReport, StepReport};
 use turbodiffusion::models::lora::{LoraAdapter, ScaledLora};
 use turbodiffusion::pipeline::{demo_request, DitLoras, I2vRequest, ModelKind, Residency};
-use turbodiffusion::video::InputImage;
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+use common::gradient_image;
 
 fn demo(kind: AttentionKind) -> Pipeline {
     Pipeline::demo(3, AttentionConfig::new(kind), Device::Cpu).unwrap()
@@ -187,15 +190,6 @@ fn loras_switch_in_the_resident_dit_without_reloading_it() {
     resident.set_loras(DitLoras::default()).unwrap();
     let (video, reads) = run(&resident, &request);
     assert_eq!((video, reads.of(DENOISING)), (base, 0));
-}
-
-fn gradient_image(width: u32, height: u32) -> InputImage {
-    let rgb = (0..height)
-        .flat_map(|y| {
-            (0..width).flat_map(move |x| [(x * 255 / width) as u8, (y * 255 / height) as u8, 128])
-        })
-        .collect();
-    InputImage::from_rgb(width, height, rgb).unwrap()
 }
 
 /// Both A14B experts stay loaded: a second image-to-video reads no DiT and no VAE, with a top-k
