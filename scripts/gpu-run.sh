@@ -25,6 +25,9 @@ BIN="$OUT/.bin"
 mkdir -p "$OUT" "$BIN"
 trap 'rm -rf "$BIN"' EXIT
 export LD_LIBRARY_PATH="/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib:/usr/local/cuda-13.0/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# libnccl.so.2 for binaries built with --features nccl: the copy PyTorch's wheels bring.
+nccl_lib=$(find /opt/torch/.venv -name 'libnccl.so.2' -print -quit 2>/dev/null)
+[ -n "$nccl_lib" ] && export LD_LIBRARY_PATH="$(dirname "$nccl_lib"):$LD_LIBRARY_PATH"
 for name in gpu_check bench t2v; do
   [ -f "gpu-bin/$name.gz" ] && gunzip -c "gpu-bin/$name.gz" > "$BIN/$name" && chmod 755 "$BIN/$name"
   # xz where the machine has it, else Python's lzma module.
