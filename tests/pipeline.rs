@@ -11,26 +11,13 @@ use turbodiffusion::core::{Error, Progress, Resolution, Stage, StageReport, Step
 use turbodiffusion::models::tokenizer::PromptTokenizer;
 use turbodiffusion::models::{Umt5Config, Umt5Encoder};
 use turbodiffusion::pipeline::{
-    demo_request, I2vRequest, ModelSet, RandomCheckpoint, Residency, SamplerChoice, WeightSource,
+    I2vRequest, ModelSet, RandomCheckpoint, Residency, SamplerChoice, WeightSource,
 };
 use turbodiffusion::sampler::{FlowSolver, RcmMode};
 use turbodiffusion::video::{Existing, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
-use common::gradient_image;
-
-fn demo(kind: AttentionKind) -> Pipeline {
-    Pipeline::demo(3, AttentionConfig::new(kind), Device::Cpu).unwrap()
-}
-
-/// A short demo request (9 frames keep the suite fast).
-fn short(prompt: &str, seed: u64) -> T2vRequest {
-    T2vRequest {
-        frames: 9,
-        seed,
-        ..demo_request(prompt)
-    }
-}
+use common::{demo, gradient_image, short, Recorder};
 
 #[test]
 fn every_attention_kind_makes_a_video_of_the_requested_size() {
@@ -300,28 +287,6 @@ fn image_to_video_runs_both_experts_in_turn() {
         pipeline.text_to_video(&short("x", 0)),
         Err(Error::InvalidConfig { .. })
     ));
-}
-
-#[derive(Default)]
-struct Recorder {
-    stages: Vec<Stage>,
-    steps: usize,
-    reports: Vec<StageReport>,
-}
-
-impl Progress for Recorder {
-    fn step_done(&mut self, _: &StepReport) -> ControlFlow<()> {
-        self.steps += 1;
-        ControlFlow::Continue(())
-    }
-
-    fn stage(&mut self, stage: &Stage) {
-        self.stages.push(*stage);
-    }
-
-    fn stage_done(&mut self, report: &StageReport) {
-        self.reports.push(*report);
-    }
 }
 
 #[test]

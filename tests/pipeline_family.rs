@@ -2,11 +2,11 @@
 //! of each structure (`Pipeline::demo_of`): Wan2.2 T2V-A14B, Wan2.1 I2V-14B and FLF2V-14B with
 //! CLIP, Wan2.2 TI2V-5B with the Wan2.2 VAE, text only and with the image frame held.
 
-use std::ops::ControlFlow;
+mod common;
 
 use candle_core::{DType, Device};
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{Error, Progress, Stage, StageReport, StepReport};
+use turbodiffusion::core::{Error, Stage};
 use turbodiffusion::models::wan::{expected_tensors, PatchLayout};
 use turbodiffusion::pipeline::{
     demo_request, I2vRequest, ModelKind, RandomCheckpoint, SamplerChoice, WeightSource,
@@ -14,6 +14,8 @@ use turbodiffusion::pipeline::{
 use turbodiffusion::sampler::FlowSolver;
 use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+use common::Recorder;
 
 const GIB: u64 = 1 << 30;
 
@@ -63,26 +65,6 @@ fn assert_shape(video: &Video, frames: usize) {
         (video.len(), video.width(), video.height()),
         (frames, 128, 128)
     );
-}
-
-#[derive(Default)]
-struct Recorder {
-    stages: Vec<Stage>,
-    reports: Vec<StageReport>,
-}
-
-impl Progress for Recorder {
-    fn step_done(&mut self, _: &StepReport) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
-
-    fn stage(&mut self, stage: &Stage) {
-        self.stages.push(*stage);
-    }
-
-    fn stage_done(&mut self, report: &StageReport) {
-        self.reports.push(*report);
-    }
 }
 
 /// T2V-A14B loads the high-noise expert, then the low-noise one at the boundary, with a

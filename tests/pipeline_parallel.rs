@@ -5,19 +5,18 @@
 
 mod common;
 
-use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use candle_core::Device;
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::parallel::simulated_group;
-use turbodiffusion::core::{Error, Progress, Stage, StepReport};
+use turbodiffusion::core::{Error, Stage};
 use turbodiffusion::pipeline::{demo_request, I2vRequest, SamplerChoice};
 use turbodiffusion::sampler::FlowSolver;
 use turbodiffusion::video::{Existing, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, Result, T2vRequest};
 
-use common::gradient_image;
+use common::{gradient_image, Recorder};
 
 /// `run` on `world_size` simulated ranks, each with a clone of `pipeline` holding its rank:
 /// every rank's result, in rank order.
@@ -147,20 +146,6 @@ fn only_rank_zero_writes_the_file() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Records the stages that start.
-#[derive(Default)]
-struct Stages(Vec<Stage>);
-
-impl Progress for Stages {
-    fn step_done(&mut self, _: &StepReport) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
-
-    fn stage(&mut self, stage: &Stage) {
-        self.0.push(*stage);
-    }
-}
-
 #[test]
 fn too_many_ranks_fail_before_any_stage() {
     // 32×32, 5 frames: 8 DiT tokens and 4 latent rows.
@@ -170,9 +155,9 @@ fn too_many_ranks_fail_before_any_stage() {
     };
     let pipeline = t2v_demo();
     let results = on_ranks(9, &pipeline, |pipeline| {
-        let mut stages = Stages::default();
+        let mut stages = Recorder::default();
         let result = pipeline.text_to_video_with_progress(&request, &mut stages);
-        Ok((result.map(drop), stages.0))
+        Ok((result.map(drop), stages.stages))
     });
     for (rank, result) in results.into_iter().enumerate() {
         let (result, stages) = result.unwrap();

@@ -4,56 +4,21 @@
 
 mod common;
 
-use std::ops::ControlFlow;
-
 use candle_core::{Device, Tensor};
 use turbodiffusion::attention::AttentionConfig;
-use turbodiffusion::core::{Error, Progress, Stage, StageReport, StepReport};
+use turbodiffusion::core::{Error, Stage};
 use turbodiffusion::models::lora::{LoraAdapter, ScaledLora};
-use turbodiffusion::pipeline::{demo_request, DitLoras, I2vRequest, ModelKind, Residency};
+use turbodiffusion::pipeline::{DitLoras, I2vRequest, ModelKind, Residency};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
-use common::gradient_image;
-
-fn demo(kind: AttentionKind) -> Pipeline {
-    Pipeline::demo(3, AttentionConfig::new(kind), Device::Cpu).unwrap()
-}
-
-fn short(prompt: &str, seed: u64) -> T2vRequest {
-    T2vRequest {
-        frames: 9,
-        seed,
-        ..demo_request(prompt)
-    }
-}
+use common::{demo, gradient_image, short, Recorder};
 
 const DENOISING: Stage = Stage::Denoising { steps: 4 };
 const DECODING: Stage = Stage::Decoding { done: 9, total: 9 };
 
-/// The weight bytes each finished stage says it read.
-#[derive(Default)]
-struct Reads(Vec<(Stage, u64)>);
-
-impl Reads {
-    fn of(&self, stage: Stage) -> u64 {
-        let found = self.0.iter().find(|(s, _)| *s == stage);
-        found.unwrap_or_else(|| panic!("{stage:?} not reported")).1
-    }
-}
-
-impl Progress for Reads {
-    fn step_done(&mut self, _: &StepReport) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
-
-    fn stage_done(&mut self, report: &StageReport) {
-        self.0.push((report.stage, report.resident_bytes));
-    }
-}
-
 /// The video's frames and the bytes each stage read.
-fn run(pipeline: &Pipeline, request: &T2vRequest) -> (Vec<Vec<u8>>, Reads) {
-    let mut reads = Reads::default();
+fn run(pipeline: &Pipeline, request: &T2vRequest) -> (Vec<Vec<u8>>, Recorder) {
+    let mut reads = Recorder::default();
     let video = pipeline
         .text_to_video_with_progress(request, &mut reads)
         .unwrap();
@@ -72,19 +37,25 @@ fn resident_models_give_the_same_video_and_are_read_once() {
     let (first, first_reads) = run(&resident, &request);
     assert_eq!(first, reference);
     for stage in [Stage::EncodingText, DENOISING, DECODING] {
-        assert!(first_reads.of(stage) > 0, "{stage:?}: the first run loads");
+        assert!(
+            first_reads.resident_bytes(stage) > 0,
+            "{stage:?}: the first run loads"
+        );
     }
     let (second, second_reads) = run(&resident, &request);
     assert_eq!(second, reference);
     for stage in [Stage::EncodingText, DENOISING, DECODING] {
         assert_eq!(
-            second_reads.of(stage),
+            second_reads.resident_bytes(stage),
             0,
             "{stage:?} read its weights again"
         );
     }
     // Clones share the resident models.
-    assert_eq!(run(&resident.clone(), &request).1.of(DENOISING), 0);
+    assert_eq!(
+        run(&resident.clone(), &request).1.resident_bytes(DENOISING),
+        0
+    );
 }
 
 /// A request with another top-k (or a schedule) reuses the resident DiT, which then runs with
@@ -103,7 +74,11 @@ fn a_resident_dit_takes_each_requests_topk() {
         frames(&demo(sla), &scheduled)
     );
     let (video, reads) = run(&resident, &plain);
-    assert_eq!(reads.of(DENOISING), 0, "the top-k needs no reload");
+    assert_eq!(
+        reads.resident_bytes(DENOISING),
+        0,
+        "the top-k needs no reload"
+    );
     assert_eq!(video, frames(&demo(sla), &plain));
 }
 
@@ -123,17 +98,27 @@ fn a_change_of_load_settings_reloads_the_resident_dit() {
         .with_attention(AttentionKind::Original)
         .unwrap();
     let (video, reads) = run(&dense, &request);
-    assert!(reads.of(DENOISING) > 0, "another backend reloads");
+    assert!(
+        reads.resident_bytes(DENOISING) > 0,
+        "another backend reloads"
+    );
     assert_eq!(video, frames(&demo(AttentionKind::Original), &request));
-    assert_eq!(reads.of(DECODING), 0, "the VAE does not depend on it");
+    assert_eq!(
+        reads.resident_bytes(DECODING),
+        0,
+        "the VAE does not depend on it"
+    );
 
     let quantised = resident.clone().with_quant_linear(true);
     let (video, reads) = run(&quantised, &request);
-    assert!(reads.of(DENOISING) > 0, "W8A8 reloads");
+    assert!(reads.resident_bytes(DENOISING) > 0, "W8A8 reloads");
     assert_eq!(video, frames(&demo(sla).with_quant_linear(true), &request));
 
     let (video, reads) = run(&resident, &request);
-    assert!(reads.of(DENOISING) > 0, "the float DiT was replaced");
+    assert!(
+        reads.resident_bytes(DENOISING) > 0,
+        "the float DiT was replaced"
+    );
     assert_eq!(video, reference);
 }
 
@@ -176,7 +161,7 @@ fn loras_switch_in_the_resident_dit_without_reloading_it() {
         resident.set_loras(loras.clone()).unwrap();
         let (video, reads) = run(&resident, &request);
         assert_eq!(
-            reads.of(DENOISING),
+            reads.resident_bytes(DENOISING),
             0,
             "strength {strength}: the base was read again"
         );
@@ -189,7 +174,7 @@ fn loras_switch_in_the_resident_dit_without_reloading_it() {
     }
     resident.set_loras(DitLoras::default()).unwrap();
     let (video, reads) = run(&resident, &request);
-    assert_eq!((video, reads.of(DENOISING)), (base, 0));
+    assert_eq!((video, reads.resident_bytes(DENOISING)), (base, 0));
 }
 
 /// Both A14B experts stay loaded: a second image-to-video reads no DiT and no VAE, with a top-k
@@ -209,7 +194,7 @@ fn both_resident_experts_serve_the_next_request() {
         ..request.clone()
     };
     let run_i2v = |pipeline: &Pipeline, request: &I2vRequest| {
-        let mut reads = Reads::default();
+        let mut reads = Recorder::default();
         let video = pipeline
             .image_to_video_with_progress(request, &mut reads)
             .unwrap();
@@ -224,11 +209,15 @@ fn both_resident_experts_serve_the_next_request() {
     };
     let (video, reads) = run_i2v(&resident, &per_expert);
     assert_eq!(video, run_i2v(&demo_i2v(), &per_expert).0);
-    assert!(reads.of(DENOISING) > 0 && reads.of(Stage::EncodingImage) > 0);
+    assert!(reads.resident_bytes(DENOISING) > 0 && reads.resident_bytes(Stage::EncodingImage) > 0);
     let (video, reads) = run_i2v(&resident, &request);
     assert_eq!(video, run_i2v(&demo_i2v(), &request).0);
     for stage in [Stage::EncodingImage, DENOISING, DECODING] {
-        assert_eq!(reads.of(stage), 0, "{stage:?} read its weights again");
+        assert_eq!(
+            reads.resident_bytes(stage),
+            0,
+            "{stage:?} read its weights again"
+        );
     }
 }
 
@@ -244,12 +233,12 @@ fn a_resident_clip_encoder_is_read_once() {
     request.video.size = Some((128, 96));
     request.video.frames = 9;
     let image_reads = |pipeline: &Pipeline| {
-        let mut reads = Reads::default();
+        let mut reads = Recorder::default();
         let video = pipeline
             .image_to_video_with_progress(&request, &mut reads)
             .unwrap();
         let frames: Vec<Vec<u8>> = video.frames().iter().map(|f| f.to_vec()).collect();
-        (frames, reads.of(Stage::EncodingImage))
+        (frames, reads.resident_bytes(Stage::EncodingImage))
     };
     let reference = image_reads(&demo_clip()).0;
     let kept = demo_clip().with_residency(Residency::ALL_BUT_TEXT_ENCODER);
@@ -274,9 +263,9 @@ fn the_estimate_counts_the_resident_weights_in_every_stage() {
     let resident = demo(AttentionKind::Original).with_residency(Residency::ALL);
     let reads = run(&resident, &request).1;
     let (text, dit, vae) = (
-        reads.of(Stage::EncodingText),
-        reads.of(DENOISING),
-        reads.of(DECODING),
+        reads.resident_bytes(Stage::EncodingText),
+        reads.resident_bytes(DENOISING),
+        reads.resident_bytes(DECODING),
     );
     let weights = |pipeline: &Pipeline, stage: Stage| {
         let estimate = pipeline.estimate_memory(&request).unwrap();
@@ -315,7 +304,7 @@ fn residents_that_do_not_fit_beside_a_stage_fail_before_any_work() {
         .with_memory_budget(budget)
         .text_to_video(&request)
         .is_ok());
-    let mut reads = Reads::default();
+    let mut reads = Recorder::default();
     let result = resident
         .with_memory_budget(budget)
         .text_to_video_with_progress(&request, &mut reads);
@@ -325,5 +314,5 @@ fn residents_that_do_not_fit_beside_a_stage_fail_before_any_work() {
         }
         other => panic!("expected MemoryBudgetExceeded, got {other:?}"),
     }
-    assert!(reads.0.is_empty(), "a stage ran: {:?}", reads.0);
+    assert!(reads.reports.is_empty(), "a stage ran: {:?}", reads.stages);
 }

@@ -3,6 +3,8 @@
 //! settings out of range, sizes past the bounds. What can only be seen during the run (a NaN
 //! weight) fails at the stage that meets it, naming it, instead of writing a black video.
 
+mod common;
+
 use std::collections::HashMap;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,8 @@ use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelSet, SamplerChoice
 use turbodiffusion::sampler::FlowSolver;
 use turbodiffusion::video::InputImage;
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
+
+use common::Recorder;
 
 /// Fails the test on any stage or step: the run must stop before the first.
 struct NoStage;
@@ -30,22 +34,6 @@ impl Progress for NoStage {
     fn stage_done(&mut self, report: &StageReport) {
         panic!("stage {:?} finished", report.stage)
     }
-}
-
-/// Records the stages that started.
-#[derive(Default)]
-struct Stages(Vec<Stage>);
-
-impl Progress for Stages {
-    fn step_done(&mut self, _: &StepReport) -> ControlFlow<()> {
-        ControlFlow::Continue(())
-    }
-
-    fn stage(&mut self, stage: &Stage) {
-        self.0.push(*stage);
-    }
-
-    fn stage_done(&mut self, _: &StageReport) {}
 }
 
 fn attention() -> AttentionConfig {
@@ -293,7 +281,7 @@ fn a_prompt_longer_than_the_dit_text_length_is_cut_not_fatal() {
     let tokens = demo.tokenizer().encode(&prompt).unwrap();
     assert!(tokens.truncated);
     assert_eq!(tokens.ids.len(), text_len);
-    let mut stages = Stages::default();
+    let mut stages = Recorder::default();
     let video = demo
         .text_to_video_with_progress(&short(&prompt), &mut stages)
         .unwrap();
