@@ -37,7 +37,7 @@ pub struct Residency {
     pub dit: bool,
     /// The VAE, for the image encode and the decode.
     pub vae: bool,
-    /// The CLIP image encoder of Wan2.1 I2V / FLF2V (1.3 GB in bf16); other models have none.
+    /// The CLIP image encoder of Wan2.1 I2V / FLF2V; other models have none.
     pub clip: bool,
 }
 
