@@ -3,7 +3,6 @@
 //! frame held at t = 0).
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use turbo_attention::AttentionConfig;
@@ -308,10 +307,7 @@ impl Pipeline {
             let encoder = ClipVisionEncoder::load(bytes.counting(vb), &clip.config)?;
             Ok((encoder, bytes.get()))
         };
-        let (encoder, bytes) = match self.residency.clip {
-            true => resident_or_load(&self.residents.clip, load)?,
-            false => load().map(|(encoder, bytes)| (Arc::new(encoder), bytes))?,
-        };
+        let (encoder, bytes) = resident_or_load(self.residency.clip, &self.residents.clip, load)?;
         let tokens = images
             .iter()
             .map(|image| encoder.encode_image(&image.to_tensor(&self.device)?))

@@ -250,12 +250,16 @@ impl ResidentDits<'_> {
     }
 }
 
-/// The resident model in `slot`, or the one `load` gives (kept there), with the bytes read:
-/// 0 when it was resident.
+/// The model `load` gives, with the bytes it read; when `keep`, the one resident in `slot`
+/// (0 bytes read) or, the first time, the loaded one, kept there.
 pub(super) fn resident_or_load<T>(
+    keep: bool,
     slot: &Mutex<Option<Loaded<T>>>,
     load: impl FnOnce() -> Result<(T, u64)>,
 ) -> Result<(Arc<T>, u64)> {
+    if !keep {
+        return load().map(|(model, bytes)| (Arc::new(model), bytes));
+    }
     let mut slot = lock(slot);
     if let Some(loaded) = slot.as_ref() {
         return Ok((Arc::clone(&loaded.model), 0));
@@ -293,9 +297,9 @@ mod tests {
     #[test]
     fn a_resident_model_is_loaded_once() {
         let slot = Mutex::new(None);
-        let (first, read) = resident_or_load(&slot, || Ok((7u32, 28))).unwrap();
+        let (first, read) = resident_or_load(true, &slot, || Ok((7u32, 28))).unwrap();
         assert_eq!((*first, read), (7, 28));
-        let (again, read) = resident_or_load(&slot, || panic!("loaded twice")).unwrap();
+        let (again, read) = resident_or_load(true, &slot, || panic!("loaded twice")).unwrap();
         assert_eq!((*again, read), (7, 0));
         assert_eq!(loaded_bytes(&slot), 28);
     }
