@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use turbo_attention::Attention;
 use turbo_core::parallel::simulate;
-use turbo_core::{Denoiser, Error, Timestep};
+use turbo_core::{Denoiser, Error, Timestep, PATCH_SIZE};
 use turbo_models::wan::{DitCondition, QuantPolicy, SequenceParallelDit, TokenTimesteps, WanModel};
 
 type Dit = WanModel<Box<dyn Attention>>;
@@ -78,16 +78,20 @@ fn assert_parallel_equals_one_device(
 fn dense_t2v_with_uneven_tokens_and_heads() {
     let mut case = DitCase::open("dit_t2v_dense");
     // 3 × 3 × 5 = 45 tokens: 2 and 4 ranks get uneven shards.
-    let x = latent(16, 3, 6, 10, 1);
+    let x = latent(case.cfg.in_dim, 3, 6, 10, 1);
     let t = TokenTimesteps::Uniform(case.timestep());
     let condition = condition_of(&case, None);
-    // 2 heads: with 3 or 4 ranks some ranks hold no head and only relay.
-    let two_heads = case.model(DType::F32);
-    assert_parallel_equals_one_device(&two_heads, &x, &t, &condition, &[1, 2, 3, 4], "2 heads");
-    // The same weights read as 8 heads of 16: 3 ranks split them 3, 3, 2.
-    case.cfg.num_heads = 8;
-    let eight_heads = case.model(DType::F32);
-    assert_parallel_equals_one_device(&eight_heads, &x, &t, &condition, &[3, 4], "8 heads");
+    // The file's heads (2 in the golden file: with 3 or 4 ranks some hold none and only relay).
+    let heads = case.cfg.num_heads;
+    let file_heads = case.model(DType::F32);
+    let what = format!("{heads} heads");
+    assert_parallel_equals_one_device(&file_heads, &x, &t, &condition, &[1, 2, 3, 4], &what);
+    // The same weights read as 4× the heads, a quarter as wide (8 heads of 16 in the golden
+    // file: 3 ranks split them 3, 3, 2).
+    case.cfg.num_heads = 4 * heads;
+    let more_heads = case.model(DType::F32);
+    let what = format!("{} heads", 4 * heads);
+    assert_parallel_equals_one_device(&more_heads, &x, &t, &condition, &[3, 4], &what);
 }
 
 /// SLA's block selection and linear branch see all tokens of a head on one rank: exact. 189
@@ -96,7 +100,7 @@ fn dense_t2v_with_uneven_tokens_and_heads() {
 fn sla_selection_and_linear_branch_stay_exact() {
     let case = DitCase::open("dit_t2v_sla");
     let model = case.model(DType::F32);
-    let x = latent(16, 3, 14, 18, 2);
+    let x = latent(case.cfg.in_dim, 3, 14, 18, 2);
     let t = TokenTimesteps::Uniform(case.timestep());
     let condition = condition_of(&case, None);
     assert_parallel_equals_one_device(&model, &x, &t, &condition, &[2, 3, 4], "SLA");
@@ -130,36 +134,30 @@ fn ti2v_per_token_timesteps() {
 }
 
 /// W8A8 quantises activations in 128-row tiles: shards start on tile boundaries, so every rank
-/// quantises the rows one device does (480 tokens: 128, 128, 128, 96 on 4 ranks).
+/// quantises the rows one device does (480 tokens, say: 128, 128, 128, 96 on 4 ranks).
 #[test]
 fn w8a8_shards_keep_the_activation_tiles() {
     let case = DitCase::open("dit_t2v_sla");
-    let model: Dit = WanModel::load_with_quant(
-        case.var_builder(DType::F32),
-        &case.cfg,
-        &case.attention,
-        QuantPolicy::Quantize,
-    )
-    .unwrap();
-    assert!(model.int8_linears() > 0);
+    let model = quantized(&case);
     let t = TokenTimesteps::Uniform(case.timestep());
     let condition = condition_of(&case, None);
-    assert_parallel_equals_one_device(&model, &case.input("in.x"), &t, &condition, &[2, 4], "W8A8");
+    // Two and four ranks where the file's tokens have that many tiles.
+    let tiles = w8a8_tiles(&case);
+    let worlds: Vec<usize> = [2, 4].into_iter().filter(|&w| w <= tiles).collect();
+    assert!(
+        !worlds.is_empty(),
+        "{tiles} tile(s): too few tokens for two W8A8 shards"
+    );
+    assert_parallel_equals_one_device(&model, &case.input("in.x"), &t, &condition, &worlds, "W8A8");
 }
 
 #[test]
 fn too_many_ranks_for_the_tiles_is_a_typed_error() {
     let case = DitCase::open("dit_t2v_dense");
-    let model: Dit = WanModel::load_with_quant(
-        case.var_builder(DType::F32),
-        &case.cfg,
-        &case.attention,
-        QuantPolicy::Quantize,
-    )
-    .unwrap();
+    let model = quantized(&case);
     let condition = condition_of(&case, None);
-    // 72 tokens are one 128-row tile: a second rank would get nothing.
-    let err = simulate(2, |comm| {
+    // One rank more than the file's tokens have 128-row tiles: the last would get nothing.
+    let err = simulate(w8a8_tiles(&case) + 1, |comm| {
         model.forward_sequence_parallel(
             &case.input("in.x"),
             &TokenTimesteps::Uniform(case.timestep()),
@@ -172,6 +170,26 @@ fn too_many_ranks_for_the_tiles_is_a_typed_error() {
         matches!(&err, Error::InvalidConfig { field, .. } if field.contains("sequence parallel")),
         "{err}"
     );
+}
+
+/// How many 128-row W8A8 activation tiles the case's tokens fill.
+fn w8a8_tiles(case: &DitCase) -> usize {
+    let (_, frames, height, width) = case.input("in.x").dims4().unwrap();
+    let (pt, ph, pw) = PATCH_SIZE;
+    ((frames / pt) * (height / ph) * (width / pw)).div_ceil(128)
+}
+
+/// The case's DiT with its block linears quantised to W8A8 at load.
+fn quantized(case: &DitCase) -> Dit {
+    let model: Dit = WanModel::load_with_quant(
+        case.var_builder(DType::F32),
+        &case.cfg,
+        &case.attention,
+        QuantPolicy::Quantize,
+    )
+    .unwrap();
+    assert!(model.int8_linears() > 0);
+    model
 }
 
 /// The `Denoiser` a sampler drives: the same velocity as the model's own.
