@@ -25,8 +25,9 @@
 //! `scripts/multi-gpu.sh` starts them) checks the multi-GPU paths instead: on every rank, the
 //! Ulysses sequence-parallel DiT forward (every golden DiT file, and a 40-head DiT shaped like
 //! the 14B's blocks) against the same forward on this rank's GPU alone, the VAE decode split
-//! over the ranks against the whole decode, and with two ranks the CFG-parallel guided
-//! velocity against the one-GPU guided one.
+//! over the ranks against the whole decode, and on an even number of ranks the CFG-parallel
+//! guided velocity (each half of the ranks sequence parallel from four on) against the one-GPU
+//! guided one.
 //!
 //! ```text
 //! scripts/multi-gpu.sh 4 target/release/examples/gpu_check --world-size 4
@@ -179,8 +180,10 @@ mod multi_gpu {
     use super::*;
     use turbodiffusion::core::parallel::{Communicator, NcclCommunicator};
     use turbodiffusion::core::{Denoiser, Timestep};
-    use turbodiffusion::models::wan::{expected_tensors, ModelType, PatchLayout};
-    use turbodiffusion::sampler::{CfgParallel, GuidanceScale, Guided};
+    use turbodiffusion::models::wan::{
+        expected_tensors, ModelType, PatchLayout, SequenceParallelDit,
+    };
+    use turbodiffusion::sampler::{cfg_pass_group, CfgParallel, GuidanceScale, Guided};
 
     pub(super) fn checks(
         comm: &NcclCommunicator,
@@ -219,9 +222,9 @@ mod multi_gpu {
             let x = file.tensor("in.x")?.to_device(device)?;
             let error = sequence_parallel_error(&dit, &x, &timesteps, &condition, comm)?;
             record(format!("{name} sequence parallel x{world} {tag}"), error);
-            if name == "dit_t2v_dense" && world == 2 {
+            if name == "dit_t2v_dense" && world % 2 == 0 {
                 let error = cfg_parallel_error(&dit, &x, &condition, comm)?;
-                record(format!("dit_t2v_dense CFG parallel x2 {tag}"), error);
+                record(format!("dit_t2v_dense CFG parallel x{world} {tag}"), error);
             }
         }
         let error = wide_dit_error(comm, dtype, seed)?;
@@ -260,7 +263,8 @@ mod multi_gpu {
         Ok(relative_error(&parallel, &one_gpu)?)
     }
 
-    /// Guided velocity, both passes on two GPUs against both on this one.
+    /// Guided velocity, the passes on the two halves of the GPUs (each half sequence parallel
+    /// when it has several) against both on this one.
     fn cfg_parallel_error(
         dit: &WanModel<Box<dyn Attention>>,
         x: &Tensor,
@@ -274,7 +278,16 @@ mod multi_gpu {
             model_time: 900.0,
         };
         let one_gpu = Guided::new(dit, &negative, scale)?.velocity(x, t, condition)?;
-        let parallel = CfgParallel::new(dit, &negative, scale, comm)?.velocity(x, t, condition)?;
+        let group = cfg_pass_group(comm)?;
+        let parallel = if group.world_size() == 1 {
+            CfgParallel::new(dit, &negative, scale, comm)?.velocity(x, t, condition)?
+        } else {
+            let pass = SequenceParallelDit {
+                model: dit,
+                comm: &group,
+            };
+            CfgParallel::new(&pass, &negative, scale, comm)?.velocity(x, t, condition)?
+        };
         Ok(relative_error(&parallel, &one_gpu)?)
     }
 

@@ -1,7 +1,7 @@
 //! The pipeline on several ranks (simulated: each rank a thread with its own pipeline, as each
-//! GPU runs its own process) gives the video of one device: T2V, I2V across both experts,
-//! a guided teacher (CFG-parallel on two ranks, sequence parallel on three); only rank 0 writes
-//! the file; too many ranks fail before any stage.
+//! GPU runs its own process) gives the video of one device: T2V, I2V across both experts, a
+//! guided teacher (CFG-parallel on two ranks, sequence parallel on three, both on four); only
+//! rank 0 writes the file; too many ranks fail before any stage.
 
 mod common;
 
@@ -80,11 +80,15 @@ fn t2v_demo() -> Pipeline {
     Pipeline::demo(11, attention, Device::Cpu).unwrap()
 }
 
-/// Every rank's video equals the one-device video, on 2 and 3 ranks (the demo has 2 heads: on
-/// 3 ranks one holds none).
-fn check_every_rank(pipeline: &Pipeline, generate: impl Fn(&Pipeline) -> Result<Video> + Sync) {
+/// Every rank's video equals the one-device video, on each of `world_sizes` ranks (the demo
+/// has 2 heads: on 3 ranks one holds none).
+fn check_every_rank(
+    pipeline: &Pipeline,
+    world_sizes: &[usize],
+    generate: impl Fn(&Pipeline) -> Result<Video> + Sync,
+) {
     let one_device = generate(pipeline).unwrap();
-    for world_size in [2, 3] {
+    for &world_size in world_sizes {
         for (rank, video) in on_ranks(world_size, pipeline, &generate)
             .into_iter()
             .enumerate()
@@ -98,7 +102,9 @@ fn check_every_rank(pipeline: &Pipeline, generate: impl Fn(&Pipeline) -> Result<
 #[test]
 fn text_to_video_on_two_and_three_ranks_equals_one_device() {
     let request = small(demo_request("a fox in snow"));
-    check_every_rank(&t2v_demo(), |pipeline| pipeline.text_to_video(&request));
+    check_every_rank(&t2v_demo(), &[2, 3], |pipeline| {
+        pipeline.text_to_video(&request)
+    });
 }
 
 #[test]
@@ -107,12 +113,15 @@ fn image_to_video_across_both_experts_on_two_and_three_ranks_equals_one_device()
     let pipeline = Pipeline::demo_i2v(12, attention, Device::Cpu).unwrap();
     let mut request = I2vRequest::new(gradient_image(48, 32), "a moving gradient");
     request.video = small(request.video);
-    check_every_rank(&pipeline, |pipeline| pipeline.image_to_video(&request));
+    check_every_rank(&pipeline, &[2, 3], |pipeline| {
+        pipeline.image_to_video(&request)
+    });
 }
 
 #[test]
-fn a_guided_teacher_on_two_and_three_ranks_equals_one_device() {
-    // Two ranks split the guidance's two passes, three split the tokens of both passes.
+fn a_guided_teacher_on_two_three_and_four_ranks_equals_one_device() {
+    // Two ranks split the guidance's two passes, three split the tokens of both passes, four
+    // split the passes and each pass's tokens in two.
     let request = small(T2vRequest {
         sampler: SamplerChoice::Teacher {
             solver: FlowSolver::UniPc,
@@ -123,7 +132,9 @@ fn a_guided_teacher_on_two_and_three_ranks_equals_one_device() {
         },
         ..demo_request("a bird")
     });
-    check_every_rank(&t2v_demo(), |pipeline| pipeline.text_to_video(&request));
+    check_every_rank(&t2v_demo(), &[2, 3, 4], |pipeline| {
+        pipeline.text_to_video(&request)
+    });
 }
 
 #[test]

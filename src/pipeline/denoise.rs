@@ -13,8 +13,8 @@ use turbo_core::{
 };
 use turbo_models::wan::{DitCondition, QuantPolicy, SequenceParallelDit, WanModel};
 use turbo_sampler::{
-    CfgParallel, Expert, ExpertBoundary, FlowRun, FlowSampler, GuidanceScale, Guided, RcmRun,
-    RcmSampler,
+    cfg_pass_group, CfgParallel, Expert, ExpertBoundary, FlowRun, FlowSampler, GuidanceScale,
+    Guided, RcmRun, RcmSampler,
 };
 
 use super::memory::{StageMeter, WeightBytes};
@@ -162,14 +162,15 @@ impl Run<'_> {
                 let model = SequenceParallelDit { model, comm };
                 self.step_with(&model, condition, negative, noise)
             }
-            StepRanks::CfgPair(comm) => self.cfg_pair_step(model, comm, condition, negative, noise),
+            StepRanks::Cfg(comm) => self.cfg_step(model, comm, condition, negative, noise),
         }
     }
 
-    /// A guided teacher's step with its conditional and unconditional passes on the two ranks
-    /// of `comm`. Runs without a second pass are never planned so; one would run whole on
-    /// each rank (the same result, nothing shared).
-    fn cfg_pair_step(
+    /// A guided teacher's step with its conditional and unconditional passes on the two halves
+    /// of the ranks of `comm`, each half sequence parallel when it has more than one rank.
+    /// Runs without a second pass are never planned so; one would run whole on each rank (the
+    /// same result, nothing shared).
+    fn cfg_step(
         &mut self,
         model: &Dit,
         comm: &dyn Communicator,
@@ -178,10 +179,23 @@ impl Run<'_> {
         noise: &mut dyn NoiseSource,
     ) -> Result<Option<StepReport>> {
         match (self, negative) {
-            (Self::Teacher(run, guidance), Some(negative)) if !is_unguided(guidance) => run.step(
-                &CfgParallel::new(model, negative, *guidance, comm)?,
-                condition,
-            ),
+            (Self::Teacher(run, guidance), Some(negative)) if !is_unguided(guidance) => {
+                let group = cfg_pass_group(comm)?;
+                if group.world_size() == 1 {
+                    return run.step(
+                        &CfgParallel::new(model, negative, *guidance, comm)?,
+                        condition,
+                    );
+                }
+                let pass = SequenceParallelDit {
+                    model,
+                    comm: &group,
+                };
+                run.step(
+                    &CfgParallel::new(&pass, negative, *guidance, comm)?,
+                    condition,
+                )
+            }
             (run, negative) => run.step_with(model, condition, negative, noise),
         }
     }
@@ -237,15 +251,16 @@ enum StepRanks<'c> {
     One,
     /// Every rank, each over its shard of the tokens.
     Sequence(&'c dyn Communicator),
-    /// The conditional pass on rank 0, the unconditional one on rank 1.
-    CfgPair(&'c dyn Communicator),
+    /// The conditional pass on the first half of the ranks, the unconditional one on the
+    /// second.
+    Cfg(&'c dyn Communicator),
 }
 
 impl<'c> StepRanks<'c> {
     fn new(split: DitSplit, comm: Option<&'c dyn Communicator>) -> Self {
         match (split, comm) {
             (DitSplit::Sequence, Some(comm)) => Self::Sequence(comm),
-            (DitSplit::CfgPair, Some(comm)) => Self::CfgPair(comm),
+            (DitSplit::Cfg, Some(comm)) => Self::Cfg(comm),
             _ => Self::One,
         }
     }

@@ -416,8 +416,9 @@ impl Pipeline {
     ///
     /// - each rank encodes the prompts (and the image) itself: the text encoder streams its
     ///   blocks, so this costs each GPU about 0.4 GB, and it needs no exchange;
-    /// - the DiT runs split as [`DitSplit`] says: a guided teacher on two ranks CFG-parallel
-    ///   (conditional pass on rank 0, unconditional on rank 1), everything else sequence
+    /// - the DiT runs split as [`DitSplit`] says: a guided teacher on an even number of ranks
+    ///   CFG-parallel (conditional pass on the first half of the ranks, unconditional on the
+    ///   second, each half sequence parallel from four ranks on), everything else sequence
     ///   parallel (each rank holds a shard of the tokens; its activation memory shrinks with the
     ///   shard, its weights do not);
     /// - the Wan2.1 VAE decodes one band of latent rows per rank and gathers the frames on every

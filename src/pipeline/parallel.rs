@@ -203,21 +203,23 @@ impl Pipeline {
 
 /// How the DiT's work is shared between the ranks of a run.
 ///
-/// The rule: on one device, nothing is shared. A guided teacher (two passes per step) on
-/// exactly two ranks runs CFG-parallel, the conditional pass on rank 0 and the unconditional
-/// one on rank 1: each rank runs whole forwards and exchanges one velocity per step, against
-/// the two all-to-alls per block of sequence parallelism (80 per forward at 14B), so it scales
-/// better, at the cost of each rank holding a whole forward's activations. Every other run on
-/// several ranks (rCM, teachers with guidance 1, teachers on 3 or more ranks: combining both
-/// splits needs a communicator split into groups) runs the DiT sequence parallel (Ulysses),
-/// which also divides the activation memory by the ranks.
+/// The rule: on one device, nothing is shared. A guided teacher (two passes per step) on an
+/// even number of ranks runs CFG-parallel: the conditional pass on the first half of the
+/// ranks, the unconditional one on the second, one velocity exchanged per step between
+/// partner ranks. On two ranks each rank runs whole forwards, against the two all-to-alls per
+/// block of sequence parallelism (80 per forward at 14B), so it scales better, at the cost of
+/// each rank holding a whole forward's activations; on four or more, each half runs its pass
+/// sequence parallel. Every other run on several ranks (rCM, teachers with guidance 1,
+/// teachers on an odd number of ranks) runs the DiT sequence parallel (Ulysses) over all
+/// ranks, which also divides the activation memory by the ranks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DitSplit {
     OneDevice,
     /// Ulysses: every rank holds a shard of the tokens.
     Sequence,
-    /// The two passes of classifier-free guidance on two ranks.
-    CfgPair,
+    /// The two passes of classifier-free guidance on the two halves of the ranks, each half
+    /// sequence parallel when it has more than one rank.
+    Cfg,
 }
 
 impl DitSplit {
@@ -225,19 +227,28 @@ impl DitSplit {
     pub(super) fn choose(world_size: usize, guided: bool) -> Self {
         match world_size {
             0 | 1 => Self::OneDevice,
-            2 if guided => Self::CfgPair,
+            n if guided && n % 2 == 0 => Self::Cfg,
             _ => Self::Sequence,
         }
     }
 
-    /// The tokens one rank's blocks hold: the largest shard under sequence parallelism,
-    /// every token otherwise.
-    pub(super) fn tokens_per_rank(self, tokens: usize, world_size: usize, align: usize) -> usize {
+    /// The ranks that split one forward's tokens between them.
+    pub(super) fn sequence_ranks(self, world_size: usize) -> usize {
         match self {
-            Self::Sequence => {
-                Partition::aligned(tokens, world_size, align).map_or(tokens, |shards| shards.len(0))
+            Self::OneDevice => 1,
+            Self::Sequence => world_size,
+            Self::Cfg => world_size / 2,
+        }
+    }
+
+    /// The tokens one rank's blocks hold: the largest shard under sequence parallelism,
+    /// every token when one rank runs whole forwards.
+    pub(super) fn tokens_per_rank(self, tokens: usize, world_size: usize, align: usize) -> usize {
+        match self.sequence_ranks(world_size) {
+            0 | 1 => tokens,
+            ranks => {
+                Partition::aligned(tokens, ranks, align).map_or(tokens, |shards| shards.len(0))
             }
-            Self::OneDevice | Self::CfgPair => tokens,
         }
     }
 }
@@ -256,7 +267,7 @@ pub(super) fn token_alignment(quantise: bool, any_file: bool) -> usize {
 }
 
 /// Fails with [`Error::TooManyRanks`] when the DiT's `tokens`, in shards aligned to `align`,
-/// leave a rank of a sequence-parallel run without any.
+/// leave a rank of a sequence-parallel forward without any.
 pub(super) fn check_token_split(
     split: DitSplit,
     world_size: usize,
@@ -264,12 +275,17 @@ pub(super) fn check_token_split(
     align: usize,
 ) -> Result<()> {
     let shards = tokens.div_ceil(align);
-    if split != DitSplit::Sequence || shards >= world_size {
+    let ranks = split.sequence_ranks(world_size);
+    if shards >= ranks {
         return Ok(());
     }
+    let per_pass = match split {
+        DitSplit::Cfg => format!(" ({ranks} ranks per guidance pass)"),
+        DitSplit::OneDevice | DitSplit::Sequence => String::new(),
+    };
     Err(Error::TooManyRanks {
         world_size,
-        what: format!("the DiT's {tokens} tokens (in shards of {align})"),
+        what: format!("the DiT's {tokens} tokens (in shards of {align}){per_pass}"),
         parts: shards,
         help: "use fewer GPUs, or a larger or longer video".into(),
     })
@@ -294,11 +310,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cfg_parallel_only_for_guided_runs_on_two_ranks() {
+    fn cfg_parallel_for_guided_runs_on_an_even_number_of_ranks() {
         assert_eq!(DitSplit::choose(1, true), DitSplit::OneDevice);
-        assert_eq!(DitSplit::choose(2, true), DitSplit::CfgPair);
+        assert_eq!(DitSplit::choose(2, true), DitSplit::Cfg);
         assert_eq!(DitSplit::choose(2, false), DitSplit::Sequence);
-        assert_eq!(DitSplit::choose(4, true), DitSplit::Sequence);
+        assert_eq!(DitSplit::choose(3, true), DitSplit::Sequence);
+        assert_eq!(DitSplit::choose(4, true), DitSplit::Cfg);
+        assert_eq!(DitSplit::choose(8, false), DitSplit::Sequence);
     }
 
     #[test]
@@ -308,9 +326,20 @@ mod tests {
             check_token_split(DitSplit::Sequence, 3, 256, 128),
             Err(Error::TooManyRanks { parts: 2, .. })
         ));
-        // CFG-parallel ranks run whole forwards: no shards to run out of.
-        assert!(check_token_split(DitSplit::CfgPair, 2, 1, 128).is_ok());
+        // Two CFG-parallel ranks run whole forwards: no shards to run out of. On six, each
+        // pass is split in three.
+        assert!(check_token_split(DitSplit::Cfg, 2, 1, 128).is_ok());
+        assert!(check_token_split(DitSplit::Cfg, 4, 256, 128).is_ok());
+        assert!(matches!(
+            check_token_split(DitSplit::Cfg, 6, 256, 128),
+            Err(Error::TooManyRanks {
+                world_size: 6,
+                parts: 2,
+                ..
+            })
+        ));
         assert_eq!(DitSplit::Sequence.tokens_per_rank(300, 2, 128), 256);
-        assert_eq!(DitSplit::CfgPair.tokens_per_rank(300, 2, 128), 300);
+        assert_eq!(DitSplit::Cfg.tokens_per_rank(300, 2, 128), 300);
+        assert_eq!(DitSplit::Cfg.tokens_per_rank(300, 4, 128), 256);
     }
 }

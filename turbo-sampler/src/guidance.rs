@@ -2,7 +2,7 @@
 //! are guidance-distilled and take no guidance.
 
 use candle_core::Tensor;
-use turbo_core::parallel::Communicator;
+use turbo_core::parallel::{Communicator, Group};
 use turbo_core::{Denoiser, Error, Result, Timestep};
 
 use crate::experts::{Expert, ExpertBoundary};
@@ -115,11 +115,16 @@ fn guide(conditional: Tensor, unconditional: Tensor, scale: f64) -> Result<Tenso
     Ok((unconditional + guidance)?)
 }
 
-/// [`Guided`] with its two model passes on the two ranks of `comm` (CFG parallelism): rank 0
-/// computes the conditional velocity, rank 1 the unconditional one, the two are exchanged and
-/// both ranks combine them with the same arithmetic as [`Guided`]. Every rank gets the
-/// bit-identical guided velocity, so ranks that drive the same sampler from the same noise
-/// stay in step without further exchange.
+/// [`Guided`] with its two model passes on the two halves of the ranks of `comm` (CFG
+/// parallelism): the first half computes the conditional velocity, the second half the
+/// unconditional one, rank r of one half exchanges its velocity with rank r of the other, and
+/// both combine them with the same arithmetic as [`Guided`]. Every rank gets the bit-identical
+/// guided velocity, so ranks that drive the same sampler from the same noise stay in step
+/// without further exchange.
+///
+/// On two ranks each pass is a whole forward of `model`. On more, `model` is the pass computed
+/// by the ranks of [`cfg_pass_group`] together (a DiT sequence parallel over that
+/// group), which every rank of the half returns whole.
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
@@ -154,7 +159,7 @@ pub struct CfgParallel<'a, D: Denoiser + ?Sized> {
 
 impl<'a, D: Denoiser + ?Sized> CfgParallel<'a, D> {
     /// Fails with [`Error::InvalidSamplerSetting`] for a scale that is not finite, and with
-    /// [`Error::InvalidConfig`] for a communicator of other than two ranks.
+    /// [`Error::InvalidConfig`] for a communicator whose ranks do not split into two halves.
     pub fn new(
         model: &'a D,
         negative: &'a D::Condition,
@@ -162,15 +167,7 @@ impl<'a, D: Denoiser + ?Sized> CfgParallel<'a, D> {
         comm: &'a dyn Communicator,
     ) -> Result<Self> {
         scale.validate()?;
-        if comm.world_size() != CFG_RANKS {
-            return Err(Error::InvalidConfig {
-                field: "CFG-parallel world size".into(),
-                reason: format!(
-                    "{} ranks: the conditional and unconditional passes take exactly {CFG_RANKS}",
-                    comm.world_size()
-                ),
-            });
-        }
+        check_halves(comm)?;
         Ok(Self {
             model,
             negative,
@@ -180,8 +177,29 @@ impl<'a, D: Denoiser + ?Sized> CfgParallel<'a, D> {
     }
 }
 
-/// The ranks of CFG parallelism: one per pass.
-const CFG_RANKS: usize = 2;
+/// The ranks of `comm` that compute this rank's pass of [`CfgParallel`] together: its half of
+/// the ranks, the first half for the conditional pass. Fails as [`CfgParallel::new`] does.
+pub fn cfg_pass_group(comm: &dyn Communicator) -> Result<Group<'_>> {
+    let half = check_halves(comm)?;
+    let first = comm.rank() / half * half;
+    Group::new(comm, (first..first + half).collect())
+}
+
+/// The ranks per pass of CFG parallelism on `comm`: half of them, or an
+/// [`Error::InvalidConfig`] for an odd number of ranks.
+fn check_halves(comm: &dyn Communicator) -> Result<usize> {
+    let world = comm.world_size();
+    if world >= 2 && world % 2 == 0 {
+        return Ok(world / 2);
+    }
+    Err(Error::InvalidConfig {
+        field: "CFG-parallel world size".into(),
+        reason: format!(
+            "{world} ranks: the conditional and unconditional passes take two halves of an \
+             even number of ranks"
+        ),
+    })
+}
 
 impl<D: Denoiser + ?Sized> std::fmt::Debug for CfgParallel<'_, D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,14 +214,19 @@ impl<D: Denoiser + ?Sized> Denoiser for CfgParallel<'_, D> {
     type Condition = D::Condition;
 
     fn velocity(&self, x: &Tensor, t: Timestep, cond: &Self::Condition) -> Result<Tensor> {
-        let mine = match self.comm.rank() {
-            0 => self.model.velocity(x, t, cond)?,
-            _ => self.model.velocity(x, t, self.negative)?,
+        let (me, half) = (self.comm.rank(), self.comm.world_size() / 2);
+        let conditional_pass = me < half;
+        let (mine, partner) = if conditional_pass {
+            (self.model.velocity(x, t, cond)?, me + half)
+        } else {
+            (self.model.velocity(x, t, self.negative)?, me - half)
         };
-        let shapes = vec![mine.shape().clone(); CFG_RANKS];
-        let mut both = self.comm.all_gather(&mine, &shapes)?;
-        let unconditional = both.pop().expect("two velocities");
-        let conditional = both.pop().expect("two velocities");
+        let theirs = self.comm.swap_with(&mine, partner)?;
+        let (conditional, unconditional) = if conditional_pass {
+            (mine, theirs)
+        } else {
+            (theirs, mine)
+        };
         guide(conditional, unconditional, self.scale.at(t))
     }
 }

@@ -57,7 +57,8 @@ mod unipc;
 pub use experts::{Expert, ExpertBoundary, TwoExperts, I2V_A14B_BOUNDARY, T2V_A14B_BOUNDARY};
 pub use flow::{FlowRun, FlowSampler, FlowSolver};
 pub use guidance::{
-    CfgParallel, GuidanceScale, Guided, MAX_GUIDANCE, WAN_GUIDANCE, WAN_NEGATIVE_PROMPT,
+    cfg_pass_group, CfgParallel, GuidanceScale, Guided, MAX_GUIDANCE, WAN_GUIDANCE,
+    WAN_NEGATIVE_PROMPT,
 };
 pub use rcm::{
     rcm_model_time, trigflow_to_rf, RcmConfig, RcmMode, RcmRun, RcmSampler, DEFAULT_MID_T,

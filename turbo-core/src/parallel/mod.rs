@@ -11,7 +11,8 @@
 //! - **Spatial VAE decode**: one band of latent rows per rank, each with the halo the tiled
 //!   decode computes, the frames gathered at the end ([`Partition`] splits the rows).
 //! - **CFG parallelism**: the conditional and unconditional passes of a guided teacher on two
-//!   ranks, the velocities exchanged and combined identically on both.
+//!   halves of the ranks, the velocities exchanged and combined identically on both; with
+//!   more than one rank per half, each half runs its pass sequence parallel in a [`Group`].
 //!
 //! Communicators: [`SimulatedCommunicator`] (ranks as threads of one process, for tests and for
 //! checking the plans on the CPU) and, under the `nccl` feature, `NcclCommunicator` (one
@@ -36,6 +37,7 @@
 //! # Ok::<(), turbo_core::Error>(())
 //! ```
 
+mod group;
 mod launch;
 #[cfg(feature = "nccl")]
 mod nccl;
@@ -43,6 +45,7 @@ mod partition;
 mod sequence;
 mod simulated;
 
+pub use group::Group;
 pub use launch::{LaunchEnv, Rendezvous, UNIQUE_ID_BYTES};
 #[cfg(feature = "nccl")]
 pub use nccl::NcclCommunicator;
@@ -68,7 +71,8 @@ pub trait Communicator {
 
     /// Sends `sends[j]` to rank `j` and returns what every rank sent to this one, `received[j]`
     /// from rank `j` with shape `recv_shapes[j]` (the dtype of `sends`). Both lists hold one
-    /// entry per rank; empty tensors are allowed (and cost nothing).
+    /// entry per rank. Empty parts are allowed and never transferred: both sides know them
+    /// from the plan.
     fn all_to_all(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>>;
 
     /// Every rank's `local`, in rank order; rank `j`'s has shape `shapes[j]`.
@@ -83,6 +87,19 @@ pub trait Communicator {
         check_rank(self, "broadcast", root)?;
         let shapes = vec![tensor.shape().clone(); self.world_size()];
         Ok(self.all_gather(tensor, &shapes)?.swap_remove(root))
+    }
+
+    /// Sends `mine` to rank `partner` and returns the partner's tensor of the same shape;
+    /// `partner` must name this rank in return. The other ranks take no part: the parts for
+    /// them are empty, and empty parts are never transferred.
+    fn swap_with(&self, mine: &Tensor, partner: usize) -> Result<Tensor> {
+        check_rank(self, "swap_with", partner)?;
+        let nothing = Shape::from(0);
+        let mut sends = vec![empty_part(mine, &nothing)?; self.world_size()];
+        let mut shapes = vec![nothing; self.world_size()];
+        sends[partner] = mine.clone();
+        shapes[partner] = mine.shape().clone();
+        Ok(self.all_to_all(&sends, &shapes)?.swap_remove(partner))
     }
 }
 
@@ -106,6 +123,15 @@ impl Communicator for SingleDevice {
     }
 }
 
+/// A tensor of `shape`, which holds no elements, with `like`'s dtype and device: the part a
+/// rank receives from a peer that sends it nothing. A view of one allocated element, because
+/// CUDA refuses zero-byte allocations.
+pub(crate) fn empty_part(like: &Tensor, shape: &Shape) -> Result<Tensor> {
+    debug_assert_eq!(shape.elem_count(), 0, "an empty part has no elements");
+    let one = Tensor::zeros(1, like.dtype(), like.device())?;
+    Ok(one.narrow(0, 0, 0)?.reshape(shape)?)
+}
+
 /// An [`Error::Communication`] from `comm`'s rank.
 pub(crate) fn communication_error(
     comm: &(impl Communicator + ?Sized),
@@ -120,15 +146,15 @@ pub(crate) fn communication_error(
     }
 }
 
-/// `root` names a rank of `comm`.
-fn check_rank(comm: &(impl Communicator + ?Sized), op: &'static str, root: usize) -> Result<()> {
-    if root < comm.world_size() {
+/// `rank` names a rank of `comm`.
+fn check_rank(comm: &(impl Communicator + ?Sized), op: &'static str, rank: usize) -> Result<()> {
+    if rank < comm.world_size() {
         return Ok(());
     }
     Err(communication_error(
         comm,
         op,
-        format!("root rank {root} is not a rank of the group"),
+        format!("rank {rank} is not a rank of the group"),
     ))
 }
 

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Shape, Storage, Tensor};
 use half::{bf16, f16};
 
 use super::launch::{LaunchEnv, UNIQUE_ID_BYTES};
-use super::{check_lists, check_received, communication_error, Communicator};
+use super::{check_lists, check_received, communication_error, empty_part, Communicator};
 use crate::cuda::tensor_from_cuda;
 use crate::Result;
 
@@ -82,66 +82,89 @@ impl NcclCommunicator {
 
     /// The exchange of [`Communicator::all_to_all`] for element type `T`: one NCCL group of a
     /// send and a receive per peer (none for empty parts; this rank's own part is kept as is).
+    /// Nothing of zero size is allocated or copied: CUDA refuses zero-byte allocations.
     fn exchange<T>(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>>
     where
         T: CudaDType + NcclType + DeviceRepr + ValidAsZeroBits,
     {
         let me = self.rank();
-        let sends = sends
+        let transferred = |peer: usize, elements: usize| peer != me && elements > 0;
+        let outgoing = sends
             .iter()
-            .map(|t| Ok(t.contiguous()?))
-            .collect::<Result<Vec<_>>>()?;
-        let storages: Vec<_> = sends.iter().map(Tensor::storage_and_layout).collect();
-        let mut received = recv_shapes
+            .enumerate()
+            .map(|(peer, t)| {
+                transferred(peer, t.elem_count())
+                    .then(|| t.contiguous())
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Vec<Option<Tensor>>>>()?;
+        let cuda = self.cuda()?;
+        let mut incoming = recv_shapes
             .iter()
             .enumerate()
             .map(|(peer, shape)| {
-                let len = if peer == me { 0 } else { shape.elem_count() };
-                Ok(self.cuda()?.alloc_zeros::<T>(len)?)
+                transferred(peer, shape.elem_count())
+                    .then(|| cuda.alloc_zeros::<T>(shape.elem_count()))
+                    .transpose()
             })
-            .collect::<Result<Vec<CudaSlice<T>>>>()?;
-        {
-            let views = storages
-                .iter()
-                .map(|(storage, layout)| {
-                    let offset = layout.start_offset();
-                    let len = layout.shape().elem_count();
-                    device_elements::<T>(storage, offset, len, self)
-                })
-                .collect::<Result<Vec<CudaView<'_, T>>>>()?;
-            let comm = self.comm.lock().map_err(|_| {
-                communication_error(self, "all_to_all", "an earlier exchange panicked".into())
-            })?;
-            let mut group = comm.0.group();
-            for (peer, (view, buffer)) in views.into_iter().zip(received.iter_mut()).enumerate() {
-                if peer == me {
-                    continue;
-                }
-                let nccl = |e| communication_error(self, "all_to_all", format!("{e:?}"));
-                if !view.is_empty() {
-                    group.send(view, peer as i32).map_err(nccl)?;
-                }
-                if !buffer.is_empty() {
-                    group
-                        .recv(buffer.slice_mut(..), peer as i32)
-                        .map_err(nccl)?;
-                }
-            }
-            // Dropping the group ends it: the transfers are queued on the device's stream.
-        }
-        let cuda = self.cuda()?.clone();
-        received
+            .collect::<candle_core::Result<Vec<Option<CudaSlice<T>>>>>()?;
+        self.transfer(&outgoing, &mut incoming)?;
+        incoming
             .into_iter()
             .zip(recv_shapes)
             .enumerate()
-            .map(|(peer, (buffer, shape))| {
-                if peer == me {
+            .map(|(peer, (buffer, shape))| match buffer {
+                Some(buffer) => Ok(tensor_from_cuda(buffer, cuda, shape.clone())),
+                None if peer == me => {
                     check_received(self, "all_to_all", me, &sends[me], shape)?;
-                    return Ok(sends[me].clone());
+                    Ok(sends[me].clone())
                 }
-                Ok(tensor_from_cuda(buffer, &cuda, shape.clone()))
+                None => empty_part(&sends[me], shape),
             })
             .collect()
+    }
+
+    /// Queues the sends and receives of one exchange as one NCCL group on the device's stream.
+    fn transfer<T>(
+        &self,
+        outgoing: &[Option<Tensor>],
+        incoming: &mut [Option<CudaSlice<T>>],
+    ) -> Result<()>
+    where
+        T: CudaDType + NcclType + DeviceRepr,
+    {
+        let storages: Vec<_> = outgoing
+            .iter()
+            .map(|t| t.as_ref().map(Tensor::storage_and_layout))
+            .collect();
+        let views = storages
+            .iter()
+            .map(|part| {
+                part.as_ref()
+                    .map(|(storage, layout)| {
+                        let len = layout.shape().elem_count();
+                        device_elements::<T>(storage, layout.start_offset(), len, self)
+                    })
+                    .transpose()
+            })
+            .collect::<Result<Vec<Option<CudaView<'_, T>>>>>()?;
+        let comm = self.comm.lock().map_err(|_| {
+            communication_error(self, "all_to_all", "an earlier exchange panicked".into())
+        })?;
+        let nccl = |e| communication_error(self, "all_to_all", format!("{e:?}"));
+        let mut group = comm.0.group();
+        for (peer, (view, buffer)) in views.into_iter().zip(incoming.iter_mut()).enumerate() {
+            if let Some(view) = view {
+                group.send(view, peer as i32).map_err(nccl)?;
+            }
+            if let Some(buffer) = buffer {
+                group
+                    .recv(buffer.slice_mut(..), peer as i32)
+                    .map_err(nccl)?;
+            }
+        }
+        // Dropping the group ends it: the transfers are queued on the device's stream.
+        Ok(())
     }
 }
 

@@ -5,7 +5,7 @@ use std::ops::Range;
 
 use candle_core::{Shape, Tensor};
 
-use super::{Communicator, Partition};
+use super::{empty_part, Communicator, Partition};
 use crate::{Error, Result};
 
 /// The token axis of `[B, L, H, D]` attention inputs.
@@ -151,9 +151,14 @@ impl<'a> SequenceParallel<'a> {
     }
 }
 
-/// `x`'s entries `range` along `dim`, contiguous (the layout a transfer needs).
+/// `x`'s entries `range` along `dim`, contiguous (the layout a transfer needs). An empty range
+/// (a rank without heads) copies nothing.
 fn narrow_copy(x: &Tensor, dim: usize, range: Range<usize>) -> Result<Tensor> {
-    Ok(x.narrow(dim, range.start, range.len())?.contiguous()?)
+    let part = x.narrow(dim, range.start, range.len())?;
+    if range.is_empty() {
+        return empty_part(x, part.shape());
+    }
+    Ok(part.contiguous()?)
 }
 
 #[cfg(test)]

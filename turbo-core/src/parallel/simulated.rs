@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use candle_core::{Shape, Tensor};
 
-use super::{check_lists, check_received, communication_error, Communicator};
+use super::{check_lists, check_received, communication_error, empty_part, Communicator};
 use crate::{Error, Result};
 
 /// One rank of a group made by [`simulated_group`]: a channel to and from every rank (itself
@@ -117,14 +117,21 @@ impl Communicator for SimulatedCommunicator {
 
     fn all_to_all(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>> {
         check_lists(self, "all_to_all", sends.len(), recv_shapes.len())?;
+        // Empty parts are not transferred, as NCCL transfers none: the plan tells the peer to
+        // expect nothing. So a group of ranks exchanges without the ranks outside it.
         for (peer, tensor) in sends.iter().enumerate() {
-            // A gone peer shows as a failed receive below, with its rank named.
-            let _ = self.to[peer].send(tensor.clone());
+            if tensor.elem_count() > 0 {
+                // A gone peer shows as a failed receive below, with its rank named.
+                let _ = self.to[peer].send(tensor.clone());
+            }
         }
         recv_shapes
             .iter()
             .enumerate()
             .map(|(peer, shape)| {
+                if shape.elem_count() == 0 {
+                    return empty_part(&sends[self.rank], shape);
+                }
                 let received = self.receive(peer)?;
                 check_received(self, "all_to_all", peer, &received, shape)?;
                 Ok(received)
