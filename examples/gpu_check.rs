@@ -24,10 +24,10 @@
 //! `--world-size N` (N > 1, build with `--features nccl`, one process per GPU as
 //! `scripts/multi-gpu.sh` starts them) checks the multi-GPU paths instead: on every rank, the
 //! Ulysses sequence-parallel DiT forward (every golden DiT file, and a 40-head DiT shaped like
-//! the 14B's blocks) against the same forward on this rank's GPU alone, the VAE decode split
-//! over the ranks against the whole decode, and on an even number of ranks the CFG-parallel
-//! guided velocity (each half of the ranks sequence parallel from four on) against the one-GPU
-//! guided one.
+//! the 14B's blocks) against the same forward on this rank's GPU alone, the Wan2.1 and Wan2.2
+//! VAE decodes split over the ranks against the whole decodes, and on an even number of ranks
+//! the CFG-parallel guided velocity (each half of the ranks sequence parallel from four on)
+//! against the one-GPU guided one.
 //!
 //! ```text
 //! scripts/multi-gpu.sh 4 target/release/examples/gpu_check --world-size 4
@@ -234,6 +234,11 @@ mod multi_gpu {
         );
         let error = vae_error(comm, dtype, seed)?;
         record(format!("VAE decode split over x{world} {tag}"), error);
+        let error = vae22_error(comm, dtype, seed)?;
+        record(
+            format!("Wan2.2 VAE decode split over x{world} {tag}"),
+            error,
+        );
         Ok(checks)
     }
 
@@ -334,6 +339,19 @@ mod multi_gpu {
             .unsqueeze(0)?
             .to_dtype(dtype)?
             .to_device(device)?;
+        let whole = vae.decode(&latent)?;
+        let parallel = vae.decode_parallel(&latent, comm)?;
+        Ok(relative_error(&parallel, &whole)?)
+    }
+
+    /// The golden file's small Wan2.2 VAE, split over the ranks against whole on this GPU.
+    fn vae22_error(comm: &NcclCommunicator, dtype: DType, seed: u64) -> Result<f64> {
+        let (_, vae) = golden_vae22(comm.device(), dtype)?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let latent = gaussian((vae.config().z_dim, 3, 40, 24), 0.0, &mut rng)?
+            .unsqueeze(0)?
+            .to_dtype(dtype)?
+            .to_device(comm.device())?;
         let whole = vae.decode(&latent)?;
         let parallel = vae.decode_parallel(&latent, comm)?;
         Ok(relative_error(&parallel, &whole)?)
@@ -926,6 +944,22 @@ fn golden_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Ch
 
 /// The CLIP image encoder (preprocessing included) and the Wan2.2 VAE's decode and encode
 /// against their golden files.
+/// The `vae22` golden file and its small Wan2.2 VAE, loaded in `dtype` on `device`.
+fn golden_vae22(device: &Device, dtype: DType) -> Result<(GoldenFile, Wan22Vae)> {
+    let file = GoldenFile::open("vae22")?;
+    let stats = |name: &str| -> Result<Vec<f32>> { Ok(file.tensor(name)?.to_vec1::<f32>()?) };
+    let cfg = Vae22Config::from_value(
+        file.config(),
+        stats("in.latent_mean")?,
+        stats("in.latent_std")?,
+    )?;
+    let vae = Wan22Vae::load(
+        VarBuilder::from_tensors(file.weights()?, dtype, device),
+        &cfg,
+    )?;
+    Ok((file, vae))
+}
+
 fn clip_and_vae22_checks(device: &Device, dtype: DType, threshold: f64) -> Result<Vec<Check>> {
     let mut checks = Vec::new();
     let tag = format!("{dtype:?}").to_lowercase();
@@ -941,17 +975,7 @@ fn clip_and_vae22_checks(device: &Device, dtype: DType, threshold: f64) -> Resul
             threshold,
         },
     );
-    let file = GoldenFile::open("vae22")?;
-    let stats = |name: &str| -> Result<Vec<f32>> { Ok(file.tensor(name)?.to_vec1::<f32>()?) };
-    let cfg = Vae22Config::from_value(
-        file.config(),
-        stats("in.latent_mean")?,
-        stats("in.latent_std")?,
-    )?;
-    let vae = Wan22Vae::load(
-        VarBuilder::from_tensors(file.weights()?, dtype, device),
-        &cfg,
-    )?;
+    let (file, vae) = golden_vae22(device, dtype)?;
     let input = |key: &str| -> Result<Tensor> { Ok(file.tensor(key)?.to_device(device)?) };
     let decoded = vae.decode_unclamped(&input("in.latent")?)?;
     let encoded = vae.encode(&input("in.video")?)?;

@@ -1,7 +1,8 @@
 //! The pipeline on several ranks (simulated: each rank a thread with its own pipeline, as each
-//! GPU runs its own process) gives the video of one device: T2V, I2V across both experts, a
-//! guided teacher (CFG-parallel on two ranks, sequence parallel on three, both on four); only
-//! rank 0 writes the file; too many ranks fail before any stage.
+//! GPU runs its own process) gives the video of one device: T2V, I2V across both experts, TI2V
+//! with its image frame and the Wan2.2 VAE, a guided teacher (CFG-parallel on two ranks,
+//! sequence parallel on three, both on four); only rank 0 writes the file; too many ranks fail
+//! before any stage.
 
 mod common;
 
@@ -11,7 +12,7 @@ use candle_core::Device;
 use turbodiffusion::attention::AttentionConfig;
 use turbodiffusion::core::parallel::simulated_group;
 use turbodiffusion::core::{Error, Stage};
-use turbodiffusion::pipeline::{demo_request, I2vRequest, SamplerChoice};
+use turbodiffusion::pipeline::{demo_request, I2vRequest, ModelKind, SamplerChoice};
 use turbodiffusion::sampler::FlowSolver;
 use turbodiffusion::video::{Existing, Mp4Options, OutputFile, Video};
 use turbodiffusion::{AttentionKind, Pipeline, Result, T2vRequest};
@@ -111,6 +112,18 @@ fn text_to_video_on_two_and_three_ranks_equals_one_device() {
 fn image_to_video_across_both_experts_on_two_and_three_ranks_equals_one_device() {
     let attention = AttentionConfig::new(AttentionKind::sagesla(0.5).unwrap());
     let pipeline = Pipeline::demo_i2v(12, attention, Device::Cpu).unwrap();
+    let mut request = I2vRequest::new(gradient_image(48, 32), "a moving gradient");
+    request.video = small(request.video);
+    check_every_rank(&pipeline, &[2, 3], |pipeline| {
+        pipeline.image_to_video(&request)
+    });
+}
+
+#[test]
+fn ti2v_with_its_image_frame_on_two_and_three_ranks_equals_one_device() {
+    // The Wan2.2 VAE decodes one band of latent rows per rank too (64×64: 4 latent rows).
+    let attention = AttentionConfig::new(AttentionKind::sla(0.5).unwrap());
+    let pipeline = Pipeline::demo_of(ModelKind::Wan22Ti2v5B, 13, attention, Device::Cpu).unwrap();
     let mut request = I2vRequest::new(gradient_image(48, 32), "a moving gradient");
     request.video = small(request.video);
     check_every_rank(&pipeline, &[2, 3], |pipeline| {

@@ -263,12 +263,16 @@ impl Pipeline {
         budget: Option<u64>,
     ) -> Result<(Footprint, Option<VaeTiling>)> {
         let dtype = self.dtype;
+        let band = self.decode_band(geometry)?;
         let cfg = match &self.models.vae {
             VaeSpec::Wan21(cfg) => cfg,
-            VaeSpec::Wan22(cfg) => return Ok((vae22_decode_estimate(cfg, dtype, geometry), None)),
+            VaeSpec::Wan22(cfg) => {
+                return Ok((vae22_decode_estimate(cfg, dtype, geometry, band), None))
+            }
         };
-        if self.ranks.several().is_some() {
-            return Ok((self.band_decode_estimate(cfg, geometry)?, None));
+        if let Some(rows) = band {
+            let band = VaeTiling::new(rows, geometry.latent_shape().width)?;
+            return Ok((vae_decode_estimate(cfg, dtype, geometry, Some(band)), None));
         }
         if let Some(tiling) = self.vae_tiling {
             return Ok((
@@ -300,15 +304,16 @@ impl Pipeline {
         Ok(planned)
     }
 
-    /// One rank's parallel decode (`WanVae::decode_parallel`): a tile of the tallest band of
-    /// latent rows and the whole width, with its halo and every latent frame's middle-block
-    /// output, as the tiled decode holds them; plus the gathered video, whole on every rank.
-    fn band_decode_estimate(&self, cfg: &VaeConfig, geometry: VideoGeometry) -> Result<Footprint> {
-        let latent = geometry.latent_shape();
-        let bands =
-            turbo_core::parallel::Partition::balanced(latent.height, self.ranks.world_size())?;
-        let band = VaeTiling::new(bands.len(0).max(1), latent.width)?;
-        Ok(vae_decode_estimate(cfg, self.dtype, geometry, Some(band)))
+    /// The latent rows of the tallest band of a parallel decode (`WanVae::decode_parallel`,
+    /// `Wan22Vae::decode_parallel`), whose estimate is a tile of those rows and the whole width
+    /// with its halo (the gathered video whole on every rank); `None` on one device.
+    fn decode_band(&self, geometry: VideoGeometry) -> Result<Option<usize>> {
+        if self.ranks.several().is_none() {
+            return Ok(None);
+        }
+        let rows = self.models.vae.latent_shape(geometry).height;
+        let bands = turbo_core::parallel::Partition::balanced(rows, self.ranks.world_size())?;
+        Ok(Some(bands.len(0).max(1)))
     }
 
     /// Fails with [`Error::MemoryBudgetExceeded`] naming the first stage whose estimate
@@ -719,13 +724,23 @@ fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -
 /// The Wan2.2 VAE's decode, derived from the Wan2.1 calibration rather than measured: its
 /// weights, the output video as for Wan2.1, and `K_vae · U₂₂` with `U₂₂ = 4·(H/2)·(W/2)·dec_dim·b`,
 /// the chunk of four frames of its last decoder level (full width `dec_dim` at half the
-/// resolution, before the 2×2 unpatchify).
-fn vae22_decode_estimate(cfg: &Vae22Config, dtype: DType, geometry: VideoGeometry) -> Footprint {
+/// resolution, before the 2×2 unpatchify). A rank of a parallel decode decodes a `band` of
+/// latent rows widened by the halo, so its chunk is that many rows tall.
+fn vae22_decode_estimate(
+    cfg: &Vae22Config,
+    dtype: DType,
+    geometry: VideoGeometry,
+    band: Option<usize>,
+) -> Footprint {
     let weights = key_bytes(&Wan22Vae::expected_keys(cfg), dtype);
     let (height, width) = (geometry.size.height(), geometry.size.width());
     let pixels = geometry.frames.get() * height * width;
     let output = (3 * pixels * (2 * dtype.size_in_bytes() + 4)) as u64;
-    let chunk = vae_coefficient() * vae22_chunk_unit(cfg, dtype, height, width) as f64;
+    let stride = cfg.spatial_stride();
+    let decoded = band.map_or(height, |rows| {
+        ((rows + 2 * cfg.decode_halo()) * stride).min(height)
+    });
+    let chunk = vae_coefficient() * vae22_chunk_unit(cfg, dtype, decoded, width) as f64;
     Footprint::new(weights, output + chunk as u64)
 }
 

@@ -421,8 +421,8 @@ impl Pipeline {
     ///   second, each half sequence parallel from four ranks on), everything else sequence
     ///   parallel (each rank holds a shard of the tokens; its activation memory shrinks with the
     ///   shard, its weights do not);
-    /// - the Wan2.1 VAE decodes one band of latent rows per rank and gathers the frames on every
-    ///   rank (the Wan2.2 VAE of TI2V-5B has no parallel decode and decodes whole on each);
+    /// - the VAE (Wan2.1's, and Wan2.2's of TI2V-5B) decodes one band of latent rows per rank
+    ///   and gathers the frames on every rank;
     /// - every rank returns the same [`Video`]; the `*_to_video_file` methods write the file on
     ///   rank 0 only, and on the other ranks write nothing and return the path asked for.
     ///
@@ -757,8 +757,7 @@ impl Pipeline {
                 }),
             }
         };
-        let parallel = self.ranks.several().filter(|_| vae.decodes_in_parallel());
-        match (parallel, tiling) {
+        match (self.ranks.several(), tiling) {
             (Some(comm), _) => hand_over(&vae.decode_parallel(&latent, comm)?, total)?,
             (None, Some(tiling)) => {
                 tracing::info!(?tiling, "decoding in tiles");

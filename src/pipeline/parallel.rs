@@ -15,7 +15,7 @@ use turbo_core::parallel::{Communicator, LaunchEnv, Partition};
 use turbo_core::{Error, Result, VideoGeometry};
 use turbo_models::wan::QuantPolicy;
 
-use super::{Pipeline, VaeSpec, WeightSource};
+use super::{Pipeline, WeightSource};
 
 /// A communicator that a pipeline, and its clones on other threads, can hold: a
 /// `turbo_core::parallel::NcclCommunicator` (one process per GPU) or one rank of a
@@ -173,7 +173,7 @@ fn raised_flags(comm: &dyn Communicator, device: &Device, raised: bool) -> Resul
 
 impl Pipeline {
     /// Every rank gets a share of the DiT's tokens (sequence parallel) and a band of the
-    /// decode's latent rows (the Wan2.1 VAE), or [`Error::TooManyRanks`].
+    /// decode's latent rows, or [`Error::TooManyRanks`].
     pub(super) fn check_split(&self, split: DitSplit, geometry: VideoGeometry) -> Result<()> {
         let world_size = self.ranks.world_size();
         if world_size == 1 {
@@ -186,10 +186,7 @@ impl Pipeline {
             latent.token_count(),
             self.token_alignment(),
         )?;
-        match self.models.vae {
-            VaeSpec::Wan21(_) => check_row_split(world_size, latent.height),
-            VaeSpec::Wan22(_) => Ok(()),
-        }
+        check_row_split(world_size, latent.height)
     }
 
     /// See [`token_alignment`].

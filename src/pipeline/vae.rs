@@ -98,13 +98,8 @@ impl LoadedVae {
         }
     }
 
-    /// Whether [`LoadedVae::decode_parallel`] splits the decode (the Wan2.1 VAE).
-    pub(super) fn decodes_in_parallel(&self) -> bool {
-        matches!(self, Self::Wan21(_))
-    }
-
     /// One band of latent rows per rank of `comm`, the frames gathered on every rank (see
-    /// [`WanVae::decode_parallel`]); the Wan2.2 VAE has no parallel decode.
+    /// [`WanVae::decode_parallel`] and [`Wan22Vae::decode_parallel`]).
     pub(super) fn decode_parallel(
         &self,
         latent: &Tensor,
@@ -112,10 +107,7 @@ impl LoadedVae {
     ) -> Result<Tensor> {
         match self {
             Self::Wan21(vae) => vae.decode_parallel(latent, comm),
-            Self::Wan22(_) => Err(Error::InvalidConfig {
-                field: "parallel VAE decode".into(),
-                reason: "the Wan2.2 VAE (TI2V-5B) decodes whole on every rank".into(),
-            }),
+            Self::Wan22(vae) => vae.decode_parallel(latent, comm),
         }
     }
 

@@ -1,6 +1,6 @@
 //! The VAE decode split over simulated ranks (one band of latent rows each, with the tiled
-//! decode's halo) equals the one-device decode, at world sizes 1 to 4 and rows the world size
-//! does not divide.
+//! decode's halo) equals the one-device decode, for the Wan2.1 and the Wan2.2 VAE, at world
+//! sizes 1 to 4 and rows the world size does not divide.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -8,9 +8,9 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use turbo_core::golden::{relative_error, GoldenFile};
-use turbo_core::parallel::simulate;
+use turbo_core::parallel::{simulate, SimulatedCommunicator};
 use turbo_core::Error;
-use turbo_models::vae::{VaeConfig, WanVae};
+use turbo_models::vae::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
 
 /// The golden file's small VAE (the released structure at a smaller width).
 fn small_vae() -> WanVae {
@@ -22,6 +22,16 @@ fn small_vae() -> WanVae {
     };
     let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
     WanVae::load(vb, &cfg).unwrap()
+}
+
+/// The `vae22` golden file's small Wan2.2 VAE.
+fn small_vae22() -> Wan22Vae {
+    let file = GoldenFile::open("vae22").unwrap();
+    let list = |name: &str| file.tensor(name).unwrap().to_vec1::<f32>().unwrap();
+    let cfg = Vae22Config::from_value(file.config(), list("in.latent_mean"), list("in.latent_std"))
+        .unwrap();
+    let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
+    Wan22Vae::load(vb, &cfg).unwrap()
 }
 
 fn latent(z: usize, frames: usize, height: usize, width: usize) -> Tensor {
@@ -40,11 +50,19 @@ fn split_decode_equals_the_whole_decode() {
     let vae = small_vae();
     let latent = latent(vae.config().z_dim, 2, 31, 2);
     let whole = vae.decode(&latent).unwrap();
+    assert_every_split_equals(&whole, |comm| vae.decode_parallel(&latent, comm));
+}
+
+/// On 1 to 4 ranks, every rank's video equals the whole decode.
+fn assert_every_split_equals(
+    whole: &Tensor,
+    decode: impl Fn(&SimulatedCommunicator) -> turbo_core::Result<Tensor> + Sync,
+) {
     for world in 1..=4 {
-        let videos = simulate(world, |comm| vae.decode_parallel(&latent, comm)).unwrap();
+        let videos = simulate(world, &decode).unwrap();
         for (rank, video) in videos.iter().enumerate() {
             assert_eq!(video.dims(), whole.dims());
-            let error = relative_error(video, &whole).unwrap();
+            let error = relative_error(video, whole).unwrap();
             // The tiled decode's bound (f32 rounding of reordered sums).
             assert!(error <= 1e-5, "world {world}, rank {rank}: {error:.3e}");
         }
@@ -57,4 +75,27 @@ fn more_ranks_than_rows_is_a_typed_error() {
     let latent = latent(vae.config().z_dim, 1, 2, 2);
     let err = simulate(3, |comm| vae.decode_parallel(&latent, comm)).unwrap_err();
     assert!(matches!(err, Error::InvalidConfig { .. }), "{err}");
+}
+
+/// As for the Wan2.1 VAE: bands thinner than the halo, and three latent frames, so that each
+/// band's cache carries the temporal upsamplers' first-frame rule and a later chunk.
+#[test]
+fn split_wan22_decode_equals_the_whole_decode() {
+    let vae = small_vae22();
+    let halo = vae.config().decode_halo();
+    let rows = 2 * halo + 3;
+    let latent = latent(vae.config().z_dim, 3, rows, 2);
+    let whole = vae.decode(&latent).unwrap();
+    assert_every_split_equals(&whole, |comm| vae.decode_parallel(&latent, comm));
+    let err = simulate(rows + 1, |comm| vae.decode_parallel(&latent, comm)).unwrap_err();
+    assert!(matches!(err, Error::InvalidConfig { .. }), "{err}");
+}
+
+/// The released Wan2.2 decoder counted back from the head, in pixels of each scale: the
+/// head's 3×3 (1), the last level's three residual blocks (6): 7; each upsampler adds its 3×3
+/// and halves, rounded up, before three more blocks: ⌈8/2⌉ + 6 = 10, ⌈11/2⌉ + 6 = 12,
+/// ⌈13/2⌉ + 6 = 13.
+#[test]
+fn the_released_wan22_decoder_needs_a_halo_of_13() {
+    assert_eq!(Vae22Config::wan22().decode_halo(), 13);
 }

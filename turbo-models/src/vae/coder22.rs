@@ -192,6 +192,26 @@ impl CoderPlan {
         }
     }
 
+    /// The decoder's halo (see [`Coder22::decoder_halo`]), counted back from the head in
+    /// pixels of each scale: a convolution of spatial padding `p` adds `p`, and each ×2
+    /// upsampler (nearest, then its 3×3) halves the reach, rounded up, since its input pixel `i`
+    /// feeds output pixels `2i` and `2i + 1`. The shortcuts (`DupUp3D`) read one input pixel
+    /// per output pixel and add nothing.
+    fn upsampling_halo(&self) -> usize {
+        let mut reach = self.head.padding.1;
+        for level in self.levels.iter().rev() {
+            if let Some(mode) = level.resample {
+                reach = (reach + mode.spatial_padding()).div_ceil(2);
+            }
+            let mut in_channels = level.in_channels;
+            for _ in 0..level.blocks {
+                reach += ResidualBlock::spatial_padding(in_channels, level.out_channels);
+                in_channels = level.out_channels;
+            }
+        }
+        reach
+    }
+
     /// The keys under `coder` (`encoder` / `decoder`), whose levels are in `sequence`
     /// (`downsamples` / `upsamples`, also the name of each level's inner sequence).
     fn keys(&self, coder: &str, sequence: &str) -> Keys {
@@ -275,9 +295,49 @@ impl Coder22 {
         first_chunk: bool,
     ) -> Result<Tensor> {
         cache.start_chunk();
-        let first_chunk = first_chunk || cache.is_whole_sequence();
+        let x = self.middle_part(x, cache)?;
+        self.upsampling_part(&x, cache, first_chunk)
+    }
+
+    /// The decoder's part at latent resolution, whose attention sees the whole frame:
+    /// `conv1` and the middle blocks, for one chunk.
+    pub fn decode_middle_chunk(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+        cache.start_chunk();
+        self.middle_part(x, cache)
+    }
+
+    /// The decoder's convolutional rest (the levels and the head) for one chunk of
+    /// [`Coder22::decode_middle_chunk`]'s output, with a cache of its own; `first_chunk` as
+    /// for [`Coder22::decode_chunk`].
+    pub fn decode_upsampling_chunk(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatureCache,
+        first_chunk: bool,
+    ) -> Result<Tensor> {
+        cache.start_chunk();
+        self.upsampling_part(x, cache, first_chunk)
+    }
+
+    /// Latent pixels of context the decoder's levels and head read on each side of an output
+    /// pixel: the halo of a band of latent rows decoded on its own.
+    pub fn decoder_halo(cfg: &Vae22Config) -> usize {
+        CoderPlan::decoder(cfg).upsampling_halo()
+    }
+
+    fn middle_part(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         let x = cached_conv(&self.conv_in, x, cache)?;
-        let mut x = self.middle.forward(&x, cache)?;
+        self.middle.forward(&x, cache)
+    }
+
+    fn upsampling_part(
+        &self,
+        x: &Tensor,
+        cache: &mut FeatureCache,
+        first_chunk: bool,
+    ) -> Result<Tensor> {
+        let first_chunk = first_chunk || cache.is_whole_sequence();
+        let mut x = x.clone();
         for level in &self.levels {
             let main = level.main(&x, cache)?;
             x = match level.resample {

@@ -71,7 +71,7 @@ impl VaeTiling {
 
 /// One tile along an axis: the kept latent range and the range decoded (with the halo).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Span {
+pub(super) struct Span {
     kept: (usize, usize),
     decoded: (usize, usize),
 }
@@ -92,7 +92,7 @@ impl Span {
     }
 
     /// The kept range `kept` of an axis of `len`, widened by `halo` within `0..len`.
-    fn band(kept: std::ops::Range<usize>, len: usize, halo: usize) -> Self {
+    pub(super) fn band(kept: std::ops::Range<usize>, len: usize, halo: usize) -> Self {
         Self {
             kept: (kept.start, kept.end),
             decoded: (kept.start.saturating_sub(halo), (kept.end + halo).min(len)),
@@ -100,21 +100,21 @@ impl Span {
     }
 
     /// `x` narrowed to the decoded range along `dim`.
-    fn decoded_part(self, x: &Tensor, dim: usize) -> Result<Tensor> {
+    pub(super) fn decoded_part(self, x: &Tensor, dim: usize) -> Result<Tensor> {
         let (start, end) = self.decoded;
         Ok(x.narrow(dim, start, end - start)?)
     }
 
     /// A decode of the decoded range (at `scale` pixels per latent pixel) cropped to the kept
     /// range along `dim`.
-    fn kept_part(self, decoded: &Tensor, dim: usize, scale: usize) -> Result<Tensor> {
+    pub(super) fn kept_part(self, decoded: &Tensor, dim: usize, scale: usize) -> Result<Tensor> {
         let offset = (self.kept.0 - self.decoded.0) * scale;
         Ok(decoded.narrow(dim, offset, (self.kept.1 - self.kept.0) * scale)?)
     }
 }
 
 /// Height and width axes of time-major `[B, T, C, H, W]` tensors.
-const HEIGHT: usize = 3;
+pub(super) const HEIGHT: usize = 3;
 const WIDTH: usize = 4;
 
 impl WanVae {
@@ -162,30 +162,14 @@ impl WanVae {
     pub fn decode_parallel(&self, latent: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
         let x = self.latent.decoder_input(latent)?;
         let (_, _, _, height, width) = x.dims5()?;
-        let bands = Partition::balanced(height, comm.world_size())?;
-        if height < comm.world_size() {
-            return Err(Error::InvalidConfig {
-                field: "parallel VAE decode".into(),
-                reason: format!(
-                    "{height} latent rows cannot give each of {} ranks a band",
-                    comm.world_size()
-                ),
-            });
-        }
+        let bands = row_bands(height, comm)?;
         let scale = self.cfg.spatial_stride();
         let middle = self.decode_middle(&x)?;
         let row = Span::band(bands.range(comm.rank()), height, self.cfg.decode_halo());
         let column = Span::band(0..width, width, 0);
         let mine = self.decode_tile(&middle, row, column, scale)?;
         drop(middle);
-        let shapes: Vec<Shape> = (0..bands.parts())
-            .map(|rank| {
-                let mut dims = mine.dims().to_vec();
-                dims[HEIGHT] = bands.len(rank) * scale;
-                Shape::from(dims)
-            })
-            .collect();
-        let video = Tensor::cat(&comm.all_gather(&mine, &shapes)?, HEIGHT)?.clamp(-1f32, 1f32)?;
+        let video = gather_bands(&mine, &bands, scale, comm)?.clamp(-1f32, 1f32)?;
         to_channel_major(&video)
     }
 
@@ -224,6 +208,39 @@ impl WanVae {
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&chunks, 1)?)
     }
+}
+
+/// One band of `height` latent rows per rank of `comm`, split as evenly as they go; an
+/// [`Error::InvalidConfig`] when there are fewer rows than ranks.
+pub(super) fn row_bands(height: usize, comm: &dyn Communicator) -> Result<Partition> {
+    if height < comm.world_size() {
+        return Err(Error::InvalidConfig {
+            field: "parallel VAE decode".into(),
+            reason: format!(
+                "{height} latent rows cannot give each of {} ranks a band",
+                comm.world_size()
+            ),
+        });
+    }
+    Partition::balanced(height, comm.world_size())
+}
+
+/// Every rank's decoded band (`mine`: this rank's, time-major, `scale` rows per latent row),
+/// joined top to bottom on every rank.
+pub(super) fn gather_bands(
+    mine: &Tensor,
+    bands: &Partition,
+    scale: usize,
+    comm: &dyn Communicator,
+) -> Result<Tensor> {
+    let shapes: Vec<Shape> = (0..bands.parts())
+        .map(|rank| {
+            let mut dims = mine.dims().to_vec();
+            dims[HEIGHT] = bands.len(rank) * scale;
+            Shape::from(dims)
+        })
+        .collect();
+    Ok(Tensor::cat(&comm.all_gather(mine, &shapes)?, HEIGHT)?)
 }
 
 #[cfg(test)]

@@ -10,12 +10,14 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use turbo_core::parallel::Communicator;
 use turbo_core::{Error, FrameCount, Result};
 
 use super::cache::FeatureCache;
 use super::coder22::Coder22;
 use super::latent::{collect_frames, later_chunks, stream_decode, stream_encode, LatentSide};
 use super::patch::{patchify, unpatchify, PATCH};
+use super::tiling::{gather_bands, row_bands, Span, HEIGHT};
 use super::{to_channel_major, DecodedFrames, VaeConfig};
 use crate::checkpoint::Checkpoint;
 
@@ -97,6 +99,12 @@ impl Vae22Config {
     /// Spatial compression: the 2×2 patch, then ×2 per downsampler (16 in the release).
     pub fn spatial_stride(&self) -> usize {
         PATCH << (self.dim_mult.len() - 1)
+    }
+
+    /// Latent pixels of context the decoder's levels and head read on each side: the halo of
+    /// a band of [`Wan22Vae::decode_parallel`] (13 for the released VAE).
+    pub fn decode_halo(&self) -> usize {
+        Coder22::decoder_halo(self)
     }
 
     /// Checks that the parameters describe a VAE this implementation runs: the checks of
@@ -246,6 +254,41 @@ impl Wan22Vae {
             .decoder
             .decode_chunk(&x, &mut FeatureCache::whole_sequence(), true)?;
         to_channel_major(&unpatchify(&frames)?)
+    }
+
+    /// [`Wan22Vae::decode`] spread over the ranks of `comm`, as [`WanVae::decode_parallel`]
+    /// spreads the Wan2.1 decode: `conv1` and the middle blocks (at latent resolution, with the
+    /// frame-wide attention) run whole on every rank, the levels and the head on one band of
+    /// latent rows per rank widened by [`Vae22Config::decode_halo`], and the bands are gathered
+    /// on every rank. Every rank returns the whole video, equal to the one-device decode up to
+    /// float rounding. A latent with fewer rows than ranks is an [`Error::InvalidConfig`].
+    ///
+    /// [`WanVae::decode_parallel`]: super::WanVae::decode_parallel
+    pub fn decode_parallel(&self, latent: &Tensor, comm: &dyn Communicator) -> Result<Tensor> {
+        let x = self.latent.decoder_input(latent)?;
+        let (_, frames, _, height, _) = x.dims5()?;
+        let bands = row_bands(height, comm)?;
+        let row = Span::band(bands.range(comm.rank()), height, self.cfg.decode_halo());
+        // The decoder's output is patchified: 2×2 pixels per position.
+        let scale = self.cfg.spatial_stride() / PATCH;
+        let mut middle_cache = FeatureCache::default();
+        let mut band_cache = FeatureCache::default();
+        let chunks = (0..frames)
+            .map(|t| {
+                let middle = self
+                    .decoder
+                    .decode_middle_chunk(&x.narrow(1, t, 1)?, &mut middle_cache)?;
+                let band = row.decoded_part(&middle, HEIGHT)?.contiguous()?;
+                let decoded =
+                    self.decoder
+                        .decode_upsampling_chunk(&band, &mut band_cache, t == 0)?;
+                // A copy, so that the uncropped decode is freed.
+                Ok(row.kept_part(&decoded, HEIGHT, scale)?.contiguous()?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mine = Tensor::cat(&chunks, 1)?;
+        let video = unpatchify(&gather_bands(&mine, &bands, scale, comm)?)?;
+        to_channel_major(&video.clamp(-1f32, 1f32)?)
     }
 
     fn collect_chunks(&self, latent: &Tensor, clamp: bool) -> Result<Tensor> {
