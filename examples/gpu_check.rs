@@ -21,6 +21,11 @@
 //!   timesteps), the whole rCM sample, the CLIP image encoder and the Wan2.2 VAE's decode and
 //!   encode.
 //!
+//! On a GPU it also runs the multi-GPU paths on simulated ranks (threads exchanging CUDA
+//! tensors through channels, 3 and 4 of them on this one GPU): the sequence-parallel DiT
+//! forwards, the CFG-parallel guided velocity with each half of the ranks a group, and both
+//! VAEs' split decodes, each against the same computation on this GPU alone (see below).
+//!
 //! `--world-size N` (N > 1, build with `--features nccl`, one process per GPU as
 //! `scripts/multi-gpu.sh` starts them) checks the multi-GPU paths instead: on every rank, the
 //! Ulysses sequence-parallel DiT forward (every golden DiT file, and a 40-head DiT shaped like
@@ -43,6 +48,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use turbo_core::golden::{relative_error, GoldenFile};
+use turbo_core::parallel::simulate;
 use turbo_sampler::golden::RcmGolden;
 use turbodiffusion::attention::{
     Attention, AttentionConfig, AttentionKernel, BlockSizes, DenseAttention, DenseConfig, ProjL,
@@ -110,6 +116,9 @@ fn main() -> Result<ExitCode> {
     for &dtype in &args.dtypes {
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
         checks.extend(golden_checks(&device, dtype, threshold)?);
+        if device.is_cuda() {
+            checks.extend(simulated_rank_checks(&device, dtype, threshold, args.seed)?);
+        }
     }
     Ok(report(&checks))
 }
@@ -117,7 +126,7 @@ fn main() -> Result<ExitCode> {
 /// Prints the table of `checks`; failure if any check misses its threshold.
 fn report(checks: &[Check]) -> ExitCode {
     println!(
-        "{:<58} {:>11} {:>10}  result",
+        "{:<68} {:>11} {:>10}  result",
         "check", "rel. error", "threshold"
     );
     let mut failed = 0;
@@ -126,7 +135,7 @@ fn report(checks: &[Check]) -> ExitCode {
         failed += usize::from(!pass);
         let verdict = if pass { "pass" } else { "FAIL" };
         println!(
-            "{:<58} {:>11.3e} {:>10.1e}  {verdict}",
+            "{:<68} {:>11.3e} {:>10.1e}  {verdict}",
             check.name, check.error, check.threshold
         );
     }
@@ -168,17 +177,57 @@ fn multi_gpu_main(args: &Args) -> Result<ExitCode> {
         // The shards' projections see fewer rows, so sums round differently; bf16 rounds
         // each layer's output, which carries such differences further.
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
-        checks.extend(multi_gpu::checks(&comm, dtype, threshold, args.seed)?);
+        checks.extend(parallel_checks::checks(
+            &comm,
+            comm.device(),
+            dtype,
+            threshold,
+            args.seed,
+        )?);
     }
     let code = report(&checks);
     Ok(code)
 }
 
-/// The multi-GPU checks of `--world-size`: every parallel path against one GPU.
-#[cfg(feature = "nccl")]
-mod multi_gpu {
+/// The parallel paths on simulated ranks (threads) sharing this GPU: the sharding plans, the
+/// groups and the exchanges on CUDA tensors, without NCCL. Each check's error is the largest
+/// over the ranks.
+fn simulated_rank_checks(
+    device: &Device,
+    dtype: DType,
+    threshold: f64,
+    seed: u64,
+) -> Result<Vec<Check>> {
+    let mut checks: Vec<Check> = Vec::new();
+    // Three ranks split heads and tokens unevenly; four run a guided pass on each half.
+    for world in [3, 4] {
+        let per_rank = simulate(world, |comm| {
+            Ok(parallel_checks::checks(
+                comm, device, dtype, threshold, seed,
+            ))
+        })?;
+        let per_rank = per_rank.into_iter().collect::<Result<Vec<_>>>()?;
+        for (i, check) in per_rank[0].iter().enumerate() {
+            let error = per_rank
+                .iter()
+                .map(|rank| rank[i].error)
+                .fold(0.0, f64::max);
+            // Rank 0 has told its progress already.
+            checks.push(Check {
+                name: format!("simulated ranks: {}", check.name),
+                error,
+                threshold,
+            });
+        }
+    }
+    Ok(checks)
+}
+
+/// Every parallel path against one GPU, on the ranks of `comm` (each computing on `device`):
+/// NCCL ranks for `--world-size`, simulated ones otherwise.
+mod parallel_checks {
     use super::*;
-    use turbodiffusion::core::parallel::{Communicator, NcclCommunicator};
+    use turbodiffusion::core::parallel::Communicator;
     use turbodiffusion::core::{Denoiser, Timestep};
     use turbodiffusion::models::wan::{
         expected_tensors, ModelType, PatchLayout, SequenceParallelDit,
@@ -186,24 +235,26 @@ mod multi_gpu {
     use turbodiffusion::sampler::{cfg_pass_group, CfgParallel, GuidanceScale, Guided};
 
     pub(super) fn checks(
-        comm: &NcclCommunicator,
+        comm: &dyn Communicator,
+        device: &Device,
         dtype: DType,
         threshold: f64,
         seed: u64,
     ) -> Result<Vec<Check>> {
-        let device = comm.device();
         let tag = format!("{dtype:?}").to_lowercase();
         let world = comm.world_size();
         let mut checks = Vec::new();
         let mut record = |name: String, error: f64| {
-            push(
-                &mut checks,
-                Check {
-                    name,
-                    error,
-                    threshold,
-                },
-            )
+            let check = Check {
+                name,
+                error,
+                threshold,
+            };
+            // Every rank checks; rank 0 tells how far they got.
+            match comm.rank() {
+                0 => push(&mut checks, check),
+                _ => checks.push(check),
+            }
         };
         for name in ["dit_t2v_dense", "dit_t2v_sla", "dit_i2v_clip", "dit_ti2v"] {
             let file = GoldenFile::open(name)?;
@@ -227,14 +278,14 @@ mod multi_gpu {
                 record(format!("dit_t2v_dense CFG parallel x{world} {tag}"), error);
             }
         }
-        let error = wide_dit_error(comm, dtype, seed)?;
+        let error = wide_dit_error(comm, device, dtype, seed)?;
         record(
             format!("40-head DiT (14B blocks) sequence parallel x{world} {tag}"),
             error,
         );
-        let error = vae_error(comm, dtype, seed)?;
+        let error = vae_error(comm, device, dtype, seed)?;
         record(format!("VAE decode split over x{world} {tag}"), error);
-        let error = vae22_error(comm, dtype, seed)?;
+        let error = vae22_error(comm, device, dtype, seed)?;
         record(
             format!("Wan2.2 VAE decode split over x{world} {tag}"),
             error,
@@ -255,7 +306,7 @@ mod multi_gpu {
         x: &Tensor,
         timesteps: &TokenTimesteps,
         condition: &DitCondition,
-        comm: &NcclCommunicator,
+        comm: &dyn Communicator,
     ) -> Result<f64> {
         let one_gpu = dit.forward_with(
             x,
@@ -274,7 +325,7 @@ mod multi_gpu {
         dit: &WanModel<Box<dyn Attention>>,
         x: &Tensor,
         condition: &DitCondition,
-        comm: &NcclCommunicator,
+        comm: &dyn Communicator,
     ) -> Result<f64> {
         let negative = DitCondition::text(condition.context.zeros_like()?);
         let scale = GuidanceScale::Constant(5.0);
@@ -298,8 +349,12 @@ mod multi_gpu {
 
     /// Two blocks shaped like Wan2.1-14B's (40 heads of 128, SLA 0.1), random weights, on a
     /// 9360-token latent: 40 heads do not split evenly over 3, 6 or 7 ranks.
-    fn wide_dit_error(comm: &NcclCommunicator, dtype: DType, seed: u64) -> Result<f64> {
-        let device = comm.device();
+    fn wide_dit_error(
+        comm: &dyn Communicator,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<f64> {
         let cfg = WanConfig {
             num_layers: 2,
             ..WanConfig::wan21_t2v_14b()
@@ -322,8 +377,7 @@ mod multi_gpu {
     }
 
     /// The golden file's small VAE on a random latent of 64 × 40 latent pixels, 3 frames.
-    fn vae_error(comm: &NcclCommunicator, dtype: DType, seed: u64) -> Result<f64> {
-        let device = comm.device();
+    fn vae_error(comm: &dyn Communicator, device: &Device, dtype: DType, seed: u64) -> Result<f64> {
         let file = GoldenFile::open("vae")?;
         let cfg = VaeConfig {
             dim: file.config_f64(&["dim"])? as usize,
@@ -345,13 +399,18 @@ mod multi_gpu {
     }
 
     /// The golden file's small Wan2.2 VAE, split over the ranks against whole on this GPU.
-    fn vae22_error(comm: &NcclCommunicator, dtype: DType, seed: u64) -> Result<f64> {
-        let (_, vae) = golden_vae22(comm.device(), dtype)?;
+    fn vae22_error(
+        comm: &dyn Communicator,
+        device: &Device,
+        dtype: DType,
+        seed: u64,
+    ) -> Result<f64> {
+        let (_, vae) = golden_vae22(device, dtype)?;
         let mut rng = StdRng::seed_from_u64(seed);
         let latent = gaussian((vae.config().z_dim, 3, 40, 24), 0.0, &mut rng)?
             .unsqueeze(0)?
             .to_dtype(dtype)?
-            .to_device(comm.device())?;
+            .to_device(device)?;
         let whole = vae.decode(&latent)?;
         let parallel = vae.decode_parallel(&latent, comm)?;
         Ok(relative_error(&parallel, &whole)?)

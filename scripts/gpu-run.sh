@@ -45,7 +45,7 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 }
 for step in "$@"; do
   case "$step" in
-    check) timeout 300 "$BIN/gpu_check" --device cuda 2>&1 | tee "$OUT/gpu_check.txt" ;;
+    check) timeout 420 "$BIN/gpu_check" --device cuda 2>&1 | tee "$OUT/gpu_check.txt" ;;
     bench-attention) bench attention 240 ;;
     bench-linear) bench linear 120 ;;
     bench-dit) bench dit 240 ;;
