@@ -13,7 +13,8 @@
 //! - the CUDA kernels, fresh random inputs: bf16 flash / SLA / SageSLA attention at
 //!   [1, 1000, 2, 128] and [1, 32760, 12, 128] against the reference path in f32
 //!   (`ATTENTION_KERNEL_BOUND`), SageSLA against SLA by cosine similarity, and the W8A8 GEMM in
-//!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes; the fused
+//!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes; the float
+//!   linears (cuBLASLt, bf16 and f16) against the CPU's f32 product; the fused
 //!   DiT ops (LayerNorm + modulation, gated residual, bias add) against their references; the
 //!   VAE convolution against candle's, and a small random VAE's decode against the CPU;
 //! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the DiT files (T2V
@@ -67,7 +68,8 @@ use turbodiffusion::models::wan::{DitCondition, TokenTimesteps, WanConfig, WanMo
 use turbodiffusion::models::{Vae22Config, Wan22Vae};
 use turbodiffusion::pipeline::RandomCheckpoint;
 use turbodiffusion::quant::{
-    add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Weight,
+    add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Weight, Linear,
+    Module,
 };
 use turbodiffusion::AttentionKind;
 
@@ -112,6 +114,7 @@ fn main() -> Result<ExitCode> {
         checks.extend(fused_op_checks(&device, args.seed)?);
         checks.extend(vae_checks(&device, args.seed)?);
         checks.extend(w8a8_kernel_checks(&device, args.seed)?);
+        checks.extend(float_linear_checks(&device, args.seed)?);
     }
     for &dtype in &args.dtypes {
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
@@ -875,6 +878,56 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                     },
                 );
             }
+        }
+    }
+    Ok(checks)
+}
+
+/// The float linears on the device (bf16 and f16 through cuBLASLt, the bias in its epilogue)
+/// against the CPU's f32 product of the same rounded inputs, on fresh random inputs: a ragged
+/// shape, one whose activations start 3 elements into their buffer (unaligned for cuBLASLt),
+/// one without bias, and the Wan 1.3B FFN shapes. The output's rounding (2⁻⁹ relative in bf16)
+/// dominates.
+fn float_linear_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(6));
+    let mut checks = Vec::new();
+    for (m, k, n, offset, biased) in [
+        (7, 100, 33, 0, true),
+        (130, 272, 203, 3, true),
+        (300, 256, 200, 0, false),
+        (4096, 1536, 8960, 0, true),
+        (2048, 8960, 1536, 0, true),
+    ] {
+        let x_buffer = gaussian((1, 1, 1, offset + m * k), 0.0, &mut rng)?.flatten_all()?;
+        let w = (gaussian((1, 1, n, k), 0.0, &mut rng)?.reshape((n, k))? * 0.02)?;
+        let b = gaussian((1, 1, 1, n), 0.0, &mut rng)?.flatten_all()?;
+        for (dtype, threshold) in [(DType::BF16, 1e-2), (DType::F16, 2e-3)] {
+            let rounded = |t: &Tensor| t.to_dtype(dtype);
+            let x = rounded(&x_buffer)?
+                .narrow(0, offset, m * k)?
+                .reshape((m, k))?;
+            let (w, b) = (rounded(&w)?, biased.then(|| rounded(&b)).transpose()?);
+            let f32_of = |t: &Tensor| t.to_dtype(DType::F32);
+            let cpu = Linear::from_float(f32_of(&w)?, b.as_ref().map(f32_of).transpose()?)?
+                .forward(&f32_of(&x)?)?;
+            let on = |t: &Tensor| t.to_device(device);
+            let layer = Linear::from_float(on(&w)?, b.as_ref().map(on).transpose()?)?;
+            let dev = layer.forward(&on(&x)?)?;
+            let tag = format!("{dtype:?}").to_lowercase();
+            let bias = if biased { " + bias" } else { "" };
+            let at = if offset == 0 {
+                String::new()
+            } else {
+                format!(", x at offset {offset}")
+            };
+            push(
+                &mut checks,
+                Check {
+                    name: format!("kernel linear {tag} [{m}, {k}]·[{n}, {k}]ᵀ{bias}{at} vs cpu"),
+                    error: relative_error(&dev, &cpu)?,
+                    threshold,
+                },
+            );
         }
     }
     Ok(checks)

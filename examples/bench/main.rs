@@ -50,7 +50,7 @@ use turbodiffusion::models::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
 use turbodiffusion::pipeline::{
     I2vRequest, Launched, MemoryEstimate, ModelKind, RandomCheckpoint, SamplerChoice,
 };
-use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight};
+use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight, Linear, Module};
 use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
@@ -464,22 +464,41 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
         let x = x.narrow(1, 0, k)?.contiguous()?;
         let w = (randn(&[n, k], 0.0, device)? * 0.02)?;
         let weight = Int8Weight::quantize(&w)?;
-        let w_t = w.t()?;
-        let bf16_ms = bench.median_ms(|| {
-            x.matmul(&w_t)?;
-            Ok(())
-        })?;
+        let bias = randn(&[n], 0.0, device)?;
         let flops = 2.0 * (m * n * k) as f64;
         let shape = format!("M {m}, K {k}, N {n}");
-        rows.push(Row {
-            section: "linear",
-            what: "bf16 (cuBLAS)".into(),
-            shape: shape.clone(),
-            ms: bf16_ms,
-            note: format!("{:.0} TFLOPS", flops / bf16_ms / 1e9),
-            peak: None,
-            estimate: None,
-        });
+        let w_t = w.t()?;
+        let candle_ms = bench.median_ms(|| {
+            x.matmul(&w_t)?.broadcast_add(&bias)?;
+            Ok(())
+        })?;
+        let layer = Linear::from_float(w.clone(), Some(bias.clone()))?;
+        let bf16_ms = bench.median_ms(|| {
+            layer.forward(&x)?;
+            Ok(())
+        })?;
+        for (what, ms, note) in [
+            (
+                "bf16 x.matmul(wᵀ) + bias (candle, cuBLAS)",
+                candle_ms,
+                String::new(),
+            ),
+            (
+                "bf16 Linear (cuBLASLt, bias in the epilogue)",
+                bf16_ms,
+                format!(", {:.2}× candle", candle_ms / bf16_ms),
+            ),
+        ] {
+            rows.push(Row {
+                section: "linear",
+                what: what.into(),
+                shape: shape.clone(),
+                ms,
+                note: format!("{:.0} TFLOPS{note}", flops / ms / 1e9),
+                peak: None,
+                estimate: None,
+            });
+        }
         for kernel in GemmKernel::ALL {
             let int8_ms = bench.median_ms(|| {
                 int8_matmul_with(&x, weight.int8_weight(), weight.scale(), kernel)?;
@@ -491,7 +510,7 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
                 shape: shape.clone(),
                 ms: int8_ms,
                 note: format!(
-                    "{:.0} TOPS, {:.2}× bf16",
+                    "{:.0} TOPS, {:.2}× the bf16 Linear",
                     flops / int8_ms / 1e9,
                     bf16_ms / int8_ms
                 ),

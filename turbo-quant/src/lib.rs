@@ -61,6 +61,8 @@
 //! feature, on CUDA devices; on other devices [`Int8Matmul`] reports that it has no kernel yet.
 
 #[cfg(feature = "cuda")]
+mod cublaslt;
+#[cfg(feature = "cuda")]
 mod cuda;
 mod gemm;
 mod linear;

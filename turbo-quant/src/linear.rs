@@ -429,13 +429,14 @@ impl Linear {
         })
     }
 
-    /// `x·Wᵀ` of a `[rows, in]` matrix, in the dtype the bias is added in (the float weight's,
-    /// or x's for int8 weights), plus the run-time low-rank term when there is one.
-    fn matmul_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x·Wᵀ (+ bias)` of a `[rows, in]` matrix, in the dtype the bias is added in (the float
+    /// weight's, or x's for int8 weights), plus the run-time low-rank term when there is one.
+    fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
-            Weight::Float(weight) => x.to_dtype(weight.dtype())?.matmul(&weight.t()?)?,
+            Weight::Float(weight) => float_product(&x.to_dtype(weight.dtype())?, weight, bias)?,
             Weight::Int8(weight) => {
-                int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())?
+                let y = int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())?;
+                with_bias(y, bias)?
             }
         };
         match &self.low_rank {
@@ -448,18 +449,13 @@ impl Linear {
     }
 
     fn forward_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = self.matmul_matrix(x)?;
-        let y = match &self.bias {
-            Some(bias) => add_bias(&y, &bias.to_dtype(y.dtype())?)?,
-            None => y,
-        };
-        y.to_dtype(x.dtype())
+        self.product(x, self.bias.as_ref())?.to_dtype(x.dtype())
     }
 
     /// `x·Wᵀ` without the bias, in the dtype of `x`: for an op that adds [`Linear::bias`] as
     /// part of its own pass (the DiT's fused kernels).
     pub fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.map_rows(x, |rows| self.matmul_matrix(rows)?.to_dtype(x.dtype()))
+        self.map_rows(x, |rows| self.product(rows, None)?.to_dtype(x.dtype()))
     }
 
     /// Applies `f` to `x` `[.., in]` as a `[rows, in]` matrix, giving `[.., out]`.
@@ -484,6 +480,29 @@ impl Linear {
         let mut out_dims = leading.to_vec();
         out_dims.push(out_dim);
         y.reshape(out_dims)
+    }
+}
+
+/// `x · weightᵀ (+ bias)` in the weight's dtype: through cuBLASLt with the bias in its epilogue
+/// for bf16 / f16 on CUDA, else candle's matmul and [`add_bias`].
+fn float_product(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if crate::cublaslt::supports(x, weight) {
+        let bias = bias.map(|b| b.to_dtype(weight.dtype())).transpose()?;
+        return crate::cublaslt::linear(x, weight, bias.as_ref());
+    }
+    with_bias(x.matmul(&weight.t()?)?, bias)
+}
+
+/// `y + bias` in y's dtype.
+fn with_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    match bias {
+        Some(bias) => add_bias(&y, &bias.to_dtype(y.dtype())?),
+        None => Ok(y),
     }
 }
 
