@@ -3,13 +3,15 @@
 // read in place. conv.cu's mma.sync kernel and turbo-models' CPU code are the specification.
 //
 // The GEMM is D[positions × O] = A[positions × K] · B[O × K]ᵀ with K = (frame of the window,
-// ky, kx, channel): A is the input in channels-last layout ([frames, H, W, C], written by
-// conv.cu's `channels_last_bf16`), B the weight reordered to [O, kt, k, k, C_pad] (channels
-// zero-padded to a multiple of 64). One k step is one tap (frame i, ky, kx) and 64 channels:
-// the A tile is a TMA box of 64 channels × 64 columns × 2 rows × 1 frame at the tap's shifted
-// coordinates, so the spatial padding (negative or past-the-edge coordinates) reads as TMA's
-// zero fill and no im2col matrix exists; the B tile is a 64-channel × 96-output box. Both land
-// in the 128-byte swizzle: K-major 8-row atoms of 128-byte rows, as wgmma reads them.
+// ky, kx, channel): A is the input in channels-last layout ([images, frames, H, W, C], written
+// by conv.cu's `channels_last_bf16`: a causal layer's remembered frames, then the chunk's),
+// B the weight reordered to [O, kt, k, k, C_pad] (channels zero-padded to a multiple of 64).
+// One k step is one tap (frame i, ky, kx) and 64 channels: the A tile is a TMA box of
+// 64 channels × 64 columns × 2 rows × 1 frame at the tap's shifted coordinates, so the spatial
+// padding and the causal front padding (negative or past-the-edge coordinates) read as TMA's
+// zero fill and neither a padded copy nor an im2col matrix exists; the B tile is a
+// 64-channel × 96-output box. Both land in the 128-byte swizzle: K-major 8-row atoms of
+// 128-byte rows, as wgmma reads them.
 //
 // One CTA per 128 positions (2 rows × 64 columns of the output) × 96 output channels of one
 // window, three warpgroups: warpgroup 0's first thread is the producer, streaming k steps into a
@@ -67,20 +69,21 @@ __device__ __forceinline__ void wgmma_m64n96k16(float d[48], uint64_t a, uint64_
 
 // Where a CTA works: its window's first input frame, its output tile, its k steps.
 struct ConvTile {
-    int base_frame;  // first frame of the window in the [frames, H, W, C] input
+    int image;       // the input image (5th coordinate) the window belongs to
+    int base_frame;  // first frame of the window in its image (negative: front zeros)
     int window;      // index of the window among all of the launch (its output image)
     int x0, y0, o0;  // first output column, row and channel
 };
 
 struct ConvDims {
-    int frames_per_image, windows_per_image, time_stride, window_frames, ksize, pad;
+    int front_zeros, windows_per_image, time_stride, window_frames, ksize, pad;
     int channel_steps;  // C_pad / 64
     int out_h, out_w, out_channels, tiles_x;
 };
 
 __device__ __forceinline__ ConvTile conv_tile(const ConvDims& d) {
     const int image = blockIdx.z / d.windows_per_image, t = blockIdx.z % d.windows_per_image;
-    return {image * d.frames_per_image + t * d.time_stride, (int)blockIdx.z,
+    return {image, t * d.time_stride - d.front_zeros, (int)blockIdx.z,
             (int)(blockIdx.x % d.tiles_x) * BOX_W, (int)(blockIdx.x / d.tiles_x) * BOX_H,
             (int)blockIdx.y * TILE_N};
 }
@@ -98,8 +101,8 @@ __device__ void produce(const CUtensorMap& x_map, const CUtensorMap& w_map, cons
         if (use > 0) mbarrier_wait(empty_bars + 8 * stage, (use - 1) & 1);
         const uint32_t dst = smem_base + stage * STAGE_BYTES, bar = full_bars + 8 * stage;
         mbarrier_arrive_expect_tx(bar, STAGE_BYTES);
-        tma_load_4d(dst, &x_map, channel_step * STEP_C, tile.x0 + kx - d.pad,
-                    tile.y0 + ky - d.pad, tile.base_frame + frame, bar);
+        tma_load_5d(dst, &x_map, channel_step * STEP_C, tile.x0 + kx - d.pad,
+                    tile.y0 + ky - d.pad, tile.base_frame + frame, tile.image, bar);
         tma_load_2d(dst + A_BYTES, &w_map, (tap * d.channel_steps + channel_step) * STEP_C,
                     tile.o0, bar);
     }
@@ -156,20 +159,21 @@ __device__ void store(const float acc[48], int consumer, const ConvDims& d, cons
 
 }  // namespace
 
-// x_map: 4-D tensor map of the channels-last input [frames, H, W, C] (bf16, C a multiple of 8),
-// box 64 × 64 × 2 × 1, 128-byte swizzle; w_map: 2-D map of the weight [O, kt·k·k·C_pad] (bf16),
-// box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both); bias [O] f32; out
-// [windows, O, out_h, out_w] bf16. Window t of image i reads frames i·frames_per_image +
-// t·time_stride + (0 .. window_frames). O a multiple of 96.
+// x_map: 5-D tensor map of the channels-last input [images, frames, H, W, C] (bf16, C a multiple
+// of 8), box 64 × 64 × 2 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
+// [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
+// bias [O] f32; out [windows, O, out_h, out_w] bf16. Window t of image i reads its frames
+// t·time_stride − front_zeros + (0 .. window_frames), zeros where that is negative. O a
+// multiple of 96.
 // grid (tiles_x · ⌈out_h/2⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
                 const __grid_constant__ CUtensorMap w_map, const float* bias, bf16* out,
-                int frames_per_image, int windows_per_image, int time_stride, int window_frames,
+                int front_zeros, int windows_per_image, int time_stride, int window_frames,
                 int ksize, int pad, int channel_steps, int out_h, int out_w, int out_channels,
                 int tiles_x) {
     extern __shared__ __align__(16) uint8_t smem[];
-    const ConvDims d{frames_per_image, windows_per_image, time_stride, window_frames, ksize, pad,
+    const ConvDims d{front_zeros, windows_per_image, time_stride, window_frames, ksize, pad,
                      channel_steps, out_h, out_w, out_channels, tiles_x};
     const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
     const uint32_t smem_base =

@@ -21,6 +21,11 @@ pub struct CausalConv3d {
     /// Zero frames in front of the first frame (`2·p_t` upstream).
     time_padding: usize,
     spatial_padding: usize,
+    /// The weight as `conv_wgmma_bf16` reads it, made on the first call that runs that kernel
+    /// (only then are the device and its compute capability known) and kept: re-laying it out
+    /// at every chunk would cost a few kernels per convolution per latent frame.
+    #[cfg(feature = "cuda")]
+    wgmma_weight: std::sync::OnceLock<cuda::WgmmaWeight>,
 }
 
 /// The shape of a [`CausalConv3d`], as its upstream constructor takes it.
@@ -93,12 +98,37 @@ impl CausalConv3d {
             time_stride: spec.time_stride,
             time_padding: 2 * spec.padding.0,
             spatial_padding: spec.padding.1,
+            #[cfg(feature = "cuda")]
+            wgmma_weight: std::sync::OnceLock::new(),
         })
     }
 
     /// Convolves `x` `[B, T, C, H, W]`, with `history` (`[B, n, C, H, W]`, the last frames of
     /// the previous chunk) standing in for the last `n` of the front zero frames.
     pub fn forward(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        {
+            let (remembered, front_zeros) = self.time_context(history)?;
+            if let Some(out) = cuda::causal_conv(
+                x,
+                remembered.as_ref(),
+                front_zeros,
+                (&self.weight, &self.bias, &self.wgmma_weight),
+                self.spatial_padding,
+                self.time_stride,
+            )? {
+                let (_, out_channels, out_height, out_width) = out.dims4()?;
+                let batch = x.dim(0)?;
+                let out_frames = out.dim(0)? / batch;
+                return Ok(out.reshape((
+                    batch,
+                    out_frames,
+                    out_channels,
+                    out_height,
+                    out_width,
+                ))?);
+            }
+        }
         let padded = self.pad_time(x, history)?;
         let (batch, frames, channels, height, width) = padded.dims5()?;
         if frames < self.time_kernel {
@@ -142,21 +172,28 @@ impl CausalConv3d {
         Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?)
     }
 
-    /// Prepends the history frames and as many zero frames as the causal padding still needs.
-    fn pad_time(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
-        if self.time_padding == 0 {
-            return Ok(x.clone());
-        }
-        let (x, remembered) = match history {
-            Some(history) => {
+    /// The history frames the causal padding takes (the last `time_padding` at most) and the
+    /// zero frames still needed in front of them.
+    fn time_context(&self, history: Option<&Tensor>) -> Result<(Option<Tensor>, usize)> {
+        match history {
+            Some(history) if self.time_padding > 0 => {
                 let remembered = history.dim(1)?.min(self.time_padding);
                 let start = history.dim(1)? - remembered;
                 let kept = history.narrow(1, start, remembered)?;
-                (Tensor::cat(&[&kept, x], 1)?, remembered)
+                Ok((Some(kept), self.time_padding - remembered))
             }
-            None => (x.clone(), 0),
+            _ => Ok((None, self.time_padding)),
+        }
+    }
+
+    /// Prepends the history frames and as many zero frames as the causal padding still needs.
+    fn pad_time(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
+        let (remembered, front_zeros) = self.time_context(history)?;
+        let x = match remembered {
+            Some(kept) => Tensor::cat(&[&kept, x], 1)?,
+            None => x.clone(),
         };
-        Ok(x.pad_with_zeros(1, self.time_padding - remembered, 0)?)
+        Ok(x.pad_with_zeros(1, front_zeros, 0)?)
     }
 }
 
@@ -193,6 +230,8 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
     use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
+    use std::sync::OnceLock;
+
     use candle_core::{DType, Tensor};
     use half::bf16;
     use turbo_core::cuda::{cuda_view, tensor_from_cuda, TensorMap};
@@ -222,8 +261,10 @@ mod cuda {
         let out_h = positions / out_w;
         let taps = channels * ksize * ksize;
         if x.dtype() == DType::BF16 && wgmma_applies(&x, ksize, channels, out_channels)? {
-            let windows = Windows::images(batch);
-            let out = wgmma_conv(&x, &windows, weight, bias, padding)?;
+            let input = ChannelsLast::concat(&[&x.unsqueeze(0)?])?;
+            let prepared = WgmmaWeight::new(weight, bias, 1, channels)?;
+            let windows = Windows::single_frames(batch);
+            let out = wgmma_conv(&input, &windows, &prepared, padding)?;
             return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
         }
         if x.dtype() == DType::BF16 && matches!(ksize, 1 | 3) {
@@ -298,23 +339,6 @@ mod cuda {
             });
         }
         let windows = (frames - window_frames) / time_stride + 1;
-        if wgmma_applies(&padded, ksize, channels, out_channels)? {
-            let frames_of_all = padded.reshape((batch * frames, channels, height, width))?;
-            let plan = Windows {
-                images: batch,
-                frames_per_image: frames,
-                per_image: windows,
-                time_stride,
-                window_frames,
-            };
-            return Ok(Some(wgmma_conv(
-                &frames_of_all,
-                &plan,
-                weight,
-                bias,
-                padding,
-            )?));
-        }
         let shape = ConvShape::new(window_channels, height, width, padding, ksize, out_channels)?;
         let outputs = (0..batch)
             .map(|b| {
@@ -365,72 +389,221 @@ mod cuda {
         Ok(dev.cuda_stream().context().compute_capability().w()? == (9, 0))
     }
 
-    /// The convolution windows of a `conv_wgmma_bf16` launch over `[images·frames_per_image,
-    /// C, H, W]` frames: window `t` of image `i` is `window_frames` frames from frame
-    /// `i·frames_per_image + t·time_stride` on, their channels one after the other.
-    struct Windows {
+    /// The layer's `[O, kt·C, k, k]` weight, its bias, and the lazily made [`WgmmaWeight`].
+    pub(super) type LayerWeights<'a> = (&'a Tensor, &'a Tensor, &'a OnceLock<WgmmaWeight>);
+
+    /// The causal conv3d of `x` `[B, T, C, H, W]` after `front_zeros` zero frames and the
+    /// `remembered` frames `[B, n, C, H, W]`, with the layer's weights, on `conv_wgmma_bf16`:
+    /// `[B·T_out, O, H', W']`, or `None` where that kernel does not apply. The zero frames are
+    /// TMA's zero fill and the windows are read in place: nothing is concatenated or padded.
+    pub(super) fn causal_conv(
+        x: &Tensor,
+        remembered: Option<&Tensor>,
+        front_zeros: usize,
+        (weight, bias, prepared): LayerWeights,
+        padding: usize,
+        time_stride: usize,
+    ) -> Result<Option<Tensor>> {
+        let (out_channels, window_channels, ksize, _) = weight.dims4()?;
+        let (batch, frames, channels, _, _) = x.dims5()?;
+        let applies = x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && window_channels % channels.max(1) == 0
+            && wgmma_applies(x, ksize, channels, out_channels)?;
+        if !applies {
+            return Ok(None);
+        }
+        let parts: Vec<&Tensor> = remembered.into_iter().chain([x]).collect();
+        let input = ChannelsLast::concat(&parts)?;
+        let window_frames = window_channels / channels;
+        let padded_frames = front_zeros + input.frames;
+        if window_frames > padded_frames || time_stride == 0 {
+            return Err(Error::Shape {
+                what: format!("conv3d weight {:?} for the input", weight.dims()),
+                expected: format!("[O, kt·{channels}, k, k] with kt ≤ {padded_frames} frames"),
+                got: x.dims().to_vec(),
+            });
+        }
+        let windows = Windows {
+            per_image: (padded_frames - window_frames) / time_stride + 1,
+            time_stride,
+            window_frames,
+            front_zeros,
+        };
+        let prepared = match prepared.get() {
+            Some(prepared) => prepared,
+            None => {
+                let made = WgmmaWeight::new(weight, bias, window_frames, channels)?;
+                prepared.get_or_init(|| made)
+            }
+        };
+        let out = wgmma_conv(&input, &windows, prepared, padding)?;
+        debug_assert_eq!(out.dim(0)?, batch * windows.per_image, "{frames} frames");
+        Ok(Some(out))
+    }
+
+    /// Frames in the channels-last layout `conv_wgmma_bf16` reads, `[images, frames, H, W,
+    /// C]` bf16.
+    struct ChannelsLast {
+        buffer: candle_core::cuda_backend::cudarc::driver::CudaSlice<bf16>,
+        device: candle_core::cuda_backend::CudaDevice,
         images: usize,
-        frames_per_image: usize,
+        frames: usize,
+        height: usize,
+        width: usize,
+        channels: usize,
+    }
+
+    impl ChannelsLast {
+        /// The frames of each of `parts` (`[images, n_i, C, H, W]` bf16, all alike but in
+        /// `n_i`), one part after the other within each image, with `channels_last_bf16`.
+        fn concat(parts: &[&Tensor]) -> Result<Self> {
+            let (images, _, channels, height, width) = parts[0].dims5()?;
+            let frames = parts
+                .iter()
+                .map(|p| p.dim(1))
+                .sum::<candle_core::Result<usize>>()?;
+            let device = parts[0].device().as_cuda_device()?.clone();
+            let frame = channels * height * width;
+            let mut buffer = unsafe { device.alloc::<bf16>(images * frames * frame) }?;
+            let func = device.get_or_load_custom_func(
+                "channels_last_bf16",
+                "turbo_conv",
+                turbo_kernels::CONV,
+            )?;
+            let mut first = 0;
+            for part in parts {
+                let part = part.contiguous()?;
+                let (part_images, count, part_channels, part_height, part_width) = part.dims5()?;
+                if (part_images, part_channels, part_height, part_width)
+                    != (images, channels, height, width)
+                {
+                    return Err(Error::Shape {
+                        what: "remembered frames of a causal conv3d".into(),
+                        expected: format!("[{images}, n, {channels}, {height}, {width}]"),
+                        got: part.dims().to_vec(),
+                    });
+                }
+                let (storage, layout) = part.storage_and_layout();
+                for image in 0..images {
+                    let from = layout.start_offset() + image * count * frame;
+                    let view = cuda_view::<bf16>(&storage, from, "conv input")?;
+                    let mut into = buffer.slice_mut((image * frames + first) * frame..);
+                    let (channels_arg, positions_arg) = (channels as i32, (height * width) as i32);
+                    let mut launch = func.builder();
+                    launch
+                        .arg(&view)
+                        .arg(&mut into)
+                        .arg(&channels_arg)
+                        .arg(&positions_arg);
+                    let cfg = LaunchConfig {
+                        grid_dim: (
+                            (height * width).div_ceil(32) as u32,
+                            channels.div_ceil(32) as u32,
+                            count as u32,
+                        ),
+                        block_dim: (32, 8, 1),
+                        shared_mem_bytes: 0,
+                    };
+                    unsafe { launch.launch(cfg) }.w()?;
+                }
+                first += count;
+            }
+            Ok(Self {
+                buffer,
+                device,
+                images,
+                frames,
+                height,
+                width,
+                channels,
+            })
+        }
+
+        /// Its 5-D TMA map in 64-channel × 64-column × 2-row boxes (one frame of one image).
+        fn tensor_map(&self, ptr: sys::CUdeviceptr) -> Result<TensorMap> {
+            let row = (self.channels * 2) as u64;
+            let frame = row * (self.width * self.height) as u64;
+            TensorMap::swizzled_128b(
+                ptr,
+                sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                &[
+                    self.channels,
+                    self.width,
+                    self.height,
+                    self.frames,
+                    self.images,
+                ]
+                .map(|d| d as u64),
+                &[
+                    row,
+                    row * self.width as u64,
+                    frame,
+                    frame * self.frames as u64,
+                ],
+                &[WGMMA_STEP_C, WGMMA_BOX.0, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
+            )
+        }
+    }
+
+    /// The windows of each image that a `conv_wgmma_bf16` launch convolves: window `t` is
+    /// `window_frames` frames from frame `t·time_stride − front_zeros` on (zeros before the
+    /// first), their channels one after the other.
+    struct Windows {
         per_image: usize,
         time_stride: usize,
         window_frames: usize,
+        front_zeros: usize,
     }
 
     impl Windows {
-        /// A plain 2-D convolution of `count` images: one single-frame window each.
-        fn images(count: usize) -> Self {
+        /// A plain 2-D convolution of `count` images, taken as the frames of one image with a
+        /// single-frame window on each.
+        fn single_frames(count: usize) -> Self {
             Self {
-                images: 1,
-                frames_per_image: count,
                 per_image: count,
                 time_stride: 1,
                 window_frames: 1,
+                front_zeros: 0,
             }
         }
     }
 
-    /// The convolution of each window of `frames` `[F, C, H, W]` (bf16) with `weight`
-    /// `[O, window_frames·C, k, k]` and `bias`, on `conv_wgmma_bf16`: `[windows, O, H', W']`.
+    /// The convolution of each window of `input` with `weight`, on `conv_wgmma_bf16`:
+    /// `[images·windows, O, H', W']`.
     fn wgmma_conv(
-        frames: &Tensor,
+        input: &ChannelsLast,
         windows: &Windows,
-        weight: &Tensor,
-        bias: &Tensor,
+        weight: &WgmmaWeight,
         padding: usize,
     ) -> Result<Tensor> {
-        let (_, channels, height, width) = frames.dims4()?;
-        let (out_channels, _, ksize, _) = weight.dims4()?;
-        let shape = ConvShape::new(channels, height, width, padding, ksize, out_channels)?;
+        let (out_channels, ksize) = (weight.out_channels, weight.ksize);
+        let shape = ConvShape::new(
+            input.channels,
+            input.height,
+            input.width,
+            padding,
+            ksize,
+            out_channels,
+        )?;
         let (out_w, out_h) = (shape.out_w, shape.positions / shape.out_w);
-        let channels_last = channels_last(frames)?;
-        let taps = tap_major_weight(weight, windows.window_frames, channels)?;
-        let bias = bias.to_dtype(DType::F32)?.contiguous()?;
-        let dev = frames.device().as_cuda_device()?;
-        let count = windows.images * windows.per_image;
+        let (taps, bias) = (&weight.taps, &weight.bias);
+        let dev = &input.device;
+        let count = input.images * windows.per_image;
         let out = unsafe { dev.alloc::<bf16>(count * out_channels * shape.positions) }?;
         let stream = dev.cuda_stream();
-        let (xs, xl) = channels_last.storage_and_layout();
         let (ws, wl) = taps.storage_and_layout();
         let (bs, bl) = bias.storage_and_layout();
-        let x_view = cuda_view::<bf16>(&xs, xl.start_offset(), "conv input (channels last)")?;
         let w_view = cuda_view::<bf16>(&ws, wl.start_offset(), "conv weight (tap major)")?;
         let b_view = cuda_view::<f32>(&bs, bl.start_offset(), "conv bias")?;
         // The maps hold raw addresses: the read guards live until the launch is queued.
-        let (x_ptr, _x_read) = x_view.device_ptr(&stream);
+        let (x_ptr, _x_read) = input.buffer.device_ptr(&stream);
         let (w_ptr, _w_read) = w_view.device_ptr(&stream);
-        let bf16_map = sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
-        let row = (channels * 2) as u64;
-        let x_map = TensorMap::swizzled_128b(
-            x_ptr,
-            bf16_map,
-            &[channels, width, height, channels_last.dim(0)?].map(|d| d as u64),
-            &[row, row * width as u64, row * (width * height) as u64],
-            &[WGMMA_STEP_C, WGMMA_BOX.0, WGMMA_BOX.1, 1].map(|d| d as u32),
-        )?;
+        let x_map = input.tensor_map(x_ptr)?;
         let k_total = taps.dim(1)?;
         let w_map = TensorMap::swizzled_128b(
             w_ptr,
-            bf16_map,
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
             &[k_total as u64, out_channels as u64],
             &[(k_total * 2) as u64],
             &[WGMMA_STEP_C as u32, WGMMA_TILE_O as u32],
@@ -448,13 +621,13 @@ mod cuda {
         .w()?;
         let tiles_x = out_w.div_ceil(WGMMA_BOX.0);
         let args = [
-            windows.frames_per_image,
+            windows.front_zeros,
             windows.per_image,
             windows.time_stride,
             windows.window_frames,
             ksize,
             padding,
-            channels.div_ceil(WGMMA_STEP_C),
+            input.channels.div_ceil(WGMMA_STEP_C),
             out_h,
             out_w,
             out_channels,
@@ -483,57 +656,43 @@ mod cuda {
         ))
     }
 
-    /// `[O, window_frames·C, k, k]` → `[O, window_frames·k·k·C_pad]` bf16: for each tap (frame
-    /// of the window, ky, kx) its channels, zero-padded to a multiple of 64, in the order of
-    /// `conv_wgmma_bf16`'s k steps.
-    fn tap_major_weight(weight: &Tensor, window_frames: usize, channels: usize) -> Result<Tensor> {
-        let (out_channels, _, ksize, _) = weight.dims4()?;
-        let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
-        let taps = weight
-            .reshape((out_channels, window_frames, channels, ksize, ksize))?
-            .permute((0, 1, 3, 4, 2))?
-            .pad_with_zeros(4, 0, padded_channels - channels)?
-            .reshape((
-                out_channels,
-                window_frames * ksize * ksize * padded_channels,
-            ))?;
-        Ok(taps.to_dtype(DType::BF16)?.contiguous()?)
+    /// A convolution's weight and bias as `conv_wgmma_bf16` reads them.
+    #[derive(Debug, Clone)]
+    pub(super) struct WgmmaWeight {
+        /// `[O, window_frames·k·k·C_pad]` bf16: for each tap (frame of the window, ky, kx) its
+        /// channels, zero-padded to a multiple of 64, in the order of the kernel's k steps.
+        taps: Tensor,
+        /// `[O]` f32.
+        bias: Tensor,
+        out_channels: usize,
+        ksize: usize,
     }
 
-    /// `[N, C, H, W]` bf16 → `[N, H, W, C]` (contiguous), with `channels_last_bf16`.
-    fn channels_last(x: &Tensor) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let (count, channels, height, width) = x.dims4()?;
-        let positions = height * width;
-        let dev = x.device().as_cuda_device()?;
-        let out = unsafe { dev.alloc::<bf16>(x.elem_count()) }?;
-        {
-            let (storage, layout) = x.storage_and_layout();
-            let view = cuda_view::<bf16>(&storage, layout.start_offset(), "conv input")?;
-            let func = dev.get_or_load_custom_func(
-                "channels_last_bf16",
-                "turbo_conv",
-                turbo_kernels::CONV,
-            )?;
-            let (channels_arg, positions_arg) = (channels as i32, positions as i32);
-            let mut launch = func.builder();
-            launch
-                .arg(&view)
-                .arg(&out)
-                .arg(&channels_arg)
-                .arg(&positions_arg);
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    positions.div_ceil(32) as u32,
-                    channels.div_ceil(32) as u32,
-                    count as u32,
-                ),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
-            unsafe { launch.launch(cfg) }.w()?;
+    impl WgmmaWeight {
+        /// From a `[O, window_frames·C, k, k]` weight and its bias.
+        fn new(
+            weight: &Tensor,
+            bias: &Tensor,
+            window_frames: usize,
+            channels: usize,
+        ) -> Result<Self> {
+            let (out_channels, _, ksize, _) = weight.dims4()?;
+            let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
+            let taps = weight
+                .reshape((out_channels, window_frames, channels, ksize, ksize))?
+                .permute((0, 1, 3, 4, 2))?
+                .pad_with_zeros(4, 0, padded_channels - channels)?
+                .reshape((
+                    out_channels,
+                    window_frames * ksize * ksize * padded_channels,
+                ))?;
+            Ok(Self {
+                taps: taps.to_dtype(DType::BF16)?.contiguous()?,
+                bias: bias.to_dtype(DType::F32)?.contiguous()?,
+                out_channels,
+                ksize,
+            })
         }
-        Ok(tensor_from_cuda(out, dev, (count, height, width, channels)))
     }
 
     /// The images an implicit-GEMM launch convolves: `count` images of `ConvShape::channels`
