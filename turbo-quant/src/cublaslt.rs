@@ -161,11 +161,12 @@ struct Operands {
     y: u64,
 }
 
-/// One cuBLASLt handle and workspace per candle device (each has its own stream), and the
-/// algorithm timed fastest for each shape on it.
+/// One cuBLASLt handle per candle device, and the algorithm timed fastest for each shape on it.
+/// The workspace is allocated per product, on the calling thread's stream: candle's CUDA device
+/// enqueues each thread's work on that thread's own stream, so one workspace shared by threads
+/// could be written by two products at once.
 struct LtContext {
     handle: sys::cublasLtHandle_t,
-    workspace: CudaSlice<u8>,
     algorithms: Mutex<HashMap<GemmShape, sys::cublasLtMatmulAlgo_t>>,
 }
 
@@ -186,7 +187,6 @@ impl LtContext {
         }
         let context = Arc::new(Self {
             handle: result::create_handle().map_err(candle_core::Error::wrap)?,
-            workspace: unsafe { dev.alloc::<u8>(WORKSPACE_BYTES) }?,
             algorithms: Mutex::default(),
         });
         contexts.insert(dev.id(), context.clone());
@@ -196,6 +196,8 @@ impl LtContext {
     /// Runs the product with the shape's algorithm, choosing it first on a new shape.
     fn run(&self, stream: &Arc<CudaStream>, shape: GemmShape, operands: &Operands) -> Result<()> {
         let plan = Plan::new(shape, operands.bias)?;
+        // SAFETY: cuBLASLt only writes the workspace, as scratch.
+        let workspace = unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) }.w()?;
         let known = self
             .algorithms
             .lock()
@@ -205,7 +207,7 @@ impl LtContext {
         let algorithm = match known {
             Some(algorithm) => algorithm,
             None => {
-                let algorithm = self.fastest(stream, &plan, operands)?;
+                let algorithm = self.fastest(stream, &plan, &workspace, operands)?;
                 self.algorithms
                     .lock()
                     .map_err(|_| poisoned())?
@@ -213,7 +215,7 @@ impl LtContext {
                 algorithm
             }
         };
-        self.launch(stream, &plan, &algorithm, operands)
+        self.launch(stream, &plan, &algorithm, &workspace, operands)
     }
 
     /// Times each of the heuristic's candidates on the real operands (the output is written
@@ -222,6 +224,7 @@ impl LtContext {
         &self,
         stream: &Arc<CudaStream>,
         plan: &Plan,
+        workspace: &CudaSlice<u8>,
         operands: &Operands,
     ) -> Result<sys::cublasLtMatmulAlgo_t> {
         let candidates = self.candidates(plan)?;
@@ -231,14 +234,17 @@ impl LtContext {
         let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
         for algorithm in candidates {
             // A candidate the heuristic offered may still refuse these operands: skip it.
-            if self.launch(stream, plan, &algorithm, operands).is_err() {
+            if self
+                .launch(stream, plan, &algorithm, workspace, operands)
+                .is_err()
+            {
                 continue;
             }
             let start = stream
                 .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
                 .w()?;
             for _ in 0..TIMED_RUNS {
-                self.launch(stream, plan, &algorithm, operands)?;
+                self.launch(stream, plan, &algorithm, workspace, operands)?;
             }
             let end = stream
                 .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
@@ -292,10 +298,11 @@ impl LtContext {
         stream: &Arc<CudaStream>,
         plan: &Plan,
         algorithm: &sys::cublasLtMatmulAlgo_t,
+        workspace: &CudaSlice<u8>,
         operands: &Operands,
     ) -> Result<()> {
         let (alpha, beta) = (1f32, 0f32);
-        let (workspace, _workspace_use) = self.workspace.device_ptr(stream);
+        let (workspace, _workspace_use) = workspace.device_ptr(stream);
         // SAFETY: the descriptors describe the operands' shapes; the operands and workspace
         // stay allocated until the work is queued (their guards are held by the callers).
         unsafe {

@@ -1,5 +1,11 @@
 //! Ranks as threads of one process, exchanging tensors through channels: the communicator the
 //! tests check the sharding plans with (on the CPU, or on one GPU standing in for several).
+//!
+//! On a GPU each thread's work goes to its own stream (candle's CUDA device enqueues on the
+//! calling thread's default stream), so a tensor crossing threads is not ordered with the
+//! receiver's work by the stream. The exchange therefore waits for the sender's stream before
+//! sending, and the receiver copies what it received onto its own stream and waits for that
+//! copy: afterwards neither thread's work touches memory the other may reuse.
 
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Mutex;
@@ -117,6 +123,8 @@ impl Communicator for SimulatedCommunicator {
 
     fn all_to_all(&self, sends: &[Tensor], recv_shapes: &[Shape]) -> Result<Vec<Tensor>> {
         check_lists(self, "all_to_all", sends.len(), recv_shapes.len())?;
+        // The parts must be complete before another thread's stream reads them.
+        sends[self.rank].device().synchronize()?;
         // Empty parts are not transferred, as NCCL transfers none: the plan tells the peer to
         // expect nothing. So a group of ranks exchanges without the ranks outside it.
         for (peer, tensor) in sends.iter().enumerate() {
@@ -125,7 +133,7 @@ impl Communicator for SimulatedCommunicator {
                 let _ = self.to[peer].send(tensor.clone());
             }
         }
-        recv_shapes
+        let received = recv_shapes
             .iter()
             .enumerate()
             .map(|(peer, shape)| {
@@ -136,8 +144,26 @@ impl Communicator for SimulatedCommunicator {
                 check_received(self, "all_to_all", peer, &received, shape)?;
                 Ok(received)
             })
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        let copies = received
+            .iter()
+            .enumerate()
+            .map(|(peer, part)| own_copy(part, peer == self.rank))
+            .collect::<Result<Vec<_>>>()?;
+        // The copies are done before the originals may be freed, on either thread's stream.
+        sends[self.rank].device().synchronize()?;
+        drop(received);
+        Ok(copies)
     }
+}
+
+/// A received GPU tensor as a copy made on this thread's stream (see the module notes); this
+/// rank's own part and host tensors as they are.
+fn own_copy(received: &Tensor, own: bool) -> Result<Tensor> {
+    if own || received.device().is_cpu() {
+        return Ok(received.clone());
+    }
+    Ok(received.copy()?)
 }
 
 impl SimulatedCommunicator {

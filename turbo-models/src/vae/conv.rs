@@ -434,6 +434,9 @@ mod cuda {
             Some(prepared) => prepared,
             None => {
                 let made = WgmmaWeight::new(weight, bias, window_frames, channels)?;
+                // Laid out on this thread's stream; another thread sharing the layer reads it
+                // on its own (candle enqueues per thread), so it must be complete first.
+                weight.device().synchronize()?;
                 prepared.get_or_init(|| made)
             }
         };
