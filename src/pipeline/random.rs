@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
@@ -77,6 +78,10 @@ impl RandomCheckpoint {
         }
         let shape = self.shape(name)?;
         let (mean, std) = value_scale(name, shape);
+        // The device's generator is shared by every thread using the device: seeding and
+        // drawing must not interleave with another thread's, or the draw is not this seed's.
+        static DRAW: Mutex<()> = Mutex::new(());
+        let _drawing = DRAW.lock().unwrap_or_else(PoisonError::into_inner);
         device.set_seed(self.seed ^ fnv1a(name.as_bytes()))?;
         Ok(Tensor::randn(mean, std, shape.as_slice(), device)?.to_dtype(dtype)?)
     }
