@@ -9,6 +9,7 @@
 # Usage: scripts/gpu-run.sh <step>...
 #   steps: check, bench-<section> (attention, linear, dit, vae, t2v), bench-dit-14b (a 14B DiT
 #   forward at 720p), bench-t2v-14b (14B T2V at 720p), bench-i2v (Wan2.2 A14B I2V at 720p),
+#   bench-i2v-14b (Wan2.1 I2V-14B with CLIP at 720p, W8A8, the teacher cut to 2 steps),
 #   bench-lora (a rank-32 LoRA on the 14B: merge time, forward merged / as a run-time branch),
 #   bench-ti2v (TI2V-5B 1280x704, 121 frames, bf16 and W8A8),
 #   bench-e2e / bench-e2e-a14b (time to video from released-format files, cold and warm),
@@ -54,6 +55,7 @@ for step in "$@"; do
     bench-dit-14b) bench dit 500 dit_14b --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 ;;
     bench-t2v-14b) bench t2v 600 t2v_14b --t2v-model 14b --t2v-size 1280x720 --skip-cold-run ;;
     bench-i2v) bench i2v 600 i2v --i2v-size 1280x720 --skip-cold-run ;;
+    bench-i2v-14b) bench i2v 500 i2v_14b --i2v-model wan21-i2v-14b --i2v-size 1280x720 --skip-cold-run --teacher-steps 2 ;;
     bench-ti2v) bench ti2v 400 ti2v --skip-cold-run ;;
     bench-lora) bench lora 500 lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32 ;;
     # Time to video from files in the released formats (written under /tmp first, once).

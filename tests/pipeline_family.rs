@@ -284,10 +284,16 @@ fn published_defaults_per_model() {
 }
 
 /// The estimates behind the memory targets: TI2V-5B at 1280×704, 121 frames, bf16
-/// fits 24 GB; the 14B I2V and FLF2V at 720p in W8A8 do too. Full-size random weights are
-/// drawn lazily, so nothing large is allocated.
+/// fits 24 GB; the 14B I2V and FLF2V at 720p in W8A8 fit a 24 GB card. Full-size random
+/// weights are drawn lazily, so nothing large is allocated.
+///
+/// A "24 GB" card (RTX 3090 / 4090, L4, A10) has 24 GiB; less half a GiB for the CUDA context
+/// that leaves 23.5 GiB. The I2V-14B's denoising peak measured 22.53 GiB on an H100 (the
+/// estimate is calibrated on it, `docs/bench/v11_h100_bench_i2v_14b.json`): under that, though
+/// over 24·10⁹ bytes.
 #[test]
 fn memory_estimates_of_the_new_models_fit_24_gb() {
+    const CARD_24GB: u64 = (24 << 30) - (1 << 29);
     let attention = AttentionConfig::new(AttentionKind::sagesla(0.1).unwrap());
     let full =
         |kind| Pipeline::random_weights(kind, 0, attention, Device::Cpu, DType::BF16).unwrap();
@@ -322,8 +328,11 @@ fn memory_estimates_of_the_new_models_fit_24_gb() {
             "{kind:?} 720p W8A8: {:.2} GiB",
             estimate.peak() as f64 / GIB as f64
         );
-        assert!(estimate.peak() < budget, "{kind:?}");
+        assert!(estimate.peak() < CARD_24GB, "{kind:?}");
         let float = full(kind).estimate_memory_i2v(&request).unwrap();
-        assert!(float.peak() > budget, "{kind:?}: bf16 linears do not fit");
+        assert!(
+            float.peak() > CARD_24GB,
+            "{kind:?}: bf16 linears do not fit"
+        );
     }
 }

@@ -69,9 +69,12 @@ struct Args {
     /// Frame size of the `t2v` section, WIDTHxHEIGHT.
     #[arg(long, default_value = "832x480", value_parser = parse_size)]
     t2v_size: (usize, usize),
-    /// Frame size of the `i2v` section (Wan2.2 A14B, two experts), WIDTHxHEIGHT.
+    /// Frame size of the `i2v` section, WIDTHxHEIGHT.
     #[arg(long, default_value = "1280x720", value_parser = parse_size)]
     i2v_size: (usize, usize),
+    /// Model of the `i2v` section.
+    #[arg(long, default_value = "a14b")]
+    i2v_model: I2vModel,
     /// Frames of the `t2v` and `i2v` videos (4n + 1).
     #[arg(long, default_value_t = 81)]
     video_frames: usize,
@@ -112,9 +115,10 @@ struct Args {
     /// Model of the DiT rows: 1.3b (480p) or 14b (720p), 81 frames.
     #[arg(long, default_value = "1.3b")]
     dit_model: ModelShape,
-    /// Denoising steps of the `ti2v` section's teacher (published: 50).
+    /// Denoising steps of the teachers (the `ti2v` section, and the `i2v` section's Wan2.1
+    /// models; published: 40–50), whose rows then give the denoise stage for those steps.
     #[arg(long, default_value_t = 4)]
-    ti2v_steps: usize,
+    teacher_steps: usize,
     /// Model of the `e2e` section: 1.3b (text to video at `--t2v-size`) or a14b-i2v (image to
     /// video at `--i2v-size`), `--video-frames` frames.
     #[arg(long, default_value = "1.3b")]
@@ -778,7 +782,7 @@ fn vae22_decode_row(
 }
 
 /// TI2V-5B text-to-video at 1280×704, 121 frames, with random weights, in bf16 and W8A8: the
-/// published UniPC teacher with guidance, cut to `--ti2v-steps` steps (the rows give the
+/// published UniPC teacher with guidance, cut to `--teacher-steps` steps (the rows give the
 /// denoise stage's time for those steps), per stage, with each stage's estimate.
 fn ti2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     for quant in [false, true] {
@@ -788,16 +792,14 @@ fn ti2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
             ModelKind::Wan22Ti2v5B,
             "a red fox runs through fresh snow at dawn",
         );
-        if let SamplerChoice::Teacher { steps, .. } = &mut request.sampler {
-            *steps = args.ti2v_steps;
-        }
+        cut_teacher(&mut request.sampler, args);
         let estimate = pipeline.estimate_memory(&request)?;
         let linears = if quant { "W8A8" } else { "bf16 linears" };
         let video = VideoRun {
             section: "ti2v",
             shape: format!(
                 "Wan2.2-TI2V-5B, 1280x704, 121 frames, UniPC {} steps with CFG, {linears}",
-                args.ti2v_steps
+                args.teacher_steps
             ),
             estimate,
             cold_run: !args.skip_cold_run,
@@ -836,19 +838,65 @@ fn t2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
     })
 }
 
-/// A whole 4-step Wan2.2 A14B image-to-video (two experts, one resident at a time) with
-/// random weights and a random input image, per stage, with each stage's estimate.
+/// The models of the `i2v` section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum I2vModel {
+    /// Wan2.2 I2V A14B: two experts, one resident at a time, rCM 4 steps.
+    #[value(name = "a14b")]
+    A14b,
+    /// Wan2.1 I2V-14B 720P: CLIP on the image, the UniPC teacher with CFG.
+    #[value(name = "wan21-i2v-14b")]
+    Wan21I2v14b,
+    /// Wan2.1 FLF2V-14B: CLIP on the first and last frames, the UniPC teacher with CFG.
+    #[value(name = "flf2v-14b")]
+    Flf2v14b,
+}
+
+impl I2vModel {
+    fn kind_and_name(self) -> (ModelKind, &'static str) {
+        match self {
+            Self::A14b => (ModelKind::Wan22I2VA14B, "Wan2.2-A14B"),
+            Self::Wan21I2v14b => (ModelKind::Wan21I2V14B720P, "Wan2.1-I2V-14B"),
+            Self::Flf2v14b => (ModelKind::Wan21Flf2v14B, "Wan2.1-FLF2V-14B"),
+        }
+    }
+}
+
+/// A teacher sampler cut to `--teacher-steps` steps; other samplers as they are.
+fn cut_teacher(sampler: &mut SamplerChoice, args: &Args) {
+    if let SamplerChoice::Teacher { steps, .. } = sampler {
+        *steps = args.teacher_steps;
+    }
+}
+
+/// A whole image-to-video of `--i2v-model` (the A14B: two experts, one resident at a time;
+/// the Wan2.1 models with their CLIP encoder and a teacher cut to `--teacher-steps`) with
+/// random weights and random input images, per stage, with each stage's estimate.
 fn i2v_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()> {
-    let pipeline = random_pipeline(ModelKind::Wan22I2VA14B, device, args)?;
+    let (kind, name) = args.i2v_model.kind_and_name();
+    let pipeline = random_pipeline(kind, device, args)?;
     let (width, height) = args.i2v_size;
     let image = random_image(width, height, args.seed)?;
-    let mut request = I2vRequest::new(image, "a paper boat drifts down a rainy street");
+    let mut request = I2vRequest::for_model(kind, image, "a paper boat drifts down a rainy street");
+    if args.i2v_model == I2vModel::Flf2v14b {
+        request.end_image = Some(random_image(width, height, args.seed + 1)?);
+    }
     request.video.size = Some(args.i2v_size);
     request.video.frames = args.video_frames;
+    cut_teacher(&mut request.video.sampler, args);
     let estimate = pipeline.estimate_memory_i2v(&request)?;
+    let steps = match &request.video.sampler {
+        SamplerChoice::Teacher { solver, steps, .. } => {
+            format!("{solver} {steps} steps with CFG")
+        }
+        _ => "4 steps".to_owned(),
+    };
     let video = VideoRun {
         section: "i2v",
-        shape: video_shape("Wan2.2-A14B", args.i2v_size, args.video_frames),
+        shape: format!(
+            "{name}, {width}x{height}, {} frames, {steps}",
+            args.video_frames
+        ),
         estimate,
         cold_run: !args.skip_cold_run,
         linears: "W8A8",
