@@ -13,6 +13,7 @@
 #   bench-lora (a rank-32 LoRA on the 14B: merge time, forward merged / as a run-time branch),
 #   bench-ti2v (TI2V-5B 1280x704, 121 frames, bf16 and W8A8),
 #   bench-e2e / bench-e2e-a14b (time to video from released-format files, cold and warm),
+#   bench-e2e-resident / bench-e2e-resident-all (the same with umT5 / every model kept loaded),
 #   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
@@ -60,7 +61,8 @@ for step in "$@"; do
     bench-lora) bench lora 500 lora --dit-model 14b --dit-attention sagesla:0.1 --lora-rank 32 ;;
     # Time to video from files in the released formats (written under /tmp first, once).
     bench-e2e) bench e2e 400 e2e --e2e-model 1.3b ;;
-    bench-e2e-resident) bench e2e 300 e2e_resident --e2e-model 1.3b --e2e-processes 1 --e2e-resident-text-encoder ;;
+    bench-e2e-resident) bench e2e 300 e2e_resident --e2e-model 1.3b --e2e-processes 1 --e2e-residency text-encoder ;;
+    bench-e2e-resident-all) bench e2e 300 e2e_resident_all --e2e-model 1.3b --e2e-processes 1 --e2e-requests 3 --e2e-residency all ;;
     bench-e2e-a14b) bench e2e 590 e2e_a14b --e2e-model a14b-i2v --e2e-processes 1 ;;
     # The upstream reference (PyTorch, Wan2.1's VAE) in the same run: copy the Wan2.1
     # wan/modules folder to .upstream/wan21/modules and make .upstream/vae_anchor.py from the

@@ -41,6 +41,38 @@ pub enum E2eModel {
     A14bI2v,
 }
 
+/// What the `e2e` pipeline keeps loaded between requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum E2eResidency {
+    /// Nothing: every request reads every file.
+    None,
+    /// umT5 on the device; the DiT and the VAE read at every request.
+    TextEncoder,
+    /// umT5, the DiT and the VAE (`Residency::ALL`).
+    All,
+}
+
+impl E2eResidency {
+    fn residency(self) -> Residency {
+        match self {
+            Self::None => Residency::NONE,
+            Self::TextEncoder => Residency {
+                text_encoder: true,
+                ..Residency::NONE
+            },
+            Self::All => Residency::ALL,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::None => "umT5 streamed from its file at every request",
+            Self::TextEncoder => "umT5 kept on the device between requests",
+            Self::All => "umT5, the DiT and the VAE kept on the device between requests",
+        }
+    }
+}
+
 impl E2eModel {
     fn kind(self) -> ModelKind {
         match self {
@@ -114,10 +146,7 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
                     run.index
                 ),
             };
-            let text = match args.e2e_resident_text_encoder {
-                true => "umT5 kept on the device between requests",
-                false => "umT5 streamed from its file at every request",
-            };
+            let text = args.e2e_residency.describe();
             let note =
                 format!("{jit}; files in the page cache; sagesla 0.1, W8A8 -quant files; {text}");
             rows.push(row(what, run.wall_ms, note));
@@ -252,10 +281,7 @@ pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
         .checkpoint_dir(&args.e2e_dir)
         .attention(AttentionKind::sagesla(0.1)?)
         .quant_linear(true)
-        .residency(Residency {
-            text_encoder: args.e2e_resident_text_encoder,
-            ..Residency::NONE
-        })
+        .residency(args.e2e_residency.residency())
         .device(device.clone())
         .dtype(DType::BF16)
         .build()?;

@@ -133,9 +133,10 @@ struct Args {
     /// Videos each `e2e` process makes on its one pipeline.
     #[arg(long, default_value_t = 2)]
     e2e_requests: usize,
-    /// The `e2e` pipeline keeps its text encoder on the device between requests.
-    #[arg(long)]
-    e2e_resident_text_encoder: bool,
+    /// What the `e2e` pipeline keeps loaded between requests: none, text-encoder (umT5 on
+    /// the device), all (umT5, the DiT and the VAE).
+    #[arg(long, default_value = "none")]
+    e2e_residency: e2e::E2eResidency,
     /// Run as the `e2e` section's child process.
     #[arg(long, hide = true)]
     e2e_child: bool,
