@@ -7,23 +7,13 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use common::{key_list, max_abs_diff, relative_error, KeyShapes};
+use common::{key_list, max_abs_diff, relative_error, vae22_config, KeyShapes};
 use turbo_core::golden::GoldenFile;
 use turbo_models::vae::{Vae22Config, Wan22Vae};
 
-fn config(file: &GoldenFile) -> Vae22Config {
-    // Attention sits only in the middle blocks, as in the release.
-    assert_eq!(
-        file.config()["attn_scales"].as_array().map(Vec::len),
-        Some(0)
-    );
-    let list = |name: &str| file.tensor(name).unwrap().to_vec1::<f32>().unwrap();
-    Vae22Config::from_value(file.config(), list("in.latent_mean"), list("in.latent_std")).unwrap()
-}
-
 fn load() -> (GoldenFile, Wan22Vae) {
     let file = GoldenFile::open("vae22").unwrap();
-    let cfg = config(&file);
+    let cfg = vae22_config(&file);
     let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
     let vae = Wan22Vae::load(vb, &cfg).unwrap();
     (file, vae)
@@ -101,7 +91,7 @@ fn loader_keys_are_the_golden_weights() {
         .into_iter()
         .map(|(name, tensor)| (name, tensor.dims().to_vec()))
         .collect();
-    let expected = Wan22Vae::expected_keys(&config(&file));
+    let expected = Wan22Vae::expected_keys(&vae22_config(&file));
     assert_eq!(expected.len(), weights.len(), "duplicate expected keys");
     assert_eq!(expected.into_iter().collect::<KeyShapes>(), weights);
 }

@@ -5,49 +5,17 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::vae_config;
 use turbo_core::golden::GoldenFile;
-use turbo_models::vae::{VaeConfig, VaeTiling, WanVae, WAN21_LATENT_MEAN, WAN21_LATENT_STD};
+use turbo_models::vae::{VaeTiling, WanVae};
 
 fn relative_error(out: &Tensor, reference: &Tensor) -> f64 {
     turbo_core::golden::relative_error(out, reference).unwrap()
 }
 
-fn config(file: &GoldenFile) -> VaeConfig {
-    let cfg = file.config();
-    let usize_of = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
-    let constants = |key: &str, wan21: &[f32]| match cfg[key].as_str() {
-        Some("wan2.1") => wan21.to_vec(),
-        _ => cfg[key]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect(),
-    };
-    VaeConfig {
-        dim: usize_of(&cfg["dim"]),
-        z_dim: usize_of(&cfg["z_dim"]),
-        dim_mult: cfg["dim_mult"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(usize_of)
-            .collect(),
-        num_res_blocks: usize_of(&cfg["num_res_blocks"]),
-        temporal_downsample: cfg["temperal_downsample"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_bool().unwrap())
-            .collect(),
-        latent_mean: constants("latent_mean", &WAN21_LATENT_MEAN),
-        latent_std: constants("latent_std", &WAN21_LATENT_STD),
-    }
-}
-
 fn load() -> (GoldenFile, WanVae) {
     let file = GoldenFile::open("vae").unwrap();
-    let cfg = config(&file);
+    let cfg = vae_config(&file);
     let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
     let vae = WanVae::load(vb, &cfg).unwrap();
     (file, vae)
@@ -117,7 +85,7 @@ fn streaming_decode_hands_out_frames_in_order() {
 #[test]
 fn loader_keys_are_the_golden_weights() {
     let file = GoldenFile::open("vae").unwrap();
-    common::assert_golden_holds_exactly(&file, &WanVae::expected_keys(&config(&file)));
+    common::assert_golden_holds_exactly(&file, &WanVae::expected_keys(&vae_config(&file)));
 }
 
 #[test]

@@ -2,36 +2,31 @@
 //! decode's halo) equals the one-device decode, for the Wan2.1 and the Wan2.2 VAE, at world
 //! sizes 1 to 4 and rows the world size does not divide.
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use common::{vae22_config, vae_config};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use turbo_core::golden::{relative_error, GoldenFile};
 use turbo_core::parallel::{simulate, SimulatedCommunicator};
 use turbo_core::Error;
-use turbo_models::vae::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
+use turbo_models::vae::{Vae22Config, Wan22Vae, WanVae};
 
-/// The golden file's small VAE (the released structure at a smaller width).
+/// The `vae` golden file's small Wan2.1 VAE.
 fn small_vae() -> WanVae {
     let file = GoldenFile::open("vae").unwrap();
-    let cfg = VaeConfig {
-        dim: file.config_f64(&["dim"]).unwrap() as usize,
-        num_res_blocks: file.config_f64(&["num_res_blocks"]).unwrap() as usize,
-        ..VaeConfig::wan21()
-    };
     let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
-    WanVae::load(vb, &cfg).unwrap()
+    WanVae::load(vb, &vae_config(&file)).unwrap()
 }
 
 /// The `vae22` golden file's small Wan2.2 VAE.
 fn small_vae22() -> Wan22Vae {
     let file = GoldenFile::open("vae22").unwrap();
-    let list = |name: &str| file.tensor(name).unwrap().to_vec1::<f32>().unwrap();
-    let cfg = Vae22Config::from_value(file.config(), list("in.latent_mean"), list("in.latent_std"))
-        .unwrap();
     let vb = VarBuilder::from_tensors(file.weights().unwrap(), DType::F32, &Device::Cpu);
-    Wan22Vae::load(vb, &cfg).unwrap()
+    Wan22Vae::load(vb, &vae22_config(&file)).unwrap()
 }
 
 fn latent(z: usize, frames: usize, height: usize, width: usize) -> Tensor {

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionConfig, AttentionKind, BlockSizes};
 use turbo_core::golden::GoldenFile;
+use turbo_models::vae::{Vae22Config, VaeConfig, WAN21_LATENT_MEAN, WAN21_LATENT_STD};
 use turbo_models::wan::{TokenTimesteps, WanConfig, WanModel};
 
 pub struct DitCase {
@@ -175,4 +176,50 @@ pub fn key_list(name: &str) -> KeyShapes {
             (key.to_owned(), dims)
         })
         .collect()
+}
+
+/// The Wan2.1 VAE of a `vae` golden file: every dimension from its `config`, the latent
+/// statistics Wan2.1's where it says `wan2.1`.
+pub fn vae_config(file: &GoldenFile) -> VaeConfig {
+    let cfg = file.config();
+    let usize_of = |v: &serde_json::Value| v.as_u64().unwrap() as usize;
+    let constants = |key: &str, wan21: &[f32]| match cfg[key].as_str() {
+        Some("wan2.1") => wan21.to_vec(),
+        _ => cfg[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect(),
+    };
+    VaeConfig {
+        dim: usize_of(&cfg["dim"]),
+        z_dim: usize_of(&cfg["z_dim"]),
+        dim_mult: cfg["dim_mult"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(usize_of)
+            .collect(),
+        num_res_blocks: usize_of(&cfg["num_res_blocks"]),
+        temporal_downsample: cfg["temperal_downsample"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect(),
+        latent_mean: constants("latent_mean", &WAN21_LATENT_MEAN),
+        latent_std: constants("latent_std", &WAN21_LATENT_STD),
+    }
+}
+
+/// The Wan2.2 VAE of a `vae22` golden file: its `config` and latent statistics.
+pub fn vae22_config(file: &GoldenFile) -> Vae22Config {
+    // Attention sits only in the middle blocks, as in the release.
+    assert_eq!(
+        file.config()["attn_scales"].as_array().map(Vec::len),
+        Some(0)
+    );
+    let list = |name: &str| file.tensor(name).unwrap().to_vec1::<f32>().unwrap();
+    Vae22Config::from_value(file.config(), list("in.latent_mean"), list("in.latent_std")).unwrap()
 }
