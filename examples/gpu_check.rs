@@ -338,15 +338,12 @@ mod parallel_checks {
         };
         let one_gpu = Guided::new(dit, &negative, scale)?.velocity(x, t, condition)?;
         let group = cfg_pass_group(comm)?;
-        let parallel = if group.world_size() == 1 {
-            CfgParallel::new(dit, &negative, scale, comm)?.velocity(x, t, condition)?
-        } else {
-            let pass = SequenceParallelDit {
-                model: dit,
-                comm: &group,
-            };
-            CfgParallel::new(&pass, &negative, scale, comm)?.velocity(x, t, condition)?
+        let pass = SequenceParallelDit {
+            model: dit,
+            comm: &group,
         };
+        let parallel =
+            CfgParallel::new(&pass, &negative, scale, comm)?.velocity(x, t, condition)?;
         Ok(relative_error(&parallel, &one_gpu)?)
     }
 

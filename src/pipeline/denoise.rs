@@ -180,13 +180,8 @@ impl Run<'_> {
     ) -> Result<Option<StepReport>> {
         match (self, negative) {
             (Self::Teacher(run, guidance), Some(negative)) if !is_unguided(guidance) => {
+                // On two ranks each group is one rank, whose pass is a plain forward.
                 let group = cfg_pass_group(comm)?;
-                if group.world_size() == 1 {
-                    return run.step(
-                        &CfgParallel::new(model, negative, *guidance, comm)?,
-                        condition,
-                    );
-                }
                 let pass = SequenceParallelDit {
                     model,
                     comm: &group,

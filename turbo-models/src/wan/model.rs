@@ -16,9 +16,6 @@ use crate::lora::{LoraMode, LoraSummary, ScaledLora, Slot, Unadapted};
 /// The largest model time (`1000 · s` at s = 1, pure noise).
 const MAX_MODEL_TIME: f64 = 1000.0;
 
-/// W8A8 quantises activations in tiles of this many rows (tokens).
-const W8A8_TILE_ROWS: usize = 128;
-
 /// Where a block's self-attention backend keeps its weights (SLA's `proj_l`).
 pub(crate) const ATTENTION_WEIGHTS: &str = "self_attn.attn_op.local_attn";
 
@@ -326,7 +323,8 @@ impl<A: Attention> WanModel<A> {
     ///
     /// Shards start at multiples of 128 tokens for a model with W8A8 linears (the activation
     /// tiles are then those of one device), anywhere otherwise. A video with fewer token
-    /// shards than ranks is an [`Error::InvalidConfig`].
+    /// shards than ranks is an [`Error::InvalidConfig`]. On a communicator of one rank this is
+    /// exactly [`WanModel::forward_with`].
     pub fn forward_sequence_parallel(
         &self,
         x: &Tensor,
@@ -340,14 +338,14 @@ impl<A: Attention> WanModel<A> {
             &condition.context,
             condition.image.as_ref(),
             condition.clip.as_ref(),
-            Some(comm),
+            (comm.world_size() > 1).then_some(comm),
         )
     }
 
     /// Token shards of an int8 model start on W8A8's 128-row activation tiles.
     fn token_alignment(&self) -> usize {
         if self.int8_linears() > 0 {
-            W8A8_TILE_ROWS
+            turbo_quant::TILE
         } else {
             1
         }
