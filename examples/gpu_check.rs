@@ -58,7 +58,8 @@ use turbodiffusion::attention::{
 use turbodiffusion::core::{parse_dtype, DeviceSpec};
 use turbodiffusion::models::clip::{ClipConfig, ClipVisionEncoder};
 use turbodiffusion::models::vae::{
-    conv2d_biased, conv2d_biased_reference, CausalConv3d, Conv3dSpec, VaeConfig, WanVae,
+    conv2d_biased, conv2d_biased_reference, upsampled_conv2d_biased, CausalConv3d, Conv3dSpec,
+    VaeConfig, WanVae,
 };
 use turbodiffusion::models::wan::fused::{
     bias_gelu, bias_gelu_reference, gated_residual, gated_residual_reference, layer_norm_affine,
@@ -209,6 +210,12 @@ fn simulated_rank_checks(
                 comm, device, dtype, threshold, seed,
             ))
         })?;
+        // The first error is often a rank that saw another leave: show every rank's.
+        for (rank, result) in per_rank.iter().enumerate() {
+            if let Err(error) = result {
+                eprintln!("simulated rank {rank} of {world}: {error:#}");
+            }
+        }
         let per_rank = per_rank.into_iter().collect::<Result<Vec<_>>>()?;
         for (i, check) in per_rank[0].iter().enumerate() {
             let error = per_rank
@@ -724,14 +731,41 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
             );
         }
     }
+    checks.extend(upsampled_conv_checks(device, &mut rng)?);
     checks.extend(causal_conv_checks(device, &mut rng)?);
+    // Width 8 takes the generic kernels; the release's width 96 the wgmma convolutions with
+    // the norm writing their channels-last input, the upsamplers' fused ×2, the residual in
+    // the epilogue and the narrow head.
+    for (dim, (height, width)) in [(8, (8, 8)), (96, (6, 10))] {
+        checks.extend(vae_decode_checks(
+            device,
+            seed,
+            dim,
+            (height, width),
+            &mut rng,
+        )?);
+    }
+    Ok(checks)
+}
+
+/// A random VAE of width `dim` (one residual block a level) decoding 3 latent frames of
+/// `height × width` on the device, in f32 and bf16, against the CPU in f32.
+fn vae_decode_checks(
+    device: &Device,
+    seed: u64,
+    dim: usize,
+    (height, width): (usize, usize),
+    rng: &mut StdRng,
+) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
     let cfg = VaeConfig {
-        dim: 8,
+        dim,
         num_res_blocks: 1,
         ..VaeConfig::wan21()
     };
     let weights = RandomCheckpoint::new(seed, WanVae::expected_keys(&cfg));
-    let latent = gaussian((1, 16, 3, 64), 0.0, &mut rng)?.reshape((1, 16, 3, 8, 8))?;
+    let latent =
+        gaussian((1, 16, 3, height * width), 0.0, rng)?.reshape((1, 16, 3, height, width))?;
     let cpu = WanVae::load(weights.clone().var_builder(DType::F32, &Device::Cpu), &cfg)?
         .decode(&latent)?;
     for (dtype, threshold) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
@@ -746,7 +780,9 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
         push(
             &mut checks,
             Check {
-                name: format!("VAE decode (dim 8, random weights) {tag} device vs cpu f32"),
+                name: format!(
+                    "VAE decode (dim {dim}, latent {height}×{width}, random weights) {tag} device vs cpu f32"
+                ),
                 error: relative_error(&decoded, &cpu)?,
                 threshold,
             },
@@ -755,11 +791,50 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
+/// The upsamplers' nearest ×2 and 3×3 convolution (on the `wgmma` path the ×2 is part of the
+/// channels-last pass: a 384 → 192 layer; the mma.sync path upsamples first: 12 → 5), on the
+/// device against candle's upsampling and conv2d on the CPU.
+fn upsampled_conv_checks(device: &Device, rng: &mut StdRng) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    for (frames, channels, height, width, out_channels) in [(2, 384, 30, 52, 192), (3, 12, 7, 9, 5)]
+    {
+        let x = gaussian((frames, channels, height, width), 0.0, rng)?;
+        let scale = 1.0 / ((channels * 9) as f64).sqrt();
+        let weight = (gaussian((out_channels, channels, 3, 3), 0.0, rng)? * scale)?;
+        let bias = gaussian((1, 1, 1, out_channels), 0.0, rng)?.flatten_all()?;
+        for (dtype, threshold) in [(DType::F32, 1e-5), (DType::BF16, 1e-2)] {
+            let rounded =
+                |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_dtype(DType::F32)?) };
+            let cpu = conv2d_biased_reference(
+                &rounded(&x)?.upsample_nearest2d(2 * height, 2 * width)?,
+                &rounded(&weight)?,
+                &rounded(&bias)?,
+                1,
+            )?;
+            let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+            let dev = upsampled_conv2d_biased(&on(&x)?, &on(&weight)?, &on(&bias)?, 1)?;
+            let tag = format!("{dtype:?}").to_lowercase();
+            push(
+                &mut checks,
+                Check {
+                    name: format!(
+                        "kernel upsampled conv2d {tag} [{frames}, {channels}, {height}, {width}] ×2 → {out_channels} vs cpu"
+                    ),
+                    error: relative_error(&dev, &cpu)?,
+                    threshold,
+                },
+            );
+        }
+    }
+    Ok(checks)
+}
+
 /// The VAE's causal conv3d layers at their real widths (each time window read in place: the
 /// wgmma kernel on compute capability 9.0, mma.sync elsewhere), in bf16 on the device against
 /// the same layer in f32 on the CPU: a 3×3×3 layer with remembered frames at a size that
 /// leaves partial tiles, the decoder's first layer (16 latent channels, padded to a k step),
-/// the temporal upsampler's 3×1×1 layer and the downsampler's stride-2 one.
+/// the temporal upsampler's 3×1×1 layer, the downsampler's stride-2 one, and the two VAEs'
+/// decoder heads (3 and 12 output channels: the implicit GEMM's narrow tile).
 fn causal_conv_checks(device: &Device, rng: &mut StdRng) -> Result<Vec<Check>> {
     let time_conv = |in_channels, out_channels, time_padding, time_stride| Conv3dSpec {
         in_channels,
@@ -774,6 +849,8 @@ fn causal_conv_checks(device: &Device, rng: &mut StdRng) -> Result<Vec<Check>> {
         (Conv3dSpec::cube(16, 384, 3, 1), 1, 0, 12, 20),
         (time_conv(384, 768, 1, 1), 4, 2, 12, 20),
         (time_conv(192, 192, 0, 2), 5, 0, 24, 40),
+        (Conv3dSpec::cube(96, 3, 3, 1), 4, 2, 30, 70),
+        (Conv3dSpec::cube(256, 12, 3, 1), 4, 2, 24, 40),
     ] {
         let (kt, k, _) = spec.kernel;
         let random = |frames: usize, rng: &mut StdRng| -> Result<Tensor> {

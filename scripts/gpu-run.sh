@@ -49,7 +49,7 @@ for step in "$@"; do
   case "$step" in
     check) timeout 420 "$BIN/gpu_check" --device cuda 2>&1 | tee "$OUT/gpu_check.txt" ;;
     bench-attention) bench attention 240 ;;
-    bench-linear) bench linear 120 ;;
+    bench-linear) bench linear 150 linear --log debug ;;
     bench-dit) bench dit 240 ;;
     bench-vae) bench vae 240 ;;
     bench-t2v) bench t2v 300 ;;

@@ -156,6 +156,10 @@ struct Args {
     json: Option<PathBuf>,
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// The library's log messages shown on stderr, from this level up: error, warn, info,
+    /// debug (e.g. each cuBLASLt algorithm timing), trace.
+    #[arg(long, default_value = "warn")]
+    log: tracing::Level,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -246,6 +250,10 @@ struct Row {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(args.log)
+        .with_writer(std::io::stderr)
+        .try_init();
     let launch = Launched::from_env()?;
     // Only rank 0 of a multi-GPU launch prints and writes files.
     let reporting = launch.as_ref().is_none_or(|launch| launch.rank() == 0);

@@ -214,6 +214,9 @@ impl PipelineBuilder {
         self
     }
 
+    /// The device the pipeline computes on (default the CPU). On CUDA, building the pipeline
+    /// lets the device's memory pool keep freed memory for reuse
+    /// ([`turbo_core::keep_freed_memory`]).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
         self
@@ -246,6 +249,7 @@ impl PipelineBuilder {
             }
         };
         let dit = self.kind.dit_config();
+        turbo_core::keep_freed_memory(&self.device)?;
         Pipeline {
             tokenizer: fit_tokenizer(PromptTokenizer::from_file(&files.tokenizer)?, &dit),
             models: ModelSet {
@@ -356,6 +360,7 @@ impl Pipeline {
         dtype: DType,
     ) -> Result<Self> {
         attention.kind.validate()?;
+        turbo_core::keep_freed_memory(&device)?;
         Ok(Self {
             tokenizer: fit_tokenizer(tokenizer, &models.dit),
             models,

@@ -14,12 +14,17 @@ pub enum DeviceSpec {
 }
 
 impl DeviceSpec {
-    /// Opens the device. Without the `cuda` feature, `Cuda` fails with candle's
-    /// "not compiled with cuda support" error.
+    /// Opens the device; on CUDA its memory pool keeps freed memory for reuse
+    /// ([`keep_freed_memory`](crate::memory::keep_freed_memory)). Without the `cuda` feature,
+    /// `Cuda` fails with candle's "not compiled with cuda support" error.
     pub fn open(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Cuda(ordinal) => Ok(Device::new_cuda(ordinal)?),
+            Self::Cuda(ordinal) => {
+                let device = Device::new_cuda(ordinal)?;
+                crate::memory::keep_freed_memory(&device)?;
+                Ok(device)
+            }
         }
     }
 }

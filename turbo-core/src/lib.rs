@@ -32,7 +32,9 @@ pub use geometry::{
     AspectRatio, FrameCount, FrameSize, LatentShape, Resolution, VideoGeometry, LATENT_CHANNELS,
     MAX_FRAMES, MAX_FRAME_SIDE, PATCH_SIZE, VAE_STRIDE,
 };
-pub use memory::{available_memory, memory_usage, reset_peak_memory, MemoryUsage};
+pub use memory::{
+    available_memory, keep_freed_memory, memory_usage, reset_peak_memory, MemoryUsage,
+};
 pub use sampling::{
     Denoiser, NoProgress, NoiseSource, Progress, ReplayNoise, SeededNoise, Stage, StageReport,
     StepReport, Timestep,

@@ -37,6 +37,23 @@ pub fn memory_usage(device: &Device) -> Result<Option<MemoryUsage>> {
     }
 }
 
+/// Lets `device`'s memory pool keep the memory tensors free, for the next allocations, instead
+/// of giving it back to the driver at every synchronisation (the pool's default release
+/// threshold is 0). With the default, an allocation after a synchronisation maps its pages
+/// afresh: on an H100 that added 0.07–1.5 ms to each linear at the Wan shapes when every call
+/// was waited for (`docs/performance.md`, v12), where PyTorch's caching allocator, which keeps
+/// freed memory likewise, adds nothing. The kept memory stays reusable by this process's
+/// tensors (and [`available_memory`] counts it as available); it is not available to other
+/// processes or to allocations outside the pool. [`DeviceSpec::open`](crate::DeviceSpec::open)
+/// calls this; call it on a device made otherwise. No-op on the CPU.
+pub fn keep_freed_memory(device: &Device) -> Result<()> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda_pool::keep_freed(cuda),
+        _ => Ok(()),
+    }
+}
+
 /// Starts a new peak measurement: the peak becomes the memory in use now. No-op on the CPU.
 pub fn reset_peak_memory(device: &Device) -> Result<()> {
     match device {
@@ -121,6 +138,16 @@ mod cuda_pool {
         // SAFETY: `pool` is the device's live default pool and `zero` outlives the call.
         let status = unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&raw mut zero).cast()) };
         check(status, "cuMemPoolSetAttribute(USED_MEM_HIGH)")
+    }
+
+    pub(super) fn keep_freed(device: &CudaDevice) -> Result<()> {
+        let pool = default_pool(device)?;
+        let mut threshold = u64::MAX;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        // SAFETY: `pool` is the device's live default pool; the threshold is a 64-bit integer
+        // that outlives the call.
+        let status = unsafe { sys::cuMemPoolSetAttribute(pool, attr, (&raw mut threshold).cast()) };
+        check(status, "cuMemPoolSetAttribute(RELEASE_THRESHOLD)")
     }
 
     fn default_pool(device: &CudaDevice) -> Result<sys::CUmemoryPool> {

@@ -65,38 +65,79 @@ extern "C" __global__ void im2col_rows_bf16(const bf16* x, bf16* col, int channe
 namespace {
 
 // The Wan VAE's channel RMS norm: x / max(‖x‖₂ over the channels, 1e-12) · scale[channel],
-// then SiLU when asked, computed in f32. x is [outer, channels, inner] (inner: the pixels of
-// a frame); one thread per (outer, pixel), reading its channel column twice.
+// then SiLU when asked, computed in f32. x is [outer, channels, inner] (inner: the pixels of a
+// frame). A CTA holds NORM_PIXELS pixels' channel columns in shared memory, so x is read once;
+// it writes them back either in x's layout or channels last, [outer, inner, channels] (the
+// layout conv_sm90a.cu's TMA boxes read, so a convolution after the norm needs no transpose).
+constexpr int NORM_PIXELS = 32;
+constexpr int NORM_THREADS = 256;
+constexpr int NORM_PARTS = NORM_THREADS / NORM_PIXELS;  // threads summing one pixel's squares
+// Row pitch of the shared tile: with 34 bf16 a row, the channels-last write's reads of 32
+// consecutive channels of one pixel fall in 32 distinct banks.
+constexpr int NORM_PITCH = NORM_PIXELS + 2;
+
+template <typename T>
+__device__ __forceinline__ float normalised(T value, float inv_norm, float scale, bool silu) {
+    float v = turbo::to_float(value) * inv_norm * scale;
+    return silu ? v / (1.f + __expf(-v)) : v;
+}
+
 template <typename T>
 __device__ void channel_rms_norm(const T* __restrict__ x, const float* __restrict__ scale,
-                                 T* __restrict__ out, int channels, int inner, bool silu) {
-    const int pixel = blockIdx.x * blockDim.x + threadIdx.x;
-    if (pixel >= inner) return;
-    const size_t base = (size_t)blockIdx.y * channels * inner + pixel;
+                                 T* __restrict__ out, int channels, int inner, bool silu,
+                                 bool channels_last) {
+    extern __shared__ __align__(16) unsigned char norm_smem[];
+    T* tile = reinterpret_cast<T*>(norm_smem);  // [channels][NORM_PITCH]
+    __shared__ float partial[NORM_PARTS][NORM_PIXELS];
+    __shared__ float inv_norm[NORM_PIXELS];
+    const int p0 = blockIdx.x * NORM_PIXELS, pixels = min(NORM_PIXELS, inner - p0);
+    const int p = threadIdx.x % NORM_PIXELS, part = threadIdx.x / NORM_PIXELS;
+    const size_t frame = (size_t)blockIdx.y * channels * inner;
     float squares = 0.f;
-    for (int c = 0; c < channels; ++c) {
-        const float v = turbo::to_float(x[base + (size_t)c * inner]);
-        squares += v * v;
+#pragma unroll 4
+    for (int c = part; c < channels; c += NORM_PARTS) {
+        const T v = p < pixels ? x[frame + (size_t)c * inner + p0 + p] : zero<T>();
+        tile[c * NORM_PITCH + p] = v;
+        const float f = turbo::to_float(v);
+        squares += f * f;
     }
-    const float inv_norm = 1.f / fmaxf(sqrtf(squares), 1e-12f);
-    for (int c = 0; c < channels; ++c) {
-        float v = turbo::to_float(x[base + (size_t)c * inner]) * inv_norm * scale[c];
-        if (silu) v = v / (1.f + __expf(-v));
-        turbo::store(out + base + (size_t)c * inner, v);
+    partial[part][p] = squares;
+    __syncthreads();
+    if (threadIdx.x < NORM_PIXELS) {
+        float sum = 0.f;
+        for (int i = 0; i < NORM_PARTS; ++i) sum += partial[i][threadIdx.x];
+        inv_norm[threadIdx.x] = 1.f / fmaxf(sqrtf(sum), 1e-12f);
     }
+    __syncthreads();
+    if (channels_last) {
+        T* dst = out + ((size_t)blockIdx.y * inner + p0) * channels;
+        for (int i = threadIdx.x; i < pixels * channels; i += NORM_THREADS) {
+            const int q = i / channels, c = i % channels;
+            turbo::store(dst + i, normalised(tile[c * NORM_PITCH + q], inv_norm[q], scale[c], silu));
+        }
+        return;
+    }
+    if (p >= pixels) return;
+    for (int c = part; c < channels; c += NORM_PARTS)
+        turbo::store(out + frame + (size_t)c * inner + p0 + p,
+                     normalised(tile[c * NORM_PITCH + p], inv_norm[p], scale[c], silu));
 }
 
 }  // namespace
 
-// grid (⌈inner/256⌉, outer), 256 threads; scale f32 [channels].
-extern "C" __global__ void channel_rms_norm_f32(const float* x, const float* scale, float* out,
-                                                int channels, int inner, int silu) {
-    channel_rms_norm(x, scale, out, channels, inner, silu != 0);
+// grid (⌈inner/NORM_PIXELS⌉, outer), NORM_THREADS threads, channels · NORM_PITCH · sizeof(T)
+// bytes of dynamic shared memory; scale f32 [channels]; out [outer, channels, inner], or
+// [outer, inner, channels] when channels_last is set.
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+channel_rms_norm_f32(const float* x, const float* scale, float* out, int channels, int inner,
+                     int silu, int channels_last) {
+    channel_rms_norm(x, scale, out, channels, inner, silu != 0, channels_last != 0);
 }
 
-extern "C" __global__ void channel_rms_norm_bf16(const bf16* x, const float* scale, bf16* out,
-                                                 int channels, int inner, int silu) {
-    channel_rms_norm(x, scale, out, channels, inner, silu != 0);
+extern "C" __global__ void __launch_bounds__(NORM_THREADS)
+channel_rms_norm_bf16(const bf16* x, const float* scale, bf16* out, int channels, int inner,
+                      int silu, int channels_last) {
+    channel_rms_norm(x, scale, out, channels, inner, silu != 0, channels_last != 0);
 }
 
 namespace {
@@ -108,9 +149,10 @@ using turbo::ldmatrix_x4;
 using turbo::ldmatrix_x4_trans;
 using turbo::mma_bf16;
 
-// Implicit-GEMM tiles: 128 output channels × 128 output positions per CTA, 32 taps per step;
-// 8 warps of 64 channels × 32 positions.
-constexpr int CONV_BM = 128;
+// Implicit-GEMM tiles: BM output channels × 128 output positions per CTA, 32 taps per step, 8
+// warps. BM is 128 (warps of 64 channels × 32 positions) or, for the layers with a handful of
+// output channels (the decoder's 3-channel head), 16 (warps of 16 channels × 16 positions):
+// padding 3 channels to 128 made that layer 8 ms a chunk at 480p, 43 products of 44 on zeros.
 constexpr int CONV_BN = 128;
 constexpr int CONV_BK = 32;
 constexpr int CONV_THREADS = 256;
@@ -128,16 +170,20 @@ constexpr int TAPS_PER_THREAD = CONV_BK / TAP_ROWS;
 // k = (c·KSIZE + ky)·KSIZE + kx. bf16 in and out, f32 accumulation on tensor cores. Weight
 // tiles stream in through cp.async; the next step's input values are gathered into registers
 // while the tensor cores work on the current step.
-template <int KSIZE>
+template <int KSIZE, int BM>
 __device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stride,
                                 const bf16* __restrict__ weight, const float* __restrict__ bias,
                                 bf16* __restrict__ out, int channels, int height, int width,
                                 int pad, int out_w, int positions, int out_channels, int k_pad) {
-    __shared__ __align__(16) bf16 a_tile[2][CONV_BM * A_PITCH];
+    constexpr int WARPS_M = BM >= 64 ? BM / 64 : 1, WARPS_N = 8 / WARPS_M;
+    constexpr int MI = BM / WARPS_M / 16;        // m16 tiles per warp
+    constexpr int NJ = CONV_BN / WARPS_N / 8;    // n8 tiles per warp
+    static_assert(MI >= 1 && NJ % 2 == 0, "whole m16 tiles, n8 tiles in ldmatrix pairs");
+    __shared__ __align__(16) bf16 a_tile[2][BM * A_PITCH];
     __shared__ __align__(16) bf16 b_tile[2][CONV_BK * B_PITCH];
-    const int n = blockIdx.z, o0 = blockIdx.y * CONV_BM, p0 = blockIdx.x * CONV_BN;
+    const int n = blockIdx.z, o0 = blockIdx.y * BM, p0 = blockIdx.x * CONV_BN;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
+    const int warp_m = (warp / WARPS_N) * (16 * MI), warp_n = (warp % WARPS_N) * (8 * NJ);
     const int taps = channels * KSIZE * KSIZE;
     const bf16* image = x + (size_t)n * image_stride;
     const int run = (threadIdx.x % (CONV_BN / RUN)) * RUN, first_tap = threadIdx.x / (CONV_BN / RUN);
@@ -145,7 +191,7 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stri
     const int run_y = run_start / out_w, run_x = run_start % out_w;
 
     auto load_a = [&](int step, int stage) {
-        for (int c = threadIdx.x; c < CONV_BM * CONV_BK / 8; c += CONV_THREADS) {
+        for (int c = threadIdx.x; c < BM * CONV_BK / 8; c += CONV_THREADS) {
             const int r = c / (CONV_BK / 8), chunk = (c % (CONV_BK / 8)) * 8;
             const bool valid = o0 + r < out_channels;
             const bf16* src = weight + (size_t)(valid ? o0 + r : 0) * k_pad + step * CONV_BK + chunk;
@@ -179,9 +225,9 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stri
                 *reinterpret_cast<const uint4*>(values[i]);
     };
 
-    float acc[4][4][4];
-    for (int i = 0; i < 4; ++i)
-        for (int j = 0; j < 4; ++j)
+    float acc[MI][NJ][4];
+    for (int i = 0; i < MI; ++i)
+        for (int j = 0; j < NJ; ++j)
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
     const int steps = k_pad / CONV_BK;
@@ -201,16 +247,16 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stri
             gather_b(step + 1, next);
         }
         for (int ks = 0; ks < CONV_BK; ks += 16) {
-            uint32_t a[4][4];
-            for (int i = 0; i < 4; ++i) {
+            uint32_t a[MI][4];
+            for (int i = 0; i < MI; ++i) {
                 const int row = warp_m + i * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
                 ldmatrix_x4(a[i], &a_tile[stage][row * A_PITCH + ks + 8 * (lane >> 4)]);
             }
             const int b_row = ks + ((lane >> 3) & 1) * 8 + (lane & 7);
-            for (int jj = 0; jj < 2; ++jj) {
+            for (int jj = 0; jj < NJ / 2; ++jj) {
                 uint32_t b[4];
                 ldmatrix_x4_trans(b, &b_tile[stage][b_row * B_PITCH + warp_n + jj * 16 + (lane >> 4) * 8]);
-                for (int i = 0; i < 4; ++i) {
+                for (int i = 0; i < MI; ++i) {
                     mma_bf16(acc[i][2 * jj], a[i], b[0], b[1]);
                     mma_bf16(acc[i][2 * jj + 1], a[i], b[2], b[3]);
                 }
@@ -220,8 +266,8 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stri
     }
 
     bf16* dst = out + (size_t)n * out_channels * positions;
-    for (int i = 0; i < 4; ++i) {
-        for (int j = 0; j < 4; ++j) {
+    for (int i = 0; i < MI; ++i) {
+        for (int j = 0; j < NJ; ++j) {
             for (int e = 0; e < 4; ++e) {
                 const int o = o0 + warp_m + i * 16 + g + 8 * (e >> 1);
                 const int q = p0 + warp_n + j * 8 + 2 * t + (e & 1);
@@ -239,29 +285,30 @@ __device__ void conv2d_implicit(const bf16* __restrict__ x, long long image_stri
 // time-major [T, C', H, W] video are the C = kt·C' channels from frame t on, so consecutive
 // windows are C'·H·W apart and need no copy). weight [O, k_pad] bf16 (taps then zeros up to
 // k_pad, a multiple of 32); bias [O] f32; out [N, O, out_h, out_w] with positions = out_h·out_w.
-// grid (⌈positions/128⌉, ⌈O/128⌉, N), 256 threads.
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-conv2d_implicit_k3_bf16(const bf16* x, long long image_stride, const bf16* weight,
-                        const float* bias, bf16* out, int channels, int height, int width,
-                        int pad, int out_w, int positions, int out_channels, int k_pad) {
-    conv2d_implicit<3>(x, image_stride, weight, bias, out, channels, height, width, pad, out_w,
-                       positions, out_channels, k_pad);
-}
+// grid (⌈positions/128⌉, ⌈O/128⌉, N), 256 threads; the `_o16` kernels take ⌈O/16⌉ CTAs in y
+// (for O ≤ 16).
+#define CONV2D_IMPLICIT(name, ksize, bm)                                                        \
+    extern "C" __global__ void __launch_bounds__(CONV_THREADS)                                  \
+    name(const bf16* x, long long image_stride, const bf16* weight, const float* bias,          \
+         bf16* out, int channels, int height, int width, int pad, int out_w, int positions,     \
+         int out_channels, int k_pad) {                                                         \
+        conv2d_implicit<ksize, bm>(x, image_stride, weight, bias, out, channels, height, width, \
+                                   pad, out_w, positions, out_channels, k_pad);                 \
+    }
+CONV2D_IMPLICIT(conv2d_implicit_k3_bf16, 3, 128)
+CONV2D_IMPLICIT(conv2d_implicit_k1_bf16, 1, 128)
+CONV2D_IMPLICIT(conv2d_implicit_k3_o16_bf16, 3, 16)
+CONV2D_IMPLICIT(conv2d_implicit_k1_o16_bf16, 1, 16)
 
-extern "C" __global__ void __launch_bounds__(CONV_THREADS)
-conv2d_implicit_k1_bf16(const bf16* x, long long image_stride, const bf16* weight,
-                        const float* bias, bf16* out, int channels, int height, int width,
-                        int pad, int out_w, int positions, int out_channels, int k_pad) {
-    conv2d_implicit<1>(x, image_stride, weight, bias, out, channels, height, width, pad, out_w,
-                       positions, out_channels, k_pad);
-}
-
-// x [N, C, P] → y [N, P, C] (channels last, the layout conv_sm90a.cu's TMA boxes read), in
-// 32 × 32 tiles through shared memory so that both the reads and the writes are coalesced.
-// grid (⌈P/32⌉, ⌈C/32⌉, N), 32 × 8 threads.
+// x [N, C, H, W] → y [N, H·scale, W·scale, C] (channels last, the layout conv_sm90a.cu's TMA
+// boxes read; scale > 1 repeats each pixel scale × scale times: the VAE upsamplers' nearest
+// upsampling, done in the same pass), in 32 × 32 tiles through shared memory so that both the
+// reads and the writes are coalesced.
+// grid (⌈H·W/32⌉, ⌈C/32⌉, N), 32 × 8 threads.
 extern "C" __global__ void channels_last_bf16(const bf16* __restrict__ x, bf16* __restrict__ y,
-                                              int channels, int positions) {
+                                              int channels, int height, int width, int scale) {
     __shared__ bf16 tile[32][33];
+    const int positions = height * width;
     const size_t image = (size_t)blockIdx.z * channels * positions;
     const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
     for (int r = threadIdx.y; r < 32; r += 8) {
@@ -269,8 +316,15 @@ extern "C" __global__ void channels_last_bf16(const bf16* __restrict__ x, bf16* 
         if (c < channels && p < positions) tile[r][threadIdx.x] = x[image + (size_t)c * positions + p];
     }
     __syncthreads();
+    bf16* out = y + image * scale * scale;
+    const int out_w = width * scale;
     for (int r = threadIdx.y; r < 32; r += 8) {
         const int p = p0 + r, c = c0 + threadIdx.x;
-        if (p < positions && c < channels) y[image + (size_t)p * channels + c] = tile[threadIdx.x][r];
+        if (p >= positions || c >= channels) continue;
+        const int iy = p / width, ix = p % width;
+        for (int dy = 0; dy < scale; ++dy)
+            for (int dx = 0; dx < scale; ++dx)
+                out[((size_t)(iy * scale + dy) * out_w + ix * scale + dx) * channels + c] =
+                    tile[threadIdx.x][r];
     }
 }

@@ -18,7 +18,8 @@
 // STAGES-deep ring (a `full` mbarrier per stage completes when both boxes have landed, an
 // `empty` one when both consumers have read it); warpgroups 1 and 2 each multiply 64 of the
 // positions against the 96 channels, keeping one step's wgmmas in flight while the next is
-// issued, and add the bias in the epilogue, which writes NCHW.
+// issued, and add the bias (and a residual, where the layer has one) in the epilogue, which
+// writes NCHW.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -78,7 +79,9 @@ struct ConvTile {
 struct ConvDims {
     int front_zeros, windows_per_image, time_stride, window_frames, ksize, pad;
     int channel_steps;  // C_pad / 64
-    int out_h, out_w, out_channels, tiles_x;
+    int out_h, out_w;
+    int stored_channels;  // output channels written: the first of the weight's (padded) ones
+    int tiles_x;
 };
 
 __device__ __forceinline__ ConvTile conv_tile(const ConvDims& d) {
@@ -134,25 +137,32 @@ __device__ void consume(float acc[48], int consumer, uint32_t smem_base, uint32_
 
 // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w..16w+15; for n8
 // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8. Row r
-// of the tile is output position (y0 + r / 64, x0 + r % 64).
+// of the tile is output position (y0 + r / 64, x0 + r % 64). A residual (laid out as the
+// output; null for none) is added before the one rounding to bf16.
 __device__ void store(const float acc[48], int consumer, const ConvDims& d, const ConvTile& tile,
-                      const float* __restrict__ bias, bf16* __restrict__ out) {
+                      const float* __restrict__ bias, const bf16* __restrict__ residual,
+                      bf16* __restrict__ out) {
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
     const int positions = d.out_h * d.out_w;
     const int first_row = consumer * 64 + ((threadIdx.x % 128) / 32) * 16 + g;
-    bf16* image = out + (size_t)tile.window * d.out_channels * positions;
+    const size_t image = (size_t)tile.window * d.stored_channels * positions;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = first_row + 8 * half;
         const int y = tile.y0 + row / BOX_W, x = tile.x0 + row % BOX_W;
         if (y >= d.out_h || x >= d.out_w) continue;
-        bf16* at = image + y * d.out_w + x;
+        const size_t at = image + y * d.out_w + x;
 #pragma unroll
         for (int j = 0; j < TILE_N / 8; ++j) {
-            const int o = tile.o0 + 8 * j + 2 * t;
-            at[(size_t)o * positions] = __float2bfloat16(acc[4 * j + 2 * half] + bias[o]);
-            at[(size_t)(o + 1) * positions] =
-                __float2bfloat16(acc[4 * j + 2 * half + 1] + bias[o + 1]);
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+                const int o = tile.o0 + 8 * j + 2 * t + e;
+                if (o >= d.stored_channels) continue;
+                const size_t i = at + (size_t)o * positions;
+                float v = acc[4 * j + 2 * half + e] + bias[o];
+                if (residual != nullptr) v += __bfloat162float(residual[i]);
+                out[i] = __float2bfloat16(v);
+            }
         }
     }
 }
@@ -162,19 +172,21 @@ __device__ void store(const float acc[48], int consumer, const ConvDims& d, cons
 // x_map: 5-D tensor map of the channels-last input [images, frames, H, W, C] (bf16, C a multiple
 // of 8), box 64 × 64 × 2 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
 // [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
-// bias [O] f32; out [windows, O, out_h, out_w] bf16. Window t of image i reads its frames
-// t·time_stride − front_zeros + (0 .. window_frames), zeros where that is negative. O a
-// multiple of 96.
+// bias [O] f32 (O the weight's output channels, a multiple of 96: a layer with fewer has its
+// weight padded with zero rows); residual null or laid out as out, added to it; out
+// [windows, stored_channels, out_h, out_w] bf16, the first stored_channels ≤ O channels. Window t of image i reads its frames
+// t·time_stride − front_zeros + (0 .. window_frames), zeros where that is negative.
 // grid (tiles_x · ⌈out_h/2⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
-                const __grid_constant__ CUtensorMap w_map, const float* bias, bf16* out,
+                const __grid_constant__ CUtensorMap w_map, const float* bias,
+                const bf16* residual, bf16* out,
                 int front_zeros, int windows_per_image, int time_stride, int window_frames,
-                int ksize, int pad, int channel_steps, int out_h, int out_w, int out_channels,
+                int ksize, int pad, int channel_steps, int out_h, int out_w, int stored_channels,
                 int tiles_x) {
     extern __shared__ __align__(16) uint8_t smem[];
     const ConvDims d{front_zeros, windows_per_image, time_stride, window_frames, ksize, pad,
-                     channel_steps, out_h, out_w, out_channels, tiles_x};
+                     channel_steps, out_h, out_w, stored_channels, tiles_x};
     const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
     const uint32_t smem_base =
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
@@ -200,5 +212,5 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
 #pragma unroll
     for (int i = 0; i < 48; ++i) acc[i] = 0.f;
     consume(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
-    store(acc, warpgroup - 1, d, tile, bias, out);
+    store(acc, warpgroup - 1, d, tile, bias, residual, out);
 }

@@ -31,8 +31,12 @@ use turbo_core::cuda::{cuda_view, tensor_from_cuda};
 const WORKSPACE_BYTES: usize = 32 << 20;
 /// How many of the heuristic's candidates are timed for a new shape.
 const CANDIDATES: usize = 8;
-/// Timed runs per candidate (after one untimed run).
-const TIMED_RUNS: usize = 3;
+/// Rounds of timing: each candidate is timed once per round, in turn, and keeps its fastest
+/// round, so that a GPU clock still rising during the first rounds favours no candidate (with
+/// one timing per candidate in heuristic order, the first ones ran slowest).
+const ROUNDS: usize = 3;
+/// Launches per timing.
+const TIMED_RUNS: usize = 2;
 
 /// `x · weightᵀ (+ bias)` for contiguous-able `x` `[M, K]`, `weight` `[N, K]` and `bias` `[N]`,
 /// all bf16 or all f16 on one CUDA device: `[M, N]` in that dtype.
@@ -237,32 +241,55 @@ impl LtContext {
         if candidates.len() == 1 {
             return Ok(candidates[0]);
         }
-        let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
-        for algorithm in candidates {
-            // A candidate the heuristic offered may still refuse these operands: skip it.
-            if self
-                .launch(stream, plan, &algorithm, workspace, operands)
-                .is_err()
-            {
-                continue;
-            }
-            let start = stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .w()?;
-            for _ in 0..TIMED_RUNS {
-                self.launch(stream, plan, &algorithm, workspace, operands)?;
-            }
-            let end = stream
-                .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .w()?;
-            let ms = start.elapsed_ms(&end).w()?;
-            if best.is_none_or(|(best_ms, _)| ms < best_ms) {
-                best = Some((ms, algorithm));
+        // A candidate the heuristic offered may still refuse these operands: it is dropped at
+        // its untimed first launch (which also pays for loading its kernel).
+        let runnable: Vec<_> = candidates
+            .into_iter()
+            .enumerate()
+            .filter(|(_, algorithm)| {
+                self.launch(stream, plan, algorithm, workspace, operands)
+                    .is_ok()
+            })
+            .collect();
+        let mut times = vec![f32::INFINITY; runnable.len()];
+        for _ in 0..ROUNDS {
+            for ((_, algorithm), time) in runnable.iter().zip(&mut times) {
+                let ms = self.time(stream, plan, algorithm, workspace, operands)?;
+                *time = time.min(ms);
             }
         }
-        best.map(|(_, algorithm)| algorithm).ok_or_else(|| {
-            candle_core::Error::Msg(format!("cuBLASLt: no algorithm ran {:?}", plan.shape))
-        })
+        let fastest = (0..runnable.len()).min_by(|&a, &b| times[a].total_cmp(&times[b]));
+        let Some(fastest) = fastest else {
+            candle_core::bail!("cuBLASLt: no algorithm ran {:?}", plan.shape);
+        };
+        tracing::debug!(
+            shape = ?plan.shape,
+            chosen = runnable[fastest].0,
+            ms_per_candidate = ?runnable.iter().map(|(i, _)| *i).zip(&times).collect::<Vec<_>>(),
+            "cuBLASLt algorithm timed (candidates in heuristic order)"
+        );
+        Ok(runnable[fastest].1)
+    }
+
+    /// Milliseconds of [`TIMED_RUNS`] launches with `algorithm`, per launch.
+    fn time(
+        &self,
+        stream: &Arc<CudaStream>,
+        plan: &Plan,
+        algorithm: &sys::cublasLtMatmulAlgo_t,
+        workspace: &CudaSlice<u8>,
+        operands: &Operands,
+    ) -> Result<f32> {
+        let start = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .w()?;
+        for _ in 0..TIMED_RUNS {
+            self.launch(stream, plan, algorithm, workspace, operands)?;
+        }
+        let end = stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .w()?;
+        Ok(start.elapsed_ms(&end).w()? / TIMED_RUNS as f32)
     }
 
     /// Up to [`CANDIDATES`] algorithms from cuBLASLt's heuristic, best first.

@@ -4,6 +4,7 @@
 use std::collections::VecDeque;
 use std::io::{BufWriter, Cursor};
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use bytes::Bytes;
@@ -227,8 +228,11 @@ impl std::fmt::Debug for Mp4Writer {
 }
 
 /// An MP4 written from frames that arrive a few at a time, as a VAE decodes them: each keyframe
-/// interval is encoded on a thread of its own as soon as its last frame is in, while the caller
-/// makes the next frames, so little encoding is left when the last frame arrives.
+/// interval is encoded on a thread of its own, which takes each frame as it arrives, so the
+/// intervals encode side by side while the caller makes the next frames and little encoding is
+/// left when the last frame arrives. (Handing an interval over only once its last frame was in
+/// left its 32 frames to encode one after another from then on: 0.7 s after a 480p decode on
+/// the GPU machine, `docs/performance.md` v12.)
 ///
 /// An interval starts with a keyframe (an IDR picture, which references nothing before it), so
 /// the stream is the one a single encoder writes. At most one encoding thread per core runs at
@@ -240,12 +244,21 @@ pub struct Mp4Stream {
     fps: Fps,
     /// Frames per keyframe interval (all of them when the options ask for one keyframe).
     interval: usize,
-    /// Frames of the interval not yet handed to an encoder.
-    pending: Vec<Vec<u8>>,
-    /// The intervals being encoded, oldest first.
-    encoding: VecDeque<JoinHandle<Result<Vec<EncodedFrame>>>>,
+    /// The interval taking frames now.
+    open: Option<OpenInterval>,
+    /// The intervals complete in frames, still encoding or done, oldest first.
+    encoding: VecDeque<IntervalEncoder>,
     threads: usize,
     pushed: u64,
+}
+
+type IntervalEncoder = JoinHandle<Result<Vec<EncodedFrame>>>;
+
+/// A keyframe interval whose encoding thread is still being sent frames.
+struct OpenInterval {
+    frames: usize,
+    sender: mpsc::Sender<Vec<u8>>,
+    encoder: IntervalEncoder,
 }
 
 impl Mp4Stream {
@@ -269,7 +282,7 @@ impl Mp4Stream {
             options,
             fps,
             interval,
-            pending: Vec::new(),
+            open: None,
             encoding: VecDeque::new(),
             threads,
             pushed: 0,
@@ -281,10 +294,27 @@ impl Mp4Stream {
     pub fn push_frame(&mut self, rgb: Vec<u8>) -> Result<()> {
         let index = usize::try_from(self.pushed).unwrap_or(usize::MAX);
         check_frame_len(&rgb, self.writer.width, self.writer.height, index)?;
-        self.pending.push(rgb);
+        let open = match self.open.take() {
+            Some(open) => open,
+            None => self.open_interval()?,
+        };
+        if open.sender.send(rgb).is_err() {
+            // The thread stopped early: its result says why.
+            return Err(self.joined(open.encoder).err().unwrap_or_else(|| {
+                self.writer
+                    .error("an H.264 encoding thread stopped before its last frame")
+            }));
+        }
         self.pushed += 1;
-        if self.pending.len() == self.interval {
-            self.encode_pending()?;
+        let open = OpenInterval {
+            frames: open.frames + 1,
+            ..open
+        };
+        if open.frames == self.interval {
+            // Dropping the sender ends the thread's interval.
+            self.encoding.push_back(open.encoder);
+        } else {
+            self.open = Some(open);
         }
         Ok(())
     }
@@ -297,8 +327,8 @@ impl Mp4Stream {
     /// Encodes the last frames, appends every interval in order and moves the file into place;
     /// returns its path (see [`Mp4Writer::finish`]).
     pub fn finish(mut self) -> Result<PathBuf> {
-        if !self.pending.is_empty() {
-            self.encode_pending()?;
+        if let Some(open) = self.open.take() {
+            self.encoding.push_back(open.encoder);
         }
         while !self.encoding.is_empty() {
             self.append_oldest()?;
@@ -306,35 +336,44 @@ impl Mp4Stream {
         self.writer.finish()
     }
 
-    /// Hands the pending frames to a new encoding thread, first appending the oldest interval
-    /// if every core is busy.
-    fn encode_pending(&mut self) -> Result<()> {
+    /// A new interval's encoding thread, first appending the oldest interval if every core is
+    /// busy.
+    fn open_interval(&mut self) -> Result<OpenInterval> {
         if self.encoding.len() >= self.threads {
             self.append_oldest()?;
         }
-        let frames = std::mem::take(&mut self.pending);
         let (width, height, fps, options) = (
             self.writer.width,
             self.writer.height,
             self.fps,
             self.options,
         );
-        self.encoding.push_back(std::thread::spawn(move || {
-            encode_interval(&frames, width, height, fps, options)
-        }));
-        Ok(())
+        let (sender, frames) = mpsc::channel::<Vec<u8>>();
+        let encoder = std::thread::spawn(move || {
+            let mut encoder = options.encoder(width, height, fps)?;
+            frames.iter().map(|rgb| encoder.encode(&rgb)).collect()
+        });
+        Ok(OpenInterval {
+            frames: 0,
+            sender,
+            encoder,
+        })
     }
 
     fn append_oldest(&mut self) -> Result<()> {
         let Some(oldest) = self.encoding.pop_front() else {
             return Ok(());
         };
-        let frames = oldest
-            .join()
-            .map_err(|_| self.writer.error("an H.264 encoding thread panicked"))??;
-        frames
+        self.joined(oldest)?
             .into_iter()
             .try_for_each(|frame| self.writer.append(frame))
+    }
+
+    /// The frames an interval's thread encoded, or its error.
+    fn joined(&self, encoder: IntervalEncoder) -> Result<Vec<EncodedFrame>> {
+        encoder
+            .join()
+            .map_err(|_| self.writer.error("an H.264 encoding thread panicked"))?
     }
 }
 
@@ -345,18 +384,6 @@ impl std::fmt::Debug for Mp4Stream {
             .field("frames_pushed", &self.frames_pushed())
             .finish_non_exhaustive()
     }
-}
-
-/// Encodes a run of frames with a fresh encoder (its first frame becomes a keyframe).
-fn encode_interval(
-    frames: &[Vec<u8>],
-    width: usize,
-    height: usize,
-    fps: Fps,
-    options: Mp4Options,
-) -> Result<Vec<EncodedFrame>> {
-    let mut encoder = options.encoder(width, height, fps)?;
-    frames.iter().map(|rgb| encoder.encode(rgb)).collect()
 }
 
 impl Video {

@@ -49,7 +49,7 @@ impl NcclCommunicator {
     /// Opens GPU `env.local_rank`, shares rank 0's unique id through `env.rendezvous` and
     /// joins the communicator (blocking until every rank has joined).
     pub fn from_launch(env: &LaunchEnv) -> Result<Self> {
-        let device = Device::new_cuda(env.local_rank)?;
+        let device = crate::DeviceSpec::Cuda(env.local_rank).open()?;
         let fail = |reason: String| crate::Error::Communication {
             op: "init",
             rank: env.rank,

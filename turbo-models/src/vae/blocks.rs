@@ -7,8 +7,8 @@ use candle_nn::ops::softmax_last_dim;
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
-use super::cache::{cached_conv, frames_to_remember, FeatureCache, Slot};
-use super::conv::{conv2d_biased, CausalConv3d, Conv3dSpec};
+use super::cache::{cached_norm_conv, frames_to_remember, FeatureCache, Slot};
+use super::conv::{conv2d_biased, upsampled_conv2d_biased, CausalConv3d, Conv3dSpec};
 
 /// A checkpoint key list: `(name, shape)` pairs.
 pub type Keys = Vec<(String, Vec<usize>)>;
@@ -36,6 +36,12 @@ impl ChannelRmsNorm {
         vec![(format!("{prefix}.gamma"), gamma_shape(channels, gamma_rank))]
     }
 
+    /// `gamma · √C`, `[C]` f32.
+    #[cfg(feature = "cuda")]
+    pub(super) fn scale(&self) -> &Tensor {
+        &self.scale
+    }
+
     /// Normalises `x` `[…, C, H, W]` over `C`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.normalise(x, false)
@@ -48,8 +54,12 @@ impl ChannelRmsNorm {
 
     fn normalise(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) && x.rank() >= 3 {
-            return cuda::channel_rms_norm(x, &self.scale, silu);
+        if x.device().is_cuda()
+            && matches!(x.dtype(), DType::F32 | DType::BF16)
+            && x.rank() >= 3
+            && x.dim(x.rank() - 3)? <= super::conv::NORM_MAX_CHANNELS
+        {
+            return super::conv::channel_rms_norm(x, &self.scale, silu);
         }
         let y = self.forward_reference(x)?;
         Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
@@ -70,54 +80,6 @@ impl ChannelRmsNorm {
             .reshape((self.scale.elem_count(), 1, 1))?
             .to_dtype(x.dtype())?;
         Ok(x.broadcast_div(&norm)?.broadcast_mul(&scale)?)
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
-    use candle_core::{DType, Tensor};
-    use half::bf16;
-    use turbo_core::cuda::{cuda_view, tensor_from_cuda};
-    use turbo_core::Result;
-
-    /// The channel RMS norm (and SiLU) kernel on `x` `[…, C, H, W]` with f32 `scale` `[C]`.
-    pub(super) fn channel_rms_norm(x: &Tensor, scale: &Tensor, silu: bool) -> Result<Tensor> {
-        let x = x.contiguous()?;
-        let rank = x.rank();
-        let channels = x.dim(rank - 3)?;
-        let inner = x.dim(rank - 2)? * x.dim(rank - 1)?;
-        let outer = x.elem_count() / (channels * inner).max(1);
-        let dev = x.device().as_cuda_device()?;
-        let (xs, xl) = x.storage_and_layout();
-        let (ss, sl) = scale.storage_and_layout();
-        let scale_view = cuda_view::<f32>(&ss, sl.start_offset(), "norm scale")?;
-        let args = [channels as i32, inner as i32, i32::from(silu)];
-        let cfg = LaunchConfig {
-            grid_dim: (inner.div_ceil(256) as u32, outer as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! launch {
-            ($t:ty, $kernel:literal) => {{
-                let x_view = cuda_view::<$t>(&xs, xl.start_offset(), "norm input")?;
-                let out = unsafe { dev.alloc::<$t>(x.elem_count()) }?;
-                let func =
-                    dev.get_or_load_custom_func($kernel, "turbo_conv", turbo_kernels::CONV)?;
-                let mut launch = func.builder();
-                launch.arg(&x_view).arg(&scale_view).arg(&out);
-                for arg in &args {
-                    launch.arg(arg);
-                }
-                unsafe { launch.launch(cfg) }.w()?;
-                tensor_from_cuda(out, dev, x.shape().clone())
-            }};
-        }
-        Ok(match x.dtype() {
-            DType::BF16 => launch!(bf16, "channel_rms_norm_bf16"),
-            _ => launch!(f32, "channel_rms_norm_f32"),
-        })
     }
 }
 
@@ -193,11 +155,8 @@ impl ResidualBlock {
             Some(shortcut) => shortcut.forward(x, None)?,
             None => x.clone(),
         };
-        let h = self.norm_in.forward_silu(x)?;
-        let h = cached_conv(&self.conv_in, &h, cache)?;
-        let h = self.norm_out.forward_silu(&h)?;
-        let h = cached_conv(&self.conv_out, &h, cache)?;
-        Ok((h + identity)?)
+        let h = cached_norm_conv(&self.norm_in, &self.conv_in, x, cache, None)?;
+        cached_norm_conv(&self.norm_out, &self.conv_out, &h, cache, Some(&identity))
     }
 }
 
@@ -253,19 +212,38 @@ impl AttentionBlock {
 /// `Module::forward` through candle's trait, returning this crate's error.
 trait ForwardT {
     fn forward_t(&self, x: &Tensor) -> Result<Tensor>;
+
+    /// The layer on `x` upsampled ×2 by repeating each pixel.
+    fn forward_upsampled_t(&self, x: &Tensor) -> Result<Tensor>;
 }
 
 impl ForwardT for candle_nn::Conv2d {
     /// Stride-1 convolutions with a bias go through [`conv2d_biased`] (our kernels on CUDA).
     fn forward_t(&self, x: &Tensor) -> Result<Tensor> {
-        let cfg = self.config();
-        match self.bias() {
-            Some(bias) if cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1 => {
-                conv2d_biased(x, self.weight(), bias, cfg.padding)
-            }
-            _ => Ok(candle_nn::Module::forward(self, x)?),
+        match plain_bias(self) {
+            Some(bias) => conv2d_biased(x, self.weight(), bias, self.config().padding),
+            None => Ok(candle_nn::Module::forward(self, x)?),
         }
     }
+
+    /// Through [`upsampled_conv2d_biased`] where [`ForwardT::forward_t`] takes
+    /// [`conv2d_biased`].
+    fn forward_upsampled_t(&self, x: &Tensor) -> Result<Tensor> {
+        match plain_bias(self) {
+            Some(bias) => upsampled_conv2d_biased(x, self.weight(), bias, self.config().padding),
+            None => {
+                let (_, _, height, width) = x.dims4()?;
+                self.forward_t(&x.upsample_nearest2d(2 * height, 2 * width)?)
+            }
+        }
+    }
+}
+
+/// The bias of a stride-1, undilated, ungrouped convolution: what [`conv2d_biased`] takes.
+fn plain_bias(conv: &candle_nn::Conv2d) -> Option<&Tensor> {
+    let cfg = conv.config();
+    let plain = cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1;
+    conv.bias().filter(|_| plain)
 }
 
 /// The four resampling layers (`Resample` upstream); the spatial convolution is `resample.1`,
@@ -393,17 +371,15 @@ impl Resample {
     fn spatial(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, frames, channels, height, width) = x.dims5()?;
         let images = x.reshape((batch * frames, channels, height, width))?;
-        let images = match self.mode {
+        let out = match self.mode {
             // Upstream pads right and bottom only (ZeroPad2d(0, 1, 0, 1)) before the stride-2 conv.
-            ResampleMode::Downsample2d | ResampleMode::Downsample3d => {
-                images.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?
-            }
-            // 'nearest-exact' at factor 2 repeats each pixel, as 'nearest' does.
+            ResampleMode::Downsample2d | ResampleMode::Downsample3d => self
+                .spatial
+                .forward_t(&images.pad_with_zeros(3, 0, 1)?.pad_with_zeros(2, 0, 1)?)?,
             ResampleMode::Upsample2d | ResampleMode::Upsample3d => {
-                images.upsample_nearest2d(2 * height, 2 * width)?
+                self.spatial.forward_upsampled_t(&images)?
             }
         };
-        let out = self.spatial.forward_t(&images)?;
         let (_, out_channels, out_height, out_width) = out.dims4()?;
         Ok(out.reshape((batch, frames, out_channels, out_height, out_width))?)
     }
@@ -426,7 +402,7 @@ impl Resample {
                 *slot = Slot::Frames(x.clone());
                 return Ok(x.clone());
             }
-            Slot::Replicated => return Err(cache_order_error()),
+            Slot::Replicated | Slot::ChannelsLast(_) => return Err(cache_order_error()),
         };
         let frames = x.dim(1)?;
         let last = previous.narrow(1, previous.dim(1)? - 1, 1)?;
@@ -464,6 +440,7 @@ impl Resample {
                 let remembered = frames_to_remember(x, Some(&previous))?;
                 (Some(previous), remembered)
             }
+            Slot::ChannelsLast(_) => return Err(cache_order_error()),
         };
         *slot = Slot::Frames(remembered);
         self.upsample_frames(x, history.as_ref())

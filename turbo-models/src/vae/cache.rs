@@ -12,6 +12,7 @@
 use candle_core::Tensor;
 use turbo_core::Result;
 
+use super::blocks::ChannelRmsNorm;
 use super::conv::CausalConv3d;
 
 /// Frames a temporal convolution remembers between chunks.
@@ -28,6 +29,10 @@ pub enum Slot {
     Replicated,
     /// The last frames (at most [`CACHE_FRAMES`]) of the previous chunk, `[B, n, C, H, W]`.
     Frames(Tensor),
+    /// The same channels last, `[B, n, H, W, C]`: what a layer whose norm writes its input
+    /// channels last ([`cached_norm_conv`] on CUDA) remembers.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    ChannelsLast(Tensor),
 }
 
 /// The per-convolution memory of a streaming encode or decode.
@@ -85,16 +90,58 @@ pub fn frames_to_remember(x: &Tensor, previous: Option<&Tensor>) -> Result<Tenso
 /// Applies a causal convolution to one chunk, with the previous chunk's frames as its history,
 /// and remembers this chunk's last frames for the next one.
 pub fn cached_conv(conv: &CausalConv3d, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
+    cached_conv_plus(conv, x, cache, None)
+}
+
+/// [`cached_conv`] plus `residual` where given, shaped as the output
+/// ([`CausalConv3d::forward_plus`]).
+pub fn cached_conv_plus(
+    conv: &CausalConv3d,
+    x: &Tensor,
+    cache: &mut FeatureCache,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
     if cache.is_whole_sequence() {
-        return conv.forward(x, None);
+        return conv.forward_plus(x, None, residual);
     }
     let index = cache.cursor;
     let history = match cache.next_slot() {
         Slot::Frames(frames) => Some(frames.clone()),
+        Slot::ChannelsLast(frames) => Some(frames.permute((0, 1, 4, 2, 3))?),
         Slot::Empty | Slot::Replicated => None,
     };
     let remembered = frames_to_remember(x, history.as_ref())?;
-    let out = conv.forward(x, history.as_ref())?;
+    let out = conv.forward_plus(x, history.as_ref(), residual)?;
     cache.slots[index] = Slot::Frames(remembered);
     Ok(out)
+}
+
+/// [`cached_conv_plus`] of `silu(norm(x))`. On CUDA, where the layer runs on the `wgmma`
+/// kernel, the norm writes that kernel's channels-last input itself (no normalised copy in
+/// `x`'s layout, no transpose) and the slot remembers the frames channels last.
+pub fn cached_norm_conv(
+    norm: &ChannelRmsNorm,
+    conv: &CausalConv3d,
+    x: &Tensor,
+    cache: &mut FeatureCache,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if !cache.is_whole_sequence() && conv.takes_normalised_input(x)? {
+        let index = cache.cursor;
+        let history = match cache.next_slot() {
+            Slot::ChannelsLast(frames) => Some(frames.clone()),
+            Slot::Frames(frames) => Some(frames.permute((0, 1, 3, 4, 2))?),
+            Slot::Empty | Slot::Replicated => None,
+        };
+        let (out, input) = conv.forward_normalised(x, norm.scale(), history.as_ref(), residual)?;
+        let frames = input.dim(1)?;
+        let kept = frames.min(CACHE_FRAMES);
+        // A copy: a view would keep the whole input buffer (history and chunk) alive.
+        let remembered = input.narrow(1, frames - kept, kept)?.force_contiguous()?;
+        cache.slots[index] = Slot::ChannelsLast(remembered);
+        return Ok(out);
+    }
+    let h = norm.forward_silu(x)?;
+    cached_conv_plus(conv, &h, cache, residual)
 }

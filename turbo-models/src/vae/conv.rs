@@ -106,6 +106,18 @@ impl CausalConv3d {
     /// Convolves `x` `[B, T, C, H, W]`, with `history` (`[B, n, C, H, W]`, the last frames of
     /// the previous chunk) standing in for the last `n` of the front zero frames.
     pub fn forward(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
+        self.forward_plus(x, history, None)
+    }
+
+    /// [`CausalConv3d::forward`] plus `residual` where given (shaped as the output): on CUDA's
+    /// `wgmma` path the sum is formed in the kernel's epilogue, before the output is rounded,
+    /// instead of in another pass over both.
+    pub fn forward_plus(
+        &self,
+        x: &Tensor,
+        history: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         {
             let (remembered, front_zeros) = self.time_context(history)?;
@@ -114,8 +126,8 @@ impl CausalConv3d {
                 remembered.as_ref(),
                 front_zeros,
                 (&self.weight, &self.bias, &self.wgmma_weight),
-                self.spatial_padding,
-                self.time_stride,
+                (self.spatial_padding, self.time_stride),
+                residual,
             )? {
                 let (_, out_channels, out_height, out_width) = out.dims4()?;
                 let batch = x.dim(0)?;
@@ -129,6 +141,15 @@ impl CausalConv3d {
                 ))?);
             }
         }
+        let out = self.convolve_unfused(x, history)?;
+        Ok(match residual {
+            Some(residual) => (out + residual)?,
+            None => out,
+        })
+    }
+
+    /// The convolution where `conv_wgmma_bf16` does not run it.
+    fn convolve_unfused(&self, x: &Tensor, history: Option<&Tensor>) -> Result<Tensor> {
         let padded = self.pad_time(x, history)?;
         let (batch, frames, channels, height, width) = padded.dims5()?;
         if frames < self.time_kernel {
@@ -172,6 +193,42 @@ impl CausalConv3d {
         Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?)
     }
 
+    /// Whether [`CausalConv3d::forward_normalised`] takes `x`: on CUDA, where the layer runs
+    /// on the `wgmma` kernel.
+    #[cfg(feature = "cuda")]
+    pub(super) fn takes_normalised_input(&self, x: &Tensor) -> Result<bool> {
+        cuda::takes_normalised_input(x, &self.weight, self.time_stride)
+    }
+
+    /// [`CausalConv3d::forward_plus`] of `silu(x / ‖x‖ · scale)` (the channel RMS norm, f32
+    /// `scale` `[C]`), with `history` the normalised last frames of the previous chunk
+    /// channels last, `[B, n, H, W, C]`. The norm writes the kernel's channels-last input
+    /// itself; returns the output and that input, `[B, n' + T, H, W, C]` (the history frames
+    /// the padding took, then the chunk's), for the caller to remember its last frames.
+    #[cfg(feature = "cuda")]
+    pub(super) fn forward_normalised(
+        &self,
+        x: &Tensor,
+        scale: &Tensor,
+        history: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let (remembered, front_zeros) = self.time_context(history)?;
+        let (out, input) = cuda::normalised_causal_conv(
+            x,
+            scale,
+            (remembered.as_ref(), front_zeros),
+            (&self.weight, &self.bias, &self.wgmma_weight),
+            self.spatial_padding,
+            residual,
+        )?;
+        let (_, out_channels, out_height, out_width) = out.dims4()?;
+        let batch = x.dim(0)?;
+        let out_frames = out.dim(0)? / batch;
+        let out = out.reshape((batch, out_frames, out_channels, out_height, out_width))?;
+        Ok((out, input))
+    }
+
     /// The history frames the causal padding takes (the last `time_padding` at most) and the
     /// zero frames still needed in front of them.
     fn time_context(&self, history: Option<&Tensor>) -> Result<(Option<Tensor>, usize)> {
@@ -203,14 +260,46 @@ impl CausalConv3d {
 /// a GEMM-friendly layout and one GEMM per image, in slices of output positions so that the
 /// column buffer stays bounded. Elsewhere [`conv2d_biased_reference`].
 pub fn conv2d_biased(x: &Tensor, weight: &Tensor, bias: &Tensor, padding: usize) -> Result<Tensor> {
+    conv2d_biased_scaled(x, weight, bias, padding, 1)
+}
+
+/// [`conv2d_biased`] of `x` upsampled ×2 by repeating each pixel (the VAE upsamplers'
+/// 'nearest-exact', which at factor 2 is 'nearest'). On CUDA's `wgmma` path the upsampling is
+/// part of the pass that lays the input out for the kernel, so the upsampled copy never exists.
+pub fn upsampled_conv2d_biased(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+) -> Result<Tensor> {
+    conv2d_biased_scaled(x, weight, bias, padding, 2)
+}
+
+/// The convolution of `x` upsampled `scale` times by repetition.
+fn conv2d_biased_scaled(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    padding: usize,
+    scale: usize,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda()
         && matches!(x.dtype(), DType::F32 | DType::BF16)
         && weight.dims().get(2) == weight.dims().get(3)
     {
-        return cuda::conv2d_biased(x, weight, bias, padding);
+        return cuda::conv2d_biased(x, weight, bias, padding, scale);
     }
-    conv2d_biased_reference(x, weight, bias, padding)
+    conv2d_biased_reference(&upsampled(x, scale)?, weight, bias, padding)
+}
+
+/// `x` `[N, C, H, W]` with each pixel repeated `scale × scale` times.
+fn upsampled(x: &Tensor, scale: usize) -> Result<Tensor> {
+    if scale == 1 {
+        return Ok(x.clone());
+    }
+    let (_, _, height, width) = x.dims4()?;
+    Ok(x.upsample_nearest2d(scale * height, scale * width)?)
 }
 
 /// [`conv2d_biased`] as candle's `conv2d` and a broadcast add.
@@ -226,10 +315,15 @@ pub fn conv2d_biased_reference(
 }
 
 #[cfg(feature = "cuda")]
+pub(super) use cuda::{channel_rms_norm, NORM_MAX_CHANNELS};
+
+#[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::{self, CUfunction_attribute};
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::WrapErr;
+    use candle_core::cuda_backend::cudarc::driver::{
+        DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use std::sync::OnceLock;
 
     use candle_core::{DType, Tensor};
@@ -240,13 +334,27 @@ mod cuda {
     /// Elements of one column buffer: 2^27 (256 MiB in bf16, 512 MiB in f32).
     const COLUMN_BUDGET: usize = 1 << 27;
 
+    /// The convolution of `x` upsampled `scale` times by repetition (see the caller).
     pub(super) fn conv2d_biased(
         x: &Tensor,
         weight: &Tensor,
         bias: &Tensor,
         padding: usize,
+        scale: usize,
     ) -> Result<Tensor> {
-        let x = x.contiguous()?;
+        let (_, channels, _, _) = x.dims4()?;
+        let (out_channels, _, ksize, _) = weight.dims4()?;
+        if x.dtype() == DType::BF16 && wgmma_applies(x, ksize, channels, out_channels)? {
+            let input = ChannelsLast::concat(&[&x.unsqueeze(0)?], scale)?;
+            let prepared = WgmmaWeight::new(weight, bias, 1, channels)?;
+            let windows = Windows::single_frames(input.frames);
+            let out = wgmma_conv(&input, &windows, &prepared, padding, None)?;
+            let (batch, height, width) = (input.frames, input.height, input.width);
+            let shape = ConvShape::new(channels, height, width, padding, ksize, out_channels)?;
+            let out_h = shape.positions / shape.out_w;
+            return Ok(out.reshape((batch, out_channels, out_h, shape.out_w))?);
+        }
+        let x = super::upsampled(&x.contiguous()?, scale)?;
         let (batch, channels, height, width) = x.dims4()?;
         let (out_channels, weight_channels, ksize, _) = weight.dims4()?;
         if weight_channels != channels {
@@ -260,13 +368,6 @@ mod cuda {
         let (positions, out_w) = (shape.positions, shape.out_w);
         let out_h = positions / out_w;
         let taps = channels * ksize * ksize;
-        if x.dtype() == DType::BF16 && wgmma_applies(&x, ksize, channels, out_channels)? {
-            let input = ChannelsLast::concat(&[&x.unsqueeze(0)?])?;
-            let prepared = WgmmaWeight::new(weight, bias, 1, channels)?;
-            let windows = Windows::single_frames(batch);
-            let out = wgmma_conv(&input, &windows, &prepared, padding)?;
-            return Ok(out.reshape((batch, out_channels, out_h, out_w))?);
-        }
         if x.dtype() == DType::BF16 && matches!(ksize, 1 | 3) {
             let images = Images {
                 first: 0,
@@ -371,17 +472,18 @@ mod cuda {
 
     /// Whether `conv_wgmma_bf16` runs this convolution: on a compute capability 9.0 device,
     /// a 1×1 or 3×3 kernel, input channels a multiple of 8 (channels-last rows of whole
-    /// 16-byte units, as TMA needs) and output channels a multiple of 96.
+    /// 16-byte units, as TMA needs).
     fn wgmma_applies(
         x: &Tensor,
         ksize: usize,
         channels: usize,
         out_channels: usize,
     ) -> Result<bool> {
-        let shape_fits = matches!(ksize, 1 | 3)
-            && channels % 8 == 0
-            && out_channels > 0
-            && out_channels % WGMMA_TILE_O == 0;
+        // Output channels short of a multiple of 96 are computed on zero weights and not
+        // written: for the decoders' 3- and 12-channel heads most of the tensor cores'
+        // products are wasted, but the implicit GEMM's 16-channel tile is bound by its
+        // gather instead (5.1 ms a 480p chunk for the 3-channel head under ncu, v12).
+        let shape_fits = matches!(ksize, 1 | 3) && channels % 8 == 0 && out_channels > 0;
         if !shape_fits {
             return Ok(false);
         }
@@ -401,11 +503,11 @@ mod cuda {
         remembered: Option<&Tensor>,
         front_zeros: usize,
         (weight, bias, prepared): LayerWeights,
-        padding: usize,
-        time_stride: usize,
+        (padding, time_stride): (usize, usize),
+        residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
         let (out_channels, window_channels, ksize, _) = weight.dims4()?;
-        let (batch, frames, channels, _, _) = x.dims5()?;
+        let channels = x.dim(2)?;
         let applies = x.device().is_cuda()
             && x.dtype() == DType::BF16
             && window_channels % channels.max(1) == 0
@@ -414,14 +516,42 @@ mod cuda {
             return Ok(None);
         }
         let parts: Vec<&Tensor> = remembered.into_iter().chain([x]).collect();
-        let input = ChannelsLast::concat(&parts)?;
-        let window_frames = window_channels / channels;
+        let input = ChannelsLast::concat(&parts, 1)?;
+        let weights = (weight, bias, prepared);
+        let out = layer_conv(
+            &input,
+            weights,
+            (front_zeros, time_stride),
+            padding,
+            residual,
+        )?;
+        Ok(Some(out))
+    }
+
+    /// The causal conv3d of the frames of `input` after `front_zeros` zero frames, at
+    /// `time_stride`, with the layer's weights (laid out for `conv_wgmma_bf16` on the first
+    /// call), plus `residual` where given: `[images·windows, O, H', W']`.
+    fn layer_conv(
+        input: &ChannelsLast,
+        (weight, bias, prepared): LayerWeights,
+        (front_zeros, time_stride): (usize, usize),
+        padding: usize,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let channels = input.channels;
+        let window_frames = weight.dim(1)? / channels;
         let padded_frames = front_zeros + input.frames;
         if window_frames > padded_frames || time_stride == 0 {
             return Err(Error::Shape {
                 what: format!("conv3d weight {:?} for the input", weight.dims()),
                 expected: format!("[O, kt·{channels}, k, k] with kt ≤ {padded_frames} frames"),
-                got: x.dims().to_vec(),
+                got: vec![
+                    input.images,
+                    input.frames,
+                    channels,
+                    input.height,
+                    input.width,
+                ],
             });
         }
         let windows = Windows {
@@ -440,9 +570,190 @@ mod cuda {
                 prepared.get_or_init(|| made)
             }
         };
-        let out = wgmma_conv(&input, &windows, prepared, padding)?;
-        debug_assert_eq!(out.dim(0)?, batch * windows.per_image, "{frames} frames");
-        Ok(Some(out))
+        wgmma_conv(input, &windows, prepared, padding, residual)
+    }
+
+    /// Pixels per CTA of `channel_rms_norm_*` and the row pitch of its shared tile, in
+    /// elements (`NORM_PIXELS`, `NORM_PITCH` in conv.cu).
+    const NORM_PIXELS: usize = 32;
+    const NORM_PITCH: usize = 34;
+    /// The most channels `channel_rms_norm_*` holds in shared memory (209 KiB in f32).
+    pub(crate) const NORM_MAX_CHANNELS: usize = 1536;
+
+    /// The channel RMS norm (and SiLU) of `x` `[…, C, H, W]` with f32 `scale` `[C]`, in `x`'s
+    /// layout; `C` at most [`NORM_MAX_CHANNELS`].
+    pub(crate) fn channel_rms_norm(x: &Tensor, scale: &Tensor, silu: bool) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let rank = x.rank();
+        let channels = x.dim(rank - 3)?;
+        let inner = x.dim(rank - 2)? * x.dim(rank - 1)?;
+        let frames = x.elem_count() / (channels * inner).max(1);
+        let dev = x.device().as_cuda_device()?;
+        let stream = dev.cuda_stream();
+        let (xs, xl) = x.storage_and_layout();
+        macro_rules! launch {
+            ($t:ty) => {{
+                let x_view = cuda_view::<$t>(&xs, xl.start_offset(), "norm input")?;
+                let mut out = unsafe { dev.alloc::<$t>(x.elem_count()) }?;
+                {
+                    let (x_ptr, _x_read) = x_view.device_ptr(&stream);
+                    let (out_ptr, _out_write) = out.device_ptr_mut(&stream);
+                    let norm = NormLaunch {
+                        dtype: x.dtype(),
+                        frames,
+                        channels,
+                        inner,
+                        silu,
+                        channels_last: false,
+                    };
+                    norm.launch(dev, x_ptr, scale, out_ptr)?;
+                }
+                tensor_from_cuda(out, dev, x.shape().clone())
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => launch!(bf16),
+            _ => launch!(f32),
+        })
+    }
+
+    /// One launch of `channel_rms_norm_{bf16,f32}`: `frames` frames of `channels` ×
+    /// `inner` pixels, written in the input's layout or channels last.
+    struct NormLaunch {
+        /// bf16 or f32, the input's and the output's.
+        dtype: DType,
+        frames: usize,
+        channels: usize,
+        inner: usize,
+        silu: bool,
+        channels_last: bool,
+    }
+
+    impl NormLaunch {
+        /// Reads `x` and writes `out` (raw addresses: the caller holds their guards).
+        fn launch(&self, dev: &CudaDevice, x: u64, scale: &Tensor, out: u64) -> Result<()> {
+            if self.channels > NORM_MAX_CHANNELS {
+                return Err(Error::Shape {
+                    what: "channel RMS norm input".into(),
+                    expected: format!("at most {NORM_MAX_CHANNELS} channels"),
+                    got: vec![self.frames, self.channels, self.inner],
+                });
+            }
+            let kernel = match self.dtype {
+                DType::BF16 => "channel_rms_norm_bf16",
+                _ => "channel_rms_norm_f32",
+            };
+            let func = dev.get_or_load_custom_func(kernel, "turbo_conv", turbo_kernels::CONV)?;
+            let smem = self.channels * NORM_PITCH * self.dtype.size_in_bytes();
+            // Above 48 KiB of dynamic shared memory a kernel must opt in. Always to the most
+            // any launch takes: threads sharing the function (one per simulated rank, say)
+            // would otherwise lower it between another thread's opt-in and its launch.
+            func.set_attribute(
+                CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                (NORM_MAX_CHANNELS * NORM_PITCH * std::mem::size_of::<f32>()) as i32,
+            )
+            .w()?;
+            let (ss, sl) = scale.storage_and_layout();
+            let scale_view = cuda_view::<f32>(&ss, sl.start_offset(), "norm scale")?;
+            let flags = [self.silu, self.channels_last].map(i32::from);
+            let dims = [self.channels, self.inner].map(|d| d as i32);
+            let mut launch = func.builder();
+            launch.arg(&x).arg(&scale_view).arg(&out);
+            for arg in dims.iter().chain(&flags) {
+                launch.arg(arg);
+            }
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    self.inner.div_ceil(NORM_PIXELS) as u32,
+                    self.frames as u32,
+                    1,
+                ),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            unsafe { launch.launch(cfg) }.w()?;
+            Ok(())
+        }
+    }
+
+    /// Whether [`normalised_causal_conv`] runs this layer on `x`: bf16 on CUDA, where
+    /// `conv_wgmma_bf16` applies, stride 1, and few enough channels for the norm.
+    pub(super) fn takes_normalised_input(
+        x: &Tensor,
+        weight: &Tensor,
+        time_stride: usize,
+    ) -> Result<bool> {
+        let (out_channels, _, ksize, _) = weight.dims4()?;
+        let channels = x.dim(2)?;
+        Ok(x.device().is_cuda()
+            && x.dtype() == DType::BF16
+            && time_stride == 1
+            && channels <= NORM_MAX_CHANNELS
+            && wgmma_applies(x, ksize, channels, out_channels)?)
+    }
+
+    /// The causal conv3d of `silu(norm(x))` for `x` `[B, T, C, H, W]` (norm scale `scale`,
+    /// f32 `[C]`) after `front_zeros` zero frames and `history` (`[B, n, H, W, C]`, frames
+    /// normalised before, channels last), plus `residual` where given. The norm writes the
+    /// chunk channels-last straight into the kernel's input buffer, behind a copy of the
+    /// history, so no transpose runs. Returns the output `[B·T, O, H, W]` and that input
+    /// buffer, `[B, n + T, H, W, C]`, whose last frames the caller remembers.
+    pub(super) fn normalised_causal_conv(
+        x: &Tensor,
+        scale: &Tensor,
+        (history, front_zeros): (Option<&Tensor>, usize),
+        weights: LayerWeights,
+        padding: usize,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = x.contiguous()?;
+        let (images, chunk, channels, height, width) = x.dims5()?;
+        let remembered = match history {
+            Some(history) => history.dim(1)?,
+            None => 0,
+        };
+        let frames = remembered + chunk;
+        let frame = channels * height * width;
+        let device = x.device().as_cuda_device()?.clone();
+        let stream = device.cuda_stream();
+        let mut input = ChannelsLast::uninit(&device, images, frames, (channels, height, width))?;
+        let (xs, xl) = x.storage_and_layout();
+        for image in 0..images {
+            let image_frames = image * frames * frame..(image + 1) * frames * frame;
+            let mut into = input.buffer.slice_mut(image_frames);
+            if let Some(history) = history {
+                let part = history.get(image)?.contiguous()?;
+                if part.dims() != [remembered, height, width, channels] {
+                    return Err(Error::Shape {
+                        what: "remembered channels-last frames of a causal conv3d".into(),
+                        expected: format!("[{remembered}, {height}, {width}, {channels}]"),
+                        got: part.dims().to_vec(),
+                    });
+                }
+                let (ps, pl) = part.storage_and_layout();
+                let view = cuda_view::<bf16>(&ps, pl.start_offset(), "remembered frames")?
+                    .slice(..remembered * frame);
+                stream
+                    .memcpy_dtod(&view, &mut into.slice_mut(..remembered * frame))
+                    .w()?;
+            }
+            let x_view =
+                cuda_view::<bf16>(&xs, xl.start_offset() + image * chunk * frame, "norm input")?;
+            let (x_ptr, _x_read) = x_view.device_ptr(&stream);
+            let mut chunk_out = into.slice_mut(remembered * frame..);
+            let (out_ptr, _out_write) = chunk_out.device_ptr_mut(&stream);
+            let norm = NormLaunch {
+                dtype: DType::BF16,
+                frames: chunk,
+                channels,
+                inner: height * width,
+                silu: true,
+                channels_last: true,
+            };
+            norm.launch(&device, x_ptr, scale, out_ptr)?;
+        }
+        let out = layer_conv(&input, weights, (front_zeros, 1), padding, residual)?;
+        Ok((out, input.into_tensor()))
     }
 
     /// Frames in the channels-last layout `conv_wgmma_bf16` reads, `[images, frames, H, W,
@@ -459,16 +770,19 @@ mod cuda {
 
     impl ChannelsLast {
         /// The frames of each of `parts` (`[images, n_i, C, H, W]` bf16, all alike but in
-        /// `n_i`), one part after the other within each image, with `channels_last_bf16`.
-        fn concat(parts: &[&Tensor]) -> Result<Self> {
-            let (images, _, channels, height, width) = parts[0].dims5()?;
+        /// `n_i`), one part after the other within each image, each pixel repeated `scale ×
+        /// scale` times, with `channels_last_bf16`.
+        fn concat(parts: &[&Tensor], scale: usize) -> Result<Self> {
+            let (images, _, channels, part_height, part_width) = parts[0].dims5()?;
+            let (height, width) = (part_height * scale, part_width * scale);
             let frames = parts
                 .iter()
                 .map(|p| p.dim(1))
                 .sum::<candle_core::Result<usize>>()?;
-            let device = parts[0].device().as_cuda_device()?.clone();
+            let device = parts[0].device().as_cuda_device()?;
             let frame = channels * height * width;
-            let mut buffer = unsafe { device.alloc::<bf16>(images * frames * frame) }?;
+            let part_frame = channels * part_height * part_width;
+            let mut input = Self::uninit(device, images, frames, (channels, height, width))?;
             let func = device.get_or_load_custom_func(
                 "channels_last_bf16",
                 "turbo_conv",
@@ -477,31 +791,30 @@ mod cuda {
             let mut first = 0;
             for part in parts {
                 let part = part.contiguous()?;
-                let (part_images, count, part_channels, part_height, part_width) = part.dims5()?;
-                if (part_images, part_channels, part_height, part_width)
-                    != (images, channels, height, width)
+                let (part_images, count, ..) = part.dims5()?;
+                if part.dims() != [part_images, count, channels, part_height, part_width]
+                    || part_images != images
                 {
                     return Err(Error::Shape {
                         what: "remembered frames of a causal conv3d".into(),
-                        expected: format!("[{images}, n, {channels}, {height}, {width}]"),
+                        expected: format!("[{images}, n, {channels}, {part_height}, {part_width}]"),
                         got: part.dims().to_vec(),
                     });
                 }
                 let (storage, layout) = part.storage_and_layout();
                 for image in 0..images {
-                    let from = layout.start_offset() + image * count * frame;
+                    let from = layout.start_offset() + image * count * part_frame;
                     let view = cuda_view::<bf16>(&storage, from, "conv input")?;
-                    let mut into = buffer.slice_mut((image * frames + first) * frame..);
-                    let (channels_arg, positions_arg) = (channels as i32, (height * width) as i32);
+                    let mut into = input.buffer.slice_mut((image * frames + first) * frame..);
+                    let dims = [channels, part_height, part_width, scale].map(|d| d as i32);
                     let mut launch = func.builder();
-                    launch
-                        .arg(&view)
-                        .arg(&mut into)
-                        .arg(&channels_arg)
-                        .arg(&positions_arg);
+                    launch.arg(&view).arg(&mut into);
+                    for dim in &dims {
+                        launch.arg(dim);
+                    }
                     let cfg = LaunchConfig {
                         grid_dim: (
-                            (height * width).div_ceil(32) as u32,
+                            (part_height * part_width).div_ceil(32) as u32,
                             channels.div_ceil(32) as u32,
                             count as u32,
                         ),
@@ -512,15 +825,40 @@ mod cuda {
                 }
                 first += count;
             }
+            Ok(input)
+        }
+
+        /// Room for `frames` frames of `images` images, not yet written.
+        fn uninit(
+            device: &candle_core::cuda_backend::CudaDevice,
+            images: usize,
+            frames: usize,
+            (channels, height, width): (usize, usize, usize),
+        ) -> Result<Self> {
+            // SAFETY: every caller writes all of it before a kernel reads it.
+            let buffer =
+                unsafe { device.alloc::<bf16>(images * frames * channels * height * width) }?;
             Ok(Self {
                 buffer,
-                device,
+                device: device.clone(),
                 images,
                 frames,
                 height,
                 width,
                 channels,
             })
+        }
+
+        /// The frames as a tensor, `[images, frames, H, W, C]`.
+        fn into_tensor(self) -> Tensor {
+            let shape = (
+                self.images,
+                self.frames,
+                self.height,
+                self.width,
+                self.channels,
+            );
+            tensor_from_cuda(self.buffer, &self.device, shape)
         }
 
         /// Its 5-D TMA map in 64-channel × 64-column × 2-row boxes (one frame of one image).
@@ -572,13 +910,14 @@ mod cuda {
         }
     }
 
-    /// The convolution of each window of `input` with `weight`, on `conv_wgmma_bf16`:
-    /// `[images·windows, O, H', W']`.
+    /// The convolution of each window of `input` with `weight`, plus `residual` (any shape of
+    /// as many elements as the output) on `conv_wgmma_bf16`: `[images·windows, O, H', W']`.
     fn wgmma_conv(
         input: &ChannelsLast,
         windows: &Windows,
         weight: &WgmmaWeight,
         padding: usize,
+        residual: Option<&Tensor>,
     ) -> Result<Tensor> {
         let (out_channels, ksize) = (weight.out_channels, weight.ksize);
         let shape = ConvShape::new(
@@ -593,7 +932,22 @@ mod cuda {
         let (taps, bias) = (&weight.taps, &weight.bias);
         let dev = &input.device;
         let count = input.images * windows.per_image;
-        let out = unsafe { dev.alloc::<bf16>(count * out_channels * shape.positions) }?;
+        let out_len = count * out_channels * shape.positions;
+        let residual = residual
+            .map(|r| {
+                if r.elem_count() != out_len || r.dtype() != DType::BF16 {
+                    return Err(Error::Shape {
+                        what: format!("residual ({:?}) of a convolution", r.dtype()),
+                        expected: format!(
+                            "{out_len} bf16 values: [{count}, {out_channels}, {out_h}, {out_w}]"
+                        ),
+                        got: r.dims().to_vec(),
+                    });
+                }
+                Ok(r.contiguous()?)
+            })
+            .transpose()?;
+        let out = unsafe { dev.alloc::<bf16>(out_len) }?;
         let stream = dev.cuda_stream();
         let (ws, wl) = taps.storage_and_layout();
         let (bs, bl) = bias.storage_and_layout();
@@ -607,7 +961,7 @@ mod cuda {
         let w_map = TensorMap::swizzled_128b(
             w_ptr,
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-            &[k_total as u64, out_channels as u64],
+            &[k_total as u64, taps.dim(0)? as u64],
             &[(k_total * 2) as u64],
             &[WGMMA_STEP_C as u32, WGMMA_TILE_O as u32],
         )?;
@@ -637,15 +991,28 @@ mod cuda {
             tiles_x,
         ]
         .map(|v| v as i32);
+        let residual_storage = residual.as_ref().map(|r| r.storage_and_layout());
+        let residual_view = match &residual_storage {
+            Some((rs, rl)) => Some(cuda_view::<bf16>(rs, rl.start_offset(), "conv residual")?),
+            None => None,
+        };
+        let residual_ptr = residual_view.as_ref().map(|r| r.device_ptr(&stream));
+        // A null pointer tells the kernel there is no residual.
+        let residual_arg = residual_ptr.as_ref().map_or(0, |(ptr, _)| *ptr);
         let mut launch = func.builder();
-        launch.arg(&x_map).arg(&w_map).arg(&b_view).arg(&out);
+        launch
+            .arg(&x_map)
+            .arg(&w_map)
+            .arg(&b_view)
+            .arg(&residual_arg)
+            .arg(&out);
         for arg in &args {
             launch.arg(arg);
         }
         let cfg = LaunchConfig {
             grid_dim: (
                 (tiles_x * out_h.div_ceil(WGMMA_BOX.1)) as u32,
-                (out_channels / WGMMA_TILE_O) as u32,
+                (taps.dim(0)? / WGMMA_TILE_O) as u32,
                 count as u32,
             ),
             block_dim: (384, 1, 1),
@@ -662,11 +1029,13 @@ mod cuda {
     /// A convolution's weight and bias as `conv_wgmma_bf16` reads them.
     #[derive(Debug, Clone)]
     pub(super) struct WgmmaWeight {
-        /// `[O, window_frames·k·k·C_pad]` bf16: for each tap (frame of the window, ky, kx) its
-        /// channels, zero-padded to a multiple of 64, in the order of the kernel's k steps.
+        /// `[O_pad, window_frames·k·k·C_pad]` bf16: for each tap (frame of the window, ky, kx)
+        /// its channels, zero-padded to a multiple of 64, in the order of the kernel's k steps;
+        /// zero rows pad the output channels to a multiple of 96 (the kernel's tile).
         taps: Tensor,
-        /// `[O]` f32.
+        /// `[O_pad]` f32.
         bias: Tensor,
+        /// The layer's output channels `O`, the ones written.
         out_channels: usize,
         ksize: usize,
     }
@@ -681,6 +1050,7 @@ mod cuda {
         ) -> Result<Self> {
             let (out_channels, _, ksize, _) = weight.dims4()?;
             let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
+            let padded_outputs = out_channels.next_multiple_of(WGMMA_TILE_O) - out_channels;
             let taps = weight
                 .reshape((out_channels, window_frames, channels, ksize, ksize))?
                 .permute((0, 1, 3, 4, 2))?
@@ -688,10 +1058,14 @@ mod cuda {
                 .reshape((
                     out_channels,
                     window_frames * ksize * ksize * padded_channels,
-                ))?;
+                ))?
+                .pad_with_zeros(0, 0, padded_outputs)?;
             Ok(Self {
                 taps: taps.to_dtype(DType::BF16)?.contiguous()?,
-                bias: bias.to_dtype(DType::F32)?.contiguous()?,
+                bias: bias
+                    .to_dtype(DType::F32)?
+                    .pad_with_zeros(0, 0, padded_outputs)?
+                    .contiguous()?,
                 out_channels,
                 ksize,
             })
@@ -720,6 +1094,42 @@ mod cuda {
 
     /// Taps per step of the implicit-GEMM kernel: its weight rows are padded to a multiple.
     const IMPLICIT_STEP: usize = 32;
+    /// Output positions per CTA of the implicit-GEMM kernel.
+    const IMPLICIT_POSITIONS: usize = 128;
+
+    /// The implicit-GEMM kernel's output-channel tile: 128, or 16 for layers with at most 16
+    /// output channels (the decoders' heads), which a 128 tile would leave mostly zeros.
+    #[derive(Clone, Copy)]
+    enum ImplicitTile {
+        Wide,
+        Narrow,
+    }
+
+    impl ImplicitTile {
+        fn for_outputs(out_channels: usize) -> Self {
+            if out_channels <= 16 {
+                Self::Narrow
+            } else {
+                Self::Wide
+            }
+        }
+
+        fn out_channels(self) -> usize {
+            match self {
+                Self::Wide => 128,
+                Self::Narrow => 16,
+            }
+        }
+
+        fn kernel(self, ksize: usize) -> &'static str {
+            match (self, ksize) {
+                (Self::Wide, 1) => "conv2d_implicit_k1_bf16",
+                (Self::Wide, _) => "conv2d_implicit_k3_bf16",
+                (Self::Narrow, 1) => "conv2d_implicit_k1_o16_bf16",
+                (Self::Narrow, _) => "conv2d_implicit_k3_o16_bf16",
+            }
+        }
+    }
 
     impl ConvShape {
         /// A stride-1 `ksize`×`ksize` convolution with `padding` on every side.
@@ -787,10 +1197,8 @@ mod cuda {
             let x_view = cuda_view::<bf16>(&xs, xl.start_offset() + images.first, "conv2d input")?;
             let w_view = cuda_view::<bf16>(&ws, wl.start_offset(), "conv2d weight")?;
             let b_view = cuda_view::<f32>(&bs, bl.start_offset(), "conv2d bias")?;
-            let kernel = match ksize {
-                1 => "conv2d_implicit_k1_bf16",
-                _ => "conv2d_implicit_k3_bf16",
-            };
+            let tile = ImplicitTile::for_outputs(shape.out_channels);
+            let kernel = tile.kernel(ksize);
             let func = dev.get_or_load_custom_func(kernel, "turbo_conv", turbo_kernels::CONV)?;
             let mut launch = func.builder();
             let image_stride = images.stride as i64;
@@ -816,8 +1224,8 @@ mod cuda {
             }
             let cfg = LaunchConfig {
                 grid_dim: (
-                    shape.positions.div_ceil(128) as u32,
-                    shape.out_channels.div_ceil(128) as u32,
+                    shape.positions.div_ceil(IMPLICIT_POSITIONS) as u32,
+                    shape.out_channels.div_ceil(tile.out_channels()) as u32,
                     batch as u32,
                 ),
                 block_dim: (256, 1, 1),

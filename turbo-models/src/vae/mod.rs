@@ -31,7 +31,8 @@ use turbo_core::{Error, FrameCount, Result, VAE_STRIDE};
 
 pub use blocks::ResampleMode;
 pub use conv::{
-    causal_conv3d_reference, conv2d_biased, conv2d_biased_reference, CausalConv3d, Conv3dSpec,
+    causal_conv3d_reference, conv2d_biased, conv2d_biased_reference, upsampled_conv2d_biased,
+    CausalConv3d, Conv3dSpec,
 };
 
 pub use tiling::VaeTiling;
