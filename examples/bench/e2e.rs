@@ -290,7 +290,12 @@ pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
             args.e2e_dir.join(format!("e2e_{index}.mp4")),
             Existing::Replace,
         )?;
-        let mut stages = StageClock::reading_files();
+        // The first request of the process loads what the pipeline then keeps.
+        let resident = match index {
+            1 => Residency::NONE,
+            _ => args.e2e_residency.residency(),
+        };
+        let mut stages = StageClock::reading_files(resident);
         let start = Instant::now();
         generate(&pipeline, args, &output, &mut stages)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;

@@ -48,7 +48,7 @@ use turbodiffusion::models::wan::{
 };
 use turbodiffusion::models::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
 use turbodiffusion::pipeline::{
-    I2vRequest, Launched, MemoryEstimate, ModelKind, RandomCheckpoint, SamplerChoice,
+    I2vRequest, Launched, MemoryEstimate, ModelKind, RandomCheckpoint, Residency, SamplerChoice,
 };
 use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight, Linear, Module};
 use turbodiffusion::video::{InputImage, Video};
@@ -1034,12 +1034,16 @@ struct StageClock {
     overall_peak: u64,
     /// The weights come from files, not drawn at random (the rows say which).
     from_files: bool,
+    /// The models already on the device when the request starts (the rows say which).
+    resident: Residency,
 }
 
 impl StageClock {
-    fn reading_files() -> Self {
+    /// Weights read from files, except those of the models in `resident`.
+    fn reading_files(resident: Residency) -> Self {
         Self {
             from_files: true,
+            resident,
             ..Self::default()
         }
     }
@@ -1055,6 +1059,9 @@ impl turbodiffusion::core::Progress for StageClock {
 
     fn stage_done(&mut self, report: &StageReport) {
         let name = match report.stage {
+            Stage::EncodingText if self.resident.text_encoder => {
+                "text encode (umT5-XXL resident)".to_owned()
+            }
             Stage::EncodingText if self.from_files => {
                 "text encode (umT5-XXL streamed by block from its .pth)".to_owned()
             }
@@ -1062,6 +1069,9 @@ impl turbodiffusion::core::Progress for StageClock {
                 "text encode (umT5-XXL streamed by block, incl. drawing its weights)".to_owned()
             }
             Stage::EncodingImage => "image encode (VAE, bf16)".to_owned(),
+            Stage::Denoising { steps } if self.resident.dit => {
+                format!("denoise, {steps} DiT steps (the DiT resident)")
+            }
             Stage::Denoising { steps } if self.from_files => {
                 format!("denoise, {steps} DiT steps (incl. reading the -quant .pth)")
             }

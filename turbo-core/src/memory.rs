@@ -40,9 +40,9 @@ pub fn memory_usage(device: &Device) -> Result<Option<MemoryUsage>> {
 /// Lets `device`'s memory pool keep the memory tensors free, for the next allocations, instead
 /// of giving it back to the driver at every synchronisation (the pool's default release
 /// threshold is 0). With the default, an allocation after a synchronisation maps its pages
-/// afresh: on an H100 that added 0.07–1.5 ms to each linear at the Wan shapes when every call
-/// was waited for (`docs/performance.md`, v12), where PyTorch's caching allocator, which keeps
-/// freed memory likewise, adds nothing. The kept memory stays reusable by this process's
+/// afresh: on an H100, keeping it took the 1.3B linears' per-call time, every call waited
+/// for, from 0.27 to 0.22 ms and from 1.73 to 1.24–1.43 ms (`docs/performance.md`, v12).
+/// PyTorch's caching allocator keeps freed memory likewise. The kept memory stays reusable by this process's
 /// tensors (and [`available_memory`] counts it as available); it is not available to other
 /// processes or to allocations outside the pool. [`DeviceSpec::open`](crate::DeviceSpec::open)
 /// calls this; call it on a device made otherwise. No-op on the CPU.
