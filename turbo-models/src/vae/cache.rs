@@ -145,3 +145,75 @@ pub fn cached_norm_conv(
     let h = norm.forward_silu(x)?;
     cached_conv_plus(conv, &h, cache, residual)
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+    use crate::vae::conv::Conv3dSpec;
+
+    fn max_difference(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>())
+            .expect("tensors of one shape")
+    }
+
+    /// The convolution of one chunk after `slot`, plus `residual`: its output and what the
+    /// slot remembers then.
+    fn convolve_after(
+        conv: &CausalConv3d,
+        x: &Tensor,
+        slot: Slot,
+        residual: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor)> {
+        let mut cache = FeatureCache::default();
+        cache.slots.push(slot);
+        let out = cached_conv_plus(conv, x, &mut cache, residual)?;
+        match &cache.slots[0] {
+            Slot::Frames(remembered) => Ok((out, remembered.clone())),
+            other => panic!("the CPU path remembers frames in their own layout, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn channels_last_history_is_the_same_history() -> Result<()> {
+        let cpu = Device::Cpu;
+        let conv = CausalConv3d::new(
+            &Tensor::randn(0f32, 1.0, (2, 3, 3, 3, 3), &cpu)?,
+            &Tensor::randn(0f32, 1.0, 2, &cpu)?,
+            Conv3dSpec::cube(3, 2, 3, 1),
+        )?;
+        let history = Tensor::randn(0f32, 1.0, (1, 2, 3, 4, 5), &cpu)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 1, 3, 4, 5), &cpu)?;
+        let (out, remembered) = convolve_after(&conv, &x, Slot::Frames(history.clone()), None)?;
+        let channels_last = history.permute((0, 1, 3, 4, 2))?.contiguous()?;
+        let (out_cl, remembered_cl) =
+            convolve_after(&conv, &x, Slot::ChannelsLast(channels_last), None)?;
+        assert_eq!(max_difference(&out, &out_cl), 0.0);
+        // One new frame: the last remembered frame and the chunk's.
+        assert_eq!(remembered.dims(), [1, 2, 3, 4, 5]);
+        assert_eq!(max_difference(&remembered, &remembered_cl), 0.0);
+        assert_eq!(
+            max_difference(&remembered.narrow(1, 0, 1)?, &history.narrow(1, 1, 1)?),
+            0.0
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_residual_is_added_to_the_output() -> Result<()> {
+        let cpu = Device::Cpu;
+        let conv = CausalConv3d::new(
+            &Tensor::randn(0f32, 1.0, (4, 3, 3, 3, 3), &cpu)?,
+            &Tensor::randn(0f32, 1.0, 4, &cpu)?,
+            Conv3dSpec::cube(3, 4, 3, 1),
+        )?;
+        let x = Tensor::randn(0f32, 1.0, (1, 4, 3, 5, 6), &cpu)?;
+        let residual = Tensor::randn(0f32, 1.0, (1, 4, 4, 5, 6), &cpu)?;
+        let (plain, _) = convolve_after(&conv, &x, Slot::Empty, None)?;
+        let (plus, _) = convolve_after(&conv, &x, Slot::Empty, Some(&residual))?;
+        assert!(max_difference(&(plain + &residual)?, &plus) < 1e-6);
+        Ok(())
+    }
+}
