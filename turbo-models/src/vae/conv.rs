@@ -343,7 +343,14 @@ mod cuda {
         scale: usize,
     ) -> Result<Tensor> {
         let (_, channels, _, _) = x.dims4()?;
-        let (out_channels, _, ksize, _) = weight.dims4()?;
+        let (out_channels, weight_channels, ksize, _) = weight.dims4()?;
+        if weight_channels != channels {
+            return Err(Error::Shape {
+                what: format!("conv2d weight {:?} for the input", weight.dims()),
+                expected: format!("[O, {channels}, k, k]"),
+                got: x.dims().to_vec(),
+            });
+        }
         if x.dtype() == DType::BF16 && wgmma_applies(x, ksize, channels, out_channels)? {
             let input = ChannelsLast::concat(&[&x.unsqueeze(0)?], scale)?;
             let prepared = WgmmaWeight::new(weight, bias, 1, channels)?;
@@ -355,15 +362,7 @@ mod cuda {
             return Ok(out.reshape((batch, out_channels, out_h, shape.out_w))?);
         }
         let x = super::upsampled(&x.contiguous()?, scale)?;
-        let (batch, channels, height, width) = x.dims4()?;
-        let (out_channels, weight_channels, ksize, _) = weight.dims4()?;
-        if weight_channels != channels {
-            return Err(Error::Shape {
-                what: format!("conv2d weight {:?} for the input", weight.dims()),
-                expected: format!("[O, {channels}, k, k]"),
-                got: x.dims().to_vec(),
-            });
-        }
+        let (batch, _, height, width) = x.dims4()?;
         let shape = ConvShape::new(channels, height, width, padding, ksize, out_channels)?;
         let (positions, out_w) = (shape.positions, shape.out_w);
         let out_h = positions / out_w;
