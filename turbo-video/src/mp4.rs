@@ -256,7 +256,6 @@ type IntervalEncoder = JoinHandle<Result<Vec<EncodedFrame>>>;
 
 /// A keyframe interval whose encoding thread is still being sent frames.
 struct OpenInterval {
-    frames: usize,
     sender: mpsc::Sender<Vec<u8>>,
     encoder: IntervalEncoder,
 }
@@ -306,11 +305,7 @@ impl Mp4Stream {
             }));
         }
         self.pushed += 1;
-        let open = OpenInterval {
-            frames: open.frames + 1,
-            ..open
-        };
-        if open.frames == self.interval {
+        if self.pushed % self.interval as u64 == 0 {
             // Dropping the sender ends the thread's interval.
             self.encoding.push_back(open.encoder);
         } else {
@@ -353,11 +348,7 @@ impl Mp4Stream {
             let mut encoder = options.encoder(width, height, fps)?;
             frames.iter().map(|rgb| encoder.encode(&rgb)).collect()
         });
-        Ok(OpenInterval {
-            frames: 0,
-            sender,
-            encoder,
-        })
+        Ok(OpenInterval { sender, encoder })
     }
 
     fn append_oldest(&mut self) -> Result<()> {

@@ -8,7 +8,7 @@ use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
 use super::cache::{cached_norm_conv, frames_to_remember, FeatureCache, Slot};
-use super::conv::{conv2d_biased, upsampled_conv2d_biased, CausalConv3d, Conv3dSpec};
+use super::conv::{conv2d_biased, upsampled, upsampled_conv2d_biased, CausalConv3d, Conv3dSpec};
 
 /// A checkpoint key list: `(name, shape)` pairs.
 pub type Keys = Vec<(String, Vec<usize>)>;
@@ -231,10 +231,7 @@ impl ForwardT for candle_nn::Conv2d {
     fn forward_upsampled_t(&self, x: &Tensor) -> Result<Tensor> {
         match plain_bias(self) {
             Some(bias) => upsampled_conv2d_biased(x, self.weight(), bias, self.config().padding),
-            None => {
-                let (_, _, height, width) = x.dims4()?;
-                self.forward_t(&x.upsample_nearest2d(2 * height, 2 * width)?)
-            }
+            None => self.forward_t(&upsampled(x, 2)?),
         }
     }
 }

@@ -35,6 +35,28 @@ pub enum Slot {
     ChannelsLast(Tensor),
 }
 
+impl Slot {
+    /// The remembered frames as `[B, n, C, H, W]`, whichever layout they were kept in; `None`
+    /// for no frames.
+    fn frames(&self) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Slot::Frames(frames) => Some(frames.clone()),
+            Slot::ChannelsLast(frames) => Some(frames.permute((0, 1, 4, 2, 3))?),
+            Slot::Empty | Slot::Replicated => None,
+        })
+    }
+
+    /// The remembered frames channels last, `[B, n, H, W, C]`.
+    #[cfg(feature = "cuda")]
+    fn frames_channels_last(&self) -> Result<Option<Tensor>> {
+        Ok(match self {
+            Slot::ChannelsLast(frames) => Some(frames.clone()),
+            Slot::Frames(frames) => Some(frames.permute((0, 1, 3, 4, 2))?),
+            Slot::Empty | Slot::Replicated => None,
+        })
+    }
+}
+
 /// The per-convolution memory of a streaming encode or decode.
 #[derive(Debug, Default)]
 pub struct FeatureCache {
@@ -105,11 +127,7 @@ pub fn cached_conv_plus(
         return conv.forward_plus(x, None, residual);
     }
     let index = cache.cursor;
-    let history = match cache.next_slot() {
-        Slot::Frames(frames) => Some(frames.clone()),
-        Slot::ChannelsLast(frames) => Some(frames.permute((0, 1, 4, 2, 3))?),
-        Slot::Empty | Slot::Replicated => None,
-    };
+    let history = cache.next_slot().frames()?;
     let remembered = frames_to_remember(x, history.as_ref())?;
     let out = conv.forward_plus(x, history.as_ref(), residual)?;
     cache.slots[index] = Slot::Frames(remembered);
@@ -129,11 +147,7 @@ pub fn cached_norm_conv(
     #[cfg(feature = "cuda")]
     if !cache.is_whole_sequence() && conv.takes_normalised_input(x)? {
         let index = cache.cursor;
-        let history = match cache.next_slot() {
-            Slot::ChannelsLast(frames) => Some(frames.clone()),
-            Slot::Frames(frames) => Some(frames.permute((0, 1, 3, 4, 2))?),
-            Slot::Empty | Slot::Replicated => None,
-        };
+        let history = cache.next_slot().frames_channels_last()?;
         let (out, input) = conv.forward_normalised(x, norm.scale(), history.as_ref(), residual)?;
         let frames = input.dim(1)?;
         let kept = frames.min(CACHE_FRAMES);

@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 use turbo_core::Result;
 
 use super::blocks::{AttentionBlock, ChannelRmsNorm, Keys, Resample, ResampleMode, ResidualBlock};
-use super::cache::{cached_conv, FeatureCache};
+use super::cache::{cached_conv, cached_norm_conv, FeatureCache};
 use super::conv::{CausalConv3d, Conv3dSpec};
 use super::VaeConfig;
 
@@ -313,8 +313,7 @@ impl Head {
     }
 
     pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
-        let x = self.norm.forward_silu(x)?;
-        cached_conv(&self.conv, &x, cache)
+        cached_norm_conv(&self.norm, &self.conv, x, cache, None)
     }
 }
 

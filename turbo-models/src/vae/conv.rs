@@ -129,16 +129,7 @@ impl CausalConv3d {
                 (self.spatial_padding, self.time_stride),
                 residual,
             )? {
-                let (_, out_channels, out_height, out_width) = out.dims4()?;
-                let batch = x.dim(0)?;
-                let out_frames = out.dim(0)? / batch;
-                return Ok(out.reshape((
-                    batch,
-                    out_frames,
-                    out_channels,
-                    out_height,
-                    out_width,
-                ))?);
+                return frames_per_image(&out, x.dim(0)?);
             }
         }
         let out = self.convolve_unfused(x, history)?;
@@ -168,8 +159,7 @@ impl CausalConv3d {
             self.spatial_padding,
             self.time_stride,
         )? {
-            let (_, out_channels, out_height, out_width) = out.dims4()?;
-            return Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?);
+            return frames_per_image(&out, batch);
         }
         let windows = if self.time_kernel == 1 && self.time_stride == 1 {
             padded.reshape((batch * frames, channels, height, width))?
@@ -189,8 +179,7 @@ impl CausalConv3d {
             ))?
         };
         let out = conv2d_biased(&windows, &self.weight, &self.bias, self.spatial_padding)?;
-        let (_, out_channels, out_height, out_width) = out.dims4()?;
-        Ok(out.reshape((batch, out_frames, out_channels, out_height, out_width))?)
+        frames_per_image(&out, batch)
     }
 
     /// Whether [`CausalConv3d::forward_normalised`] takes `x`: on CUDA, where the layer runs
@@ -222,11 +211,7 @@ impl CausalConv3d {
             self.spatial_padding,
             residual,
         )?;
-        let (_, out_channels, out_height, out_width) = out.dims4()?;
-        let batch = x.dim(0)?;
-        let out_frames = out.dim(0)? / batch;
-        let out = out.reshape((batch, out_frames, out_channels, out_height, out_width))?;
-        Ok((out, input))
+        Ok((frames_per_image(&out, x.dim(0)?)?, input))
     }
 
     /// The history frames the causal padding takes (the last `time_padding` at most) and the
@@ -252,6 +237,12 @@ impl CausalConv3d {
         };
         Ok(x.pad_with_zeros(1, front_zeros, 0)?)
     }
+}
+
+/// The output frames `[B·T, O, H, W]` of `batch` images as `[B, T, O, H, W]`.
+fn frames_per_image(out: &Tensor, batch: usize) -> Result<Tensor> {
+    let (frames, out_channels, height, width) = out.dims4()?;
+    Ok(out.reshape((batch, frames / batch, out_channels, height, width))?)
 }
 
 /// A stride-1 2-D convolution of `x` `[N, C, H, W]` with a square `weight` `[O, C, k, k]`, plus
@@ -294,7 +285,7 @@ fn conv2d_biased_scaled(
 }
 
 /// `x` `[N, C, H, W]` with each pixel repeated `scale × scale` times.
-fn upsampled(x: &Tensor, scale: usize) -> Result<Tensor> {
+pub(super) fn upsampled(x: &Tensor, scale: usize) -> Result<Tensor> {
     if scale == 1 {
         return Ok(x.clone());
     }
@@ -505,13 +496,7 @@ mod cuda {
         (padding, time_stride): (usize, usize),
         residual: Option<&Tensor>,
     ) -> Result<Option<Tensor>> {
-        let (out_channels, window_channels, ksize, _) = weight.dims4()?;
-        let channels = x.dim(2)?;
-        let applies = x.device().is_cuda()
-            && x.dtype() == DType::BF16
-            && window_channels % channels.max(1) == 0
-            && wgmma_applies(x, ksize, channels, out_channels)?;
-        if !applies {
+        if !wgmma_runs_causal(x, weight)? {
             return Ok(None);
         }
         let parts: Vec<&Tensor> = remembered.into_iter().chain([x]).collect();
@@ -576,6 +561,8 @@ mod cuda {
     /// elements (`NORM_PIXELS`, `NORM_PITCH` in conv.cu).
     const NORM_PIXELS: usize = 32;
     const NORM_PITCH: usize = 34;
+    /// Pixels per CTA of `channel_rms_norm_x8_bf16` (`NORM8_PIXELS` in conv.cu).
+    const NORM8_PIXELS: usize = 64;
     /// The most channels `channel_rms_norm_*` holds in shared memory (209 KiB in f32).
     pub(crate) const NORM_MAX_CHANNELS: usize = 1536;
 
@@ -710,7 +697,7 @@ mod cuda {
         fn pixels(self) -> usize {
             match self {
                 Self::Any => NORM_PIXELS,
-                Self::Runs8 => 64,
+                Self::Runs8 => NORM8_PIXELS,
             }
         }
 
@@ -723,19 +710,24 @@ mod cuda {
         }
     }
 
-    /// Whether [`normalised_causal_conv`] runs this layer on `x`: bf16 on CUDA, where
-    /// `conv_wgmma_bf16` applies, stride 1, and few enough channels for the norm.
+    /// Whether [`normalised_causal_conv`] runs this layer on `x`: where [`causal_conv`] runs
+    /// it on `conv_wgmma_bf16`, at stride 1, with few enough channels for the norm.
     pub(super) fn takes_normalised_input(
         x: &Tensor,
         weight: &Tensor,
         time_stride: usize,
     ) -> Result<bool> {
-        let (out_channels, _, ksize, _) = weight.dims4()?;
+        Ok(time_stride == 1 && x.dim(2)? <= NORM_MAX_CHANNELS && wgmma_runs_causal(x, weight)?)
+    }
+
+    /// Whether `conv_wgmma_bf16` runs the causal conv3d of `x` `[B, T, C, H, W]` with its
+    /// `[O, kt·C, k, k]` weight: bf16 on CUDA, where [`wgmma_applies`].
+    fn wgmma_runs_causal(x: &Tensor, weight: &Tensor) -> Result<bool> {
+        let (out_channels, window_channels, ksize, _) = weight.dims4()?;
         let channels = x.dim(2)?;
         Ok(x.device().is_cuda()
             && x.dtype() == DType::BF16
-            && time_stride == 1
-            && channels <= NORM_MAX_CHANNELS
+            && window_channels % channels.max(1) == 0
             && wgmma_applies(x, ksize, channels, out_channels)?)
     }
 
