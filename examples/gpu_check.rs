@@ -205,18 +205,15 @@ fn simulated_rank_checks(
     let mut checks: Vec<Check> = Vec::new();
     // Three ranks split heads and tokens unevenly; four run a guided pass on each half.
     for world in [3, 4] {
+        // A rank's own error goes back to `simulate` as the library's error, so that it is
+        // reported rather than another rank's "has left the group".
         let per_rank = simulate(world, |comm| {
-            Ok(parallel_checks::checks(
-                comm, device, dtype, threshold, seed,
-            ))
+            parallel_checks::checks(comm, device, dtype, threshold, seed).map_err(|error| {
+                error
+                    .downcast::<turbodiffusion::core::Error>()
+                    .unwrap_or_else(|other| candle_core::Error::Msg(format!("{other:#}")).into())
+            })
         })?;
-        // The first error is often a rank that saw another leave: show every rank's.
-        for (rank, result) in per_rank.iter().enumerate() {
-            if let Err(error) = result {
-                eprintln!("simulated rank {rank} of {world}: {error:#}");
-            }
-        }
-        let per_rank = per_rank.into_iter().collect::<Result<Vec<_>>>()?;
         for (i, check) in per_rank[0].iter().enumerate() {
             let error = per_rank
                 .iter()
