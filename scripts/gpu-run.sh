@@ -19,10 +19,12 @@
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
 #   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
 #   these need the binaries built with --features nccl and libnccl.so, see docs/usage.md)
-# Results go to $OUT (default /tmp/gpu-out). Each step has a time limit; a failing step is
+# Results go to $OUT (default /tmp/gpu-out); the binaries come from $GPU_BIN (default gpu-bin),
+# so that two builds can be compared in one call. Each step has a time limit; a failing step is
 # reported and the others still run.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
+GPU_BIN="${GPU_BIN:-gpu-bin}"
 BIN="$OUT/.bin"
 mkdir -p "$OUT" "$BIN"
 trap 'rm -rf "$BIN"' EXIT
@@ -31,10 +33,10 @@ export LD_LIBRARY_PATH="/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu1
 nccl_lib=$(find /opt/torch/.venv -name 'libnccl.so.2' -print -quit 2>/dev/null)
 [ -n "$nccl_lib" ] && export LD_LIBRARY_PATH="$(dirname "$nccl_lib"):$LD_LIBRARY_PATH"
 for name in gpu_check bench t2v; do
-  [ -f "gpu-bin/$name.gz" ] && gunzip -c "gpu-bin/$name.gz" > "$BIN/$name" && chmod 755 "$BIN/$name"
+  [ -f "$GPU_BIN/$name.gz" ] && gunzip -c "$GPU_BIN/$name.gz" > "$BIN/$name" && chmod 755 "$BIN/$name"
   # xz where the machine has it, else Python's lzma module.
-  [ -f "gpu-bin/$name.xz" ] && { xz -dc "gpu-bin/$name.xz" 2>/dev/null \
-    || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "gpu-bin/$name.xz"; } \
+  [ -f "$GPU_BIN/$name.xz" ] && { xz -dc "$GPU_BIN/$name.xz" 2>/dev/null \
+    || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$GPU_BIN/$name.xz"; } \
     > "$BIN/$name" && chmod 755 "$BIN/$name"
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$OUT/device.txt"
