@@ -82,6 +82,23 @@ __device__ __forceinline__ float normalised(T value, float inv_norm, float scale
     return silu ? v / (1.f + __expf(-v)) : v;
 }
 
+// Both norms' reduction: `parts` threads per pixel each summed some of its channels' squares
+// (this thread's share is `squares`, of pixel p); after it, every thread may read each pixel's
+// 1 / max(‖x‖₂, 1e-12) in inv_norm.
+template <int PIXELS, int PARTS>
+__device__ __forceinline__ void inverse_norms(float squares, int part, int p,
+                                              float (&partial)[PARTS][PIXELS],
+                                              float (&inv_norm)[PIXELS]) {
+    partial[part][p] = squares;
+    __syncthreads();
+    if (threadIdx.x < PIXELS) {
+        float sum = 0.f;
+        for (int i = 0; i < PARTS; ++i) sum += partial[i][threadIdx.x];
+        inv_norm[threadIdx.x] = 1.f / fmaxf(sqrtf(sum), 1e-12f);
+    }
+    __syncthreads();
+}
+
 template <typename T>
 __device__ void channel_rms_norm(const T* __restrict__ x, const float* __restrict__ scale,
                                  T* __restrict__ out, int channels, int inner, bool silu,
@@ -101,14 +118,7 @@ __device__ void channel_rms_norm(const T* __restrict__ x, const float* __restric
         const float f = turbo::to_float(v);
         squares += f * f;
     }
-    partial[part][p] = squares;
-    __syncthreads();
-    if (threadIdx.x < NORM_PIXELS) {
-        float sum = 0.f;
-        for (int i = 0; i < NORM_PARTS; ++i) sum += partial[i][threadIdx.x];
-        inv_norm[threadIdx.x] = 1.f / fmaxf(sqrtf(sum), 1e-12f);
-    }
-    __syncthreads();
+    inverse_norms(squares, part, p, partial, inv_norm);
     if (channels_last) {
         T* dst = out + ((size_t)blockIdx.y * inner + p0) * channels;
         for (int i = threadIdx.x; i < pixels * channels; i += NORM_THREADS) {
@@ -173,14 +183,7 @@ __device__ void channel_rms_norm_x8(const bf16* __restrict__ x, const float* __r
         const float f = __bfloat162float(tile[p * pitch + c]);
         squares += f * f;
     }
-    partial[part][p] = squares;
-    __syncthreads();
-    if (threadIdx.x < NORM8_PIXELS) {
-        float sum = 0.f;
-        for (int i = 0; i < NORM8_PARTS; ++i) sum += partial[i][threadIdx.x];
-        inv_norm[threadIdx.x] = 1.f / fmaxf(sqrtf(sum), 1e-12f);
-    }
-    __syncthreads();
+    inverse_norms(squares, part, p, partial, inv_norm);
     if (channels_last) {
         const int groups = channels / 8;
         bf16* dst = out + ((size_t)blockIdx.y * inner + p0) * channels;
