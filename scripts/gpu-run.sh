@@ -14,6 +14,7 @@
 #   bench-ti2v (TI2V-5B 1280x704, 121 frames, bf16 and W8A8),
 #   bench-e2e / bench-e2e-a14b (time to video from released-format files, cold and warm),
 #   bench-e2e-resident / bench-e2e-resident-all (the same with umT5 / every model kept loaded),
+#   bench-e2e-resident-all-bf16 (every model kept loaded, the DiT from its bf16 .pth),
 #   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
@@ -65,6 +66,7 @@ for step in "$@"; do
     bench-e2e) bench e2e 400 e2e --e2e-model 1.3b ;;
     bench-e2e-resident) bench e2e 300 e2e_resident --e2e-model 1.3b --e2e-processes 1 --e2e-residency text-encoder ;;
     bench-e2e-resident-all) bench e2e 300 e2e_resident_all --e2e-model 1.3b --e2e-processes 1 --e2e-requests 3 --e2e-residency all ;;
+    bench-e2e-resident-all-bf16) bench e2e 300 e2e_resident_all_bf16 --e2e-model 1.3b --e2e-processes 1 --e2e-requests 3 --e2e-residency all --e2e-linears bf16 ;;
     bench-e2e-a14b) bench e2e 590 e2e_a14b --e2e-model a14b-i2v --e2e-processes 1 ;;
     # The upstream reference (PyTorch, Wan2.1's VAE) in the same run: copy the Wan2.1
     # wan/modules folder to .upstream/wan21/modules and make .upstream/vae_anchor.py from the

@@ -1,6 +1,7 @@
 //! The `e2e` section: time to video as a user lives it. Random weights are written once to
-//! disk in the released formats and sizes (the TurboDiffusion `-quant.pth` DiT or experts,
-//! umT5-XXL's and the VAE's `.pth`, a `tokenizer.json`) and read back through the real loaders,
+//! disk in the released formats and sizes (the TurboDiffusion `-quant.pth` DiT or experts, or
+//! with `--e2e-linears bf16` their float `.pth`; umT5-XXL's and the VAE's `.pth`, a
+//! `tokenizer.json`) and read back through the real loaders,
 //! so no stage draws random numbers. A new process of this program (a child) then builds a
 //! `Pipeline` from that folder and makes two videos, each written to an MP4 as it decodes:
 //!
@@ -13,7 +14,7 @@
 //! default) both are measured, each on its own row.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -39,6 +40,32 @@ pub enum E2eModel {
     /// Wan2.2 I2V A14B (two experts, one resident at a time), image to video.
     #[value(name = "a14b-i2v")]
     A14bI2v,
+}
+
+/// The DiT's linears in the `e2e` files and pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum E2eLinears {
+    /// W8A8 from TurboDiffusion's `-quant.pth` files (int8 block linears, 128×128 tile scales).
+    W8a8,
+    /// bf16 from TurboDiffusion's float `.pth` files.
+    Bf16,
+}
+
+impl E2eLinears {
+    /// The released file name of a DiT whose name without extension is `stem`.
+    fn file_name(self, stem: &str) -> String {
+        match self {
+            Self::W8a8 => format!("{stem}-quant.pth"),
+            Self::Bf16 => format!("{stem}.pth"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::W8a8 => "W8A8 -quant files",
+            Self::Bf16 => "bf16 DiT files",
+        }
+    }
 }
 
 /// What the `e2e` pipeline keeps loaded between requests.
@@ -81,13 +108,13 @@ impl E2eModel {
         }
     }
 
-    /// The released `-quant` names of its DiT files, high-noise expert first.
-    fn dit_files(self) -> &'static [&'static str] {
+    /// The released names of its DiT files without extension, high-noise expert first.
+    fn dit_stems(self) -> &'static [&'static str] {
         match self {
-            Self::Wan1_3B => &["TurboWan2.1-T2V-1.3B-480P-quant.pth"],
+            Self::Wan1_3B => &["TurboWan2.1-T2V-1.3B-480P"],
             Self::A14bI2v => &[
-                "TurboWan2.2-I2V-A14B-high-720P-quant.pth",
-                "TurboWan2.2-I2V-A14B-low-720P-quant.pth",
+                "TurboWan2.2-I2V-A14B-high-720P",
+                "TurboWan2.2-I2V-A14B-low-720P",
             ],
         }
     }
@@ -120,7 +147,7 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
         peak: None,
         estimate: None,
     };
-    if let Some((ms, bytes)) = write_released_files(args.e2e_model, args.seed, dir, device)? {
+    if let Some((ms, bytes)) = write_released_files(args, device)? {
         let note = format!(
             "{:.1} GB in {}; not part of any video",
             bytes as f64 / 1e9,
@@ -147,8 +174,8 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
                 ),
             };
             let text = args.e2e_residency.describe();
-            let note =
-                format!("{jit}; files in the page cache; sagesla 0.1, W8A8 -quant files; {text}");
+            let linears = args.e2e_linears.describe();
+            let note = format!("{jit}; files in the page cache; sagesla 0.1, {linears}; {text}");
             rows.push(row(what, run.wall_ms, note));
             for (stage, ms, peak) in run.stages {
                 rows.push(Row {
@@ -161,28 +188,56 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
     Ok(())
 }
 
-/// Writes the model's files in their released formats into `dir`, drawn on `device`, unless
-/// the marker says they are there: `(ms, bytes)` when written.
-fn write_released_files(
-    model: E2eModel,
-    seed: u64,
-    dir: &Path,
-    device: &Device,
-) -> Result<Option<(f64, u64)>> {
-    let marker = json!({ "model": format!("{model:?}"), "seed": seed }).to_string();
+/// Writes the model's files in their released formats into `args.e2e_dir`, drawn on `device`:
+/// the text encoder, VAE and tokenizer unless the marker says they are there (for this model
+/// and seed), the DiT files of `--e2e-linears` unless they are there too (each file appears
+/// whole or not at all). `(ms, bytes)` when anything was written.
+fn write_released_files(args: &Args, device: &Device) -> Result<Option<(f64, u64)>> {
+    let (model, dir) = (args.e2e_model, &args.e2e_dir);
+    let marker = json!({ "model": format!("{model:?}"), "seed": args.seed }).to_string();
     let marker_path = dir.join(WRITTEN_MARKER);
-    if std::fs::read_to_string(&marker_path).is_ok_and(|m| m == marker) {
+    let shared_written = std::fs::read_to_string(&marker_path).is_ok_and(|m| m == marker);
+    let dit_paths: Vec<PathBuf> = model
+        .dit_stems()
+        .iter()
+        .map(|stem| dir.join(args.e2e_linears.file_name(stem)))
+        .collect();
+    if shared_written && dit_paths.iter().all(|path| path.exists()) {
         return Ok(None);
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if !shared_written {
+        // DiT files of another model or seed must not be read as this one's.
+        let _ = std::fs::remove_file(&marker_path);
+        for linears in [E2eLinears::W8a8, E2eLinears::Bf16] {
+            for stem in model.dit_stems() {
+                let _ = std::fs::remove_file(dir.join(linears.file_name(stem)));
+            }
+        }
+    }
     let start = Instant::now();
     let attention = AttentionConfig::new(AttentionKind::Original);
-    let random =
-        Pipeline::random_weights(model.kind(), seed, attention, device.clone(), DType::BF16)?;
+    let random = Pipeline::random_weights(
+        model.kind(),
+        args.seed,
+        attention,
+        device.clone(),
+        DType::BF16,
+    )?;
     let models = random.models();
     let dits = std::iter::once(&models.dit_weights).chain(&models.dit_low_noise_weights);
-    for (source, name) in dits.zip(model.dit_files()) {
-        random_of(source)?.save_quant_dit_pth(&dir.join(name), DType::BF16, device)?;
+    for (source, path) in dits.zip(&dit_paths) {
+        let random = random_of(source)?;
+        match args.e2e_linears {
+            E2eLinears::W8a8 => random.save_quant_dit_pth(path, DType::BF16, device)?,
+            E2eLinears::Bf16 => random.save_pth(path, DType::BF16, device)?,
+        }
+    }
+    if shared_written {
+        return Ok(Some((
+            start.elapsed().as_secs_f64() * 1e3,
+            dit_bytes(&dit_paths)?,
+        )));
     }
     random_of(&models.text_encoder_weights)?.save_pth(
         &dir.join(TEXT_ENCODER_FILE),
@@ -197,6 +252,13 @@ fn write_released_files(
         .map(|entry| Ok(entry?.metadata()?.len()))
         .sum::<std::io::Result<u64>>()?;
     Ok(Some((start.elapsed().as_secs_f64() * 1e3, bytes)))
+}
+
+fn dit_bytes(paths: &[PathBuf]) -> Result<u64> {
+    Ok(paths
+        .iter()
+        .map(|path| std::fs::metadata(path).map(|m| m.len()))
+        .sum::<std::io::Result<u64>>()?)
 }
 
 fn random_of(source: &WeightSource) -> Result<&RandomCheckpoint> {
@@ -280,7 +342,7 @@ pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
     let pipeline = Pipeline::builder(args.e2e_model.kind())
         .checkpoint_dir(&args.e2e_dir)
         .attention(AttentionKind::sagesla(0.1)?)
-        .quant_linear(true)
+        .quant_linear(args.e2e_linears == E2eLinears::W8a8)
         .residency(args.e2e_residency.residency())
         .device(device.clone())
         .dtype(DType::BF16)

@@ -137,6 +137,10 @@ struct Args {
     /// the device), all (umT5, the DiT and the VAE).
     #[arg(long, default_value = "none")]
     e2e_residency: e2e::E2eResidency,
+    /// The DiT's linears of the `e2e` section: w8a8 (TurboDiffusion's `-quant.pth` files) or
+    /// bf16 (its float `.pth` files).
+    #[arg(long, default_value = "w8a8")]
+    e2e_linears: e2e::E2eLinears,
     /// Run as the `e2e` section's child process.
     #[arg(long, hide = true)]
     e2e_child: bool,
