@@ -18,8 +18,8 @@
 // STAGES-deep ring (a `full` mbarrier per stage completes when both boxes have landed, an
 // `empty` one when both consumers have read it); warpgroups 1 and 2 each multiply 64 of the
 // positions against the 96 channels, keeping one step's wgmmas in flight while the next is
-// issued, and add the bias (and a residual, where the layer has one) in the epilogue, which
-// writes NCHW.
+// issued; the epilogue stages the tile (plus the bias) in shared memory and writes it NCHW in
+// runs of 8 positions of a channel, adding a residual where the layer has one.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -135,34 +135,74 @@ __device__ void consume(float acc[48], int consumer, uint32_t smem_base, uint32_
     fence_registers<48>(acc);
 }
 
+// The output tile in shared memory, f32 [TILE_N channels][TILE_M positions], rows padded by 4
+// floats: the accumulators' writes (8 positions × 4 channel pairs a warp instruction) then fall
+// in 32 distinct banks. It reuses the stages' memory once both consumers are done with them.
+constexpr int OUT_PITCH = TILE_M + 4;
+static_assert(TILE_N * OUT_PITCH * 4 <= STAGES * STAGE_BYTES, "the output tile fits the stages");
+// Named barrier of the two consumer warpgroups (0 is __syncthreads').
+constexpr int CONSUMERS_BARRIER = 1;
+
 // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w..16w+15; for n8
 // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8. Row r
-// of the tile is output position (y0 + r / 64, x0 + r % 64). A residual (laid out as the
-// output; null for none) is added before the one rounding to bf16.
-__device__ void store(const float acc[48], int consumer, const ConvDims& d, const ConvTile& tile,
-                      const float* __restrict__ bias, const bf16* __restrict__ residual,
-                      bf16* __restrict__ out) {
+// of the tile is output position (y0 + r / 64, x0 + r % 64). Writes acc + bias into the tile.
+__device__ void stage_output(const float acc[48], int consumer, const ConvTile& tile,
+                             const float* __restrict__ bias, float* out_tile) {
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int positions = d.out_h * d.out_w;
     const int first_row = consumer * 64 + ((threadIdx.x % 128) / 32) * 16 + g;
-    const size_t image = (size_t)tile.window * d.stored_channels * positions;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
         const int row = first_row + 8 * half;
-        const int y = tile.y0 + row / BOX_W, x = tile.x0 + row % BOX_W;
-        if (y >= d.out_h || x >= d.out_w) continue;
-        const size_t at = image + y * d.out_w + x;
 #pragma unroll
         for (int j = 0; j < TILE_N / 8; ++j) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const int o = tile.o0 + 8 * j + 2 * t + e;
-                if (o >= d.stored_channels) continue;
-                const size_t i = at + (size_t)o * positions;
-                float v = acc[4 * j + 2 * half + e] + bias[o];
-                if (residual != nullptr) v += __bfloat162float(residual[i]);
-                out[i] = __float2bfloat16(v);
+                const int o = 8 * j + 2 * t + e;
+                out_tile[o * OUT_PITCH + row] = acc[4 * j + 2 * half + e] + bias[tile.o0 + o];
             }
+        }
+    }
+}
+
+// The staged tile to NCHW, plus a residual (laid out as the output; null for none) before the
+// one rounding to bf16: each thread takes runs of 8 positions of one channel's row, so a
+// channel's 64-column row is written (and its residual read) as 128 contiguous bytes, in
+// 16-byte vectors where the width and the addresses allow.
+__device__ void store_output(const float* out_tile, int consumer_thread, const ConvDims& d,
+                             const ConvTile& tile, const bf16* __restrict__ residual,
+                             bf16* __restrict__ out) {
+    constexpr int RUNS_PER_ROW = BOX_W / 8, RUNS_PER_CHANNEL = BOX_H * RUNS_PER_ROW;
+    const int positions = d.out_h * d.out_w;
+    const size_t image = (size_t)tile.window * d.stored_channels * positions;
+    const bool vectors = d.out_w % 8 == 0 && (reinterpret_cast<uintptr_t>(residual) % 16) == 0;
+    for (int item = consumer_thread; item < TILE_N * RUNS_PER_CHANNEL; item += CONSUMER_THREADS) {
+        const int channel = item / RUNS_PER_CHANNEL, run = item % RUNS_PER_CHANNEL;
+        const int row = run / RUNS_PER_ROW, column = (run % RUNS_PER_ROW) * 8;
+        const int o = tile.o0 + channel, y = tile.y0 + row, x = tile.x0 + column;
+        if (o >= d.stored_channels || y >= d.out_h || x >= d.out_w) continue;
+        const float* src = out_tile + channel * OUT_PITCH + row * BOX_W + column;
+        const size_t at = image + (size_t)o * positions + (size_t)y * d.out_w + x;
+        if (vectors && x + 8 <= d.out_w) {
+            float v[8];
+            *reinterpret_cast<float4*>(v) = *reinterpret_cast<const float4*>(src);
+            *reinterpret_cast<float4*>(v + 4) = *reinterpret_cast<const float4*>(src + 4);
+            if (residual != nullptr) {
+                const uint4 r = *reinterpret_cast<const uint4*>(residual + at);
+                const bf16* rv = reinterpret_cast<const bf16*>(&r);
+#pragma unroll
+                for (int k = 0; k < 8; ++k) v[k] += __bfloat162float(rv[k]);
+            }
+            uint4 packed;
+            uint32_t* words = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) words[k] = turbo::pack_bf16(v[2 * k], v[2 * k + 1]);
+            *reinterpret_cast<uint4*>(out + at) = packed;
+            continue;
+        }
+        for (int k = 0; k < 8 && x + k < d.out_w; ++k) {
+            float v = src[k];
+            if (residual != nullptr) v += __bfloat162float(residual[at + k]);
+            out[at + k] = __float2bfloat16(v);
         }
     }
 }
@@ -212,5 +252,10 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
 #pragma unroll
     for (int i = 0; i < 48; ++i) acc[i] = 0.f;
     consume(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
-    store(acc, warpgroup - 1, d, tile, bias, residual, out);
+    // Both consumers' wgmmas have read their last stages before either overwrites them.
+    named_barrier_sync<CONSUMER_THREADS>(CONSUMERS_BARRIER);
+    float* out_tile = reinterpret_cast<float*>(smem + (smem_base - full_bars));
+    stage_output(acc, warpgroup - 1, tile, bias, out_tile);
+    named_barrier_sync<CONSUMER_THREADS>(CONSUMERS_BARRIER);
+    store_output(out_tile, threadIdx.x - 128, d, tile, residual, out);
 }
