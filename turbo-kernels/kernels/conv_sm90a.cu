@@ -6,12 +6,15 @@
 // ky, kx, channel): A is the input in channels-last layout ([images, frames, H, W, C], written
 // by conv.cu's `channels_last_bf16`: a causal layer's remembered frames, then the chunk's),
 // B the weight reordered to [O, kt, k, k, C_pad] (channels zero-padded to a multiple of 64).
-// One k step is one tap (frame i, ky, kx) and 64 channels: the A tile is a TMA box of
-// 64 channels × 64 columns × 2 rows × 1 frame at the tap's shifted coordinates, so the spatial
-// padding and the causal front padding (negative or past-the-edge coordinates) read as TMA's
-// zero fill and neither a padded copy nor an im2col matrix exists; the B tile is a
-// 64-channel × 96-output box. Both land in the 128-byte swizzle: K-major 8-row atoms of
-// 128-byte rows, as wgmma reads them.
+// One k step is one row of taps (frame i, ky; every kx) and 64 channels: the A tile is a TMA
+// box of 64 channels × (64 + k − 1) columns × 2 rows × 1 frame at the row's shifted
+// coordinates, so the spatial padding and the causal front padding (negative or past-the-edge
+// coordinates) read as TMA's zero fill and neither a padded copy nor an im2col matrix exists;
+// tap kx's operand is that box from column kx on (a descriptor kx rows of 128 bytes further:
+// the swizzle is a function of the shared-memory address, so any 128-byte row may start a
+// matrix), which reads the input once per row of taps instead of once per tap. The B tiles are
+// one 64-channel × 96-output box per tap. All land in the 128-byte swizzle: K-major 8-row
+// atoms of 128-byte rows, as wgmma reads them.
 //
 // One CTA per 128 positions (2 rows × 64 columns of the output) × 96 output channels of one
 // window, three warpgroups: warpgroup 0's first thread is the producer, streaming k steps into a
@@ -38,15 +41,20 @@ constexpr int BOX_H = 2;                     // output rows per tile
 constexpr int TILE_M = BOX_W * BOX_H;        // positions per CTA
 constexpr int TILE_N = 96;                   // output channels per CTA
 constexpr int STEP_C = 64;                   // input channels per k step (128 bytes)
-constexpr int A_BYTES = TILE_M * STEP_C * 2;
-constexpr int B_BYTES = TILE_N * STEP_C * 2;
-constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
-constexpr int STAGES = 6;
+constexpr int ROW_BYTES = STEP_C * 2;        // one position's channels of a step
+constexpr int MAX_K = 3;                     // taps per row: 1×1 and 3×3 kernels
 constexpr int SMEM_ALIGN = 1024;             // the swizzle atom
+// The A box: 2 rows of 64 + k − 1 columns (room for k = 3), rounded up to whole atoms.
+constexpr int A_BYTES =
+    (BOX_H * (BOX_W + MAX_K - 1) * ROW_BYTES + SMEM_ALIGN - 1) / SMEM_ALIGN * SMEM_ALIGN;
+constexpr int B_BYTES = TILE_N * ROW_BYTES;  // one tap's weights
+constexpr int STAGE_BYTES = A_BYTES + MAX_K * B_BYTES;
+constexpr int STAGES = 4;
 constexpr int BARRIER_BYTES = 128;
 constexpr int CONV_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
-static_assert(STAGE_BYTES % SMEM_ALIGN == 0, "stages stay on swizzle-atom boundaries");
-static_assert(CONV_SMEM_BYTES == 169 * 1024 + 128, "turbo-models' conv.rs launches with this");
+static_assert(B_BYTES % SMEM_ALIGN == 0 && STAGE_BYTES % SMEM_ALIGN == 0,
+              "every tile starts on a swizzle-atom boundary");
+static_assert(CONV_SMEM_BYTES == 213 * 1024 + 128, "turbo-models' conv.rs launches with this");
 static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
 constexpr int THREADS = 3 * 128;
 constexpr int CONSUMER_THREADS = 2 * 128;
@@ -91,41 +99,54 @@ __device__ __forceinline__ ConvTile conv_tile(const ConvDims& d) {
             (int)blockIdx.y * TILE_N};
 }
 
-// The producer: k step s into stage s % STAGES once both consumers are done with the step that
-// was there (its `empty` phase), then both boxes, counted on the stage's `full` barrier.
+// The producer: k step s (a row of taps) into stage s % STAGES once both consumers are done
+// with the step that was there (its `empty` phase), then the input box and one weight box per
+// tap, counted on the stage's `full` barrier.
 __device__ void produce(const CUtensorMap& x_map, const CUtensorMap& w_map, const ConvDims& d,
                         const ConvTile& tile, uint32_t smem_base, uint32_t full_bars,
                         uint32_t empty_bars, int steps) {
-    const int taps = d.ksize * d.ksize;
+    const int box_bytes = BOX_H * (BOX_W + d.ksize - 1) * ROW_BYTES;
     for (int s = 0; s < steps; ++s) {
         const int stage = s % STAGES, use = s / STAGES;
-        const int channel_step = s % d.channel_steps, tap = s / d.channel_steps;
-        const int frame = tap / taps, ky = (tap % taps) / d.ksize, kx = tap % d.ksize;
+        const int channel_step = s % d.channel_steps, tap_row = s / d.channel_steps;
+        const int frame = tap_row / d.ksize, ky = tap_row % d.ksize;
         if (use > 0) mbarrier_wait(empty_bars + 8 * stage, (use - 1) & 1);
         const uint32_t dst = smem_base + stage * STAGE_BYTES, bar = full_bars + 8 * stage;
-        mbarrier_arrive_expect_tx(bar, STAGE_BYTES);
-        tma_load_5d(dst, &x_map, channel_step * STEP_C, tile.x0 + kx - d.pad,
-                    tile.y0 + ky - d.pad, tile.base_frame + frame, tile.image, bar);
-        tma_load_2d(dst + A_BYTES, &w_map, (tap * d.channel_steps + channel_step) * STEP_C,
-                    tile.o0, bar);
+        mbarrier_arrive_expect_tx(bar, box_bytes + d.ksize * B_BYTES);
+        tma_load_5d(dst, &x_map, channel_step * STEP_C, tile.x0 - d.pad, tile.y0 + ky - d.pad,
+                    tile.base_frame + frame, tile.image, bar);
+        for (int kx = 0; kx < d.ksize; ++kx) {
+            const int tap = tap_row * d.ksize + kx;
+            tma_load_2d(dst + A_BYTES + kx * B_BYTES, &w_map,
+                        (tap * d.channel_steps + channel_step) * STEP_C, tile.o0, bar);
+        }
     }
 }
 
-// One consumer's 64 positions × 96 channels: step s's wgmmas are issued before step s − 1's
-// are waited for, so the tensor cores always have the next step queued.
+// One consumer's 64 positions (output row `consumer` of the tile) × 96 channels: step s's
+// wgmmas are issued before step s − 1's are waited for, so the tensor cores always have the
+// next step queued. Tap kx reads the box's row from column kx on. KSIZE is a template
+// argument so that the taps' wgmmas unroll into one batch (a loop would make ptxas fence
+// the accumulators between them).
+template <int KSIZE>
 __device__ void consume(float acc[48], int consumer, uint32_t smem_base, uint32_t full_bars,
                         uint32_t empty_bars, int steps) {
+    constexpr int box_w = BOX_W + KSIZE - 1;
     for (int s = 0; s < steps; ++s) {
         const int stage = s % STAGES;
-        const uint32_t a = smem_base + stage * STAGE_BYTES + consumer * (A_BYTES / 2);
-        const uint32_t b = smem_base + stage * STAGE_BYTES + A_BYTES;
+        const uint32_t a_row = smem_base + stage * STAGE_BYTES + consumer * box_w * ROW_BYTES;
+        const uint32_t b_taps = smem_base + stage * STAGE_BYTES + A_BYTES;
         mbarrier_wait(full_bars + 8 * stage, (s / STAGES) & 1);
         fence_registers<48>(acc);
         wgmma_fence();
 #pragma unroll
-        for (int k = 0; k < STEP_C / 16; ++k)
-            wgmma_m64n96k16(acc, smem_descriptor(a + k * K16_BYTES),
-                            smem_descriptor(b + k * K16_BYTES));
+        for (int kx = 0; kx < KSIZE; ++kx) {
+            const uint32_t a = a_row + kx * ROW_BYTES, b = b_taps + kx * B_BYTES;
+#pragma unroll
+            for (int k = 0; k < STEP_C / 16; ++k)
+                wgmma_m64n96k16(acc, smem_descriptor(a + k * K16_BYTES),
+                                smem_descriptor(b + k * K16_BYTES));
+        }
         wgmma_commit();
         wgmma_wait<1>();
         fence_registers<48>(acc);
@@ -210,7 +231,7 @@ __device__ void store_output(const float* out_tile, int consumer_thread, const C
 }  // namespace
 
 // x_map: 5-D tensor map of the channels-last input [images, frames, H, W, C] (bf16, C a multiple
-// of 8), box 64 × 64 × 2 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
+// of 8), box 64 × (64 + k − 1) × 2 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
 // [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
 // bias [O] f32 (O the weight's output channels, a multiple of 96: a layer with fewer has its
 // weight padded with zero rows); residual null or laid out as out, added to it; out
@@ -231,7 +252,7 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
     const uint32_t smem_base =
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
     const ConvTile tile = conv_tile(d);
-    const int steps = window_frames * ksize * ksize * channel_steps;
+    const int steps = window_frames * ksize * channel_steps;  // rows of taps × channel steps
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -251,7 +272,10 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
     float acc[48];
 #pragma unroll
     for (int i = 0; i < 48; ++i) acc[i] = 0.f;
-    consume(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
+    if (ksize == 3)
+        consume<3>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
+    else
+        consume<1>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
     // Both consumers' wgmmas have read their last stages before either overwrites them.
     named_barrier_sync<CONSUMER_THREADS>(CONSUMERS_BARRIER);
     float* out_tile = reinterpret_cast<float*>(smem + (smem_base - full_bars));

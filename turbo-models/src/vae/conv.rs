@@ -458,7 +458,7 @@ mod cuda {
     /// Output positions per CTA of `conv_wgmma_bf16`: 2 rows of 64 columns.
     const WGMMA_BOX: (usize, usize) = (64, 2);
     /// Dynamic shared memory of `conv_wgmma_bf16` (`CONV_SMEM_BYTES` in conv_sm90a.cu).
-    const WGMMA_SMEM_BYTES: u32 = 169 * 1024 + 128;
+    const WGMMA_SMEM_BYTES: u32 = 213 * 1024 + 128;
 
     /// Whether `conv_wgmma_bf16` runs this convolution: on a compute capability 9.0 device,
     /// a 1×1 or 3×3 kernel, input channels a multiple of 8 (channels-last rows of whole
@@ -900,8 +900,10 @@ mod cuda {
             tensor_from_cuda(self.buffer, &self.device, shape)
         }
 
-        /// Its 5-D TMA map in 64-channel × 64-column × 2-row boxes (one frame of one image).
-        fn tensor_map(&self, ptr: sys::CUdeviceptr) -> Result<TensorMap> {
+        /// Its 5-D TMA map in boxes of 64 channels × `64 + ksize − 1` columns × 2 rows (one
+        /// frame of one image): a row of taps' input, which each of its `ksize` taps reads from
+        /// its own column on.
+        fn tensor_map(&self, ptr: sys::CUdeviceptr, ksize: usize) -> Result<TensorMap> {
             let row = (self.channels * 2) as u64;
             let frame = row * (self.width * self.height) as u64;
             TensorMap::swizzled_128b(
@@ -921,7 +923,7 @@ mod cuda {
                     frame,
                     frame * self.frames as u64,
                 ],
-                &[WGMMA_STEP_C, WGMMA_BOX.0, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
+                &[WGMMA_STEP_C, WGMMA_BOX.0 + ksize - 1, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
             )
         }
     }
@@ -995,7 +997,7 @@ mod cuda {
         // The maps hold raw addresses: the read guards live until the launch is queued.
         let (x_ptr, _x_read) = input.buffer.device_ptr(&stream);
         let (w_ptr, _w_read) = w_view.device_ptr(&stream);
-        let x_map = input.tensor_map(x_ptr)?;
+        let x_map = input.tensor_map(x_ptr, ksize)?;
         let k_total = taps.dim(1)?;
         let w_map = TensorMap::swizzled_128b(
             w_ptr,
