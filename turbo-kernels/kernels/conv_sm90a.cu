@@ -7,7 +7,7 @@
 // by conv.cu's `channels_last_bf16`: a causal layer's remembered frames, then the chunk's),
 // B the weight reordered to [O, kt, k, k, C_pad] (channels zero-padded to a multiple of 64).
 // One k step is one row of taps (frame i, ky; every kx) and 64 channels: the A tile is a TMA
-// box of 64 channels × (64 + k − 1) columns × 2 rows × 1 frame at the row's shifted
+// box of 64 channels × (64 + k − 1) columns × 4 rows × 1 frame at the row's shifted
 // coordinates, so the spatial padding and the causal front padding (negative or past-the-edge
 // coordinates) read as TMA's zero fill and neither a padded copy nor an im2col matrix exists;
 // tap kx's operand is that box from column kx on (a descriptor kx rows of 128 bytes further:
@@ -16,11 +16,11 @@
 // one 64-channel × 96-output box per tap. All land in the 128-byte swizzle: K-major 8-row
 // atoms of 128-byte rows, as wgmma reads them.
 //
-// One CTA per 128 positions (2 rows × 64 columns of the output) × 96 output channels of one
+// One CTA per 256 positions (4 rows × 64 columns of the output) × 96 output channels of one
 // window, three warpgroups: warpgroup 0's first thread is the producer, streaming k steps into a
-// STAGES-deep ring (a `full` mbarrier per stage completes when both boxes have landed, an
-// `empty` one when both consumers have read it); warpgroups 1 and 2 each multiply 64 of the
-// positions against the 96 channels, keeping one step's wgmmas in flight while the next is
+// STAGES-deep ring (a `full` mbarrier per stage completes when its boxes have landed, an
+// `empty` one when both consumers have read it); warpgroups 1 and 2 each multiply two rows of
+// 64 positions against the 96 channels (the weight tiles are read once for 256 positions), keeping one step's wgmmas in flight while the next is
 // issued; the epilogue stages the tile (plus the bias) in shared memory and writes it NCHW in
 // runs of 8 positions of a channel, adding a residual where the layer has one.
 
@@ -37,24 +37,25 @@ using turbo::shared_address;
 typedef __nv_bfloat16 bf16;
 
 constexpr int BOX_W = 64;                    // output columns per tile
-constexpr int BOX_H = 2;                     // output rows per tile
+constexpr int BOX_H = 4;                     // output rows per tile
+constexpr int CONSUMER_ROWS = BOX_H / 2;     // output rows per consumer warpgroup
 constexpr int TILE_M = BOX_W * BOX_H;        // positions per CTA
 constexpr int TILE_N = 96;                   // output channels per CTA
 constexpr int STEP_C = 64;                   // input channels per k step (128 bytes)
 constexpr int ROW_BYTES = STEP_C * 2;        // one position's channels of a step
 constexpr int MAX_K = 3;                     // taps per row: 1×1 and 3×3 kernels
 constexpr int SMEM_ALIGN = 1024;             // the swizzle atom
-// The A box: 2 rows of 64 + k − 1 columns (room for k = 3), rounded up to whole atoms.
+// The A box: 4 rows of 64 + k − 1 columns (room for k = 3), rounded up to whole atoms.
 constexpr int A_BYTES =
     (BOX_H * (BOX_W + MAX_K - 1) * ROW_BYTES + SMEM_ALIGN - 1) / SMEM_ALIGN * SMEM_ALIGN;
 constexpr int B_BYTES = TILE_N * ROW_BYTES;  // one tap's weights
 constexpr int STAGE_BYTES = A_BYTES + MAX_K * B_BYTES;
-constexpr int STAGES = 4;
+constexpr int STAGES = 3;
 constexpr int BARRIER_BYTES = 128;
 constexpr int CONV_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
 static_assert(B_BYTES % SMEM_ALIGN == 0 && STAGE_BYTES % SMEM_ALIGN == 0,
               "every tile starts on a swizzle-atom boundary");
-static_assert(CONV_SMEM_BYTES == 213 * 1024 + 128, "turbo-models' conv.rs launches with this");
+static_assert(CONV_SMEM_BYTES == 208 * 1024 + 128, "turbo-models' conv.rs launches with this");
 static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
 constexpr int THREADS = 3 * 128;
 constexpr int CONSUMER_THREADS = 2 * 128;
@@ -123,37 +124,45 @@ __device__ void produce(const CUtensorMap& x_map, const CUtensorMap& w_map, cons
     }
 }
 
-// One consumer's 64 positions (output row `consumer` of the tile) × 96 channels: step s's
-// wgmmas are issued before step s − 1's are waited for, so the tensor cores always have the
-// next step queued. Tap kx reads the box's row from column kx on. KSIZE is a template
-// argument so that the taps' wgmmas unroll into one batch (a loop would make ptxas fence
-// the accumulators between them).
+// One consumer's CONSUMER_ROWS output rows of 64 positions (rows consumer · CONSUMER_ROWS on)
+// × 96 channels, an accumulator set per row: step s's wgmmas are issued before step s − 1's
+// are waited for, so the tensor cores always have the next step queued. Tap kx reads the
+// box's rows from column kx on. KSIZE is a template argument so that the taps' wgmmas unroll
+// into one batch (a loop would make ptxas fence the accumulators between them).
 template <int KSIZE>
-__device__ void consume(float acc[48], int consumer, uint32_t smem_base, uint32_t full_bars,
-                        uint32_t empty_bars, int steps) {
+__device__ void consume(float (&acc)[CONSUMER_ROWS][48], int consumer, uint32_t smem_base,
+                        uint32_t full_bars, uint32_t empty_bars, int steps) {
     constexpr int box_w = BOX_W + KSIZE - 1;
     for (int s = 0; s < steps; ++s) {
         const int stage = s % STAGES;
-        const uint32_t a_row = smem_base + stage * STAGE_BYTES + consumer * box_w * ROW_BYTES;
+        const uint32_t a_rows =
+            smem_base + stage * STAGE_BYTES + consumer * CONSUMER_ROWS * box_w * ROW_BYTES;
         const uint32_t b_taps = smem_base + stage * STAGE_BYTES + A_BYTES;
         mbarrier_wait(full_bars + 8 * stage, (s / STAGES) & 1);
-        fence_registers<48>(acc);
+#pragma unroll
+        for (int r = 0; r < CONSUMER_ROWS; ++r) fence_registers<48>(acc[r]);
         wgmma_fence();
 #pragma unroll
         for (int kx = 0; kx < KSIZE; ++kx) {
-            const uint32_t a = a_row + kx * ROW_BYTES, b = b_taps + kx * B_BYTES;
+            const uint32_t b = b_taps + kx * B_BYTES;
 #pragma unroll
-            for (int k = 0; k < STEP_C / 16; ++k)
-                wgmma_m64n96k16(acc, smem_descriptor(a + k * K16_BYTES),
-                                smem_descriptor(b + k * K16_BYTES));
+            for (int r = 0; r < CONSUMER_ROWS; ++r) {
+                const uint32_t a = a_rows + (r * box_w + kx) * ROW_BYTES;
+#pragma unroll
+                for (int k = 0; k < STEP_C / 16; ++k)
+                    wgmma_m64n96k16(acc[r], smem_descriptor(a + k * K16_BYTES),
+                                    smem_descriptor(b + k * K16_BYTES));
+            }
         }
         wgmma_commit();
         wgmma_wait<1>();
-        fence_registers<48>(acc);
+#pragma unroll
+        for (int r = 0; r < CONSUMER_ROWS; ++r) fence_registers<48>(acc[r]);
         if (s > 0) mbarrier_arrive(empty_bars + 8 * ((s - 1) % STAGES));
     }
     wgmma_wait<0>();
-    fence_registers<48>(acc);
+#pragma unroll
+    for (int r = 0; r < CONSUMER_ROWS; ++r) fence_registers<48>(acc[r]);
 }
 
 // The output tile in shared memory, f32 [TILE_N channels][TILE_M positions], rows padded by 4
@@ -167,19 +176,24 @@ constexpr int CONSUMERS_BARRIER = 1;
 // Accumulator layout of m64nNk16: warp w of the warpgroup holds rows 16w..16w+15; for n8
 // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8. Row r
 // of the tile is output position (y0 + r / 64, x0 + r % 64). Writes acc + bias into the tile.
-__device__ void stage_output(const float acc[48], int consumer, const ConvTile& tile,
-                             const float* __restrict__ bias, float* out_tile) {
+__device__ void stage_output(const float (&acc)[CONSUMER_ROWS][48], int consumer,
+                             const ConvTile& tile, const float* __restrict__ bias,
+                             float* out_tile) {
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int first_row = consumer * 64 + ((threadIdx.x % 128) / 32) * 16 + g;
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = first_row + 8 * half;
+    for (int r = 0; r < CONSUMER_ROWS; ++r) {
+        const int first_row = (consumer * CONSUMER_ROWS + r) * 64 + ((threadIdx.x % 128) / 32) * 16 + g;
 #pragma unroll
-        for (int j = 0; j < TILE_N / 8; ++j) {
+        for (int half = 0; half < 2; ++half) {
+            const int row = first_row + 8 * half;
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-                const int o = 8 * j + 2 * t + e;
-                out_tile[o * OUT_PITCH + row] = acc[4 * j + 2 * half + e] + bias[tile.o0 + o];
+            for (int j = 0; j < TILE_N / 8; ++j) {
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int o = 8 * j + 2 * t + e;
+                    out_tile[o * OUT_PITCH + row] =
+                        acc[r][4 * j + 2 * half + e] + bias[tile.o0 + o];
+                }
             }
         }
     }
@@ -231,13 +245,13 @@ __device__ void store_output(const float* out_tile, int consumer_thread, const C
 }  // namespace
 
 // x_map: 5-D tensor map of the channels-last input [images, frames, H, W, C] (bf16, C a multiple
-// of 8), box 64 × (64 + k − 1) × 2 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
+// of 8), box 64 × (64 + k − 1) × 4 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
 // [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
 // bias [O] f32 (O the weight's output channels, a multiple of 96: a layer with fewer has its
 // weight padded with zero rows); residual null or laid out as out, added to it; out
 // [windows, stored_channels, out_h, out_w] bf16, the first stored_channels ≤ O channels. Window t of image i reads its frames
 // t·time_stride − front_zeros + (0 .. window_frames), zeros where that is negative.
-// grid (tiles_x · ⌈out_h/2⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
+// grid (tiles_x · ⌈out_h/4⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
                 const __grid_constant__ CUtensorMap w_map, const float* bias,
@@ -269,9 +283,11 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
             produce(x_map, w_map, d, tile, smem_base, full_bars, empty_bars, steps);
         return;
     }
-    float acc[48];
+    float acc[CONSUMER_ROWS][48];
 #pragma unroll
-    for (int i = 0; i < 48; ++i) acc[i] = 0.f;
+    for (int r = 0; r < CONSUMER_ROWS; ++r)
+#pragma unroll
+        for (int i = 0; i < 48; ++i) acc[r][i] = 0.f;
     if (ksize == 3)
         consume<3>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
     else

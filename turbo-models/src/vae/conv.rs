@@ -455,10 +455,10 @@ mod cuda {
     const WGMMA_TILE_O: usize = 96;
     /// Input channels per k step of `conv_wgmma_bf16`: the weight's are padded to a multiple.
     const WGMMA_STEP_C: usize = 64;
-    /// Output positions per CTA of `conv_wgmma_bf16`: 2 rows of 64 columns.
-    const WGMMA_BOX: (usize, usize) = (64, 2);
+    /// Output positions per CTA of `conv_wgmma_bf16`: 4 rows of 64 columns.
+    const WGMMA_BOX: (usize, usize) = (64, 4);
     /// Dynamic shared memory of `conv_wgmma_bf16` (`CONV_SMEM_BYTES` in conv_sm90a.cu).
-    const WGMMA_SMEM_BYTES: u32 = 213 * 1024 + 128;
+    const WGMMA_SMEM_BYTES: u32 = 208 * 1024 + 128;
 
     /// Whether `conv_wgmma_bf16` runs this convolution: on a compute capability 9.0 device,
     /// a 1×1 or 3×3 kernel, input channels a multiple of 8 (channels-last rows of whole
