@@ -1077,7 +1077,7 @@ impl turbodiffusion::core::Progress for StageClock {
                 format!("denoise, {steps} DiT steps (the DiT resident)")
             }
             Stage::Denoising { steps } if self.from_files => {
-                format!("denoise, {steps} DiT steps (incl. reading the -quant .pth)")
+                format!("denoise, {steps} DiT steps (incl. reading the DiT file)")
             }
             Stage::Denoising { steps } => {
                 format!("denoise, {steps} DiT steps (incl. drawing and quantising the weights)")
