@@ -8,9 +8,11 @@
 use std::process::Command;
 
 fn main() {
+    // Not PATH: a shell with another PATH would rebuild this crate and all that depends on
+    // it. The warning says to clean this crate once nasm is installed.
+    println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-env-changed=NASM");
     println!("cargo:rerun-if-env-changed=OPENH264_NO_ASM");
-    println!("cargo:rerun-if-env-changed=PATH");
     let target_arch = std::env::var("CARGO_CFG_TARGET_ARCH").unwrap_or_default();
     let has_x86_assembly = matches!(target_arch.as_str(), "x86" | "x86_64");
     if !has_x86_assembly || std::env::var_os("OPENH264_NO_ASM").is_some() {

@@ -144,6 +144,10 @@ struct Args {
     /// Run as the `e2e` section's child process.
     #[arg(long, hide = true)]
     e2e_child: bool,
+    /// Rows of the `vae` section: all, decode (the three decodes) or encode (the I2V image
+    /// encode both ways), e.g. to profile one of them alone.
+    #[arg(long, default_value = "all")]
+    vae_rows: VaeRows,
     /// Rank of the random LoRA of the `lora` section (on every block linear of `--dit-model`,
     /// with the first of `--dit-attention`).
     #[arg(long, default_value_t = 32)]
@@ -296,7 +300,12 @@ fn main() -> Result<()> {
                 }
             }
             Section::Dit => dit_rows(&bench.slow(args.slow_iters), &args, &mut rows)?,
-            Section::Vae => vae_rows(&bench.slow(args.slow_iters), args.seed, &mut rows)?,
+            Section::Vae => vae_rows(
+                &bench.slow(args.slow_iters),
+                args.seed,
+                args.vae_rows,
+                &mut rows,
+            )?,
             Section::T2v => t2v_rows(&device, &args, &mut rows)?,
             Section::I2v => i2v_rows(&device, &args, &mut rows)?,
             Section::Ti2v => ti2v_rows(&device, &args, &mut rows)?,
@@ -703,10 +712,18 @@ fn random_lora(cfg: &WanConfig, rank: usize, device: &Device) -> Result<ScaledLo
     Ok(LoraAdapter::from_tensors("random-lora.safetensors", tensors, false)?.at(1.0))
 }
 
-/// The Wan VAE in bf16: the streaming decode of 81 frames at 480p and 720p, and the I2V image
-/// encode (an image and 80 zero frames) at 720p, through `encode_image` and, for comparison,
-/// through `encode` of the whole video.
-fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
+/// Which rows the `vae` section runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum VaeRows {
+    All,
+    Decode,
+    Encode,
+}
+
+/// The Wan VAE in bf16: the streaming decode of 81 frames at 480p and 720p (and the Wan2.2
+/// VAE's), and the I2V image encode (an image and 80 zero frames) at 720p, through
+/// `encode_image` and, for comparison, through `encode` of the whole video.
+fn vae_rows(bench: &Bench, seed: u64, which: VaeRows, rows: &mut Vec<Row>) -> Result<()> {
     let device = &bench.device;
     let cfg = VaeConfig::wan21();
     let vb =
@@ -723,7 +740,11 @@ fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
             estimate: None,
         })
     };
-    for (name, (height, width)) in [("480p", (480, 832)), ("720p", (720, 1280))] {
+    let decodes: &[(&str, (usize, usize))] = match which {
+        VaeRows::Encode => &[],
+        _ => &[("480p", (480, 832)), ("720p", (720, 1280))],
+    };
+    for &(name, (height, width)) in decodes {
         let (h, w) = (height / 8, width / 8);
         let latent = Tensor::randn(0f32, 1.0, (1, 16, 21, h, w), device)?.to_dtype(DType::BF16)?;
         let decode = || -> Result<()> {
@@ -738,7 +759,12 @@ fn vae_rows(bench: &Bench, seed: u64, rows: &mut Vec<Row>) -> Result<()> {
             bench.peak_of(decode)?,
         );
     }
-    vae22_decode_row(bench, seed, &mut push)?;
+    if which == VaeRows::Decode {
+        return vae22_decode_row(bench, seed, &mut push);
+    }
+    if which == VaeRows::All {
+        vae22_decode_row(bench, seed, &mut push)?;
+    }
     let frames = FrameCount::new(81)?;
     let image = Tensor::rand(-1f32, 1.0, (1, 3, 1, 720, 1280), device)?.to_dtype(DType::BF16)?;
     let encode_image = || -> Result<()> {
