@@ -20,9 +20,10 @@
 // window, three warpgroups: warpgroup 0's first thread is the producer, streaming k steps into a
 // STAGES-deep ring (a `full` mbarrier per stage completes when its boxes have landed, an
 // `empty` one when both consumers have read it); warpgroups 1 and 2 each multiply two rows of
-// 64 positions against the 96 channels (the weight tiles are read once for 256 positions), keeping one step's wgmmas in flight while the next is
-// issued; the epilogue stages the tile (plus the bias) in shared memory and writes it NCHW in
-// runs of 8 positions of a channel, adding a residual where the layer has one.
+// 64 positions against the 96 channels (the weight tiles are read once for 256 positions),
+// keeping one step's wgmmas in flight while the next is issued; the epilogue stages the tile
+// (plus the bias) in shared memory and writes it NCHW in runs of 8 positions of a channel,
+// adding a residual where the layer has one.
 
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -182,7 +183,8 @@ __device__ void stage_output(const float (&acc)[CONSUMER_ROWS][48], int consumer
     const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int r = 0; r < CONSUMER_ROWS; ++r) {
-        const int first_row = (consumer * CONSUMER_ROWS + r) * 64 + ((threadIdx.x % 128) / 32) * 16 + g;
+        const int warp_row = ((threadIdx.x % 128) / 32) * 16 + g;
+        const int first_row = (consumer * CONSUMER_ROWS + r) * 64 + warp_row;
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
             const int row = first_row + 8 * half;
@@ -249,8 +251,9 @@ __device__ void store_output(const float* out_tile, int consumer_thread, const C
 // [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
 // bias [O] f32 (O the weight's output channels, a multiple of 96: a layer with fewer has its
 // weight padded with zero rows); residual null or laid out as out, added to it; out
-// [windows, stored_channels, out_h, out_w] bf16, the first stored_channels ≤ O channels. Window t of image i reads its frames
-// t·time_stride − front_zeros + (0 .. window_frames), zeros where that is negative.
+// [windows, stored_channels, out_h, out_w] bf16, the first stored_channels ≤ O channels.
+// Window t of image i reads its frames t·time_stride − front_zeros + (0 .. window_frames),
+// zeros where that is negative.
 // grid (tiles_x · ⌈out_h/4⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
 extern "C" __global__ void __launch_bounds__(THREADS, 1)
 conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,

@@ -900,9 +900,9 @@ mod cuda {
             tensor_from_cuda(self.buffer, &self.device, shape)
         }
 
-        /// Its 5-D TMA map in boxes of 64 channels × `64 + ksize − 1` columns × 2 rows (one
-        /// frame of one image): a row of taps' input, which each of its `ksize` taps reads from
-        /// its own column on.
+        /// Its 5-D TMA map in boxes of 64 channels × `64 + ksize − 1` columns × `WGMMA_BOX.1`
+        /// rows (one frame of one image): a row of taps' input, which each of its `ksize` taps
+        /// reads from its own column on.
         fn tensor_map(&self, ptr: sys::CUdeviceptr, ksize: usize) -> Result<TensorMap> {
             let row = (self.channels * 2) as u64;
             let frame = row * (self.width * self.height) as u64;
