@@ -17,6 +17,7 @@
 #   bench-e2e-resident / bench-e2e-resident-all (the same with umT5 / every model kept loaded),
 #   bench-e2e-resident-all-bf16 (every model kept loaded, the DiT from its bf16 .pth),
 #   bench-e2e-a14b-resident-all (the A14B I2V with both experts, umT5 and the VAE kept loaded),
+#   bench-e2e-14b-resident-all (the 14B T2V at 720p, every model kept loaded),
 #   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
@@ -71,6 +72,7 @@ for step in "$@"; do
     bench-e2e-resident-all-bf16) bench e2e 300 e2e_resident_all_bf16 --e2e-model 1.3b --e2e-processes 1 --e2e-requests 3 --e2e-residency all --e2e-linears bf16 ;;
     bench-e2e-a14b) bench e2e 590 e2e_a14b --e2e-model a14b-i2v --e2e-processes 1 ;;
     bench-e2e-a14b-resident-all) bench e2e 590 e2e_a14b_all --e2e-model a14b-i2v --e2e-processes 1 --e2e-residency all ;;
+    bench-e2e-14b-resident-all) bench e2e 590 e2e_14b_all --e2e-model 14b --t2v-size 1280x720 --e2e-processes 1 --e2e-residency all ;;
     # The upstream reference (PyTorch, Wan2.1's VAE) in the same run: copy the Wan2.1
     # wan/modules folder to .upstream/wan21/modules and make .upstream/vae_anchor.py from the
     # VAE part of ../shared/bench/upstream_anchors.py (its README); torch_probes.py from there.

@@ -37,6 +37,9 @@ pub enum E2eModel {
     /// Wan2.1 T2V 1.3B, text to video.
     #[value(name = "1.3b")]
     Wan1_3B,
+    /// Wan2.1 T2V 14B, text to video (the 720p release; `--t2v-size 1280x720`).
+    #[value(name = "14b")]
+    Wan14B,
     /// Wan2.2 I2V A14B (two experts, one resident at a time), image to video.
     #[value(name = "a14b-i2v")]
     A14bI2v,
@@ -104,6 +107,7 @@ impl E2eModel {
     fn kind(self) -> ModelKind {
         match self {
             Self::Wan1_3B => ModelKind::Wan21T2V1_3B,
+            Self::Wan14B => ModelKind::Wan21T2V14B,
             Self::A14bI2v => ModelKind::Wan22I2VA14B,
         }
     }
@@ -112,6 +116,7 @@ impl E2eModel {
     fn dit_stems(self) -> &'static [&'static str] {
         match self {
             Self::Wan1_3B => &["TurboWan2.1-T2V-1.3B-480P"],
+            Self::Wan14B => &["TurboWan2.1-T2V-14B-720P"],
             Self::A14bI2v => &[
                 "TurboWan2.2-I2V-A14B-high-720P",
                 "TurboWan2.2-I2V-A14B-low-720P",
@@ -121,7 +126,7 @@ impl E2eModel {
 
     fn size(self, args: &Args) -> (usize, usize) {
         match self {
-            Self::Wan1_3B => args.t2v_size,
+            Self::Wan1_3B | Self::Wan14B => args.t2v_size,
             Self::A14bI2v => args.i2v_size,
         }
     }
@@ -383,7 +388,7 @@ fn generate(
     let size = args.e2e_model.size(args);
     let options = Mp4Options::default();
     Ok(match args.e2e_model {
-        E2eModel::Wan1_3B => {
+        E2eModel::Wan1_3B | E2eModel::Wan14B => {
             let request = T2vRequest {
                 size: Some(size),
                 frames: args.video_frames,

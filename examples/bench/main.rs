@@ -119,8 +119,8 @@ struct Args {
     /// models; published: 40–50), whose rows then give the denoise stage for those steps.
     #[arg(long, default_value_t = 4)]
     teacher_steps: usize,
-    /// Model of the `e2e` section: 1.3b (text to video at `--t2v-size`) or a14b-i2v (image to
-    /// video at `--i2v-size`), `--video-frames` frames.
+    /// Model of the `e2e` section: 1.3b or 14b (text to video at `--t2v-size`) or a14b-i2v
+    /// (image to video at `--i2v-size`), `--video-frames` frames.
     #[arg(long, default_value = "1.3b")]
     e2e_model: e2e::E2eModel,
     /// Where the `e2e` section writes its random weights in the released formats (kept, and
