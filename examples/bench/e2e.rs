@@ -14,7 +14,7 @@
 //! default) both are measured, each on its own row.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
@@ -213,10 +213,10 @@ fn write_released_files(args: &Args, device: &Device) -> Result<Option<(f64, u64
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     if !shared_written {
         // DiT files of another model or seed must not be read as this one's.
-        let _ = std::fs::remove_file(&marker_path);
+        remove_if_present(&marker_path)?;
         for linears in [E2eLinears::W8a8, E2eLinears::Bf16] {
             for stem in model.dit_stems() {
-                let _ = std::fs::remove_file(dir.join(linears.file_name(stem)));
+                remove_if_present(&dir.join(linears.file_name(stem)))?;
             }
         }
     }
@@ -257,6 +257,15 @@ fn write_released_files(args: &Args, device: &Device) -> Result<Option<(f64, u64
         .map(|entry| Ok(entry?.metadata()?.len()))
         .sum::<std::io::Result<u64>>()?;
     Ok(Some((start.elapsed().as_secs_f64() * 1e3, bytes)))
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", path.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 fn dit_bytes(paths: &[PathBuf]) -> Result<u64> {

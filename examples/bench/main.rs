@@ -720,6 +720,16 @@ enum VaeRows {
     Encode,
 }
 
+impl VaeRows {
+    fn decodes(self) -> bool {
+        self != Self::Encode
+    }
+
+    fn encodes(self) -> bool {
+        self != Self::Decode
+    }
+}
+
 /// The Wan VAE in bf16: the streaming decode of 81 frames at 480p and 720p (and the Wan2.2
 /// VAE's), and the I2V image encode (an image and 80 zero frames) at 720p, through
 /// `encode_image` and, for comparison, through `encode` of the whole video.
@@ -740,11 +750,8 @@ fn vae_rows(bench: &Bench, seed: u64, which: VaeRows, rows: &mut Vec<Row>) -> Re
             estimate: None,
         })
     };
-    let decodes: &[(&str, (usize, usize))] = match which {
-        VaeRows::Encode => &[],
-        _ => &[("480p", (480, 832)), ("720p", (720, 1280))],
-    };
-    for &(name, (height, width)) in decodes {
+    let sizes = [("480p", (480, 832)), ("720p", (720, 1280))];
+    for (name, (height, width)) in sizes.into_iter().filter(|_| which.decodes()) {
         let (h, w) = (height / 8, width / 8);
         let latent = Tensor::randn(0f32, 1.0, (1, 16, 21, h, w), device)?.to_dtype(DType::BF16)?;
         let decode = || -> Result<()> {
@@ -759,11 +766,11 @@ fn vae_rows(bench: &Bench, seed: u64, which: VaeRows, rows: &mut Vec<Row>) -> Re
             bench.peak_of(decode)?,
         );
     }
-    if which == VaeRows::Decode {
-        return vae22_decode_row(bench, seed, &mut push);
-    }
-    if which == VaeRows::All {
+    if which.decodes() {
         vae22_decode_row(bench, seed, &mut push)?;
+    }
+    if !which.encodes() {
+        return Ok(());
     }
     let frames = FrameCount::new(81)?;
     let image = Tensor::rand(-1f32, 1.0, (1, 3, 1, 720, 1280), device)?.to_dtype(DType::BF16)?;

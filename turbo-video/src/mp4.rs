@@ -232,7 +232,8 @@ impl std::fmt::Debug for Mp4Writer {
 /// intervals encode side by side while the caller makes the next frames and little encoding is
 /// left when the last frame arrives. (Handing an interval over only once its last frame was in
 /// left its 32 frames to encode one after another from then on: a 480p video was in place
-/// 2.0 s after its first decoded frame, against 1.6–1.7 s now, `docs/performance.md` v12.)
+/// 2.0 s after its first decoded frame, against 1.6–1.7 s taking frames as they arrive, both
+/// with OpenH264 built without its assembly; `docs/performance.md` v12.)
 ///
 /// An interval starts with a keyframe (an IDR picture, which references nothing before it), so
 /// the stream is the one a single encoder writes. At most one encoding thread per core runs at

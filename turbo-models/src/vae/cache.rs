@@ -149,10 +149,9 @@ pub fn cached_norm_conv(
         let index = cache.cursor;
         let history = cache.next_slot().frames_channels_last()?;
         let (out, input) = conv.forward_normalised(x, norm.scale(), history.as_ref(), residual)?;
-        let frames = input.dim(1)?;
-        let kept = frames.min(CACHE_FRAMES);
-        // A copy: a view would keep the whole input buffer (history and chunk) alive.
-        let remembered = input.narrow(1, frames - kept, kept)?.force_contiguous()?;
+        // The input already holds the history frames the padding took: its last frames are
+        // the ones to remember. A copy: a view would keep the whole input buffer alive.
+        let remembered = frames_to_remember(&input, None)?.force_contiguous()?;
         cache.slots[index] = Slot::ChannelsLast(remembered);
         return Ok(out);
     }
@@ -190,14 +189,20 @@ mod tests {
         }
     }
 
+    /// A 3×3×3 causal convolution of 3 channels to `out_channels`, random weights.
+    fn random_conv(out_channels: usize) -> Result<CausalConv3d> {
+        let cpu = Device::Cpu;
+        CausalConv3d::new(
+            &Tensor::randn(0f32, 1.0, (out_channels, 3, 3, 3, 3), &cpu)?,
+            &Tensor::randn(0f32, 1.0, out_channels, &cpu)?,
+            Conv3dSpec::cube(3, out_channels, 3, 1),
+        )
+    }
+
     #[test]
     fn channels_last_history_is_the_same_history() -> Result<()> {
         let cpu = Device::Cpu;
-        let conv = CausalConv3d::new(
-            &Tensor::randn(0f32, 1.0, (2, 3, 3, 3, 3), &cpu)?,
-            &Tensor::randn(0f32, 1.0, 2, &cpu)?,
-            Conv3dSpec::cube(3, 2, 3, 1),
-        )?;
+        let conv = random_conv(2)?;
         let history = Tensor::randn(0f32, 1.0, (1, 2, 3, 4, 5), &cpu)?;
         let x = Tensor::randn(0f32, 1.0, (1, 1, 3, 4, 5), &cpu)?;
         let (out, remembered) = convolve_after(&conv, &x, Slot::Frames(history.clone()), None)?;
@@ -218,11 +223,7 @@ mod tests {
     #[test]
     fn a_residual_is_added_to_the_output() -> Result<()> {
         let cpu = Device::Cpu;
-        let conv = CausalConv3d::new(
-            &Tensor::randn(0f32, 1.0, (4, 3, 3, 3, 3), &cpu)?,
-            &Tensor::randn(0f32, 1.0, 4, &cpu)?,
-            Conv3dSpec::cube(3, 4, 3, 1),
-        )?;
+        let conv = random_conv(4)?;
         let x = Tensor::randn(0f32, 1.0, (1, 4, 3, 5, 6), &cpu)?;
         let residual = Tensor::randn(0f32, 1.0, (1, 4, 4, 5, 6), &cpu)?;
         let (plain, _) = convolve_after(&conv, &x, Slot::Empty, None)?;

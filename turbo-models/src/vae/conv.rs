@@ -346,11 +346,8 @@ mod cuda {
             let input = ChannelsLast::concat(&[&x.unsqueeze(0)?], scale)?;
             let prepared = WgmmaWeight::new(weight, bias, 1, channels)?;
             let windows = Windows::single_frames(input.frames);
-            let out = wgmma_conv(&input, &windows, &prepared, padding, None)?;
-            let (batch, height, width) = (input.frames, input.height, input.width);
-            let shape = ConvShape::new(channels, height, width, padding, ksize, out_channels)?;
-            let out_h = shape.positions / shape.out_w;
-            return Ok(out.reshape((batch, out_channels, out_h, shape.out_w))?);
+            // `[images, O, H', W']`: one single-frame window per image.
+            return wgmma_conv(&input, &windows, &prepared, padding, None);
         }
         let x = super::upsampled(&x.contiguous()?, scale)?;
         let (batch, _, height, width) = x.dims4()?;
@@ -830,10 +827,8 @@ mod cuda {
             let mut first = 0;
             for part in parts {
                 let part = part.contiguous()?;
-                let (part_images, count, ..) = part.dims5()?;
-                if part.dims() != [part_images, count, channels, part_height, part_width]
-                    || part_images != images
-                {
+                let count = part.dim(1)?;
+                if part.dims() != [images, count, channels, part_height, part_width] {
                     return Err(Error::Shape {
                         what: "remembered frames of a causal conv3d".into(),
                         expected: format!("[{images}, n, {channels}, {part_height}, {part_width}]"),
