@@ -35,25 +35,44 @@ pub fn tensor_from_cuda<T: CudaDType>(
 
 /// A TMA descriptor, passed to a kernel by value (a `const __grid_constant__ CUtensorMap`
 /// parameter): a tiled view of a row-major array in global memory whose boxes land in shared
-/// memory in the 128-byte swizzle, the layout `wgmma` reads K-major operands in. Boxes past
-/// the array's edges (negative coordinates too) read zeros.
+/// memory in a swizzle that `wgmma` reads K-major operands in. Boxes past the array's edges
+/// (negative coordinates too) read zeros.
 #[repr(transparent)]
 pub struct TensorMap(CUtensorMap);
 
 // SAFETY: a plain 128-byte value that the kernel reads as its parameter.
 unsafe impl DeviceRepr for TensorMap {}
 
+/// How a [`TensorMap`]'s boxes are laid out in shared memory: the 16-byte units of each row
+/// permuted within rows of 128 or 64 bytes (a box's innermost extent is at most that wide).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swizzle {
+    Bytes128,
+    Bytes64,
+}
+
+impl Swizzle {
+    fn driver_mode(self) -> sys::CUtensorMapSwizzle {
+        match self {
+            Self::Bytes128 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            Self::Bytes64 => sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_64B,
+        }
+    }
+}
+
 impl TensorMap {
     /// The map of the array at `ptr` with `dims` elements per dimension (innermost first) and
     /// `byte_strides` between consecutive indices of each dimension after the first (multiples
-    /// of 16), read in boxes of `box_dims` elements (the innermost spanning at most 128 bytes).
-    /// `ptr` must stay valid while a kernel launched with the map runs.
-    pub fn swizzled_128b(
+    /// of 16), read in boxes of `box_dims` elements (the innermost spanning at most the
+    /// swizzle's row) that land in `swizzle`. `ptr` must stay valid while a kernel launched
+    /// with the map runs.
+    pub fn swizzled(
         ptr: sys::CUdeviceptr,
         data_type: sys::CUtensorMapDataType,
         dims: &[u64],
         byte_strides: &[u64],
         box_dims: &[u32],
+        swizzle: Swizzle,
     ) -> Result<Self> {
         let rank = dims.len();
         if byte_strides.len() + 1 != rank || box_dims.len() != rank {
@@ -78,7 +97,7 @@ impl TensorMap {
                 box_dims.as_ptr(),
                 element_strides.as_ptr(),
                 sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
-                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                swizzle.driver_mode(),
                 sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
             )

@@ -5,16 +5,17 @@
 // The GEMM is D[positions × O] = A[positions × K] · B[O × K]ᵀ with K = (frame of the window,
 // ky, kx, channel): A is the input in channels-last layout ([images, frames, H, W, C], written
 // by conv.cu's `channels_last_bf16`: a causal layer's remembered frames, then the chunk's),
-// B the weight reordered to [O, kt, k, k, C_pad] (channels zero-padded to a multiple of 64).
-// One k step is one row of taps (frame i, ky; every kx) and 64 channels: the A tile is a TMA
-// box of 64 channels × (64 + k − 1) columns × 4 rows × 1 frame at the row's shifted
-// coordinates, so the spatial padding and the causal front padding (negative or past-the-edge
-// coordinates) read as TMA's zero fill and neither a padded copy nor an im2col matrix exists;
-// tap kx's operand is that box from column kx on (a descriptor kx rows of 128 bytes further:
-// the swizzle is a function of the shared-memory address, so any 128-byte row may start a
-// matrix), which reads the input once per row of taps instead of once per tap. The B tiles are
-// one 64-channel × 96-output box per tap. All land in the 128-byte swizzle: K-major 8-row
-// atoms of 128-byte rows, as wgmma reads them.
+// B the weight reordered to [O, kt, k, k, C_pad] (channels zero-padded to a multiple of the
+// step's, 64 or 32: see `Step`). One k step is one row of taps (frame i, ky; every kx) and the
+// step's channels: the A tile is a TMA box of those channels × (64 + k − 1) columns × 4 rows ×
+// 1 frame at the row's shifted coordinates, so the spatial padding and the causal front
+// padding (negative or past-the-edge coordinates) read as TMA's zero fill and neither a padded
+// copy nor an im2col matrix exists; tap kx's operand is that box from column kx on (a
+// descriptor kx rows further: the swizzle is a function of the shared-memory address, so any
+// row may start a matrix), which reads the input once per row of taps instead of once per
+// tap. The B tiles are one box of the step's channels × 96 outputs per tap. All land in the
+// 128-byte (64-channel steps) or 64-byte (32-channel steps) swizzle: K-major 8-row atoms, as
+// wgmma reads them.
 //
 // One CTA per 256 positions (4 rows × 64 columns of the output) × 96 output channels of one
 // window, three warpgroups: warpgroup 0's first thread is the producer, streaming k steps into a
@@ -42,25 +43,37 @@ constexpr int BOX_H = 4;                     // output rows per tile
 constexpr int CONSUMER_ROWS = BOX_H / 2;     // output rows per consumer warpgroup
 constexpr int TILE_M = BOX_W * BOX_H;        // positions per CTA
 constexpr int TILE_N = 96;                   // output channels per CTA
-constexpr int STEP_C = 64;                   // input channels per k step (128 bytes)
-constexpr int ROW_BYTES = STEP_C * 2;        // one position's channels of a step
 constexpr int MAX_K = 3;                     // taps per row: 1×1 and 3×3 kernels
-constexpr int SMEM_ALIGN = 1024;             // the swizzle atom
-// The A box: 4 rows of 64 + k − 1 columns (room for k = 3), rounded up to whole atoms.
-constexpr int A_BYTES =
-    (BOX_H * (BOX_W + MAX_K - 1) * ROW_BYTES + SMEM_ALIGN - 1) / SMEM_ALIGN * SMEM_ALIGN;
-constexpr int B_BYTES = TILE_N * ROW_BYTES;  // one tap's weights
-constexpr int STAGE_BYTES = A_BYTES + MAX_K * B_BYTES;
-constexpr int STAGES = 3;
+constexpr int SMEM_ALIGN = 1024;             // stages start on 128-byte-swizzle atoms
 constexpr int BARRIER_BYTES = 128;
-constexpr int CONV_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
-static_assert(B_BYTES % SMEM_ALIGN == 0 && STAGE_BYTES % SMEM_ALIGN == 0,
-              "every tile starts on a swizzle-atom boundary");
-static_assert(CONV_SMEM_BYTES == 208 * 1024 + 128, "turbo-models' conv.rs launches with this");
-static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
+constexpr int K16_BYTES = 32;                // one k16 slice of a row
+
+// What the input channels per k step decide: 64 (128-byte rows in the 128-byte swizzle) for
+// layers of a multiple of 64 channels; 32 (64-byte rows in the 64-byte swizzle) for the rest,
+// so that the 96-channel layers take three steps instead of two with 32 zero channels.
+template <int CHANNELS>
+struct Step {
+    static constexpr int STEP_C = CHANNELS;
+    static constexpr int ROW_BYTES = CHANNELS * 2;  // one position's channels of a step
+    static constexpr uint32_t SWIZZLE = CHANNELS == 64 ? 1 : 2;  // descriptor layout type
+    static constexpr uint32_t ATOM_BYTES = 8 * ROW_BYTES;       // 8 rows: the swizzle repeat
+    // The A box: 4 rows of 64 + k − 1 columns (room for k = 3), rounded up to whole atoms.
+    static constexpr int A_BYTES =
+        (BOX_H * (BOX_W + MAX_K - 1) * ROW_BYTES + SMEM_ALIGN - 1) / SMEM_ALIGN * SMEM_ALIGN;
+    static constexpr int B_BYTES = TILE_N * ROW_BYTES;  // one tap's weights
+    static constexpr int STAGE_BYTES = A_BYTES + MAX_K * B_BYTES;
+    static constexpr int STAGES = CHANNELS == 64 ? 3 : 5;
+    static constexpr int SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTES;
+    static_assert(B_BYTES % SMEM_ALIGN == 0 && STAGE_BYTES % SMEM_ALIGN == 0,
+                  "every tile starts on a swizzle-atom boundary");
+    static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
+};
+using Step64 = Step<64>;
+using Step32 = Step<32>;
+static_assert(Step64::SMEM_BYTES == 208 * 1024 + 128, "turbo-models' conv.rs launches with this");
+static_assert(Step32::SMEM_BYTES == 176 * 1024 + 128, "turbo-models' conv.rs launches with this");
 constexpr int THREADS = 3 * 128;
 constexpr int CONSUMER_THREADS = 2 * 128;
-constexpr int K16_BYTES = 32;                // one k16 slice of a 128-byte row
 
 // D[64×96] += A[64×16]·B[96×16]ᵀ, bf16 in, f32 accumulate; A (positions × channels) and B (output
 // channels × channels) K-major in shared memory (descriptors).
@@ -88,7 +101,7 @@ struct ConvTile {
 
 struct ConvDims {
     int front_zeros, windows_per_image, time_stride, window_frames, ksize, pad;
-    int channel_steps;  // C_pad / 64
+    int channel_steps;  // C_pad / the step's channels
     int out_h, out_w;
     int stored_channels;  // output channels written: the first of the weight's (padded) ones
     int tiles_x;
@@ -104,23 +117,24 @@ __device__ __forceinline__ ConvTile conv_tile(const ConvDims& d) {
 // The producer: k step s (a row of taps) into stage s % STAGES once both consumers are done
 // with the step that was there (its `empty` phase), then the input box and one weight box per
 // tap, counted on the stage's `full` barrier.
+template <typename L>
 __device__ void produce(const CUtensorMap& x_map, const CUtensorMap& w_map, const ConvDims& d,
                         const ConvTile& tile, uint32_t smem_base, uint32_t full_bars,
                         uint32_t empty_bars, int steps) {
-    const int box_bytes = BOX_H * (BOX_W + d.ksize - 1) * ROW_BYTES;
+    const int box_bytes = BOX_H * (BOX_W + d.ksize - 1) * L::ROW_BYTES;
     for (int s = 0; s < steps; ++s) {
-        const int stage = s % STAGES, use = s / STAGES;
+        const int stage = s % L::STAGES, use = s / L::STAGES;
         const int channel_step = s % d.channel_steps, tap_row = s / d.channel_steps;
         const int frame = tap_row / d.ksize, ky = tap_row % d.ksize;
         if (use > 0) mbarrier_wait(empty_bars + 8 * stage, (use - 1) & 1);
-        const uint32_t dst = smem_base + stage * STAGE_BYTES, bar = full_bars + 8 * stage;
-        mbarrier_arrive_expect_tx(bar, box_bytes + d.ksize * B_BYTES);
-        tma_load_5d(dst, &x_map, channel_step * STEP_C, tile.x0 - d.pad, tile.y0 + ky - d.pad,
-                    tile.base_frame + frame, tile.image, bar);
+        const uint32_t dst = smem_base + stage * L::STAGE_BYTES, bar = full_bars + 8 * stage;
+        mbarrier_arrive_expect_tx(bar, box_bytes + d.ksize * L::B_BYTES);
+        tma_load_5d(dst, &x_map, channel_step * L::STEP_C, tile.x0 - d.pad,
+                    tile.y0 + ky - d.pad, tile.base_frame + frame, tile.image, bar);
         for (int kx = 0; kx < d.ksize; ++kx) {
             const int tap = tap_row * d.ksize + kx;
-            tma_load_2d(dst + A_BYTES + kx * B_BYTES, &w_map,
-                        (tap * d.channel_steps + channel_step) * STEP_C, tile.o0, bar);
+            tma_load_2d(dst + L::A_BYTES + kx * L::B_BYTES, &w_map,
+                        (tap * d.channel_steps + channel_step) * L::STEP_C, tile.o0, bar);
         }
     }
 }
@@ -130,36 +144,39 @@ __device__ void produce(const CUtensorMap& x_map, const CUtensorMap& w_map, cons
 // are waited for, so the tensor cores always have the next step queued. Tap kx reads the
 // box's rows from column kx on. KSIZE is a template argument so that the taps' wgmmas unroll
 // into one batch (a loop would make ptxas fence the accumulators between them).
-template <int KSIZE>
+template <typename L, int KSIZE>
 __device__ void consume(float (&acc)[CONSUMER_ROWS][48], int consumer, uint32_t smem_base,
                         uint32_t full_bars, uint32_t empty_bars, int steps) {
     constexpr int box_w = BOX_W + KSIZE - 1;
+    const auto descriptor = [](uint32_t address) {
+        return smem_descriptor(address, 16, L::ATOM_BYTES, L::SWIZZLE);
+    };
     for (int s = 0; s < steps; ++s) {
-        const int stage = s % STAGES;
-        const uint32_t a_rows =
-            smem_base + stage * STAGE_BYTES + consumer * CONSUMER_ROWS * box_w * ROW_BYTES;
-        const uint32_t b_taps = smem_base + stage * STAGE_BYTES + A_BYTES;
-        mbarrier_wait(full_bars + 8 * stage, (s / STAGES) & 1);
+        const int stage = s % L::STAGES;
+        const uint32_t stage_base = smem_base + stage * L::STAGE_BYTES;
+        const uint32_t a_rows = stage_base + consumer * CONSUMER_ROWS * box_w * L::ROW_BYTES;
+        const uint32_t b_taps = stage_base + L::A_BYTES;
+        mbarrier_wait(full_bars + 8 * stage, (s / L::STAGES) & 1);
 #pragma unroll
         for (int r = 0; r < CONSUMER_ROWS; ++r) fence_registers<48>(acc[r]);
         wgmma_fence();
 #pragma unroll
         for (int kx = 0; kx < KSIZE; ++kx) {
-            const uint32_t b = b_taps + kx * B_BYTES;
+            const uint32_t b = b_taps + kx * L::B_BYTES;
 #pragma unroll
             for (int r = 0; r < CONSUMER_ROWS; ++r) {
-                const uint32_t a = a_rows + (r * box_w + kx) * ROW_BYTES;
+                const uint32_t a = a_rows + (r * box_w + kx) * L::ROW_BYTES;
 #pragma unroll
-                for (int k = 0; k < STEP_C / 16; ++k)
-                    wgmma_m64n96k16(acc[r], smem_descriptor(a + k * K16_BYTES),
-                                    smem_descriptor(b + k * K16_BYTES));
+                for (int k = 0; k < L::STEP_C / 16; ++k)
+                    wgmma_m64n96k16(acc[r], descriptor(a + k * K16_BYTES),
+                                    descriptor(b + k * K16_BYTES));
             }
         }
         wgmma_commit();
         wgmma_wait<1>();
 #pragma unroll
         for (int r = 0; r < CONSUMER_ROWS; ++r) fence_registers<48>(acc[r]);
-        if (s > 0) mbarrier_arrive(empty_bars + 8 * ((s - 1) % STAGES));
+        if (s > 0) mbarrier_arrive(empty_bars + 8 * ((s - 1) % L::STAGES));
     }
     wgmma_wait<0>();
 #pragma unroll
@@ -170,7 +187,9 @@ __device__ void consume(float (&acc)[CONSUMER_ROWS][48], int consumer, uint32_t 
 // floats: the accumulators' writes (8 positions × 4 channel pairs a warp instruction) then fall
 // in 32 distinct banks. It reuses the stages' memory once both consumers are done with them.
 constexpr int OUT_PITCH = TILE_M + 4;
-static_assert(TILE_N * OUT_PITCH * 4 <= STAGES * STAGE_BYTES, "the output tile fits the stages");
+static_assert(TILE_N * OUT_PITCH * 4 <= Step64::STAGES * Step64::STAGE_BYTES &&
+                  TILE_N * OUT_PITCH * 4 <= Step32::STAGES * Step32::STAGE_BYTES,
+              "the output tile fits the stages");
 // Named barrier of the two consumer warpgroups (0 is __syncthreads').
 constexpr int CONSUMERS_BARRIER = 1;
 
@@ -246,33 +265,25 @@ __device__ void store_output(const float* out_tile, int consumer_thread, const C
 
 }  // namespace
 
-// x_map: 5-D tensor map of the channels-last input [images, frames, H, W, C] (bf16, C a multiple
-// of 8), box 64 × (64 + k − 1) × 4 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
-// [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
-// bias [O] f32 (O the weight's output channels, a multiple of 96: a layer with fewer has its
-// weight padded with zero rows); residual null or laid out as out, added to it; out
-// [windows, stored_channels, out_h, out_w] bf16, the first stored_channels ≤ O channels.
-// Window t of image i reads its frames t·time_stride − front_zeros + (0 .. window_frames),
-// zeros where that is negative.
-// grid (tiles_x · ⌈out_h/4⌉, O/96, images · windows_per_image), 384 threads, CONV_SMEM_BYTES.
-extern "C" __global__ void __launch_bounds__(THREADS, 1)
-conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
-                const __grid_constant__ CUtensorMap w_map, const float* bias,
-                const bf16* residual, bf16* out,
-                int front_zeros, int windows_per_image, int time_stride, int window_frames,
-                int ksize, int pad, int channel_steps, int out_h, int out_w, int stored_channels,
-                int tiles_x) {
+namespace {
+
+template <typename L>
+__device__ void conv_wgmma(const CUtensorMap& x_map, const CUtensorMap& w_map, const float* bias,
+                            const bf16* residual, bf16* out, int front_zeros,
+                            int windows_per_image, int time_stride, int window_frames, int ksize,
+                            int pad, int channel_steps, int out_h, int out_w,
+                            int stored_channels, int tiles_x) {
     extern __shared__ __align__(16) uint8_t smem[];
     const ConvDims d{front_zeros, windows_per_image, time_stride, window_frames, ksize, pad,
                      channel_steps, out_h, out_w, stored_channels, tiles_x};
-    const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
+    const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * L::STAGES;
     const uint32_t smem_base =
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
     const ConvTile tile = conv_tile(d);
     const int steps = window_frames * ksize * channel_steps;  // rows of taps × channel steps
 
     if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
+        for (int s = 0; s < L::STAGES; ++s) {
             mbarrier_init(full_bars + 8 * s, 1);
             mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
         }
@@ -283,7 +294,7 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
     const int warpgroup = threadIdx.x / 128;
     if (warpgroup == 0) {
         if (threadIdx.x == 0)
-            produce(x_map, w_map, d, tile, smem_base, full_bars, empty_bars, steps);
+            produce<L>(x_map, w_map, d, tile, smem_base, full_bars, empty_bars, steps);
         return;
     }
     float acc[CONSUMER_ROWS][48];
@@ -292,13 +303,50 @@ conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
 #pragma unroll
         for (int i = 0; i < 48; ++i) acc[r][i] = 0.f;
     if (ksize == 3)
-        consume<3>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
+        consume<L, 3>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
     else
-        consume<1>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
+        consume<L, 1>(acc, warpgroup - 1, smem_base, full_bars, empty_bars, steps);
     // Both consumers' wgmmas have read their last stages before either overwrites them.
     named_barrier_sync<CONSUMER_THREADS>(CONSUMERS_BARRIER);
     float* out_tile = reinterpret_cast<float*>(smem + (smem_base - full_bars));
     stage_output(acc, warpgroup - 1, tile, bias, out_tile);
     named_barrier_sync<CONSUMER_THREADS>(CONSUMERS_BARRIER);
     store_output(out_tile, threadIdx.x - 128, d, tile, residual, out);
+}
+
+}  // namespace
+
+// x_map: 5-D tensor map of the channels-last input [images, frames, H, W, C] (bf16, C a multiple
+// of 8), box 64 × (64 + k − 1) × 4 × 1 × 1, 128-byte swizzle; w_map: 2-D map of the weight
+// [O, kt·k·k·C_pad] (bf16), box 64 × 96, 128-byte swizzle (turbo-models' conv.rs builds both);
+// bias [O] f32 (O the weight's output channels, a multiple of 96: a layer with fewer has its
+// weight padded with zero rows); residual null or laid out as out, added to it; out
+// [windows, stored_channels, out_h, out_w] bf16, the first stored_channels ≤ O channels.
+// Window t of image i reads its frames t·time_stride − front_zeros + (0 .. window_frames),
+// zeros where that is negative.
+// grid (tiles_x · ⌈out_h/4⌉, O/96, images · windows_per_image), 384 threads, Step64::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+conv_wgmma_bf16(const __grid_constant__ CUtensorMap x_map,
+                const __grid_constant__ CUtensorMap w_map, const float* bias,
+                const bf16* residual, bf16* out,
+                int front_zeros, int windows_per_image, int time_stride, int window_frames,
+                int ksize, int pad, int channel_steps, int out_h, int out_w, int stored_channels,
+                int tiles_x) {
+    conv_wgmma<Step64>(x_map, w_map, bias, residual, out, front_zeros, windows_per_image,
+                       time_stride, window_frames, ksize, pad, channel_steps, out_h, out_w,
+                       stored_channels, tiles_x);
+}
+
+// The same for input channels in steps of 32 (C_pad a multiple of 32; both maps' boxes 32
+// channels wide in the 64-byte swizzle); Step32::SMEM_BYTES.
+extern "C" __global__ void __launch_bounds__(THREADS, 1)
+conv_wgmma_c32_bf16(const __grid_constant__ CUtensorMap x_map,
+                    const __grid_constant__ CUtensorMap w_map, const float* bias,
+                    const bf16* residual, bf16* out,
+                    int front_zeros, int windows_per_image, int time_stride, int window_frames,
+                    int ksize, int pad, int channel_steps, int out_h, int out_w,
+                    int stored_channels, int tiles_x) {
+    conv_wgmma<Step32>(x_map, w_map, bias, residual, out, front_zeros, windows_per_image,
+                       time_stride, window_frames, ksize, pad, channel_steps, out_h, out_w,
+                       stored_channels, tiles_x);
 }

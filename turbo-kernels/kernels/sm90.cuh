@@ -18,10 +18,13 @@ namespace sm90 {
 //   byte offset.
 // - MN-major operand (n contiguous in a row, a row per k): `leading` = the bytes from one
 //   64-element group of n to the next, `stride` = 1024, from one group of 8 k to the next.
+// `swizzle` is the layout type: 1 for the 128-byte swizzle, 2 for the 64-byte one (whose
+// 8-row atoms are 512 bytes: `stride` 512 for K-major rows of 64 bytes).
 __device__ __forceinline__ uint64_t smem_descriptor(uint32_t address, uint32_t leading = 16,
-                                                    uint32_t stride = 1024) {
+                                                    uint32_t stride = 1024,
+                                                    uint32_t swizzle = 1) {
     return (uint64_t)((address & 0x3FFFF) >> 4) | (uint64_t)(leading >> 4) << 16 |
-           (uint64_t)(stride >> 4) << 32 | (uint64_t)1 << 62;
+           (uint64_t)(stride >> 4) << 32 | (uint64_t)swizzle << 62;
 }
 
 __device__ __forceinline__ void wgmma_fence() {

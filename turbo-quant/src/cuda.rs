@@ -11,7 +11,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
 use half::bf16;
-use turbo_core::cuda::{cuda_view, tensor_from_cuda, TensorMap};
+use turbo_core::cuda::{cuda_view, tensor_from_cuda, Swizzle, TensorMap};
 
 use crate::op::GemmKernel;
 use crate::tile::{tile_grid, TILE};
@@ -262,12 +262,13 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 /// multiple of 16) in 128×128-byte boxes with the 128-byte swizzle: one TMA copy is one
 /// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
 fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<TensorMap> {
-    TensorMap::swizzled_128b(
+    TensorMap::swizzled(
         ptr,
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         &[cols as u64, rows as u64],
         &[cols as u64],
         &[TILE as u32, TILE as u32],
+        Swizzle::Bytes128,
     )
     .map_err(candle_core::Error::wrap)
 }

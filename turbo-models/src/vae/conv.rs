@@ -319,7 +319,7 @@ mod cuda {
 
     use candle_core::{DType, Tensor};
     use half::bf16;
-    use turbo_core::cuda::{cuda_view, tensor_from_cuda, TensorMap};
+    use turbo_core::cuda::{cuda_view, tensor_from_cuda, Swizzle, TensorMap};
     use turbo_core::{Error, Result};
 
     /// Elements of one column buffer: 2^27 (256 MiB in bf16, 512 MiB in f32).
@@ -450,12 +450,57 @@ mod cuda {
 
     /// Output channels per CTA of `conv_wgmma_bf16`: the kernel needs a multiple.
     const WGMMA_TILE_O: usize = 96;
-    /// Input channels per k step of `conv_wgmma_bf16`: the weight's are padded to a multiple.
-    const WGMMA_STEP_C: usize = 64;
     /// Output positions per CTA of `conv_wgmma_bf16`: 4 rows of 64 columns.
     const WGMMA_BOX: (usize, usize) = (64, 4);
-    /// Dynamic shared memory of `conv_wgmma_bf16` (`CONV_SMEM_BYTES` in conv_sm90a.cu).
-    const WGMMA_SMEM_BYTES: u32 = 208 * 1024 + 128;
+    /// Input channels per k step of the `wgmma` convolution, which picks its kernel: 64 in the
+    /// 128-byte swizzle (`conv_wgmma_bf16`) where the layer's channels are a multiple of 64,
+    /// else 32 in the 64-byte swizzle (`conv_wgmma_c32_bf16`), so that a 96-channel layer takes
+    /// three steps instead of two with 32 zero channels. The weight's channels are padded to a
+    /// multiple of the step.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum WgmmaStep {
+        Channels64,
+        Channels32,
+    }
+
+    impl WgmmaStep {
+        fn for_channels(channels: usize) -> Self {
+            if channels % 64 == 0 {
+                Self::Channels64
+            } else {
+                Self::Channels32
+            }
+        }
+
+        fn channels(self) -> usize {
+            match self {
+                Self::Channels64 => 64,
+                Self::Channels32 => 32,
+            }
+        }
+
+        fn swizzle(self) -> Swizzle {
+            match self {
+                Self::Channels64 => Swizzle::Bytes128,
+                Self::Channels32 => Swizzle::Bytes64,
+            }
+        }
+
+        fn kernel(self) -> &'static str {
+            match self {
+                Self::Channels64 => "conv_wgmma_bf16",
+                Self::Channels32 => "conv_wgmma_c32_bf16",
+            }
+        }
+
+        /// Dynamic shared memory (`Step64::SMEM_BYTES`, `Step32::SMEM_BYTES` in conv_sm90a.cu).
+        fn smem_bytes(self) -> u32 {
+            match self {
+                Self::Channels64 => 208 * 1024 + 128,
+                Self::Channels32 => 176 * 1024 + 128,
+            }
+        }
+    }
 
     /// Whether `conv_wgmma_bf16` runs this convolution: on a compute capability 9.0 device,
     /// a 1×1 or 3×3 kernel, input channels a multiple of 8 (channels-last rows of whole
@@ -895,13 +940,18 @@ mod cuda {
             tensor_from_cuda(self.buffer, &self.device, shape)
         }
 
-        /// Its 5-D TMA map in boxes of 64 channels × `64 + ksize − 1` columns × `WGMMA_BOX.1`
-        /// rows (one frame of one image): a row of taps' input, which each of its `ksize` taps
-        /// reads from its own column on.
-        fn tensor_map(&self, ptr: sys::CUdeviceptr, ksize: usize) -> Result<TensorMap> {
+        /// Its 5-D TMA map in boxes of the step's channels × `64 + ksize − 1` columns ×
+        /// `WGMMA_BOX.1` rows (one frame of one image): a row of taps' input, which each of its
+        /// `ksize` taps reads from its own column on.
+        fn tensor_map(
+            &self,
+            ptr: sys::CUdeviceptr,
+            ksize: usize,
+            step: WgmmaStep,
+        ) -> Result<TensorMap> {
             let row = (self.channels * 2) as u64;
             let frame = row * (self.width * self.height) as u64;
-            TensorMap::swizzled_128b(
+            TensorMap::swizzled(
                 ptr,
                 sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
                 &[
@@ -918,7 +968,8 @@ mod cuda {
                     frame,
                     frame * self.frames as u64,
                 ],
-                &[WGMMA_STEP_C, WGMMA_BOX.0 + ksize - 1, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
+                &[step.channels(), WGMMA_BOX.0 + ksize - 1, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
+                step.swizzle(),
             )
         }
     }
@@ -955,7 +1006,7 @@ mod cuda {
         padding: usize,
         residual: Option<&Tensor>,
     ) -> Result<Tensor> {
-        let (out_channels, ksize) = (weight.out_channels, weight.ksize);
+        let (out_channels, ksize, step) = (weight.out_channels, weight.ksize, weight.step);
         let shape = ConvShape::new(
             input.channels,
             input.height,
@@ -992,24 +1043,25 @@ mod cuda {
         // The maps hold raw addresses: the read guards live until the launch is queued.
         let (x_ptr, _x_read) = input.buffer.device_ptr(&stream);
         let (w_ptr, _w_read) = w_view.device_ptr(&stream);
-        let x_map = input.tensor_map(x_ptr, ksize)?;
+        let x_map = input.tensor_map(x_ptr, ksize, step)?;
         let k_total = taps.dim(1)?;
-        let w_map = TensorMap::swizzled_128b(
+        let w_map = TensorMap::swizzled(
             w_ptr,
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
             &[k_total as u64, taps.dim(0)? as u64],
             &[(k_total * 2) as u64],
-            &[WGMMA_STEP_C as u32, WGMMA_TILE_O as u32],
+            &[step.channels() as u32, WGMMA_TILE_O as u32],
+            step.swizzle(),
         )?;
         let func = dev.get_or_load_custom_func(
-            "conv_wgmma_bf16",
+            step.kernel(),
             "turbo_conv_sm90a",
             turbo_kernels::CONV_SM90A,
         )?;
         // Above 48 KiB of dynamic shared memory a kernel must opt in.
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            WGMMA_SMEM_BYTES as i32,
+            step.smem_bytes() as i32,
         )
         .w()?;
         let tiles_x = out_w.div_ceil(WGMMA_BOX.0);
@@ -1020,7 +1072,7 @@ mod cuda {
             windows.window_frames,
             ksize,
             padding,
-            input.channels.div_ceil(WGMMA_STEP_C),
+            input.channels.div_ceil(step.channels()),
             out_h,
             out_w,
             out_channels,
@@ -1052,7 +1104,7 @@ mod cuda {
                 count as u32,
             ),
             block_dim: (384, 1, 1),
-            shared_mem_bytes: WGMMA_SMEM_BYTES,
+            shared_mem_bytes: step.smem_bytes(),
         };
         unsafe { launch.launch(cfg) }.w()?;
         Ok(tensor_from_cuda(
@@ -1066,14 +1118,16 @@ mod cuda {
     #[derive(Debug, Clone)]
     pub(super) struct WgmmaWeight {
         /// `[O_pad, window_frames·k·k·C_pad]` bf16: for each tap (frame of the window, ky, kx)
-        /// its channels, zero-padded to a multiple of 64, in the order of the kernel's k steps;
-        /// zero rows pad the output channels to a multiple of 96 (the kernel's tile).
+        /// its channels, zero-padded to a multiple of the step's, in the order of the kernel's
+        /// k steps; zero rows pad the output channels to a multiple of 96 (the kernel's tile).
         taps: Tensor,
         /// `[O_pad]` f32.
         bias: Tensor,
         /// The layer's output channels `O`, the ones written.
         out_channels: usize,
         ksize: usize,
+        /// The k step, which `taps`' channel padding follows.
+        step: WgmmaStep,
     }
 
     impl WgmmaWeight {
@@ -1085,7 +1139,8 @@ mod cuda {
             channels: usize,
         ) -> Result<Self> {
             let (out_channels, _, ksize, _) = weight.dims4()?;
-            let padded_channels = channels.next_multiple_of(WGMMA_STEP_C);
+            let step = WgmmaStep::for_channels(channels);
+            let padded_channels = channels.next_multiple_of(step.channels());
             let padded_outputs = out_channels.next_multiple_of(WGMMA_TILE_O) - out_channels;
             let taps = weight
                 .reshape((out_channels, window_frames, channels, ksize, ksize))?
@@ -1104,6 +1159,7 @@ mod cuda {
                     .contiguous()?,
                 out_channels,
                 ksize,
+                step,
             })
         }
     }
