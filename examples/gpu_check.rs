@@ -55,7 +55,7 @@ use turbodiffusion::attention::{
     Attention, AttentionConfig, AttentionKernel, BlockSizes, DenseAttention, DenseConfig, ProjL,
     SageSlaAttention, SlaAttention, SlaConfig,
 };
-use turbodiffusion::core::{parse_dtype, DeviceSpec};
+use turbodiffusion::core::{parse_dtype, DeviceSpec, FrameCount};
 use turbodiffusion::models::clip::{ClipConfig, ClipVisionEncoder};
 use turbodiffusion::models::vae::{
     conv2d_biased, conv2d_biased_reference, upsampled_conv2d_biased, CausalConv3d, Conv3dSpec,
@@ -736,7 +736,7 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     // 8 (every level of the 8×12 latent, and its attention block's norm in NCHW) and on the
     // general one elsewhere (the 6×10 latent's first level).
     for (dim, (height, width)) in [(8, (6, 10)), (96, (8, 12))] {
-        checks.extend(vae_decode_checks(
+        checks.extend(small_vae_checks(
             device,
             seed,
             dim,
@@ -747,9 +747,25 @@ fn vae_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     Ok(checks)
 }
 
-/// A random VAE of width `dim` (one residual block a level) decoding 3 latent frames of
-/// `height × width` on the device, in f32 and bf16, against the CPU in f32.
-fn vae_decode_checks(
+/// The VAE of [`small_vae_checks`] with its weights drawn on the CPU (so that every device and
+/// dtype takes the same values) and loaded on `device` in `dtype`.
+fn random_small_vae(cfg: &VaeConfig, seed: u64, dtype: DType, device: &Device) -> Result<WanVae> {
+    let weights = RandomCheckpoint::new(seed, WanVae::expected_keys(cfg));
+    let tensors = WanVae::expected_keys(cfg)
+        .into_iter()
+        .map(|(name, _)| Ok((name.clone(), weights.tensor(&name)?)))
+        .collect::<Result<std::collections::HashMap<_, _>>>()?;
+    Ok(WanVae::load(
+        VarBuilder::from_tensors(tensors, dtype, device),
+        cfg,
+    )?)
+}
+
+/// A random VAE of width `dim` (one residual block a level) on the device, in f32 and bf16,
+/// against the CPU in f32: decoding 3 latent frames of `height × width`, and the I2V image
+/// encode (the encoder over the held zero frames, in its whole-sequence form) of an image 8×
+/// that size with 24 zero frames against the streaming encode of that whole video.
+fn small_vae_checks(
     device: &Device,
     seed: u64,
     dim: usize,
@@ -762,30 +778,47 @@ fn vae_decode_checks(
         num_res_blocks: 1,
         ..VaeConfig::wan21()
     };
-    let weights = RandomCheckpoint::new(seed, WanVae::expected_keys(&cfg));
     let latent =
         gaussian((1, 16, 3, height * width), 0.0, rng)?.reshape((1, 16, 3, height, width))?;
-    let cpu = WanVae::load(weights.clone().var_builder(DType::F32, &Device::Cpu), &cfg)?
-        .decode(&latent)?;
+    let frames = FrameCount::new(25)?;
+    let (image_height, image_width) = (8 * height, 8 * width);
+    let image = gaussian((1, 3, 1, image_height * image_width), 0.0, rng)?
+        .reshape((1, 3, 1, image_height, image_width))?
+        .clamp(-1f32, 1f32)?;
+    let zeros = Tensor::zeros(
+        (1, 3, frames.get() - 1, image_height, image_width),
+        DType::F32,
+        &Device::Cpu,
+    )?;
+    let cpu = random_small_vae(&cfg, seed, DType::F32, &Device::Cpu)?;
+    let cpu_decoded = cpu.decode(&latent)?;
+    let cpu_encoded = cpu.encode(&Tensor::cat(&[&image, &zeros], 2)?)?;
     for (dtype, threshold) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
-        // Draw the weights on the CPU so both sides use the same values.
-        let tensors = WanVae::expected_keys(&cfg)
-            .into_iter()
-            .map(|(name, _)| Ok((name.clone(), weights.tensor(&name)?)))
-            .collect::<Result<std::collections::HashMap<_, _>>>()?;
-        let vae = WanVae::load(VarBuilder::from_tensors(tensors, dtype, device), &cfg)?;
-        let decoded = vae.decode(&latent.to_dtype(dtype)?.to_device(device)?)?;
+        let vae = random_small_vae(&cfg, seed, dtype, device)?;
+        let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
+        let decoded = vae.decode(&on(&latent)?)?;
+        let encoded = vae.encode_image(&on(&image)?, frames)?;
         let tag = format!("{dtype:?}").to_lowercase();
-        push(
-            &mut checks,
-            Check {
-                name: format!(
-                    "VAE decode (dim {dim}, latent {height}×{width}, random weights) {tag} device vs cpu f32"
-                ),
-                error: relative_error(&decoded, &cpu)?,
-                threshold,
-            },
-        );
+        let what = format!("(dim {dim}, latent {height}×{width}, random weights) {tag}");
+        for (name, error) in [
+            (
+                format!("VAE decode {what} device vs cpu f32"),
+                relative_error(&decoded, &cpu_decoded)?,
+            ),
+            (
+                format!("VAE image encode, 25 frames, {what} device vs full encode on the cpu f32"),
+                relative_error(&encoded, &cpu_encoded)?,
+            ),
+        ] {
+            push(
+                &mut checks,
+                Check {
+                    name,
+                    error,
+                    threshold,
+                },
+            );
+        }
     }
     Ok(checks)
 }

@@ -5,10 +5,34 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::ops::softmax_last_dim;
 use candle_nn::VarBuilder;
-use turbo_core::{Error, Result};
+use turbo_core::{Error, Result, VAE_STRIDE};
 
 use super::cache::{cached_norm_conv, frames_to_remember, FeatureCache, Slot};
 use super::conv::{conv2d_biased, upsampled, upsampled_conv2d_biased, CausalConv3d, Conv3dSpec};
+use super::held::TimeReach;
+
+/// Attention scores one pass of [`AttentionBlock::forward`] may hold: frames beyond it are
+/// attended in further passes (one frame of 720p's latent, 14 400 pixels, holds 207 M).
+const SCORES_PER_PASS: usize = 1 << 28;
+
+/// Applies the per-frame `layer` to `x` `[B, T, …]` at most `frames_per_pass` frames at a
+/// time, which bounds its temporary buffers on a long sequence.
+fn in_frame_groups(
+    x: &Tensor,
+    frames_per_pass: usize,
+    layer: impl Fn(&Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let frames = x.dim(1)?;
+    let per_pass = frames_per_pass.max(1);
+    if frames <= per_pass {
+        return layer(x);
+    }
+    let groups = (0..frames)
+        .step_by(per_pass)
+        .map(|start| layer(&x.narrow(1, start, per_pass.min(frames - start))?))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&groups, 1)?)
+}
 
 /// A checkpoint key list: `(name, shape)` pairs.
 pub type Keys = Vec<(String, Vec<usize>)>;
@@ -150,6 +174,11 @@ impl ResidualBlock {
         )
     }
 
+    /// Both convolutions' reach (the shortcut works per frame).
+    pub fn time_reach(&self) -> TimeReach {
+        self.conv_in.time_reach().then(self.conv_out.time_reach())
+    }
+
     pub fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         let identity = match &self.shortcut {
             Some(shortcut) => shortcut.forward(x, None)?,
@@ -188,7 +217,15 @@ impl AttentionBlock {
         keys
     }
 
+    /// Attends within each frame of `x` `[B, T, C, H, W]`, in passes of as many frames as
+    /// [`SCORES_PER_PASS`] allows.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (batch, _, _, height, width) = x.dims5()?;
+        let scores_per_frame = batch * (height * width).pow(2);
+        in_frame_groups(x, SCORES_PER_PASS / scores_per_frame, |x| self.attend(x))
+    }
+
+    fn attend(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, frames, channels, height, width) = x.dims5()?;
         let images = x.reshape((batch * frames, channels, height, width))?;
         let qkv = self
@@ -364,8 +401,23 @@ impl Resample {
         }
     }
 
-    /// The per-frame spatial step.
+    /// How the layer reads time, where it can be said with a [`TimeReach`]: the downsamplers
+    /// (a temporal upsampler makes two frames of each).
+    pub fn time_reach(&self) -> Option<TimeReach> {
+        match self.mode {
+            ResampleMode::Downsample2d | ResampleMode::Upsample2d => Some(TimeReach::PER_FRAME),
+            ResampleMode::Downsample3d => self.time_conv.as_ref().map(CausalConv3d::time_reach),
+            ResampleMode::Upsample3d => None,
+        }
+    }
+
+    /// The per-frame spatial step, a streaming chunk's frames at a time: the stride-2
+    /// convolution runs through candle's im2col, whose buffer is 9× the output.
     fn spatial(&self, x: &Tensor) -> Result<Tensor> {
+        in_frame_groups(x, VAE_STRIDE.0, |x| self.spatial_frames(x))
+    }
+
+    fn spatial_frames(&self, x: &Tensor) -> Result<Tensor> {
         let (batch, frames, channels, height, width) = x.dims5()?;
         let images = x.reshape((batch * frames, channels, height, width))?;
         let out = match self.mode {

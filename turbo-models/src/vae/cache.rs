@@ -136,7 +136,8 @@ pub fn cached_conv_plus(
 
 /// [`cached_conv_plus`] of `silu(norm(x))`. On CUDA, where the layer runs on the `wgmma`
 /// kernel, the norm writes that kernel's channels-last input itself (no normalised copy in
-/// `x`'s layout, no transpose) and the slot remembers the frames channels last.
+/// `x`'s layout, no transpose) and the slot remembers the frames channels last; the
+/// whole-sequence form takes the same kernels.
 pub fn cached_norm_conv(
     norm: &ChannelRmsNorm,
     conv: &CausalConv3d,
@@ -145,7 +146,10 @@ pub fn cached_norm_conv(
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if !cache.is_whole_sequence() && conv.takes_normalised_input(x)? {
+    if conv.takes_normalised_input(x)? {
+        if cache.is_whole_sequence() {
+            return Ok(conv.forward_normalised(x, norm.scale(), None, residual)?.0);
+        }
         let index = cache.cursor;
         let history = cache.next_slot().frames_channels_last()?;
         let (out, input) = conv.forward_normalised(x, norm.scale(), history.as_ref(), residual)?;

@@ -3,11 +3,12 @@
 
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
-use turbo_core::Result;
+use turbo_core::{Error, Result};
 
 use super::blocks::{AttentionBlock, ChannelRmsNorm, Keys, Resample, ResampleMode, ResidualBlock};
 use super::cache::{cached_conv, cached_norm_conv, FeatureCache};
 use super::conv::{CausalConv3d, Conv3dSpec};
+use super::held::{Held, TimeReach};
 use super::VaeConfig;
 
 /// One entry of the flat `downsamples` / `upsamples` sequences.
@@ -58,6 +59,17 @@ impl Layer {
         match self {
             Self::Residual(block) => block.forward(x, cache),
             Self::Resample(resample) => resample.forward(x, cache),
+        }
+    }
+
+    /// How the layer reads time; an error for a temporal upsampler, which has no held form.
+    fn time_reach(&self) -> Result<TimeReach> {
+        match self {
+            Self::Residual(block) => Ok(block.time_reach()),
+            Self::Resample(resample) => resample.time_reach().ok_or_else(|| Error::InvalidConfig {
+                field: "VAE layers".into(),
+                reason: "a temporal upsampler has no held-video form".into(),
+            }),
         }
     }
 }
@@ -279,6 +291,13 @@ impl Middle {
         keys
     }
 
+    /// Both residual blocks' reach (the attention works per frame).
+    pub(super) fn time_reach(&self) -> TimeReach {
+        self.residual_in
+            .time_reach()
+            .then(self.residual_out.time_reach())
+    }
+
     pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         let x = self.residual_in.forward(x, cache)?;
         let x = self.attention.forward(&x)?;
@@ -310,6 +329,10 @@ impl Head {
         )];
         keys.extend(spec.keys(&format!("{coder}.head.2")));
         keys
+    }
+
+    pub(super) fn time_reach(&self) -> TimeReach {
+        self.conv.time_reach()
     }
 
     pub(super) fn forward(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
@@ -356,6 +379,27 @@ impl Coder {
             }
         };
         self.head(&x, cache)
+    }
+
+    /// The encoder over a video that ends held on one frame ([`Held`]), in the whole-sequence
+    /// form: each layer computes its output only up to its first settled frame. The features
+    /// `[B, n, 2z, h, w]` of the held latent video.
+    pub fn forward_held(&self, video: &Held) -> Result<Held> {
+        if self.direction != Direction::Encoder {
+            return Err(Error::InvalidConfig {
+                field: "VAE coder".into(),
+                reason: "only the encoder runs on a held video".into(),
+            });
+        }
+        let cache = &mut FeatureCache::whole_sequence();
+        let mut x = video.through(self.conv_in.time_reach(), |x| {
+            cached_conv(&self.conv_in, x, cache)
+        })?;
+        for layer in &self.layers {
+            x = x.through(layer.time_reach()?, |x| layer.forward(x, cache))?;
+        }
+        x = x.through(self.middle.time_reach(), |x| self.middle(x, cache))?;
+        x.through(self.head.time_reach(), |x| self.head(x, cache))
     }
 
     /// The decoder's part at latent resolution, whose attention sees the whole frame:

@@ -9,6 +9,8 @@ use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
+use super::held::TimeReach;
+
 /// A `Conv3d` with causal time padding: `pad_t` zero frames in front (none behind), and
 /// symmetric spatial padding. Frames remembered from the previous chunk replace front zeros.
 #[derive(Debug, Clone)]
@@ -180,6 +182,15 @@ impl CausalConv3d {
         };
         let out = conv2d_biased(&windows, &self.weight, &self.bias, self.spatial_padding)?;
         frames_per_image(&out, batch)
+    }
+
+    /// How the layer reads time: output frame `k` from input frames `k·stride − (kt − 1)`
+    /// to `k·stride` (the causal padding puts the window's end on the output frame).
+    pub(super) fn time_reach(&self) -> TimeReach {
+        TimeReach {
+            lookback: self.time_kernel - 1,
+            stride: self.time_stride,
+        }
     }
 
     /// Whether [`CausalConv3d::forward_normalised`] takes `x`: on CUDA, where the layer runs

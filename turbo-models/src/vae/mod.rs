@@ -19,6 +19,7 @@ mod cache;
 mod coder;
 mod coder22;
 mod conv;
+mod held;
 mod latent;
 mod patch;
 mod tiling;
@@ -40,6 +41,7 @@ pub use wan22::{Vae22Config, Wan22Vae, WAN22_LATENT_MEAN, WAN22_LATENT_STD};
 
 use cache::FeatureCache;
 use coder::Coder;
+use held::Held;
 use latent::{collect_frames, later_chunks, stream_decode, stream_encode, LatentSide};
 
 /// The per-channel latent mean of the released Wan2.1 VAE (`WanVAE.mean` upstream).
@@ -205,14 +207,12 @@ impl WanVae {
     }
 
     /// Encodes `image` `[B, 3, 1, H, W]` in [-1, 1] followed by `frames − 1` zero frames, the
-    /// conditioning video of image-to-video (upstream encodes `cat[image, zeros]`): the same
-    /// latent as [`WanVae::encode`] of that video, bit for bit. The zero frames are never
-    /// materialised: each chunk is one shared zero tensor.
-    ///
-    /// No work is skipped: repeating the output of each convolution once its input had become
-    /// one repeated frame (v9) cost more in bitwise checks and device-to-host reads than it
-    /// saved (4.1 s against 2.2 s for this plain encode at 720p on an H100, `bench --sections
-    /// vae`).
+    /// conditioning video of image-to-video (upstream encodes `cat[image, zeros]`): the latent
+    /// of [`WanVae::encode`] of that video, computed only where it can differ. The video is
+    /// [`Held`] on a zero frame from its second frame on, and each of the encoder's causal
+    /// layers computes its output only up to its first frame past the image's reach (12 of 81
+    /// frames at full resolution); later frames repeat that one. The encoder runs in its
+    /// whole-sequence form, which holds those frames at once.
     pub fn encode_image(&self, image: &Tensor, frames: FrameCount) -> Result<Tensor> {
         let (batch, channels, _, height, width) = self.check_video(image)?;
         if image.dim(2)? != 1 {
@@ -223,15 +223,16 @@ impl WanVae {
             });
         }
         let x = self.latent.time_major_input(image)?;
-        let zeros = Tensor::zeros(
-            (batch, VAE_STRIDE.0, channels, height, width),
+        let zero_frame = Tensor::zeros(
+            (batch, 1, channels, height, width),
             self.latent.dtype(),
             self.latent.device(),
         )?;
-        let chunks = (1..frames.get())
-            .step_by(VAE_STRIDE.0)
-            .map(|_| Ok(zeros.clone()));
-        let features = self.encode_chunks(&x, chunks)?;
+        let video = match frames.get() {
+            1 => Held::new(x, 1)?,
+            count => Held::new(Tensor::cat(&[&x, &zero_frame], 1)?, count)?,
+        };
+        let features = self.encoder.forward_held(&video)?.into_full()?;
         self.latent.normalised_mean(&features)
     }
 
@@ -376,30 +377,37 @@ mod tests {
         WanVae::load(vb, &cfg).unwrap()
     }
 
-    /// The image encode is the full encode of `cat[image, zeros]` bit for bit.
+    /// The image encode is the full encode of `cat[image, zeros]` bit for bit: videos shorter
+    /// than the encoder's reach (1, 5 frames), one whose deepest layers reach its end (41), and
+    /// one that every level holds for long (81).
     #[test]
     fn image_encode_equals_the_encode_of_image_and_zero_frames() {
         let vae = small_vae();
-        let frames = FrameCount::new(41).unwrap();
         let image = Tensor::randn(0f32, 0.5, (1, 3, 1, 16, 24), &Device::Cpu)
             .unwrap()
             .clamp(-1f32, 1f32)
             .unwrap();
-        let zeros = Tensor::zeros((1, 3, frames.get() - 1, 16, 24), DType::F32, &Device::Cpu);
-        let video = Tensor::cat(&[&image, &zeros.unwrap()], 2).unwrap();
-        let full = vae.encode(&video).unwrap();
-        let shortcut = vae.encode_image(&image, frames).unwrap();
-        let differing = full
-            .ne(&shortcut)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert_eq!(full.dims(), shortcut.dims());
-        assert_eq!(differing, 0.0, "latent values differ from the full encode");
+        for count in [1, 5, 41, 81] {
+            let frames = FrameCount::new(count).unwrap();
+            let zeros = Tensor::zeros((1, 3, count - 1, 16, 24), DType::F32, &Device::Cpu);
+            let video = Tensor::cat(&[&image, &zeros.unwrap()], 2).unwrap();
+            let full = vae.encode(&video).unwrap();
+            let shortcut = vae.encode_image(&image, frames).unwrap();
+            assert_eq!(full.dims(), shortcut.dims());
+            let differing = full
+                .ne(&shortcut)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert_eq!(
+                differing, 0.0,
+                "{count} frames: latents differ from the full encode"
+            );
+        }
     }
 
     #[test]
