@@ -4,7 +4,9 @@
 //! candle's own `.pth` reader skips (and prints about) every tensor whose storage class it does
 //! not know, int8 `CharStorage` among them, so the `-quant` TurboDiffusion releases would lose
 //! their int8 weights. This reader knows the storage classes real checkpoints use, reads only
-//! `data.pkl` when opened, and reads each tensor's bytes from the archive when asked for it.
+//! `data.pkl` when opened, and maps the archive into memory: `torch.save` stores every entry
+//! uncompressed, so a tensor's bytes are one slice of the file, copied once, to its device,
+//! when asked for (no per-tensor archive parsing, checksum or intermediate buffer).
 //!
 //! Int8 tensors are returned as `U8` tensors holding the raw two's-complement bytes (candle has
 //! no int8 dtype); [`PthTensor::stored`] says they are int8.
@@ -13,6 +15,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::pickle::{Object, Stack};
 use candle_core::{DType, Device, Shape, Tensor};
@@ -109,6 +112,8 @@ pub struct PthTensor {
     entry: String,
     /// Offset of the first element into the storage, in elements.
     offset: usize,
+    /// Where the tensor's bytes start in the file, once the archive has placed its entry.
+    file_start: u64,
 }
 
 /// A `.pth` archive whose state dict has been read: tensor names, shapes and storage types,
@@ -117,6 +122,7 @@ pub struct PthTensor {
 pub struct PthArchive {
     path: PathBuf,
     tensors: BTreeMap<String, PthTensor>,
+    mapped: Arc<memmap2::Mmap>,
 }
 
 impl PthArchive {
@@ -158,13 +164,25 @@ impl PthArchive {
         for (key, value) in entries {
             let Object::Unicode(name) = key else { continue };
             if let Some(tensor) = parse_tensor(&name, value, &data_dir)
-                .and_then(|tensor| check_extent(tensor, &mut archive, file_length))
+                .and_then(|tensor| locate(tensor, &mut archive, file_length))
                 .map_err(|reason| pth_error(&path, &format!("tensor `{name}`: {reason}")))?
             {
                 tensors.insert(name, tensor);
             }
         }
-        Ok(Self { path, tensors })
+        let file = archive.into_inner().into_inner();
+        // SAFETY: the file is mapped read-only; like every mmap-based loader (the safetensors
+        // path of `Checkpoint` too), this relies on nobody truncating or rewriting it while
+        // the archive is open.
+        let mapped = unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(Self {
+            path,
+            tensors,
+            mapped: Arc::new(mapped),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -187,36 +205,25 @@ impl PthArchive {
             .get(name)
             .ok_or_else(|| pth_error(&self.path, &format!("no tensor `{name}`")))?;
         let bytes = self
-            .read_bytes(tensor)
+            .bytes(tensor)
             .map_err(|e| pth_error(&self.path, &format!("tensor `{name}`: {e}")))?;
         Ok(Tensor::from_raw_buffer(
-            &bytes,
+            bytes,
             tensor.stored.read_as(),
             &tensor.shape,
             device,
         )?)
     }
 
-    /// The tensor's bytes: its slice of the storage entry, from its offset on.
-    fn read_bytes(&self, tensor: &PthTensor) -> std::result::Result<Vec<u8>, String> {
-        let (skip, length) = tensor.byte_range()?;
-        let mut archive = open_zip(&self.path).map_err(|e| e.to_string())?;
-        let mut entry = archive
-            .by_name(&tensor.entry)
-            .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?;
-        let skipped = std::io::copy(&mut entry.by_ref().take(skip), &mut std::io::sink())
-            .map_err(|e| e.to_string())?;
-        if skipped != skip {
-            return Err(format!(
-                "storage `{}` ends before the tensor's offset",
-                tensor.entry
-            ));
-        }
-        let mut bytes = vec![0u8; length as usize];
-        entry
-            .read_exact(&mut bytes)
-            .map_err(|e| format!("storage `{}` is shorter than the tensor: {e}", tensor.entry))?;
-        Ok(bytes)
+    /// The tensor's bytes in the mapped file (whose extent `open` checked: an error here means
+    /// the file shrank since).
+    fn bytes(&self, tensor: &PthTensor) -> std::result::Result<&[u8], String> {
+        let (_, length) = tensor.byte_range()?;
+        usize::try_from(tensor.file_start)
+            .ok()
+            .and_then(|start| Some(start..start.checked_add(usize::try_from(length).ok()?)?))
+            .and_then(|range| self.mapped.get(range))
+            .ok_or_else(|| "its bytes lie past the end of the mapped file".to_owned())
     }
 }
 
@@ -234,21 +241,33 @@ impl PthTensor {
     }
 }
 
-/// The tensor, if its bytes lie inside its storage entry of the archive: a file whose sizes
-/// or offsets overflow, or that claims more bytes than it stores, is refused when opened.
-fn check_extent(
+/// The tensor with its place in the file, if its bytes lie inside its storage entry of the
+/// archive, stored uncompressed: a file whose sizes or offsets overflow, that claims more bytes
+/// than it stores, or whose storage is compressed (`torch.save` never compresses) is refused
+/// when opened.
+fn locate(
     tensor: Option<PthTensor>,
     archive: &mut zip::ZipArchive<BufReader<File>>,
     file_length: u64,
 ) -> std::result::Result<Option<PthTensor>, String> {
-    let Some(tensor) = tensor else {
+    let Some(mut tensor) = tensor else {
         return Ok(None);
     };
     let (start, length) = tensor.byte_range()?;
-    let stored = archive
+    let entry = archive
         .by_name(&tensor.entry)
-        .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?
-        .size();
+        .map_err(|e| format!("storage `{}`: {e}", tensor.entry))?;
+    if entry.compression() != zip::CompressionMethod::Stored {
+        return Err(format!(
+            "storage `{}` is compressed ({}); torch.save stores entries uncompressed",
+            tensor.entry,
+            entry.compression()
+        ));
+    }
+    let stored = entry.size();
+    let entry_start = entry
+        .data_start()
+        .ok_or_else(|| format!("storage `{}` has no data offset", tensor.entry))?;
     // The zip entry's size is itself a claim: `torch.save` stores entries uncompressed, so
     // no storage can be larger than the archive.
     if stored > file_length {
@@ -257,8 +276,15 @@ fn check_extent(
             tensor.entry
         ));
     }
-    match start.checked_add(length) {
-        Some(end) if end <= stored => Ok(Some(tensor)),
+    let end = start.checked_add(length);
+    let file_start = entry_start.checked_add(start);
+    match (end, file_start) {
+        (Some(end), Some(file_start))
+            if end <= stored && file_start.checked_add(length) <= Some(file_length) =>
+        {
+            tensor.file_start = file_start;
+            Ok(Some(tensor))
+        }
         _ => Err(format!(
             "shape {:?} at element offset {} needs {length} bytes from byte {start}, but \
              storage `{}` holds {stored}",
@@ -323,6 +349,8 @@ fn parse_tensor(
         stored,
         entry: format!("{data_dir}/{key}"),
         offset,
+        // Placed by `locate`, which reads the archive's entry.
+        file_start: 0,
     }))
 }
 
