@@ -715,15 +715,15 @@ fn vae_coefficient() -> f64 {
     (MEASURED - (weights + output) as f64) / unit as f64
 }
 
-/// The image condition of I2V: the VAE's weights, `3·F·H·W·(4 + 4 + 2b)` bytes and the
-/// encoder's chunk, taken as the decoder's `K_vae · U` (not measured separately). The middle
-/// term was the input video built from the image, which `WanVae::encode_image` no longer
-/// builds; it is kept for the output frames that `encode_image` holds for its steady
-/// convolutions, at most one per cached convolution of the encoder. Counted in full-resolution
-/// frames of the base width (derived from the released structure, not measured): 5 at level 0,
-/// 4 × 2·¼ at level 1, 4 × 4·¹⁄₁₆ at level 2, and ¼ each for level 3 and the middle, 8.5 in
-/// all, `1 632·H·W` bytes in bf16, under the term's `2 916·H·W` at 81 frames; shorter videos
-/// keep fewer, as fewer convolutions reach a steady input.
+/// The image condition of I2V and FLF2V: the VAE's weights, `3·F·H·W·(4 + 4 + 2b)` bytes (the
+/// input video that FLF2V's `WanVae::encode` takes whole, in f32 and in the model's dtype) and
+/// the encoder's working set, taken as the decoder's `K_vae · U` (not calibrated separately).
+/// I2V's `WanVae::encode_image` holds more at once than a streaming chunk, and stays under that
+/// term: its held form keeps up to 12 full-resolution frames of the base width a layer (2 given,
+/// 2 more after `conv1`, 4 after each of level 0's residual blocks), a few such tensors live at
+/// once, where `K_vae · U` is about 71 of those frames. Measured at 720p, 81 frames, bf16, on
+/// an H100 (`docs/bench/v14_h100_callB_bench.log`): 9.71 GiB for `encode_image`, 8.24 for the
+/// streaming `encode`, under this estimate's 14.5.
 fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
     let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
     let (height, width) = (geometry.size.height(), geometry.size.width());

@@ -137,8 +137,8 @@ impl Checkpoint {
     }
 
     /// A `VarBuilder` over the checkpoint's tensors, converting them to `dtype` on `device` as
-    /// they are read. Safetensors files are memory-mapped; `.pth` tensors are read one by one
-    /// from the archive. Int8 tensors can only be read as `U8` (their raw bytes); asking for
+    /// they are read. Both containers are memory-mapped (a `.pth` archive stores its entries
+    /// uncompressed, so a tensor is one slice of the file). Int8 tensors can only be read as `U8` (their raw bytes); asking for
     /// them in another dtype is an error naming the key.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         let backend: Box<dyn SimpleBackend> = match &self.container {
