@@ -762,9 +762,11 @@ fn random_small_vae(cfg: &VaeConfig, seed: u64, dtype: DType, device: &Device) -
 }
 
 /// A random VAE of width `dim` (one residual block a level) on the device, in f32 and bf16,
-/// against the CPU in f32: decoding 3 latent frames of `height × width`, and the I2V image
-/// encode (the encoder over the held zero frames, in its whole-sequence form) of an image 8×
-/// that size with 24 zero frames against the streaming encode of that whole video.
+/// against the CPU in f32: decoding 3 latent frames of `height × width`; the I2V image encode
+/// (the encoder over the held zero frames, in its whole-sequence form) of an image 8× that
+/// size with 24 zero frames, and the FLF2V encode (the same, then the last chunk streamed on
+/// from the cache it leaves) of two such images with 23 zero frames between, each against the
+/// streaming encode of that whole video.
 fn small_vae_checks(
     device: &Device,
     seed: u64,
@@ -782,22 +784,32 @@ fn small_vae_checks(
         gaussian((1, 16, 3, height * width), 0.0, rng)?.reshape((1, 16, 3, height, width))?;
     let frames = FrameCount::new(25)?;
     let (image_height, image_width) = (8 * height, 8 * width);
-    let image = gaussian((1, 3, 1, image_height * image_width), 0.0, rng)?
-        .reshape((1, 3, 1, image_height, image_width))?
-        .clamp(-1f32, 1f32)?;
-    let zeros = Tensor::zeros(
-        (1, 3, frames.get() - 1, image_height, image_width),
-        DType::F32,
-        &Device::Cpu,
-    )?;
+    let mut random_image = || -> Result<Tensor> {
+        Ok(gaussian((1, 3, 1, image_height * image_width), 0.0, rng)?
+            .reshape((1, 3, 1, image_height, image_width))?
+            .clamp(-1f32, 1f32)?)
+    };
+    let (image, last) = (random_image()?, random_image()?);
+    let zeros = |count: usize| {
+        Tensor::zeros(
+            (1, 3, count, image_height, image_width),
+            DType::F32,
+            &Device::Cpu,
+        )
+    };
     let cpu = random_small_vae(&cfg, seed, DType::F32, &Device::Cpu)?;
     let cpu_decoded = cpu.decode(&latent)?;
-    let cpu_encoded = cpu.encode(&Tensor::cat(&[&image, &zeros], 2)?)?;
+    let cpu_encoded = cpu.encode(&Tensor::cat(&[&image, &zeros(frames.get() - 1)?], 2)?)?;
+    let cpu_first_last = cpu.encode(&Tensor::cat(
+        &[&image, &zeros(frames.get() - 2)?, &last],
+        2,
+    )?)?;
     for (dtype, threshold) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
         let vae = random_small_vae(&cfg, seed, dtype, device)?;
         let on = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(dtype)?.to_device(device)?) };
         let decoded = vae.decode(&on(&latent)?)?;
         let encoded = vae.encode_image(&on(&image)?, frames)?;
+        let first_last = vae.encode_first_last(&on(&image)?, &on(&last)?, frames)?;
         let tag = format!("{dtype:?}").to_lowercase();
         let what = format!("(dim {dim}, latent {height}×{width}, random weights) {tag}");
         for (name, error) in [
@@ -808,6 +820,12 @@ fn small_vae_checks(
             (
                 format!("VAE image encode, 25 frames, {what} device vs full encode on the cpu f32"),
                 relative_error(&encoded, &cpu_encoded)?,
+            ),
+            (
+                format!(
+                    "VAE first-last encode, 25 frames, {what} device vs full encode on the cpu f32"
+                ),
+                relative_error(&first_last, &cpu_first_last)?,
             ),
         ] {
             push(

@@ -716,14 +716,15 @@ fn vae_coefficient() -> f64 {
 }
 
 /// The image condition of I2V and FLF2V: the VAE's weights, `3·F·H·W·(4 + 4 + 2b)` bytes (the
-/// input video that FLF2V's `WanVae::encode` takes whole, in f32 and in the model's dtype) and
+/// input video of a whole-video encode, in f32 and in the model's dtype; kept as a margin) and
 /// the encoder's working set, taken as the decoder's `K_vae · U` (not calibrated separately).
-/// I2V's `WanVae::encode_image` holds more at once than a streaming chunk, and stays under that
-/// term: its held form keeps up to 12 full-resolution frames of the base width a layer (2 given,
-/// 2 more after `conv1`, 4 after each of level 0's residual blocks), a few such tensors live at
-/// once, where `K_vae · U` is about 71 of those frames. Measured at 720p, 81 frames, bf16, on
-/// an H100 (`docs/bench/v14_h100_callB_bench.log`): 9.71 GiB for `encode_image`, 8.24 for the
-/// streaming `encode`, under this estimate's 14.5.
+/// `WanVae::encode_image` and `encode_first_last` hold more at once than a streaming chunk,
+/// and stay under that term: their held form keeps up to 12 full-resolution frames of the base
+/// width a layer (2 given, 2 more after `conv1`, 4 after each of level 0's residual blocks), a
+/// few such tensors live at once, and the first-last encode then keeps two frames per cached
+/// convolution for its last chunk, where `K_vae · U` is about 71 of those frames. Measured at
+/// 720p, 81 frames, bf16, on an H100 (`docs/bench/v14_h100_callB_bench.log`): 9.71 GiB for
+/// `encode_image`, 8.24 for the streaming `encode`, under this estimate's 14.5.
 fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
     let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
     let (height, width) = (geometry.size.height(), geometry.size.width());

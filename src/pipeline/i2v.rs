@@ -345,12 +345,7 @@ fn mask_and_latent(vae: &WanVae, frames: &[Tensor], count: FrameCount) -> Result
     let first = frames[0].unsqueeze(2)?;
     let latent = match frames.get(1) {
         None => vae.encode_image(&first, count)?,
-        Some(last) => {
-            let (batch, channels, _, height, width) = first.dims5()?;
-            let between = (batch, channels, count.get() - 2, height, width);
-            let zeros = Tensor::zeros(between, first.dtype(), first.device())?;
-            vae.encode(&Tensor::cat(&[&first, &zeros, &last.unsqueeze(2)?], 2)?)?
-        }
+        Some(last) => vae.encode_first_last(&first, &last.unsqueeze(2)?, count)?,
     };
     let latent = latent.squeeze(0)?.to_dtype(DType::F32)?;
     let (_, latent_frames, h, w) = latent.dims4()?;

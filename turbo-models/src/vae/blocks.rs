@@ -438,6 +438,12 @@ impl Resample {
     fn downsample_time(&self, x: &Tensor, cache: &mut FeatureCache) -> Result<Tensor> {
         if cache.is_whole_sequence() {
             // Sequence form: out[0] = in[0], out[k] = conv(in[2k−2], in[2k−1], in[2k]).
+            let last = || {
+                Ok(Slot::Frames(
+                    x.narrow(1, x.dim(1)? - 1, 1)?.force_contiguous()?,
+                ))
+            };
+            cache.remember_after_sequence(last)?;
             if x.dim(1)? == 1 {
                 return Ok(x.clone());
             }

@@ -8,6 +8,8 @@
 //! [`FeatureCache::whole_sequence`] selects the reference form instead: the whole video in one
 //! pass, with each quirk of the streaming form written as its sequence equivalent
 //! (`spec/wan-model.md` §6.1). Its memory grows with the length; tests compare the two.
+//! [`FeatureCache::whole_sequence_then_stream`] is that form leaving each slot as a streaming
+//! pass over the same frames would, so that chunks can follow it.
 
 use candle_core::Tensor;
 use turbo_core::Result;
@@ -63,6 +65,9 @@ pub struct FeatureCache {
     slots: Vec<Slot>,
     cursor: usize,
     whole_sequence: bool,
+    /// In the whole-sequence form, whether each temporal layer remembers its input's last
+    /// frames for chunks that follow.
+    remembers: bool,
 }
 
 impl FeatureCache {
@@ -74,9 +79,36 @@ impl FeatureCache {
         }
     }
 
+    /// The whole-sequence form, after which the cache holds what a streaming pass over the
+    /// same video would: the encoder can go on chunk by chunk (the decoder's temporal upsampler
+    /// has no such form).
+    pub fn whole_sequence_then_stream() -> Self {
+        Self {
+            whole_sequence: true,
+            remembers: true,
+            ..Self::default()
+        }
+    }
+
+    /// Goes on chunk by chunk after a [`FeatureCache::whole_sequence_then_stream`] pass.
+    pub fn start_streaming(&mut self) {
+        self.whole_sequence = false;
+        self.remembers = false;
+        self.cursor = 0;
+    }
+
     /// Whether layers see the whole video rather than one chunk.
     pub fn is_whole_sequence(&self) -> bool {
         self.whole_sequence
+    }
+
+    /// In the whole-sequence form, leaves `frames` in the next slot where chunks will follow.
+    pub fn remember_after_sequence(&mut self, frames: impl FnOnce() -> Result<Slot>) -> Result<()> {
+        if self.remembers {
+            let slot = frames()?;
+            *self.next_slot() = slot;
+        }
+        Ok(())
     }
 
     /// Rewinds to the first slot before a chunk is processed.
@@ -124,6 +156,13 @@ pub fn cached_conv_plus(
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
     if cache.is_whole_sequence() {
+        // A copy: a view would keep the whole sequence alive.
+        let tail = || {
+            Ok(Slot::Frames(
+                frames_to_remember(x, None)?.force_contiguous()?,
+            ))
+        };
+        cache.remember_after_sequence(tail)?;
         return conv.forward_plus(x, None, residual);
     }
     let index = cache.cursor;
@@ -148,19 +187,28 @@ pub fn cached_norm_conv(
     #[cfg(feature = "cuda")]
     if conv.takes_normalised_input(x)? {
         if cache.is_whole_sequence() {
-            return Ok(conv.forward_normalised(x, norm.scale(), None, residual)?.0);
+            let (out, input) = conv.forward_normalised(x, norm.scale(), None, residual)?;
+            cache.remember_after_sequence(|| remembered_channels_last(&input))?;
+            return Ok(out);
         }
         let index = cache.cursor;
         let history = cache.next_slot().frames_channels_last()?;
         let (out, input) = conv.forward_normalised(x, norm.scale(), history.as_ref(), residual)?;
-        // The input already holds the history frames the padding took: its last frames are
-        // the ones to remember. A copy: a view would keep the whole input buffer alive.
-        let remembered = frames_to_remember(&input, None)?.force_contiguous()?;
-        cache.slots[index] = Slot::ChannelsLast(remembered);
+        cache.slots[index] = remembered_channels_last(&input)?;
         return Ok(out);
     }
     let h = norm.forward_silu(x)?;
     cached_conv_plus(conv, &h, cache, residual)
+}
+
+/// What a layer whose norm wrote its channels-last `input` remembers. The input already holds
+/// the history frames the padding took, so its last frames are the ones to remember. A copy: a
+/// view would keep the whole input buffer alive.
+#[cfg(feature = "cuda")]
+fn remembered_channels_last(input: &Tensor) -> Result<Slot> {
+    Ok(Slot::ChannelsLast(
+        frames_to_remember(input, None)?.force_contiguous()?,
+    ))
 }
 
 #[cfg(test)]

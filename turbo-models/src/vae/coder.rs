@@ -385,13 +385,28 @@ impl Coder {
     /// form: each layer computes its output only up to its first settled frame. The features
     /// `[B, n, 2z, h, w]` of the held latent video.
     pub fn forward_held(&self, video: &Held) -> Result<Held> {
+        self.forward_held_with(video, &mut FeatureCache::whole_sequence())
+    }
+
+    /// [`Coder::forward_held`], and the cache a streaming encode of the whole held video would
+    /// leave: [`Coder::forward_chunk`] can encode the chunks that follow it.
+    pub fn forward_held_then_stream(&self, video: &Held) -> Result<(Held, FeatureCache)> {
+        let mut cache = FeatureCache::whole_sequence_then_stream();
+        let features = self.forward_held_with(video, &mut cache)?;
+        cache.start_streaming();
+        Ok((features, cache))
+    }
+
+    /// `cache` is one of the whole-sequence forms. A layer's input is cut where its frames
+    /// settle; its last frames, which a remembering cache keeps, are then the held frame, as
+    /// they are at the end of the whole video.
+    fn forward_held_with(&self, video: &Held, cache: &mut FeatureCache) -> Result<Held> {
         if self.direction != Direction::Encoder {
             return Err(Error::InvalidConfig {
                 field: "VAE coder".into(),
                 reason: "only the encoder runs on a held video".into(),
             });
         }
-        let cache = &mut FeatureCache::whole_sequence();
         let mut x = video.through(self.conv_in.time_reach(), |x| {
             cached_conv(&self.conv_in, x, cache)
         })?;

@@ -62,14 +62,6 @@ impl LatentSide {
         )
     }
 
-    pub fn dtype(&self) -> DType {
-        self.dtype
-    }
-
-    pub fn device(&self) -> &Device {
-        &self.device
-    }
-
     /// `x` `[B, C, T, H, W]` on the model's device and dtype, time-major `[B, T, C, H, W]`.
     pub fn time_major_input(&self, x: &Tensor) -> Result<Tensor> {
         to_time_major(&x.to_device(&self.device)?.to_dtype(self.dtype)?)

@@ -214,7 +214,61 @@ impl WanVae {
     /// frames at full resolution); later frames repeat that one. The encoder runs in its
     /// whole-sequence form, which holds those frames at once.
     pub fn encode_image(&self, image: &Tensor, frames: FrameCount) -> Result<Tensor> {
-        let (batch, channels, _, height, width) = self.check_video(image)?;
+        let video = self.image_then_zeros(image, frames.get())?;
+        let features = self.encoder.forward_held(&video)?.into_full()?;
+        self.latent.normalised_mean(&features)
+    }
+
+    /// Encodes `first` and `last` `[B, 3, 1, H, W]` in [-1, 1] with `frames − 2` zero frames
+    /// between them, the conditioning video of first-last-frame-to-video (upstream encodes
+    /// `cat[first, zeros, last]`): the latent of [`WanVae::encode`] of that video. The encoder
+    /// is causal, so every chunk before the last one, which holds `last`, is
+    /// [`WanVae::encode_image`]'s work on `first`; the last chunk then streams on from the cache
+    /// that work leaves. `frames` is at least 5 (two chunks).
+    pub fn encode_first_last(
+        &self,
+        first: &Tensor,
+        last: &Tensor,
+        frames: FrameCount,
+    ) -> Result<Tensor> {
+        if frames.get() <= VAE_STRIDE.0 || first.dims() != last.dims() {
+            return Err(Error::Shape {
+                what: format!(
+                    "VAE first and last frames of a {}-frame video",
+                    frames.get()
+                ),
+                expected: format!(
+                    "two images of one shape and at least {} frames",
+                    VAE_STRIDE.0 + 1
+                ),
+                got: last.dims().to_vec(),
+            });
+        }
+        let before_last = self.image_then_zeros(first, frames.get() - VAE_STRIDE.0)?;
+        let (held, mut cache) = self.encoder.forward_held_then_stream(&before_last)?;
+        let last = self.image_frame(last)?;
+        let mut zeros_shape = last.dims().to_vec();
+        zeros_shape[1] = VAE_STRIDE.0 - 1;
+        let zeros = Tensor::zeros(zeros_shape, last.dtype(), last.device())?;
+        let last_chunk = Tensor::cat(&[&zeros, &last], 1)?;
+        let tail = self.encoder.forward_chunk(&last_chunk, &mut cache)?;
+        let features = Tensor::cat(&[&held.into_full()?, &tail], 1)?;
+        self.latent.normalised_mean(&features)
+    }
+
+    /// `image` `[B, 3, 1, H, W]` then zero frames, `frames` in all, held on the zero frame.
+    fn image_then_zeros(&self, image: &Tensor, frames: usize) -> Result<Held> {
+        let x = self.image_frame(image)?;
+        if frames == 1 {
+            return Held::new(x, 1);
+        }
+        let zero_frame = x.zeros_like()?;
+        Held::new(Tensor::cat(&[&x, &zero_frame], 1)?, frames)
+    }
+
+    /// `image` `[B, 3, 1, H, W]` checked and time-major, `[B, 1, 3, H, W]`.
+    fn image_frame(&self, image: &Tensor) -> Result<Tensor> {
+        self.check_video(image)?;
         if image.dim(2)? != 1 {
             return Err(Error::Shape {
                 what: "VAE input image".into(),
@@ -222,18 +276,7 @@ impl WanVae {
                 got: image.dims().to_vec(),
             });
         }
-        let x = self.latent.time_major_input(image)?;
-        let zero_frame = Tensor::zeros(
-            (batch, 1, channels, height, width),
-            self.latent.dtype(),
-            self.latent.device(),
-        )?;
-        let video = match frames.get() {
-            1 => Held::new(x, 1)?,
-            count => Held::new(Tensor::cat(&[&x, &zero_frame], 1)?, count)?,
-        };
-        let features = self.encoder.forward_held(&video)?.into_full()?;
-        self.latent.normalised_mean(&features)
+        self.latent.time_major_input(image)
     }
 
     /// [`stream_encode`] through this VAE's encoder.
@@ -377,36 +420,81 @@ mod tests {
         WanVae::load(vb, &cfg).unwrap()
     }
 
+    /// A random image `[1, 3, 1, 16, 24]` in [-1, 1].
+    fn random_image() -> Tensor {
+        Tensor::randn(0f32, 0.5, (1, 3, 1, 16, 24), &Device::Cpu)
+            .unwrap()
+            .clamp(-1f32, 1f32)
+            .unwrap()
+    }
+
+    /// Asserts that `shortcut` is `vae.encode(video)` bit for bit.
+    fn assert_is_the_full_encode(vae: &WanVae, video: &[&Tensor], shortcut: Tensor) {
+        let full = vae.encode(&Tensor::cat(video, 2).unwrap()).unwrap();
+        assert_eq!(full.dims(), shortcut.dims());
+        let differing = full
+            .ne(&shortcut)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let frames = full.dim(2).unwrap();
+        assert_eq!(
+            differing, 0.0,
+            "{frames} latent frames: latents differ from the full encode"
+        );
+    }
+
+    fn zero_frames(count: usize) -> Tensor {
+        Tensor::zeros((1, 3, count, 16, 24), DType::F32, &Device::Cpu).unwrap()
+    }
+
     /// The image encode is the full encode of `cat[image, zeros]` bit for bit: videos shorter
     /// than the encoder's reach (1, 5 frames), one whose deepest layers reach its end (41), and
     /// one that every level holds for long (81).
     #[test]
     fn image_encode_equals_the_encode_of_image_and_zero_frames() {
         let vae = small_vae();
-        let image = Tensor::randn(0f32, 0.5, (1, 3, 1, 16, 24), &Device::Cpu)
-            .unwrap()
-            .clamp(-1f32, 1f32)
-            .unwrap();
+        let image = random_image();
         for count in [1, 5, 41, 81] {
-            let frames = FrameCount::new(count).unwrap();
-            let zeros = Tensor::zeros((1, 3, count - 1, 16, 24), DType::F32, &Device::Cpu);
-            let video = Tensor::cat(&[&image, &zeros.unwrap()], 2).unwrap();
-            let full = vae.encode(&video).unwrap();
-            let shortcut = vae.encode_image(&image, frames).unwrap();
-            assert_eq!(full.dims(), shortcut.dims());
-            let differing = full
-                .ne(&shortcut)
-                .unwrap()
-                .to_dtype(DType::F32)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
+            let shortcut = vae
+                .encode_image(&image, FrameCount::new(count).unwrap())
                 .unwrap();
-            assert_eq!(
-                differing, 0.0,
-                "{count} frames: latents differ from the full encode"
-            );
+            assert_is_the_full_encode(&vae, &[&image, &zero_frames(count - 1)], shortcut);
+        }
+    }
+
+    /// The first-last encode is the full encode of `cat[first, zeros, last]` bit for bit: the
+    /// shortest video (one chunk before the last, no zero frame held), one whose deepest layers
+    /// reach its end, and a long one.
+    #[test]
+    fn first_last_encode_equals_the_encode_of_the_whole_video() {
+        let vae = small_vae();
+        let (first, last) = (random_image(), random_image());
+        for count in [5, 9, 41, 81] {
+            let shortcut = vae
+                .encode_first_last(&first, &last, FrameCount::new(count).unwrap())
+                .unwrap();
+            let zeros = zero_frames(count - 2);
+            assert_is_the_full_encode(&vae, &[&first, &zeros, &last], shortcut);
+        }
+    }
+
+    #[test]
+    fn first_last_encode_needs_two_chunks_and_images_of_one_shape() {
+        let vae = small_vae();
+        let image = Tensor::zeros((1, 3, 1, 16, 16), DType::F32, &Device::Cpu).unwrap();
+        let wider = Tensor::zeros((1, 3, 1, 16, 24), DType::F32, &Device::Cpu).unwrap();
+        let one = FrameCount::new(1).unwrap();
+        let nine = FrameCount::new(9).unwrap();
+        for (last, frames) in [(&image, one), (&wider, nine)] {
+            assert!(matches!(
+                vae.encode_first_last(&image, last, frames),
+                Err(Error::Shape { .. })
+            ));
         }
     }
 
