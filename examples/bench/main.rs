@@ -731,8 +731,9 @@ impl VaeRows {
 }
 
 /// The Wan VAE in bf16: the streaming decode of 81 frames at 480p and 720p (and the Wan2.2
-/// VAE's), and the I2V image encode (an image and 80 zero frames) at 720p, through
-/// `encode_image` and, for comparison, through `encode` of the whole video.
+/// VAE's), the I2V image encode (an image and 80 zero frames) at 720p, through `encode_image`
+/// and, for comparison, through `encode` of the whole video, and FLF2V's encode of two images
+/// with 79 zero frames between them (`encode_first_last`).
 fn vae_rows(bench: &Bench, seed: u64, which: VaeRows, rows: &mut Vec<Row>) -> Result<()> {
     let device = &bench.device;
     let cfg = VaeConfig::wan21();
@@ -773,31 +774,37 @@ fn vae_rows(bench: &Bench, seed: u64, which: VaeRows, rows: &mut Vec<Row>) -> Re
         return Ok(());
     }
     let frames = FrameCount::new(81)?;
-    let image = Tensor::rand(-1f32, 1.0, (1, 3, 1, 720, 1280), device)?.to_dtype(DType::BF16)?;
-    let encode_image = || -> Result<()> {
-        vae.encode_image(&image, frames)?;
-        Ok(())
+    let random_image = || -> Result<Tensor> {
+        Ok(Tensor::rand(-1f32, 1.0, (1, 3, 1, 720, 1280), device)?.to_dtype(DType::BF16)?)
     };
-    let shape = "720p, image + 80 zero frames".to_owned();
-    let (ms, peak) = (bench.median_ms(encode_image)?, bench.peak_of(encode_image)?);
-    push(
-        "Wan VAE I2V image encode (encode_image, bf16)",
-        shape.clone(),
-        ms,
-        peak,
-    );
+    let (image, last) = (random_image()?, random_image()?);
     let video = image.pad_with_zeros(2, 0, frames.get() - 1)?;
-    let encode_video = || -> Result<()> {
-        vae.encode(&video)?;
-        Ok(())
-    };
-    let (ms, peak) = (bench.median_ms(encode_video)?, bench.peak_of(encode_video)?);
-    push(
-        "Wan VAE encode of the same video (encode, bf16)",
-        shape,
-        ms,
-        peak,
-    );
+    type Encode<'a> = Box<dyn Fn() -> turbodiffusion::Result<Tensor> + 'a>;
+    let encodes: [(&str, &str, Encode); 3] = [
+        (
+            "Wan VAE I2V image encode (encode_image, bf16)",
+            "720p, image + 80 zero frames",
+            Box::new(|| vae.encode_image(&image, frames)),
+        ),
+        (
+            "Wan VAE encode of the same video (encode, bf16)",
+            "720p, image + 80 zero frames",
+            Box::new(|| vae.encode(&video)),
+        ),
+        (
+            "Wan VAE FLF2V encode (encode_first_last, bf16)",
+            "720p, image + 79 zero frames + image",
+            Box::new(|| vae.encode_first_last(&image, &last, frames)),
+        ),
+    ];
+    for (what, shape, encode) in encodes {
+        let run = || -> Result<()> {
+            encode()?;
+            Ok(())
+        };
+        let (ms, peak) = (bench.median_ms(run)?, bench.peak_of(run)?);
+        push(what, shape.to_owned(), ms, peak);
+    }
     Ok(())
 }
 
