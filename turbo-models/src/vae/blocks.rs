@@ -522,3 +522,25 @@ fn cache_order_error() -> Error {
         got: vec![],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{Device, Tensor};
+
+    use super::*;
+
+    /// A per-frame layer applied in groups is the layer applied to the whole sequence, for
+    /// group sizes that divide the frames, that leave a remainder and that exceed them.
+    #[test]
+    fn frame_groups_join_to_the_whole() -> Result<()> {
+        let x = Tensor::randn(0f32, 1.0, (2, 7, 3, 4, 5), &Device::Cpu)?;
+        let per_frame = |x: &Tensor| -> Result<Tensor> { Ok((x.sqr()? + x)?) };
+        let whole = per_frame(&x)?;
+        for per_pass in [0, 1, 2, 3, 7, 9] {
+            let grouped = in_frame_groups(&x, per_pass, per_frame)?;
+            let difference = (grouped - &whole)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert_eq!(difference, 0.0, "{per_pass} frames a pass");
+        }
+        Ok(())
+    }
+}
