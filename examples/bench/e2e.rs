@@ -416,11 +416,12 @@ pub fn e2e_child(device: &Device, args: &Args) -> Result<()> {
             Existing::Replace,
         )?;
         // The first request of the process loads what the pipeline then keeps.
+        let kept = args.e2e_residency.residency();
         let resident = match index {
             1 => Residency::NONE,
-            _ => args.e2e_residency.residency(),
+            _ => kept,
         };
-        let mut stages = StageClock::reading_files(resident);
+        let mut stages = StageClock::reading_files(resident, kept);
         let start = Instant::now();
         generate(&pipeline, args, &output, &mut stages)?;
         let ms = start.elapsed().as_secs_f64() * 1e3;

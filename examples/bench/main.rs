@@ -1080,14 +1080,19 @@ struct StageClock {
     from_files: bool,
     /// The models already on the device when the request starts (the rows say which).
     resident: Residency,
+    /// The models the pipeline keeps on the device after the request (a text encoder it keeps
+    /// is loaded whole, not streamed by block).
+    kept: Residency,
 }
 
 impl StageClock {
-    /// Weights read from files, except those of the models in `resident`.
-    fn reading_files(resident: Residency) -> Self {
+    /// Weights read from files, except those of the models in `resident`; the pipeline keeps
+    /// those in `kept`.
+    fn reading_files(resident: Residency, kept: Residency) -> Self {
         Self {
             from_files: true,
             resident,
+            kept,
             ..Self::default()
         }
     }
@@ -1105,6 +1110,9 @@ impl turbodiffusion::core::Progress for StageClock {
         let name = match report.stage {
             Stage::EncodingText if self.resident.text_encoder => {
                 "text encode (umT5-XXL resident)".to_owned()
+            }
+            Stage::EncodingText if self.from_files && self.kept.text_encoder => {
+                "text encode (umT5-XXL loaded whole from its .pth, then kept)".to_owned()
             }
             Stage::EncodingText if self.from_files => {
                 "text encode (umT5-XXL streamed by block from its .pth)".to_owned()
