@@ -30,6 +30,7 @@ use turbo_models::tokenizer::PromptTokenizer;
 use turbo_models::wan::{DitCondition, ModelType, QuantPolicy, WanConfig};
 use turbo_models::{
     ClipConfig, StreamingUmt5Encoder, Umt5Config, Umt5Encoder, Vae22Config, VaeConfig, VaeTiling,
+    TOKEN_EMBEDDING_KEY,
 };
 use turbo_sampler::{ExpertBoundary, T2V_A14B_BOUNDARY, T2V_SIGMA_MAX};
 use turbo_video::{rgb_frames, Fps, Mp4Options, OutputFile, Video};
@@ -698,10 +699,21 @@ impl Pipeline {
                     .collect::<Result<Vec<_>>>()?
             }
             false => {
-                let vb =
-                    self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
+                let weights = &self.models.text_encoder_weights;
+                let vb = self.var_builder_on(weights, self.dtype, device)?;
                 let encoder =
                     StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
+                // From a file, only the prompts' rows of the 2.1 GB embedding table are read.
+                let encoder = match weights {
+                    WeightSource::File(path) => {
+                        let checkpoint = turbo_models::Checkpoint::open(path)?;
+                        let dtype = self.dtype;
+                        encoder.with_embedding_rows(move |ids| {
+                            checkpoint.rows(TOKEN_EMBEDDING_KEY, ids, dtype)
+                        })
+                    }
+                    WeightSource::Random(_) => encoder,
+                };
                 let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
                 encoder.forward_many_observed(&batches, &mut || bytes.release())?
             }

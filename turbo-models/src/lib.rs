@@ -117,5 +117,5 @@ pub use checkpoint::{Checkpoint, TensorMeta};
 pub use clip::{ClipConfig, ClipVisionEncoder};
 pub use lora::{LoraAdapter, LoraLayout, LoraMode, LoraSummary, LoraTarget, ScaledLora};
 pub use tokenizer::{clean_prompt, PromptTokenizer, TokenizedPrompt};
-pub use umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder};
+pub use umt5::{StreamingUmt5Encoder, Umt5Config, Umt5Encoder, TOKEN_EMBEDDING_KEY};
 pub use vae::{DecodedFrames, Vae22Config, VaeConfig, VaeTiling, Wan22Vae, WanVae};

@@ -215,6 +215,21 @@ impl PthArchive {
         )?)
     }
 
+    /// Rows `ids` of the 2-D tensor `name` (see `Checkpoint::rows`), in its stored dtype on
+    /// the CPU.
+    pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
+        let tensor = self
+            .get(name)
+            .ok_or_else(|| pth_error(&self.path, &format!("no tensor `{name}`")))?;
+        let error = |reason: String| pth_error(&self.path, &format!("tensor `{name}`: {reason}"));
+        if tensor.stored == StoredDType::I8 {
+            return Err(error("int8 tables have no row lookup".into()));
+        }
+        let bytes = self.bytes(tensor).map_err(error)?;
+        crate::checkpoint::gather_rows(bytes, &tensor.shape, tensor.stored.read_as(), ids)
+            .map_err(error)
+    }
+
     /// The tensor's bytes in the mapped file (whose extent `open` checked: an error here means
     /// the file shrank since).
     fn bytes(&self, tensor: &PthTensor) -> std::result::Result<&[u8], String> {

@@ -5,6 +5,8 @@
 //! the norms are T5 RMS norms (no mean, no bias). Norms and softmax are computed in f32 whatever
 //! the weight dtype; everything else runs in the dtype the weights were loaded in.
 
+use std::sync::Arc;
+
 use crate::checkpoint::Checkpoint;
 use crate::tokenizer::TokenizedPrompt;
 use candle_core::{DType, Device, Tensor, D};
@@ -263,9 +265,7 @@ impl Umt5Encoder {
     /// `blocks.{i}.*`, `norm`). The model runs in `vb`'s dtype (bf16 for the released file).
     pub fn load(vb: VarBuilder, cfg: &Umt5Config) -> Result<Self> {
         cfg.validate()?;
-        let table = vb
-            .pp("token_embedding")
-            .get((cfg.vocab, cfg.dim), "weight")?;
+        let table = vb.get((cfg.vocab, cfg.dim), TOKEN_EMBEDDING_KEY)?;
         let blocks = (0..cfg.num_layers)
             .map(|i| Umt5Block::load(vb.pp("blocks").pp(i), cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -292,10 +292,7 @@ impl Umt5Encoder {
 
     /// Every checkpoint tensor the encoder reads, with its shape, in checkpoint order.
     pub fn expected_keys(cfg: &Umt5Config) -> Vec<(String, Vec<usize>)> {
-        let mut keys = vec![(
-            "token_embedding.weight".to_owned(),
-            vec![cfg.vocab, cfg.dim],
-        )];
+        let mut keys = vec![(TOKEN_EMBEDDING_KEY.to_owned(), vec![cfg.vocab, cfg.dim])];
         for i in 0..cfg.num_layers {
             keys.extend(Umt5Block::keys(&format!("blocks.{i}"), cfg));
         }
@@ -340,8 +337,9 @@ impl Umt5Encoder {
 /// The umT5 encoder that reads its weights as the forward pass reaches them and drops each
 /// block after use, so the device holds one block of weights at a time (about 0.4 GB for
 /// umT5-XXL in bf16, against 11 GB for the whole model). The token embedding table
-/// (`256384 × 4096`) is read on the CPU, where the lookup happens; only the looked-up rows move
-/// to the `VarBuilder`'s device. Each forward reads the weights again: with a memory-mapped
+/// (`256384 × 4096`) is looked up on the CPU, and only the looked-up rows move to the
+/// `VarBuilder`'s device; with [`StreamingUmt5Encoder::with_embedding_rows`] only those rows
+/// are read at all. Each forward reads the weights again: with a memory-mapped
 /// file that is cheap, and worth it when the encoder runs once per video.
 ///
 /// Same numbers as [`Umt5Encoder`] over the same weights.
@@ -349,7 +347,14 @@ impl Umt5Encoder {
 pub struct StreamingUmt5Encoder<'a> {
     vb: VarBuilder<'a>,
     cfg: Umt5Config,
+    embedding_rows: Option<Arc<EmbeddingRows<'a>>>,
 }
+
+/// The checkpoint key of umT5's token embedding table, `[vocab, dim]`.
+pub const TOKEN_EMBEDDING_KEY: &str = "token_embedding.weight";
+
+/// Rows of the token embedding table for the given ids, `[ids.len(), dim]` on the CPU.
+pub type EmbeddingRows<'a> = dyn Fn(&[u32]) -> Result<Tensor> + Send + Sync + 'a;
 
 impl<'a> StreamingUmt5Encoder<'a> {
     /// An encoder over the weights under `vb` (the checkpoint names of [`Umt5Encoder::load`]);
@@ -359,7 +364,18 @@ impl<'a> StreamingUmt5Encoder<'a> {
         Ok(Self {
             vb,
             cfg: cfg.clone(),
+            embedding_rows: None,
         })
+    }
+
+    /// Looks up token embeddings through `rows` (such as `Checkpoint::rows` of
+    /// `token_embedding.weight`) instead of reading the whole table through the `VarBuilder`.
+    pub fn with_embedding_rows(
+        mut self,
+        rows: impl Fn(&[u32]) -> Result<Tensor> + Send + Sync + 'a,
+    ) -> Self {
+        self.embedding_rows = Some(Arc::new(rows));
+        self
     }
 
     /// The configuration the encoder reads its weights with.
@@ -432,20 +448,28 @@ impl<'a> StreamingUmt5Encoder<'a> {
         self.encode_ids(&prompt.ids)
     }
 
-    /// The embedding rows of each `ids` `[B, L]`, looked up on the CPU in one read of the
-    /// table and moved to the device.
+    /// The embedding rows of each `ids` `[B, L]`, looked up on the CPU (through the row
+    /// reader where one was given, else in one read of the table) and moved to the device.
     fn embedding_rows<'t>(&self, ids: impl Iterator<Item = &'t Tensor>) -> Result<Vec<Tensor>> {
-        let table = self
-            .vb
-            .clone()
-            .set_device(Device::Cpu)
-            .pp("token_embedding")
-            .get((self.cfg.vocab, self.cfg.dim), "weight")?;
+        type Lookup<'l> = Box<dyn Fn(&Tensor) -> Result<Tensor> + 'l>;
+        let lookup: Lookup = match &self.embedding_rows {
+            Some(rows) => Box::new(move |flat| {
+                let ids = flat.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+                Ok(rows(&ids)?.to_dtype(self.vb.dtype())?)
+            }),
+            None => {
+                let table = self
+                    .vb
+                    .clone()
+                    .set_device(Device::Cpu)
+                    .get((self.cfg.vocab, self.cfg.dim), TOKEN_EMBEDDING_KEY)?;
+                Box::new(move |flat| Ok(table.index_select(flat, 0)?))
+            }
+        };
         ids.map(|ids| {
             let (batch, len) = ids.dims2()?;
             let flat = ids.to_device(&Device::Cpu)?.flatten_all()?;
-            Ok(table
-                .index_select(&flat, 0)?
+            Ok(lookup(&flat)?
                 .reshape((batch, len, self.cfg.dim))?
                 .to_device(self.vb.device())?)
         })

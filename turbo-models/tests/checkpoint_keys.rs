@@ -302,3 +302,82 @@ fn int8_safetensors_are_read_as_bytes() {
         vec![0.5, 2.0]
     );
 }
+
+/// A row lookup returns the table's rows in order (repeats included) from a `.pth` and from a
+/// safetensors file, and names the key in its errors.
+#[test]
+fn row_lookups_read_only_the_asked_rows() {
+    use turbo_models::pth::StoredDType;
+    use turbo_models::pth_writer::{write_pth, PthEntry};
+
+    let dir = scratch_dir("rows");
+    let (vocab, dim) = (37, 6);
+    let table = Tensor::randn(0f32, 1.0, (vocab, dim), &Device::Cpu).unwrap();
+    let values = table.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let pth = dir.join("table.pth");
+    let entries = [
+        PthEntry {
+            name: "token_embedding.weight".into(),
+            stored: StoredDType::F32,
+            shape: vec![vocab, dim],
+        },
+        PthEntry {
+            name: "flat".into(),
+            stored: StoredDType::F32,
+            shape: vec![4],
+        },
+    ];
+    write_pth(&pth, &entries, |entry| {
+        Ok(match entry.name.as_str() {
+            "flat" => vec![0u8; 16],
+            _ => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        })
+    })
+    .unwrap();
+    let safetensors = dir.join("table.safetensors");
+    let map =
+        std::collections::HashMap::from([("token_embedding.weight".to_owned(), table.clone())]);
+    candle_core::safetensors::save(&map, &safetensors).unwrap();
+
+    let ids = [5u32, 0, 36, 5, 17];
+    let expected = table
+        .index_select(&Tensor::new(&ids[..], &Device::Cpu).unwrap(), 0)
+        .unwrap();
+    for path in [&pth, &safetensors] {
+        let checkpoint = Checkpoint::open(path).unwrap();
+        let rows = checkpoint
+            .rows("token_embedding.weight", &ids, DType::F32)
+            .unwrap();
+        assert_eq!(rows.dims(), &[ids.len(), dim]);
+        let difference = (rows - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert_eq!(
+            difference.to_scalar::<f32>().unwrap(),
+            0.0,
+            "{}",
+            path.display()
+        );
+        let err = checkpoint
+            .rows("token_embedding.weight", &[3, 37], DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("token_embedding.weight") && err.contains("37"),
+            "{err}"
+        );
+    }
+    let tiny = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny.pth");
+    for (path, name, reason) in [(&pth, "flat", "2-D"), (&tiny, "d.int8", "int8")] {
+        let err = Checkpoint::open(path)
+            .unwrap()
+            .rows(name, &[0], DType::F32)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(name) && err.contains(reason), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

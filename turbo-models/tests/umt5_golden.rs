@@ -181,3 +181,30 @@ fn streamed_encoder_equals_the_whole_model() {
     let alone = encoder.forward(&short, None).unwrap();
     assert!(relative_error(&both[1], &alone) <= 1e-6);
 }
+
+/// With its embedding rows read from a checkpoint file (the pipeline's path for a file), the
+/// streamed encoder still computes what the whole model does.
+#[test]
+fn streamed_encoder_with_row_lookups_equals_the_whole_model() {
+    let (file, encoder) = load();
+    let dir = std::env::temp_dir().join(format!("turbo-models-umt5-rows-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("umt5.safetensors");
+    candle_core::safetensors::save(&file.weights().unwrap(), &path).unwrap();
+    let checkpoint = turbo_models::Checkpoint::open(&path).unwrap();
+    let streamed = StreamingUmt5Encoder::new(golden_weights(&file), encoder.config())
+        .unwrap()
+        .with_embedding_rows(move |ids| {
+            checkpoint.rows(turbo_models::TOKEN_EMBEDDING_KEY, ids, DType::F32)
+        });
+    let ids = file.tensor("in.ids").unwrap();
+    let mask = file.tensor("in.mask").unwrap();
+    let out = streamed.forward(&ids, Some(&mask)).unwrap();
+    let whole = encoder.forward(&ids, Some(&mask)).unwrap();
+    let err = relative_error(&out, &whole);
+    assert!(
+        err <= 1e-6,
+        "streamed with row lookups: relative error {err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
