@@ -222,11 +222,7 @@ fn write_released_files(args: &Args, device: &Device) -> Result<Option<(f64, u64
     let marker = json!({ "model": format!("{model:?}"), "seed": args.seed }).to_string();
     let marker_path = dir.join(WRITTEN_MARKER);
     let shared_written = std::fs::read_to_string(&marker_path).is_ok_and(|m| m == marker);
-    let dit_paths: Vec<PathBuf> = model
-        .dit_stems()
-        .iter()
-        .map(|stem| dir.join(args.e2e_linears.file_name(stem)))
-        .collect();
+    let dit_paths = dit_paths(args);
     if shared_written && dit_paths.iter().all(|path| path.exists()) {
         return Ok(None);
     }
@@ -284,15 +280,10 @@ fn write_released_files(args: &Args, device: &Device) -> Result<Option<(f64, u64
 fn read_request_files(args: &Args) -> Result<(f64, u64)> {
     let dir = &args.e2e_dir;
     let shared = [TEXT_ENCODER_FILE, VAE_FILE, "tokenizer.json"].map(|name| dir.join(name));
-    let dits = args
-        .e2e_model
-        .dit_stems()
-        .iter()
-        .map(|stem| dir.join(args.e2e_linears.file_name(stem)));
     let mut buffer = vec![0u8; 64 << 20];
     let start = Instant::now();
     let mut bytes = 0u64;
-    for path in shared.into_iter().chain(dits) {
+    for path in shared.into_iter().chain(dit_paths(args)) {
         let mut file =
             std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
         loop {
@@ -306,6 +297,15 @@ fn read_request_files(args: &Args) -> Result<(f64, u64)> {
         }
     }
     Ok((start.elapsed().as_secs_f64() * 1e3, bytes))
+}
+
+/// The DiT files of `args.e2e_model` with `--e2e-linears` in `args.e2e_dir`.
+fn dit_paths(args: &Args) -> Vec<PathBuf> {
+    args.e2e_model
+        .dit_stems()
+        .iter()
+        .map(|stem| args.e2e_dir.join(args.e2e_linears.file_name(stem)))
+        .collect()
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {

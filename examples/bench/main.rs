@@ -145,7 +145,8 @@ struct Args {
     #[arg(long, hide = true)]
     e2e_child: bool,
     /// Rows of the `vae` section: all, decode (the three decodes) or encode (the I2V image
-    /// encode both ways), e.g. to profile one of them alone.
+    /// encode on a held video and of the whole video, and the FLF2V encode of two images),
+    /// e.g. to profile one of them alone.
     #[arg(long, default_value = "all")]
     vae_rows: VaeRows,
     /// Rank of the random LoRA of the `lora` section (on every block linear of `--dit-model`,

@@ -138,11 +138,8 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<()> {
         let memory = self.preflight(plan, &request.video.prompt, true)?;
-        let (context, negative) = self.encode_prompts(
-            &request.video.prompt,
-            plan.denoise.sampler.negative_prompt(),
-            progress,
-        )?;
+        let (context, negative) =
+            self.encode_prompts(&request.video.prompt, &plan.denoise, progress)?;
         let image = self.image_condition(request, plan.geometry, progress)?;
         let condition = |context| image.condition(context);
         let latent = self.denoise(

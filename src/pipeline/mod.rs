@@ -540,11 +540,7 @@ impl Pipeline {
         progress: &mut dyn Progress,
     ) -> Result<()> {
         let memory = self.preflight(plan, &request.prompt, false)?;
-        let (context, negative) = self.encode_prompts(
-            &request.prompt,
-            plan.denoise.sampler.negative_prompt(),
-            progress,
-        )?;
+        let (context, negative) = self.encode_prompts(&request.prompt, &plan.denoise, progress)?;
         let latent = self.denoise(
             &plan.denoise,
             &DitCondition::text(context),
@@ -644,22 +640,23 @@ impl Pipeline {
         Ok(attention)
     }
 
-    /// The text contexts of the prompt and, for guided sampling, of the negative prompt, on the
-    /// pipeline's device. The encoder reads one block of weights at a time (on the device the
-    /// pipeline says), runs both prompts through it, and holds none after. Meanwhile another
-    /// thread reads the first DiT's file into the page cache, so that the load that follows
-    /// the encoder copies from memory, not from the disk.
+    /// The text contexts of the prompt and, for the guided sampling of `plan`, of its negative
+    /// prompt, on the pipeline's device. The encoder reads one block of weights at a time (on
+    /// the device the pipeline says), runs both prompts through it, and holds none after.
+    /// Meanwhile another thread reads the first DiT's file into the page cache, so that the
+    /// load that follows the encoder copies from memory, not from the disk (unless the DiT is
+    /// resident: then nothing is read).
     fn encode_prompts(
         &self,
         prompt: &str,
-        negative: Option<&str>,
+        plan: &DenoisePlan,
         progress: &mut dyn Progress,
     ) -> Result<(Tensor, Option<Tensor>)> {
         let meter = StageMeter::start(&self.device)?;
         progress.stage(&Stage::EncodingText);
-        let dit_read = denoise::prefetch_file(&self.models.dit_weights);
+        let dit_read = self.prefetch_dit(plan.dits, plan.first_expert());
         let bytes = WeightBytes::default();
-        let texts = std::iter::once(prompt).chain(negative);
+        let texts = std::iter::once(prompt).chain(plan.sampler.negative_prompt());
         let contexts = self.encode_texts(texts, &bytes)?;
         for context in &contexts {
             checks::ensure_finite(context, &Stage::EncodingText, "the text context")?;
@@ -699,20 +696,29 @@ impl Pipeline {
                     .collect::<Result<Vec<_>>>()?
             }
             false => {
-                let weights = &self.models.text_encoder_weights;
-                let vb = self.var_builder_on(weights, self.dtype, device)?;
+                let (vb, checkpoint) = match &self.models.text_encoder_weights {
+                    WeightSource::File(path) => {
+                        let checkpoint = turbo_models::Checkpoint::open(path)?;
+                        (
+                            checkpoint.var_builder(self.dtype, device)?,
+                            Some(checkpoint),
+                        )
+                    }
+                    WeightSource::Random(random) => {
+                        (random.clone().var_builder(self.dtype, device), None)
+                    }
+                };
                 let encoder =
                     StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
                 // From a file, only the prompts' rows of the 2.1 GB embedding table are read.
-                let encoder = match weights {
-                    WeightSource::File(path) => {
-                        let checkpoint = turbo_models::Checkpoint::open(path)?;
+                let encoder = match checkpoint {
+                    Some(checkpoint) => {
                         let dtype = self.dtype;
                         encoder.with_embedding_rows(move |ids| {
                             checkpoint.rows(TOKEN_EMBEDDING_KEY, ids, dtype)
                         })
                     }
-                    WeightSource::Random(_) => encoder,
+                    None => encoder,
                 };
                 let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
                 encoder.forward_many_observed(&batches, &mut || bytes.release())?

@@ -218,6 +218,20 @@ impl Residents {
         dits
     }
 
+    /// Whether the DiT slot of `expert` holds a model loaded with `settings`, so that a run
+    /// reads no file for it. While another run holds the slots this is not known, and taken
+    /// as true: a run of this pipeline is using its resident DiTs, and they are likely the
+    /// ones this run needs (at worst, the load that follows reads from the disk).
+    pub(super) fn holds_dit(&self, expert: Option<Expert>, settings: DitLoadSettings) -> bool {
+        match self.dits.try_lock() {
+            Ok(slots) => slot_holds(&slots, expert, settings),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                slot_holds(&poisoned.into_inner(), expert, settings)
+            }
+            Err(std::sync::TryLockError::WouldBlock) => true,
+        }
+    }
+
     /// Bytes of the weights held now: the text encoder (when `text_encoder_on_device`), the
     /// DiTs, the VAE and CLIP.
     pub(super) fn bytes_on_device(&self, text_encoder_on_device: bool) -> u64 {
@@ -229,6 +243,12 @@ impl Residents {
             + loaded_bytes(&self.vae)
             + loaded_bytes(&self.clip)
     }
+}
+
+fn slot_holds(slots: &DitSlots, expert: Option<Expert>, settings: DitLoadSettings) -> bool {
+    slots[dit_slot(expert)]
+        .as_ref()
+        .is_some_and(|dit| dit.settings == settings)
 }
 
 /// The resident DiT slots, locked for a run.

@@ -24,7 +24,7 @@ use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
 use turbo_core::{Error, KeyProblem, Result};
 
-use crate::pth::{convert_stored, PthArchive};
+use crate::pth::{convert_stored, PthArchive, StoredDType};
 
 /// The name, shape and stored dtype of one tensor of a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,18 +116,27 @@ impl Checkpoint {
     pub fn rows(&self, name: &str, ids: &[u32], dtype: DType) -> Result<Tensor> {
         let error =
             |reason: String| checkpoint_error(&self.path, &format!("tensor `{name}`: {reason}"));
+        // `None` for int8, whose bytes have no dtype candle converts.
+        let gather = |bytes: &[u8], shape: &[usize], stored: Option<DType>| {
+            let stored = stored.ok_or_else(|| error("int8 tables have no row lookup".into()))?;
+            gather_rows(bytes, shape, stored, ids).map_err(error)
+        };
         let rows = match &self.container {
-            Container::Pth(archive) => archive.rows(name, ids)?,
+            Container::Pth(archive) => {
+                let (tensor, bytes) = archive.tensor_bytes(name)?;
+                let stored = (tensor.stored != StoredDType::I8).then(|| tensor.stored.read_as());
+                gather(bytes, &tensor.shape, stored)?
+            }
             Container::Safetensors(files) => {
                 // SAFETY: as in `var_builder`: mapped read-only, not rewritten while read.
                 let mapped = unsafe { MmapedSafetensors::multi(files) }
                     .map_err(|e| checkpoint_error(&self.path, &e.to_string()))?;
                 let view = mapped.get(name).map_err(|e| error(e.to_string()))?;
                 let stored = match view.dtype() {
-                    safetensors::Dtype::I8 => Err(error("int8 tables have no row lookup".into())),
-                    other => DType::try_from(other).map_err(|e| error(e.to_string())),
-                }?;
-                gather_rows(view.data(), view.shape(), stored, ids).map_err(error)?
+                    safetensors::Dtype::I8 => None,
+                    other => Some(DType::try_from(other).map_err(|e| error(e.to_string()))?),
+                };
+                gather(view.data(), view.shape(), stored)?
             }
         };
         Ok(rows.to_dtype(dtype)?)
@@ -492,7 +501,7 @@ pub fn key_problems_under<'a>(
 
 /// Rows `ids` of a row-major `[R, D]` tensor of `stored` elements held in `bytes`, as a CPU
 /// tensor `[ids.len(), D]`.
-pub(crate) fn gather_rows(
+fn gather_rows(
     bytes: &[u8],
     shape: &[usize],
     stored: DType,

@@ -201,12 +201,7 @@ impl PthArchive {
     /// Reads tensor `name` from the archive onto `device`, in its stored dtype (int8 as `U8`
     /// bytes, see [`StoredDType::read_as`]).
     pub fn read(&self, name: &str, device: &Device) -> Result<Tensor> {
-        let tensor = self
-            .get(name)
-            .ok_or_else(|| pth_error(&self.path, &format!("no tensor `{name}`")))?;
-        let bytes = self
-            .bytes(tensor)
-            .map_err(|e| pth_error(&self.path, &format!("tensor `{name}`: {e}")))?;
+        let (tensor, bytes) = self.tensor_bytes(name)?;
         Ok(Tensor::from_raw_buffer(
             bytes,
             tensor.stored.read_as(),
@@ -215,19 +210,15 @@ impl PthArchive {
         )?)
     }
 
-    /// Rows `ids` of the 2-D tensor `name` (see `Checkpoint::rows`), in its stored dtype on
-    /// the CPU.
-    pub fn rows(&self, name: &str, ids: &[u32]) -> Result<Tensor> {
+    /// Tensor `name` and its bytes in the mapped file.
+    pub(crate) fn tensor_bytes(&self, name: &str) -> Result<(&PthTensor, &[u8])> {
         let tensor = self
             .get(name)
             .ok_or_else(|| pth_error(&self.path, &format!("no tensor `{name}`")))?;
-        let error = |reason: String| pth_error(&self.path, &format!("tensor `{name}`: {reason}"));
-        if tensor.stored == StoredDType::I8 {
-            return Err(error("int8 tables have no row lookup".into()));
-        }
-        let bytes = self.bytes(tensor).map_err(error)?;
-        crate::checkpoint::gather_rows(bytes, &tensor.shape, tensor.stored.read_as(), ids)
-            .map_err(error)
+        let bytes = self
+            .bytes(tensor)
+            .map_err(|e| pth_error(&self.path, &format!("tensor `{name}`: {e}")))?;
+        Ok((tensor, bytes))
     }
 
     /// The tensor's bytes in the mapped file (whose extent `open` checked: an error here means

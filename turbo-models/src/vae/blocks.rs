@@ -411,8 +411,9 @@ impl Resample {
         }
     }
 
-    /// The per-frame spatial step, a streaming chunk's frames at a time: the stride-2
-    /// convolution runs through candle's im2col, whose buffer is 9× the output.
+    /// The per-frame spatial step, a streaming chunk's frames at a time, so that the
+    /// whole-sequence form holds no larger temporaries than a chunk does (the downsamplers'
+    /// stride-2 convolution runs through candle's im2col, whose buffer is 9× its output).
     fn spatial(&self, x: &Tensor) -> Result<Tensor> {
         in_frame_groups(x, VAE_STRIDE.0, |x| self.spatial_frames(x))
     }

@@ -64,17 +64,27 @@ impl Slot {
 pub struct FeatureCache {
     slots: Vec<Slot>,
     cursor: usize,
-    whole_sequence: bool,
-    /// In the whole-sequence form, whether each temporal layer remembers its input's last
-    /// frames for chunks that follow.
-    remembers: bool,
+    form: Form,
+}
+
+/// How layers see the video through a [`FeatureCache`].
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Form {
+    /// One chunk at a time, each temporal layer remembering its last frames.
+    #[default]
+    Streaming,
+    /// The whole video at once, nothing remembered.
+    WholeSequence,
+    /// The whole video at once, each temporal layer leaving its last input frames in its slot
+    /// for chunks that follow.
+    WholeSequenceThenStream,
 }
 
 impl FeatureCache {
     /// The reference mode: every layer sees the whole video at once, nothing is remembered.
     pub fn whole_sequence() -> Self {
         Self {
-            whole_sequence: true,
+            form: Form::WholeSequence,
             ..Self::default()
         }
     }
@@ -84,27 +94,25 @@ impl FeatureCache {
     /// has no such form).
     pub fn whole_sequence_then_stream() -> Self {
         Self {
-            whole_sequence: true,
-            remembers: true,
+            form: Form::WholeSequenceThenStream,
             ..Self::default()
         }
     }
 
     /// Goes on chunk by chunk after a [`FeatureCache::whole_sequence_then_stream`] pass.
     pub fn start_streaming(&mut self) {
-        self.whole_sequence = false;
-        self.remembers = false;
+        self.form = Form::Streaming;
         self.cursor = 0;
     }
 
     /// Whether layers see the whole video rather than one chunk.
     pub fn is_whole_sequence(&self) -> bool {
-        self.whole_sequence
+        self.form != Form::Streaming
     }
 
     /// In the whole-sequence form, leaves `frames` in the next slot where chunks will follow.
     pub fn remember_after_sequence(&mut self, frames: impl FnOnce() -> Result<Slot>) -> Result<()> {
-        if self.remembers {
+        if self.form == Form::WholeSequenceThenStream {
             let slot = frames()?;
             *self.next_slot() = slot;
         }

@@ -469,46 +469,33 @@ mod cuda {
     /// three steps instead of two with 32 zero channels. The weight's channels are padded to a
     /// multiple of the step.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    enum WgmmaStep {
-        Channels64,
-        Channels32,
+    struct WgmmaStep {
+        channels: usize,
+        swizzle: Swizzle,
+        kernel: &'static str,
+        /// Dynamic shared memory (`Step64::SMEM_BYTES`, `Step32::SMEM_BYTES` in conv_sm90a.cu).
+        smem_bytes: u32,
     }
 
     impl WgmmaStep {
+        const CHANNELS_64: Self = Self {
+            channels: 64,
+            swizzle: Swizzle::Bytes128,
+            kernel: "conv_wgmma_bf16",
+            smem_bytes: 208 * 1024 + 128,
+        };
+        const CHANNELS_32: Self = Self {
+            channels: 32,
+            swizzle: Swizzle::Bytes64,
+            kernel: "conv_wgmma_c32_bf16",
+            smem_bytes: 176 * 1024 + 128,
+        };
+
         fn for_channels(channels: usize) -> Self {
-            if channels % 64 == 0 {
-                Self::Channels64
+            if channels % Self::CHANNELS_64.channels == 0 {
+                Self::CHANNELS_64
             } else {
-                Self::Channels32
-            }
-        }
-
-        fn channels(self) -> usize {
-            match self {
-                Self::Channels64 => 64,
-                Self::Channels32 => 32,
-            }
-        }
-
-        fn swizzle(self) -> Swizzle {
-            match self {
-                Self::Channels64 => Swizzle::Bytes128,
-                Self::Channels32 => Swizzle::Bytes64,
-            }
-        }
-
-        fn kernel(self) -> &'static str {
-            match self {
-                Self::Channels64 => "conv_wgmma_bf16",
-                Self::Channels32 => "conv_wgmma_c32_bf16",
-            }
-        }
-
-        /// Dynamic shared memory (`Step64::SMEM_BYTES`, `Step32::SMEM_BYTES` in conv_sm90a.cu).
-        fn smem_bytes(self) -> u32 {
-            match self {
-                Self::Channels64 => 208 * 1024 + 128,
-                Self::Channels32 => 176 * 1024 + 128,
+                Self::CHANNELS_32
             }
         }
     }
@@ -979,8 +966,8 @@ mod cuda {
                     frame,
                     frame * self.frames as u64,
                 ],
-                &[step.channels(), WGMMA_BOX.0 + ksize - 1, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
-                step.swizzle(),
+                &[step.channels, WGMMA_BOX.0 + ksize - 1, WGMMA_BOX.1, 1, 1].map(|d| d as u32),
+                step.swizzle,
             )
         }
     }
@@ -1061,18 +1048,18 @@ mod cuda {
             sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
             &[k_total as u64, taps.dim(0)? as u64],
             &[(k_total * 2) as u64],
-            &[step.channels() as u32, WGMMA_TILE_O as u32],
-            step.swizzle(),
+            &[step.channels as u32, WGMMA_TILE_O as u32],
+            step.swizzle,
         )?;
         let func = dev.get_or_load_custom_func(
-            step.kernel(),
+            step.kernel,
             "turbo_conv_sm90a",
             turbo_kernels::CONV_SM90A,
         )?;
         // Above 48 KiB of dynamic shared memory a kernel must opt in.
         func.set_attribute(
             CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            step.smem_bytes() as i32,
+            step.smem_bytes as i32,
         )
         .w()?;
         let tiles_x = out_w.div_ceil(WGMMA_BOX.0);
@@ -1083,7 +1070,7 @@ mod cuda {
             windows.window_frames,
             ksize,
             padding,
-            input.channels.div_ceil(step.channels()),
+            input.channels.div_ceil(step.channels),
             out_h,
             out_w,
             out_channels,
@@ -1115,7 +1102,7 @@ mod cuda {
                 count as u32,
             ),
             block_dim: (384, 1, 1),
-            shared_mem_bytes: step.smem_bytes(),
+            shared_mem_bytes: step.smem_bytes,
         };
         unsafe { launch.launch(cfg) }.w()?;
         Ok(tensor_from_cuda(
@@ -1151,7 +1138,7 @@ mod cuda {
         ) -> Result<Self> {
             let (out_channels, _, ksize, _) = weight.dims4()?;
             let step = WgmmaStep::for_channels(channels);
-            let padded_channels = channels.next_multiple_of(step.channels());
+            let padded_channels = channels.next_multiple_of(step.channels);
             let padded_outputs = out_channels.next_multiple_of(WGMMA_TILE_O) - out_channels;
             let taps = weight
                 .reshape((out_channels, window_frames, channels, ksize, ksize))?
