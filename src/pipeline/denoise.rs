@@ -439,8 +439,9 @@ impl Pipeline {
     }
 
     /// Reads the file of `expert`'s DiT in `plan` into the page cache on another thread, unless
-    /// the DiT is resident already with the plan's settings (a run reads nothing for it then:
-    /// reading its 15 GB file anyway cost the 14B request 1.5 s). Random weights have no file.
+    /// the DiT is resident already with the plan's settings: a run reads nothing for it then,
+    /// and a read of the whole file (about 15 GB for the 14B) would only delay the request.
+    /// Random weights have no file.
     pub(super) fn prefetch_dit(
         &self,
         plan: DitPlan,

@@ -724,7 +724,7 @@ fn vae_coefficient() -> f64 {
 /// few such tensors live at once, and the first-last encode then keeps two frames per cached
 /// convolution for its last chunk, where `K_vae · U` is about 71 of those frames. Measured at
 /// 720p, 81 frames, bf16, on an H100 (`docs/bench/v14_h100_callB_bench.log`): 9.71 GiB for
-/// `encode_image`, 8.24 for the streaming `encode`, under this estimate's 14.5.
+/// `encode_image`, 8.24 for the streaming `encode`.
 fn vae_encode_estimate(cfg: &VaeConfig, dtype: DType, geometry: VideoGeometry) -> Footprint {
     let weights = key_bytes(&WanVae::expected_keys(cfg), dtype);
     let (height, width) = (geometry.size.height(), geometry.size.width());

@@ -2,11 +2,31 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 use turbo_models::wan::WanConfig;
+use turbo_models::Checkpoint;
 use turbo_sampler::WanTask;
 
 use super::random::RandomCheckpoint;
+
+/// The weights of a [`WeightSource`] opened for reading: a file's checkpoint (whose
+/// `VarBuilder` and row lookups read one mapping of it), or the random weights.
+pub(super) enum OpenedWeights {
+    File(Checkpoint),
+    Random(RandomCheckpoint),
+}
+
+impl OpenedWeights {
+    /// A `VarBuilder` over the weights, converting them to `dtype` on `device` as they are read.
+    pub(super) fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match self {
+            Self::File(checkpoint) => checkpoint.var_builder(dtype, device),
+            Self::Random(random) => Ok(random.clone().var_builder(dtype, device)),
+        }
+    }
+}
 
 /// The weights of one model.
 #[derive(Debug, Clone)]
@@ -15,6 +35,16 @@ pub enum WeightSource {
     File(PathBuf),
     /// Seeded random weights of the right names and shapes (the built-in demo, tests).
     Random(RandomCheckpoint),
+}
+
+impl WeightSource {
+    /// Opens a file's checkpoint (reading its tensor list); random weights open as they are.
+    pub(super) fn open(&self) -> Result<OpenedWeights> {
+        Ok(match self {
+            Self::File(path) => OpenedWeights::File(Checkpoint::open(path)?),
+            Self::Random(random) => OpenedWeights::Random(random.clone()),
+        })
+    }
 }
 
 /// The released model families a pipeline can run.

@@ -43,6 +43,7 @@ use resident::{resident_or_load, Residents};
 
 pub use demo::{demo_request, DEMO_NOTICE};
 pub use estimate::{MemoryEstimate, StageEstimate};
+use files::OpenedWeights;
 pub use files::{
     ModelFiles, ModelKind, WeightSource, CLIP_FILE, TEXT_ENCODER_FILE, TOKENIZER_FILES, VAE22_FILE,
     VAE_FILE,
@@ -696,29 +697,19 @@ impl Pipeline {
                     .collect::<Result<Vec<_>>>()?
             }
             false => {
-                let (vb, checkpoint) = match &self.models.text_encoder_weights {
-                    WeightSource::File(path) => {
-                        let checkpoint = turbo_models::Checkpoint::open(path)?;
-                        (
-                            checkpoint.var_builder(self.dtype, device)?,
-                            Some(checkpoint),
-                        )
-                    }
-                    WeightSource::Random(random) => {
-                        (random.clone().var_builder(self.dtype, device), None)
-                    }
-                };
+                let weights = self.models.text_encoder_weights.open()?;
+                let vb = weights.var_builder(self.dtype, device)?;
                 let encoder =
                     StreamingUmt5Encoder::new(bytes.counting(vb), &self.models.text_encoder)?;
                 // From a file, only the prompts' rows of the 2.1 GB embedding table are read.
-                let encoder = match checkpoint {
-                    Some(checkpoint) => {
+                let encoder = match weights {
+                    OpenedWeights::File(checkpoint) => {
                         let dtype = self.dtype;
                         encoder.with_embedding_rows(move |ids| {
                             checkpoint.rows(TOKEN_EMBEDDING_KEY, ids, dtype)
                         })
                     }
-                    None => encoder,
+                    OpenedWeights::Random(_) => encoder,
                 };
                 let batches: Vec<_> = ids.iter().map(|ids| (ids, None)).collect();
                 encoder.forward_many_observed(&batches, &mut || bytes.release())?
@@ -743,7 +734,11 @@ impl Pipeline {
         bytes: &WeightBytes,
     ) -> Result<Arc<Umt5Encoder>> {
         let load = || {
-            let vb = self.var_builder_on(&self.models.text_encoder_weights, self.dtype, device)?;
+            let vb = self
+                .models
+                .text_encoder_weights
+                .open()?
+                .var_builder(self.dtype, device)?;
             let encoder = Umt5Encoder::load(bytes.counting(vb), &self.models.text_encoder)?;
             Ok((encoder, bytes.get()))
         };
@@ -814,21 +809,7 @@ impl Pipeline {
         source: &WeightSource,
         dtype: DType,
     ) -> Result<candle_nn::VarBuilder<'static>> {
-        self.var_builder_on(source, dtype, &self.device)
-    }
-
-    fn var_builder_on(
-        &self,
-        source: &WeightSource,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<candle_nn::VarBuilder<'static>> {
-        match source {
-            WeightSource::File(path) => {
-                turbo_models::Checkpoint::open(path)?.var_builder(dtype, device)
-            }
-            WeightSource::Random(random) => Ok(random.clone().var_builder(dtype, device)),
-        }
+        source.open()?.var_builder(dtype, &self.device)
     }
 }
 

@@ -2,6 +2,8 @@
 //! `tests/keys/`), checked without allocating a weight; and the checkpoint reader lists and
 //! checks the keys of every container it opens.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -349,18 +351,8 @@ fn row_lookups_read_only_the_asked_rows() {
             .rows("token_embedding.weight", &ids, DType::F32)
             .unwrap();
         assert_eq!(rows.dims(), &[ids.len(), dim]);
-        let difference = (rows - &expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        assert_eq!(
-            difference.to_scalar::<f32>().unwrap(),
-            0.0,
-            "{}",
-            path.display()
-        );
+        let difference = common::max_abs_diff(&rows, &expected);
+        assert_eq!(difference, 0.0, "{}", path.display());
         let err = checkpoint
             .rows("token_embedding.weight", &[3, 37], DType::F32)
             .unwrap_err()
