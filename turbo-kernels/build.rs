@@ -1,8 +1,9 @@
-//! Compiles every `kernels/*.cu` to PTX with nvcc, for the compute capability in
-//! `CUDA_COMPUTE_CAP` (as candle's own kernels are; 80 when unset: Ampere PTX runs on every
-//! later GPU through the driver's JIT). A file named `*_sm90a.cu` uses Hopper-only
-//! instructions (wgmma) and is always compiled for `sm_90a`; its PTX loads only on compute
-//! capability 9.0 devices, and its launcher checks for one first.
+//! Compiles every `kernels/*.cu` with nvcc to a fatbin for the compute capability in
+//! `CUDA_COMPUTE_CAP` (as candle's own kernels are; 80 when unset): machine code for that
+//! architecture, which a device of it loads without the driver's JIT (seconds in a process's
+//! first requests), and its PTX, which later GPUs JIT. A file named `*_sm90a.cu` uses
+//! Hopper-only instructions (wgmma) and is always compiled for `sm_90a`; it loads only on
+//! compute capability 9.0 devices, and its launcher checks for one first.
 //!
 //! Only with the `cuda` feature. nvcc is found through `CUDA_HOME` (or `CUDA_ROOT`, `CUDA_PATH`), else on `PATH`.
 
@@ -23,13 +24,13 @@ fn main() {
     }
     for source in kernel_sources() {
         let stem = source.file_stem().expect("a .cu file has a stem");
-        let ptx = out_dir.join(stem).with_extension("ptx");
+        let fatbin = out_dir.join(stem).with_extension("fatbin");
         let arch = if stem.to_string_lossy().ends_with("_sm90a") {
             "90a"
         } else {
             &compute_cap
         };
-        compile(&nvcc, &source, &ptx, arch);
+        compile(&nvcc, &source, &fatbin, arch);
     }
 }
 
@@ -61,13 +62,15 @@ fn nvcc_path() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("nvcc"))
 }
 
-fn compile(nvcc: &Path, source: &Path, ptx: &Path, compute_cap: &str) {
+fn compile(nvcc: &Path, source: &Path, fatbin: &Path, compute_cap: &str) {
     let status = Command::new(nvcc)
-        .args(["--ptx", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
-        .arg(format!("-arch=sm_{compute_cap}"))
+        .args(["--fatbin", "-O3", "-std=c++17", "--expt-relaxed-constexpr"])
+        .arg(format!(
+            "-gencode=arch=compute_{compute_cap},code=[sm_{compute_cap},compute_{compute_cap}]"
+        ))
         .arg(source)
         .arg("-o")
-        .arg(ptx)
+        .arg(fatbin)
         .status()
         .unwrap_or_else(|e| {
             panic!(

@@ -41,7 +41,7 @@ const MODULE: &str = "turbo_attention";
 /// A compiled form of the bf16 attention kernel (`sparse_attention_bf16`'s arguments).
 struct AttentionVariant {
     module: &'static str,
-    ptx: &'static str,
+    image: &'static [u8],
     function: &'static str,
     threads: u32,
     shared_bytes: u32,
@@ -50,7 +50,7 @@ struct AttentionVariant {
 /// `kernels/attention.cu`: 8 warps of `mma.sync`.
 const MMA_SYNC: AttentionVariant = AttentionVariant {
     module: MODULE,
-    ptx: turbo_kernels::ATTENTION,
+    image: turbo_kernels::ATTENTION,
     function: "sparse_attention_bf16",
     threads: THREADS,
     shared_bytes: SHARED_BYTES_BF16,
@@ -60,7 +60,7 @@ const MMA_SYNC: AttentionVariant = AttentionVariant {
 /// mbarriers, then, aligned up to 1024 bytes, 6 stages of a key and a value tile.
 const WGMMA: AttentionVariant = AttentionVariant {
     module: "turbo_attention_sm90a",
-    ptx: turbo_kernels::ATTENTION_SM90A,
+    image: turbo_kernels::ATTENTION_SM90A,
     function: "attention_wgmma_bf16",
     threads: 3 * 128,
     shared_bytes: (128 + 1024 + 6 * 2 * 2 * BLOCK_K * HEAD_DIM) as u32,
@@ -182,7 +182,7 @@ impl KeyValueStats {
             let k_view = cuda_view::<bf16>(&ks, kl.start_offset(), "k")?;
             let v_view = cuda_view::<bf16>(&vs, vl.start_offset(), "v")?;
             let func =
-                dev.get_or_load_custom_func("key_value_stats", MODULE, turbo_kernels::ATTENTION)?;
+                turbo_core::cuda::kernel(dev, "key_value_stats", MODULE, turbo_kernels::ATTENTION)?;
             let blocks_per_chunk_arg = blocks_per_chunk as i32;
             let mut launch = func.builder();
             launch
@@ -230,7 +230,7 @@ fn reduce_chunks(
     reduction: Reduction,
 ) -> Result<CudaSlice<f32>> {
     let out = unsafe { dev.alloc::<f32>(batches * n) }?;
-    let func = dev.get_or_load_custom_func("reduce_chunks", MODULE, turbo_kernels::ATTENTION)?;
+    let func = turbo_core::cuda::kernel(dev, "reduce_chunks", MODULE, turbo_kernels::ATTENTION)?;
     let mut launch = func.builder();
     let args = [
         chunks as i32,
@@ -298,7 +298,7 @@ fn select_blocks(
     {
         let (storage, layout) = scores.storage_and_layout();
         let scores = cuda_view::<f32>(&storage, layout.start_offset(), "pooled scores")?;
-        let func = dev.get_or_load_custom_func("top_blocks", MODULE, turbo_kernels::ATTENTION)?;
+        let func = turbo_core::cuda::kernel(dev, "top_blocks", MODULE, turbo_kernels::ATTENTION)?;
         let mut launch = func.builder();
         let (n, count) = (key_blocks as i32, per_row as i32);
         launch.arg(&scores).arg(&out).arg(&n).arg(&count);
@@ -322,7 +322,7 @@ fn query_block_means(q: &Tensor, geometry: &Geometry) -> Result<Tensor> {
     {
         let (qs, ql) = q.storage_and_layout();
         let q_view = cuda_view::<bf16>(&qs, ql.start_offset(), "q")?;
-        let func = dev.get_or_load_custom_func("block_means", MODULE, turbo_kernels::ATTENTION)?;
+        let func = turbo_core::cuda::kernel(dev, "block_means", MODULE, turbo_kernels::ATTENTION)?;
         let mut launch = func.builder();
         let block = BLOCK_Q as i32;
         launch
@@ -375,7 +375,7 @@ fn attention_kernel(
     let scale_log2 = std::f32::consts::LOG2_E / (HEAD_DIM as f32).sqrt();
     let eps = SlaConfig::LINEAR_EPS as f32;
     let variant = attention_variant(dev, kernel, SparseBranch::Exact)?;
-    let func = dev.get_or_load_custom_func(variant.function, variant.module, variant.ptx)?;
+    let func = turbo_core::cuda::kernel(dev, variant.function, variant.module, variant.image)?;
     allow_shared_memory(&func, variant.shared_bytes)?;
     let mut launch = func.builder();
     let null: u64 = 0;
@@ -440,7 +440,7 @@ fn sage_attention(
     let eps = SlaConfig::LINEAR_EPS as f32;
     let n_sel = selection.per_row as i32;
     let variant = attention_variant(dev, kernel, SparseBranch::Sage)?;
-    let func = dev.get_or_load_custom_func(variant.function, variant.module, variant.ptx)?;
+    let func = turbo_core::cuda::kernel(dev, variant.function, variant.module, variant.image)?;
     allow_shared_memory(&func, variant.shared_bytes)?;
     let mut launch = func.builder();
     launch
@@ -494,8 +494,12 @@ fn quantize_keys_values(
         let v_view = cuda_view::<bf16>(&guards[1].0, guards[1].1.start_offset(), "v")?;
         let mean_view = cuda_view::<f32>(&guards[2].0, guards[2].1.start_offset(), "k mean")?;
         let scale_view = cuda_view::<f32>(&guards[3].0, guards[3].1.start_offset(), "v scales")?;
-        let func =
-            dev.get_or_load_custom_func("quantize_keys_values", MODULE, turbo_kernels::ATTENTION)?;
+        let func = turbo_core::cuda::kernel(
+            dev,
+            "quantize_keys_values",
+            MODULE,
+            turbo_kernels::ATTENTION,
+        )?;
         let mut launch = func.builder();
         launch
             .arg(&k_view)

@@ -1,12 +1,74 @@
 //! Helpers for the crates that launch their own CUDA kernels on candle tensors.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUtensorMap};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr};
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage};
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs,
+};
+use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
+use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{Shape, Storage, Tensor};
 
 use crate::{Error, Result};
+
+/// A kernel of one of our compiled modules, launched on its device's stream.
+pub struct Kernel {
+    function: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl std::ops::Deref for Kernel {
+    type Target = CudaFunction;
+
+    fn deref(&self) -> &CudaFunction {
+        &self.function
+    }
+}
+
+impl Kernel {
+    /// A launch of the kernel on the device's stream.
+    pub fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.function)
+    }
+}
+
+/// The modules [`kernel`] has loaded, by device and module name.
+type LoadedModules = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
+
+/// Kernel `name` of `module`, whose `image` is a fatbin of `turbo-kernels` (machine code for
+/// the build's architecture, which loads without the driver's JIT, and PTX beside it for other
+/// devices). Each module is loaded once per device and stays loaded.
+pub fn kernel(
+    dev: &CudaDevice,
+    name: &str,
+    module: &'static str,
+    image: &'static [u8],
+) -> candle_core::Result<Kernel> {
+    static MODULES: OnceLock<Mutex<LoadedModules>> = OnceLock::new();
+    let stream = dev.cuda_stream();
+    let loaded = {
+        let mut modules = MODULES
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match modules.get(&(dev.id(), module)) {
+            Some(loaded) => loaded.clone(),
+            None => {
+                let loaded = stream
+                    .context()
+                    .load_module(Ptx::from_binary(image.to_vec()))
+                    .w()?;
+                modules.insert((dev.id(), module), loaded.clone());
+                loaded
+            }
+        }
+    };
+    let function = loaded.load_function(name).w()?;
+    Ok(Kernel { function, stream })
+}
 
 /// The device elements of a CUDA tensor's storage from element `offset` on (`what` names the
 /// tensor in the error when the storage is not on CUDA or not of type `T`).

@@ -19,12 +19,12 @@ use crate::tile::{tile_grid, TILE};
 const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
 
-/// One GEMM kernel: its PTX module, the name of its f32 / bf16-output functions less the
+/// One GEMM kernel: its compiled module, the name of its f32 / bf16-output functions less the
 /// `_f32` / `_bf16` suffix, its CTA size, its dynamic shared memory (`GEMM_SMEM_BYTES` in its
 /// .cu file) and how it takes the int8 operands.
 struct GemmVariant {
     module: &'static str,
-    ptx: &'static str,
+    image: &'static [u8],
     function: &'static str,
     threads: u32,
     smem_bytes: u32,
@@ -46,7 +46,7 @@ const STAGE_BYTES: u32 = 2 * (TILE * TILE) as u32;
 /// `kernels/w8a8.cu`: 8 warps, 4 stages.
 const MMA_SYNC: GemmVariant = GemmVariant {
     module: MODULE,
-    ptx: turbo_kernels::W8A8,
+    image: turbo_kernels::W8A8,
     function: "w8a8_gemm",
     threads: THREADS,
     smem_bytes: 4 * STAGE_BYTES,
@@ -64,7 +64,7 @@ const MMA_SYNC_3_STAGES: GemmVariant = GemmVariant {
 /// mbarriers, then 6 stages aligned up to 1024 bytes.
 const WGMMA: GemmVariant = GemmVariant {
     module: "turbo_quant_w8a8_sm90a",
-    ptx: turbo_kernels::W8A8_SM90A,
+    image: turbo_kernels::W8A8_SM90A,
     function: "w8a8_gemm_wgmma",
     threads: 3 * 128,
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
@@ -173,7 +173,7 @@ fn quantize<T>(
     let [row_tiles, col_tiles] = tile_grid(m, k);
     let values = unsafe { dev.alloc::<u8>(m * k) }?;
     let scales = unsafe { dev.alloc::<f32>(row_tiles * col_tiles) }?;
-    let func = dev.get_or_load_custom_func(kernel, MODULE, turbo_kernels::W8A8)?;
+    let func = turbo_core::cuda::kernel(dev, kernel, MODULE, turbo_kernels::W8A8)?;
     let (m_arg, k_arg) = (m as i32, k as i32);
     let mut launch = func.builder();
     launch
@@ -210,7 +210,7 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 ) -> Result<CudaSlice<T>> {
     let y = unsafe { dev.alloc::<T>(args.m * args.n) }?;
     let name = format!("{}_{out}", variant.function);
-    let func = dev.get_or_load_custom_func(&name, variant.module, variant.ptx)?;
+    let func = turbo_core::cuda::kernel(dev, &name, variant.module, variant.image)?;
     // Above 48 KiB of dynamic shared memory a kernel must opt in.
     func.set_attribute(
         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -288,7 +288,7 @@ pub(crate) fn add_bias(y: &Tensor, bias: &Tensor) -> Result<Tensor> {
                 .map_err(candle_core::Error::wrap)?;
             let bias_view = cuda_view::<$t>(&bs, bl.start_offset(), "bias")
                 .map_err(candle_core::Error::wrap)?;
-            let func = dev.get_or_load_custom_func($kernel, "turbo_fused", turbo_kernels::FUSED)?;
+            let func = turbo_core::cuda::kernel(dev, $kernel, "turbo_fused", turbo_kernels::FUSED)?;
             let mut launch = func.builder();
             launch.arg(&y_view).arg(&bias_view).arg(&out).arg(&n);
             let cfg = LaunchConfig {

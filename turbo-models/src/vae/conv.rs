@@ -666,7 +666,8 @@ mod cuda {
                 });
             }
             let kernel = NormKernel::for_launch(self, x, out);
-            let func = dev.get_or_load_custom_func(
+            let func = turbo_core::cuda::kernel(
+                dev,
                 kernel.name(self.dtype),
                 "turbo_conv",
                 turbo_kernels::CONV,
@@ -862,7 +863,8 @@ mod cuda {
             let frame = channels * height * width;
             let part_frame = channels * part_height * part_width;
             let mut input = Self::uninit(device, images, frames, (channels, height, width))?;
-            let func = device.get_or_load_custom_func(
+            let func = turbo_core::cuda::kernel(
+                device,
                 "channels_last_bf16",
                 "turbo_conv",
                 turbo_kernels::CONV,
@@ -1051,7 +1053,8 @@ mod cuda {
             &[step.channels as u32, WGMMA_TILE_O as u32],
             step.swizzle,
         )?;
-        let func = dev.get_or_load_custom_func(
+        let func = turbo_core::cuda::kernel(
+            dev,
             step.kernel,
             "turbo_conv_sm90a",
             turbo_kernels::CONV_SM90A,
@@ -1289,7 +1292,7 @@ mod cuda {
             let b_view = cuda_view::<f32>(&bs, bl.start_offset(), "conv2d bias")?;
             let tile = ImplicitTile::for_outputs(shape.out_channels);
             let kernel = tile.kernel(ksize);
-            let func = dev.get_or_load_custom_func(kernel, "turbo_conv", turbo_kernels::CONV)?;
+            let func = turbo_core::cuda::kernel(dev, kernel, "turbo_conv", turbo_kernels::CONV)?;
             let mut launch = func.builder();
             let image_stride = images.stride as i64;
             launch
@@ -1366,7 +1369,7 @@ mod cuda {
                 let view = cuda_view::<$t>(&storage, layout.start_offset(), "conv2d input")?;
                 let col = unsafe { dev.alloc::<$t>(total) }?;
                 let func =
-                    dev.get_or_load_custom_func($kernel, "turbo_conv", turbo_kernels::CONV)?;
+                    turbo_core::cuda::kernel(dev, $kernel, "turbo_conv", turbo_kernels::CONV)?;
                 let mut launch = func.builder();
                 launch.arg(&view).arg(&col);
                 for d in &dims {

@@ -236,7 +236,7 @@ mod cuda {
         macro_rules! launch {
             ($t:ty, $kernel:literal) => {{
                 let out = unsafe { dev.alloc::<$t>(x.elem_count()) }?;
-                let func = dev.get_or_load_custom_func($kernel, MODULE, turbo_kernels::FUSED)?;
+                let func = turbo_core::cuda::kernel(dev, $kernel, MODULE, turbo_kernels::FUSED)?;
                 let mut launch = func.builder();
                 let null = 0u64;
                 launch.arg(&x_view);
@@ -280,7 +280,7 @@ mod cuda {
             ($t:ty, $kernel:literal) => {{
                 let y_view = cuda_view::<$t>(&ys, yl.start_offset(), "branch output")?;
                 let bias_view = optional_view::<$t, _>(&bias_guard, "branch bias")?;
-                let func = dev.get_or_load_custom_func($kernel, MODULE, turbo_kernels::FUSED)?;
+                let func = turbo_core::cuda::kernel(dev, $kernel, MODULE, turbo_kernels::FUSED)?;
                 let mut launch = func.builder();
                 let null = 0u64;
                 launch.arg(&x_view).arg(&y_view);
@@ -310,7 +310,7 @@ mod cuda {
                 let out = unsafe { dev.alloc::<$t>(y.elem_count()) }?;
                 let y_view = cuda_view::<$t>(&ys, yl.start_offset(), "linear output")?;
                 let bias_view = optional_view::<$t, _>(&bias_guard, "linear bias")?;
-                let func = dev.get_or_load_custom_func($kernel, MODULE, turbo_kernels::FUSED)?;
+                let func = turbo_core::cuda::kernel(dev, $kernel, MODULE, turbo_kernels::FUSED)?;
                 let mut launch = func.builder();
                 let null = 0u64;
                 launch.arg(&y_view);
@@ -368,7 +368,7 @@ mod cuda {
                 let out = unsafe { dev.alloc::<$t>(y.elem_count()) }?;
                 let y_view = cuda_view::<$t>(&ys, yl.start_offset(), "linear output")?;
                 let bias_view = optional_view::<$t, _>(&bias_guard, "linear bias")?;
-                let func = dev.get_or_load_custom_func($kernel, MODULE, turbo_kernels::FUSED)?;
+                let func = turbo_core::cuda::kernel(dev, $kernel, MODULE, turbo_kernels::FUSED)?;
                 let mut launch = func.builder();
                 let null = 0u64;
                 launch.arg(&y_view);
