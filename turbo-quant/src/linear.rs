@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
-use crate::op::{add_bias, int8_matmul_tiles, GemmKernel};
+use crate::op::{add_bias, int8_matmul_tiles, quantize_activations, GemmKernel};
 use crate::tile::{quantize_tiles, tile_grid, TileMatrix};
 
 /// Checkpoint key of the int8 values of a quantised layer (`-quant` files).
@@ -560,7 +560,7 @@ impl<'a> LinearInput<'a> {
         if let Some(tiles) = self.tiles.get() {
             return Ok(tiles);
         }
-        let tiles = Int8Weight::quantize(&rows.contiguous()?).map_err(candle_core::Error::wrap)?;
+        let tiles = quantize_activations(rows)?;
         Ok(self.tiles.get_or_init(|| tiles))
     }
 }

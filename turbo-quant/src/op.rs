@@ -26,8 +26,28 @@ pub fn int8_matmul_with(
     scale: &Tensor,
     kernel: GemmKernel,
 ) -> candle_core::Result<Tensor> {
-    let tiles = Int8Weight::quantize(&x.contiguous()?).map_err(candle_core::Error::wrap)?;
-    int8_matmul_tiles(&tiles, x.dtype(), int8_weight, scale, kernel)
+    int8_matmul_tiles(
+        &quantize_activations(x)?,
+        x.dtype(),
+        int8_weight,
+        scale,
+        kernel,
+    )
+}
+
+/// Activations `x` `[M, K]` (f32, bf16 or f16) quantised into 128×128 tiles, as the int8 GEMM
+/// reads them.
+pub(crate) fn quantize_activations(x: &Tensor) -> candle_core::Result<Int8Weight> {
+    if x.rank() != 2 {
+        candle_core::bail!("int8-matmul: activations must be 2-D, got {:?}", x.dims());
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!(
+            "int8-matmul: activations must be f32, bf16 or f16, got {:?}",
+            x.dtype()
+        );
+    }
+    Int8Weight::quantize(&x.contiguous()?).map_err(candle_core::Error::wrap)
 }
 
 /// The block-scaled int8 GEMM of activations already quantised into 128×128 tiles (`x`, by
@@ -242,4 +262,33 @@ fn storage_in(dtype: DType, values: Vec<f32>) -> candle_core::Result<CpuStorage>
         DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
         other => candle_core::bail!("int8-matmul: no output for dtype {other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn activations_of_another_rank_or_dtype_are_errors_naming_them() -> candle_core::Result<()> {
+        let weight = Int8Weight::quantize(&Tensor::ones((4, 16), DType::F32, &Device::Cpu)?)
+            .map_err(candle_core::Error::wrap)?;
+        let matmul = |x: &Tensor| int8_matmul(x, weight.int8_weight(), weight.scale());
+        let error = matmul(&Tensor::ones((2, 3, 16), DType::F32, &Device::Cpu)?).unwrap_err();
+        assert!(
+            error.to_string().contains("activations must be 2-D"),
+            "{error}"
+        );
+        let error = matmul(&Tensor::ones((3, 16), DType::U8, &Device::Cpu)?).unwrap_err();
+        assert!(
+            error.to_string().contains("f32, bf16 or f16, got U8"),
+            "{error}"
+        );
+        assert_eq!(
+            matmul(&Tensor::ones((3, 16), DType::F16, &Device::Cpu)?)?.dims(),
+            [3, 4]
+        );
+        Ok(())
+    }
 }
