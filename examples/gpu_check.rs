@@ -16,7 +16,9 @@
 //!   f32 and bf16 against the CPU at a ragged shape and at the 1.3B FFN shapes; the float
 //!   linears (cuBLASLt, bf16 and f16) against the CPU's f32 product; the fused
 //!   DiT ops (LayerNorm + modulation, gated residual, bias add) against their references; the
-//!   VAE convolution against candle's, and a small random VAE's decode against the CPU;
+//!   VAE convolution against candle's, and a small random VAE's decode against the CPU; host
+//!   bytes copied onto the device through page-locked buffers (`turbo_core::upload`), alone
+//!   and through the `.pth` and safetensors loaders, bit for bit;
 //! - golden files in f32 (≤ 1e-4) and bf16 (≤ 3e-2): the SLA operator, the DiT files (T2V
 //!   dense and SLA, the Wan2.2 I2V expert, Wan2.1 I2V with CLIP, TI2V-5B with per-token
 //!   timesteps), the whole rCM sample, the CLIP image encoder and the Wan2.2 VAE's decode and
@@ -46,7 +48,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use clap::Parser;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use turbo_core::golden::{relative_error, GoldenFile};
 use turbo_core::parallel::simulate;
@@ -55,6 +57,7 @@ use turbodiffusion::attention::{
     Attention, AttentionConfig, AttentionKernel, BlockSizes, DenseAttention, DenseConfig, ProjL,
     SageSlaAttention, SlaAttention, SlaConfig,
 };
+use turbodiffusion::core::upload::tensor_from_bytes;
 use turbodiffusion::core::{parse_dtype, DeviceSpec, FrameCount};
 use turbodiffusion::models::clip::{ClipConfig, ClipVisionEncoder};
 use turbodiffusion::models::vae::{
@@ -66,6 +69,7 @@ use turbodiffusion::models::wan::fused::{
     layer_norm_affine_reference, rms_norm_rope, rms_norm_rope_reference, RopeTables,
 };
 use turbodiffusion::models::wan::{DitCondition, TokenTimesteps, WanConfig, WanModel};
+use turbodiffusion::models::Checkpoint;
 use turbodiffusion::models::{Vae22Config, Wan22Vae};
 use turbodiffusion::pipeline::RandomCheckpoint;
 use turbodiffusion::quant::{
@@ -116,6 +120,7 @@ fn main() -> Result<ExitCode> {
         checks.extend(vae_checks(&device, args.seed)?);
         checks.extend(w8a8_kernel_checks(&device, args.seed)?);
         checks.extend(float_linear_checks(&device, args.seed)?);
+        checks.extend(upload_checks(&device, args.seed)?);
     }
     for &dtype in &args.dtypes {
         let threshold = if dtype == DType::F32 { 1e-4 } else { 3e-2 };
@@ -1055,6 +1060,64 @@ fn float_linear_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
         }
     }
     Ok(checks)
+}
+
+/// Host bytes onto the device (`turbo_core::upload`): random bytes of sizes that stay under
+/// the staging threshold, end inside a chunk or fill chunks exactly, then a `.pth` and a
+/// safetensors file read through the loader; each bit for bit the same bytes on the CPU.
+fn upload_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
+    let mut rng = StdRng::seed_from_u64(seed.wrapping_add(11));
+    let mut checks = Vec::new();
+    for (dtype, elements) in [
+        (DType::F16, 1000),
+        (DType::U8, (4 << 20) + 3),
+        (DType::BF16, (50 << 20) + 7),
+        (DType::F32, 16 << 20),
+    ] {
+        // Bytes below 0x40 keep every float finite (its exponent field below the maximum).
+        let bytes: Vec<u8> = (0..elements * dtype.size_in_bytes())
+            .map(|_| rng.random_range(0..0x40u8))
+            .collect();
+        let cpu = Tensor::from_raw_buffer(&bytes, dtype, &[elements], &Device::Cpu)?;
+        let dev = tensor_from_bytes(&bytes, dtype, &[elements], device)?;
+        let mib = bytes.len() as f64 / (1 << 20) as f64;
+        let name = format!("upload {dtype:?} [{elements}] ({mib:.1} MiB) vs cpu");
+        push(&mut checks, exact(name, &dev, &cpu)?);
+    }
+    let dir = tempfile::tempdir()?;
+    let names = ["large", "small"];
+    let shapes = [vec![3000, 1500], vec![7, 5]];
+    let weights = RandomCheckpoint::new(seed, names.map(str::to_owned).into_iter().zip(shapes));
+    let pth = dir.path().join("weights.pth");
+    weights.save_pth(&pth, DType::BF16, &Device::Cpu)?;
+    let safetensors = dir.path().join("weights.safetensors");
+    weights.save_safetensors(&safetensors, DType::F32)?;
+    for path in [pth, safetensors] {
+        let checkpoint = Checkpoint::open(&path)?;
+        let file = path.file_name().unwrap_or_default().to_string_lossy();
+        for name in names {
+            let read = |device: &Device| -> Result<Tensor> {
+                let vb = checkpoint.var_builder(DType::F32, device)?;
+                Ok(vb.get_unchecked_dtype(name, DType::F32)?)
+            };
+            let check = exact(
+                format!("upload {file} `{name}` vs cpu"),
+                &read(device)?,
+                &read(&Device::Cpu)?,
+            )?;
+            push(&mut checks, check);
+        }
+    }
+    Ok(checks)
+}
+
+/// A check that `got` equals `want` exactly.
+fn exact(name: String, got: &Tensor, want: &Tensor) -> Result<Check> {
+    Ok(Check {
+        name,
+        error: relative_error(got, want)?,
+        threshold: 0.0,
+    })
 }
 
 /// The device quantiser against the CPU's on the same `[m, k]` values: the fraction of int8

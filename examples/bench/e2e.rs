@@ -14,7 +14,10 @@
 //! default) both are measured, each on its own row.
 //!
 //! Before the children, the files a request reads are read once from the page cache, timed: the
-//! cold target of issue 18 is the warm request plus that read, and gets a row of its own.
+//! cold target of issue 18 is the warm request plus that read, and gets a row of its own. The
+//! first DiT file is then copied onto the device from a fresh mapping two ways (pageable
+//! copies, and through `turbo_core::upload`'s page-locked buffers) and read tensor by tensor
+//! through the loader, each timed.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
@@ -22,10 +25,12 @@ use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use clap::ValueEnum;
 use serde_json::json;
 use turbodiffusion::attention::AttentionConfig;
+use turbodiffusion::core::upload::tensor_from_bytes;
+use turbodiffusion::models::Checkpoint;
 use turbodiffusion::pipeline::{
     I2vRequest, ModelKind, RandomCheckpoint, Residency, WeightSource, TEXT_ENCODER_FILE, VAE_FILE,
 };
@@ -177,6 +182,10 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
             read_bytes as f64 / 1e6 / read_ms
         ),
     ));
+    for (what, ms, bytes) in upload_rows(args, device)? {
+        let rate = format!("{:.2} GB/s", bytes as f64 / 1e6 / ms);
+        rows.push(row(what, ms, format!("{rate}; not part of any video")));
+    }
     for process in 1..=args.e2e_processes {
         let runs = run_child(args)?;
         if let Some(warm) = runs.iter().find(|run| run.index == 2) {
@@ -296,6 +305,79 @@ fn read_request_files(args: &Args) -> Result<(f64, u64)> {
             }
         }
     }
+    Ok((start.elapsed().as_secs_f64() * 1e3, bytes))
+}
+
+/// The first DiT file onto `device` from a fresh mapping of it (as the loader maps it), in
+/// 256 MiB pieces: copied directly from the mapping (`Tensor::from_raw_buffer`, a pageable
+/// copy) and through `tensor_from_bytes`' page-locked buffers, twice each in turn, the faster
+/// of each kept; then every tensor of it through the loader. `(what, ms, bytes)`.
+fn upload_rows(args: &Args, device: &Device) -> Result<Vec<(String, f64, u64)>> {
+    let path = &dit_paths(args)[0];
+    let copy_all = |staged: bool| -> Result<(f64, u64)> {
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        // SAFETY: the bench wrote the file and nothing rewrites it while it is mapped.
+        let mapped = unsafe { memmap2::Mmap::map(&file) }?;
+        let start = Instant::now();
+        for piece in mapped.chunks(256 << 20) {
+            let shape = [piece.len()];
+            match staged {
+                true => drop(tensor_from_bytes(piece, DType::U8, &shape, device)?),
+                false => drop(Tensor::from_raw_buffer(piece, DType::U8, &shape, device)?),
+            }
+        }
+        device.synchronize()?;
+        Ok((start.elapsed().as_secs_f64() * 1e3, mapped.len() as u64))
+    };
+    let mut best = [f64::INFINITY; 2];
+    let mut bytes = 0;
+    for _ in 0..2 {
+        for (slot, staged) in [false, true].into_iter().enumerate() {
+            let (ms, copied) = copy_all(staged)?;
+            best[slot] = best[slot].min(ms);
+            bytes = copied;
+        }
+    }
+    let (loader_ms, loader_bytes) = load_every_tensor(path, device)?;
+    let name = path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    Ok(vec![
+        (
+            format!("{name} onto the device: pageable copies from the mapping"),
+            best[0],
+            bytes,
+        ),
+        (
+            format!("{name} onto the device: through page-locked buffers"),
+            best[1],
+            bytes,
+        ),
+        (
+            format!("{name} onto the device: every tensor through the loader"),
+            loader_ms,
+            loader_bytes,
+        ),
+    ])
+}
+
+/// Reads every tensor of the checkpoint at `path` onto `device` as the pipeline does (int8 as
+/// its bytes, the rest in bf16), dropping each: `(ms, bytes on the device)`.
+fn load_every_tensor(path: &Path, device: &Device) -> Result<(f64, u64)> {
+    let start = Instant::now();
+    let checkpoint = Checkpoint::open(path)?;
+    let vb = checkpoint.var_builder(DType::BF16, device)?;
+    let mut bytes = 0u64;
+    for meta in checkpoint.tensors() {
+        let dtype = match meta.dtype.as_str() {
+            "I8" => DType::U8,
+            _ => DType::BF16,
+        };
+        let tensor = vb.get_unchecked_dtype(&meta.name, dtype)?;
+        bytes += (tensor.elem_count() * dtype.size_in_bytes()) as u64;
+    }
+    device.synchronize()?;
     Ok((start.elapsed().as_secs_f64() * 1e3, bytes))
 }
 

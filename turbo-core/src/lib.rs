@@ -24,6 +24,7 @@ pub mod golden;
 pub mod memory;
 pub mod parallel;
 mod sampling;
+pub mod upload;
 
 pub use attention::{Attention, AttentionKind, QkvShape, DEFAULT_SLA_TOPK};
 pub use device::{parse_dtype, DeviceSpec};

@@ -343,15 +343,32 @@ impl SimpleBackend for SafetensorsBackend {
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let view = self.0.get(name)?;
-        if view.dtype() == safetensors::Dtype::I8 {
-            let bytes = Tensor::from_raw_buffer(view.data(), DType::U8, view.shape(), device)?;
-            return convert_stored(bytes, true, name, dtype);
-        }
-        convert_stored(self.0.load(name, device)?, false, name, dtype)
+        let stored_int8 = view.dtype() == safetensors::Dtype::I8;
+        let tensor = match read_as(view.dtype()) {
+            Some(stored) => {
+                turbo_core::upload::tensor_from_bytes(view.data(), stored, view.shape(), device)
+                    .map_err(|e| candle_core::Error::Msg(format!("`{name}`: {e}")))?
+            }
+            None => self.0.load(name, device)?,
+        };
+        convert_stored(tensor, stored_int8, name, dtype)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
         self.0.get(name).is_ok()
+    }
+}
+
+/// The dtype a safetensors tensor of `stored` type is read into through
+/// [`turbo_core::upload::tensor_from_bytes`] (int8 as its `U8` bytes); `None` for the types
+/// left to candle's own reader.
+fn read_as(stored: safetensors::Dtype) -> Option<DType> {
+    match stored {
+        safetensors::Dtype::I8 | safetensors::Dtype::U8 => Some(DType::U8),
+        safetensors::Dtype::BF16 => Some(DType::BF16),
+        safetensors::Dtype::F16 => Some(DType::F16),
+        safetensors::Dtype::F32 => Some(DType::F32),
+        _ => None,
     }
 }
 

@@ -202,12 +202,8 @@ impl PthArchive {
     /// bytes, see [`StoredDType::read_as`]).
     pub fn read(&self, name: &str, device: &Device) -> Result<Tensor> {
         let (tensor, bytes) = self.tensor_bytes(name)?;
-        Ok(Tensor::from_raw_buffer(
-            bytes,
-            tensor.stored.read_as(),
-            &tensor.shape,
-            device,
-        )?)
+        let dtype = tensor.stored.read_as();
+        turbo_core::upload::tensor_from_bytes(bytes, dtype, &tensor.shape, device)
     }
 
     /// Tensor `name` and its bytes in the mapped file.

@@ -89,43 +89,53 @@ fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVar
     })
 }
 
-/// `x · Wᵀ` for contiguous `x` `[M, K]` (f32 or bf16), int8 `weight` `[N, K]` (U8 bytes) and its
-/// f32 tile scales; each argument is a storage and the element offset where its data starts.
+/// The operands of [`int8_matmul`]: each a storage and the element offset where its data
+/// starts.
+pub(crate) struct GemmOperands<'a> {
+    /// The activations' int8 values (`U8`, `[M, K]`).
+    pub(crate) x: (&'a CudaStorage, usize),
+    /// Their f32 tile scales.
+    pub(crate) x_scale: (&'a CudaStorage, usize),
+    /// The weight's int8 values (`U8`, `[N, K]`).
+    pub(crate) weight: (&'a CudaStorage, usize),
+    /// Its f32 tile scales.
+    pub(crate) scale: (&'a CudaStorage, usize),
+}
+
+/// `x_q · W_qᵀ` with the tile scales of both, `[M, N]` in `dtype` (f32 or bf16); every operand
+/// contiguous.
 pub(crate) fn int8_matmul(
-    x: (&CudaStorage, usize),
-    weight: (&CudaStorage, usize),
-    scale: (&CudaStorage, usize),
+    operands: GemmOperands<'_>,
     [m, n, k]: [usize; 3],
+    dtype: DType,
     kernel: GemmKernel,
 ) -> Result<(CudaStorage, Shape)> {
-    if weight.1 % 16 != 0 {
-        candle_core::bail!("int8-matmul: the int8 weight must start on a 16-byte boundary");
+    for (what, (_, offset)) in [("activations", operands.x), ("weight", operands.weight)] {
+        if offset % 16 != 0 {
+            candle_core::bail!("int8-matmul: the int8 {what} must start on a 16-byte boundary");
+        }
     }
-    let dev = x.0.device().clone();
-    let weight_view = view::<u8>(weight)?;
-    let scale_view = view::<f32>(scale)?;
-    let (x_q, x_scales) = match x.0.dtype() {
-        DType::F32 => quantize(&dev, "quantize_tiles_f32", &view::<f32>(x)?, m, k)?,
-        DType::BF16 => quantize(&dev, "quantize_tiles_bf16", &view::<bf16>(x)?, m, k)?,
-        other => candle_core::bail!(
-            "int8-matmul on CUDA: activations must be f32 or bf16, got {other:?}"
-        ),
-    };
+    let dev = operands.x.0.device().clone();
+    let (x_q, weight) = (view::<u8>(operands.x)?, view::<u8>(operands.weight)?);
+    let (x_scales, weight_scales) = (view::<f32>(operands.x_scale)?, view::<f32>(operands.scale)?);
     let args = GemmArgs {
         x_q: &x_q,
         x_scales: &x_scales,
-        weight: &weight_view,
-        weight_scales: &scale_view,
+        weight: &weight,
+        weight_scales: &weight_scales,
         m,
         n,
         k,
     };
     let variant = gemm_variant(&dev, kernel)?;
-    let y = match x.0.dtype() {
+    let y = match dtype {
         DType::F32 => {
             CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, variant, "f32", &args)?, dev.clone())
         }
-        _ => CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, variant, "bf16", &args)?, dev.clone()),
+        DType::BF16 => {
+            CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, variant, "bf16", &args)?, dev.clone())
+        }
+        other => candle_core::bail!("int8-matmul on CUDA: no {other:?} output (f32 or bf16)"),
     };
     Ok((y, Shape::from((m, n))))
 }
@@ -192,8 +202,8 @@ fn quantize<T>(
 }
 
 struct GemmArgs<'a> {
-    x_q: &'a CudaSlice<u8>,
-    x_scales: &'a CudaSlice<f32>,
+    x_q: &'a CudaView<'a, u8>,
+    x_scales: &'a CudaView<'a, f32>,
     weight: &'a CudaView<'a, u8>,
     weight_scales: &'a CudaView<'a, f32>,
     m: usize,

@@ -21,9 +21,11 @@
 //!   as the `U8` tensor in which they travel through candle.
 //! - The pieces, on plain slices: [`quantize_tiles`] (→ [`TileQuantized`]), [`TileMatrix`] (a
 //!   borrowed int8 matrix with its scales, and its dequantisation) and [`int8_gemm`].
-//! - [`int8_matmul`] / [`Int8Matmul`]: activation quantisation plus GEMM as a candle
-//!   `CustomOp3`, with CUDA kernels as its `cuda_fwd`; [`int8_matmul_with`] picks the CUDA GEMM
-//!   ([`GemmKernel`]: `mma.sync`, the default, or Hopper's `wgmma`).
+//! - [`int8_matmul`]: activation quantisation ([`Int8Weight::quantize`]) plus the GEMM, which
+//!   [`int8_matmul_tiles`] runs alone on activations quantised before (as a candle `CustomOp3`,
+//!   [`Int8Matmul`], with CUDA kernels as its `cuda_fwd`); [`int8_matmul_with`] picks the CUDA
+//!   GEMM ([`GemmKernel`]: Hopper's `wgmma`, the default there, or `mma.sync`).
+//! - [`LinearInput`]: an input several layers read (an attention's q, k and v), quantised once.
 //!
 //! ```
 //! use candle_core::{DType, Device, Tensor};
@@ -72,8 +74,11 @@ mod tile;
 pub use candle_core::Module;
 pub use gemm::int8_gemm;
 pub use linear::{
-    int8_tensor, Int8Weight, Linear, LowRank, QuantPolicy, BIAS_KEY, INT8_WEIGHT_KEY, SCALE_KEY,
-    WEIGHT_KEY,
+    int8_tensor, Int8Weight, Linear, LinearInput, LowRank, QuantPolicy, BIAS_KEY, INT8_WEIGHT_KEY,
+    SCALE_KEY, WEIGHT_KEY,
 };
-pub use op::{add_bias, add_bias_reference, int8_matmul, int8_matmul_with, GemmKernel, Int8Matmul};
+pub use op::{
+    add_bias, add_bias_reference, int8_matmul, int8_matmul_tiles, int8_matmul_with, GemmKernel,
+    Int8Matmul,
+};
 pub use tile::{quantize_tiles, tile_grid, TileMatrix, TileQuantized, TILE};

@@ -1,11 +1,13 @@
 //! [`Linear`]: one layer type that is either a float linear or a W8A8 int8 one, so that model code
 //! never branches on the precision of its layers.
 
+use std::cell::OnceCell;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
-use crate::op::{add_bias, int8_matmul};
+use crate::op::{add_bias, int8_matmul_tiles, quantize_activations, GemmKernel};
 use crate::tile::{quantize_tiles, tile_grid, TileMatrix};
 
 /// Checkpoint key of the int8 values of a quantised layer (`-quant` files).
@@ -143,8 +145,9 @@ enum Weight {
 /// `forward` takes `[.., K]` inputs with any number of leading dimensions and returns `[.., N]`
 /// in the input's dtype (f32, bf16 or f16):
 /// - float layers compute in the weight's dtype (the input is cast to it and the output back);
-/// - int8 layers quantise the input per call into 128×128 tiles (rows are the flattened leading
-///   dimensions), run the block-scaled int8 GEMM in i32/f32, round the result to the input dtype
+/// - int8 layers quantise the input into 128×128 tiles (rows are the flattened leading
+///   dimensions; once for the layers that share a [`LinearInput`], else per call), run the
+///   block-scaled int8 GEMM in i32/f32, round the result to the input dtype
 ///   and add the bias in that dtype, as TurboDiffusion's `Int8Linear` does. The int8 product
 ///   runs on the CPU; other devices report that the op has no kernel there yet.
 #[derive(Debug, Clone)]
@@ -429,13 +432,26 @@ impl Linear {
         })
     }
 
-    /// `x·Wᵀ (+ bias)` of a `[rows, in]` matrix, in the dtype the bias is added in (the float
-    /// weight's, or x's for int8 weights), plus the run-time low-rank term when there is one.
-    fn product(&self, x: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    /// `x·Wᵀ (+ bias)` of `x`, `input` as a `[rows, in]` matrix, in the dtype the bias is added
+    /// in (the float weight's, or x's for int8 weights), plus the run-time low-rank term when
+    /// there is one.
+    fn product(
+        &self,
+        x: &Tensor,
+        input: &LinearInput<'_>,
+        bias: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
         let y = match &self.weight {
             Weight::Float(weight) => float_product(&x.to_dtype(weight.dtype())?, weight, bias)?,
             Weight::Int8(weight) => {
-                let y = int8_matmul(&x.contiguous()?, weight.int8_weight(), weight.scale())?;
+                let (tiles, kernel) = (input.tiles(x)?, GemmKernel::default());
+                let y = int8_matmul_tiles(
+                    tiles,
+                    x.dtype(),
+                    weight.int8_weight(),
+                    weight.scale(),
+                    kernel,
+                )?;
                 with_bias(y, bias)?
             }
         };
@@ -448,14 +464,22 @@ impl Linear {
         }
     }
 
-    fn forward_matrix(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.product(x, self.bias.as_ref())?.to_dtype(x.dtype())
+    /// [`Module::forward`] of an input that other layers may read too (see [`LinearInput`]).
+    pub fn forward_input(&self, input: &LinearInput<'_>) -> candle_core::Result<Tensor> {
+        let x = input.x;
+        self.map_rows(x, |rows| {
+            self.product(rows, input, self.bias.as_ref())?
+                .to_dtype(x.dtype())
+        })
     }
 
     /// `x·Wᵀ` without the bias, in the dtype of `x`: for an op that adds [`Linear::bias`] as
     /// part of its own pass (the DiT's fused kernels).
-    pub fn forward_unbiased(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.map_rows(x, |rows| self.product(rows, None)?.to_dtype(x.dtype()))
+    pub fn forward_unbiased(&self, input: &LinearInput<'_>) -> candle_core::Result<Tensor> {
+        let x = input.x;
+        self.map_rows(x, |rows| {
+            self.product(rows, input, None)?.to_dtype(x.dtype())
+        })
     }
 
     /// Applies `f` to `x` `[.., in]` as a `[rows, in]` matrix, giving `[.., out]`.
@@ -508,7 +532,36 @@ fn with_bias(y: Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.map_rows(x, |rows| self.forward_matrix(rows))
+        self.forward_input(&LinearInput::new(x))
+    }
+}
+
+/// The input `[.., K]` of one or more [`Linear`]s. Int8 layers quantise it into 128×128 tiles
+/// (its leading dimensions flattened into rows); layers that read the same input (an
+/// attention's q, k and v projections) share one `LinearInput`, so that it is quantised once,
+/// by the first int8 layer that reads it, and the tiles are freed with it.
+#[derive(Debug)]
+pub struct LinearInput<'a> {
+    x: &'a Tensor,
+    tiles: OnceCell<Int8Weight>,
+}
+
+impl<'a> LinearInput<'a> {
+    pub fn new(x: &'a Tensor) -> Self {
+        Self {
+            x,
+            tiles: OnceCell::new(),
+        }
+    }
+
+    /// The tiles of `rows`, which is this input as a `[rows, K]` matrix: quantised by the
+    /// first call.
+    fn tiles(&self, rows: &Tensor) -> candle_core::Result<&Int8Weight> {
+        if let Some(tiles) = self.tiles.get() {
+            return Ok(tiles);
+        }
+        let tiles = quantize_activations(rows)?;
+        Ok(self.tiles.get_or_init(|| tiles))
     }
 }
 
@@ -552,5 +605,64 @@ fn shape_error(what: &str, expected: &str, got: &[usize]) -> Error {
         what: what.to_owned(),
         expected: expected.to_owned(),
         got: got.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian(dims: &[usize]) -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, dims, &Device::Cpu)?)
+    }
+
+    fn values(t: &Tensor) -> Result<Vec<f32>> {
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Three int8 layers and a float one reading one `LinearInput` (rows that end inside a
+    /// tile): each int8 product is that of the layer alone, the input is quantised by the first
+    /// int8 layer only, and a float layer leaves it unquantised.
+    #[test]
+    fn layers_sharing_an_input_quantise_it_once() -> Result<()> {
+        let x = gaussian(&[2, 150, 256])?.to_dtype(DType::BF16)?;
+        let int8_layers = (0..3)
+            .map(|_| Linear::quantize(&gaussian(&[96, 256])?, Some(gaussian(&[96])?)))
+            .collect::<Result<Vec<_>>>()?;
+        let float = Linear::from_float(gaussian(&[64, 256])?, None)?;
+
+        let input = LinearInput::new(&x);
+        float.forward_input(&input)?;
+        assert!(
+            input.tiles.get().is_none(),
+            "a float layer quantised its input"
+        );
+        for layer in &int8_layers {
+            assert_eq!(
+                values(&layer.forward_input(&input)?)?,
+                values(&layer.forward(&x)?)?
+            );
+        }
+        let rows = x.reshape((300, 256))?;
+        let quantised = input
+            .tiles
+            .get()
+            .expect("the int8 layers quantised the input");
+        assert_eq!(
+            quantised.int8_values()?,
+            Int8Weight::quantize(&rows)?.int8_values()?
+        );
+
+        // A layer reads the tiles already there: those of zeros leave only its bias.
+        let zeros = LinearInput::new(&x);
+        zeros
+            .tiles
+            .set(Int8Weight::quantize(&rows.zeros_like()?)?)
+            .expect("a new input holds no tiles");
+        let layer = &int8_layers[0];
+        let bias = layer.bias().expect("biased").to_dtype(DType::BF16)?;
+        let want = bias.broadcast_as((2, 150, 96))?;
+        assert_eq!(values(&layer.forward_input(&zeros)?)?, values(&want)?);
+        Ok(())
     }
 }

@@ -1,11 +1,11 @@
 //! The W8A8 product as a candle custom op, so that a CUDA kernel can slot in as its `cuda_fwd`.
 
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 use crate::gemm::int8_gemm;
-use crate::tile::{quantize_tiles, tile_grid, TileMatrix};
+use crate::linear::Int8Weight;
+use crate::tile::{tile_grid, TileMatrix};
 
 /// `x · Wᵀ` for float activations `x` `[M, K]` (f32, bf16 or f16) and int8 weights `[N, K]`
 /// (stored as `U8` bytes) with their f32 tile scales `[⌈N/128⌉, ⌈K/128⌉]`: quantises `x` into
@@ -26,7 +26,47 @@ pub fn int8_matmul_with(
     scale: &Tensor,
     kernel: GemmKernel,
 ) -> candle_core::Result<Tensor> {
-    x.apply_op3_no_bwd(int8_weight, scale, &Int8Matmul { kernel })
+    int8_matmul_tiles(
+        &quantize_activations(x)?,
+        x.dtype(),
+        int8_weight,
+        scale,
+        kernel,
+    )
+}
+
+/// Activations `x` `[M, K]` (f32, bf16 or f16) quantised into 128×128 tiles, as the int8 GEMM
+/// reads them.
+pub(crate) fn quantize_activations(x: &Tensor) -> candle_core::Result<Int8Weight> {
+    if x.rank() != 2 {
+        candle_core::bail!("int8-matmul: activations must be 2-D, got {:?}", x.dims());
+    }
+    if !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16) {
+        candle_core::bail!(
+            "int8-matmul: activations must be f32, bf16 or f16, got {:?}",
+            x.dtype()
+        );
+    }
+    Int8Weight::quantize(&x.contiguous()?).map_err(candle_core::Error::wrap)
+}
+
+/// The block-scaled int8 GEMM of activations already quantised into 128×128 tiles (`x`, by
+/// [`Int8Weight::quantize`]; layers that read the same activations share them) against int8
+/// weights `[N, K]` with their tile scales: `[M, N]` in `dtype` (f32, bf16, or f16 on the
+/// CPU). No bias.
+pub fn int8_matmul_tiles(
+    x: &Int8Weight,
+    dtype: DType,
+    int8_weight: &Tensor,
+    scale: &Tensor,
+    kernel: GemmKernel,
+) -> candle_core::Result<Tensor> {
+    let op = Int8Matmul {
+        x_scale: x.scale().clone(),
+        dtype,
+        kernel,
+    };
+    x.int8_weight().apply_op3_no_bwd(int8_weight, scale, &op)
 }
 
 /// The CUDA GEMM behind [`Int8Matmul`]. Both compute the same block-scaled product with the
@@ -76,11 +116,46 @@ pub fn add_bias_reference(y: &Tensor, bias: &Tensor) -> candle_core::Result<Tens
     y.broadcast_add(bias)
 }
 
-/// The custom op behind [`int8_matmul`]; arguments in the order `(x, int8_weight, scale)`.
-#[derive(Debug, Clone, Copy, Default)]
+/// The custom op behind [`int8_matmul_tiles`]; arguments in the order `(x_q, int8_weight,
+/// scale)`: the activations' int8 values (`U8`, `[M, K]`), the weight's (`[N, K]`) and the
+/// weight's tile scales.
+#[derive(Debug, Clone)]
 pub struct Int8Matmul {
-    /// The GEMM kernel on CUDA devices.
-    pub kernel: GemmKernel,
+    /// The activations' f32 tile scales, `[⌈M/128⌉, ⌈K/128⌉]`, on the values' device.
+    x_scale: Tensor,
+    /// The dtype of the product.
+    dtype: DType,
+    /// The GEMM kernel on CUDA devices (only those read it).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    kernel: GemmKernel,
+}
+
+impl Int8Matmul {
+    /// `[m, n, k]` of the product, checked: both int8 matrices share K and each scale tensor
+    /// has the tile grid of its matrix.
+    fn dims(
+        &self,
+        x_layout: &Layout,
+        weight_layout: &Layout,
+        scale_layout: &Layout,
+    ) -> candle_core::Result<[usize; 3]> {
+        let (m, k) = matrix_dims("activations", x_layout)?;
+        let (n, weight_k) = matrix_dims("int8 weight", weight_layout)?;
+        if weight_k != k {
+            candle_core::bail!(
+                "int8-matmul: weight is [{n}, {weight_k}] but the activations have {k} features"
+            );
+        }
+        for (what, dims, grid) in [
+            ("scale", scale_layout.dims(), tile_grid(n, k)),
+            ("activation scale", self.x_scale.dims(), tile_grid(m, k)),
+        ] {
+            if dims != grid {
+                candle_core::bail!("int8-matmul: {what} is {dims:?}, expected {grid:?}");
+            }
+        }
+        Ok([m, n, k])
+    }
 }
 
 impl CustomOp3 for Int8Matmul {
@@ -97,33 +172,19 @@ impl CustomOp3 for Int8Matmul {
         scale: &CpuStorage,
         scale_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (m, k) = matrix_dims("activations", x_layout)?;
-        let (n, weight_k) = matrix_dims("int8 weight", weight_layout)?;
-        if weight_k != k {
-            candle_core::bail!(
-                "int8-matmul: weight is [{n}, {weight_k}] but the activations have {k} features"
-            );
-        }
-        let grid = tile_grid(n, k);
-        if scale_layout.dims() != grid {
-            candle_core::bail!(
-                "int8-matmul: scale is {:?}, expected {grid:?} for a [{n}, {k}] weight",
-                scale_layout.dims()
-            );
-        }
-        let weight_bytes: &[u8] = contiguous(weight.as_slice()?, weight_layout, "int8 weight")?;
+        let [m, n, k] = self.dims(x_layout, weight_layout, scale_layout)?;
         let weight_scales: &[f32] = contiguous(scale.as_slice()?, scale_layout, "scale")?;
-        let weight_tiles = TileMatrix::new(bytemuck::cast_slice(weight_bytes), weight_scales, n, k)
-            .map_err(candle_core::Error::wrap)?;
-
-        let activations = activations_f32(x, x_layout)?;
-        let x_tiles = quantize_tiles(&activations, m, k).map_err(candle_core::Error::wrap)?;
-        let y = int8_gemm(x_tiles.view(), weight_tiles).map_err(candle_core::Error::wrap)?;
-        Ok((storage_in(x.dtype(), y)?, Shape::from((m, n))))
+        let x_scales = self.x_scale.flatten_all()?.to_vec1::<f32>()?;
+        let y = int8_gemm(
+            cpu_tiles(x, x_layout, &x_scales, [m, k], "activations")?,
+            cpu_tiles(weight, weight_layout, weight_scales, [n, k], "int8 weight")?,
+        )
+        .map_err(candle_core::Error::wrap)?;
+        Ok((storage_in(self.dtype, y)?, Shape::from((m, n))))
     }
 
-    /// The kernels of `turbo_kernels::W8A8`: tile quantisation of `x`, then the block-scaled
-    /// int8 GEMM with the scale epilogue, output in the dtype of `x` (f32 or bf16).
+    /// The block-scaled int8 GEMM of `turbo_kernels::W8A8` (or its `wgmma` variant) with the
+    /// scale epilogue, output f32 or bf16.
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
@@ -134,15 +195,9 @@ impl CustomOp3 for Int8Matmul {
         scale: &candle_core::CudaStorage,
         scale_layout: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k) = matrix_dims("activations", x_layout)?;
-        let (n, weight_k) = matrix_dims("int8 weight", weight_layout)?;
-        if weight_k != k || scale_layout.dims() != tile_grid(n, k) || k % 16 != 0 {
-            candle_core::bail!(
-                "int8-matmul on CUDA: activations [{m}, {k}], weight [{n}, {weight_k}], scale {:?} \
-                 (need equal K, a multiple of 16, and scale {:?})",
-                scale_layout.dims(),
-                tile_grid(n, k)
-            );
+        let [m, n, k] = self.dims(x_layout, weight_layout, scale_layout)?;
+        if k % 16 != 0 {
+            candle_core::bail!("int8-matmul on CUDA: K = {k} must be a multiple of 16");
         }
         for (what, layout) in [
             ("activations", x_layout),
@@ -153,14 +208,36 @@ impl CustomOp3 for Int8Matmul {
                 candle_core::bail!("int8-matmul: {what} must be contiguous");
             }
         }
+        let x_scale = self.x_scale.contiguous()?;
+        let (x_scale_storage, x_scale_layout) = x_scale.storage_and_layout();
+        let candle_core::Storage::Cuda(x_scale_storage) = &*x_scale_storage else {
+            candle_core::bail!("int8-matmul: the activation scales are not on the CUDA device");
+        };
         crate::cuda::int8_matmul(
-            (x, x_layout.start_offset()),
-            (weight, weight_layout.start_offset()),
-            (scale, scale_layout.start_offset()),
+            crate::cuda::GemmOperands {
+                x: (x, x_layout.start_offset()),
+                x_scale: (x_scale_storage, x_scale_layout.start_offset()),
+                weight: (weight, weight_layout.start_offset()),
+                scale: (scale, scale_layout.start_offset()),
+            },
             [m, n, k],
+            self.dtype,
             self.kernel,
         )
     }
+}
+
+/// The int8 matrix `[rows, cols]` in `values` (`U8` bytes) with its tile `scales`.
+fn cpu_tiles<'a>(
+    values: &'a CpuStorage,
+    layout: &Layout,
+    scales: &'a [f32],
+    [rows, cols]: [usize; 2],
+    what: &str,
+) -> candle_core::Result<TileMatrix<'a>> {
+    let bytes: &[u8] = contiguous(values.as_slice()?, layout, what)?;
+    TileMatrix::new(bytemuck::cast_slice(bytes), scales, rows, cols)
+        .map_err(candle_core::Error::wrap)
 }
 
 fn matrix_dims(what: &str, layout: &Layout) -> candle_core::Result<(usize, usize)> {
@@ -178,24 +255,6 @@ fn contiguous<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> candle_core:
     }
 }
 
-fn activations_f32(x: &CpuStorage, layout: &Layout) -> candle_core::Result<Vec<f32>> {
-    Ok(match x {
-        CpuStorage::F32(data) => contiguous(data, layout, "activations")?.to_vec(),
-        CpuStorage::BF16(data) => contiguous(data, layout, "activations")?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        CpuStorage::F16(data) => contiguous(data, layout, "activations")?
-            .iter()
-            .map(|v| v.to_f32())
-            .collect(),
-        other => candle_core::bail!(
-            "int8-matmul: activations must be f32, bf16 or f16, got {:?}",
-            other.dtype()
-        ),
-    })
-}
-
 fn storage_in(dtype: DType, values: Vec<f32>) -> candle_core::Result<CpuStorage> {
     Ok(match dtype {
         DType::F32 => CpuStorage::F32(values),
@@ -203,4 +262,33 @@ fn storage_in(dtype: DType, values: Vec<f32>) -> candle_core::Result<CpuStorage>
         DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
         other => candle_core::bail!("int8-matmul: no output for dtype {other:?}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::Device;
+
+    use super::*;
+
+    #[test]
+    fn activations_of_another_rank_or_dtype_are_errors_naming_them() -> candle_core::Result<()> {
+        let weight = Int8Weight::quantize(&Tensor::ones((4, 16), DType::F32, &Device::Cpu)?)
+            .map_err(candle_core::Error::wrap)?;
+        let matmul = |x: &Tensor| int8_matmul(x, weight.int8_weight(), weight.scale());
+        let error = matmul(&Tensor::ones((2, 3, 16), DType::F32, &Device::Cpu)?).unwrap_err();
+        assert!(
+            error.to_string().contains("activations must be 2-D"),
+            "{error}"
+        );
+        let error = matmul(&Tensor::ones((3, 16), DType::U8, &Device::Cpu)?).unwrap_err();
+        assert!(
+            error.to_string().contains("f32, bf16 or f16, got U8"),
+            "{error}"
+        );
+        assert_eq!(
+            matmul(&Tensor::ones((3, 16), DType::F16, &Device::Cpu)?)?.dims(),
+            [3, 4]
+        );
+        Ok(())
+    }
 }

@@ -1,11 +1,11 @@
 //! The block's self-attention (through `turbo-attention`) and its dense text cross-attention.
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Module, VarBuilder};
+use candle_nn::VarBuilder;
 use turbo_attention::{Attention, DenseAttention, LoadAttention};
 use turbo_core::parallel::SequenceParallel;
 use turbo_core::Result;
-use turbo_quant::Linear;
+use turbo_quant::{Linear, LinearInput};
 
 use super::fused;
 use super::rope::Rope3d;
@@ -35,9 +35,9 @@ pub(crate) struct Unbiased<'a> {
 }
 
 impl<'a> Unbiased<'a> {
-    pub(crate) fn of(linear: &'a Linear, x: &Tensor) -> Result<Self> {
+    pub(crate) fn of(linear: &'a Linear, input: &LinearInput<'_>) -> Result<Self> {
         Ok(Self {
-            y: linear.forward_unbiased(x)?,
+            y: linear.forward_unbiased(input)?,
             bias: linear.bias(),
         })
     }
@@ -102,15 +102,15 @@ impl Projections {
         Ok(x.reshape((b, l, self.heads, d / self.heads))?)
     }
 
-    /// `linear(x)` through `norm` (and RoPE when given), split into heads.
+    /// `linear(input)` through `norm` (and RoPE when given), split into heads.
     fn normed(
         &self,
         linear: &Linear,
         norm: &RmsNorm,
-        x: &Tensor,
+        input: &LinearInput<'_>,
         rope: Option<&Rope3d>,
     ) -> Result<Tensor> {
-        let y = Unbiased::of(linear, x)?;
+        let y = Unbiased::of(linear, input)?;
         let tables = rope.map(Rope3d::tables);
         self.split_heads(&fused::rms_norm_rope(
             &y.y,
@@ -121,22 +121,23 @@ impl Projections {
         )?)
     }
 
-    fn query(&self, x: &Tensor, rope: Option<&Rope3d>) -> Result<Tensor> {
-        self.normed(&self.q, &self.norm_q, x, rope)
+    fn query(&self, input: &LinearInput<'_>, rope: Option<&Rope3d>) -> Result<Tensor> {
+        self.normed(&self.q, &self.norm_q, input, rope)
     }
 
-    fn key(&self, x: &Tensor, rope: Option<&Rope3d>) -> Result<Tensor> {
-        self.normed(&self.k, &self.norm_k, x, rope)
+    fn key(&self, input: &LinearInput<'_>, rope: Option<&Rope3d>) -> Result<Tensor> {
+        self.normed(&self.k, &self.norm_k, input, rope)
     }
 
-    fn value(&self, x: &Tensor) -> Result<Tensor> {
-        self.split_heads(&self.v.forward(x)?)
+    fn value(&self, input: &LinearInput<'_>) -> Result<Tensor> {
+        self.split_heads(&self.v.forward_input(input)?)
     }
 
     /// `[1, L, H, D/H]` → the output projection `[1, L, D]`, its bias still to add.
     fn output(&self, attended: &Tensor) -> Result<Unbiased<'_>> {
         let (b, l, h, d) = attended.dims4()?;
-        Unbiased::of(&self.o, &attended.reshape((b, l, h * d))?)
+        let attended = attended.reshape((b, l, h * d))?;
+        Unbiased::of(&self.o, &LinearInput::new(&attended))
     }
 }
 
@@ -208,9 +209,12 @@ impl<A: Attention> SelfAttention<A> {
         rope: &Rope3d,
         sp: Option<&SequenceParallel<'_>>,
     ) -> Result<Unbiased<'_>> {
-        let q = self.proj.query(&x, Some(rope))?;
-        let k = self.proj.key(&x, Some(rope))?;
-        let v = self.proj.value(&x)?;
+        // q, k and v read x quantised once (for int8 projections), freed with `input`.
+        let input = LinearInput::new(&x);
+        let q = self.proj.query(&input, Some(rope))?;
+        let k = self.proj.key(&input, Some(rope))?;
+        let v = self.proj.value(&input)?;
+        drop(input);
         drop(x);
         let attended = match sp {
             None => {
@@ -328,17 +332,22 @@ impl CrossAttention {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &CrossContext) -> Result<Unbiased<'_>> {
-        let q = self.proj.query(x, None)?;
-        let k = self.proj.key(&context.text, None)?;
-        let v = self.proj.value(&context.text)?;
+        let q = self.proj.query(&LinearInput::new(x), None)?;
+        let text = LinearInput::new(&context.text);
+        let k = self.proj.key(&text, None)?;
+        let v = self.proj.value(&text)?;
+        drop(text);
         let mut attended = self.attention.forward(&q, &k, &v)?;
         drop((k, v));
         match (&self.image, &context.image) {
             (Some(branch), Some(image)) => {
+                let image = LinearInput::new(image);
                 let k = self
                     .proj
-                    .normed(&branch.k_img, &branch.norm_k_img, image, None)?;
-                let v = self.proj.split_heads(&branch.v_img.forward(image)?)?;
+                    .normed(&branch.k_img, &branch.norm_k_img, &image, None)?;
+                let v = self
+                    .proj
+                    .split_heads(&branch.v_img.forward_input(&image)?)?;
                 attended = (attended + self.attention.forward(&q, &k, &v)?)?;
             }
             (None, None) => {}

@@ -3,7 +3,7 @@ use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::parallel::SequenceParallel;
 use turbo_core::Result;
-use turbo_quant::Linear;
+use turbo_quant::{Linear, LinearInput};
 
 use super::attention::{CrossAttention, CrossContext, SelfAttention, Unbiased};
 use super::fused;
@@ -150,10 +150,9 @@ impl FeedForward {
             .step_by(FFN_TOKENS_PER_PASS)
             .map(|start| {
                 let rows = x.narrow(1, start, FFN_TOKENS_PER_PASS.min(tokens - start))?;
-                let up = Unbiased::of(&self.up, &rows)?;
-                Ok(self
-                    .down
-                    .forward_unbiased(&fused::bias_gelu(&up.y, up.bias)?)?)
+                let up = Unbiased::of(&self.up, &LinearInput::new(&rows))?;
+                let hidden = fused::bias_gelu(&up.y, up.bias)?;
+                Ok(self.down.forward_unbiased(&LinearInput::new(&hidden))?)
             })
             .collect::<Result<Vec<_>>>()?;
         let y = match passes.len() {
