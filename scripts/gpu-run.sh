@@ -51,6 +51,16 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
   timeout "$limit" "$BIN/bench" --sections "$section" "$@" --json "$OUT/bench_$name.json" \
     2>&1 | tee -a "$OUT/bench.log"
 }
+ncu_linear() {
+  local ncu rep="$OUT/ncu_linear"
+  ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+  timeout 400 "$ncu" --set full --import-source no -k 'regex:gemm|nvjet' --launch-count 5 -f \
+    -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
+    > "$OUT/ncu_linear.log" 2>&1 || return 1
+  "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
+  "$ncu" -i "$rep.ncu-rep" --page source --print-source sass --csv -k 'regex:w8a8_gemm_wgmma' \
+    > "$OUT/ncu_linear_sass.csv"
+}
 for step in "$@"; do
   case "$step" in
     check) timeout 420 "$BIN/gpu_check" --device cuda 2>&1 | tee "$OUT/gpu_check.txt" ;;
@@ -85,6 +95,10 @@ for step in "$@"; do
       [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
       timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
         "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
+    # Nsight Compute's full set on the first 14B linear shape (M 75 600, K = N = 5 120): the
+    # cuBLAS product, the cuBLASLt Linear and every W8A8 GEMM, and the per-SASS-instruction
+    # warp stall samples of the W8A8 GEMMs (the report travels back too).
+    ncu-linear) ncu_linear ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac

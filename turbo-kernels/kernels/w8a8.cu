@@ -168,7 +168,8 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int warp_m = (warp / 4) * 64, warp_n = (warp % 4) * 32;
 
-    const TileCoord tile = grouped_tile(m, n);
+    const TileCoord tile =
+        grouped_tile(blockIdx.x, (m + TILE - 1) / TILE, (n + TILE - 1) / TILE, GROUP_M);
     const int m0 = tile.m_tile * TILE, n0 = tile.n_tile * TILE;
     const int k_tiles = (k + TILE - 1) / TILE;
     const float* x_scale_row = x_scales + (size_t)tile.m_tile * k_tiles;

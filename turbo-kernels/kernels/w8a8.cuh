@@ -23,18 +23,17 @@ constexpr int STAGE_BYTES = 2 * TILE_BYTES;
 // at one time share their activation and weight tiles in L2.
 constexpr int GROUP_M = 8;
 
-// The output tile of this CTA in a 1-D grid of ⌈M/128⌉·⌈N/128⌉ CTAs, rastered in groups of
-// GROUP_M m tiles per column of n tiles.
+// Output tile `index` of a 1-D grid over m_tiles × n_tiles tiles, rastered in groups of
+// `group` m tiles per column of n tiles.
 struct TileCoord {
     int m_tile, n_tile;
 };
 
-__device__ __forceinline__ TileCoord grouped_tile(int m, int n) {
-    const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
-    const int per_group = GROUP_M * n_tiles;
-    const int first_m_tile = (blockIdx.x / per_group) * GROUP_M;
-    const int group_rows = min(m_tiles - first_m_tile, GROUP_M);
-    const int in_group = blockIdx.x % per_group;
+__device__ __forceinline__ TileCoord grouped_tile(int index, int m_tiles, int n_tiles, int group) {
+    const int per_group = group * n_tiles;
+    const int first_m_tile = (index / per_group) * group;
+    const int group_rows = min(m_tiles - first_m_tile, group);
+    const int in_group = index % per_group;
     return {first_m_tile + in_group % group_rows, in_group / group_rows};
 }
 

@@ -79,6 +79,7 @@ __device__ __forceinline__ void fold(float acc[64], const int d[64], float scale
 // Warpgroup 0 loads, warpgroups 1 and 2 multiply (rows 0-63 and 64-127 of the tile).
 constexpr int WGMMA_THREADS = 3 * 128;
 constexpr int CONSUMER_THREADS = 2 * 128;
+constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
 
 // Named barriers (0 is __syncthreads') that order the two consumers' wgmma issues, so that
 // their wgmmas queue one warpgroup after the other and one folds while the other multiplies:
@@ -86,16 +87,47 @@ constexpr int CONSUMER_THREADS = 2 * 128;
 constexpr int CONSUMER_0_ISSUED = 1;
 constexpr int CONSUMER_1_ISSUED = 2;
 
-// x_map, w_map: 2-D tensor maps of x_q [M, K] and w_q [N, K] (int8 row-major, K a multiple of
-// 16), 128×128-byte boxes, 128-byte swizzle (turbo-quant's cuda.rs); scales [⌈M/128⌉, ⌈K/128⌉]
-// and [⌈N/128⌉, ⌈K/128⌉]. grid ⌈M/128⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
+// The output tile of this CTA. With PAIR = 2 the grid is made of clusters of two CTAs, of m
+// tiles 2p and 2p + 1 and the same n tile (the cluster's CTA rank is blockIdx.x % 2 in a 1-D
+// grid), rastered like single tiles; an odd last m tile's partner lies past M.
+template <int PAIR>
+__device__ __forceinline__ TileCoord cluster_tile(int m, int n) {
+    const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
+    const TileCoord unit = grouped_tile(blockIdx.x / PAIR, (m_tiles + PAIR - 1) / PAIR, n_tiles,
+                                        GROUP_M / PAIR);
+    return {unit.m_tile * PAIR + (int)(blockIdx.x % PAIR), unit.n_tile};
+}
+
+// Releases a stage once this warp's wgmmas have read it: one arrival per consumer warp on the
+// stage's `empty` mbarrier in every CTA of the cluster, whose producers all write into it.
+template <int PAIR>
+__device__ __forceinline__ void release_stage(uint32_t empty_bar) {
+    __syncwarp();
+    if (threadIdx.x % 32 != 0) return;
+    if constexpr (PAIR == 1) {
+        mbarrier_arrive(empty_bar);
+    } else {
+#pragma unroll
+        for (int cta = 0; cta < PAIR; ++cta) mbarrier_arrive_cluster(empty_bar, cta);
+    }
+}
+
+// x_map: 2-D tensor map of x_q [M, K] in 128×128-byte boxes; w_map: of w_q [N, K] in boxes of
+// 128 / PAIR rows × 128 bytes (int8 row-major, K a multiple of 16, 128-byte swizzle:
+// turbo-quant's cuda.rs); scales [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid
+// PAIR·⌈⌈M/128⌉/PAIR⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
 //
-// Stage s of the ring has two mbarriers: `full` completes a phase when the producer's two TMA
-// copies of the k tile in it have landed (one arrival with their byte count), `empty` when both consumer
-// warpgroups' wgmmas have finished reading it (256 arrivals). Use u = kt / STAGES of stage
-// kt % STAGES waits for `full` phase u and, before the refill, `empty` phase u − 1 (parities
-// u & 1 and (u − 1) & 1): a stage cannot get two phases ahead of any waiter.
-template <typename T>
+// With PAIR = 2 the two CTAs of a cluster share their weight tile: each loads its half (64
+// rows) and multicasts it into both, so a k tile moves 24 KiB from L2 per CTA instead of 32.
+//
+// Stage s of the ring has two mbarriers: `full` completes a phase when the k tile's bytes
+// have landed in this CTA (its producer's one arrival with the stage's byte count, which the
+// copies of every producer writing into it complete), `empty` when the consumer warps of every
+// CTA of the cluster have finished reading stage s (one arrival per warp, 8 per CTA). Use
+// u = kt / STAGES of stage kt % STAGES waits for `full` phase u and, before the refill,
+// `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead
+// of any waiter.
+template <typename T, int PAIR>
 __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
                      const CUtensorMap& w_map, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
@@ -105,7 +137,8 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
     const int warpgroup = threadIdx.x / 128, wg_thread = threadIdx.x % 128;
 
-    const TileCoord tile = grouped_tile(m, n);
+    const TileCoord tile = cluster_tile<PAIR>(m, n);
+    const int rank = blockIdx.x % PAIR;
     const int m0 = tile.m_tile * TILE, n0 = tile.n_tile * TILE;
     const int k_tiles = (k + TILE - 1) / TILE;
     auto stage_of = [&](int kt) { return smem_base + (kt % STAGES) * STAGE_BYTES; };
@@ -113,50 +146,76 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full_bars + 8 * s, 1);
-            mbarrier_init(empty_bars + 8 * s, CONSUMER_THREADS);
+            mbarrier_init(empty_bars + 8 * s, PAIR * CONSUMER_WARPS);
         }
         mbarrier_init_fence();
     }
-    __syncthreads();
+    // The partner's copies and arrivals may reach this CTA's barriers only once they exist.
+    if constexpr (PAIR == 1) {
+        __syncthreads();
+    } else {
+        cluster_arrive();
+        cluster_wait();
+    }
 
+    float acc[64];
     if (warpgroup == 0) {
-        // Producer: k tile kt into stage kt % STAGES once both consumers are done with the
-        // k tile that was there. One thread issues the copies; the rest have nothing to do.
-        if (threadIdx.x != 0) return;
-        for (int kt = 0; kt < k_tiles; ++kt) {
-            const int s = kt % STAGES, use = kt / STAGES;
-            if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
-            mbarrier_arrive_expect_tx(full_bars + 8 * s, STAGE_BYTES);
-            tma_load_2d(stage_of(kt), &x_map, kt * TILE, m0, full_bars + 8 * s);
-            tma_load_2d(stage_of(kt) + TILE_BYTES, &w_map, kt * TILE, n0, full_bars + 8 * s);
+        // Producer: k tile kt into stage kt % STAGES once every consumer is done with the k
+        // tile that was there. One thread issues the copies; the rest have nothing to do.
+        if (threadIdx.x == 0) {
+            for (int kt = 0; kt < k_tiles; ++kt) {
+                const int s = kt % STAGES, use = kt / STAGES;
+                const uint32_t full = full_bars + 8 * s;
+                const uint32_t w_part = stage_of(kt) + TILE_BYTES + rank * (TILE_BYTES / PAIR);
+                if constexpr (PAIR == 1) {
+                    if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
+                    mbarrier_arrive_expect_tx(full, STAGE_BYTES);
+                    tma_load_2d(stage_of(kt), &x_map, kt * TILE, m0, full);
+                    tma_load_2d(w_part, &w_map, kt * TILE, n0, full);
+                } else {
+                    if (use > 0) mbarrier_wait_cluster(empty_bars + 8 * s, (use - 1) & 1);
+                    mbarrier_arrive_expect_tx(full, STAGE_BYTES);
+                    tma_load_2d(stage_of(kt), &x_map, kt * TILE, m0, full);
+                    tma_load_2d_multicast(w_part, &w_map, kt * TILE, n0 + rank * (TILE / PAIR),
+                                          full, (1 << PAIR) - 1);
+                }
+            }
         }
+    } else {
+        const int consumer = warpgroup - 1;
+        // A partner past M reads the last real row of scales; its products are not stored.
+        const int scale_m_tile = min(tile.m_tile, (m - 1) / TILE);
+        const float* x_scale_row = x_scales + (size_t)scale_m_tile * k_tiles;
+        const float* w_scale_row = w_scales + (size_t)tile.n_tile * k_tiles;
+#pragma unroll
+        for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+        int sums[64];  // one k tile's exact sums
+
+        for (int kt = 0; kt < k_tiles; ++kt) {
+            const int s = kt % STAGES;
+            const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
+            // Ping-pong: consumer 1 issues k tile kt after consumer 0 has, consumer 0 issues k
+            // tile kt + 1 after consumer 1 has issued kt.
+            if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
+            else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+            mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
+            issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2),
+                         stage_of(kt) + TILE_BYTES);
+            if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
+            else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+            wgmma_wait<0>();
+            fence_registers<64>(sums);
+            release_stage<PAIR>(empty_bars + 8 * s);
+            fold(acc, sums, scale);
+        }
+    }
+    // No CTA of a cluster leaves while its partner may still arrive on its barriers.
+    if constexpr (PAIR > 1) cluster_arrive();
+    if (warpgroup == 0) {
+        if constexpr (PAIR > 1) cluster_wait();
         return;
     }
-
     const int consumer = warpgroup - 1;
-    const float* x_scale_row = x_scales + (size_t)tile.m_tile * k_tiles;
-    const float* w_scale_row = w_scales + (size_t)tile.n_tile * k_tiles;
-    float acc[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-    int sums[64];  // one k tile's exact sums
-
-    for (int kt = 0; kt < k_tiles; ++kt) {
-        const int s = kt % STAGES;
-        const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
-        // Ping-pong: consumer 1 issues k tile kt after consumer 0 has, consumer 0 issues k tile
-        // kt + 1 after consumer 1 has issued kt.
-        if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-        else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
-        mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
-        issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2), stage_of(kt) + TILE_BYTES);
-        if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-        else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
-        wgmma_wait<0>();
-        fence_registers<64>(sums);
-        mbarrier_arrive(empty_bars + 8 * s);
-        fold(acc, sums, scale);
-    }
 
     // Accumulator layout of m64nNk32: warp w of the warpgroup holds rows 16w..16w+15; for n8
     // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8.
@@ -173,20 +232,21 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
             if (col < n) store_pair(y_row, col, n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
         }
     }
+    if constexpr (PAIR > 1) cluster_wait();
 }
 
 }  // namespace
 
-extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
-w8a8_gemm_wgmma_f32(const __grid_constant__ CUtensorMap x_map, const float* xs,
-                    const __grid_constant__ CUtensorMap w_map, const float* ws,
-                    float* y, int m, int n, int k) {
-    gemm(x_map, xs, w_map, ws, y, m, n, k);
-}
+// The kernels: f32 or bf16 output, one CTA per tile or clusters of two (PAIR above).
+#define W8A8_GEMM_WGMMA(NAME, T, PAIR, CLUSTER)                                            \
+    extern "C" __global__ void CLUSTER __launch_bounds__(WGMMA_THREADS, 1)                 \
+    NAME(const __grid_constant__ CUtensorMap x_map, const float* xs,                      \
+         const __grid_constant__ CUtensorMap w_map, const float* ws, T* y, int m, int n,   \
+         int k) {                                                                          \
+        gemm<T, PAIR>(x_map, xs, w_map, ws, y, m, n, k);                                   \
+    }
 
-extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)
-w8a8_gemm_wgmma_bf16(const __grid_constant__ CUtensorMap x_map, const float* xs,
-                     const __grid_constant__ CUtensorMap w_map, const float* ws,
-                     bf16* y, int m, int n, int k) {
-    gemm(x_map, xs, w_map, ws, y, m, n, k);
-}
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, __cluster_dims__(2, 1, 1))

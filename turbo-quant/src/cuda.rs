@@ -29,6 +29,9 @@ struct GemmVariant {
     threads: u32,
     smem_bytes: u32,
     operands: Operands,
+    /// CTAs per cluster along m (1 or 2), which share the weight tile: each loads 128 / this
+    /// many of its rows (the weight map's box) and multicasts them to the others.
+    cluster_m: usize,
 }
 
 /// How a GEMM kernel takes the int8 activations and weights.
@@ -51,6 +54,7 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     threads: THREADS,
     smem_bytes: 4 * STAGE_BYTES,
     operands: Operands::Pointers,
+    cluster_m: 1,
 };
 
 /// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
@@ -69,6 +73,14 @@ const WGMMA: GemmVariant = GemmVariant {
     threads: 3 * 128,
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
     operands: Operands::TensorMaps,
+    cluster_m: 1,
+};
+
+/// [`WGMMA`] in clusters of two CTAs of neighbouring m tiles.
+const WGMMA_PAIR: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_pair",
+    cluster_m: 2,
+    ..WGMMA
 };
 
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
@@ -76,8 +88,12 @@ const WGMMA: GemmVariant = GemmVariant {
 /// shared memory per CTA allows.
 fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVariant> {
     let context = dev.cuda_stream().context().clone();
-    if kernel == GemmKernel::Wgmma && context.compute_capability().w()? == (9, 0) {
-        return Ok(&WGMMA);
+    if context.compute_capability().w()? == (9, 0) {
+        match kernel {
+            GemmKernel::Wgmma => return Ok(&WGMMA),
+            GemmKernel::WgmmaPair => return Ok(&WGMMA_PAIR),
+            GemmKernel::MmaSync => {}
+        }
     }
     let smem_per_cta = context
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
@@ -236,8 +252,8 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             let (x_ptr, x_read) = args.x_q.device_ptr(&stream);
             let (w_ptr, w_read) = args.weight.device_ptr(&stream);
             let maps = [
-                int8_tiles(x_ptr, args.m, args.k)?,
-                int8_tiles(w_ptr, args.n, args.k)?,
+                int8_tiles(x_ptr, args.m, args.k, TILE)?,
+                int8_tiles(w_ptr, args.n, args.k, TILE / variant.cluster_m)?,
             ];
             (Some(maps), Some((x_read, w_read)))
         }
@@ -257,8 +273,10 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             .arg(args.weight_scales),
     };
     launch.arg(&y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-    // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m tiles.
-    let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
+    // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m
+    // tiles; the m tiles rounded up to whole clusters.
+    let m_tiles = args.m.div_ceil(TILE).next_multiple_of(variant.cluster_m);
+    let tiles = m_tiles * args.n.div_ceil(TILE);
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, 1, 1),
         block_dim: (variant.threads, 1, 1),
@@ -269,15 +287,21 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 }
 
 /// The TMA map of the row-major int8 `[rows, cols]` matrix at `ptr` (16-byte aligned, `cols` a
-/// multiple of 16) in 128×128-byte boxes with the 128-byte swizzle: one TMA copy is one
-/// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
-fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<TensorMap> {
+/// multiple of 16) in boxes of `box_rows` × 128 bytes with the 128-byte swizzle: one TMA copy
+/// of 128 rows is one swizzled tile of `kernels/w8a8.cuh` (of 64 rows, its first or second
+/// half). Boxes past the edges read zeros.
+fn int8_tiles(
+    ptr: sys::CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+) -> Result<TensorMap> {
     TensorMap::swizzled(
         ptr,
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         &[cols as u64, rows as u64],
         &[cols as u64],
-        &[TILE as u32, TILE as u32],
+        &[TILE as u32, box_rows as u32],
         Swizzle::Bytes128,
     )
     .map_err(candle_core::Error::wrap)

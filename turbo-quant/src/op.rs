@@ -82,17 +82,26 @@ pub enum GemmKernel {
     /// bits.
     #[default]
     Wgmma,
+    /// [`GemmKernel::Wgmma`] run as clusters of two CTAs on neighbouring m tiles that share their
+    /// weight tile (each loads half of it from L2 and multicasts it to both); the same sums
+    /// and fold, so the same output bit for bit.
+    WgmmaPair,
 }
 
 impl GemmKernel {
     /// Every kernel, for checks and benchmarks that compare them.
-    pub const ALL: [GemmKernel; 2] = [GemmKernel::MmaSync, GemmKernel::Wgmma];
+    pub const ALL: [GemmKernel; 3] = [
+        GemmKernel::MmaSync,
+        GemmKernel::Wgmma,
+        GemmKernel::WgmmaPair,
+    ];
 
-    /// A short name for tables: `mma.sync` or `wgmma`.
+    /// A short name for tables: `mma.sync`, `wgmma` or `wgmma pair`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::MmaSync => "mma.sync",
             GemmKernel::Wgmma => "wgmma",
+            GemmKernel::WgmmaPair => "wgmma pair",
         }
     }
 }
