@@ -87,58 +87,89 @@ constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
 constexpr int CONSUMER_0_ISSUED = 1;
 constexpr int CONSUMER_1_ISSUED = 2;
 
-// The output tile of this CTA. With PAIR = 2 the grid is made of clusters of two CTAs, of m
-// tiles 2p and 2p + 1 and the same n tile (the cluster's CTA rank is blockIdx.x % 2 in a 1-D
-// grid), rastered like single tiles; an odd last m tile's partner lies past M.
-template <int PAIR>
-__device__ __forceinline__ TileCoord cluster_tile(int m, int n) {
-    const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
-    const TileCoord unit = grouped_tile(blockIdx.x / PAIR, (m_tiles + PAIR - 1) / PAIR, n_tiles,
-                                        GROUP_M / PAIR);
-    return {unit.m_tile * PAIR + (int)(blockIdx.x % PAIR), unit.n_tile};
-}
+// A cluster of CM × CN CTAs (1 or 2 each) on neighbouring output tiles: the CM CTAs of one n
+// tile share its weight tile, the CN CTAs of one m tile its activation tile. Each loads its
+// 1/CN of the activation tile's rows and 1/CM of the weight tile's and multicasts them to the
+// CTAs that share them, so a k tile moves 32 KiB · (1/CN + 1/CM) / 2 from L2 per CTA.
+// In a 1-D grid a cluster is CM·CN consecutive CTAs; rank r is at (r % CM, r / CM) in it.
+template <int CM, int CN>
+struct Cluster {
+    static constexpr int SIZE = CM * CN;
+    int m_rank, n_rank;
+
+    __device__ Cluster() : m_rank(blockIdx.x % SIZE % CM), n_rank(blockIdx.x % SIZE / CM) {}
+
+    // This CTA's output tile: clusters rastered like single tiles in GROUP_M / CM rows of
+    // clusters; a partner past M or N computes zeros that are not stored.
+    __device__ TileCoord tile(int m, int n) const {
+        const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
+        const TileCoord unit = grouped_tile(blockIdx.x / SIZE, (m_tiles + CM - 1) / CM,
+                                            (n_tiles + CN - 1) / CN, GROUP_M / CM);
+        return {unit.m_tile * CM + m_rank, unit.n_tile * CN + n_rank};
+    }
+
+    // The CTAs that share this CTA's activation tile (same m rank) and weight tile (same n
+    // rank), as multicast masks.
+    __device__ uint16_t x_sharers() const {
+        uint16_t mask = 0;
+        for (int j = 0; j < CN; ++j) mask |= 1 << (m_rank + CM * j);
+        return mask;
+    }
+    __device__ uint16_t w_sharers() const { return ((1 << CM) - 1) << (CM * n_rank); }
+};
 
 // Releases a stage once this warp's wgmmas have read it: one arrival per consumer warp on the
-// stage's `empty` mbarrier in every CTA of the cluster, whose producers all write into it.
-template <int PAIR>
+// stage's `empty` mbarrier in every CTA of the cluster, whose producers write into it.
+template <int SIZE>
 __device__ __forceinline__ void release_stage(uint32_t empty_bar) {
     __syncwarp();
     if (threadIdx.x % 32 != 0) return;
-    if constexpr (PAIR == 1) {
+    if constexpr (SIZE == 1) {
         mbarrier_arrive(empty_bar);
     } else {
 #pragma unroll
-        for (int cta = 0; cta < PAIR; ++cta) mbarrier_arrive_cluster(empty_bar, cta);
+        for (int cta = 0; cta < SIZE; ++cta) mbarrier_arrive_cluster(empty_bar, cta);
     }
 }
 
-// x_map: 2-D tensor map of x_q [M, K] in 128×128-byte boxes; w_map: of w_q [N, K] in boxes of
-// 128 / PAIR rows × 128 bytes (int8 row-major, K a multiple of 16, 128-byte swizzle:
-// turbo-quant's cuda.rs); scales [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid
-// PAIR·⌈⌈M/128⌉/PAIR⌉·⌈N/128⌉ (1-D), 384 threads, GEMM_SMEM_BYTES dynamic smem.
+// Rows [row0 + part·rows/parts, +rows/parts) of a 128-row tile of `map` at k offset `x` into the
+// same part of the tile at `dst`, for this CTA alone or multicast to `sharers`.
+template <int PARTS>
+__device__ __forceinline__ void load_tile_part(uint32_t dst, const CUtensorMap* map, int x,
+                                               int row0, int part, uint32_t full,
+                                               uint16_t sharers) {
+    const uint32_t at = dst + part * (TILE_BYTES / PARTS);
+    const int row = row0 + part * (TILE / PARTS);
+    if constexpr (PARTS == 1) tma_load_2d(at, map, x, row, full);
+    else tma_load_2d_multicast(at, map, x, row, full, sharers);
+}
+
+// x_map, w_map: 2-D tensor maps of x_q [M, K] and w_q [N, K] (int8 row-major, K a multiple of
+// 16, 128-byte swizzle: turbo-quant's cuda.rs) in boxes of 128 / CN and 128 / CM rows × 128
+// bytes; scales [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid: the m and n tiles each
+// rounded up to whole clusters, 1-D; 384 threads, GEMM_SMEM_BYTES dynamic smem.
 //
-// With PAIR = 2 the two CTAs of a cluster share their weight tile: each loads its half (64
-// rows) and multicasts it into both, so a k tile moves 24 KiB from L2 per CTA instead of 32.
-//
-// Stage s of the ring has two mbarriers: `full` completes a phase when the k tile's bytes
-// have landed in this CTA (its producer's one arrival with the stage's byte count, which the
-// copies of every producer writing into it complete), `empty` when the consumer warps of every
+// Stage s of the ring has two mbarriers: `full` completes a phase when the k tile's bytes have
+// landed in this CTA (its producer's one arrival with the stage's byte count, which the copies
+// of every producer writing into the stage complete), `empty` when the consumer warps of every
 // CTA of the cluster have finished reading stage s (one arrival per warp, 8 per CTA). Use
 // u = kt / STAGES of stage kt % STAGES waits for `full` phase u and, before the refill,
 // `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead
 // of any waiter.
-template <typename T, int PAIR>
+template <typename T, int CM, int CN>
 __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
                      const CUtensorMap& w_map, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
+    using ThisCluster = Cluster<CM, CN>;
+    constexpr int SIZE = ThisCluster::SIZE;
     extern __shared__ __align__(16) int8_t smem[];
     const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
     const uint32_t smem_base =
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
     const int warpgroup = threadIdx.x / 128, wg_thread = threadIdx.x % 128;
 
-    const TileCoord tile = cluster_tile<PAIR>(m, n);
-    const int rank = blockIdx.x % PAIR;
+    const ThisCluster cluster;
+    const TileCoord tile = cluster.tile(m, n);
     const int m0 = tile.m_tile * TILE, n0 = tile.n_tile * TILE;
     const int k_tiles = (k + TILE - 1) / TILE;
     auto stage_of = [&](int kt) { return smem_base + (kt % STAGES) * STAGE_BYTES; };
@@ -146,12 +177,12 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full_bars + 8 * s, 1);
-            mbarrier_init(empty_bars + 8 * s, PAIR * CONSUMER_WARPS);
+            mbarrier_init(empty_bars + 8 * s, SIZE * CONSUMER_WARPS);
         }
         mbarrier_init_fence();
     }
-    // The partner's copies and arrivals may reach this CTA's barriers only once they exist.
-    if constexpr (PAIR == 1) {
+    // The partners' copies and arrivals may reach this CTA's barriers only once they exist.
+    if constexpr (SIZE == 1) {
         __syncthreads();
     } else {
         cluster_arrive();
@@ -166,27 +197,25 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
             for (int kt = 0; kt < k_tiles; ++kt) {
                 const int s = kt % STAGES, use = kt / STAGES;
                 const uint32_t full = full_bars + 8 * s;
-                const uint32_t w_part = stage_of(kt) + TILE_BYTES + rank * (TILE_BYTES / PAIR);
-                if constexpr (PAIR == 1) {
-                    if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
-                    mbarrier_arrive_expect_tx(full, STAGE_BYTES);
-                    tma_load_2d(stage_of(kt), &x_map, kt * TILE, m0, full);
-                    tma_load_2d(w_part, &w_map, kt * TILE, n0, full);
-                } else {
-                    if (use > 0) mbarrier_wait_cluster(empty_bars + 8 * s, (use - 1) & 1);
-                    mbarrier_arrive_expect_tx(full, STAGE_BYTES);
-                    tma_load_2d(stage_of(kt), &x_map, kt * TILE, m0, full);
-                    tma_load_2d_multicast(w_part, &w_map, kt * TILE, n0 + rank * (TILE / PAIR),
-                                          full, (1 << PAIR) - 1);
+                if (use > 0) {
+                    if constexpr (SIZE == 1) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
+                    else mbarrier_wait_cluster(empty_bars + 8 * s, (use - 1) & 1);
                 }
+                mbarrier_arrive_expect_tx(full, STAGE_BYTES);
+                load_tile_part<CN>(stage_of(kt), &x_map, kt * TILE, m0, cluster.n_rank, full,
+                                   cluster.x_sharers());
+                load_tile_part<CM>(stage_of(kt) + TILE_BYTES, &w_map, kt * TILE, n0,
+                                   cluster.m_rank, full, cluster.w_sharers());
             }
         }
     } else {
         const int consumer = warpgroup - 1;
-        // A partner past M reads the last real row of scales; its products are not stored.
+        // A partner past M or N reads the last real row of scales; its products are not
+        // stored.
         const int scale_m_tile = min(tile.m_tile, (m - 1) / TILE);
+        const int scale_n_tile = min(tile.n_tile, (n - 1) / TILE);
         const float* x_scale_row = x_scales + (size_t)scale_m_tile * k_tiles;
-        const float* w_scale_row = w_scales + (size_t)tile.n_tile * k_tiles;
+        const float* w_scale_row = w_scales + (size_t)scale_n_tile * k_tiles;
 #pragma unroll
         for (int i = 0; i < 64; ++i) acc[i] = 0.f;
         int sums[64];  // one k tile's exact sums
@@ -205,14 +234,14 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
             else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
             wgmma_wait<0>();
             fence_registers<64>(sums);
-            release_stage<PAIR>(empty_bars + 8 * s);
+            release_stage<SIZE>(empty_bars + 8 * s);
             fold(acc, sums, scale);
         }
     }
-    // No CTA of a cluster leaves while its partner may still arrive on its barriers.
-    if constexpr (PAIR > 1) cluster_arrive();
+    // No CTA of a cluster leaves while a partner may still arrive on its barriers.
+    if constexpr (SIZE > 1) cluster_arrive();
     if (warpgroup == 0) {
-        if constexpr (PAIR > 1) cluster_wait();
+        if constexpr (SIZE > 1) cluster_wait();
         return;
     }
     const int consumer = warpgroup - 1;
@@ -232,21 +261,24 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
             if (col < n) store_pair(y_row, col, n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
         }
     }
-    if constexpr (PAIR > 1) cluster_wait();
+    if constexpr (SIZE > 1) cluster_wait();
 }
 
 }  // namespace
 
-// The kernels: f32 or bf16 output, one CTA per tile or clusters of two (PAIR above).
-#define W8A8_GEMM_WGMMA(NAME, T, PAIR, CLUSTER)                                            \
-    extern "C" __global__ void CLUSTER __launch_bounds__(WGMMA_THREADS, 1)                 \
-    NAME(const __grid_constant__ CUtensorMap x_map, const float* xs,                      \
-         const __grid_constant__ CUtensorMap w_map, const float* ws, T* y, int m, int n,   \
-         int k) {                                                                          \
-        gemm<T, PAIR>(x_map, xs, w_map, ws, y, m, n, k);                                   \
+// The kernels: f32 or bf16 output; one CTA per tile, clusters of two along m (sharing the
+// weight tile) or of 2 × 2 (sharing both operands).
+#define W8A8_GEMM_WGMMA(NAME, T, CM, CN, CLUSTER_DIMS)                                       \
+    extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WGMMA_THREADS, 1)             \
+        NAME(const __grid_constant__ CUtensorMap x_map, const float* xs,                    \
+             const __grid_constant__ CUtensorMap w_map, const float* ws, T* y, int m, int n, \
+             int k) {                                                                        \
+        gemm<T, CM, CN>(x_map, xs, w_map, ws, y, m, n, k);                                   \
     }
 
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, 1, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, 1, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, 1, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, 1, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_f32, float, 2, 2, __cluster_dims__(4, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_bf16, bf16, 2, 2, __cluster_dims__(4, 1, 1))

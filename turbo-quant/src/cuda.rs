@@ -29,9 +29,10 @@ struct GemmVariant {
     threads: u32,
     smem_bytes: u32,
     operands: Operands,
-    /// CTAs per cluster along m (1 or 2), which share the weight tile: each loads 128 / this
-    /// many of its rows (the weight map's box) and multicasts them to the others.
-    cluster_m: usize,
+    /// CTAs per cluster along m and n (1 or 2 each). Those along m share their weight tile,
+    /// those along n their activation tile: each loads 128 / that many of the shared tile's
+    /// rows (the map's box) and multicasts them to the others.
+    cluster: [usize; 2],
 }
 
 /// How a GEMM kernel takes the int8 activations and weights.
@@ -54,7 +55,7 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     threads: THREADS,
     smem_bytes: 4 * STAGE_BYTES,
     operands: Operands::Pointers,
-    cluster_m: 1,
+    cluster: [1, 1],
 };
 
 /// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
@@ -73,13 +74,20 @@ const WGMMA: GemmVariant = GemmVariant {
     threads: 3 * 128,
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
     operands: Operands::TensorMaps,
-    cluster_m: 1,
+    cluster: [1, 1],
 };
 
 /// [`WGMMA`] in clusters of two CTAs of neighbouring m tiles.
 const WGMMA_PAIR: GemmVariant = GemmVariant {
     function: "w8a8_gemm_wgmma_pair",
-    cluster_m: 2,
+    cluster: [2, 1],
+    ..WGMMA
+};
+
+/// [`WGMMA`] in clusters of 2 × 2 CTAs.
+const WGMMA_QUAD: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_quad",
+    cluster: [2, 2],
     ..WGMMA
 };
 
@@ -92,6 +100,7 @@ fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVar
         match kernel {
             GemmKernel::Wgmma => return Ok(&WGMMA),
             GemmKernel::WgmmaPair => return Ok(&WGMMA_PAIR),
+            GemmKernel::WgmmaQuad => return Ok(&WGMMA_QUAD),
             GemmKernel::MmaSync => {}
         }
     }
@@ -252,8 +261,8 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             let (x_ptr, x_read) = args.x_q.device_ptr(&stream);
             let (w_ptr, w_read) = args.weight.device_ptr(&stream);
             let maps = [
-                int8_tiles(x_ptr, args.m, args.k, TILE)?,
-                int8_tiles(w_ptr, args.n, args.k, TILE / variant.cluster_m)?,
+                int8_tiles(x_ptr, args.m, args.k, TILE / variant.cluster[1])?,
+                int8_tiles(w_ptr, args.n, args.k, TILE / variant.cluster[0])?,
             ];
             (Some(maps), Some((x_read, w_read)))
         }
@@ -275,8 +284,9 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     launch.arg(&y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
     // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m
     // tiles; the m tiles rounded up to whole clusters.
-    let m_tiles = args.m.div_ceil(TILE).next_multiple_of(variant.cluster_m);
-    let tiles = m_tiles * args.n.div_ceil(TILE);
+    let [cluster_m, cluster_n] = variant.cluster;
+    let tiles = args.m.div_ceil(TILE).next_multiple_of(cluster_m)
+        * args.n.div_ceil(TILE).next_multiple_of(cluster_n);
     let cfg = LaunchConfig {
         grid_dim: (tiles as u32, 1, 1),
         block_dim: (variant.threads, 1, 1),

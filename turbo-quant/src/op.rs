@@ -86,22 +86,27 @@ pub enum GemmKernel {
     /// weight tile (each loads half of it from L2 and multicasts it to both); the same sums
     /// and fold, so the same output bit for bit.
     WgmmaPair,
+    /// [`GemmKernel::Wgmma`] run as clusters of 2 × 2 CTAs: the two of an n tile share its
+    /// weight tile, the two of an m tile its activation tile. The same output bit for bit.
+    WgmmaQuad,
 }
 
 impl GemmKernel {
     /// Every kernel, for checks and benchmarks that compare them.
-    pub const ALL: [GemmKernel; 3] = [
+    pub const ALL: [GemmKernel; 4] = [
         GemmKernel::MmaSync,
         GemmKernel::Wgmma,
         GemmKernel::WgmmaPair,
+        GemmKernel::WgmmaQuad,
     ];
 
-    /// A short name for tables: `mma.sync`, `wgmma` or `wgmma pair`.
+    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma pair` or `wgmma quad`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::MmaSync => "mma.sync",
             GemmKernel::Wgmma => "wgmma",
             GemmKernel::WgmmaPair => "wgmma pair",
+            GemmKernel::WgmmaQuad => "wgmma quad",
         }
     }
 }
