@@ -54,7 +54,7 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 ncu_linear() {
   local ncu rep="$OUT/ncu_linear"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  timeout 400 "$ncu" --set full --import-source no -k 'regex:gemm|nvjet' --launch-count 5 -f \
+  timeout 400 "$ncu" --set full --import-source no -k 'regex:gemm|nvjet' --launch-count 6 -f \
     -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
     > "$OUT/ncu_linear.log" 2>&1 || return 1
   "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
