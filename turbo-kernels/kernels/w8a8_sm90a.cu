@@ -6,7 +6,9 @@
 // threads streams k tiles (128 bytes of k) into a STAGES-deep ring with TMA (two 128×128-byte
 // boxes per k tile, from tensor maps in the 128-byte swizzle: at a 1024-byte-aligned tile the
 // layout of w8a8.cuh, K-major 8-row atoms of 1024 bytes), each stage's `full` mbarrier
-// completing when its bytes have landed.
+// completing when its bytes have landed. CTAs may run as clusters on neighbouring tiles
+// (`Cluster` below) that split the loads of the tiles they share and multicast them, which
+// cuts the bytes each k tile moves from L2.
 // Warpgroups 1 and 2 are consumers, each m64 × n128 (its 64 rows of the activation tile
 // against the whole weight tile): wait for `full`, issue four m64n128k32 wgmmas into int32
 // registers (exact sums), wait for them, release the stage on its `empty` mbarrier and fold
