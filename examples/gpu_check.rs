@@ -988,6 +988,7 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
             } else {
                 format!(", x at offset {offset}")
             };
+            let mut wgmma = None;
             for kernel in GemmKernel::ALL {
                 let dev = int8_matmul_with(
                     &on_device(&x)?,
@@ -995,17 +996,32 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                     &on_device(weight.scale())?,
                     kernel,
                 )?;
+                let shape = format!("{tag} [{m}, {k}]·[{n}, {k}]ᵀ{at}");
                 push(
                     &mut checks,
                     Check {
-                        name: format!(
-                            "kernel w8a8 {} {tag} [{m}, {k}]·[{n}, {k}]ᵀ{at} vs cpu",
-                            kernel.name()
-                        ),
+                        name: format!("kernel w8a8 {} {shape} vs cpu", kernel.name()),
                         error: relative_error(&dev, &cpu)?,
                         threshold,
                     },
                 );
+                // The clustered wgmma kernels compute the same sums and fold: bit for bit.
+                match (kernel, &wgmma) {
+                    (GemmKernel::Wgmma, _) => wgmma = Some(dev),
+                    (GemmKernel::WgmmaPair | GemmKernel::WgmmaQuad, Some(single)) => push(
+                        &mut checks,
+                        Check {
+                            name: format!("kernel w8a8 {} {shape} vs wgmma", kernel.name()),
+                            error: (&dev - single)?
+                                .abs()?
+                                .to_dtype(DType::F64)?
+                                .max_all()?
+                                .to_scalar::<f64>()?,
+                            threshold: 0.0,
+                        },
+                    ),
+                    _ => {}
+                }
             }
         }
     }
