@@ -54,7 +54,7 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 ncu_linear() {
   local ncu rep="$OUT/ncu_linear"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  timeout 400 "$ncu" --set full --import-source no -k 'regex:gemm|nvjet' --launch-count 6 -f \
+  timeout 400 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 3 -f \
     -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
     > "$OUT/ncu_linear.log" 2>&1 || return 1
   "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
@@ -67,6 +67,7 @@ for step in "$@"; do
     bench-attention) bench attention 240 ;;
     bench-linear) bench linear 150 linear --log debug ;;
     bench-dit) bench dit 240 ;;
+    bench-dit-sparse) bench dit 240 dit_sparse --dit-attention sla:0.1,sagesla:0.1 ;;
     bench-vae) bench vae 240 ;;
     bench-t2v) bench t2v 300 ;;
     bench-dit-14b) bench dit 500 dit_14b --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 ;;
@@ -95,9 +96,8 @@ for step in "$@"; do
       [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
       timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
         "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
-    # Nsight Compute's full set on the first 14B linear shape (M 75 600, K = N = 5 120): the
-    # cuBLAS product, the cuBLASLt Linear and every W8A8 GEMM, and the per-SASS-instruction
-    # warp stall samples of the W8A8 GEMMs (the report travels back too).
+    # Nsight Compute's full set on the wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
+    # K = N = 5 120), and their SASS lines with the warp stall samples of each.
     ncu-linear) ncu_linear ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;

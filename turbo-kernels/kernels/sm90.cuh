@@ -130,30 +130,29 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         : "memory");
 }
 
-// mbarrier_wait for a barrier that threads of other CTAs of the cluster arrive on.
-__device__ __forceinline__ void mbarrier_wait_cluster(uint32_t bar, uint32_t parity) {
-    asm volatile(
-        "{\n.reg .pred done;\nWAIT:\n"
-        "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-        "@!done bra WAIT;\n}\n" ::"r"(bar),
-        "r"(parity)
-        : "memory");
-}
-
 // Arrives on the mbarrier at `bar`'s offset in the shared memory of the cluster's CTA of rank
-// `cta` (this CTA's own included).
+// `cta` (this CTA's own included). CTA-scope release, as a local arrive: the arrival only says
+// that this warp's wgmmas have finished reading a stage, which orders no memory of its own. (A
+// `.release.cluster` arrive compiles to MEMBAR.ALL.GPU before every arrival, and made the
+// clustered GEMM 2–4× slower than one CTA.)
 __device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar, uint32_t cta) {
     asm volatile(
         "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
+        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
         "r"(cta)
         : "memory");
 }
 
 // The cluster-wide barrier in two halves: `cluster_arrive` counts this thread in (releasing
-// its earlier writes), `cluster_wait` waits for every thread of every CTA of the cluster.
+// its earlier writes; MEMBAR.ALL.GPU), `cluster_arrive_relaxed` without ordering them (after
+// `mbarrier_init_fence`, which orders the barriers' initialisation itself), `cluster_wait`
+// waits for every thread of every CTA of the cluster.
 __device__ __forceinline__ void cluster_arrive() {
     asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+    asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
 }
 
 __device__ __forceinline__ void cluster_wait() {

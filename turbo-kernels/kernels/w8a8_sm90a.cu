@@ -187,7 +187,7 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
     if constexpr (SIZE == 1) {
         __syncthreads();
     } else {
-        cluster_arrive();
+        cluster_arrive_relaxed();
         cluster_wait();
     }
 
@@ -199,10 +199,7 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
             for (int kt = 0; kt < k_tiles; ++kt) {
                 const int s = kt % STAGES, use = kt / STAGES;
                 const uint32_t full = full_bars + 8 * s;
-                if (use > 0) {
-                    if constexpr (SIZE == 1) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
-                    else mbarrier_wait_cluster(empty_bars + 8 * s, (use - 1) & 1);
-                }
+                if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
                 mbarrier_arrive_expect_tx(full, STAGE_BYTES);
                 load_tile_part<CN>(stage_of(kt), &x_map, kt * TILE, m0, cluster.n_rank, full,
                                    cluster.x_sharers());
