@@ -196,7 +196,7 @@ pub fn e2e_rows(device: &Device, args: &Args, rows: &mut Vec<Row>) -> Result<()>
             ));
         }
         let jit = match process {
-            1 => "first process here: PTX JIT included",
+            1 => "first process here: candle's PTX kernels JIT-compiled (ours are machine code)",
             _ => "driver JIT cache warm",
         };
         for run in runs {
