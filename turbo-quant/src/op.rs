@@ -77,9 +77,10 @@ pub enum GemmKernel {
     /// the CPU's bit for bit.
     MmaSync,
     /// Hopper `wgmma` GEMM on compute capability 9.0 devices (the `mma.sync` one elsewhere),
-    /// one CTA per tile: 1.3–1.5× the `mma.sync` kernel on an H200. It folds each k tile's sum
-    /// with one fused multiply-add, so an f32 output may differ from the CPU's in its last
-    /// bits.
+    /// one CTA per tile, the default: 1.3–1.5× the `mma.sync` kernel on an H200. It folds
+    /// each k tile's sum with one fused multiply-add, so an f32 output may differ from the
+    /// CPU's in its last bits.
+    #[default]
     Wgmma,
     /// [`GemmKernel::Wgmma`] run as clusters of two CTAs on neighbouring m tiles that share their
     /// weight tile (each loads half of it from L2 and multicasts it to both); the same sums
@@ -87,8 +88,6 @@ pub enum GemmKernel {
     WgmmaPair,
     /// [`GemmKernel::Wgmma`] run as clusters of 2 × 2 CTAs: the two of an n tile share its
     /// weight tile, the two of an m tile its activation tile. The same output bit for bit.
-    /// The default.
-    #[default]
     WgmmaQuad,
 }
 
