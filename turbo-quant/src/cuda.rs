@@ -283,7 +283,7 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     };
     launch.arg(&y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
     // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m
-    // tiles; the m tiles rounded up to whole clusters.
+    // tiles; the m and the n tiles each rounded up to whole clusters.
     let [cluster_m, cluster_n] = variant.cluster;
     let tiles = args.m.div_ceil(TILE).next_multiple_of(cluster_m)
         * args.n.div_ceil(TILE).next_multiple_of(cluster_n);
