@@ -1008,18 +1008,10 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 // The clustered wgmma kernels compute the same sums and fold: bit for bit.
                 match (kernel, &wgmma) {
                     (GemmKernel::Wgmma, _) => wgmma = Some(dev),
-                    (GemmKernel::WgmmaPair | GemmKernel::WgmmaQuad, Some(single)) => push(
-                        &mut checks,
-                        Check {
-                            name: format!("kernel w8a8 {} {shape} vs wgmma", kernel.name()),
-                            error: (&dev - single)?
-                                .abs()?
-                                .to_dtype(DType::F64)?
-                                .max_all()?
-                                .to_scalar::<f64>()?,
-                            threshold: 0.0,
-                        },
-                    ),
+                    (GemmKernel::WgmmaPair | GemmKernel::WgmmaQuad, Some(single)) => {
+                        let name = format!("kernel w8a8 {} {shape} vs wgmma", kernel.name());
+                        push(&mut checks, exact(name, &dev, single)?);
+                    }
                     _ => {}
                 }
             }

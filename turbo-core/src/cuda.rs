@@ -1,7 +1,8 @@
 //! Helpers for the crates that launch their own CUDA kernels on candle tensors.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUtensorMap};
 use candle_core::cuda_backend::cudarc::driver::{
@@ -35,8 +36,45 @@ impl Kernel {
     }
 }
 
-/// The modules [`kernel`] has loaded, by device and module name.
-type LoadedModules = HashMap<(DeviceId, &'static str), Arc<CudaModule>>;
+/// A process-wide map from a key (a device, or a device and a name) to a value made by its first
+/// use and kept: a loaded module, a library handle, page-locked buffers. Only ever inserted
+/// into, so a thread that panicked while holding it left it whole.
+pub struct PerDevice<K, V> {
+    values: OnceLock<Mutex<HashMap<K, V>>>,
+}
+
+impl<K: Eq + Hash, V: Clone> PerDevice<K, V> {
+    pub const fn new() -> Self {
+        Self {
+            values: OnceLock::new(),
+        }
+    }
+
+    /// The value of `key`, made by `make` if it has none yet.
+    pub fn get_or_try_insert<E>(
+        &self,
+        key: K,
+        make: impl FnOnce() -> std::result::Result<V, E>,
+    ) -> std::result::Result<V, E> {
+        let mut values = self
+            .values
+            .get_or_init(Default::default)
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(value) = values.get(&key) {
+            return Ok(value.clone());
+        }
+        let value = make()?;
+        values.insert(key, value.clone());
+        Ok(value)
+    }
+}
+
+impl<K: Eq + Hash, V: Clone> Default for PerDevice<K, V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Kernel `name` of `module`, whose `image` is a fatbin of `turbo-kernels` (machine code for
 /// the build's architecture, which loads without the driver's JIT, and PTX beside it for other
@@ -47,25 +85,14 @@ pub fn kernel(
     module: &'static str,
     image: &'static [u8],
 ) -> candle_core::Result<Kernel> {
-    static MODULES: OnceLock<Mutex<LoadedModules>> = OnceLock::new();
+    static MODULES: PerDevice<(DeviceId, &'static str), Arc<CudaModule>> = PerDevice::new();
     let stream = dev.cuda_stream();
-    let loaded = {
-        let mut modules = MODULES
-            .get_or_init(Default::default)
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match modules.get(&(dev.id(), module)) {
-            Some(loaded) => loaded.clone(),
-            None => {
-                let loaded = stream
-                    .context()
-                    .load_module(Ptx::from_binary(image.to_vec()))
-                    .w()?;
-                modules.insert((dev.id(), module), loaded.clone());
-                loaded
-            }
-        }
-    };
+    let loaded = MODULES.get_or_try_insert((dev.id(), module), || {
+        stream
+            .context()
+            .load_module(Ptx::from_binary(image.to_vec()))
+            .w()
+    })?;
     let function = loaded.load_function(name).w()?;
     Ok(Kernel { function, stream })
 }

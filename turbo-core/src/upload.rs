@@ -12,8 +12,8 @@ use crate::{Error, Result};
 /// Tensors of at least this many bytes go through the page-locked buffers; a smaller one is
 /// copied directly (two event waits would cost more than they save). On an H100 the buffers
 /// moved the 1.3B `-quant.pth` at 29 GB/s against 9.8 GB/s for pageable copies (bench `e2e`):
-/// 36 against 107 µs for a MiB, well above the waits, so the 2.4 MB q/k/v/o weights of the
-/// 1.3B DiT take them too.
+/// at those rates a MiB takes 36 against 107 µs, well above the waits, so the 2.4 MB q/k/v/o
+/// weights of the 1.3B DiT take them too.
 pub const STAGED_MIN_BYTES: usize = 1 << 20;
 
 /// The tensor of `dtype` and `shape` on `device` whose elements are `bytes` (little-endian, in
@@ -42,7 +42,7 @@ pub fn tensor_from_bytes(
 
 #[cfg(feature = "cuda")]
 mod staged {
-    use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+    use std::sync::{Arc, Mutex, PoisonError};
 
     use candle_core::cuda_backend::cudarc::driver::{
         result, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PinnedHostSlice,
@@ -51,6 +51,7 @@ mod staged {
     use candle_core::op::BackpropOp;
     use candle_core::{DType, Storage, Tensor};
 
+    use crate::cuda::PerDevice;
     use crate::{Error, Result};
 
     /// Bytes of each page-locked buffer: two per device, kept for the process.
@@ -73,10 +74,6 @@ mod staged {
         Error::Candle(candle_core::Error::Msg(format!("CUDA upload: {e}")))
     }
 
-    fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-        mutex.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     impl Staging {
         fn new(stream: &CudaStream) -> Result<Self> {
             let buffer = || -> Result<Buffer> {
@@ -94,15 +91,10 @@ mod staged {
 
     /// The staging buffers of `device`, allocated by its first upload.
     fn staging_of(device: &CudaDevice) -> Result<Arc<Mutex<Staging>>> {
-        type Slots = Vec<(DeviceId, Arc<Mutex<Staging>>)>;
-        static ALL: Mutex<Slots> = Mutex::new(Vec::new());
-        let mut all = lock(&ALL);
-        if let Some((_, staging)) = all.iter().find(|(id, _)| *id == device.id()) {
-            return Ok(Arc::clone(staging));
-        }
-        let staging = Arc::new(Mutex::new(Staging::new(&device.cuda_stream())?));
-        all.push((device.id(), Arc::clone(&staging)));
-        Ok(staging)
+        static ALL: PerDevice<DeviceId, Arc<Mutex<Staging>>> = PerDevice::new();
+        ALL.get_or_try_insert(device.id(), || {
+            Ok(Arc::new(Mutex::new(Staging::new(&device.cuda_stream())?)))
+        })
     }
 
     /// `bytes` as a `dtype` tensor of `shape` on `device` (the length checked by the caller),
@@ -150,7 +142,8 @@ mod staged {
         stream: &Arc<CudaStream>,
     ) -> Result<()> {
         let staging = staging_of(device)?;
-        let mut staging = lock(&staging);
+        // A copy that panicked left the buffers as good as any other.
+        let mut staging = staging.lock().unwrap_or_else(PoisonError::into_inner);
         stream.context().bind_to_thread().map_err(driver_error)?;
         let (base, _written) = slice.device_ptr_mut(stream);
         for (index, chunk) in bytes.chunks(CHUNK_BYTES).enumerate() {

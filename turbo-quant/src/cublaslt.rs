@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::ffi::c_void;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
 use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
@@ -25,7 +25,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{DType, Result, Tensor};
 use half::{bf16, f16};
-use turbo_core::cuda::{cuda_view, tensor_from_cuda};
+use turbo_core::cuda::{cuda_view, tensor_from_cuda, PerDevice};
 
 /// cuBLASLt's recommended workspace on Hopper (it takes less on older GPUs).
 const WORKSPACE_BYTES: usize = 32 << 20;
@@ -183,20 +183,13 @@ unsafe impl Sync for LtContext {}
 
 impl LtContext {
     fn of(dev: &CudaDevice) -> Result<Arc<Self>> {
-        static CONTEXTS: OnceLock<Mutex<HashMap<DeviceId, Arc<LtContext>>>> = OnceLock::new();
-        let mut contexts = CONTEXTS
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| poisoned())?;
-        if let Some(context) = contexts.get(&dev.id()) {
-            return Ok(context.clone());
-        }
-        let context = Arc::new(Self {
-            handle: result::create_handle().map_err(candle_core::Error::wrap)?,
-            algorithms: Mutex::default(),
-        });
-        contexts.insert(dev.id(), context.clone());
-        Ok(context)
+        static CONTEXTS: PerDevice<DeviceId, Arc<LtContext>> = PerDevice::new();
+        CONTEXTS.get_or_try_insert(dev.id(), || {
+            Ok(Arc::new(Self {
+                handle: result::create_handle().map_err(candle_core::Error::wrap)?,
+                algorithms: Mutex::default(),
+            }))
+        })
     }
 
     /// Runs the product with the shape's algorithm, choosing it first on a new shape.

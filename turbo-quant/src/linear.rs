@@ -444,13 +444,12 @@ impl Linear {
         let y = match &self.weight {
             Weight::Float(weight) => float_product(&x.to_dtype(weight.dtype())?, weight, bias)?,
             Weight::Int8(weight) => {
-                let (tiles, kernel) = (input.tiles(x)?, GemmKernel::default());
                 let y = int8_matmul_tiles(
-                    tiles,
+                    input.tiles(x)?,
                     x.dtype(),
                     weight.int8_weight(),
                     weight.scale(),
-                    kernel,
+                    GemmKernel::default(),
                 )?;
                 with_bias(y, bias)?
             }

@@ -69,8 +69,9 @@ pub fn int8_matmul_tiles(
     x.int8_weight().apply_op3_no_bwd(int8_weight, scale, &op)
 }
 
-/// The CUDA GEMM behind [`Int8Matmul`]. Both compute the same block-scaled product with the
-/// same tile sums; they differ in the last bit of some f32 outputs (see each variant).
+/// The CUDA GEMM behind [`Int8Matmul`]. Each computes the same block-scaled product with the
+/// same tile sums; `mma.sync` and the `wgmma` ones differ in the last bit of some f32 outputs
+/// (see each variant).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GemmKernel {
     /// `mma.sync` tensor-core GEMM for compute capability 8.0 and later; its f32 output equals
