@@ -79,7 +79,7 @@ for step in "$@"; do
     # Time to video from files in the released formats (written under /tmp first, once).
     bench-e2e) bench e2e 400 e2e --e2e-model 1.3b ;;
     bench-e2e-resident) bench e2e 300 e2e_resident --e2e-model 1.3b --e2e-processes 1 --e2e-residency text-encoder ;;
-    bench-e2e-resident-all) bench e2e 300 e2e_resident_all --e2e-model 1.3b --e2e-processes 1 --e2e-requests 3 --e2e-residency all ;;
+    bench-e2e-resident-all) bench e2e 300 e2e_resident_all --e2e-model 1.3b --e2e-processes 2 --e2e-requests 3 --e2e-residency all --log info ;;
     bench-e2e-resident-all-bf16) bench e2e 300 e2e_resident_all_bf16 --e2e-model 1.3b --e2e-processes 1 --e2e-requests 3 --e2e-residency all --e2e-linears bf16 ;;
     bench-e2e-a14b) bench e2e 590 e2e_a14b --e2e-model a14b-i2v --e2e-processes 1 ;;
     bench-e2e-a14b-resident-all) bench e2e 590 e2e_a14b_all --e2e-model a14b-i2v --e2e-processes 1 --e2e-residency all ;;

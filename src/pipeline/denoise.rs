@@ -19,7 +19,7 @@ use turbo_sampler::{
 
 use super::memory::{StageMeter, WeightBytes};
 use super::parallel::DitSplit;
-use super::resident::{DitLoadSettings, ResidentDit, ResidentDits};
+use super::resident::{timed_load, DitLoadSettings, ResidentDit, ResidentDits};
 use super::{Pipeline, SamplerChoice, WeightSource};
 
 /// A DiT whose attention backend is chosen at run time.
@@ -558,7 +558,7 @@ impl Pipeline {
         bytes: &WeightBytes,
         quant_linear: QuantPolicy,
     ) -> Result<Dit> {
-        match weights {
+        let load = || match weights {
             WeightSource::File(path) => WanModel::from_checkpoint_through(
                 path,
                 Some(&self.models.dit),
@@ -574,7 +574,8 @@ impl Pipeline {
                 attention,
                 quant_linear,
             ),
-        }
+        };
+        timed_load("the DiT", || Ok((load()?, bytes.get()))).map(|(dit, _)| dit)
     }
 }
 

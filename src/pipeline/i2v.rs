@@ -304,7 +304,12 @@ impl Pipeline {
             let encoder = ClipVisionEncoder::load(bytes.counting(vb), &clip.config)?;
             Ok((encoder, bytes.get()))
         };
-        let (encoder, bytes) = resident_or_load(self.residency.clip, &self.residents.clip, load)?;
+        let (encoder, bytes) = resident_or_load(
+            "the CLIP image encoder",
+            self.residency.clip,
+            &self.residents.clip,
+            load,
+        )?;
         let tokens = images
             .iter()
             .map(|image| encoder.encode_image(&image.to_tensor(&self.device)?))

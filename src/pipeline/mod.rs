@@ -742,7 +742,7 @@ impl Pipeline {
             let encoder = Umt5Encoder::load(bytes.counting(vb), &self.models.text_encoder)?;
             Ok((encoder, bytes.get()))
         };
-        Ok(resident_or_load(true, &self.residents.text_encoder, load)?.0)
+        Ok(resident_or_load("the text encoder", true, &self.residents.text_encoder, load)?.0)
     }
 
     /// Decodes a latent `[C, T, h, w]` (sampled in `steps` steps) into `frames` a chunk at a
@@ -801,7 +801,7 @@ impl Pipeline {
             let vae = self.models.vae.load(bytes.counting(vb))?;
             Ok((vae, bytes.get()))
         };
-        resident_or_load(self.residency.vae, &self.residents.vae, load)
+        resident_or_load("the VAE", self.residency.vae, &self.residents.vae, load)
     }
 
     fn var_builder(

@@ -273,24 +273,41 @@ impl ResidentDits<'_> {
 /// The model `load` gives, with the bytes it read; when `keep`, the one resident in `slot`
 /// (0 bytes read) or, the first time, the loaded one, kept there.
 pub(super) fn resident_or_load<T>(
+    what: &str,
     keep: bool,
     slot: &Mutex<Option<Loaded<T>>>,
     load: impl FnOnce() -> Result<(T, u64)>,
 ) -> Result<(Arc<T>, u64)> {
     if !keep {
-        return load().map(|(model, bytes)| (Arc::new(model), bytes));
+        return timed_load(what, load).map(|(model, bytes)| (Arc::new(model), bytes));
     }
     let mut slot = lock(slot);
     if let Some(loaded) = slot.as_ref() {
         return Ok((Arc::clone(&loaded.model), 0));
     }
-    let (model, bytes) = load()?;
+    let (model, bytes) = timed_load(what, load)?;
     let model = Arc::new(model);
     *slot = Some(Loaded {
         model: Arc::clone(&model),
         bytes,
     });
     Ok((model, bytes))
+}
+
+/// Runs `load`, logging (at info) how long loading `what` took and the bytes it read, so that
+/// a stage's time splits into its load and its work.
+pub(super) fn timed_load<T>(
+    what: &str,
+    load: impl FnOnce() -> Result<(T, u64)>,
+) -> Result<(T, u64)> {
+    let start = std::time::Instant::now();
+    let loaded = load()?;
+    tracing::info!(
+        ms = start.elapsed().as_secs_f64() * 1e3,
+        bytes = loaded.1,
+        "loaded {what}"
+    );
+    Ok(loaded)
 }
 
 #[cfg(test)]
@@ -317,9 +334,11 @@ mod tests {
     #[test]
     fn a_resident_model_is_loaded_once() {
         let slot = Mutex::new(None);
-        let (first, read) = resident_or_load(true, &slot, || Ok((7u32, 28))).unwrap();
+        let (first, read) =
+            resident_or_load("a test model", true, &slot, || Ok((7u32, 28))).unwrap();
         assert_eq!((*first, read), (7, 28));
-        let (again, read) = resident_or_load(true, &slot, || panic!("loaded twice")).unwrap();
+        let (again, read) =
+            resident_or_load("a test model", true, &slot, || panic!("loaded twice")).unwrap();
         assert_eq!((*again, read), (7, 0));
         assert_eq!(loaded_bytes(&slot), 28);
     }
