@@ -19,6 +19,7 @@
 #   bench-e2e-a14b-resident-all (the A14B I2V with both experts, umT5 and the VAE kept loaded),
 #   bench-e2e-14b-resident-all (the 14B T2V at 720p, every model kept loaded),
 #   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
+#   profile-dit-14b (GPU time per kernel of a 14B forward's blocks, scripts/gpu-profile.sh),
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
 #   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
@@ -99,6 +100,11 @@ for step in "$@"; do
     # Nsight Compute's full set on the wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
     # K = N = 5 120), and their SASS lines with the warp stall samples of each.
     ncu-linear) ncu_linear ;;
+    # GPU time per kernel over 600 launches of a 14B forward at 720p (after the ~4 000 launches
+    # that draw and quantise its random weights): attention against the W8A8 linears and the rest.
+    profile-dit-14b) OUT="$OUT/profile_dit_14b" scripts/gpu-profile.sh 4000 600 --sections dit \
+      --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 --slow-iters 1 --warmup 0 \
+      2>&1 | tee "$OUT/profile_dit_14b.txt" ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac
