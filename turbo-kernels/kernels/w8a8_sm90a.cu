@@ -2,7 +2,8 @@
 // shared-memory descriptors. Same contract, tiles, scales and raster as w8a8.cu's mma.sync
 // GEMM (w8a8.cuh); the quantiser stays in w8a8.cu. turbo-quant's CPU code is the specification.
 //
-// One CTA per 128×128 output tile, three warpgroups. Warpgroup 0 is the producer: one of its
+// One CTA per 128×128 output tile (or, persistent, one per SM walking its share of them),
+// three warpgroups. Warpgroup 0 is the producer: one of its
 // threads streams k tiles (128 bytes of k) into a STAGES-deep ring with TMA (two 128×128-byte
 // boxes per k tile, from tensor maps in the 128-byte swizzle: at a 1024-byte-aligned tile the
 // layout of w8a8.cuh, K-major 8-row atoms of 1024 bytes), each stage's `full` mbarrier
@@ -101,13 +102,15 @@ struct Cluster {
 
     __device__ Cluster() : m_rank(blockIdx.x % SIZE % CM), n_rank(blockIdx.x % SIZE / CM) {}
 
-    // This CTA's output tile: clusters rastered like single tiles in GROUP_M / CM rows of
-    // clusters; a partner past M or N computes zeros that are not stored.
-    __device__ TileCoord tile(int m, int n) const {
-        const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
-        const TileCoord unit = grouped_tile(blockIdx.x / SIZE, (m_tiles + CM - 1) / CM,
-                                            (n_tiles + CN - 1) / CN, GROUP_M / CM);
-        return {unit.m_tile * CM + m_rank, unit.n_tile * CN + n_rank};
+    // Clusters' worth of tiles along m and n: the tiles rounded up to whole clusters.
+    __device__ static int m_units(int m) { return ((m + TILE - 1) / TILE + CM - 1) / CM; }
+    __device__ static int n_units(int n) { return ((n + TILE - 1) / TILE + CN - 1) / CN; }
+
+    // This CTA's output tile in cluster tile `unit`: units rastered like single tiles in
+    // GROUP_M / CM rows of units; a partner past M or N computes zeros that are not stored.
+    __device__ TileCoord tile(int unit, int m, int n) const {
+        const TileCoord at = grouped_tile(unit, m_units(m), n_units(n), GROUP_M / CM);
+        return {at.m_tile * CM + m_rank, at.n_tile * CN + n_rank};
     }
 
     // The CTAs that share this CTA's activation tile (same m rank) and weight tile (same n
@@ -158,7 +161,28 @@ __device__ __forceinline__ void load_tile_part(uint32_t dst, const CUtensorMap* 
 // u = kt / STAGES of stage kt % STAGES waits for `full` phase u and, before the refill,
 // `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead
 // of any waiter.
-template <typename T, int CM, int CN>
+// The consumer's half of an output tile (rows consumer·64 … +63) from its f32 accumulators.
+// Accumulator layout of m64nNk32: warp w of the warpgroup holds rows 16w..16w+15; for n8 block
+// j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8.
+template <typename T>
+__device__ __forceinline__ void store_tile(T* __restrict__ y, const float acc[64], TileCoord tile,
+                                           int consumer, int m, int n) {
+    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+    const int warp_row = tile.m_tile * TILE + consumer * 64 + (threadIdx.x % 128 / 32) * 16 + g;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        const int row = warp_row + 8 * half;
+        if (row >= m) continue;
+        T* y_row = y + (size_t)row * n;
+#pragma unroll
+        for (int j = 0; j < TILE / 8; ++j) {
+            const int col = tile.n_tile * TILE + 8 * j + 2 * t;
+            if (col < n) store_pair(y_row, col, n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
+        }
+    }
+}
+
+template <typename T, int CM, int CN, bool PERSISTENT>
 __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
                      const CUtensorMap& w_map, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
@@ -168,13 +192,18 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
     const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
     const uint32_t smem_base =
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
-    const int warpgroup = threadIdx.x / 128, wg_thread = threadIdx.x % 128;
+    const int warpgroup = threadIdx.x / 128;
 
     const ThisCluster cluster;
-    const TileCoord tile = cluster.tile(m, n);
-    const int m0 = tile.m_tile * TILE, n0 = tile.n_tile * TILE;
     const int k_tiles = (k + TILE - 1) / TILE;
-    auto stage_of = [&](int kt) { return smem_base + (kt % STAGES) * STAGE_BYTES; };
+    // The cluster units this CTA computes: its own, or with PERSISTENT every (gridDim.x /
+    // SIZE)-th from it, so that the ring loads a unit's first k tiles while the consumers
+    // still multiply and store the last unit's. `it` counts a CTA's k tiles over all of its
+    // units: the ring's position, for stage and phase.
+    const int units = ThisCluster::m_units(m) * ThisCluster::n_units(n);
+    const int first_unit = blockIdx.x / SIZE;
+    const int unit_step = PERSISTENT ? gridDim.x / SIZE : units;
+    auto stage_of = [&](int it) { return smem_base + (it % STAGES) * STAGE_BYTES; };
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
@@ -191,93 +220,86 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
         cluster_wait();
     }
 
-    float acc[64];
     if (warpgroup == 0) {
-        // Producer: k tile kt into stage kt % STAGES once every consumer is done with the k
+        // Producer: k tile `it` into stage it % STAGES once every consumer is done with the k
         // tile that was there. One thread issues the copies; the rest have nothing to do.
         if (threadIdx.x == 0) {
-            for (int kt = 0; kt < k_tiles; ++kt) {
-                const int s = kt % STAGES, use = kt / STAGES;
-                const uint32_t full = full_bars + 8 * s;
-                if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
-                mbarrier_arrive_expect_tx(full, STAGE_BYTES);
-                load_tile_part<CN>(stage_of(kt), &x_map, kt * TILE, m0, cluster.n_rank, full,
-                                   cluster.x_sharers());
-                load_tile_part<CM>(stage_of(kt) + TILE_BYTES, &w_map, kt * TILE, n0,
-                                   cluster.m_rank, full, cluster.w_sharers());
+            int it = 0;
+            for (int unit = first_unit; unit < units; unit += unit_step) {
+                const TileCoord tile = cluster.tile(unit, m, n);
+                for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                    const int s = it % STAGES, use = it / STAGES;
+                    const uint32_t full = full_bars + 8 * s;
+                    if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
+                    mbarrier_arrive_expect_tx(full, STAGE_BYTES);
+                    load_tile_part<CN>(stage_of(it), &x_map, kt * TILE, tile.m_tile * TILE,
+                                       cluster.n_rank, full, cluster.x_sharers());
+                    load_tile_part<CM>(stage_of(it) + TILE_BYTES, &w_map, kt * TILE,
+                                       tile.n_tile * TILE, cluster.m_rank, full,
+                                       cluster.w_sharers());
+                }
             }
         }
     } else {
         const int consumer = warpgroup - 1;
-        // A partner past M or N reads the last real row of scales; its products are not
-        // stored.
-        const int scale_m_tile = min(tile.m_tile, (m - 1) / TILE);
-        const int scale_n_tile = min(tile.n_tile, (n - 1) / TILE);
-        const float* x_scale_row = x_scales + (size_t)scale_m_tile * k_tiles;
-        const float* w_scale_row = w_scales + (size_t)scale_n_tile * k_tiles;
+        int it = 0;
+        for (int unit = first_unit; unit < units; unit += unit_step) {
+            const TileCoord tile = cluster.tile(unit, m, n);
+            // A partner past M or N reads the last real row of scales; its products are not
+            // stored.
+            const int scale_m_tile = min(tile.m_tile, (m - 1) / TILE);
+            const int scale_n_tile = min(tile.n_tile, (n - 1) / TILE);
+            const float* x_scale_row = x_scales + (size_t)scale_m_tile * k_tiles;
+            const float* w_scale_row = w_scales + (size_t)scale_n_tile * k_tiles;
+            float acc[64];
 #pragma unroll
-        for (int i = 0; i < 64; ++i) acc[i] = 0.f;
-        int sums[64];  // one k tile's exact sums
+            for (int i = 0; i < 64; ++i) acc[i] = 0.f;
+            int sums[64];  // one k tile's exact sums
 
-        for (int kt = 0; kt < k_tiles; ++kt) {
-            const int s = kt % STAGES;
-            const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
-            // Ping-pong: consumer 1 issues k tile kt after consumer 0 has, consumer 0 issues k
-            // tile kt + 1 after consumer 1 has issued kt.
-            if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-            else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
-            mbarrier_wait(full_bars + 8 * s, (kt / STAGES) & 1);
-            issue_k_tile(sums, stage_of(kt) + consumer * (TILE_BYTES / 2),
-                         stage_of(kt) + TILE_BYTES);
-            if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-            else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
-            wgmma_wait<0>();
-            fence_registers<64>(sums);
-            release_stage<SIZE>(empty_bars + 8 * s);
-            fold(acc, sums, scale);
+            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
+                const int s = it % STAGES;
+                const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
+                // Ping-pong within a tile: consumer 1 issues k tile kt after consumer 0 has,
+                // consumer 0 issues k tile kt + 1 after consumer 1 has issued kt.
+                if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
+                else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+                mbarrier_wait(full_bars + 8 * s, (it / STAGES) & 1);
+                issue_k_tile(sums, stage_of(it) + consumer * (TILE_BYTES / 2),
+                             stage_of(it) + TILE_BYTES);
+                if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
+                else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+                wgmma_wait<0>();
+                fence_registers<64>(sums);
+                release_stage<SIZE>(empty_bars + 8 * s);
+                fold(acc, sums, scale);
+            }
+            store_tile(y, acc, tile, consumer, m, n);
         }
     }
     // No CTA of a cluster leaves while a partner may still arrive on its barriers.
-    if constexpr (SIZE > 1) cluster_arrive();
-    if (warpgroup == 0) {
-        if constexpr (SIZE > 1) cluster_wait();
-        return;
+    if constexpr (SIZE > 1) {
+        cluster_arrive();
+        cluster_wait();
     }
-    const int consumer = warpgroup - 1;
-
-    // Accumulator layout of m64nNk32: warp w of the warpgroup holds rows 16w..16w+15; for n8
-    // block j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8.
-    const int lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-    const int warp_row = m0 + consumer * 64 + (wg_thread / 32) * 16 + g;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        const int row = warp_row + 8 * half;
-        if (row >= m) continue;
-        T* y_row = y + (size_t)row * n;
-#pragma unroll
-        for (int j = 0; j < TILE / 8; ++j) {
-            const int col = n0 + 8 * j + 2 * t;
-            if (col < n) store_pair(y_row, col, n, acc[4 * j + 2 * half], acc[4 * j + 2 * half + 1]);
-        }
-    }
-    if constexpr (SIZE > 1) cluster_wait();
 }
 
 }  // namespace
 
 // The kernels: f32 or bf16 output; one CTA per tile, clusters of two along m (sharing the
 // weight tile) or of 2 × 2 (sharing both operands).
-#define W8A8_GEMM_WGMMA(NAME, T, CM, CN, CLUSTER_DIMS)                                       \
+#define W8A8_GEMM_WGMMA(NAME, T, CM, CN, PERSISTENT, CLUSTER_DIMS)                           \
     extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WGMMA_THREADS, 1)             \
         NAME(const __grid_constant__ CUtensorMap x_map, const float* xs,                    \
              const __grid_constant__ CUtensorMap w_map, const float* ws, T* y, int m, int n, \
              int k) {                                                                        \
-        gemm<T, CM, CN>(x_map, xs, w_map, ws, y, m, n, k);                                   \
+        gemm<T, CM, CN, PERSISTENT>(x_map, xs, w_map, ws, y, m, n, k);                       \
     }
 
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, 1, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, 1, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, 1, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, 1, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_f32, float, 2, 2, __cluster_dims__(4, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_bf16, bf16, 2, 2, __cluster_dims__(4, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, 1, false, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, 1, false, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, 1, false, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, 1, false, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_f32, float, 2, 2, false, __cluster_dims__(4, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_bf16, bf16, 2, 2, false, __cluster_dims__(4, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_f32, float, 1, 1, true, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_bf16, bf16, 1, 1, true, )

@@ -33,6 +33,8 @@ struct GemmVariant {
     /// those along n their activation tile: each loads 128 / that many of the shared tile's
     /// rows (the map's box) and multicasts them to the others.
     cluster: [usize; 2],
+    /// One CTA per SM at most, each walking its share of the tiles, instead of one per tile.
+    persistent: bool,
 }
 
 /// How a GEMM kernel takes the int8 activations and weights.
@@ -56,6 +58,7 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     smem_bytes: 4 * STAGE_BYTES,
     operands: Operands::Pointers,
     cluster: [1, 1],
+    persistent: false,
 };
 
 /// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
@@ -75,6 +78,7 @@ const WGMMA: GemmVariant = GemmVariant {
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
     operands: Operands::TensorMaps,
     cluster: [1, 1],
+    persistent: false,
 };
 
 /// [`WGMMA`] in clusters of two CTAs of neighbouring m tiles.
@@ -91,6 +95,13 @@ const WGMMA_QUAD: GemmVariant = GemmVariant {
     ..WGMMA
 };
 
+/// [`WGMMA`] on a persistent grid.
+const WGMMA_PERSISTENT: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_persistent",
+    persistent: true,
+    ..WGMMA
+};
+
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
 /// code runs on no other), everything else gets mma.sync, with as many stages as the device's
 /// shared memory per CTA allows.
@@ -101,6 +112,7 @@ fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVar
             GemmKernel::Wgmma => return Ok(&WGMMA),
             GemmKernel::WgmmaPair => return Ok(&WGMMA_PAIR),
             GemmKernel::WgmmaQuad => return Ok(&WGMMA_QUAD),
+            GemmKernel::WgmmaPersistent => return Ok(&WGMMA_PERSISTENT),
             GemmKernel::MmaSync => {}
         }
     }
@@ -287,8 +299,17 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     let [cluster_m, cluster_n] = variant.cluster;
     let tiles = args.m.div_ceil(TILE).next_multiple_of(cluster_m)
         * args.n.div_ceil(TILE).next_multiple_of(cluster_n);
+    let ctas = if variant.persistent {
+        let sms = stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .w()?;
+        tiles.min(sms as usize)
+    } else {
+        tiles
+    };
     let cfg = LaunchConfig {
-        grid_dim: (tiles as u32, 1, 1),
+        grid_dim: (ctas as u32, 1, 1),
         block_dim: (variant.threads, 1, 1),
         shared_mem_bytes: variant.smem_bytes,
     };

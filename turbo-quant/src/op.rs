@@ -90,24 +90,31 @@ pub enum GemmKernel {
     /// [`GemmKernel::Wgmma`] run as clusters of 2 × 2 CTAs: the two of an n tile share its
     /// weight tile, the two of an m tile its activation tile. The same output bit for bit.
     WgmmaQuad,
+    /// [`GemmKernel::Wgmma`] on a persistent grid of one CTA per SM, each walking its share of
+    /// the tiles, so that a tile's first k tiles load while the last tile is still multiplied
+    /// and stored. The same output bit for bit.
+    WgmmaPersistent,
 }
 
 impl GemmKernel {
     /// Every kernel, for checks and benchmarks that compare them.
-    pub const ALL: [GemmKernel; 4] = [
+    pub const ALL: [GemmKernel; 5] = [
         GemmKernel::MmaSync,
         GemmKernel::Wgmma,
         GemmKernel::WgmmaPair,
         GemmKernel::WgmmaQuad,
+        GemmKernel::WgmmaPersistent,
     ];
 
-    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma pair` or `wgmma quad`.
+    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma pair`, `wgmma quad` or
+    /// `wgmma persistent`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::MmaSync => "mma.sync",
             GemmKernel::Wgmma => "wgmma",
             GemmKernel::WgmmaPair => "wgmma pair",
             GemmKernel::WgmmaQuad => "wgmma quad",
+            GemmKernel::WgmmaPersistent => "wgmma persistent",
         }
     }
 }
