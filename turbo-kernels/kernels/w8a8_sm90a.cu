@@ -256,18 +256,22 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
             for (int i = 0; i < 64; ++i) acc[i] = 0.f;
             int sums[64];  // one k tile's exact sums
 
+            const bool last_unit = unit + unit_step >= units;
             for (int kt = 0; kt < k_tiles; ++kt, ++it) {
                 const int s = it % STAGES;
                 const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
-                // Ping-pong within a tile: consumer 1 issues k tile kt after consumer 0 has,
-                // consumer 0 issues k tile kt + 1 after consumer 1 has issued kt.
+                // Ping-pong over all of the CTA's k tiles: consumer 1 issues k tile `it` after
+                // consumer 0 has, consumer 0 issues `it` + 1 after consumer 1 has issued `it`
+                // (also across units, or consumer 0 could arrive twice on one named barrier
+                // before consumer 1 waits on it once).
                 if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-                else if (kt > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+                else if (it > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
                 mbarrier_wait(full_bars + 8 * s, (it / STAGES) & 1);
                 issue_k_tile(sums, stage_of(it) + consumer * (TILE_BYTES / 2),
                              stage_of(it) + TILE_BYTES);
                 if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-                else if (kt + 1 < k_tiles) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+                else if (kt + 1 < k_tiles || !last_unit)
+                    named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
                 wgmma_wait<0>();
                 fence_registers<64>(sums);
                 release_stage<SIZE>(empty_bars + 8 * s);
