@@ -1009,7 +1009,10 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                 match (kernel, &wgmma) {
                     (GemmKernel::Wgmma, _) => wgmma = Some(dev),
                     (
-                        GemmKernel::WgmmaPair | GemmKernel::WgmmaQuad | GemmKernel::WgmmaPersistent,
+                        GemmKernel::WgmmaPair
+                        | GemmKernel::WgmmaQuad
+                        | GemmKernel::WgmmaPersistent
+                        | GemmKernel::WgmmaCvt,
                         Some(single),
                     ) => {
                         let name = format!("kernel w8a8 {} {shape} vs wgmma", kernel.name());

@@ -55,7 +55,7 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 ncu_linear() {
   local ncu rep="$OUT/ncu_linear"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  timeout 400 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 3 -f \
+  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 5 -f \
     -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
     > "$OUT/ncu_linear.log" 2>&1 || return 1
   "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
@@ -97,7 +97,7 @@ for step in "$@"; do
       [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
       timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
         "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
-    # Nsight Compute's full set on the wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
+    # Nsight Compute's full set on the five wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
     # K = N = 5 120), and their SASS lines with the warp stall samples of each.
     ncu-linear) ncu_linear ;;
     # GPU time per kernel over 600 launches of a 14B forward at 720p (after the ~4 000 launches

@@ -62,21 +62,35 @@ __device__ __forceinline__ void wgmma_m64n128k32(int d[64], uint64_t a, uint64_t
         : "l"(a), "l"(b), "r"(accumulate));
 }
 
-// Issues the four k32 wgmmas of one k tile into `d` (overwriting it) and commits them.
-__device__ __forceinline__ void issue_k_tile(int d[64], uint32_t a_tile, uint32_t b_tile) {
+// Issues the four k32 wgmmas of one k tile into `d` (overwriting it) and commits them, from
+// the descriptors of its two operand tiles. The next 32 bytes of k are 2 on in a descriptor
+// (its start address counts 16-byte units, and stays inside its 14-bit field: shared memory
+// ends below 256 KiB), so the loop computes no descriptor.
+__device__ __forceinline__ void issue_k_tile(int d[64], uint64_t a_tile, uint64_t b_tile) {
     fence_registers<64>(d);
     wgmma_fence();
 #pragma unroll
     for (int step = 0; step < TILE / 32; ++step)
-        wgmma_m64n128k32(d, smem_descriptor(a_tile + 32 * step),
-                         smem_descriptor(b_tile + 32 * step), step);
+        wgmma_m64n128k32(d, a_tile + 2 * step, b_tile + 2 * step, step);
     wgmma_commit();
 }
 
+// How the fold turns a k tile's int32 sums into floats, both exact (|sum| ≤ 2²¹):
+enum class Convert {
+    // exact_float: an integer add and a float subtract (w8a8.cuh).
+    MagicNumber,
+    // cvt.rn.f32.s32, one instruction (I2FP on sm_90).
+    Cvt,
+};
+
 // acc += sum · scale for one k tile's exact sums.
+template <Convert CONVERT>
 __device__ __forceinline__ void fold(float acc[64], const int d[64], float scale) {
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = fmaf(exact_float(d[i]), scale, acc[i]);
+    for (int i = 0; i < 64; ++i) {
+        const float sum = CONVERT == Convert::Cvt ? __int2float_rn(d[i]) : exact_float(d[i]);
+        acc[i] = fmaf(sum, scale, acc[i]);
+    }
 }
 
 // Warpgroup 0 loads, warpgroups 1 and 2 multiply (rows 0-63 and 64-127 of the tile).
@@ -182,7 +196,7 @@ __device__ __forceinline__ void store_tile(T* __restrict__ y, const float acc[64
     }
 }
 
-template <typename T, int CM, int CN, bool PERSISTENT>
+template <typename T, int CM, int CN, bool PERSISTENT, Convert CONVERT>
 __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
                      const CUtensorMap& w_map, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
@@ -242,6 +256,13 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
         }
     } else {
         const int consumer = warpgroup - 1;
+        // Descriptors of this consumer's operand tiles in stage 0; stage s is s · STAGE_BYTES / 16
+        // on in the start address.
+        const uint64_t x_descriptor = smem_descriptor(smem_base + consumer * (TILE_BYTES / 2));
+        const uint64_t w_descriptor = smem_descriptor(smem_base + TILE_BYTES);
+        auto in_stage = [](uint64_t descriptor, int it) {
+            return descriptor + (uint64_t)((it % STAGES) * (STAGE_BYTES >> 4));
+        };
         int it = 0;
         for (int unit = first_unit; unit < units; unit += unit_step) {
             const TileCoord tile = cluster.tile(unit, m, n);
@@ -267,15 +288,14 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
                 if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
                 else if (it > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
                 mbarrier_wait(full_bars + 8 * s, (it / STAGES) & 1);
-                issue_k_tile(sums, stage_of(it) + consumer * (TILE_BYTES / 2),
-                             stage_of(it) + TILE_BYTES);
+                issue_k_tile(sums, in_stage(x_descriptor, it), in_stage(w_descriptor, it));
                 if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
                 else if (kt + 1 < k_tiles || !last_unit)
                     named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
                 wgmma_wait<0>();
                 fence_registers<64>(sums);
                 release_stage<SIZE>(empty_bars + 8 * s);
-                fold(acc, sums, scale);
+                fold<CONVERT>(acc, sums, scale);
             }
             store_tile(y, acc, tile, consumer, m, n);
         }
@@ -290,20 +310,23 @@ __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scale
 }  // namespace
 
 // The kernels: f32 or bf16 output; one CTA per tile, clusters of two along m (sharing the
-// weight tile) or of 2 × 2 (sharing both operands).
-#define W8A8_GEMM_WGMMA(NAME, T, CM, CN, PERSISTENT, CLUSTER_DIMS)                           \
+// weight tile) or of 2 × 2 (sharing both operands), a persistent grid, or one CTA per tile
+// folding with cvt.
+#define W8A8_GEMM_WGMMA(NAME, T, CM, CN, PERSISTENT, CONVERT, CLUSTER_DIMS)                  \
     extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WGMMA_THREADS, 1)             \
         NAME(const __grid_constant__ CUtensorMap x_map, const float* xs,                    \
              const __grid_constant__ CUtensorMap w_map, const float* ws, T* y, int m, int n, \
              int k) {                                                                        \
-        gemm<T, CM, CN, PERSISTENT>(x_map, xs, w_map, ws, y, m, n, k);                       \
+        gemm<T, CM, CN, PERSISTENT, Convert::CONVERT>(x_map, xs, w_map, ws, y, m, n, k);     \
     }
 
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, 1, false, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, 1, false, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, 1, false, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, 1, false, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_f32, float, 2, 2, false, __cluster_dims__(4, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_bf16, bf16, 2, 2, false, __cluster_dims__(4, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_f32, float, 1, 1, true, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_bf16, bf16, 1, 1, true, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, 1, false, MagicNumber, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, 1, false, MagicNumber, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, 1, false, MagicNumber, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, 1, false, MagicNumber, __cluster_dims__(2, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_f32, float, 2, 2, false, MagicNumber, __cluster_dims__(4, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_bf16, bf16, 2, 2, false, MagicNumber, __cluster_dims__(4, 1, 1))
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_f32, float, 1, 1, true, MagicNumber, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_bf16, bf16, 1, 1, true, MagicNumber, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_cvt_f32, float, 1, 1, false, Cvt, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_cvt_bf16, bf16, 1, 1, false, Cvt, )

@@ -102,6 +102,12 @@ const WGMMA_PERSISTENT: GemmVariant = GemmVariant {
     ..WGMMA
 };
 
+/// [`WGMMA`] folding with a conversion instruction.
+const WGMMA_CVT: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_cvt",
+    ..WGMMA
+};
+
 /// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
 /// code runs on no other), everything else gets mma.sync, with as many stages as the device's
 /// shared memory per CTA allows.
@@ -113,6 +119,7 @@ fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVar
             GemmKernel::WgmmaPair => return Ok(&WGMMA_PAIR),
             GemmKernel::WgmmaQuad => return Ok(&WGMMA_QUAD),
             GemmKernel::WgmmaPersistent => return Ok(&WGMMA_PERSISTENT),
+            GemmKernel::WgmmaCvt => return Ok(&WGMMA_CVT),
             GemmKernel::MmaSync => {}
         }
     }

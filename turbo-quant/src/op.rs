@@ -94,20 +94,25 @@ pub enum GemmKernel {
     /// the tiles, so that a tile's first k tiles load while the last tile is still multiplied
     /// and stored. The same output bit for bit.
     WgmmaPersistent,
+    /// [`GemmKernel::Wgmma`] folding each k tile's int32 sums into floats with one conversion
+    /// instruction instead of an integer add and a float subtract: both are exact, so the same
+    /// output bit for bit, in fewer instructions.
+    WgmmaCvt,
 }
 
 impl GemmKernel {
     /// Every kernel, for checks and benchmarks that compare them.
-    pub const ALL: [GemmKernel; 5] = [
+    pub const ALL: [GemmKernel; 6] = [
         GemmKernel::MmaSync,
         GemmKernel::Wgmma,
         GemmKernel::WgmmaPair,
         GemmKernel::WgmmaQuad,
         GemmKernel::WgmmaPersistent,
+        GemmKernel::WgmmaCvt,
     ];
 
-    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma pair`, `wgmma quad` or
-    /// `wgmma persistent`.
+    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma pair`, `wgmma quad`,
+    /// `wgmma persistent` or `wgmma cvt`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::MmaSync => "mma.sync",
@@ -115,6 +120,7 @@ impl GemmKernel {
             GemmKernel::WgmmaPair => "wgmma pair",
             GemmKernel::WgmmaQuad => "wgmma quad",
             GemmKernel::WgmmaPersistent => "wgmma persistent",
+            GemmKernel::WgmmaCvt => "wgmma cvt",
         }
     }
 }
