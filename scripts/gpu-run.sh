@@ -20,6 +20,8 @@
 #   bench-e2e-14b-resident-all (the 14B T2V at 720p, every model kept loaded),
 #   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
 #   profile-dit-14b (GPU time per kernel of a 14B forward's blocks, scripts/gpu-profile.sh),
+#   pick-w8a8 (the W8A8 GEMM of the later steps' models: the fastest of an earlier bench-linear,
+#   see scripts/fastest-w8a8.py; or set W8A8_GEMM, e.g. wgmma-cvt, before the call),
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
 #   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
@@ -49,7 +51,8 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
   local section="$1" limit="$2" name="${3:-$1}"
   shift $(($# < 3 ? $# : 3))
   # One JSON per step and one shared log (its tables included): few files come back.
-  timeout "$limit" "$BIN/bench" --sections "$section" "$@" --json "$OUT/bench_$name.json" \
+  timeout "$limit" "$BIN/bench" --sections "$section" "$@" ${W8A8_GEMM:+--w8a8-gemm "$W8A8_GEMM"} \
+    --json "$OUT/bench_$name.json" \
     2>&1 | tee -a "$OUT/bench.log"
 }
 ncu_linear() {
@@ -104,7 +107,12 @@ for step in "$@"; do
     # that draw and quantise its random weights): attention against the W8A8 linears and the rest.
     profile-dit-14b) OUT="$OUT/profile_dit_14b" scripts/gpu-profile.sh 4000 600 --sections dit \
       --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 --slow-iters 1 --warmup 0 \
+      ${W8A8_GEMM:+--w8a8-gemm "$W8A8_GEMM"} \
       2>&1 | tee "$OUT/profile_dit_14b.txt" ;;
+    # The W8A8 GEMM of the model steps that follow: the kernel with the lowest summed time in
+    # an earlier bench-linear step of this call (W8A8_GEMM set before the call also works).
+    pick-w8a8) W8A8_GEMM=$(python3 scripts/fastest-w8a8.py "$OUT/bench_linear.json" 2>>"$OUT/bench.log") \
+      && echo "W8A8 GEMM of the model steps that follow: $W8A8_GEMM" | tee -a "$OUT/bench.log" ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac

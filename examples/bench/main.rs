@@ -50,7 +50,9 @@ use turbodiffusion::models::{Vae22Config, VaeConfig, Wan22Vae, WanVae};
 use turbodiffusion::pipeline::{
     I2vRequest, Launched, MemoryEstimate, ModelKind, RandomCheckpoint, Residency, SamplerChoice,
 };
-use turbodiffusion::quant::{int8_matmul_with, GemmKernel, Int8Weight, Linear, Module};
+use turbodiffusion::quant::{
+    gemm_kernel, int8_matmul_with, set_gemm_kernel, GemmKernel, Int8Weight, Linear, Module,
+};
 use turbodiffusion::video::{InputImage, Video};
 use turbodiffusion::{AttentionKind, Pipeline, T2vRequest};
 
@@ -165,6 +167,11 @@ struct Args {
     json: Option<PathBuf>,
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// The W8A8 GEMM kernel of every W8A8 product in the run's models (`dit`, `e2e` and the
+    /// video sections): one of the `linear` section's kernels, e.g. `wgmma`, `wgmma-cvt`. The
+    /// `linear` section times each of them regardless.
+    #[arg(long)]
+    w8a8_gemm: Option<GemmKernel>,
     /// The library's log messages shown on stderr, from this level up: error, warn, info,
     /// debug (e.g. each cuBLASLt algorithm timing), trace.
     #[arg(long, default_value = "warn")]
@@ -270,6 +277,9 @@ fn main() -> Result<()> {
         Some(launch) => launch.device.clone(),
         None => args.device.open()?,
     };
+    if let Some(kernel) = args.w8a8_gemm {
+        set_gemm_kernel(kernel);
+    }
     if args.e2e_child {
         return e2e::e2e_child(&device, &args);
     }
@@ -282,8 +292,13 @@ fn main() -> Result<()> {
     if reporting {
         println!("{header}");
         println!(
-            "timing: CUDA events, {} warm-up + median of {} runs ({} for DiT/VAE); bf16; seed {}",
-            args.warmup, args.iters, args.slow_iters, args.seed
+            "timing: CUDA events, {} warm-up + median of {} runs ({} for DiT/VAE); bf16; seed {}; \
+             W8A8 GEMM in the models: {}",
+            args.warmup,
+            args.iters,
+            args.slow_iters,
+            args.seed,
+            gemm_kernel().name()
         );
     }
     let mut rows = Vec::new();

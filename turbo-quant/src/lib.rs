@@ -78,7 +78,7 @@ pub use linear::{
     SCALE_KEY, WEIGHT_KEY,
 };
 pub use op::{
-    add_bias, add_bias_reference, int8_matmul, int8_matmul_tiles, int8_matmul_with, GemmKernel,
-    Int8Matmul,
+    add_bias, add_bias_reference, gemm_kernel, int8_matmul, int8_matmul_tiles, int8_matmul_with,
+    set_gemm_kernel, GemmKernel, Int8Matmul,
 };
 pub use tile::{quantize_tiles, tile_grid, TileMatrix, TileQuantized, TILE};

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use turbo_core::{Error, Result};
 
-use crate::op::{add_bias, int8_matmul_tiles, quantize_activations, GemmKernel};
+use crate::op::{add_bias, gemm_kernel, int8_matmul_tiles, quantize_activations};
 use crate::tile::{quantize_tiles, tile_grid, TileMatrix};
 
 /// Checkpoint key of the int8 values of a quantised layer (`-quant` files).
@@ -449,7 +449,7 @@ impl Linear {
                     x.dtype(),
                     weight.int8_weight(),
                     weight.scale(),
-                    GemmKernel::default(),
+                    gemm_kernel(),
                 )?;
                 with_bias(y, bias)?
             }

@@ -1,5 +1,7 @@
 //! The W8A8 product as a candle custom op, so that a CUDA kernel can slot in as its `cuda_fwd`.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
@@ -16,7 +18,7 @@ pub fn int8_matmul(
     int8_weight: &Tensor,
     scale: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    int8_matmul_with(x, int8_weight, scale, GemmKernel::default())
+    int8_matmul_with(x, int8_weight, scale, gemm_kernel())
 }
 
 /// [`int8_matmul`] with the given CUDA GEMM kernel (the other devices ignore it).
@@ -123,6 +125,50 @@ impl GemmKernel {
             GemmKernel::WgmmaCvt => "wgmma cvt",
         }
     }
+}
+
+impl std::str::FromStr for GemmKernel {
+    type Err = String;
+
+    /// A kernel by its [`GemmKernel::name`], with `-` for the spaces (`wgmma-pair`) or not.
+    fn from_str(name: &str) -> Result<Self, Self::Err> {
+        let wanted = name.replace('-', " ");
+        GemmKernel::ALL
+            .into_iter()
+            .find(|kernel| kernel.name() == wanted)
+            .ok_or_else(|| {
+                let names: Vec<String> = GemmKernel::ALL
+                    .iter()
+                    .map(|kernel| kernel.name().replace(' ', "-"))
+                    .collect();
+                format!(
+                    "unknown W8A8 GEMM kernel `{name}`; one of: {}",
+                    names.join(", ")
+                )
+            })
+    }
+}
+
+/// The process's choice of GEMM kernel, as its index in [`GemmKernel::ALL`]; `u8::MAX` until
+/// [`set_gemm_kernel`] makes one.
+static CHOSEN_GEMM_KERNEL: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// The kernel that [`int8_matmul`] and every W8A8 [`Linear`](crate::Linear) run:
+/// [`GemmKernel::default`] unless [`set_gemm_kernel`] chose another.
+pub fn gemm_kernel() -> GemmKernel {
+    let chosen = CHOSEN_GEMM_KERNEL.load(Ordering::Relaxed) as usize;
+    GemmKernel::ALL.get(chosen).copied().unwrap_or_default()
+}
+
+/// Makes every later W8A8 product of this process run `kernel` (so a benchmark can compare
+/// the kernels inside a whole model); returns the one chosen before.
+pub fn set_gemm_kernel(kernel: GemmKernel) -> GemmKernel {
+    let index = GemmKernel::ALL
+        .iter()
+        .position(|&k| k == kernel)
+        .expect("ALL lists every kernel") as u8;
+    let before = CHOSEN_GEMM_KERNEL.swap(index, Ordering::Relaxed) as usize;
+    GemmKernel::ALL.get(before).copied().unwrap_or_default()
 }
 
 /// `y + bias` for `y` `[M, N]` and `bias` `[N]` of the same dtype: on CUDA (f32, bf16) one
@@ -297,6 +343,27 @@ mod tests {
     use candle_core::Device;
 
     use super::*;
+
+    #[test]
+    fn kernels_parse_from_their_names_and_others_are_errors_listing_them() {
+        for kernel in GemmKernel::ALL {
+            assert_eq!(kernel.name().parse(), Ok(kernel));
+            assert_eq!(kernel.name().replace(' ', "-").parse(), Ok(kernel));
+        }
+        let error = "wgmma-octet".parse::<GemmKernel>().unwrap_err();
+        assert!(
+            error.contains("wgmma-octet") && error.contains("wgmma-pair"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_chosen_kernel_is_the_one_in_use_until_another_is_chosen() {
+        let before = set_gemm_kernel(GemmKernel::WgmmaQuad);
+        assert_eq!(gemm_kernel(), GemmKernel::WgmmaQuad);
+        assert_eq!(set_gemm_kernel(before), GemmKernel::WgmmaQuad);
+        assert_eq!(gemm_kernel(), before);
+    }
 
     #[test]
     fn activations_of_another_rank_or_dtype_are_errors_naming_them() -> candle_core::Result<()> {
