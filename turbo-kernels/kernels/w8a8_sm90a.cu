@@ -163,18 +163,6 @@ __device__ __forceinline__ void load_tile_part(uint32_t dst, const CUtensorMap* 
     else tma_load_2d_multicast(at, map, x, row, full, sharers);
 }
 
-// x_map, w_map: 2-D tensor maps of x_q [M, K] and w_q [N, K] (int8 row-major, K a multiple of
-// 16, 128-byte swizzle: turbo-quant's cuda.rs) in boxes of 128 / CN and 128 / CM rows × 128
-// bytes; scales [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid: the m and n tiles each
-// rounded up to whole clusters, 1-D; 384 threads, GEMM_SMEM_BYTES dynamic smem.
-//
-// Stage s of the ring has two mbarriers: `full` completes a phase when the k tile's bytes have
-// landed in this CTA (its producer's one arrival with the stage's byte count, which the copies
-// of every producer writing into the stage complete), `empty` when the consumer warps of every
-// CTA of the cluster have finished reading stage s (one arrival per warp, 8 per CTA). Use
-// u = kt / STAGES of stage kt % STAGES waits for `full` phase u and, before the refill,
-// `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead
-// of any waiter.
 // The consumer's half of an output tile (rows consumer·64 … +63) from its f32 accumulators.
 // Accumulator layout of m64nNk32: warp w of the warpgroup holds rows 16w..16w+15; for n8 block
 // j, registers 4j, 4j+1 are (row g, cols 8j + 2t, +1) and 4j+2, 4j+3 row g + 8.
@@ -196,6 +184,19 @@ __device__ __forceinline__ void store_tile(T* __restrict__ y, const float acc[64
     }
 }
 
+// x_map, w_map: 2-D tensor maps of x_q [M, K] and w_q [N, K] (int8 row-major, K a multiple of
+// 16, 128-byte swizzle: turbo-quant's cuda.rs) in boxes of 128 / CN and 128 / CM rows × 128
+// bytes; scales [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid: the m and n tiles each
+// rounded up to whole clusters, 1-D (PERSISTENT: at most one CTA per SM, clusters of one);
+// 384 threads, GEMM_SMEM_BYTES dynamic smem.
+//
+// Stage s of the ring has two mbarriers: `full` completes a phase when the k tile's bytes have
+// landed in this CTA (its producer's one arrival with the stage's byte count, which the copies
+// of every producer writing into the stage complete), `empty` when the consumer warps of every
+// CTA of the cluster have finished reading stage s (one arrival per warp, 8 per CTA). The
+// CTA's k tile `it` (counted over all of its output tiles) is use u = it / STAGES of stage
+// it % STAGES: it waits for `full` phase u and, before the refill, `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead
+// of any waiter.
 template <typename T, int CM, int CN, bool PERSISTENT, Convert CONVERT>
 __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
                      const CUtensorMap& w_map, const float* __restrict__ w_scales,
