@@ -114,6 +114,7 @@ fn main() -> Result<ExitCode> {
     println!("gpu_check on {} ({:?})", args.device, device);
     let mut checks = attention_checks(&device, args.seed)?;
     if device.is_cuda() {
+        checks.extend(candle_module_checks(&device)?);
         checks.extend(attention_kernel_checks(&device, args.seed)?);
         checks.extend(cross_attention_kernel_checks(&device, args.seed)?);
         checks.extend(fused_op_checks(&device, args.seed)?);
@@ -502,6 +503,28 @@ const SAGESLA_VS_SLA_COSINE_GAP: f64 = 5e-3;
 /// The attention kernels (bf16, head dim 128) on fresh random inputs at a small and at the Wan
 /// 1.3B 480p shape, against the reference path in f32 on the device (SageSLA: its exact CPU
 /// emulation, on fewer heads to keep the host side short), and SageSLA against SLA.
+/// Candle's kernel modules loaded ahead on another thread (what a pipeline's build starts):
+/// every module loads and has the kernel named for it (error: the modules that failed).
+fn candle_module_checks(device: &Device) -> Result<Vec<Check>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        let Some(loading) = turbo_core::cuda::compile_candle_kernels_ahead(cuda)? else {
+            anyhow::bail!("candle's modules were loaded ahead before the check");
+        };
+        let failures = loading.join().expect("the loading thread does not panic");
+        for failure in &failures {
+            eprintln!("candle module: {failure}");
+        }
+        return Ok(vec![Check {
+            name: "candle's kernel modules loaded ahead (failures)".into(),
+            error: failures.len() as f64,
+            threshold: 0.0,
+        }]);
+    }
+    let _ = device;
+    Ok(Vec::new())
+}
+
 fn attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
     let mut checks = Vec::new();

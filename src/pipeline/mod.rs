@@ -218,7 +218,8 @@ impl PipelineBuilder {
 
     /// The device the pipeline computes on (default the CPU). On CUDA, building the pipeline
     /// lets the device's memory pool keep freed memory for reuse
-    /// ([`turbo_core::keep_freed_memory`]).
+    /// ([`turbo_core::keep_freed_memory`]) and starts loading candle's kernels on another
+    /// thread (`turbo_core::cuda::compile_candle_kernels_ahead`).
     pub fn device(mut self, device: Device) -> Self {
         self.device = device;
         self
@@ -251,7 +252,7 @@ impl PipelineBuilder {
             }
         };
         let dit = self.kind.dit_config();
-        turbo_core::keep_freed_memory(&self.device)?;
+        prepare_device(&self.device)?;
         Pipeline {
             tokenizer: fit_tokenizer(PromptTokenizer::from_file(&files.tokenizer)?, &dit),
             models: ModelSet {
@@ -281,6 +282,21 @@ impl PipelineBuilder {
         }
         .with_loras(self.loras)
     }
+}
+
+/// Readies a pipeline's device: its memory pool keeps freed memory, and on CUDA the driver
+/// JIT-compiles candle's kernel modules on another thread while the first request reads its
+/// weights (the first process on a machine, which finds none of them in the driver's cache,
+/// would otherwise wait for each in the first stage that needs it).
+fn prepare_device(device: &Device) -> Result<()> {
+    turbo_core::keep_freed_memory(device)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        if let Err(error) = turbo_core::cuda::compile_candle_kernels_ahead(cuda) {
+            tracing::warn!("could not start loading candle's kernels ahead: {error}");
+        }
+    }
+    Ok(())
 }
 
 /// The tokenizer with its limit lowered to the DiT's text length when that is shorter (the
@@ -362,7 +378,7 @@ impl Pipeline {
         dtype: DType,
     ) -> Result<Self> {
         attention.kind.validate()?;
-        turbo_core::keep_freed_memory(&device)?;
+        prepare_device(&device)?;
         Ok(Self {
             tokenizer: fit_tokenizer(tokenizer, &models.dit),
             models,

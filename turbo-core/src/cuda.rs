@@ -3,13 +3,15 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Instant;
 
 use candle_core::cuda_backend::cudarc::driver::sys::{self, CUtensorMap};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs,
 };
 use candle_core::cuda_backend::cudarc::nvrtc::Ptx;
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
+use candle_core::cuda_backend::{kernels, CudaDType, CudaDevice, CudaStorage, DeviceId, WrapErr};
 use candle_core::op::BackpropOp;
 use candle_core::{Shape, Storage, Tensor};
 
@@ -95,6 +97,70 @@ pub fn kernel(
     })?;
     let function = loaded.load_function(name).w()?;
     Ok(Kernel { function, stream })
+}
+
+/// A kernel of each of candle's PTX modules that a request runs, in the order a request first
+/// needs them: the casts and fills of loading, elementwise ops, reductions, indexing, selects,
+/// and the strided convolutions of the VAE's encoder.
+const CANDLE_MODULES: [(&str, &kernels::Module); 9] = [
+    ("cast_f32_bf16", &kernels::CAST),
+    ("fill_f32", &kernels::FILL),
+    ("ucopy_bf16", &kernels::UNARY),
+    ("badd_f32", &kernels::BINARY),
+    ("affine_f32", &kernels::AFFINE),
+    ("fast_sum_f32", &kernels::REDUCE),
+    ("is_u32_f32", &kernels::INDEXING),
+    ("where_u8_f32", &kernels::TERNARY),
+    ("conv2d_f32", &kernels::CONV),
+];
+
+/// Loads candle's kernel modules onto `dev` on another thread, so that the driver's JIT
+/// compilation of their PTX (up to hundreds of milliseconds for a process that finds none of
+/// them in the driver's cache) overlaps reading the weights instead of landing in the first
+/// stage that touches each module. Candle keeps what is loaded. The thread logs each module's
+/// time (debug) and the total (info), and returns the modules that failed to load, each with
+/// its error (such a module fails again, with the same error, where candle loads it). Once
+/// per device and process: `None` when it was started before.
+pub fn compile_candle_kernels_ahead(
+    dev: &CudaDevice,
+) -> std::io::Result<Option<JoinHandle<Vec<String>>>> {
+    static STARTED: PerDevice<DeviceId, ()> = PerDevice::new();
+    let mut first = false;
+    let _ = STARTED.get_or_try_insert(dev.id(), || {
+        first = true;
+        Ok::<_, std::convert::Infallible>(())
+    });
+    if !first {
+        return Ok(None);
+    }
+    let dev = dev.clone();
+    std::thread::Builder::new()
+        .name("candle-kernels-jit".into())
+        .spawn(move || load_candle_modules(&dev))
+        .map(Some)
+}
+
+fn load_candle_modules(dev: &CudaDevice) -> Vec<String> {
+    let start = Instant::now();
+    let mut failures = Vec::new();
+    for (function, module) in CANDLE_MODULES {
+        let module_start = Instant::now();
+        match dev.get_or_load_func(function, module) {
+            Ok(_) => tracing::debug!(
+                ms = module_start.elapsed().as_secs_f64() * 1e3,
+                "candle's module of {function} loaded"
+            ),
+            Err(error) => {
+                tracing::warn!("loading candle's module of {function}: {error}");
+                failures.push(format!("{function}: {error}"));
+            }
+        }
+    }
+    tracing::info!(
+        ms = start.elapsed().as_secs_f64() * 1e3,
+        "candle's kernel modules loaded ahead"
+    );
+    failures
 }
 
 /// The device elements of a CUDA tensor's storage from element `offset` on (`what` names the
