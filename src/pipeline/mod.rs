@@ -286,8 +286,7 @@ impl PipelineBuilder {
 
 /// Readies a pipeline's device: its memory pool keeps freed memory, and on CUDA the driver
 /// JIT-compiles candle's kernel modules on another thread while the first request reads its
-/// weights (the first process on a machine, which finds none of them in the driver's cache,
-/// would otherwise wait for each in the first stage that needs it).
+/// weights, instead of in the first stage that needs each.
 fn prepare_device(device: &Device) -> Result<()> {
     turbo_core::keep_freed_memory(device)?;
     #[cfg(feature = "cuda")]

@@ -115,24 +115,21 @@ const CANDLE_MODULES: [(&str, &kernels::Module); 9] = [
 ];
 
 /// Loads candle's kernel modules onto `dev` on another thread, so that the driver's JIT
-/// compilation of their PTX (up to hundreds of milliseconds for a process that finds none of
-/// them in the driver's cache) overlaps reading the weights instead of landing in the first
-/// stage that touches each module. Candle keeps what is loaded. The thread logs each module's
+/// compilation of their PTX overlaps reading the weights instead of landing in the first stage
+/// that touches each module (33–69 ms for all of them on an H100, `docs/performance.md` v16).
+/// Candle keeps what is loaded. The thread logs each module's
 /// time (debug) and the total (info), and returns the modules that failed to load, each with
 /// its error (such a module fails again, with the same error, where candle loads it). Once
 /// per device and process: `None` when it was started before.
 pub fn compile_candle_kernels_ahead(
     dev: &CudaDevice,
 ) -> std::io::Result<Option<JoinHandle<Vec<String>>>> {
-    static STARTED: PerDevice<DeviceId, ()> = PerDevice::new();
-    let mut first = false;
-    let _ = STARTED.get_or_try_insert(dev.id(), || {
-        first = true;
-        Ok::<_, std::convert::Infallible>(())
-    });
-    if !first {
+    static STARTED: Mutex<Vec<DeviceId>> = Mutex::new(Vec::new());
+    let mut started = STARTED.lock().unwrap_or_else(PoisonError::into_inner);
+    if started.contains(&dev.id()) {
         return Ok(None);
     }
+    started.push(dev.id());
     let dev = dev.clone();
     std::thread::Builder::new()
         .name("candle-kernels-jit".into())

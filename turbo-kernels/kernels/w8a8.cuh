@@ -49,9 +49,9 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 }
 
 // (float)v for |v| < 2²², exactly, on the integer and FP32 pipes: adding v to the bits of
-// 1.5·2²³ puts it in the mantissa. An int→float cvt runs at 16 a clock per SM on sm_80/sm_90
-// (FP32 arithmetic at 128), which would cost more than the MMAs of a k tile. A k tile's int32
-// sum is at most 128·128² = 2²¹ in size.
+// 1.5·2²³ puts it in the mantissa. A k tile's int32 sum is at most 128·128² = 2²¹ in size. On
+// an H100 the one-instruction conversion (I2FP, `GemmKernel::WgmmaCvt`) measured faster at the
+// 1.3B shapes and 3–6 % slower at two of the 14B shapes (`docs/performance.md` v16).
 __device__ __forceinline__ float exact_float(int v) {
     return __fsub_rn(__int_as_float(v + 0x4B400000), 12582912.f);
 }
