@@ -1028,16 +1028,12 @@ fn w8a8_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
                         threshold,
                     },
                 );
-                // The other wgmma kernels compute the same sums and fold: bit for bit.
+                // The other wgmma kernels (and the fastest of them) compute the same sums and
+                // fold: bit for bit.
                 match (kernel, &wgmma) {
                     (GemmKernel::Wgmma, _) => wgmma = Some(dev),
-                    (
-                        GemmKernel::WgmmaPair
-                        | GemmKernel::WgmmaQuad
-                        | GemmKernel::WgmmaPersistent
-                        | GemmKernel::WgmmaCvt,
-                        Some(single),
-                    ) => {
+                    (GemmKernel::MmaSync, _) => {}
+                    (_, Some(single)) => {
                         let name = format!("kernel w8a8 {} {shape} vs wgmma", kernel.name());
                         push(&mut checks, exact(name, &dev, single)?);
                     }

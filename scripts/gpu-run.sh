@@ -18,10 +18,11 @@
 #   bench-e2e-resident-all-bf16 (every model kept loaded, the DiT from its bf16 .pth),
 #   bench-e2e-a14b-resident-all (the A14B I2V with both experts, umT5 and the VAE kept loaded),
 #   bench-e2e-14b-resident-all (the 14B T2V at 720p, every model kept loaded),
-#   anchors-vae and torch-probes (the upstream references, see below), t2v-demo,
+#   anchors-vae and torch-probes (the upstream references, see below), torch-int8 (cuBLAS's
+#   plain int8 GEMM beside its bf16 Linear), t2v-demo,
 #   profile-dit-14b (GPU time per kernel of a 14B forward's blocks, scripts/gpu-profile.sh),
-#   pick-w8a8 (the W8A8 GEMM of the later steps' models: the fastest of an earlier bench-linear,
-#   see scripts/fastest-w8a8.py; or set W8A8_GEMM, e.g. wgmma-cvt, before the call),
+#   (the models' W8A8 GEMM is the fastest per shape, timed in-process; set W8A8_GEMM, e.g.
+#   wgmma-cvt, before the call to fix one),
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
 #   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
@@ -58,12 +59,19 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 ncu_linear() {
   local ncu rep="$OUT/ncu_linear"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 5 -f \
+  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 4 -f \
     -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
     > "$OUT/ncu_linear.log" 2>&1 || return 1
   "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
-  "$ncu" -i "$rep.ncu-rep" --page source --print-source sass --csv -k 'regex:w8a8_gemm_wgmma' \
-    > "$OUT/ncu_linear_sass.csv"
+  # The whole SASS table and raw page are too large to come back: the hot lines and the stall
+  # reasons only.
+  "$ncu" -i "$rep.ncu-rep" --page source --print-source sass --csv > "$BIN/sass.csv"
+  python3 scripts/ncu-hot-lines.py source "$BIN/sass.csv" 40 > "$OUT/ncu_linear_hot_lines.txt" \
+    || head -c 100000 "$BIN/sass.csv" > "$OUT/ncu_linear_sass_head.csv"
+  "$ncu" -i "$rep.ncu-rep" --page raw --csv > "$BIN/raw.csv"
+  python3 scripts/ncu-hot-lines.py stalls "$BIN/raw.csv" > "$OUT/ncu_linear_stalls.txt" \
+    || head -c 100000 "$BIN/raw.csv" > "$OUT/ncu_linear_raw_head.csv"
+  rm -f "$rep.ncu-rep"
 }
 for step in "$@"; do
   case "$step" in
@@ -93,6 +101,8 @@ for step in "$@"; do
     # VAE part of ../shared/bench/upstream_anchors.py (its README); torch_probes.py from there.
     anchors-vae) UPSTREAM="$PWD/.upstream" OUT="$OUT" timeout 300 python3 .upstream/vae_anchor.py 2>&1 | tee "$OUT/anchors_vae.txt" ;;
     torch-probes) OUT="$OUT" timeout 200 python3 .upstream/torch_probes.py 2>&1 | tee "$OUT/torch_probes.txt" ;;
+    # cuBLAS's plain int8 GEMM (torch._int_mm) beside its bf16 F.linear: the int8 ceiling.
+    torch-int8) OUT="$OUT" timeout 200 python3 scripts/torch-int8-ceiling.py 2>&1 | tee "$OUT/torch_int8.txt" ;;
     bench-multi-gpu-1) bench multi-gpu 590 multi_gpu_1 --skip-cold-run ;;
     bench-multi-gpu-[248])
       n="${step##*-}"
@@ -100,8 +110,8 @@ for step in "$@"; do
       [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
       timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
         "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
-    # Nsight Compute's full set on the five wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
-    # K = N = 5 120), and their SASS lines with the warp stall samples of each.
+    # Nsight Compute's full set on the four wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
+    # K = N = 5 120): the details page, each kernel's hottest SASS lines and its stall reasons.
     ncu-linear) ncu_linear ;;
     # GPU time per kernel over 600 launches of a 14B forward at 720p (after the ~4 000 launches
     # that draw and quantise its random weights): attention against the W8A8 linears and the rest.
@@ -109,10 +119,6 @@ for step in "$@"; do
       --dit-model 14b --dit-attention sagesla:0.1 --dit-linears w8a8 --slow-iters 1 --warmup 0 \
       ${W8A8_GEMM:+--w8a8-gemm "$W8A8_GEMM"} \
       2>&1 | tee "$OUT/profile_dit_14b.txt" ;;
-    # The W8A8 GEMM of the model steps that follow: the kernel with the lowest summed time in
-    # an earlier bench-linear step of this call (W8A8_GEMM set before the call also works).
-    pick-w8a8) W8A8_GEMM=$(python3 scripts/fastest-w8a8.py "$OUT/bench_linear.json" 2>>"$OUT/bench.log") \
-      && echo "W8A8 GEMM of the model steps that follow: $W8A8_GEMM" | tee -a "$OUT/bench.log" ;;
     t2v-demo) (cd "$OUT" && timeout 120 "$BIN/t2v" --device cuda --dtype f32 --output demo_cuda.mp4 2>&1 | tee t2v_demo.txt) ;;
     *) echo "unknown step: $step" >&2; false ;;
   esac

@@ -97,18 +97,6 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
         : "memory");
 }
 
-// tma_load_2d into the same shared-memory offset of every CTA of the cluster in the bit mask
-// `ctas` (bit r: the CTA of rank r), completing `bytes` on the mbarrier at `bar`'s offset in
-// each of them.
-__device__ __forceinline__ void tma_load_2d_multicast(uint32_t dst, const CUtensorMap* map, int x,
-                                                      int y, uint32_t bar, uint16_t ctas) {
-    asm volatile(
-        "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-        ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;\n" ::"r"(dst),
-        "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(bar), "h"(ctas)
-        : "memory");
-}
-
 // The same for the box of a 5-D `map` at element coordinates (c0 the contiguous dimension … c4).
 __device__ __forceinline__ void tma_load_5d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
                                             int c2, int c3, int c4, uint32_t bar) {
@@ -128,35 +116,6 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
         "@!done bra WAIT;\n}\n" ::"r"(bar),
         "r"(parity)
         : "memory");
-}
-
-// Arrives on the mbarrier at `bar`'s offset in the shared memory of the cluster's CTA of rank
-// `cta` (this CTA's own included). CTA-scope release, as a local arrive: the arrival only says
-// that this warp's wgmmas have finished reading a stage, which orders no memory of its own. (A
-// `.release.cluster` arrive compiles to MEMBAR.ALL.GPU before every arrival, and made the
-// clustered GEMM 2–4× slower than one CTA.)
-__device__ __forceinline__ void mbarrier_arrive_cluster(uint32_t bar, uint32_t cta) {
-    asm volatile(
-        "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-        "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(bar),
-        "r"(cta)
-        : "memory");
-}
-
-// The cluster-wide barrier in two halves: `cluster_arrive` counts this thread in (releasing
-// its earlier writes; MEMBAR.ALL.GPU), `cluster_arrive_relaxed` without ordering them (after
-// `mbarrier_init_fence`, which orders the barriers' initialisation itself), `cluster_wait`
-// waits for every thread of every CTA of the cluster.
-__device__ __forceinline__ void cluster_arrive() {
-    asm volatile("barrier.cluster.arrive.release;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_arrive_relaxed() {
-    asm volatile("barrier.cluster.arrive.relaxed;\n" ::: "memory");
-}
-
-__device__ __forceinline__ void cluster_wait() {
-    asm volatile("barrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
 // Named barriers (0 is __syncthreads') of THREADS threads: `sync` waits for all of them,

@@ -7,9 +7,9 @@
 // threads streams k tiles (128 bytes of k) into a STAGES-deep ring with TMA (two 128×128-byte
 // boxes per k tile, from tensor maps in the 128-byte swizzle: at a 1024-byte-aligned tile the
 // layout of w8a8.cuh, K-major 8-row atoms of 1024 bytes), each stage's `full` mbarrier
-// completing when its bytes have landed. CTAs may run as clusters on neighbouring tiles
-// (`Cluster` below) that split the loads of the tiles they share and multicast them, which
-// cuts the bytes each k tile moves from L2.
+// completing when its bytes have landed. (Clusters of 2 and 2 × 2 CTAs that multicast the
+// tiles they share were measured 4–24 % slower than one CTA per tile on an H100 and removed:
+// docs/kernels.md v15–v17.)
 // Warpgroups 1 and 2 are consumers, each m64 × n128 (its 64 rows of the activation tile
 // against the whole weight tile): wait for `full`, issue four m64n128k32 wgmmas into int32
 // registers (exact sums), wait for them, release the stage on its `empty` mbarrier and fold
@@ -43,14 +43,22 @@ constexpr int GEMM_SMEM_BYTES = BARRIER_BYTES + SMEM_ALIGN + STAGES * STAGE_BYTE
 static_assert(GEMM_SMEM_BYTES == 193 * 1024 + 128, "turbo-quant's cuda.rs launches with this");
 static_assert(2 * 8 * STAGES <= BARRIER_BYTES, "a full and an empty mbarrier per stage");
 
+// The high word of every operand descriptor of this GEMM (sm90.cuh's smem_descriptor): 1024 bytes
+// between 8-row atoms, the 128-byte swizzle. Only the low word (the start address) varies, so the
+// loop adds 32-bit offsets to it and builds the 64-bit descriptor inside the wgmma's asm: with
+// 64-bit descriptors ptxas spent ~40 instructions a k tile moving and carrying their halves.
+constexpr uint32_t DESCRIPTOR_HIGH = (1024 >> 4) | 1u << 30;
+
 // D[64×128] (+)= A[64×32] · B[32×128] (s8 in, exact s32 accumulate), A and B K-major in shared
-// memory (descriptors); `accumulate` = 0 overwrites D instead of adding to it.
-__device__ __forceinline__ void wgmma_m64n128k32(int d[64], uint64_t a, uint64_t b,
+// memory (the low words of their descriptors); `accumulate` = 0 overwrites D instead of adding
+// to it.
+__device__ __forceinline__ void wgmma_m64n128k32(int d[64], uint32_t a, uint32_t b,
                                                  int accumulate) {
     asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+        "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %66, 0;\n"
+        "mov.b64 da, {%64, %67};\nmov.b64 db, {%65, %67};\n"
         "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n}\n"
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, da, db, p;\n}\n"
         : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]),
           "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]),
           "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]),
@@ -59,14 +67,14 @@ __device__ __forceinline__ void wgmma_m64n128k32(int d[64], uint64_t a, uint64_t
           "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
           "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
           "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-        : "l"(a), "l"(b), "r"(accumulate));
+        : "r"(a), "r"(b), "r"(accumulate), "n"(DESCRIPTOR_HIGH));
 }
 
 // Issues the four k32 wgmmas of one k tile into `d` (overwriting it) and commits them, from
-// the descriptors of its two operand tiles. The next 32 bytes of k are 2 on in a descriptor
-// (its start address counts 16-byte units, and stays inside its 14-bit field: shared memory
-// ends below 256 KiB), so the loop computes no descriptor.
-__device__ __forceinline__ void issue_k_tile(int d[64], uint64_t a_tile, uint64_t b_tile) {
+// the descriptors' low words of its two operand tiles. The next 32 bytes of k are 2 on in a
+// descriptor (its start address counts 16-byte units, and stays inside its 14-bit field:
+// shared memory ends below 256 KiB).
+__device__ __forceinline__ void issue_k_tile(int d[64], uint32_t a_tile, uint32_t b_tile) {
     fence_registers<64>(d);
     wgmma_fence();
 #pragma unroll
@@ -104,63 +112,25 @@ constexpr int CONSUMER_WARPS = CONSUMER_THREADS / 32;
 constexpr int CONSUMER_0_ISSUED = 1;
 constexpr int CONSUMER_1_ISSUED = 2;
 
-// A cluster of CM × CN CTAs (1 or 2 each) on neighbouring output tiles: the CM CTAs of one n
-// tile share its weight tile, the CN CTAs of one m tile its activation tile. Each loads its
-// 1/CN of the activation tile's rows and 1/CM of the weight tile's and multicasts them to the
-// CTAs that share them, so a k tile moves 32 KiB · (1/CN + 1/CM) / 2 from L2 per CTA.
-// In a 1-D grid a cluster is CM·CN consecutive CTAs; rank r is at (r % CM, r / CM) in it.
-template <int CM, int CN>
-struct Cluster {
-    static constexpr int SIZE = CM * CN;
-    int m_rank, n_rank;
+// A consumer's place in the ring: the stage of its next k tile and the parity of that stage's
+// `full` phase it waits for (use u = it / STAGES of the stage: parity u & 1).
+struct RingPosition {
+    int stage = 0;
+    uint32_t phase = 0;
 
-    __device__ Cluster() : m_rank(blockIdx.x % SIZE % CM), n_rank(blockIdx.x % SIZE / CM) {}
-
-    // Clusters' worth of tiles along m and n: the tiles rounded up to whole clusters.
-    __device__ static int m_units(int m) { return ((m + TILE - 1) / TILE + CM - 1) / CM; }
-    __device__ static int n_units(int n) { return ((n + TILE - 1) / TILE + CN - 1) / CN; }
-
-    // This CTA's output tile in cluster tile `unit`: units rastered like single tiles in
-    // GROUP_M / CM rows of units; a partner past M or N computes zeros that are not stored.
-    __device__ TileCoord tile(int unit, int m, int n) const {
-        const TileCoord at = grouped_tile(unit, m_units(m), n_units(n), GROUP_M / CM);
-        return {at.m_tile * CM + m_rank, at.n_tile * CN + n_rank};
+    __device__ __forceinline__ void advance() {
+        if (++stage == STAGES) {
+            stage = 0;
+            phase ^= 1;
+        }
     }
-
-    // The CTAs that share this CTA's activation tile (same m rank) and weight tile (same n
-    // rank), as multicast masks.
-    __device__ uint16_t x_sharers() const {
-        uint16_t mask = 0;
-        for (int j = 0; j < CN; ++j) mask |= 1 << (m_rank + CM * j);
-        return mask;
-    }
-    __device__ uint16_t w_sharers() const { return ((1 << CM) - 1) << (CM * n_rank); }
 };
 
 // Releases a stage once this warp's wgmmas have read it: one arrival per consumer warp on the
-// stage's `empty` mbarrier in every CTA of the cluster, whose producers write into it.
-template <int SIZE>
+// stage's `empty` mbarrier.
 __device__ __forceinline__ void release_stage(uint32_t empty_bar) {
     __syncwarp();
-    if (threadIdx.x % 32 != 0) return;
-    if constexpr (SIZE == 1) {
-        mbarrier_arrive(empty_bar);
-    } else {
-#pragma unroll
-        for (int cta = 0; cta < SIZE; ++cta) mbarrier_arrive_cluster(empty_bar, cta);
-    }
-}
-
-// Rows [row0 + part·rows/parts, +rows/parts) of a 128-row tile of `map` at k offset `x` into the
-// same part of the tile at `dst`, for this CTA alone or multicast to `sharers`.
-template <int PARTS>
-__device__ __forceinline__ void load_tile_part(uint32_t dst, const CUtensorMap* map, int x,
-                                               int row0, int part, uint32_t full,
-                                               uint16_t sharers) {
-    const uint32_t at = dst + part * (TILE_BYTES / PARTS);
-    const int row = row0 + part * (TILE / PARTS);
-    if constexpr (PARTS == 1) tma_load_2d(at, map, x, row, full);
-    else tma_load_2d_multicast(at, map, x, row, full, sharers);
+    if (threadIdx.x % 32 == 0) mbarrier_arrive(empty_bar);
 }
 
 // The consumer's half of an output tile (rows consumer·64 … +63) from its f32 accumulators.
@@ -185,149 +155,130 @@ __device__ __forceinline__ void store_tile(T* __restrict__ y, const float acc[64
 }
 
 // x_map, w_map: 2-D tensor maps of x_q [M, K] and w_q [N, K] (int8 row-major, K a multiple of
-// 16, 128-byte swizzle: turbo-quant's cuda.rs) in boxes of 128 / CN and 128 / CM rows × 128
-// bytes; scales [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid: the m and n tiles each
-// rounded up to whole clusters, 1-D (PERSISTENT: at most one CTA per SM, clusters of one);
-// 384 threads, GEMM_SMEM_BYTES dynamic smem.
+// 16, 128-byte swizzle: turbo-quant's cuda.rs) in boxes of 128 rows × 128 bytes; scales
+// [⌈M/128⌉, ⌈K/128⌉] and [⌈N/128⌉, ⌈K/128⌉]. grid: one CTA per output tile, 1-D (PERSISTENT:
+// at most one CTA per SM); 384 threads, GEMM_SMEM_BYTES dynamic smem.
 //
 // Stage s of the ring has two mbarriers: `full` completes a phase when the k tile's bytes have
-// landed in this CTA (its producer's one arrival with the stage's byte count, which the copies
-// of every producer writing into the stage complete), `empty` when the consumer warps of every
-// CTA of the cluster have finished reading stage s (one arrival per warp, 8 per CTA). The
-// CTA's k tile `it` (counted over all of its output tiles) is use u = it / STAGES of stage
-// it % STAGES: it waits for `full` phase u and, before the refill, `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead
-// of any waiter.
-template <typename T, int CM, int CN, bool PERSISTENT, Convert CONVERT>
+// landed (the producer's one arrival with the stage's byte count, which its two copies
+// complete), `empty` when the consumer warps have finished reading stage s (one arrival per
+// warp, 8 in all). The CTA's k tile `it` (counted over all of its output tiles) is use
+// u = it / STAGES of stage it % STAGES: it waits for `full` phase u and, before the refill,
+// `empty` phase u − 1 (parities u & 1 and (u − 1) & 1): a stage cannot get two phases ahead of
+// any waiter.
+template <typename T, bool PERSISTENT, Convert CONVERT>
 __device__ void gemm(const CUtensorMap& x_map, const float* __restrict__ x_scales,
                      const CUtensorMap& w_map, const float* __restrict__ w_scales,
                      T* __restrict__ y, int m, int n, int k) {
-    using ThisCluster = Cluster<CM, CN>;
-    constexpr int SIZE = ThisCluster::SIZE;
     extern __shared__ __align__(16) int8_t smem[];
     const uint32_t full_bars = shared_address(smem), empty_bars = full_bars + 8 * STAGES;
     const uint32_t smem_base =
         (full_bars + BARRIER_BYTES + SMEM_ALIGN - 1) & ~(uint32_t)(SMEM_ALIGN - 1);
     const int warpgroup = threadIdx.x / 128;
 
-    const ThisCluster cluster;
     const int k_tiles = (k + TILE - 1) / TILE;
-    // The cluster units this CTA computes: its own, or with PERSISTENT every (gridDim.x /
-    // SIZE)-th from it, so that the ring loads a unit's first k tiles while the consumers
-    // still multiply and store the last unit's. `it` counts a CTA's k tiles over all of its
-    // units: the ring's position, for stage and phase.
-    const int units = ThisCluster::m_units(m) * ThisCluster::n_units(n);
-    const int first_unit = blockIdx.x / SIZE;
-    const int unit_step = PERSISTENT ? gridDim.x / SIZE : units;
+    const int m_tiles = (m + TILE - 1) / TILE, n_tiles = (n + TILE - 1) / TILE;
+    // The output tiles this CTA computes: its own, or with PERSISTENT every gridDim.x-th from
+    // it, so that the ring loads a tile's first k tiles while the consumers still multiply and
+    // store the last one. `it` counts a CTA's k tiles over all of its output tiles: the ring's
+    // position, for stage and phase.
+    const int tiles = m_tiles * n_tiles;
+    const int tile_step = PERSISTENT ? gridDim.x : tiles;
+    auto tile_at = [&](int index) { return grouped_tile(index, m_tiles, n_tiles, GROUP_M); };
     auto stage_of = [&](int it) { return smem_base + (it % STAGES) * STAGE_BYTES; };
 
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             mbarrier_init(full_bars + 8 * s, 1);
-            mbarrier_init(empty_bars + 8 * s, SIZE * CONSUMER_WARPS);
+            mbarrier_init(empty_bars + 8 * s, CONSUMER_WARPS);
         }
         mbarrier_init_fence();
     }
-    // The partners' copies and arrivals may reach this CTA's barriers only once they exist.
-    if constexpr (SIZE == 1) {
-        __syncthreads();
-    } else {
-        cluster_arrive_relaxed();
-        cluster_wait();
-    }
+    __syncthreads();
 
     if (warpgroup == 0) {
         // Producer: k tile `it` into stage it % STAGES once every consumer is done with the k
         // tile that was there. One thread issues the copies; the rest have nothing to do.
         if (threadIdx.x == 0) {
             int it = 0;
-            for (int unit = first_unit; unit < units; unit += unit_step) {
-                const TileCoord tile = cluster.tile(unit, m, n);
+            for (int index = blockIdx.x; index < tiles; index += tile_step) {
+                const TileCoord tile = tile_at(index);
                 for (int kt = 0; kt < k_tiles; ++kt, ++it) {
                     const int s = it % STAGES, use = it / STAGES;
                     const uint32_t full = full_bars + 8 * s;
                     if (use > 0) mbarrier_wait(empty_bars + 8 * s, (use - 1) & 1);
                     mbarrier_arrive_expect_tx(full, STAGE_BYTES);
-                    load_tile_part<CN>(stage_of(it), &x_map, kt * TILE, tile.m_tile * TILE,
-                                       cluster.n_rank, full, cluster.x_sharers());
-                    load_tile_part<CM>(stage_of(it) + TILE_BYTES, &w_map, kt * TILE,
-                                       tile.n_tile * TILE, cluster.m_rank, full,
-                                       cluster.w_sharers());
+                    tma_load_2d(stage_of(it), &x_map, kt * TILE, tile.m_tile * TILE, full);
+                    tma_load_2d(stage_of(it) + TILE_BYTES, &w_map, kt * TILE, tile.n_tile * TILE,
+                                full);
                 }
             }
         }
     } else {
         const int consumer = warpgroup - 1;
         // Descriptors of this consumer's operand tiles in stage 0; stage s is s · STAGE_BYTES / 16
-        // on in the start address.
-        const uint64_t x_descriptor = smem_descriptor(smem_base + consumer * (TILE_BYTES / 2));
-        const uint64_t w_descriptor = smem_descriptor(smem_base + TILE_BYTES);
-        auto in_stage = [](uint64_t descriptor, int it) {
-            return descriptor + (uint64_t)((it % STAGES) * (STAGE_BYTES >> 4));
-        };
-        int it = 0;
-        for (int unit = first_unit; unit < units; unit += unit_step) {
-            const TileCoord tile = cluster.tile(unit, m, n);
-            // A partner past M or N reads the last real row of scales; its products are not
-            // stored.
-            const int scale_m_tile = min(tile.m_tile, (m - 1) / TILE);
-            const int scale_n_tile = min(tile.n_tile, (n - 1) / TILE);
-            const float* x_scale_row = x_scales + (size_t)scale_m_tile * k_tiles;
-            const float* w_scale_row = w_scales + (size_t)scale_n_tile * k_tiles;
+        // on in the start address (16-byte units; shared memory ends below 256 KiB, so the
+        // 14-bit field never carries).
+        const uint32_t x_descriptor =
+            (uint32_t)smem_descriptor(smem_base + consumer * (TILE_BYTES / 2));
+        const uint32_t w_descriptor = (uint32_t)smem_descriptor(smem_base + TILE_BYTES);
+        // The ring position, run on over all of the CTA's output tiles one k tile at a time:
+        // no division by STAGES in the loop (the SASS of `it % STAGES` and `it / STAGES` was a
+        // tenth of the loop's instructions).
+        RingPosition at;
+        bool first = true;
+        for (int index = blockIdx.x; index < tiles; index += tile_step) {
+            const TileCoord tile = tile_at(index);
+            const float* x_scale = x_scales + (size_t)tile.m_tile * k_tiles;
+            const float* w_scale = w_scales + (size_t)tile.n_tile * k_tiles;
             float acc[64];
 #pragma unroll
             for (int i = 0; i < 64; ++i) acc[i] = 0.f;
             int sums[64];  // one k tile's exact sums
 
-            const bool last_unit = unit + unit_step >= units;
-            for (int kt = 0; kt < k_tiles; ++kt, ++it) {
-                const int s = it % STAGES;
-                const float scale = __fmul_rn(__ldg(x_scale_row + kt), __ldg(w_scale_row + kt));
-                // Ping-pong over all of the CTA's k tiles: consumer 1 issues k tile `it` after
-                // consumer 0 has, consumer 0 issues `it` + 1 after consumer 1 has issued `it`
-                // (also across units, or consumer 0 could arrive twice on one named barrier
-                // before consumer 1 waits on it once).
+            const bool last_tile = index + tile_step >= tiles;
+            for (int kt = 0; kt < k_tiles; ++kt, at.advance()) {
+                const float scale = __fmul_rn(__ldg(x_scale++), __ldg(w_scale++));
+                // Ping-pong over all of the CTA's k tiles: consumer 1 issues a k tile after
+                // consumer 0 has, consumer 0 issues the next after consumer 1 has issued this
+                // one (also across output tiles, or consumer 0 could arrive twice on one named
+                // barrier before consumer 1 waits on it once).
                 if (consumer == 1) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-                else if (it > 0) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
-                mbarrier_wait(full_bars + 8 * s, (it / STAGES) & 1);
-                issue_k_tile(sums, in_stage(x_descriptor, it), in_stage(w_descriptor, it));
+                else if (!first) named_barrier_sync<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
+                first = false;
+                mbarrier_wait(full_bars + 8 * at.stage, at.phase);
+                const uint32_t stage_offset = at.stage * (STAGE_BYTES >> 4);
+                issue_k_tile(sums, x_descriptor + stage_offset, w_descriptor + stage_offset);
                 if (consumer == 0) named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_0_ISSUED);
-                else if (kt + 1 < k_tiles || !last_unit)
+                else if (kt + 1 < k_tiles || !last_tile)
                     named_barrier_arrive<CONSUMER_THREADS>(CONSUMER_1_ISSUED);
                 wgmma_wait<0>();
                 fence_registers<64>(sums);
-                release_stage<SIZE>(empty_bars + 8 * s);
+                release_stage(empty_bars + 8 * at.stage);
                 fold<CONVERT>(acc, sums, scale);
             }
             store_tile(y, acc, tile, consumer, m, n);
         }
     }
-    // No CTA of a cluster leaves while a partner may still arrive on its barriers.
-    if constexpr (SIZE > 1) {
-        cluster_arrive();
-        cluster_wait();
-    }
 }
 
 }  // namespace
 
-// The kernels: f32 or bf16 output; one CTA per tile, clusters of two along m (sharing the
-// weight tile) or of 2 × 2 (sharing both operands), a persistent grid, or one CTA per tile
-// folding with cvt.
-#define W8A8_GEMM_WGMMA(NAME, T, CM, CN, PERSISTENT, CONVERT, CLUSTER_DIMS)                  \
-    extern "C" __global__ void CLUSTER_DIMS __launch_bounds__(WGMMA_THREADS, 1)             \
+// The kernels: f32 or bf16 output; one CTA per tile or a persistent grid, each folding with the
+// magic number or with cvt. The same sums in the same order: the same output bit for bit.
+#define W8A8_GEMM_WGMMA(NAME, T, PERSISTENT, CONVERT)                                        \
+    extern "C" __global__ void __launch_bounds__(WGMMA_THREADS, 1)                          \
         NAME(const __grid_constant__ CUtensorMap x_map, const float* xs,                    \
              const __grid_constant__ CUtensorMap w_map, const float* ws, T* y, int m, int n, \
              int k) {                                                                        \
-        gemm<T, CM, CN, PERSISTENT, Convert::CONVERT>(x_map, xs, w_map, ws, y, m, n, k);     \
+        gemm<T, PERSISTENT, Convert::CONVERT>(x_map, xs, w_map, ws, y, m, n, k);             \
     }
 
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, 1, 1, false, MagicNumber, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, 1, 1, false, MagicNumber, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_f32, float, 2, 1, false, MagicNumber, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_pair_bf16, bf16, 2, 1, false, MagicNumber, __cluster_dims__(2, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_f32, float, 2, 2, false, MagicNumber, __cluster_dims__(4, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_quad_bf16, bf16, 2, 2, false, MagicNumber, __cluster_dims__(4, 1, 1))
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_f32, float, 1, 1, true, MagicNumber, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_bf16, bf16, 1, 1, true, MagicNumber, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_cvt_f32, float, 1, 1, false, Cvt, )
-W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_cvt_bf16, bf16, 1, 1, false, Cvt, )
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_f32, float, false, MagicNumber)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_bf16, bf16, false, MagicNumber)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_f32, float, true, MagicNumber)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_bf16, bf16, true, MagicNumber)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_cvt_f32, float, false, Cvt)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_cvt_bf16, bf16, false, Cvt)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_cvt_f32, float, true, Cvt)
+W8A8_GEMM_WGMMA(w8a8_gemm_wgmma_persistent_cvt_bf16, bf16, true, Cvt)

@@ -18,7 +18,6 @@ use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
 use candle_core::cuda_backend::cudarc::cublaslt::{result, sys};
-use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr,
 };
@@ -27,17 +26,12 @@ use candle_core::{DType, Result, Tensor};
 use half::{bf16, f16};
 use turbo_core::cuda::{cuda_view, tensor_from_cuda, PerDevice};
 
+use crate::timing;
+
 /// cuBLASLt's recommended workspace on Hopper (it takes less on older GPUs).
 const WORKSPACE_BYTES: usize = 32 << 20;
 /// How many of the heuristic's candidates are timed for a new shape.
 const CANDIDATES: usize = 8;
-/// Rounds of timing: each candidate is timed once per round, in turn, and keeps its fastest
-/// round, so that a GPU clock still rising during the first rounds favours no candidate (with
-/// one timing per candidate in heuristic order, the first ones ran slowest).
-const ROUNDS: usize = 3;
-/// Launches per timing.
-const TIMED_RUNS: usize = 2;
-
 /// `x · weightᵀ (+ bias)` for contiguous-able `x` `[M, K]`, `weight` `[N, K]` and `bias` `[N]`,
 /// all bf16 or all f16 on one CUDA device: `[M, N]` in that dtype.
 pub(crate) fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -222,7 +216,8 @@ impl LtContext {
     }
 
     /// Times each of the heuristic's candidates on the real operands (the output is written
-    /// again by the caller's launch) and returns the fastest.
+    /// again by the caller's launch) and returns the fastest. A candidate the heuristic offered
+    /// may still refuse these operands: it is dropped at its first launch.
     fn fastest(
         &self,
         stream: &Arc<CudaStream>,
@@ -234,55 +229,19 @@ impl LtContext {
         if candidates.len() == 1 {
             return Ok(candidates[0]);
         }
-        // A candidate the heuristic offered may still refuse these operands: it is dropped at
-        // its untimed first launch (which also pays for loading its kernel).
-        let runnable: Vec<_> = candidates
-            .into_iter()
-            .enumerate()
-            .filter(|(_, algorithm)| {
-                self.launch(stream, plan, algorithm, workspace, operands)
-                    .is_ok()
-            })
-            .collect();
-        let mut times = vec![f32::INFINITY; runnable.len()];
-        for _ in 0..ROUNDS {
-            for ((_, algorithm), time) in runnable.iter().zip(&mut times) {
-                let ms = self.time(stream, plan, algorithm, workspace, operands)?;
-                *time = time.min(ms);
-            }
-        }
-        let fastest = (0..runnable.len()).min_by(|&a, &b| times[a].total_cmp(&times[b]));
-        let Some(fastest) = fastest else {
+        let times = timing::time_candidates(stream, &candidates, |algorithm| {
+            self.launch(stream, plan, algorithm, workspace, operands)
+        })?;
+        let Some(fastest) = timing::fastest(&times) else {
             candle_core::bail!("cuBLASLt: no algorithm ran {:?}", plan.shape);
         };
         tracing::debug!(
             shape = ?plan.shape,
-            chosen = runnable[fastest].0,
-            ms_per_candidate = ?runnable.iter().map(|(i, _)| *i).zip(&times).collect::<Vec<_>>(),
+            chosen = fastest,
+            ms_per_candidate = ?times,
             "cuBLASLt algorithm timed (candidates in heuristic order)"
         );
-        Ok(runnable[fastest].1)
-    }
-
-    /// Milliseconds of [`TIMED_RUNS`] launches with `algorithm`, per launch.
-    fn time(
-        &self,
-        stream: &Arc<CudaStream>,
-        plan: &Plan,
-        algorithm: &sys::cublasLtMatmulAlgo_t,
-        workspace: &CudaSlice<u8>,
-        operands: &Operands,
-    ) -> Result<f32> {
-        let start = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .w()?;
-        for _ in 0..TIMED_RUNS {
-            self.launch(stream, plan, algorithm, workspace, operands)?;
-        }
-        let end = stream
-            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .w()?;
-        Ok(start.elapsed_ms(&end).w()? / TIMED_RUNS as f32)
+        Ok(candidates[fastest])
     }
 
     /// Up to [`CANDIDATES`] algorithms from cuBLASLt's heuristic, best first.

@@ -6,15 +6,16 @@ use candle_core::cuda_backend::cudarc::driver::sys::{
     self, CUdevice_attribute, CUfunction_attribute,
 };
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
-use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+use candle_core::cuda_backend::{CudaDType, CudaDevice, DeviceId, WrapErr};
 use candle_core::{CudaStorage, DType, Result, Shape, Tensor};
 use half::bf16;
-use turbo_core::cuda::{cuda_view, tensor_from_cuda, Swizzle, TensorMap};
+use turbo_core::cuda::{cuda_view, tensor_from_cuda, PerDevice, Swizzle, TensorMap};
 
 use crate::op::GemmKernel;
 use crate::tile::{tile_grid, TILE};
+use crate::timing;
 
 const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
@@ -29,10 +30,6 @@ struct GemmVariant {
     threads: u32,
     smem_bytes: u32,
     operands: Operands,
-    /// CTAs per cluster along m and n (1 or 2 each). Those along m share their weight tile,
-    /// those along n their activation tile: each loads 128 / that many of the shared tile's
-    /// rows (the map's box) and multicasts them to the others.
-    cluster: [usize; 2],
     /// One CTA per SM at most, each walking its share of the tiles, instead of one per tile.
     persistent: bool,
 }
@@ -57,7 +54,6 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     threads: THREADS,
     smem_bytes: 4 * STAGE_BYTES,
     operands: Operands::Pointers,
-    cluster: [1, 1],
     persistent: false,
 };
 
@@ -77,21 +73,12 @@ const WGMMA: GemmVariant = GemmVariant {
     threads: 3 * 128,
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
     operands: Operands::TensorMaps,
-    cluster: [1, 1],
     persistent: false,
 };
 
-/// [`WGMMA`] in clusters of two CTAs of neighbouring m tiles.
-const WGMMA_PAIR: GemmVariant = GemmVariant {
-    function: "w8a8_gemm_wgmma_pair",
-    cluster: [2, 1],
-    ..WGMMA
-};
-
-/// [`WGMMA`] in clusters of 2 × 2 CTAs.
-const WGMMA_QUAD: GemmVariant = GemmVariant {
-    function: "w8a8_gemm_wgmma_quad",
-    cluster: [2, 2],
+/// [`WGMMA`] folding with a conversion instruction.
+const WGMMA_CVT: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_cvt",
     ..WGMMA
 };
 
@@ -102,27 +89,31 @@ const WGMMA_PERSISTENT: GemmVariant = GemmVariant {
     ..WGMMA
 };
 
-/// [`WGMMA`] folding with a conversion instruction.
-const WGMMA_CVT: GemmVariant = GemmVariant {
-    function: "w8a8_gemm_wgmma_cvt",
-    ..WGMMA
+/// [`WGMMA_PERSISTENT`] folding with a conversion instruction.
+const WGMMA_PERSISTENT_CVT: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_persistent_cvt",
+    ..WGMMA_PERSISTENT
 };
 
-/// The variant that runs `kernel` on `dev`: wgmma needs compute capability 9.0 exactly (sm_90a
-/// code runs on no other), everything else gets mma.sync, with as many stages as the device's
-/// shared memory per CTA allows.
+/// Whether `dev` runs the wgmma kernels: sm_90a code runs on compute capability 9.0 alone.
+fn runs_wgmma(dev: &CudaDevice) -> Result<bool> {
+    Ok(dev.cuda_stream().context().compute_capability().w()? == (9, 0))
+}
+
+/// The variant that runs `kernel` on `dev`: the wgmma ones on compute capability 9.0,
+/// everything else gets mma.sync, with as many stages as the device's shared memory per CTA
+/// allows. [`GemmKernel::Fastest`] is resolved before ([`fastest_kernel`]).
 fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVariant> {
-    let context = dev.cuda_stream().context().clone();
-    if context.compute_capability().w()? == (9, 0) {
+    if runs_wgmma(dev)? {
         match kernel {
             GemmKernel::Wgmma => return Ok(&WGMMA),
-            GemmKernel::WgmmaPair => return Ok(&WGMMA_PAIR),
-            GemmKernel::WgmmaQuad => return Ok(&WGMMA_QUAD),
-            GemmKernel::WgmmaPersistent => return Ok(&WGMMA_PERSISTENT),
             GemmKernel::WgmmaCvt => return Ok(&WGMMA_CVT),
-            GemmKernel::MmaSync => {}
+            GemmKernel::WgmmaPersistent => return Ok(&WGMMA_PERSISTENT),
+            GemmKernel::WgmmaPersistentCvt => return Ok(&WGMMA_PERSISTENT_CVT),
+            GemmKernel::MmaSync | GemmKernel::Fastest => {}
         }
     }
+    let context = dev.cuda_stream().context().clone();
     let smem_per_cta = context
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .w()?;
@@ -171,13 +162,12 @@ pub(crate) fn int8_matmul(
         n,
         k,
     };
-    let variant = gemm_variant(&dev, kernel)?;
     let y = match dtype {
         DType::F32 => {
-            CudaStorage::wrap_cuda_slice(gemm::<f32>(&dev, variant, "f32", &args)?, dev.clone())
+            CudaStorage::wrap_cuda_slice(run::<f32>(&dev, kernel, "f32", &args)?, dev.clone())
         }
         DType::BF16 => {
-            CudaStorage::wrap_cuda_slice(gemm::<bf16>(&dev, variant, "bf16", &args)?, dev.clone())
+            CudaStorage::wrap_cuda_slice(run::<bf16>(&dev, kernel, "bf16", &args)?, dev.clone())
         }
         other => candle_core::bail!("int8-matmul on CUDA: no {other:?} output (f32 or bf16)"),
     };
@@ -255,8 +245,54 @@ struct GemmArgs<'a> {
     k: usize,
 }
 
+/// The GEMM with `kernel` and output dtype `T`, whose name is `out` (`f32` or `bf16`); with
+/// [`GemmKernel::Fastest`], the shape's fastest wgmma kernel.
+fn run<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    kernel: GemmKernel,
+    out: &'static str,
+    args: &GemmArgs<'_>,
+) -> Result<CudaSlice<T>> {
+    let kernel = match kernel {
+        GemmKernel::Fastest if runs_wgmma(dev)? => fastest_kernel::<T>(dev, out, args)?,
+        kernel => kernel,
+    };
+    gemm::<T>(dev, gemm_variant(dev, kernel)?, out, args)
+}
+
+/// The wgmma kernel that runs this product's shape (and output dtype) fastest on `dev`: each
+/// of [`GemmKernel::WGMMA`] timed on these operands the first time the shape is seen, the
+/// choice kept for the process. They give the same output bit for bit, so the choice changes
+/// no result.
+fn fastest_kernel<T: CudaDType + DeviceRepr>(
+    dev: &CudaDevice,
+    out: &'static str,
+    args: &GemmArgs<'_>,
+) -> Result<GemmKernel> {
+    static CHOSEN: PerDevice<(DeviceId, [usize; 3], &'static str), GemmKernel> =
+        PerDevice::new();
+    let shape = [args.m, args.n, args.k];
+    CHOSEN.get_or_try_insert((dev.id(), shape, out), || {
+        let times = timing::time_candidates(&dev.cuda_stream(), &GemmKernel::WGMMA, |&kernel| {
+            gemm::<T>(dev, gemm_variant(dev, kernel)?, out, args).map(drop)
+        })?;
+        let Some(fastest) = timing::fastest(&times) else {
+            candle_core::bail!("int8-matmul: no wgmma kernel ran [m, n, k] = {shape:?}");
+        };
+        let chosen = GemmKernel::WGMMA[fastest];
+        tracing::debug!(
+            ?shape,
+            out,
+            chosen = chosen.name(),
+            ms_per_kernel = ?GemmKernel::WGMMA.iter().map(|k| k.name()).zip(&times).collect::<Vec<_>>(),
+            "W8A8 GEMM kernel timed"
+        );
+        Ok(chosen)
+    })
+}
+
 /// `variant`'s GEMM with output dtype `T`, whose name is `out` (`f32` or `bf16`).
-fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+fn gemm<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     variant: &GemmVariant,
     out: &str,
@@ -280,8 +316,8 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             let (x_ptr, x_read) = args.x_q.device_ptr(&stream);
             let (w_ptr, w_read) = args.weight.device_ptr(&stream);
             let maps = [
-                int8_tiles(x_ptr, args.m, args.k, TILE / variant.cluster[1])?,
-                int8_tiles(w_ptr, args.n, args.k, TILE / variant.cluster[0])?,
+                int8_tiles(x_ptr, args.m, args.k)?,
+                int8_tiles(w_ptr, args.n, args.k)?,
             ];
             (Some(maps), Some((x_read, w_read)))
         }
@@ -301,11 +337,9 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
             .arg(args.weight_scales),
     };
     launch.arg(&y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-    // One CTA per 128×128 output tile, in a 1-D grid that the kernel rasters in groups of m
-    // tiles; the m and the n tiles each rounded up to whole clusters.
-    let [cluster_m, cluster_n] = variant.cluster;
-    let tiles = args.m.div_ceil(TILE).next_multiple_of(cluster_m)
-        * args.n.div_ceil(TILE).next_multiple_of(cluster_n);
+    // One CTA per 128×128 output tile (persistent: at most one per SM), in a 1-D grid that
+    // the kernel rasters in groups of m tiles.
+    let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
     let ctas = if variant.persistent {
         let sms = stream
             .context()
@@ -325,21 +359,15 @@ fn gemm<T: CudaDType + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
 }
 
 /// The TMA map of the row-major int8 `[rows, cols]` matrix at `ptr` (16-byte aligned, `cols` a
-/// multiple of 16) in boxes of `box_rows` × 128 bytes with the 128-byte swizzle: one TMA copy
-/// of 128 rows is one swizzled tile of `kernels/w8a8.cuh` (of 64 rows, its first or second
-/// half). Boxes past the edges read zeros.
-fn int8_tiles(
-    ptr: sys::CUdeviceptr,
-    rows: usize,
-    cols: usize,
-    box_rows: usize,
-) -> Result<TensorMap> {
+/// multiple of 16) in boxes of 128 × 128 bytes with the 128-byte swizzle: one TMA copy is one
+/// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
+fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<TensorMap> {
     TensorMap::swizzled(
         ptr,
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         &[cols as u64, rows as u64],
         &[cols as u64],
-        &[TILE as u32, box_rows as u32],
+        &[TILE as u32; 2],
         Swizzle::Bytes128,
     )
     .map_err(candle_core::Error::wrap)

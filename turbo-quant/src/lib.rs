@@ -70,6 +70,8 @@ mod gemm;
 mod linear;
 mod op;
 mod tile;
+#[cfg(feature = "cuda")]
+mod timing;
 
 pub use candle_core::Module;
 pub use gemm::int8_gemm;

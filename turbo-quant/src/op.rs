@@ -73,33 +73,33 @@ pub fn int8_matmul_tiles(
 
 /// The CUDA GEMM behind [`Int8Matmul`]. Each computes the same block-scaled product with the
 /// same tile sums; `mma.sync` and the `wgmma` ones differ in the last bit of some f32 outputs
-/// (see each variant).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// (see each variant). The `wgmma` kernels all give the same output bit for bit, so which of
+/// them runs is only a matter of speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum GemmKernel {
     /// `mma.sync` tensor-core GEMM for compute capability 8.0 and later; its f32 output equals
     /// the CPU's bit for bit.
     MmaSync,
     /// Hopper `wgmma` GEMM on compute capability 9.0 devices (the `mma.sync` one elsewhere),
-    /// one CTA per tile, the default: 1.3–1.5× the `mma.sync` kernel on an H200. It folds
-    /// each k tile's sum with one fused multiply-add, so an f32 output may differ from the
-    /// CPU's in its last bits.
-    #[default]
+    /// one CTA per tile: 1.3–1.5× the `mma.sync` kernel on an H200. It folds each k tile's
+    /// sum with one fused multiply-add, so an f32 output may differ from the CPU's in its last
+    /// bits; it converts the sum to float exactly with an integer add and a float subtract.
     Wgmma,
-    /// [`GemmKernel::Wgmma`] run as clusters of two CTAs on neighbouring m tiles that share their
-    /// weight tile (each loads half of it from L2 and multicasts it to both); the same sums
-    /// and fold, so the same output bit for bit.
-    WgmmaPair,
-    /// [`GemmKernel::Wgmma`] run as clusters of 2 × 2 CTAs: the two of an n tile share its
-    /// weight tile, the two of an m tile its activation tile. The same output bit for bit.
-    WgmmaQuad,
+    /// [`GemmKernel::Wgmma`] converting each k tile's int32 sums into floats with one
+    /// instruction instead of two: fewer instructions, but not a full-rate one.
+    WgmmaCvt,
     /// [`GemmKernel::Wgmma`] on a persistent grid of one CTA per SM, each walking its share of
     /// the tiles, so that a tile's first k tiles load while the last tile is still multiplied
-    /// and stored. The same output bit for bit.
+    /// and stored.
     WgmmaPersistent,
-    /// [`GemmKernel::Wgmma`] folding each k tile's int32 sums into floats with one conversion
-    /// instruction instead of an integer add and a float subtract: both are exact, so the same
-    /// output bit for bit, in fewer instructions.
-    WgmmaCvt,
+    /// [`GemmKernel::WgmmaPersistent`] converting like [`GemmKernel::WgmmaCvt`].
+    WgmmaPersistentCvt,
+    /// The default: on compute capability 9.0, whichever of the four `wgmma` kernels runs a
+    /// shape fastest, timed on the device at the shape's first product (a few launches of
+    /// each, logged at debug level) and kept for the process; elsewhere `mma.sync`. On an H100
+    /// none of the four was the fastest at every Wan shape (`docs/performance.md` v16).
+    #[default]
+    Fastest,
 }
 
 impl GemmKernel {
@@ -107,22 +107,30 @@ impl GemmKernel {
     pub const ALL: [GemmKernel; 6] = [
         GemmKernel::MmaSync,
         GemmKernel::Wgmma,
-        GemmKernel::WgmmaPair,
-        GemmKernel::WgmmaQuad,
-        GemmKernel::WgmmaPersistent,
         GemmKernel::WgmmaCvt,
+        GemmKernel::WgmmaPersistent,
+        GemmKernel::WgmmaPersistentCvt,
+        GemmKernel::Fastest,
     ];
 
-    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma pair`, `wgmma quad`,
-    /// `wgmma persistent` or `wgmma cvt`.
+    /// The `wgmma` kernels that [`GemmKernel::Fastest`] chooses from.
+    pub const WGMMA: [GemmKernel; 4] = [
+        GemmKernel::Wgmma,
+        GemmKernel::WgmmaCvt,
+        GemmKernel::WgmmaPersistent,
+        GemmKernel::WgmmaPersistentCvt,
+    ];
+
+    /// A short name for tables: `mma.sync`, `wgmma`, `wgmma cvt`, `wgmma persistent`,
+    /// `wgmma persistent cvt` or `fastest`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::MmaSync => "mma.sync",
             GemmKernel::Wgmma => "wgmma",
-            GemmKernel::WgmmaPair => "wgmma pair",
-            GemmKernel::WgmmaQuad => "wgmma quad",
-            GemmKernel::WgmmaPersistent => "wgmma persistent",
             GemmKernel::WgmmaCvt => "wgmma cvt",
+            GemmKernel::WgmmaPersistent => "wgmma persistent",
+            GemmKernel::WgmmaPersistentCvt => "wgmma persistent cvt",
+            GemmKernel::Fastest => "fastest",
         }
     }
 }
@@ -130,7 +138,7 @@ impl GemmKernel {
 impl std::str::FromStr for GemmKernel {
     type Err = String;
 
-    /// A kernel by its [`GemmKernel::name`], with `-` for the spaces (`wgmma-pair`) or not.
+    /// A kernel by its [`GemmKernel::name`], with `-` for the spaces (`wgmma-persistent-cvt`) or not.
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         let wanted = name.replace('-', " ");
         GemmKernel::ALL
@@ -352,16 +360,16 @@ mod tests {
         }
         let error = "wgmma-octet".parse::<GemmKernel>().unwrap_err();
         assert!(
-            error.contains("wgmma-octet") && error.contains("wgmma-pair"),
+            error.contains("wgmma-octet") && error.contains("wgmma-persistent-cvt"),
             "{error}"
         );
     }
 
     #[test]
     fn the_chosen_kernel_is_the_one_in_use_until_another_is_chosen() {
-        let before = set_gemm_kernel(GemmKernel::WgmmaQuad);
-        assert_eq!(gemm_kernel(), GemmKernel::WgmmaQuad);
-        assert_eq!(set_gemm_kernel(before), GemmKernel::WgmmaQuad);
+        let before = set_gemm_kernel(GemmKernel::WgmmaPersistentCvt);
+        assert_eq!(gemm_kernel(), GemmKernel::WgmmaPersistentCvt);
+        assert_eq!(set_gemm_kernel(before), GemmKernel::WgmmaPersistentCvt);
         assert_eq!(gemm_kernel(), before);
     }
 
