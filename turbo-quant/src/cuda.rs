@@ -269,8 +269,7 @@ fn fastest_kernel<T: CudaDType + DeviceRepr>(
     out: &'static str,
     args: &GemmArgs<'_>,
 ) -> Result<GemmKernel> {
-    static CHOSEN: PerDevice<(DeviceId, [usize; 3], &'static str), GemmKernel> =
-        PerDevice::new();
+    static CHOSEN: PerDevice<(DeviceId, [usize; 3], &'static str), GemmKernel> = PerDevice::new();
     let shape = [args.m, args.n, args.k];
     CHOSEN.get_or_try_insert((dev.id(), shape, out), || {
         let times = timing::time_candidates(&dev.cuda_stream(), &GemmKernel::WGMMA, |&kernel| {

@@ -39,9 +39,12 @@ pub(crate) fn time_candidates<C>(
 
 /// The index of the fastest candidate that ran.
 pub(crate) fn fastest(times: &[Option<f32>]) -> Option<usize> {
-    (0..times.len())
-        .filter(|&i| times[i].is_some())
-        .min_by(|&a, &b| times[a].unwrap_or(f32::INFINITY).total_cmp(&times[b].unwrap_or(f32::INFINITY)))
+    times
+        .iter()
+        .enumerate()
+        .filter_map(|(index, time)| time.map(|ms| (index, ms)))
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(index, _)| index)
 }
 
 /// Milliseconds of [`TIMED_RUNS`] launches, per launch.
