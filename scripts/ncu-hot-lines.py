@@ -47,6 +47,9 @@ def stalls(path):
     header = rows[0]
     pattern = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
     columns = [(i, m.group(1)) for i, name in enumerate(header) if (m := pattern.match(name))]
+    # How busy the tensor pipe and shared memory were, beside the stalls.
+    busy = re.compile(r"(tensor|gmma|shared|smem).*pct_of_peak_sustained_(active|elapsed)$")
+    busy_columns = [(i, name) for i, name in enumerate(header) if busy.search(name)]
     name_col = header.index("Kernel Name")
     for row in rows[1:]:
         try:
@@ -55,7 +58,9 @@ def stalls(path):
             continue  # the units row
         values.sort(reverse=True)
         shown = ", ".join(f"{reason} {v:.2f}" for v, reason in values if v >= 0.05)
-        print(f"{row[name_col]}: {shown}")
+        print(f"{row[name_col]}: stalls per issued instruction: {shown}")
+        for i, name in busy_columns:
+            print(f"    {name} = {row[i]}")
 
 
 if __name__ == "__main__":

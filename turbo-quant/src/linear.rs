@@ -86,6 +86,24 @@ impl Int8Weight {
         )
     }
 
+    /// The tiles of `gelu(y + bias)` (tanh approximation) in the dtype of `y` `[M, K]`, the
+    /// same as [`Int8Weight::quantize`] of that activation gives: on CUDA (f32 or bf16, K a
+    /// multiple of 16) in one pass that applies the bias and GELU to each value as it loads it,
+    /// so that the activation is never written and read back. A Wan FFN's hidden layer, which
+    /// its second linear reads only as tiles ([`Linear::forward_tiles_unbiased`]).
+    pub fn quantize_bias_gelu(y: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let (_, cols) = matrix_dims("activations", y)?;
+        if let Some(bias) = bias {
+            check_shape(BIAS_KEY, bias, &[cols])?;
+        }
+        #[cfg(feature = "cuda")]
+        if y.device().is_cuda() && matches!(y.dtype(), DType::F32 | DType::BF16) && cols % 16 == 0 {
+            let (values, scale) = crate::cuda::quantize_bias_gelu(y, bias)?;
+            return Self::new(values, scale);
+        }
+        Self::quantize(&with_bias(y.clone(), bias)?.gelu()?)
+    }
+
     /// The int8 values as `U8` bytes, `[N, K]`.
     pub fn int8_weight(&self) -> &Tensor {
         &self.values
@@ -479,6 +497,41 @@ impl Linear {
         self.map_rows(x, |rows| {
             self.product(rows, input, None)?.to_dtype(x.dtype())
         })
+    }
+
+    /// Whether the layer reads its input only as int8 tiles (an int8 weight without a run-time
+    /// low-rank term), so that [`Linear::forward_tiles_unbiased`] applies.
+    pub fn reads_only_tiles(&self) -> bool {
+        matches!(self.weight, Weight::Int8(_)) && self.low_rank.is_none()
+    }
+
+    /// `x·Wᵀ` without the bias, `[M, out]` in `dtype`, of an input `[M, in]` that the op which
+    /// produced it quantised into 128×128 tiles (e.g. [`Int8Weight::quantize_bias_gelu`]); for
+    /// layers that [read only tiles](Linear::reads_only_tiles).
+    pub fn forward_tiles_unbiased(
+        &self,
+        tiles: &Int8Weight,
+        dtype: DType,
+    ) -> candle_core::Result<Tensor> {
+        let (in_dim, _) = self.dims();
+        match &self.weight {
+            Weight::Int8(weight) if self.low_rank.is_none() && tiles.dims().1 == in_dim => {
+                int8_matmul_tiles(
+                    tiles,
+                    dtype,
+                    weight.int8_weight(),
+                    weight.scale(),
+                    gemm_kernel(),
+                )
+            }
+            Weight::Int8(_) if self.low_rank.is_none() => candle_core::bail!(
+                "linear: tiles of {:?} for a layer of {in_dim} input features",
+                tiles.dims()
+            ),
+            _ => candle_core::bail!(
+                "linear: only an int8 layer without a low-rank term reads its input as tiles"
+            ),
+        }
     }
 
     /// Applies `f` to `x` `[.., in]` as a `[rows, in]` matrix, giving `[.., out]`.
