@@ -672,6 +672,40 @@ mod tests {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
     }
 
+    /// An int8 layer reading the tiles of gelu(y + b) quantised in one pass gives what it gives
+    /// reading that activation itself; layers that need the float input refuse tiles, and a
+    /// bias of the wrong size is an error naming it.
+    #[test]
+    fn tiles_of_a_fused_gelu_feed_an_int8_layer_like_the_activation() -> Result<()> {
+        let (rows, hidden, out) = (200, 272, 48);
+        let y = gaussian(&[rows, hidden])?;
+        let bias = gaussian(&[hidden])?;
+        let layer = Linear::quantize(&(gaussian(&[out, hidden])? * 0.05)?, None)?;
+        assert!(layer.reads_only_tiles());
+        let tiles = Int8Weight::quantize_bias_gelu(&y, Some(&bias))?;
+        let fused = layer.forward_tiles_unbiased(&tiles, DType::F32)?;
+        let activation = y.broadcast_add(&bias)?.gelu()?;
+        let unfused = layer.forward_unbiased(&LinearInput::new(&activation))?;
+        assert_eq!(fused.dims(), [rows, out]);
+        assert_eq!(values(&fused)?, values(&unfused)?);
+
+        let float = Linear::from_float(gaussian(&[out, hidden])?, None)?;
+        assert!(!float.reads_only_tiles());
+        let error = float
+            .forward_tiles_unbiased(&tiles, DType::F32)
+            .unwrap_err();
+        assert!(error.to_string().contains("int8 layer"), "{error}");
+        let narrow = Linear::quantize(&gaussian(&[out, hidden - 16])?, None)?;
+        let error = narrow
+            .forward_tiles_unbiased(&tiles, DType::F32)
+            .unwrap_err();
+        assert!(error.to_string().contains("256 input features"), "{error}");
+        let error =
+            Int8Weight::quantize_bias_gelu(&y, Some(&gaussian(&[hidden + 1])?)).unwrap_err();
+        assert!(error.to_string().contains(BIAS_KEY), "{error}");
+        Ok(())
+    }
+
     /// Three int8 layers and a float one reading one `LinearInput` (rows that end inside a
     /// tile): each int8 product is that of the layer alone, the input is quantised by the first
     /// int8 layer only, and a float layer leaves it unquantised.
