@@ -194,7 +194,7 @@ pub(crate) fn quantize_bias_gelu(
     let y = y.contiguous()?;
     let bias = match bias {
         Some(bias) => bias.to_dtype(y.dtype())?.contiguous()?,
-        // A zero bias, so that the kernel has one form; K values, nothing next to the tiles.
+        // A zero bias, so that the kernel has one form (K values, small beside the tiles).
         None => Tensor::zeros(y.dim(1)?, y.dtype(), y.device())?,
     };
     quantize_with_prologue(&y, Some(&bias), "bias_gelu_quantize_tiles")
