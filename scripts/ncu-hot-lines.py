@@ -28,7 +28,12 @@ def source(path, keep):
             sections[-1][2].append(row)
     if not sections:
         sys.exit(f"{path}: no table with Address and Source columns")
+    # ncu prints a kernel's table twice (its source and SASS views agree): show each once.
+    shown = set()
     for kernel, header, lines in sections:
+        if (kernel, len(lines)) in shown:
+            continue
+        shown.add((kernel, len(lines)))
         sampled = [i for i, name in enumerate(header) if name.startswith("Warp Stall Sampling")]
         if not sampled:
             sys.exit(f"{path}: no Warp Stall Sampling column in {header}")
@@ -44,11 +49,13 @@ def source(path, keep):
 
 def stalls(path):
     rows = list(csv.reader(open(path, newline="")))
+    if not rows or "Kernel Name" not in rows[0]:
+        sys.exit(f"{path}: no raw page with a Kernel Name column")
     header = rows[0]
     pattern = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.ratio$")
     columns = [(i, m.group(1)) for i, name in enumerate(header) if (m := pattern.match(name))]
     # How busy the tensor pipe and shared memory were, beside the stalls.
-    busy = re.compile(r"(tensor|gmma|shared|smem).*pct_of_peak_sustained_(active|elapsed)$")
+    busy = re.compile(r"^sm__pipe_(tensor|shared)_cycles_active\.avg\.pct_of_peak_sustained_active$")
     busy_columns = [(i, name) for i, name in enumerate(header) if busy.search(name)]
     name_col = header.index("Kernel Name")
     for row in rows[1:]:

@@ -43,7 +43,6 @@ use turbodiffusion::core::{
     memory_usage, reset_peak_memory, DeviceSpec, FrameCount, MemoryUsage, Stage, StageReport,
 };
 use turbodiffusion::models::lora::{LoraAdapter, LoraMode, ScaledLora};
-use turbodiffusion::models::wan::fused::bias_gelu;
 use turbodiffusion::models::wan::{
     expected_tensors, PatchLayout, QuantPolicy, WanConfig, WanModel,
 };
@@ -542,9 +541,6 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
                 estimate: None,
             });
         }
-        if k > n {
-            gelu_quantiser_rows(bench, &x, &shape, rows)?;
-        }
         for kernel in GemmKernel::ALL {
             let int8_ms = bench.median_ms(|| {
                 int8_matmul_with(&x, weight.int8_weight(), weight.scale(), kernel)?;
@@ -564,39 +560,6 @@ fn linear_rows(bench: &Bench, shape: ModelShape, rows: &mut Vec<Row>) -> Result<
                 estimate: None,
             });
         }
-    }
-    Ok(())
-}
-
-/// The input of an FFN's second linear, `x` `[M, ffn_dim]` standing for the first linear's
-/// output: its bias + GELU pass followed by the activation quantiser, against the quantiser
-/// that applies the bias and GELU as it loads (what an int8 FFN runs).
-fn gelu_quantiser_rows(bench: &Bench, x: &Tensor, shape: &str, rows: &mut Vec<Row>) -> Result<()> {
-    let bias = randn(&[x.dim(1)?], 0.0, &bench.device)?;
-    let two_passes = bench.median_ms(|| {
-        Int8Weight::quantize(&bias_gelu(x, Some(&bias))?)?;
-        Ok(())
-    })?;
-    let one_pass = bench.median_ms(|| {
-        Int8Weight::quantize_bias_gelu(x, Some(&bias))?;
-        Ok(())
-    })?;
-    for (what, ms) in [
-        (
-            "bias + GELU pass, then the activation quantiser",
-            two_passes,
-        ),
-        ("bias + GELU in the activation quantiser", one_pass),
-    ] {
-        rows.push(Row {
-            section: "linear",
-            what: what.into(),
-            shape: shape.into(),
-            ms,
-            note: format!("{:.2}× the two passes", two_passes / ms),
-            peak: None,
-            estimate: None,
-        });
     }
     Ok(())
 }

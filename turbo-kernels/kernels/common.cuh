@@ -13,19 +13,6 @@ __device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); 
 __device__ __forceinline__ void store(float* dst, float x) { *dst = x; }
 __device__ __forceinline__ void store(bf16* dst, float x) { *dst = __float2bfloat16(x); }
 
-// GELU, tanh approximation (candle's `gelu`): fused.cu's bias + GELU pass and w8a8.cu's
-// quantiser that applies it on the way. The explicit roundings keep nvcc from contracting the
-// two differently, so that both give the same values bit for bit.
-__device__ __forceinline__ float gelu_tanh(float x) {
-    const float cube = __fmul_rn(__fmul_rn(__fmul_rn(0.044715f, x), x), x);
-    const float inner = __fmul_rn(0.7978845608028654f, __fadd_rn(x, cube));
-    return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.f, tanhf(inner)));
-}
-
-// x rounded to T and back (the identity for f32).
-__device__ __forceinline__ float round_to(float x, float*) { return x; }
-__device__ __forceinline__ float round_to(float x, bf16*) { return __bfloat162float(__float2bfloat16(x)); }
-
 // Reduces `x` over the CTA with `op`, whose neutral element is `identity` (blockDim.x a
 // multiple of 32, at most 1024); every thread gets the result. `scratch` holds 32 floats of
 // shared memory; consecutive calls may reuse it.

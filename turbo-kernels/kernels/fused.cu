@@ -10,7 +10,6 @@
 namespace {
 
 using turbo::block_sum;
-using turbo::gelu_tanh;
 using turbo::store;
 using turbo::to_float;
 
@@ -100,6 +99,12 @@ __device__ void gated_residual(const float* __restrict__ x, const T* __restrict_
         }
         *reinterpret_cast<float2*>(out + row + i) = make_float2(xs.x + y0, xs.y + y1);
     }
+}
+
+// GELU, tanh approximation (candle's `gelu`).
+__device__ __forceinline__ float gelu_tanh(float x) {
+    const float inner = 0.7978845608028654f * (x + 0.044715f * x * x * x);
+    return 0.5f * x * (1.f + tanhf(inner));
 }
 
 // out = gelu(y + bias[column]) (bias may be null), [rows, n] row-major. grid (rows), 256 threads.

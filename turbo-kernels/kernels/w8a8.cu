@@ -15,10 +15,8 @@ using turbo::block_max;
 using turbo::cp_async_16;
 using turbo::cp_async_commit;
 using turbo::cp_async_wait;
-using turbo::gelu_tanh;
 using turbo::ldmatrix_x4;
 using turbo::mma_s8;
-using turbo::round_to;
 using turbo::to_float;
 
 using namespace w8a8;
@@ -63,23 +61,11 @@ __device__ __forceinline__ int8_t quantize_value(float v, float inverse) {
     return (int8_t)fminf(fmaxf(rintf(__fmul_rn(v, inverse)), -128.f), 127.f);
 }
 
-// gelu(v + bias[col]) rounded to T, for the values of one chunk that lie inside the matrix
-// (the padding stays 0): what fused.cu's bias + GELU pass would have written for them.
-template <typename T>
-__device__ __forceinline__ void bias_gelu_chunk(float v[CHUNK], const T* __restrict__ bias,
-                                                int col, int k) {
-#pragma unroll
-    for (int e = 0; e < CHUNK; ++e)
-        if (col + e < k) v[e] = round_to(gelu_tanh(v[e] + to_float(bias[col + e])), (T*)nullptr);
-}
-
 // grid (⌈K/128⌉, ⌈M/128⌉), 256 threads; scales [⌈M/128⌉, ⌈K/128⌉]. Any K; 16-byte loads and
-// 8-byte stores when K is a multiple of 8 and x is 16-byte aligned. With BIAS_GELU the tiles
-// are those of gelu(x + bias) (bias [K]) as fused.cu's bias_gelu rounds it to T: the FFN's
-// hidden activations quantised without being written (and read back) in T.
-template <typename T, bool BIAS_GELU>
-__device__ void quantize_tiles(const T* __restrict__ x, const T* __restrict__ bias,
-                               int8_t* __restrict__ q, float* __restrict__ scales, int m, int k) {
+// 8-byte stores when K is a multiple of 8 and x is 16-byte aligned.
+template <typename T>
+__device__ void quantize_tiles(const T* __restrict__ x, int8_t* __restrict__ q,
+                               float* __restrict__ scales, int m, int k) {
     __shared__ float scratch[32];
     const int first_row = blockIdx.y * TILE + threadIdx.x / CHUNKS_PER_ROW;
     const int col = blockIdx.x * TILE + (threadIdx.x % CHUNKS_PER_ROW) * CHUNK;
@@ -106,11 +92,6 @@ __device__ void quantize_tiles(const T* __restrict__ x, const T* __restrict__ bi
                     v[p][e] = row < m && col + e < k ? to_float(src[e]) : 0.f;
             }
         }
-    }
-    if constexpr (BIAS_GELU) {
-#pragma unroll
-        for (int p = 0; p < PASSES; ++p)
-            if (first_row + p * ROWS_PER_PASS < m) bias_gelu_chunk(v[p], bias, col, k);
     }
     float amax = 1e-8f;
 #pragma unroll
@@ -291,24 +272,12 @@ __device__ void gemm(const int8_t* __restrict__ xq, const float* __restrict__ x_
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 quantize_tiles_f32(const float* x, int8_t* q, float* scales, int m, int k) {
-    quantize_tiles<float, false>(x, nullptr, q, scales, m, k);
+    quantize_tiles(x, q, scales, m, k);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
 quantize_tiles_bf16(const bf16* x, int8_t* q, float* scales, int m, int k) {
-    quantize_tiles<bf16, false>(x, nullptr, q, scales, m, k);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-bias_gelu_quantize_tiles_f32(const float* x, const float* bias, int8_t* q, float* scales, int m,
-                             int k) {
-    quantize_tiles<float, true>(x, bias, q, scales, m, k);
-}
-
-extern "C" __global__ void __launch_bounds__(THREADS)
-bias_gelu_quantize_tiles_bf16(const bf16* x, const bf16* bias, int8_t* q, float* scales, int m,
-                              int k) {
-    quantize_tiles<bf16, true>(x, bias, q, scales, m, k);
+    quantize_tiles(x, q, scales, m, k);
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, 1)

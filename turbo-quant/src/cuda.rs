@@ -182,55 +182,19 @@ pub(crate) fn quantize_tensor(x: &Tensor) -> turbo_core::Result<(Tensor, Tensor)
         DType::BF16 => x.contiguous()?,
         _ => x.to_dtype(DType::F32)?.contiguous()?,
     };
-    quantize_with_prologue(&x, None, "quantize_tiles")
-}
-
-/// The tiles of `gelu(y + bias)` rounded to y's dtype, for `y` `[M, K]` f32 or bf16 on CUDA (K
-/// a multiple of 16) and `bias` `[K]`: one pass, the activation never written.
-pub(crate) fn quantize_bias_gelu(
-    y: &Tensor,
-    bias: Option<&Tensor>,
-) -> turbo_core::Result<(Tensor, Tensor)> {
-    let y = y.contiguous()?;
-    let bias = match bias {
-        Some(bias) => bias.to_dtype(y.dtype())?.contiguous()?,
-        // A zero bias, so that the kernel has one form (K values, small beside the tiles).
-        None => Tensor::zeros(y.dim(1)?, y.dtype(), y.device())?,
-    };
-    quantize_with_prologue(&y, Some(&bias), "bias_gelu_quantize_tiles")
-}
-
-/// Runs the quantiser `kernel` (`_f32` or `_bf16` by x's dtype) on contiguous `x` `[rows, cols]`,
-/// with `bias` as its second argument when it takes one.
-fn quantize_with_prologue(
-    x: &Tensor,
-    bias: Option<&Tensor>,
-    kernel: &str,
-) -> turbo_core::Result<(Tensor, Tensor)> {
     let (rows, cols) = x.dims2()?;
     let dev = x.device().as_cuda_device()?;
     let (storage, layout) = x.storage_and_layout();
-    let bias_guard = bias.map(|b| b.storage_and_layout());
-    macro_rules! launch {
-        ($t:ty, $suffix:literal) => {{
-            let view = cuda_view::<$t>(&storage, layout.start_offset(), "activations")?;
-            let bias_view = match &bias_guard {
-                Some((s, l)) => Some(cuda_view::<$t>(s, l.start_offset(), "bias")?),
-                None => None,
-            };
-            quantize(
-                dev,
-                &format!("{kernel}{}", $suffix),
-                &view,
-                bias_view.as_ref(),
-                rows,
-                cols,
-            )?
-        }};
-    }
+    let offset = layout.start_offset();
     let (values, scales) = match x.dtype() {
-        DType::BF16 => launch!(bf16, "_bf16"),
-        _ => launch!(f32, "_f32"),
+        DType::BF16 => {
+            let view = cuda_view::<bf16>(&storage, offset, "weight")?;
+            quantize(dev, "quantize_tiles_bf16", &view, rows, cols)?
+        }
+        _ => {
+            let view = cuda_view::<f32>(&storage, offset, "weight")?;
+            quantize(dev, "quantize_tiles_f32", &view, rows, cols)?
+        }
     };
     Ok((
         tensor_from_cuda(values, dev, (rows, cols)),
@@ -242,13 +206,11 @@ fn view<T: CudaDType>((storage, offset): (&CudaStorage, usize)) -> Result<CudaVi
     Ok(storage.as_cuda_slice::<T>()?.slice(offset..))
 }
 
-/// Int8 tiles of `x` `[m, k]` and their `[⌈m/128⌉, ⌈k/128⌉]` scales; `bias` goes to the kernels
-/// that take one.
+/// Int8 tiles of `x` `[m, k]` and their `[⌈m/128⌉, ⌈k/128⌉]` scales.
 fn quantize<T>(
     dev: &CudaDevice,
     kernel: &str,
     x: &CudaView<'_, T>,
-    bias: Option<&CudaView<'_, T>>,
     m: usize,
     k: usize,
 ) -> Result<(CudaSlice<u8>, CudaSlice<f32>)> {
@@ -258,11 +220,12 @@ fn quantize<T>(
     let func = turbo_core::cuda::kernel(dev, kernel, MODULE, turbo_kernels::W8A8)?;
     let (m_arg, k_arg) = (m as i32, k as i32);
     let mut launch = func.builder();
-    launch.arg(x);
-    if let Some(bias) = bias {
-        launch.arg(bias);
-    }
-    launch.arg(&values).arg(&scales).arg(&m_arg).arg(&k_arg);
+    launch
+        .arg(x)
+        .arg(&values)
+        .arg(&scales)
+        .arg(&m_arg)
+        .arg(&k_arg);
     let cfg = LaunchConfig {
         grid_dim: (col_tiles as u32, row_tiles as u32, 1),
         block_dim: (THREADS, 1, 1),

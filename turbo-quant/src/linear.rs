@@ -86,24 +86,6 @@ impl Int8Weight {
         )
     }
 
-    /// The tiles of `gelu(y + bias)` (tanh approximation) in the dtype of `y` `[M, K]`, the
-    /// same as [`Int8Weight::quantize`] of that activation gives: on CUDA (f32 or bf16, K a
-    /// multiple of 16) in one pass that applies the bias and GELU to each value as it loads it,
-    /// so that the activation is never written and read back. A Wan FFN's hidden layer, which
-    /// its second linear reads only as tiles ([`Linear::forward_tiles_unbiased`]).
-    pub fn quantize_bias_gelu(y: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
-        let (_, cols) = matrix_dims("activations", y)?;
-        if let Some(bias) = bias {
-            check_shape(BIAS_KEY, bias, &[cols])?;
-        }
-        #[cfg(feature = "cuda")]
-        if y.device().is_cuda() && matches!(y.dtype(), DType::F32 | DType::BF16) && cols % 16 == 0 {
-            let (values, scale) = crate::cuda::quantize_bias_gelu(y, bias)?;
-            return Self::new(values, scale);
-        }
-        Self::quantize(&with_bias(y.clone(), bias)?.gelu()?)
-    }
-
     /// The int8 values as `U8` bytes, `[N, K]`.
     pub fn int8_weight(&self) -> &Tensor {
         &self.values
@@ -499,41 +481,6 @@ impl Linear {
         })
     }
 
-    /// Whether the layer reads its input only as int8 tiles (an int8 weight without a run-time
-    /// low-rank term), so that [`Linear::forward_tiles_unbiased`] applies.
-    pub fn reads_only_tiles(&self) -> bool {
-        matches!(self.weight, Weight::Int8(_)) && self.low_rank.is_none()
-    }
-
-    /// `x·Wᵀ` without the bias, `[M, out]` in `dtype`, of an input `[M, in]` that the op which
-    /// produced it quantised into 128×128 tiles (e.g. [`Int8Weight::quantize_bias_gelu`]); for
-    /// layers that [read only tiles](Linear::reads_only_tiles).
-    pub fn forward_tiles_unbiased(
-        &self,
-        tiles: &Int8Weight,
-        dtype: DType,
-    ) -> candle_core::Result<Tensor> {
-        let (in_dim, _) = self.dims();
-        match &self.weight {
-            Weight::Int8(weight) if self.low_rank.is_none() && tiles.dims().1 == in_dim => {
-                int8_matmul_tiles(
-                    tiles,
-                    dtype,
-                    weight.int8_weight(),
-                    weight.scale(),
-                    gemm_kernel(),
-                )
-            }
-            Weight::Int8(_) if self.low_rank.is_none() => candle_core::bail!(
-                "linear: tiles of {:?} for a layer of {in_dim} input features",
-                tiles.dims()
-            ),
-            _ => candle_core::bail!(
-                "linear: only an int8 layer without a low-rank term reads its input as tiles"
-            ),
-        }
-    }
-
     /// Applies `f` to `x` `[.., in]` as a `[rows, in]` matrix, giving `[.., out]`.
     fn map_rows(
         &self,
@@ -670,40 +617,6 @@ mod tests {
 
     fn values(t: &Tensor) -> Result<Vec<f32>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
-    }
-
-    /// An int8 layer reading the tiles of gelu(y + b) quantised in one pass gives what it gives
-    /// reading that activation itself; layers that need the float input refuse tiles, and a
-    /// bias of the wrong size is an error naming it.
-    #[test]
-    fn tiles_of_a_fused_gelu_feed_an_int8_layer_like_the_activation() -> Result<()> {
-        let (rows, hidden, out) = (200, 272, 48);
-        let y = gaussian(&[rows, hidden])?;
-        let bias = gaussian(&[hidden])?;
-        let layer = Linear::quantize(&(gaussian(&[out, hidden])? * 0.05)?, None)?;
-        assert!(layer.reads_only_tiles());
-        let tiles = Int8Weight::quantize_bias_gelu(&y, Some(&bias))?;
-        let fused = layer.forward_tiles_unbiased(&tiles, DType::F32)?;
-        let activation = y.broadcast_add(&bias)?.gelu()?;
-        let unfused = layer.forward_unbiased(&LinearInput::new(&activation))?;
-        assert_eq!(fused.dims(), [rows, out]);
-        assert_eq!(values(&fused)?, values(&unfused)?);
-
-        let float = Linear::from_float(gaussian(&[out, hidden])?, None)?;
-        assert!(!float.reads_only_tiles());
-        let error = float
-            .forward_tiles_unbiased(&tiles, DType::F32)
-            .unwrap_err();
-        assert!(error.to_string().contains("int8 layer"), "{error}");
-        let narrow = Linear::quantize(&gaussian(&[out, hidden - 16])?, None)?;
-        let error = narrow
-            .forward_tiles_unbiased(&tiles, DType::F32)
-            .unwrap_err();
-        assert!(error.to_string().contains("256 input features"), "{error}");
-        let error =
-            Int8Weight::quantize_bias_gelu(&y, Some(&gaussian(&[hidden + 1])?)).unwrap_err();
-        assert!(error.to_string().contains(BIAS_KEY), "{error}");
-        Ok(())
     }
 
     /// Three int8 layers and a float one reading one `LinearInput` (rows that end inside a

@@ -3,7 +3,7 @@ use candle_nn::VarBuilder;
 use turbo_attention::{Attention, AttentionKind, LoadAttention};
 use turbo_core::parallel::SequenceParallel;
 use turbo_core::Result;
-use turbo_quant::{Int8Weight, Linear, LinearInput};
+use turbo_quant::{Linear, LinearInput};
 
 use super::attention::{CrossAttention, CrossContext, SelfAttention, Unbiased};
 use super::fused;
@@ -151,7 +151,8 @@ impl FeedForward {
             .map(|start| {
                 let rows = x.narrow(1, start, FFN_TOKENS_PER_PASS.min(tokens - start))?;
                 let up = Unbiased::of(&self.up, &LinearInput::new(&rows))?;
-                self.down_of_gelu(&up)
+                let hidden = fused::bias_gelu(&up.y, up.bias)?;
+                Ok(self.down.forward_unbiased(&LinearInput::new(&hidden))?)
             })
             .collect::<Result<Vec<_>>>()?;
         let y = match passes.len() {
@@ -162,20 +163,6 @@ impl FeedForward {
             y,
             bias: self.down.bias(),
         })
-    }
-
-    /// The second linear (without its bias) of `gelu(up)`. An int8 layer reads the hidden
-    /// activations as tiles quantised in the GELU's pass, so they are never written in full.
-    fn down_of_gelu(&self, up: &Unbiased<'_>) -> Result<Tensor> {
-        if !self.down.reads_only_tiles() {
-            let hidden = fused::bias_gelu(&up.y, up.bias)?;
-            return Ok(self.down.forward_unbiased(&LinearInput::new(&hidden))?);
-        }
-        let (batch, rows, hidden) = up.y.dims3()?;
-        let tiles =
-            Int8Weight::quantize_bias_gelu(&up.y.reshape((batch * rows, hidden))?, up.bias)?;
-        let y = self.down.forward_tiles_unbiased(&tiles, up.y.dtype())?;
-        Ok(y.reshape((batch, rows, y.dim(1)?))?)
     }
 }
 
