@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up what `cargo build --features cuda` needs on a machine without a GPU or a system CUDA:
 # the CUDA 13.0 toolkit from pinned PyPI wheels, unversioned .so links for the linker, and a
-# stub libcuda.so.1 (the driver is in no wheel; candle links cudarc dynamically). Idempotent:
+# stub libcuda.so.1 (the driver is in no wheel; candle links cudarc dynamically), and nasm for
+# OpenH264's assembly when apt can install it. Idempotent:
 # run it again and it only checks. It writes `$PREFIX/env.sh`; source that before building:
 #
 #   scripts/cuda-toolchain.sh && . ~/.cache/turbodiffusion-rs/cuda-13.0/env.sh
@@ -61,6 +62,20 @@ build_driver_stub() {
   ln -sf libcuda.so.1 "$stub/libcuda.so"
 }
 
+# The CUDA build is the one that is timed: without nasm, OpenH264 is compiled without its SIMD
+# assembly and every MP4 row measures the slow encoder (a fresh machine here had none).
+install_nasm() {
+  command -v nasm >/dev/null && return
+  local sudo_if_needed
+  sudo_if_needed=$([ "$(id -u)" -eq 0 ] || echo sudo)
+  if { $sudo_if_needed apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+      $sudo_if_needed apt-get install -y -qq nasm; } >/dev/null 2>&1; then
+    echo "installed nasm (OpenH264's assembly)"
+  else
+    echo "warning: nasm could not be installed; OpenH264 will be built without its assembly" >&2
+  fi
+}
+
 write_env() {
   local cu="$1" stub="$PREFIX/driver-stub"
   cat > "$PREFIX/env.sh" <<ENV
@@ -78,6 +93,7 @@ install_wheels
 CU=$(toolkit_root)
 link_libraries "$CU"
 build_driver_stub
+install_nasm
 write_env "$CU"
 "$CU/bin/nvcc" --version | tail -n 2
 echo "CUDA toolchain ready: . $PREFIX/env.sh"
