@@ -27,7 +27,8 @@
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
 #   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
 #   these need the binaries built with --features nccl and libnccl.so, see docs/usage.md)
-# Results go to $OUT (default /tmp/gpu-out); the binaries come from $GPU_BIN (default gpu-bin),
+# Results go to $OUT (default /tmp/gpu-out; the device tool brought back at most 8 files of a call,
+# so put ncu-linear, with its 4–5 files, in a call of its own); the binaries come from $GPU_BIN (default gpu-bin),
 # so that two builds can be compared in one call. Each step has a time limit; a failing step is
 # reported and the others still run.
 set -uo pipefail
