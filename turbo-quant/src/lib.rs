@@ -24,7 +24,8 @@
 //! - [`int8_matmul`]: activation quantisation ([`Int8Weight::quantize`]) plus the GEMM, which
 //!   [`int8_matmul_tiles`] runs alone on activations quantised before (as a candle `CustomOp3`,
 //!   [`Int8Matmul`], with CUDA kernels as its `cuda_fwd`); [`int8_matmul_with`] picks the CUDA
-//!   GEMM ([`GemmKernel`]: Hopper's `wgmma`, the default there, or `mma.sync`).
+//!   GEMM ([`GemmKernel`]: by default the fastest of the Hopper `wgmma` kernels for each
+//!   shape, timed once per process; `mma.sync` elsewhere).
 //! - [`LinearInput`]: an input several layers read (an attention's q, k and v), quantised once.
 //!
 //! ```
