@@ -500,9 +500,6 @@ const ATTENTION_KERNEL_BOUND: f64 = 1e-2;
 /// SageSLA against SLA (both kernels): the cosine similarity must be at least 1 − this.
 const SAGESLA_VS_SLA_COSINE_GAP: f64 = 5e-3;
 
-/// The attention kernels (bf16, head dim 128) on fresh random inputs at a small and at the Wan
-/// 1.3B 480p shape, against the reference path in f32 on the device (SageSLA: its exact CPU
-/// emulation, on fewer heads to keep the host side short), and SageSLA against SLA.
 /// Candle's kernel modules loaded ahead on another thread (what a pipeline's build starts):
 /// every module loads and has the kernel named for it (error: the modules that failed).
 fn candle_module_checks(device: &Device) -> Result<Vec<Check>> {
@@ -525,6 +522,9 @@ fn candle_module_checks(device: &Device) -> Result<Vec<Check>> {
     Ok(Vec::new())
 }
 
+/// The attention kernels (bf16, head dim 128) on fresh random inputs at a small and at the Wan
+/// 1.3B 480p shape, against the reference path in f32 on the device (SageSLA: its exact CPU
+/// emulation, on fewer heads to keep the host side short), and SageSLA against SLA.
 fn attention_kernel_checks(device: &Device, seed: u64) -> Result<Vec<Check>> {
     let mut rng = StdRng::seed_from_u64(seed.wrapping_add(1));
     let mut checks = Vec::new();

@@ -62,20 +62,6 @@ build_driver_stub() {
   ln -sf libcuda.so.1 "$stub/libcuda.so"
 }
 
-# The CUDA build is the one that is timed: without nasm, OpenH264 is compiled without its SIMD
-# assembly and every MP4 row measures the slow encoder (a fresh machine here had none).
-install_nasm() {
-  command -v nasm >/dev/null && return
-  local sudo_if_needed
-  sudo_if_needed=$([ "$(id -u)" -eq 0 ] || echo sudo)
-  if { $sudo_if_needed apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-      $sudo_if_needed apt-get install -y -qq nasm; } >/dev/null 2>&1; then
-    echo "installed nasm (OpenH264's assembly)"
-  else
-    echo "warning: nasm could not be installed; OpenH264 will be built without its assembly" >&2
-  fi
-}
-
 write_env() {
   local cu="$1" stub="$PREFIX/driver-stub"
   cat > "$PREFIX/env.sh" <<ENV
@@ -93,7 +79,9 @@ install_wheels
 CU=$(toolkit_root)
 link_libraries "$CU"
 build_driver_stub
-install_nasm
+# The CUDA build is the one that is timed: without nasm, OpenH264 is compiled without its SIMD
+# assembly and every MP4 row measures the slow encoder (a fresh machine here had none).
+"$ROOT/scripts/install-if-missing.sh" /usr/bin/nasm nasm "OpenH264 is built without its assembly"
 write_env "$CU"
 "$CU/bin/nvcc" --version | tail -n 2
 echo "CUDA toolchain ready: . $PREFIX/env.sh"

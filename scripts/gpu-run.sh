@@ -21,16 +21,16 @@
 #   anchors-vae and torch-probes (the upstream references, see below), torch-int8 (cuBLAS's
 #   plain int8 GEMM beside its bf16 Linear), t2v-demo,
 #   profile-dit-14b (GPU time per kernel of a 14B forward's blocks, scripts/gpu-profile.sh),
-#   (the models' W8A8 GEMM is the fastest per shape, timed in-process; set W8A8_GEMM, e.g.
-#   wgmma-cvt, before the call to fix one),
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
 #   speedup and scaling efficiency against bench_multi_gpu_1.json when an earlier step made it;
 #   these need the binaries built with --features nccl and libnccl.so, see docs/usage.md)
-# Results go to $OUT (default /tmp/gpu-out; the device tool brought back at most 8 files of a call,
-# so put ncu-linear, with its 4–5 files, in a call of its own); the binaries come from $GPU_BIN (default gpu-bin),
-# so that two builds can be compared in one call. Each step has a time limit; a failing step is
-# reported and the others still run.
+# The models' W8A8 GEMM is the fastest per shape, timed in-process; set W8A8_GEMM (e.g.
+# wgmma-cvt) before the call to fix one for the bench steps.
+# Results go to $OUT (default /tmp/gpu-out; the device tool brought back at most 8 files of a
+# call, so put ncu-linear, with its 4–5 files, in a call of its own); the binaries come from
+# $GPU_BIN (default gpu-bin), so that two builds can be compared in one call. Each step has a
+# time limit; a failing step is reported and the others still run.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 GPU_BIN="${GPU_BIN:-gpu-bin}"

@@ -50,8 +50,9 @@ __device__ __forceinline__ uint32_t swizzled(int row, int chunk) {
 
 // (float)v for |v| < 2²², exactly, on the integer and FP32 pipes: adding v to the bits of
 // 1.5·2²³ puts it in the mantissa. A k tile's int32 sum is at most 128·128² = 2²¹ in size. On
-// an H100 the one-instruction conversion (I2FP, `GemmKernel::WgmmaCvt`) measured faster at the
-// 1.3B shapes and 3–6 % slower at two of the 14B shapes (`docs/performance.md` v16).
+// an H100 the one-instruction conversion (I2FP, `GemmKernel::WgmmaCvt`) measured faster at
+// every Wan shape once the loop around it was shortened (`docs/performance.md` v17; in v16 it
+// was 3–6 % slower at two 14B shapes); `GemmKernel::Fastest` still times both.
 __device__ __forceinline__ float exact_float(int v) {
     return __fsub_rn(__int_as_float(v + 0x4B400000), 12582912.f);
 }

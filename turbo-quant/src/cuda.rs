@@ -100,21 +100,23 @@ fn runs_wgmma(dev: &CudaDevice) -> Result<bool> {
     Ok(dev.cuda_stream().context().compute_capability().w()? == (9, 0))
 }
 
-/// The variant that runs `kernel` on `dev`: the wgmma ones on compute capability 9.0,
-/// everything else gets mma.sync, with as many stages as the device's shared memory per CTA
-/// allows. [`GemmKernel::Fastest`] is resolved before ([`fastest_kernel`]).
-fn gemm_variant(dev: &CudaDevice, kernel: GemmKernel) -> Result<&'static GemmVariant> {
-    if runs_wgmma(dev)? {
-        match kernel {
-            GemmKernel::Wgmma => return Ok(&WGMMA),
-            GemmKernel::WgmmaCvt => return Ok(&WGMMA_CVT),
-            GemmKernel::WgmmaPersistent => return Ok(&WGMMA_PERSISTENT),
-            GemmKernel::WgmmaPersistentCvt => return Ok(&WGMMA_PERSISTENT_CVT),
-            GemmKernel::MmaSync | GemmKernel::Fastest => {}
-        }
+/// The wgmma variant of `kernel` (none for `MmaSync`, and for `Fastest`, which is resolved
+/// first: [`fastest_kernel`]).
+fn wgmma_variant(kernel: GemmKernel) -> Option<&'static GemmVariant> {
+    match kernel {
+        GemmKernel::Wgmma => Some(&WGMMA),
+        GemmKernel::WgmmaCvt => Some(&WGMMA_CVT),
+        GemmKernel::WgmmaPersistent => Some(&WGMMA_PERSISTENT),
+        GemmKernel::WgmmaPersistentCvt => Some(&WGMMA_PERSISTENT_CVT),
+        GemmKernel::MmaSync | GemmKernel::Fastest => None,
     }
-    let context = dev.cuda_stream().context().clone();
-    let smem_per_cta = context
+}
+
+/// The mma.sync variant with as many stages as `dev`'s shared memory per CTA allows.
+fn mma_sync_variant(dev: &CudaDevice) -> Result<&'static GemmVariant> {
+    let smem_per_cta = dev
+        .cuda_stream()
+        .context()
         .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
         .w()?;
     Ok(if smem_per_cta >= MMA_SYNC.smem_bytes as i32 {
@@ -245,19 +247,27 @@ struct GemmArgs<'a> {
     k: usize,
 }
 
-/// The GEMM with `kernel` and output dtype `T`, whose name is `out` (`f32` or `bf16`); with
-/// [`GemmKernel::Fastest`], the shape's fastest wgmma kernel.
+/// The GEMM with `kernel` and output dtype `T`, whose name is `out` (`f32` or `bf16`): the wgmma
+/// kernels on compute capability 9.0 (with [`GemmKernel::Fastest`], the shape's fastest of
+/// them), mma.sync elsewhere and for [`GemmKernel::MmaSync`].
 fn run<T: CudaDType + DeviceRepr>(
     dev: &CudaDevice,
     kernel: GemmKernel,
     out: &'static str,
     args: &GemmArgs<'_>,
 ) -> Result<CudaSlice<T>> {
-    let kernel = match kernel {
-        GemmKernel::Fastest if runs_wgmma(dev)? => fastest_kernel::<T>(dev, out, args)?,
-        kernel => kernel,
+    let wgmma = if !runs_wgmma(dev)? {
+        None
+    } else if kernel == GemmKernel::Fastest {
+        wgmma_variant(fastest_kernel::<T>(dev, out, args)?)
+    } else {
+        wgmma_variant(kernel)
     };
-    gemm::<T>(dev, gemm_variant(dev, kernel)?, out, args)
+    let variant = match wgmma {
+        Some(variant) => variant,
+        None => mma_sync_variant(dev)?,
+    };
+    gemm::<T>(dev, variant, out, args)
 }
 
 /// The wgmma kernel that runs this product's shape (and output dtype) fastest on `dev`: each
@@ -273,7 +283,10 @@ fn fastest_kernel<T: CudaDType + DeviceRepr>(
     let shape = [args.m, args.n, args.k];
     CHOSEN.get_or_try_insert((dev.id(), shape, out), || {
         let times = timing::time_candidates(&dev.cuda_stream(), &GemmKernel::WGMMA, |&kernel| {
-            gemm::<T>(dev, gemm_variant(dev, kernel)?, out, args).map(drop)
+            let Some(variant) = wgmma_variant(kernel) else {
+                candle_core::bail!("int8-matmul: {} is no wgmma kernel", kernel.name());
+            };
+            gemm::<T>(dev, variant, out, args).map(drop)
         })?;
         let Some(fastest) = timing::fastest(&times) else {
             candle_core::bail!("int8-matmul: no wgmma kernel ran [m, n, k] = {shape:?}");
