@@ -19,7 +19,8 @@
 #   bench-e2e-a14b-resident-all (the A14B I2V with both experts, umT5 and the VAE kept loaded),
 #   bench-e2e-14b-resident-all (the 14B T2V at 720p, every model kept loaded),
 #   anchors-vae and torch-probes (the upstream references, see below), torch-int8 (cuBLAS's
-#   plain int8 GEMM beside its bf16 Linear), t2v-demo,
+#   plain int8 GEMM beside its bf16 Linear), ncu-linear and ncu-bf16-linear (Nsight Compute on
+#   the W8A8 GEMMs; on our bf16 Linear and F.linear), t2v-demo,
 #   profile-dit-14b (GPU time per kernel of a 14B forward's blocks, scripts/gpu-profile.sh),
 #   bench-multi-gpu-1 (the 14B T2V and A14B I2V at 720p on one GPU: the baseline) and
 #   bench-multi-gpu-N for N = 2, 4, 8 (the same on N GPUs through scripts/multi-gpu.sh, with the
@@ -28,9 +29,9 @@
 # The models' W8A8 GEMM is the fastest per shape, timed in-process; set W8A8_GEMM (e.g.
 # wgmma-cvt) before the call to fix one for the bench steps.
 # Results go to $OUT (default /tmp/gpu-out; the device tool brought back at most 8 files of a
-# call, so put ncu-linear, with its 4–5 files, in a call of its own); the binaries come from
-# $GPU_BIN (default gpu-bin), so that two builds can be compared in one call. Each step has a
-# time limit; a failing step is reported and the others still run.
+# call, so put ncu-linear, with its 4–5 files, in a call of its own or with torch-int8); the
+# binaries come from $GPU_BIN (default gpu-bin), so that two builds can be compared in one call.
+# Each step has a time limit; a failing step is reported and the others still run.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
 GPU_BIN="${GPU_BIN:-gpu-bin}"
@@ -60,7 +61,7 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 ncu_linear() {
   local ncu rep="$OUT/ncu_linear"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 4 -f \
+  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 5 -f \
     -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
     > "$OUT/ncu_linear.log" 2>&1 || return 1
   "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
@@ -73,6 +74,25 @@ ncu_linear() {
   python3 scripts/ncu-hot-lines.py stalls "$BIN/raw.csv" > "$OUT/ncu_linear_stalls.txt" \
     || head -c 100000 "$BIN/raw.csv" > "$OUT/ncu_linear_raw_head.csv"
   rm -f "$rep.ncu-rep"
+}
+# The kernels that our bf16 Linear and PyTorch's F.linear run at the 1.3B shapes, with their GPU
+# time at ncu's locked base clock (so that boost and heat do not enter the comparison).
+ncu_bf16_linear() {
+  local ncu keep="Kernel Name|gemm|sm90|cutlass|nvjet|xmma"
+  ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
+  timeout 240 "$ncu" --csv --metrics gpu__time_duration.sum \
+    "$BIN/bench" --sections linear --shapes 1.3b --warmup 0 --iters 1 2>&1 \
+    | grep -E "$keep" > "$OUT/ncu_bf16_linear_ours.csv" || return 1
+  timeout 240 "$ncu" --csv --metrics gpu__time_duration.sum python3 -c '
+import torch
+for m, k, n in [(32760, 1536, 1536), (32760, 1536, 8960), (32760, 8960, 1536)]:
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w, b)
+    torch.cuda.synchronize()
+' 2>&1 | grep -E "$keep" > "$OUT/ncu_bf16_linear_torch.csv"
 }
 for step in "$@"; do
   case "$step" in
@@ -111,9 +131,11 @@ for step in "$@"; do
       [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
       timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
         "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
-    # Nsight Compute's full set on the four wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
+    # Nsight Compute's full set on the five wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
     # K = N = 5 120): the details page, each kernel's hottest SASS lines and its stall reasons.
     ncu-linear) ncu_linear ;;
+    # The cuBLAS kernels and their times under ncu: our bf16 Linear against F.linear (1.3B).
+    ncu-bf16-linear) ncu_bf16_linear ;;
     # GPU time per kernel over 600 launches of a 14B forward at 720p (after the ~4 000 launches
     # that draw and quantise its random weights): attention against the W8A8 linears and the rest.
     profile-dit-14b) OUT="$OUT/profile_dit_14b" scripts/gpu-profile.sh 4000 600 --sections dit \

@@ -46,6 +46,23 @@ __device__ __forceinline__ void wgmma_wait() {
 __device__ __forceinline__ void fence_register(float& x) { asm volatile("" : "+f"(x)::"memory"); }
 __device__ __forceinline__ void fence_register(int& x) { asm volatile("" : "+r"(x)::"memory"); }
 
+// Sets this warpgroup's registers per thread to REGISTERS (a multiple of 8 in 24..256),
+// returning some to the CTA's pool (INCREASE false) or taking them from it (true). Every thread
+// of the warpgroup runs it.
+template <int REGISTERS, bool INCREASE>
+__device__ __forceinline__ void set_max_registers() {
+    if (INCREASE) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+    else asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGISTERS));
+}
+
+// `x`, which ptxas can no longer trace to its computation: a loop that uses it keeps it in a
+// register instead of recomputing it every iteration (ptxas rebuilt the W8A8 GEMM's shared-memory
+// addresses from %cgactaid in every k tile to save registers it had to spare).
+__device__ __forceinline__ uint32_t opaque(uint32_t x) {
+    asm volatile("" : "+r"(x));
+    return x;
+}
+
 template <int N, typename T>
 __device__ __forceinline__ void fence_registers(T* x) {
 #pragma unroll

@@ -21,8 +21,8 @@ const MODULE: &str = "turbo_quant_w8a8";
 const THREADS: u32 = 256;
 
 /// One GEMM kernel: its compiled module, the name of its f32 / bf16-output functions less the
-/// `_f32` / `_bf16` suffix, its CTA size, its dynamic shared memory (`GEMM_SMEM_BYTES` in its
-/// .cu file) and how it takes the int8 operands.
+/// `_f32` / `_bf16` suffix, its CTA size, its dynamic shared memory (as its .cu file computes
+/// it), how it takes the int8 operands and the rows of its output tiles.
 struct GemmVariant {
     module: &'static str,
     image: &'static [u8],
@@ -32,6 +32,8 @@ struct GemmVariant {
     operands: Operands,
     /// One CTA per SM at most, each walking its share of the tiles, instead of one per tile.
     persistent: bool,
+    /// Rows of an output tile (and of the activations' TMA box); it is [`TILE`] columns wide.
+    block_m: usize,
 }
 
 /// How a GEMM kernel takes the int8 activations and weights.
@@ -55,6 +57,7 @@ const MMA_SYNC: GemmVariant = GemmVariant {
     smem_bytes: 4 * STAGE_BYTES,
     operands: Operands::Pointers,
     persistent: false,
+    block_m: TILE,
 };
 
 /// [`MMA_SYNC`] with 3 stages, for GPUs that give a CTA less than 128 KiB of shared memory.
@@ -74,6 +77,7 @@ const WGMMA: GemmVariant = GemmVariant {
     smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
     operands: Operands::TensorMaps,
     persistent: false,
+    block_m: TILE,
 };
 
 /// [`WGMMA`] folding with a conversion instruction.
@@ -95,6 +99,22 @@ const WGMMA_PERSISTENT_CVT: GemmVariant = GemmVariant {
     ..WGMMA_PERSISTENT
 };
 
+/// [`WGMMA_PERSISTENT_CVT`] with its consumers issuing in no fixed order.
+const WGMMA_PERSISTENT_CVT_UNORDERED: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_persistent_cvt_unordered",
+    ..WGMMA_PERSISTENT
+};
+
+/// [`WGMMA_PERSISTENT_CVT`] with three consumer warpgroups and 192-row tiles: 128 bytes of
+/// mbarriers, then 5 stages of a 192- and a 128-row tile aligned up to 1024 bytes.
+const WGMMA_M192_PERSISTENT_CVT: GemmVariant = GemmVariant {
+    function: "w8a8_gemm_wgmma_m192_persistent_cvt",
+    threads: 4 * 128,
+    smem_bytes: 128 + 1024 + 5 * (192 + 128) * TILE as u32,
+    block_m: 192,
+    ..WGMMA_PERSISTENT
+};
+
 /// Whether `dev` runs the wgmma kernels: sm_90a code runs on compute capability 9.0 alone.
 fn runs_wgmma(dev: &CudaDevice) -> Result<bool> {
     Ok(dev.cuda_stream().context().compute_capability().w()? == (9, 0))
@@ -108,6 +128,8 @@ fn wgmma_variant(kernel: GemmKernel) -> Option<&'static GemmVariant> {
         GemmKernel::WgmmaCvt => Some(&WGMMA_CVT),
         GemmKernel::WgmmaPersistent => Some(&WGMMA_PERSISTENT),
         GemmKernel::WgmmaPersistentCvt => Some(&WGMMA_PERSISTENT_CVT),
+        GemmKernel::WgmmaPersistentCvtUnordered => Some(&WGMMA_PERSISTENT_CVT_UNORDERED),
+        GemmKernel::WgmmaM192PersistentCvt => Some(&WGMMA_M192_PERSISTENT_CVT),
         GemmKernel::MmaSync | GemmKernel::Fastest => None,
     }
 }
@@ -328,8 +350,8 @@ fn gemm<T: CudaDType + DeviceRepr>(
             let (x_ptr, x_read) = args.x_q.device_ptr(&stream);
             let (w_ptr, w_read) = args.weight.device_ptr(&stream);
             let maps = [
-                int8_tiles(x_ptr, args.m, args.k)?,
-                int8_tiles(w_ptr, args.n, args.k)?,
+                int8_tiles(x_ptr, args.m, args.k, variant.block_m)?,
+                int8_tiles(w_ptr, args.n, args.k, TILE)?,
             ];
             (Some(maps), Some((x_read, w_read)))
         }
@@ -349,9 +371,9 @@ fn gemm<T: CudaDType + DeviceRepr>(
             .arg(args.weight_scales),
     };
     launch.arg(&y).arg(&dims[0]).arg(&dims[1]).arg(&dims[2]);
-    // One CTA per 128×128 output tile (persistent: at most one per SM), in a 1-D grid that
-    // the kernel rasters in groups of m tiles.
-    let tiles = args.m.div_ceil(TILE) * args.n.div_ceil(TILE);
+    // One CTA per output tile (persistent: at most one per SM), in a 1-D grid that the kernel
+    // rasters in groups of m tiles.
+    let tiles = args.m.div_ceil(variant.block_m) * args.n.div_ceil(TILE);
     let ctas = if variant.persistent {
         let sms = stream
             .context()
@@ -371,15 +393,21 @@ fn gemm<T: CudaDType + DeviceRepr>(
 }
 
 /// The TMA map of the row-major int8 `[rows, cols]` matrix at `ptr` (16-byte aligned, `cols` a
-/// multiple of 16) in boxes of 128 × 128 bytes with the 128-byte swizzle: one TMA copy is one
-/// swizzled tile of `kernels/w8a8.cuh`. Boxes past the edges read zeros.
-fn int8_tiles(ptr: sys::CUdeviceptr, rows: usize, cols: usize) -> Result<TensorMap> {
+/// multiple of 16) in boxes of `box_rows` × 128 bytes with the 128-byte swizzle: one TMA copy
+/// is one swizzled tile of `kernels/w8a8.cuh` (or a stack of them). Boxes past the edges read
+/// zeros.
+fn int8_tiles(
+    ptr: sys::CUdeviceptr,
+    rows: usize,
+    cols: usize,
+    box_rows: usize,
+) -> Result<TensorMap> {
     TensorMap::swizzled(
         ptr,
         sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
         &[cols as u64, rows as u64],
         &[cols as u64],
-        &[TILE as u32; 2],
+        &[TILE as u32, box_rows as u32],
         Swizzle::Bytes128,
     )
     .map_err(candle_core::Error::wrap)

@@ -94,35 +94,49 @@ pub enum GemmKernel {
     WgmmaPersistent,
     /// [`GemmKernel::WgmmaPersistent`] converting like [`GemmKernel::WgmmaCvt`].
     WgmmaPersistentCvt,
-    /// The default: on compute capability 9.0, whichever of the four `wgmma` kernels runs a
-    /// shape fastest, timed on the device at the shape's first product (a few launches of
-    /// each, logged at debug level) and kept for the process; elsewhere `mma.sync`. On an H100
-    /// none of the four was the fastest at every Wan shape (`docs/performance.md` v16).
+    /// [`GemmKernel::WgmmaPersistentCvt`] without the named barriers that make its two
+    /// consumer warpgroups take turns issuing their k tiles: each issues as soon as its k tile
+    /// has landed (the barriers were the top stall reason under `ncu`, `docs/kernels.md` v17).
+    WgmmaPersistentCvtUnordered,
+    /// [`GemmKernel::WgmmaPersistentCvt`] with three consumer warpgroups and 192-row output
+    /// tiles instead of two and 128: a third warp per scheduler to fold while the others wait
+    /// for their wgmmas (the fold's latency, not the issue rate, bounded the two-consumer
+    /// kernel), and one weight tile loaded per 192 activation rows instead of 128.
+    WgmmaM192PersistentCvt,
+    /// The default: on compute capability 9.0, whichever of the [`GemmKernel::WGMMA`] kernels
+    /// runs a shape fastest, timed on the device at the shape's first product (a few launches
+    /// of each, logged at debug level) and kept for the process; elsewhere `mma.sync`. On an
+    /// H100 no one kernel was the fastest at every Wan shape (`docs/performance.md` v16).
     #[default]
     Fastest,
 }
 
 impl GemmKernel {
     /// Every kernel, for checks and benchmarks that compare them.
-    pub const ALL: [GemmKernel; 6] = [
+    pub const ALL: [GemmKernel; 8] = [
         GemmKernel::MmaSync,
         GemmKernel::Wgmma,
         GemmKernel::WgmmaCvt,
         GemmKernel::WgmmaPersistent,
         GemmKernel::WgmmaPersistentCvt,
+        GemmKernel::WgmmaPersistentCvtUnordered,
+        GemmKernel::WgmmaM192PersistentCvt,
         GemmKernel::Fastest,
     ];
 
     /// The `wgmma` kernels that [`GemmKernel::Fastest`] chooses from.
-    pub const WGMMA: [GemmKernel; 4] = [
+    pub const WGMMA: [GemmKernel; 6] = [
         GemmKernel::Wgmma,
         GemmKernel::WgmmaCvt,
         GemmKernel::WgmmaPersistent,
         GemmKernel::WgmmaPersistentCvt,
+        GemmKernel::WgmmaPersistentCvtUnordered,
+        GemmKernel::WgmmaM192PersistentCvt,
     ];
 
     /// A short name for tables: `mma.sync`, `wgmma`, `wgmma cvt`, `wgmma persistent`,
-    /// `wgmma persistent cvt` or `fastest`.
+    /// `wgmma persistent cvt`, `wgmma persistent cvt unordered`, `wgmma m192 persistent cvt`
+    /// or `fastest`.
     pub fn name(self) -> &'static str {
         match self {
             GemmKernel::MmaSync => "mma.sync",
@@ -130,6 +144,8 @@ impl GemmKernel {
             GemmKernel::WgmmaCvt => "wgmma cvt",
             GemmKernel::WgmmaPersistent => "wgmma persistent",
             GemmKernel::WgmmaPersistentCvt => "wgmma persistent cvt",
+            GemmKernel::WgmmaPersistentCvtUnordered => "wgmma persistent cvt unordered",
+            GemmKernel::WgmmaM192PersistentCvt => "wgmma m192 persistent cvt",
             GemmKernel::Fastest => "fastest",
         }
     }
