@@ -30,7 +30,8 @@
 # wgmma-cvt) before the call to fix one for the bench steps.
 # Results go to $OUT (default /tmp/gpu-out; the device tool brought back at most 8 files of a
 # call, so put ncu-linear, with its 4–5 files, in a call of its own or with torch-int8); the
-# binaries come from $GPU_BIN (default gpu-bin), so that two builds can be compared in one call.
+# binaries come from $GPU_BIN (default gpu-bin), so that two builds can be compared on one warm
+# machine (in two calls: the tree and two builds are over the 64 MiB a call carries).
 # Each step has a time limit; a failing step is reported and the others still run.
 set -uo pipefail
 OUT="${OUT:-/tmp/gpu-out}"
@@ -61,7 +62,7 @@ bench() { # <section> <time limit, s> [<output name> <bench arguments>...]
 ncu_linear() {
   local ncu rep="$OUT/ncu_linear"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
-  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 5 -f \
+  timeout 300 "$ncu" --set full --import-source no -k 'regex:w8a8_gemm_wgmma' --launch-count 6 -f \
     -o "$rep" "$BIN/bench" --sections linear --shapes 14b --warmup 0 --iters 1 \
     > "$OUT/ncu_linear.log" 2>&1 || return 1
   "$ncu" -i "$rep.ncu-rep" --page details --csv > "$OUT/ncu_linear_details.csv"
@@ -131,7 +132,7 @@ for step in "$@"; do
       [ -f "$OUT/bench_multi_gpu_1.json" ] && baseline=(--multi-gpu-baseline "$OUT/bench_multi_gpu_1.json")
       timeout 590 scripts/multi-gpu.sh "$n" "$BIN/bench" --sections multi-gpu --skip-cold-run \
         "${baseline[@]}" --json "$OUT/bench_multi_gpu_$n.json" 2>&1 | tee -a "$OUT/bench.log" ;;
-    # Nsight Compute's full set on the five wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
+    # Nsight Compute's full set on the six wgmma W8A8 GEMMs of the first 14B linear shape (M 75 600,
     # K = N = 5 120): the details page, each kernel's hottest SASS lines and its stall reasons.
     ncu-linear) ncu_linear ;;
     # The cuBLAS kernels and their times under ncu: our bf16 Linear against F.linear (1.3B).
