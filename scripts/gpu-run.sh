@@ -76,24 +76,18 @@ ncu_linear() {
     || head -c 100000 "$BIN/raw.csv" > "$OUT/ncu_linear_raw_head.csv"
   rm -f "$rep.ncu-rep"
 }
-# The kernels that our bf16 Linear and PyTorch's F.linear run at the 1.3B shapes, with their GPU
-# time at ncu's locked base clock (so that boost and heat do not enter the comparison).
+# The kernels that our bf16 Linear and PyTorch's F.linear run, with their GPU time at ncu's
+# locked base clock (so that boost and heat do not enter the comparison): our bench's linear
+# rows at the 1.3B shapes, and torch-int8-ceiling.py (F.linear and _int_mm at all six shapes;
+# its JSON, timed under ncu, is left out of $OUT).
 ncu_bf16_linear() {
   local ncu keep="Kernel Name|gemm|sm90|cutlass|nvjet|xmma"
   ncu="$(command -v ncu || echo /usr/local/cuda/bin/ncu)"
   timeout 240 "$ncu" --csv --metrics gpu__time_duration.sum \
     "$BIN/bench" --sections linear --shapes 1.3b --warmup 0 --iters 1 2>&1 \
     | grep -E "$keep" > "$OUT/ncu_bf16_linear_ours.csv" || return 1
-  timeout 240 "$ncu" --csv --metrics gpu__time_duration.sum python3 -c '
-import torch
-for m, k, n in [(32760, 1536, 1536), (32760, 1536, 8960), (32760, 8960, 1536)]:
-    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(3):
-        torch.nn.functional.linear(x, w, b)
-    torch.cuda.synchronize()
-' 2>&1 | grep -E "$keep" > "$OUT/ncu_bf16_linear_torch.csv"
+  OUT="$BIN" timeout 300 "$ncu" --csv --metrics gpu__time_duration.sum \
+    python3 scripts/torch-int8-ceiling.py 2>&1 | grep -E "$keep" > "$OUT/ncu_bf16_linear_torch.csv"
 }
 for step in "$@"; do
   case "$step" in

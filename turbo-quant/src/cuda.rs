@@ -67,14 +67,23 @@ const MMA_SYNC_3_STAGES: GemmVariant = GemmVariant {
     ..MMA_SYNC
 };
 
-/// `kernels/w8a8_sm90a.cu`: a producer (TMA) and two consumer warpgroups; 128 bytes of
-/// mbarriers, then 6 stages aligned up to 1024 bytes.
+/// Dynamic shared memory of a `w8a8_sm90a.cu` GEMM (its `Geometry::SMEM_BYTES`): 128 bytes of
+/// mbarriers, up to 1024 of alignment, then `stages` stages of a `block_m`-row activation tile
+/// and a 128-row weight tile.
+const fn wgmma_smem_bytes(stages: usize, block_m: usize) -> u32 {
+    (128 + 1024 + stages * (block_m + TILE) * TILE) as u32
+}
+// The sizes that `w8a8_sm90a.cu` asserts for its `Geometry<2>` and `Geometry<3>`.
+const _: () = assert!(wgmma_smem_bytes(6, TILE) == 193 * 1024 + 128);
+const _: () = assert!(wgmma_smem_bytes(5, 192) == 201 * 1024 + 128);
+
+/// `kernels/w8a8_sm90a.cu`: a producer (TMA) and two consumer warpgroups, 6 stages.
 const WGMMA: GemmVariant = GemmVariant {
     module: "turbo_quant_w8a8_sm90a",
     image: turbo_kernels::W8A8_SM90A,
     function: "w8a8_gemm_wgmma",
     threads: 3 * 128,
-    smem_bytes: 128 + 1024 + 6 * STAGE_BYTES,
+    smem_bytes: wgmma_smem_bytes(6, TILE),
     operands: Operands::TensorMaps,
     persistent: false,
     block_m: TILE,
@@ -105,12 +114,11 @@ const WGMMA_PERSISTENT_CVT_UNORDERED: GemmVariant = GemmVariant {
     ..WGMMA_PERSISTENT
 };
 
-/// [`WGMMA_PERSISTENT_CVT`] with three consumer warpgroups and 192-row tiles: 128 bytes of
-/// mbarriers, then 5 stages of a 192- and a 128-row tile aligned up to 1024 bytes.
+/// [`WGMMA_PERSISTENT_CVT`] with three consumer warpgroups and 192-row tiles, 5 stages.
 const WGMMA_M192_PERSISTENT_CVT: GemmVariant = GemmVariant {
     function: "w8a8_gemm_wgmma_m192_persistent_cvt",
     threads: 4 * 128,
-    smem_bytes: 128 + 1024 + 5 * (192 + 128) * TILE as u32,
+    smem_bytes: wgmma_smem_bytes(5, 192),
     block_m: 192,
     ..WGMMA_PERSISTENT
 };

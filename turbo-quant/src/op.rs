@@ -156,7 +156,8 @@ impl GemmKernel {
 impl std::str::FromStr for GemmKernel {
     type Err = String;
 
-    /// A kernel by its [`GemmKernel::name`], with `-` for the spaces (`wgmma-persistent-cvt`) or not.
+    /// A kernel by its [`GemmKernel::name`], with `-` for the spaces (`wgmma-persistent-cvt`)
+    /// or not.
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         let wanted = name.replace('-', " ");
         GemmKernel::ALL
